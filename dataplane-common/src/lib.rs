@@ -1,0 +1,235 @@
+//! Map keys, values and constants shared by the eBPF programs and the agent, and the pure
+//! translation decision both sides (and the unit tests) use.
+//!
+//! Every map value is `#[repr(C)]` with explicit padding and no `bool`, `Option` or enum, so
+//! the kernel and userspace agree on every byte. Byte order is stated per field.
+#![no_std]
+
+pub mod xlate;
+
+/// IPPROTO_TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IPPROTO_UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// Kernel names of the maps. A new layout gets a new name (the `_vN` suffix) so an
+/// upgrade can tell old pinned maps from new ones.
+pub const MAP_FRONTENDS: &str = "DP_FE_V1";
+pub const MAP_LOCAL_ADDRS: &str = "DP_LOCAL_V1";
+pub const MAP_CONFIG: &str = "DP_CFG_V1";
+pub const MAP_STATS: &str = "DP_STATS_V1";
+pub const MAP_SOCK_REV: &str = "DP_SKREV_V1";
+
+/// Capacity of the frontends map (published address:port/proto entries).
+pub const FRONTENDS_MAX: u32 = 65_536;
+/// Capacity of the local-address map.
+pub const LOCAL_ADDRS_MAX: u32 = 4_096;
+
+/// An address as the maps hold it: 16 bytes in network order. IPv6 as is; IPv4 as an
+/// IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), so one key type serves both families.
+pub type Addr = [u8; 16];
+
+/// The IPv6 wildcard `::`: a frontend published on every IPv6 address of the host.
+pub const WILDCARD6: Addr = [0; 16];
+/// The IPv4 wildcard `0.0.0.0` (as `::ffff:0.0.0.0`): a frontend on every IPv4 address.
+pub const WILDCARD4: Addr = v4_mapped([0, 0, 0, 0]);
+
+/// IPv4 bytes (network order) as an IPv4-mapped IPv6 address.
+#[inline(always)]
+pub const fn v4_mapped(ip: [u8; 4]) -> Addr {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip[0], ip[1], ip[2], ip[3],
+    ]
+}
+
+/// Whether `addr` is IPv4-mapped (`::ffff:0:0/96`).
+#[inline(always)]
+pub fn is_v4_mapped(addr: &Addr) -> bool {
+    addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff
+}
+
+/// The IPv4 part of an IPv4-mapped address.
+#[inline(always)]
+pub fn v4_part(addr: &Addr) -> [u8; 4] {
+    [addr[12], addr[13], addr[14], addr[15]]
+}
+
+/// Whether `addr` is all zero (an absent backend address).
+#[inline(always)]
+pub fn is_zero(addr: &Addr) -> bool {
+    addr.iter().all(|b| *b == 0)
+}
+
+/// Whether `addr` is a loopback address: `127.0.0.0/8` (mapped) or `::1`.
+#[inline(always)]
+pub fn is_loopback(addr: &Addr) -> bool {
+    if is_v4_mapped(addr) {
+        return addr[12] == 127;
+    }
+    addr[..15].iter().all(|b| *b == 0) && addr[15] == 1
+}
+
+/// Key of the frontends map: a published address, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    /// Published address (see [`Addr`]); [`WILDCARD4`] or [`WILDCARD6`] for `-p P:C`.
+    pub addr: Addr,
+    /// Published port, network byte order.
+    pub port_be: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Always zero.
+    pub pad: u8,
+}
+
+impl FrontendKey {
+    /// A key; `port` in host byte order.
+    #[inline(always)]
+    pub const fn new(addr: Addr, port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port_be: port.to_be(),
+            proto,
+            pad: 0,
+        }
+    }
+
+    /// The published port in host byte order.
+    pub const fn port(&self) -> u16 {
+        u16::from_be(self.port_be)
+    }
+}
+
+/// Value of the frontends map: where a published port leads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// The container's IPv4 address, IPv4-mapped; all zero when it has none.
+    pub addr4: Addr,
+    /// The container's IPv6 address; all zero when it has none.
+    pub addr6: Addr,
+    /// Container port, network byte order.
+    pub port_be: u16,
+    /// `BACKEND_F_*` bits; none defined yet, always zero.
+    pub flags: u16,
+    /// Frontend id chosen by the agent (stable per published binding), for counters.
+    pub id: u32,
+}
+
+impl Backend {
+    /// The container port in host byte order.
+    pub const fn port(&self) -> u16 {
+        u16::from_be(self.port_be)
+    }
+}
+
+/// Value of the local-address map: why an address counts as this host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LocalAddr {
+    /// One of the `LOCAL_*` kinds.
+    pub kind: u32,
+}
+
+/// An address configured on a host interface.
+pub const LOCAL_HOST: u32 = 1;
+/// The gateway address of a Docker bridge network.
+pub const LOCAL_GATEWAY: u32 = 2;
+
+/// The single entry of the config array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// `SO_NETNS_COOKIE` of the host network namespace; loopback frontends apply only there.
+    /// Zero until the agent has written it (then loopback is never translated).
+    pub host_netns_cookie: u64,
+    /// `CFG_F_*` bits.
+    pub flags: u64,
+}
+
+/// Refuse `bind()` of a published port by other processes.
+pub const CFG_F_RESERVE_PORTS: u64 = 1;
+
+/// Per-socket state kept in socket-local storage: what the application dialled and where it
+/// was sent, so `getpeername()` and UDP `recvmsg()` can show the dialled address for
+/// traffic of that backend. It dies with the socket; nothing to evict, nothing stale.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRev {
+    /// The address the application dialled (see [`Addr`]).
+    pub orig_addr: Addr,
+    /// The backend the socket was sent to (see [`Addr`]).
+    pub backend_addr: Addr,
+    /// The port the application dialled, network byte order.
+    pub orig_port_be: u16,
+    /// The backend port, network byte order.
+    pub backend_port_be: u16,
+    /// Always zero.
+    pub pad: u32,
+}
+
+/// Indices of the per-CPU stats array.
+pub const STAT_CONNECT: u32 = 0;
+pub const STAT_SENDMSG: u32 = 1;
+pub const STAT_RECVMSG: u32 = 2;
+pub const STAT_GETPEERNAME: u32 = 3;
+pub const STAT_BIND_REFUSED: u32 = 4;
+pub const STAT_SKSTORE_FULL: u32 = 5;
+pub const STATS_LEN: u32 = 8;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
+    // with every padding byte an explicit field, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::FrontendKey {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::LocalAddr {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::SockRev {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<FrontendKey>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<Backend>(), 16 + 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<LocalAddr>(), 4);
+        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<SockRev>(), 16 + 16 + 2 + 2 + 4);
+    }
+
+    #[test]
+    fn key_encoding_is_network_order() {
+        let k = FrontendKey::new(v4_mapped([127, 0, 0, 1]), 8080, PROTO_TCP);
+        // The port's bytes in memory are big-endian whatever the host order is.
+        let bytes: [u8; 2] = k.port_be.to_ne_bytes();
+        assert_eq!(bytes, [0x1f, 0x90]);
+        assert_eq!(k.port(), 8080);
+        assert_eq!(
+            k.addr,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1]
+        );
+        assert_eq!(k.pad, 0);
+    }
+
+    #[test]
+    fn address_classes() {
+        assert!(is_loopback(&v4_mapped([127, 0, 0, 1])));
+        assert!(is_loopback(&v4_mapped([127, 1, 2, 3])));
+        assert!(!is_loopback(&v4_mapped([10, 0, 0, 1])));
+        let mut one = [0u8; 16];
+        one[15] = 1;
+        assert!(is_loopback(&one));
+        assert!(!is_loopback(&WILDCARD6));
+        assert!(is_v4_mapped(&WILDCARD4));
+        assert!(!is_v4_mapped(&WILDCARD6));
+        assert!(!is_v4_mapped(&one));
+        assert_eq!(v4_part(&v4_mapped([172, 17, 0, 2])), [172, 17, 0, 2]);
+    }
+}

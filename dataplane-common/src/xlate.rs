@@ -1,0 +1,209 @@
+//! The socket-layer translation decision, as plain functions over plain values.
+//!
+//! The cgroup hooks call these with closures over their maps; the unit tests call them with
+//! closures over arrays. Everything is `#[inline(always)]` so the eBPF build has no calls.
+
+use crate::{
+    Addr, Backend, FrontendKey, WILDCARD4, WILDCARD6, is_loopback, is_v4_mapped, is_zero,
+};
+
+/// Where a socket's destination is rewritten to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Backend address: IPv4-mapped when the socket talks IPv4 on the wire.
+    pub addr: Addr,
+    /// Backend port, network byte order.
+    pub port_be: u16,
+    /// The frontend's id, for counters.
+    pub id: u32,
+}
+
+/// Finds the frontend a destination hits, if any.
+///
+/// - `dst` is what the application dialled (IPv4 as mapped), `port_be` in network order.
+/// - A port of 0 is never a frontend (UDP `connect()` to port 0 is glibc's source-address
+///   discovery and must not create state).
+/// - Loopback destinations are frontends only inside the host network namespace: a
+///   container's own `127.0.0.1` stays its own.
+/// - An exact `addr:port` entry (`-p IP:P:C`) wins; otherwise a wildcard entry of the
+///   destination's family (`-p P:C`) applies when the destination is loopback (host netns)
+///   or a local address (host addresses and bridge gateways, from any namespace: hairpin).
+#[inline(always)]
+pub fn frontend_for<F, L>(
+    dst: &Addr,
+    port_be: u16,
+    proto: u8,
+    in_host_netns: bool,
+    lookup: F,
+    is_local: L,
+) -> Option<Backend>
+where
+    F: Fn(&FrontendKey) -> Option<Backend>,
+    L: Fn(&Addr) -> bool,
+{
+    if port_be == 0 {
+        return None;
+    }
+    let loopback = is_loopback(dst);
+    if loopback && !in_host_netns {
+        return None;
+    }
+    let mut key = FrontendKey {
+        addr: *dst,
+        port_be,
+        proto,
+        pad: 0,
+    };
+    if let Some(b) = lookup(&key) {
+        return Some(b);
+    }
+    if !(loopback || is_local(dst)) {
+        return None;
+    }
+    key.addr = if is_v4_mapped(dst) {
+        WILDCARD4
+    } else {
+        WILDCARD6
+    };
+    lookup(&key)
+}
+
+/// The target for an IPv4 socket (`connect4`, `sendmsg4`): the backend's IPv4 address.
+#[inline(always)]
+pub fn target_v4(b: &Backend) -> Option<Target> {
+    if is_zero(&b.addr4) {
+        return None;
+    }
+    Some(Target {
+        addr: b.addr4,
+        port_be: b.port_be,
+        id: b.id,
+    })
+}
+
+/// The target for an IPv6 socket (`connect6`, `sendmsg6`) that dialled `dst`.
+///
+/// An IPv4-mapped destination means the socket talks IPv4 on the wire: only the backend's
+/// IPv4 address (mapped) will do. A real IPv6 destination prefers the backend's IPv6
+/// address and falls back to its IPv4 address, mapped: on a dual-stack socket that reaches
+/// an IPv4-only container, which is what docker-proxy offers for `[::1]:P` today.
+#[inline(always)]
+pub fn target_v6(dst: &Addr, b: &Backend) -> Option<Target> {
+    let addr = if is_v4_mapped(dst) || is_zero(&b.addr6) {
+        b.addr4
+    } else {
+        b.addr6
+    };
+    if is_zero(&addr) {
+        return None;
+    }
+    Some(Target {
+        addr,
+        port_be: b.port_be,
+        id: b.id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{PROTO_TCP, PROTO_UDP, v4_mapped};
+
+    const GW: [u8; 4] = [172, 17, 0, 1];
+    const HOST: [u8; 4] = [10, 9, 8, 7];
+    const CT: [u8; 4] = [172, 17, 0, 2];
+
+    fn backend(port: u16, id: u32) -> Backend {
+        Backend {
+            addr4: v4_mapped(CT),
+            addr6: [0; 16],
+            port_be: port.to_be(),
+            flags: 0,
+            id,
+        }
+    }
+
+    /// A small frontend table: `-p 8080:80` (both wildcards), `-p 127.0.0.1:9090:90`,
+    /// `-p 5353:53/udp` on IPv4 only.
+    fn table(k: &FrontendKey) -> Option<Backend> {
+        let entries = [
+            (FrontendKey::new(WILDCARD4, 8080, PROTO_TCP), backend(80, 1)),
+            (FrontendKey::new(WILDCARD6, 8080, PROTO_TCP), backend(80, 2)),
+            (
+                FrontendKey::new(v4_mapped([127, 0, 0, 1]), 9090, PROTO_TCP),
+                backend(90, 3),
+            ),
+            (FrontendKey::new(WILDCARD4, 5353, PROTO_UDP), backend(53, 4)),
+        ];
+        entries.iter().find(|(ek, _)| ek == k).map(|(_, b)| *b)
+    }
+
+    fn local(a: &Addr) -> bool {
+        *a == v4_mapped(GW) || *a == v4_mapped(HOST)
+    }
+
+    fn hit(dst: Addr, port: u16, proto: u8, host_ns: bool) -> Option<u32> {
+        frontend_for(&dst, port.to_be(), proto, host_ns, table, local).map(|b| b.id)
+    }
+
+    #[test]
+    fn loopback_only_in_host_netns() {
+        assert_eq!(hit(v4_mapped([127, 0, 0, 1]), 8080, PROTO_TCP, true), Some(1));
+        assert_eq!(hit(v4_mapped([127, 0, 0, 5]), 8080, PROTO_TCP, true), Some(1));
+        assert_eq!(hit(v4_mapped([127, 0, 0, 1]), 8080, PROTO_TCP, false), None);
+        assert_eq!(hit(v4_mapped([127, 0, 0, 1]), 9090, PROTO_TCP, false), None);
+    }
+
+    #[test]
+    fn exact_binding_only_on_its_address() {
+        assert_eq!(hit(v4_mapped([127, 0, 0, 1]), 9090, PROTO_TCP, true), Some(3));
+        assert_eq!(hit(v4_mapped([127, 0, 0, 2]), 9090, PROTO_TCP, true), None);
+        assert_eq!(hit(v4_mapped(HOST), 9090, PROTO_TCP, true), None);
+    }
+
+    #[test]
+    fn local_addresses_and_hairpin_from_any_netns() {
+        assert_eq!(hit(v4_mapped(HOST), 8080, PROTO_TCP, true), Some(1));
+        assert_eq!(hit(v4_mapped(GW), 8080, PROTO_TCP, false), Some(1));
+        assert_eq!(hit(v4_mapped([8, 8, 8, 8]), 8080, PROTO_TCP, true), None);
+    }
+
+    #[test]
+    fn protocol_and_family_are_part_of_the_key() {
+        assert_eq!(hit(v4_mapped(GW), 8080, PROTO_UDP, false), None);
+        assert_eq!(hit(v4_mapped(GW), 5353, PROTO_UDP, false), Some(4));
+        let mut v6_lo = [0u8; 16];
+        v6_lo[15] = 1;
+        assert_eq!(hit(v6_lo, 8080, PROTO_TCP, true), Some(2));
+        // 5353/udp was published on IPv4 only.
+        assert_eq!(hit(v6_lo, 5353, PROTO_UDP, true), None);
+    }
+
+    #[test]
+    fn port_zero_never_translates() {
+        assert_eq!(hit(v4_mapped([127, 0, 0, 1]), 0, PROTO_UDP, true), None);
+    }
+
+    #[test]
+    fn v6_targets() {
+        let b = backend(80, 1);
+        let mut v6_lo = [0u8; 16];
+        v6_lo[15] = 1;
+        // IPv4-only container reached from ::1: mapped IPv4 backend.
+        assert_eq!(target_v6(&v6_lo, &b).unwrap().addr, v4_mapped(CT));
+        let mut b6 = b;
+        b6.addr6 = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        assert_eq!(target_v6(&v6_lo, &b6).unwrap().addr, b6.addr6);
+        // A mapped destination stays IPv4 on the wire.
+        assert_eq!(
+            target_v6(&v4_mapped([127, 0, 0, 1]), &b6).unwrap().addr,
+            v4_mapped(CT)
+        );
+        let none = Backend {
+            addr4: [0; 16],
+            ..b6
+        };
+        assert!(target_v4(&none).is_none());
+        assert!(target_v6(&v4_mapped([127, 0, 0, 1]), &none).is_none());
+    }
+}

@@ -1,0 +1,39 @@
+//! Every map of the programs, named with its layout version (see `dataplane_common::MAP_*`).
+
+use aya_ebpf::{
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
+    maps::{Array, HashMap, PerCpuArray},
+};
+use dataplane_common::{
+    Backend, Config, FRONTENDS_MAX, FrontendKey, LOCAL_ADDRS_MAX, LocalAddr, STATS_LEN, SockRev,
+};
+
+/// Published address:port/proto -> container. Written only by the agent.
+#[map(name = "DP_FE_V1")]
+pub static FRONTENDS: HashMap<FrontendKey, Backend> = HashMap::with_max_entries(FRONTENDS_MAX, 0);
+
+/// Addresses that count as this host: host interface addresses and bridge gateways.
+#[map(name = "DP_LOCAL_V1")]
+pub static LOCAL_ADDRS: HashMap<[u8; 16], LocalAddr> =
+    HashMap::with_max_entries(LOCAL_ADDRS_MAX, 0);
+
+/// One entry: the host network namespace cookie and feature flags.
+#[map(name = "DP_CFG_V1")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Per-CPU event counters, indexed by `dataplane_common::STAT_*`.
+#[map(name = "DP_STATS_V1")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+/// What each translated socket dialled; lives and dies with the socket.
+#[btf_map(name = "DP_SKREV_V1")]
+pub static SOCK_REV: SkStorage<SockRev> = SkStorage::new();
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot; only this CPU writes it while the program runs.
+        unsafe { *p += 1 };
+    }
+}

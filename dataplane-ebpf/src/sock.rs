@@ -1,0 +1,234 @@
+//! cgroup sock_addr hooks. Every hook returns 1 (let the syscall proceed): a miss, a full
+//! map or a failed helper degrades to "not translated" for that socket, never to an error.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::bpf_sock_addr,
+    helpers::generated::bpf_get_netns_cookie,
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use dataplane_common::{
+    Addr, Backend, FrontendKey, PROTO_TCP, PROTO_UDP, STAT_CONNECT, STAT_GETPEERNAME,
+    STAT_RECVMSG, STAT_SENDMSG, STAT_SKSTORE_FULL, SockRev, is_v4_mapped, v4_mapped, v4_part,
+    xlate::{Target, frontend_for, target_v4, target_v6},
+};
+
+use crate::maps::{CONFIG, FRONTENDS, LOCAL_ADDRS, SOCK_REV, count};
+
+const ALLOW: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn dp_connect4(ctx: SockAddrContext) -> i32 {
+    xlate4(&ctx, STAT_CONNECT);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn dp_connect6(ctx: SockAddrContext) -> i32 {
+    xlate6(&ctx, STAT_CONNECT);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn dp_sendmsg4(ctx: SockAddrContext) -> i32 {
+    xlate4(&ctx, STAT_SENDMSG);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn dp_sendmsg6(ctx: SockAddrContext) -> i32 {
+    xlate6(&ctx, STAT_SENDMSG);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn dp_recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse4(&ctx, STAT_RECVMSG);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn dp_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse6(&ctx, STAT_RECVMSG);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn dp_getpeername4(ctx: SockAddrContext) -> i32 {
+    reverse4(&ctx, STAT_GETPEERNAME);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn dp_getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse6(&ctx, STAT_GETPEERNAME);
+    ALLOW
+}
+
+#[inline(always)]
+fn sa(ctx: &SockAddrContext) -> &mut bpf_sock_addr {
+    // SAFETY: the kernel hands every sock_addr program a valid context for its whole run.
+    unsafe { &mut *ctx.sock_addr }
+}
+
+#[inline(always)]
+fn proto(sa: &bpf_sock_addr) -> Option<u8> {
+    match sa.protocol {
+        6 => Some(PROTO_TCP),
+        17 => Some(PROTO_UDP),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn in_host_netns(ctx: &SockAddrContext) -> bool {
+    let Some(cfg) = CONFIG.get(0) else {
+        return false;
+    };
+    // SAFETY: the helper only reads the context's socket.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    cfg.host_netns_cookie != 0 && cookie == cfg.host_netns_cookie
+}
+
+#[inline(always)]
+fn lookup(dst: &Addr, port_be: u16, proto: u8, host_ns: bool) -> Option<Backend> {
+    frontend_for(
+        dst,
+        port_be,
+        proto,
+        host_ns,
+        // SAFETY: entries are written whole by the agent; a torn read is at worst a stale
+        // backend for this one socket.
+        |k: &FrontendKey| unsafe { FRONTENDS.get(k) }.copied(),
+        |a: &Addr| LOCAL_ADDRS.get_ptr(a).is_some(),
+    )
+}
+
+/// Records what the socket dialled, so getpeername/recvmsg can undo the translation.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, orig: &Addr, orig_port_be: u16, t: &Target) {
+    // SAFETY: the storage belongs to the context's socket, which outlives this program run.
+    let rev = unsafe { SOCK_REV.get_or_insert_ptr_mut(ctx, None) };
+    if rev.is_null() {
+        // Socket storage could not be allocated: the socket still gets translated, only
+        // getpeername() will show the backend. Counted so it is visible.
+        count(STAT_SKSTORE_FULL);
+        return;
+    }
+    // SAFETY: non-null pointers from bpf_sk_storage_get point at a whole value.
+    unsafe {
+        *rev = SockRev {
+            orig_addr: *orig,
+            backend_addr: t.addr,
+            orig_port_be,
+            backend_port_be: t.port_be,
+            pad: 0,
+        };
+    }
+}
+
+#[inline(always)]
+fn xlate4(ctx: &SockAddrContext, stat: u32) {
+    let s = sa(ctx);
+    let Some(proto) = proto(s) else { return };
+    let dst = v4_mapped(s.user_ip4.to_ne_bytes());
+    // user_port holds the port in network order in its low 16 bits.
+    let port_be = s.user_port as u16;
+    let Some(b) = lookup(&dst, port_be, proto, in_host_netns(ctx)) else {
+        return;
+    };
+    let Some(t) = target_v4(&b) else { return };
+    remember(ctx, &dst, port_be, &t);
+    let s = sa(ctx);
+    s.user_ip4 = u32::from_ne_bytes(v4_part(&t.addr));
+    s.user_port = u32::from(t.port_be);
+    count(stat);
+}
+
+#[inline(always)]
+fn ip6(s: &bpf_sock_addr) -> Addr {
+    let mut a = [0u8; 16];
+    // The verifier allows only 4-byte loads of user_ip6, one word at a time.
+    let w = [s.user_ip6[0], s.user_ip6[1], s.user_ip6[2], s.user_ip6[3]];
+    for i in 0..4 {
+        let b = w[i].to_ne_bytes();
+        a[i * 4] = b[0];
+        a[i * 4 + 1] = b[1];
+        a[i * 4 + 2] = b[2];
+        a[i * 4 + 3] = b[3];
+    }
+    a
+}
+
+#[inline(always)]
+fn set_ip6(s: &mut bpf_sock_addr, a: &Addr) {
+    s.user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+    s.user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
+    s.user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
+    s.user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+}
+
+#[inline(always)]
+fn xlate6(ctx: &SockAddrContext, stat: u32) {
+    let s = sa(ctx);
+    let Some(proto) = proto(s) else { return };
+    let dst = ip6(s);
+    let port_be = s.user_port as u16;
+    let Some(b) = lookup(&dst, port_be, proto, in_host_netns(ctx)) else {
+        return;
+    };
+    let Some(t) = target_v6(&dst, &b) else { return };
+    remember(ctx, &dst, port_be, &t);
+    let s = sa(ctx);
+    set_ip6(s, &t.addr);
+    s.user_port = u32::from(t.port_be);
+    count(stat);
+}
+
+/// The socket's recorded translation, if `peer:port_be` is its backend.
+#[inline(always)]
+fn recorded(ctx: &SockAddrContext, peer: &Addr, port_be: u16) -> Option<(Addr, u16)> {
+    // SAFETY: as in `remember`; without the create flag nothing is allocated.
+    let rev = unsafe { SOCK_REV.get_ptr_mut(ctx) };
+    if rev.is_null() {
+        return None;
+    }
+    // SAFETY: non-null pointers from bpf_sk_storage_get point at a whole value.
+    let rev = unsafe { &*rev };
+    if rev.backend_port_be != port_be || rev.backend_addr != *peer {
+        return None;
+    }
+    Some((rev.orig_addr, rev.orig_port_be))
+}
+
+#[inline(always)]
+fn reverse4(ctx: &SockAddrContext, stat: u32) {
+    let s = sa(ctx);
+    let peer = v4_mapped(s.user_ip4.to_ne_bytes());
+    let port_be = s.user_port as u16;
+    let Some((orig, orig_port)) = recorded(ctx, &peer, port_be) else {
+        return;
+    };
+    if !is_v4_mapped(&orig) {
+        return;
+    }
+    let s = sa(ctx);
+    s.user_ip4 = u32::from_ne_bytes(v4_part(&orig));
+    s.user_port = u32::from(orig_port);
+    count(stat);
+}
+
+#[inline(always)]
+fn reverse6(ctx: &SockAddrContext, stat: u32) {
+    let s = sa(ctx);
+    let peer = ip6(s);
+    let port_be = s.user_port as u16;
+    let Some((orig, orig_port)) = recorded(ctx, &peer, port_be) else {
+        return;
+    };
+    let s = sa(ctx);
+    set_ip6(s, &orig);
+    s.user_port = u32::from(orig_port);
+    count(stat);
+}

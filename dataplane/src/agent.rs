@@ -1,0 +1,332 @@
+//! The agent loop: Docker events and netlink changes -> desired state -> diff -> maps.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use bollard::Docker;
+use dataplane_common::{CFG_F_RESERVE_PORTS, Config, FrontendKey};
+use futures_util::{StreamExt, stream::FuturesUnordered};
+use tokio::{signal::unix::SignalKind, sync::mpsc};
+use tracing::{debug, info, warn};
+
+use crate::{
+    api::{self, FrontendView, Shared},
+    bpf::{self, Loaded},
+    desired::{self, Frontend},
+    docker::{self, Effect},
+    netlink,
+    reconcile::reconcile,
+};
+
+pub struct Options {
+    pub docker_socket: String,
+    pub api_socket: PathBuf,
+    pub cgroup: Option<PathBuf>,
+    pub resync_interval: Duration,
+}
+
+struct Agent {
+    loaded: Loaded,
+    docker: Docker,
+    nl: rtnetlink::Handle,
+    /// Frontends per container id, from the last inspect of each.
+    containers: HashMap<String, Vec<Frontend>>,
+    shared: Shared,
+    binding_errors: BTreeMap<String, Vec<String>>,
+}
+
+/// Runs one phase and logs its own and the cumulative time at debug level.
+macro_rules! phase {
+    ($start:expr, $name:literal, $e:expr) => {{
+        let t = Instant::now();
+        let r = $e;
+        debug!(
+            phase = $name,
+            took_ms = t.elapsed().as_secs_f64() * 1e3,
+            total_ms = $start.elapsed().as_secs_f64() * 1e3,
+            "init phase done"
+        );
+        r
+    }};
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+pub async fn run(opts: Options) -> Result<()> {
+    let start = Instant::now();
+    let cgroup = match &opts.cgroup {
+        Some(p) => p.clone(),
+        None => bpf::cgroup2_mount()?,
+    };
+    let host_cookie = bpf::netns_cookie()?;
+    // Loading and Docker's first answer are independent: overlap them.
+    let docker_fut = async {
+        let d = docker::connect(&opts.docker_socket).await?;
+        let ids = docker::running_ids(&d).await?;
+        let version = d.version().await.ok().and_then(|v| v.version).unwrap_or_default();
+        anyhow::Ok((d, ids, version))
+    };
+    let load_fut = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        let r = Loaded::load_and_attach(&cgroup);
+        (r, t.elapsed())
+    });
+    let (docker_res, load_res) = tokio::join!(
+        async { phase!(start, "docker_list", docker_fut.await) },
+        load_fut
+    );
+    let (load_res, load_took) = load_res.context("load task")?;
+    let mut loaded = load_res?;
+    debug!(
+        phase = "load_attach",
+        took_ms = load_took.as_secs_f64() * 1e3,
+        "init phase done"
+    );
+    let (docker, ids, docker_version) = docker_res?;
+    loaded.set_config(Config {
+        host_netns_cookie: host_cookie,
+        flags: CFG_F_RESERVE_PORTS,
+    })?;
+
+    let shared: Shared = Shared::default();
+    {
+        let mut s = shared.lock().expect("status lock");
+        s.version = env!("CARGO_PKG_VERSION").to_string();
+        s.docker_version = docker_version;
+        s.attach_points.clone_from(&loaded.attached);
+    }
+    let _api = api::serve(&opts.api_socket, shared.clone())?;
+    let nl = netlink::connect()?;
+    let (nl_tx, mut nl_rx) = mpsc::channel(1);
+    netlink::watch(nl_tx)?;
+
+    let mut agent = Agent {
+        loaded,
+        docker,
+        nl,
+        containers: HashMap::new(),
+        shared,
+        binding_errors: BTreeMap::new(),
+    };
+    phase!(start, "first_sync", {
+        agent.sync_local_addrs().await?;
+        agent.refresh(ids.into_iter().collect()).await?;
+        agent.apply()?;
+    });
+    agent.shared.lock().expect("status lock").ready = true;
+    info!(
+        took_ms = start.elapsed().as_secs_f64() * 1e3,
+        frontends = agent.shared.lock().expect("status lock").frontends,
+        "ready"
+    );
+
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut resync = tokio::time::interval(opts.resync_interval);
+    resync.tick().await;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut events = Box::pin(docker::events(&agent.docker));
+        loop {
+            tokio::select! {
+                ev = events.next() => match ev {
+                    Some(Ok(ev)) => {
+                        backoff = Duration::from_millis(100);
+                        let mut batch = vec![ev];
+                        // Take whatever else already arrived, so a burst costs one apply.
+                        while let Some(Some(Ok(more))) = futures_util::FutureExt::now_or_never(events.next()) {
+                            batch.push(more);
+                        }
+                        agent.on_events(&batch).await;
+                    }
+                    Some(Err(e)) => { warn!(error = %e, "Docker events stream failed"); break; }
+                    None => { warn!("Docker events stream ended"); break; }
+                },
+                Some(()) = nl_rx.recv() => {
+                    if let Err(e) = agent.sync_local_addrs().await.and_then(|()| agent.apply()) {
+                        warn!(error = %format!("{e:#}"), "local address sync failed");
+                    }
+                }
+                _ = resync.tick() => agent.full_resync().await,
+                _ = tokio::signal::ctrl_c() => { info!("interrupted, detaching"); return Ok(()); }
+                _ = sigterm.recv() => { info!("terminated, detaching"); return Ok(()); }
+            }
+        }
+        // Stream lost (dockerd restarting?): back off, then resync in full.
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = sigterm.recv() => return Ok(()),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        agent.full_resync().await;
+    }
+}
+
+impl Agent {
+    async fn on_events(&mut self, batch: &[bollard::models::EventMessage]) {
+        let mut refresh = BTreeSet::new();
+        for ev in batch {
+            match docker::effect(ev) {
+                Effect::Refresh(id) => {
+                    refresh.insert(id);
+                }
+                Effect::Remove(id) => {
+                    refresh.remove(&id);
+                    self.containers.remove(&id);
+                    self.binding_errors.remove(&id);
+                }
+                Effect::Ignore => {}
+            }
+        }
+        debug!(events = batch.len(), refresh = refresh.len(), "docker events");
+        if let Err(e) = self.refresh(refresh).await {
+            warn!(error = %format!("{e:#}"), "refresh after events failed; resyncing in full");
+            self.full_resync().await;
+            return;
+        }
+        if let Err(e) = self.apply() {
+            warn!(error = %format!("{e:#}"), "applying frontends failed");
+        }
+    }
+
+    async fn full_resync(&mut self) {
+        let r = async {
+            let ids = docker::running_ids(&self.docker).await?;
+            let live: BTreeSet<String> = ids.into_iter().collect();
+            self.containers.retain(|id, _| live.contains(id));
+            self.binding_errors.retain(|id, _| live.contains(id));
+            self.refresh(live).await?;
+            self.sync_local_addrs().await?;
+            self.apply()
+        }
+        .await;
+        if let Err(e) = r {
+            warn!(error = %format!("{e:#}"), "full resync failed");
+        }
+    }
+
+    /// Inspects each container once (a few at a time) and replaces its frontends.
+    async fn refresh(&mut self, ids: BTreeSet<String>) -> Result<()> {
+        let docker = &self.docker;
+        let mut pending: FuturesUnordered<_> = ids
+            .into_iter()
+            .map(|id| async move {
+                let r = docker::inspect(docker, &id).await;
+                (id, r)
+            })
+            .collect();
+        let mut results = Vec::new();
+        while let Some(r) = pending.next().await {
+            results.push(r);
+        }
+        drop(pending);
+        for (id, r) in results {
+            match r? {
+                Some(c) => {
+                    let mut errs = Vec::new();
+                    let fs = desired::frontends_of(&c, &mut errs);
+                    for e in &errs {
+                        warn!(error = %e, "binding skipped");
+                    }
+                    if errs.is_empty() {
+                        self.binding_errors.remove(&id);
+                    } else {
+                        self.binding_errors
+                            .insert(id.clone(), errs.iter().map(ToString::to_string).collect());
+                    }
+                    if fs.is_empty() {
+                        self.containers.remove(&id);
+                    } else {
+                        self.containers.insert(id, fs);
+                    }
+                }
+                None => {
+                    self.containers.remove(&id);
+                    self.binding_errors.remove(&id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn sync_local_addrs(&mut self) -> Result<()> {
+        let addrs = netlink::dump(&self.nl).await?;
+        let want = netlink::local_map(&addrs);
+        let applied = reconcile(&mut self.loaded.local_addrs()?, &want)
+            .context("updating the local-address map")?;
+        if applied.changed() {
+            info!(
+                added = applied.added,
+                removed = applied.removed,
+                total = want.len(),
+                "local addresses updated"
+            );
+        }
+        self.shared.lock().expect("status lock").local_addresses = want.len();
+        Ok(())
+    }
+
+    /// Writes the merged desired frontends to the map and publishes the status.
+    fn apply(&mut self) -> Result<()> {
+        let mut conflicts = Vec::new();
+        let merged = desired::merge(self.containers.values().flatten(), &mut conflicts);
+        for c in &conflicts {
+            warn!(frontend = %c.frontend, kept = %c.kept, dropped = %c.dropped, "frontend conflict");
+        }
+        let want: BTreeMap<FrontendKey, _> =
+            merged.iter().map(|(k, f)| (*k, f.backend)).collect();
+        let applied = reconcile(&mut self.loaded.frontends()?, &want)
+            .context("updating the frontends map")?;
+        if applied.changed() {
+            info!(
+                added = applied.added,
+                updated = applied.updated,
+                removed = applied.removed,
+                total = want.len(),
+                "frontends updated"
+            );
+        }
+        let counters = self.loaded.stats().unwrap_or_default();
+        let mut s = self.shared.lock().expect("status lock");
+        s.last_sync_unix_ms = now_ms();
+        s.syncs += 1;
+        s.containers = self.containers.len();
+        s.frontends = want.len();
+        s.frontend_list = merged
+            .values()
+            .map(|f| FrontendView {
+                frontend: desired::describe_key(&f.key),
+                container: f.container_name.clone(),
+                container_id: f.container_id.chars().take(12).collect(),
+                backend: desired::describe_backend(&f.backend),
+            })
+            .collect();
+        s.errors = self.binding_errors.values().flatten().cloned().collect();
+        s.errors.extend(
+            conflicts
+                .iter()
+                .map(|c| format!("{} claimed by {} and {}", c.frontend, c.kept, c.dropped)),
+        );
+        s.counters = [
+            "connect",
+            "sendmsg",
+            "recvmsg",
+            "getpeername",
+            "bind_refused",
+            "sock_storage_full",
+        ]
+        .iter()
+        .zip(counters)
+        .map(|(n, v)| ((*n).to_string(), v))
+        .collect();
+        Ok(())
+    }
+}

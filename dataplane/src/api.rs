@@ -1,0 +1,129 @@
+//! The control socket `bridge-ctl` talks to: root-only, one request line, one JSON answer.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixListener,
+};
+
+pub const DEFAULT_SOCKET: &str = "/run/dataplane/ctl.sock";
+
+/// One published binding, as `bridge-ctl frontends` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct FrontendView {
+    pub frontend: String,
+    pub container: String,
+    pub container_id: String,
+    pub backend: String,
+}
+
+/// What the agent reports; written by the agent loop, read by the API.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    pub ready: bool,
+    pub version: String,
+    pub docker_version: String,
+    pub attach_points: Vec<String>,
+    /// Unix time (ms) of the last completed sync with Docker.
+    pub last_sync_unix_ms: u64,
+    pub syncs: u64,
+    pub containers: usize,
+    pub frontends: usize,
+    pub local_addresses: usize,
+    /// Counters from the kernel programs.
+    pub counters: std::collections::BTreeMap<String, u64>,
+    /// Bindings that could not be applied, and why.
+    pub errors: Vec<String>,
+    #[serde(skip)]
+    pub frontend_list: Vec<FrontendView>,
+}
+
+pub type Shared = Arc<Mutex<Status>>;
+
+/// Removes the socket file when dropped.
+pub struct SocketGuard(PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Binds the socket (mode 0600) and serves requests until the task is dropped.
+pub fn serve(path: &Path, shared: Shared) -> Result<SocketGuard> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket file left by a killed agent: the lock in `main` proved no agent owns it.
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut line = String::new();
+                if BufReader::new(r).read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let answer = answer(line.trim(), &shared);
+                let _ = w.write_all(answer.as_bytes()).await;
+                let _ = w.write_all(b"\n").await;
+            });
+        }
+    });
+    Ok(SocketGuard(path.to_path_buf()))
+}
+
+fn answer(request: &str, shared: &Shared) -> String {
+    let st = shared.lock().expect("status lock").clone();
+    let v = match request {
+        "status" => serde_json::to_value(&st),
+        "frontends" => serde_json::to_value(&st.frontend_list),
+        other => Ok(serde_json::json!({ "error": format!("unknown request {other:?}") })),
+    };
+    v.map_or_else(
+        |e| serde_json::json!({ "error": e.to_string() }).to_string(),
+        |v| v.to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_status_frontends_and_unknown() {
+        let shared: Shared = Arc::default();
+        {
+            let mut s = shared.lock().unwrap();
+            s.ready = true;
+            s.frontend_list.push(FrontendView {
+                frontend: "0.0.0.0:8080/tcp".into(),
+                container: "web".into(),
+                container_id: "abc".into(),
+                backend: "172.17.0.2:80".into(),
+            });
+        }
+        let v: serde_json::Value = serde_json::from_str(&answer("status", &shared)).unwrap();
+        assert_eq!(v["ready"], true);
+        assert!(v.get("frontend_list").is_none());
+        let v: serde_json::Value = serde_json::from_str(&answer("frontends", &shared)).unwrap();
+        assert_eq!(v[0]["container"], "web");
+        let v: serde_json::Value = serde_json::from_str(&answer("bogus", &shared)).unwrap();
+        assert!(v["error"].as_str().unwrap().contains("bogus"));
+    }
+}

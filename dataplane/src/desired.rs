@@ -1,0 +1,472 @@
+//! Docker's view of a container, turned into the frontends it should have. Pure: no I/O.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv6Addr},
+};
+
+use bollard::models::ContainerInspectResponse;
+use dataplane_common::{
+    Addr, Backend, FrontendKey, PROTO_TCP, PROTO_UDP, WILDCARD4, WILDCARD6, v4_mapped,
+};
+use serde::Serialize;
+
+/// One published binding of one container, as the maps will hold it, plus who it is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub key: FrontendKey,
+    pub backend: Backend,
+    pub container_id: String,
+    pub container_name: String,
+}
+
+/// What went wrong with one binding; the container's other bindings still apply.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BindingError {
+    #[error("container {container}: port key {port_key:?} is not <port>/<proto>")]
+    PortKey { container: String, port_key: String },
+    #[error("container {container}: host IP {host_ip:?} of {port_key} is not an IP address")]
+    HostIp {
+        container: String,
+        port_key: String,
+        host_ip: String,
+    },
+    #[error("container {container}: host port {host_port:?} of {port_key} is not a port")]
+    HostPort {
+        container: String,
+        port_key: String,
+        host_port: String,
+    },
+    #[error("container {container} publishes {port_key} but has no address on a network")]
+    NoAddress { container: String, port_key: String },
+}
+
+/// Protocols the socket layer translates.
+fn proto_of(name: &str) -> Option<u8> {
+    match name {
+        "tcp" => Some(PROTO_TCP),
+        "udp" => Some(PROTO_UDP),
+        _ => None,
+    }
+}
+
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        _ => "?",
+    }
+}
+
+pub fn addr_to_ip(a: &Addr) -> IpAddr {
+    let v6 = Ipv6Addr::from(*a);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+pub fn ip_to_addr(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// A stable id for a binding (FNV-1a over its key), used to label counters.
+pub fn frontend_id(key: &FrontendKey) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    let port = key.port_be.to_ne_bytes();
+    for b in key.addr.iter().chain(port.iter()).chain([key.proto].iter()) {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// The container's addresses that published ports lead to.
+///
+/// Docker publishes through one endpoint; with several networks we take the first network
+/// (by name) on which the container has an IPv4 address, and its IPv6 address there.
+fn container_addrs(c: &ContainerInspectResponse) -> Option<(Addr, Addr)> {
+    let nets = c.network_settings.as_ref()?.networks.as_ref()?;
+    let mut names: Vec<&String> = nets.keys().collect();
+    names.sort();
+    let parse = |s: Option<&String>| -> Option<IpAddr> {
+        s.filter(|s| !s.is_empty()).and_then(|s| s.parse().ok())
+    };
+    let mut fallback6 = None;
+    for name in names {
+        let ep = &nets[name];
+        let v4 = parse(ep.ip_address.as_ref());
+        let v6 = parse(ep.global_ipv6_address.as_ref());
+        if let Some(IpAddr::V4(v4)) = v4 {
+            let a6 = match v6 {
+                Some(IpAddr::V6(v6)) => v6.octets(),
+                _ => [0; 16],
+            };
+            return Some((v4_mapped(v4.octets()), a6));
+        }
+        if let (None, Some(IpAddr::V6(v6))) = (fallback6, v6) {
+            fallback6 = Some(v6.octets());
+        }
+    }
+    fallback6.map(|a6| ([0; 16], a6))
+}
+
+fn is_live(c: &ContainerInspectResponse) -> bool {
+    // A paused container keeps its frontends: its connections resume when it does.
+    c.state
+        .as_ref()
+        .is_some_and(|s| s.running.unwrap_or(false) || s.paused.unwrap_or(false))
+        && !c
+            .state
+            .as_ref()
+            .is_some_and(|s| s.restarting.unwrap_or(false))
+}
+
+/// The published addresses a Docker binding stands for.
+///
+/// Docker writes `-p P:C` ("every address") as host IP `""` in `HostConfig.PortBindings` and
+/// as `0.0.0.0` (and, on newer engines, also `::`) in `NetworkSettings.Ports`. Every address
+/// means both families, as docker-proxy serves `[::1]:P` too; an explicit `0.0.0.0` or `::`
+/// is that family only.
+fn published_addrs(host_ip: &str, requested_any: bool) -> Result<Vec<Addr>, ()> {
+    match host_ip {
+        "" => Ok(vec![WILDCARD4, WILDCARD6]),
+        "0.0.0.0" if requested_any => Ok(vec![WILDCARD4, WILDCARD6]),
+        "0.0.0.0" => Ok(vec![WILDCARD4]),
+        "::" => Ok(vec![WILDCARD6]),
+        other => other
+            .parse::<IpAddr>()
+            .map(|ip| vec![ip_to_addr(ip)])
+            .map_err(|_| ()),
+    }
+}
+
+/// Whether a requested host port (`""` for any, `"8080"`, or a range `"8000-8010"`) covers
+/// `port`.
+fn port_in(requested: &str, port: u16) -> bool {
+    if requested.is_empty() {
+        return true;
+    }
+    match requested.split_once('-') {
+        Some((lo, hi)) => match (lo.parse::<u16>(), hi.parse::<u16>()) {
+            (Ok(lo), Ok(hi)) => (lo..=hi).contains(&port),
+            _ => false,
+        },
+        None => requested.parse::<u16>() == Ok(port),
+    }
+}
+
+/// Frontends of one container. Bindings that cannot be understood are reported in `errors`
+/// and skipped; the rest apply.
+pub fn frontends_of(c: &ContainerInspectResponse, errors: &mut Vec<BindingError>) -> Vec<Frontend> {
+    let mut out = Vec::new();
+    if !is_live(c) {
+        return out;
+    }
+    let id = c.id.clone().unwrap_or_default();
+    let name = c
+        .name
+        .as_deref()
+        .unwrap_or_default()
+        .trim_start_matches('/')
+        .to_string();
+    let Some(ports) = c.network_settings.as_ref().and_then(|n| n.ports.as_ref()) else {
+        return out;
+    };
+    let requested = c.host_config.as_ref().and_then(|h| h.port_bindings.as_ref());
+    let addrs = container_addrs(c);
+    let mut port_keys: Vec<&String> = ports.keys().collect();
+    port_keys.sort();
+    for port_key in port_keys {
+        let Some(bindings) = ports[port_key].as_ref().filter(|b| !b.is_empty()) else {
+            continue; // exposed, not published
+        };
+        let parsed = port_key
+            .split_once('/')
+            .and_then(|(p, proto)| Some((p.parse::<u16>().ok()?, proto)));
+        let Some((cport, proto_s)) = parsed else {
+            errors.push(BindingError::PortKey {
+                container: name.clone(),
+                port_key: port_key.clone(),
+            });
+            continue;
+        };
+        let Some(proto) = proto_of(proto_s) else {
+            continue; // sctp: not translated by the socket layer
+        };
+        let Some((addr4, addr6)) = addrs else {
+            errors.push(BindingError::NoAddress {
+                container: name.clone(),
+                port_key: port_key.clone(),
+            });
+            continue;
+        };
+        let requested = requested
+            .and_then(|r| r.get(port_key))
+            .and_then(Option::as_ref);
+        for b in bindings {
+            let host_ip = b.host_ip.as_deref().unwrap_or("");
+            let host_port = b.host_port.as_deref().unwrap_or("");
+            let Ok(hport) = host_port.parse::<u16>() else {
+                errors.push(BindingError::HostPort {
+                    container: name.clone(),
+                    port_key: port_key.clone(),
+                    host_port: host_port.to_string(),
+                });
+                continue;
+            };
+            let requested_any = requested.is_some_and(|r| {
+                r.iter().any(|rb| {
+                    rb.host_ip.as_deref().unwrap_or("").is_empty()
+                        && port_in(rb.host_port.as_deref().unwrap_or(""), hport)
+                })
+            });
+            let Ok(paddrs) = published_addrs(host_ip, requested_any) else {
+                errors.push(BindingError::HostIp {
+                    container: name.clone(),
+                    port_key: port_key.clone(),
+                    host_ip: host_ip.to_string(),
+                });
+                continue;
+            };
+            for addr in paddrs {
+                let key = FrontendKey::new(addr, hport, proto);
+                let backend = Backend {
+                    addr4,
+                    addr6,
+                    port_be: cport.to_be(),
+                    flags: 0,
+                    id: frontend_id(&key),
+                };
+                let f = Frontend {
+                    key,
+                    backend,
+                    container_id: id.clone(),
+                    container_name: name.clone(),
+                };
+                if !out.iter().any(|o: &Frontend| o.key == f.key) {
+                    out.push(f);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Two containers claiming one published address:port/proto (Docker refuses this, so it
+/// only happens with stale data): the first by container id wins, the other is reported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Conflict {
+    pub frontend: String,
+    pub kept: String,
+    pub dropped: String,
+}
+
+/// Merges per-container frontends into the map's desired content.
+pub fn merge<'a>(
+    per_container: impl IntoIterator<Item = &'a Frontend>,
+    conflicts: &mut Vec<Conflict>,
+) -> BTreeMap<FrontendKey, Frontend> {
+    let mut all: Vec<&Frontend> = per_container.into_iter().collect();
+    all.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+    let mut out: BTreeMap<FrontendKey, Frontend> = BTreeMap::new();
+    for f in all {
+        if let Some(existing) = out.get(&f.key) {
+            if existing.container_id != f.container_id {
+                conflicts.push(Conflict {
+                    frontend: describe_key(&f.key),
+                    kept: existing.container_name.clone(),
+                    dropped: f.container_name.clone(),
+                });
+            }
+            continue;
+        }
+        out.insert(f.key, f.clone());
+    }
+    out
+}
+
+/// `127.0.0.1:8080/tcp`, `[::]:8080/tcp`, `*:8080/tcp` style text for a key.
+pub fn describe_key(k: &FrontendKey) -> String {
+    let addr = match k.addr {
+        a if a == WILDCARD4 => "0.0.0.0".to_string(),
+        a if a == WILDCARD6 => "[::]".to_string(),
+        a => match addr_to_ip(&a) {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        },
+    };
+    format!("{addr}:{}/{}", k.port(), proto_name(k.proto))
+}
+
+/// `172.17.0.2:80` (and the IPv6 address when there is one) for a backend.
+pub fn describe_backend(b: &Backend) -> String {
+    let mut parts = Vec::new();
+    if b.addr4 != [0; 16] {
+        parts.push(format!("{}:{}", addr_to_ip(&b.addr4), b.port()));
+    }
+    if b.addr6 != [0; 16] {
+        parts.push(format!("[{}]:{}", addr_to_ip(&b.addr6), b.port()));
+    }
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> ContainerInspectResponse {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // `docker inspect` prints an array; the API returns one object.
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let obj = match v {
+            serde_json::Value::Array(mut a) => a.remove(0),
+            o => o,
+        };
+        serde_json::from_value(obj).unwrap()
+    }
+
+    fn keys(fs: &[Frontend]) -> Vec<String> {
+        let mut k: Vec<String> = fs.iter().map(|f| describe_key(&f.key)).collect();
+        k.sort();
+        k
+    }
+
+    #[test]
+    fn publish_all_addresses_range_udp_and_ip_bound() {
+        // docker run -p 8080:80 -p 127.0.0.1:9090:90 -p 7000-7001:7000-7001/udp
+        let c = fixture("inspect-ports.json");
+        let mut errs = Vec::new();
+        let fs = frontends_of(&c, &mut errs);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(
+            keys(&fs),
+            vec![
+                "0.0.0.0:7000/udp",
+                "0.0.0.0:7001/udp",
+                "0.0.0.0:8080/tcp",
+                "127.0.0.1:9090/tcp",
+                "[::]:7000/udp",
+                "[::]:7001/udp",
+                "[::]:8080/tcp",
+            ]
+        );
+        let web = fs.iter().find(|f| f.key.port() == 8080).unwrap();
+        assert_eq!(describe_backend(&web.backend), "172.17.0.2:80");
+        assert_eq!(web.container_name, "t1");
+        let udp = fs.iter().find(|f| f.key.port() == 7001).unwrap();
+        assert_eq!(udp.key.proto, PROTO_UDP);
+        assert_eq!(udp.backend.port(), 7001);
+    }
+
+    #[test]
+    fn explicit_family_wildcards_and_same_port_twice() {
+        // docker run -p 0.0.0.0:8081:80 -p 8082:80 --network net-b (also on net-a, IPv6)
+        let c = fixture("inspect-multinet.json");
+        let mut errs = Vec::new();
+        let fs = frontends_of(&c, &mut errs);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(
+            keys(&fs),
+            vec!["0.0.0.0:8081/tcp", "0.0.0.0:8082/tcp", "[::]:8082/tcp"]
+        );
+        for f in &fs {
+            assert_eq!(f.backend.port(), 80);
+            // net-a sorts before net-b: its addresses are the backend.
+            assert_eq!(
+                describe_backend(&f.backend),
+                "172.30.0.2:80 [fd00:dead:beef::2]:80"
+            );
+        }
+    }
+
+    #[test]
+    fn stopped_container_has_no_frontends_paused_keeps_them() {
+        let mut c = fixture("inspect-ports.json");
+        let mut errs = Vec::new();
+        c.state.as_mut().unwrap().running = Some(false);
+        assert!(frontends_of(&c, &mut errs).is_empty());
+        c.state.as_mut().unwrap().paused = Some(true);
+        assert_eq!(frontends_of(&c, &mut errs).len(), 7);
+    }
+
+    #[test]
+    fn malformed_bindings_are_reported_not_applied() {
+        let mut c = fixture("inspect-ports.json");
+        let ports = c
+            .network_settings
+            .as_mut()
+            .unwrap()
+            .ports
+            .as_mut()
+            .unwrap();
+        let mut b = ports["80/tcp"].clone().unwrap();
+        b[0].host_ip = Some("not-an-ip".into());
+        ports.insert("80/tcp".into(), Some(b));
+        let mut b = ports["90/tcp"].clone().unwrap();
+        b[0].host_port = Some("99999".into());
+        ports.insert("90/tcp".into(), Some(b));
+        ports.insert("x/tcp".into(), ports["7000/udp"].clone());
+        let mut errs = Vec::new();
+        let fs = frontends_of(&c, &mut errs);
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert_eq!(fs.len(), 4);
+        let text = errs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(text.contains("\"not-an-ip\""), "{text}");
+        assert!(text.contains("\"99999\""), "{text}");
+        assert!(text.contains("\"x/tcp\""), "{text}");
+    }
+
+    #[test]
+    fn container_without_address_is_an_error() {
+        let mut c = fixture("inspect-ports.json");
+        c.network_settings.as_mut().unwrap().networks = None;
+        let mut errs = Vec::new();
+        assert!(frontends_of(&c, &mut errs).is_empty());
+        assert!(matches!(errs[0], BindingError::NoAddress { .. }));
+    }
+
+    #[test]
+    fn merge_reports_conflicts_deterministically() {
+        let c = fixture("inspect-ports.json");
+        let mut errs = Vec::new();
+        let a = frontends_of(&c, &mut errs);
+        let mut b = a.clone();
+        for f in &mut b {
+            f.container_id = "zzz".into();
+            f.container_name = "other".into();
+        }
+        let mut conflicts = Vec::new();
+        let merged = merge(b.iter().chain(a.iter()), &mut conflicts);
+        assert_eq!(merged.len(), 7);
+        assert!(merged.values().all(|f| f.container_name == "t1"));
+        assert_eq!(conflicts.len(), 7);
+        assert_eq!(conflicts[0].dropped, "other");
+    }
+
+    #[test]
+    fn requested_port_ranges() {
+        assert!(port_in("", 1));
+        assert!(port_in("8080", 8080));
+        assert!(!port_in("8080", 8081));
+        assert!(port_in("8000-8010", 8005));
+        assert!(!port_in("8000-8010", 8011));
+        assert!(!port_in("x-y", 1));
+    }
+
+    #[test]
+    fn ids_are_stable_and_distinct() {
+        let a = FrontendKey::new(WILDCARD4, 8080, PROTO_TCP);
+        let b = FrontendKey::new(WILDCARD6, 8080, PROTO_TCP);
+        assert_eq!(frontend_id(&a), frontend_id(&a));
+        assert_ne!(frontend_id(&a), frontend_id(&b));
+    }
+}

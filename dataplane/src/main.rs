@@ -1,0 +1,118 @@
+//! `dataplane`: publishes Docker container ports from the kernel, without docker-proxy.
+
+mod agent;
+mod api;
+mod bpf;
+mod desired;
+mod docker;
+mod netlink;
+mod reconcile;
+
+use std::{fs::File, os::fd::AsRawFd, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load and attach the kernel programs, sync with Docker, serve bridge-ctl; runs in the
+    /// foreground until SIGINT or SIGTERM, then detaches everything it attached.
+    Run {
+        /// Docker engine socket.
+        #[arg(long, default_value = "/var/run/docker.sock")]
+        docker_socket: String,
+        /// Control socket for bridge-ctl (created with mode 0600).
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// cgroup v2 directory to attach to (default: the cgroup2 mount's root).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Seconds between full resyncs with Docker (repairs any drift).
+        #[arg(long, default_value_t = 60)]
+        resync_interval: u64,
+    },
+}
+
+/// Exit codes a supervisor can act on.
+const EXIT_FAILURE: u8 = 1;
+const EXIT_ALREADY_RUNNING: u8 = 3;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run {
+            docker_socket,
+            socket,
+            cgroup,
+            resync_interval,
+        } => {
+            let lock_path = socket.with_extension("lock");
+            let _lock = match lock(&lock_path) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("dataplane: {e:#}");
+                    return ExitCode::from(EXIT_ALREADY_RUNNING);
+                }
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("dataplane: starting the runtime: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            let opts = agent::Options {
+                docker_socket,
+                api_socket: socket,
+                cgroup,
+                resync_interval: Duration::from_secs(resync_interval.max(1)),
+            };
+            match rt.block_on(agent::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dataplane: {e:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+    }
+}
+
+/// Holds an exclusive lock for the agent's lifetime: a second agent fails fast.
+fn lock(path: &std::path::Path) -> Result<File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {} (run as root)", path.display()))?;
+    // SAFETY: a valid open file descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!(
+            "another dataplane agent is already running (it holds {})",
+            path.display()
+        );
+    }
+    Ok(f)
+}

@@ -1,0 +1,156 @@
+//! Desired state against actual state: only the difference is applied.
+
+use std::collections::BTreeMap;
+
+/// A key/value store the agent owns: a BPF hash map in production, a `BTreeMap` in tests.
+pub trait KvStore<K, V> {
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Everything in the store now.
+    fn entries(&self) -> Result<BTreeMap<K, V>, Self::Error>;
+    fn put(&mut self, key: &K, value: &V) -> Result<(), Self::Error>;
+    fn remove(&mut self, key: &K) -> Result<(), Self::Error>;
+}
+
+/// What one reconcile changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+}
+
+impl Applied {
+    pub fn changed(&self) -> bool {
+        self.added + self.updated + self.removed > 0
+    }
+}
+
+/// Makes `store` hold exactly `desired`. New and changed entries are written before stale
+/// ones are removed, so a key that moves keeps answering throughout. Running it twice
+/// changes nothing the second time.
+pub fn reconcile<K: Ord + Clone, V: PartialEq, S: KvStore<K, V>>(
+    store: &mut S,
+    desired: &BTreeMap<K, V>,
+) -> Result<Applied, S::Error> {
+    let actual = store.entries()?;
+    let mut applied = Applied::default();
+    for (k, v) in desired {
+        match actual.get(k) {
+            Some(cur) if cur == v => applied.unchanged += 1,
+            Some(_) => {
+                store.put(k, v)?;
+                applied.updated += 1;
+            }
+            None => {
+                store.put(k, v)?;
+                applied.added += 1;
+            }
+        }
+    }
+    for k in actual.keys() {
+        if !desired.contains_key(k) {
+            store.remove(k)?;
+            applied.removed += 1;
+        }
+    }
+    Ok(applied)
+}
+
+/// An in-memory store that records every write, for tests.
+#[cfg(test)]
+#[derive(Default)]
+pub struct FakeStore<K, V> {
+    pub map: BTreeMap<K, V>,
+    pub writes: Vec<String>,
+    /// Fail the n-th write (1-based) with this message.
+    pub fail_at: Option<(usize, &'static str)>,
+}
+
+#[cfg(test)]
+#[derive(Debug, thiserror::Error)]
+#[error("fake store: {0}")]
+pub struct FakeError(&'static str);
+
+#[cfg(test)]
+impl<K: Ord + Clone + std::fmt::Debug, V: Clone> KvStore<K, V> for FakeStore<K, V> {
+    type Error = FakeError;
+    fn entries(&self) -> Result<BTreeMap<K, V>, FakeError> {
+        Ok(self.map.clone())
+    }
+    fn put(&mut self, key: &K, value: &V) -> Result<(), FakeError> {
+        self.writes.push(format!("put {key:?}"));
+        if let Some((n, msg)) = self.fail_at {
+            if self.writes.len() == n {
+                return Err(FakeError(msg));
+            }
+        }
+        self.map.insert(key.clone(), value.clone());
+        Ok(())
+    }
+    fn remove(&mut self, key: &K) -> Result<(), FakeError> {
+        self.writes.push(format!("remove {key:?}"));
+        if let Some((n, msg)) = self.fail_at {
+            if self.writes.len() == n {
+                return Err(FakeError(msg));
+            }
+        }
+        self.map.remove(key);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired(items: &[(u16, u8)]) -> BTreeMap<u16, u8> {
+        items.iter().copied().collect()
+    }
+
+    #[test]
+    fn applies_only_the_difference_and_is_idempotent() {
+        let mut s = FakeStore::<u16, u8>::default();
+        s.map = desired(&[(1, 1), (2, 2), (3, 3)]);
+        let want = desired(&[(2, 2), (3, 30), (4, 4)]);
+        let a = reconcile(&mut s, &want).unwrap();
+        assert_eq!(
+            a,
+            Applied {
+                added: 1,
+                updated: 1,
+                removed: 1,
+                unchanged: 1
+            }
+        );
+        assert_eq!(s.map, want);
+        // Adds and updates come before removals.
+        assert_eq!(s.writes, vec!["put 3", "put 4", "remove 1"]);
+        s.writes.clear();
+        let again = reconcile(&mut s, &want).unwrap();
+        assert!(!again.changed());
+        assert!(s.writes.is_empty());
+    }
+
+    #[test]
+    fn empty_desired_clears_everything() {
+        let mut s = FakeStore::<u16, u8>::default();
+        s.map = desired(&[(1, 1), (2, 2)]);
+        let a = reconcile(&mut s, &BTreeMap::new()).unwrap();
+        assert_eq!(a.removed, 2);
+        assert!(s.map.is_empty());
+    }
+
+    #[test]
+    fn a_failed_write_is_reported_and_the_next_run_repairs() {
+        let mut s = FakeStore::<u16, u8>::default();
+        s.fail_at = Some((2, "map full"));
+        let want = desired(&[(1, 1), (2, 2), (3, 3)]);
+        let err = reconcile(&mut s, &want).unwrap_err();
+        assert_eq!(err.to_string(), "fake store: map full");
+        s.fail_at = None;
+        let a = reconcile(&mut s, &want).unwrap();
+        assert_eq!(a.added, 2);
+        assert_eq!(s.map, want);
+    }
+}
