@@ -1,17 +1,10 @@
 //! `dataplane`: publishes Docker container ports from the kernel, without docker-proxy.
 
-mod agent;
-mod api;
-mod bpf;
-mod desired;
-mod docker;
-mod netlink;
-mod reconcile;
-
 use std::{fs::File, os::fd::AsRawFd, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use dataplane::{agent, api};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]

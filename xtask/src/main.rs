@@ -1,1 +1,209 @@
-fn main() {}
+//! `cargo xtask`: the single entry for setup, build, run, test and bench.
+
+mod docker;
+mod setup;
+mod util;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::util::{project_root, run, run_status};
+
+#[derive(Parser)]
+#[command(about = "Setup, build, run and test the dataplane")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build and the tests need (Debian packages, bpf-linker, Docker),
+    /// mount bpffs. Idempotent; fast when everything is there.
+    Setup,
+    /// Build the eBPF object and the release binaries (dataplane, bridge-ctl).
+    Build,
+    /// Set up, build, make sure a Docker engine runs, and run the agent in the foreground.
+    Run {
+        /// Extra arguments for `dataplane run`.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Every test layer: lint, unit, netns integration, end-to-end with Docker.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Only these layers (unit, integration, e2e); default all.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup::setup(),
+        Cmd::Build => {
+            setup::setup()?;
+            build()
+        }
+        Cmd::Run { args } => {
+            setup::setup()?;
+            build()?;
+            run_agent(&args)
+        }
+        Cmd::Test { no_lint, only } => {
+            setup::setup()?;
+            test(no_lint, &only)
+        }
+    }
+}
+
+/// The eBPF object's path after `build_ebpf`.
+pub fn ebpf_object() -> PathBuf {
+    project_root().join("target/ebpf/bpfel-unknown-none/release/dataplane")
+}
+
+/// Builds the eBPF crate with Debian's rustc (which has `core` for bpfel-unknown-none) and
+/// bpf-linker; rustup's toolchain builds everything else.
+fn build_ebpf() -> Result<()> {
+    let mut cmd = Command::new("/usr/bin/cargo");
+    cmd.current_dir(project_root())
+        .args([
+            "build",
+            "--package",
+            "dataplane-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "--target-dir",
+            "target/ebpf",
+        ])
+        .env("RUSTC", "/usr/bin/rustc")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTFLAGS")
+        // aya-ebpf needs `asm_experimental_arch` on this stable compiler; allowed for it only.
+        .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+        .env(
+            "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
+            "--cfg=bpf_target_arch=\"x86_64\" -Cdebuginfo=2 -Clink-arg=--btf",
+        )
+        .env("PATH", util::path_with_cargo_bin());
+    run(&mut cmd).context("building the eBPF object")
+}
+
+fn build() -> Result<()> {
+    build_ebpf()?;
+    let mut cmd = util::cargo();
+    cmd.args([
+        "build",
+        "--release",
+        "--package",
+        "dataplane",
+        "--package",
+        "bridge-ctl",
+    ])
+    .env("DATAPLANE_EBPF_OBJECT", ebpf_object());
+    run(&mut cmd).context("building the agent and bridge-ctl")
+}
+
+fn run_agent(args: &[String]) -> Result<()> {
+    util::require_root("cargo xtask run")?;
+    let started = docker::ensure_running()?;
+    if started {
+        println!(
+            "xtask: started dockerd (userland-proxy off); it keeps running after the agent stops"
+        );
+    }
+    let agent = project_root().join("target/release/dataplane");
+    let mut cmd = Command::new(agent);
+    cmd.arg("run").args(args);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    // Ctrl-C reaches the agent (same process group); wait for it to detach and exit.
+    util::ignore_sigint();
+    let status = cmd.status().context("starting the agent")?;
+    if !status.success() && status.code() != Some(130) {
+        bail!("the agent exited with {status}");
+    }
+    Ok(())
+}
+
+fn test(no_lint: bool, only: &[String]) -> Result<()> {
+    let want = |layer: &str| only.is_empty() || only.iter().any(|o| o == layer);
+    build()?;
+    if !no_lint {
+        lint()?;
+    }
+    if want("unit") {
+        println!("== unit tests (no root, no kernel)");
+        run(util::cargo().args(["test", "--workspace", "--exclude", "dataplane-ebpf"]))?;
+    }
+    let privileged = want("integration") || want("e2e");
+    if privileged {
+        util::require_root("the integration and end-to-end tests")?;
+    }
+    if want("integration") {
+        println!("== integration tests (network namespaces, a child cgroup, real programs)");
+        run(util::cargo()
+            .args([
+                "test",
+                "--release",
+                "--package",
+                "dataplane",
+                "--test",
+                "netns",
+                "--",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env("DATAPLANE_EBPF_OBJECT", ebpf_object()))?;
+    }
+    if want("e2e") {
+        println!("== end-to-end tests (real Docker engine, the agent, curl)");
+        let engine = docker::TestEngine::start()?;
+        let image = docker::TestImage::build()?;
+        let r = run(util::cargo()
+            .args([
+                "test",
+                "--release",
+                "--package",
+                "dataplane",
+                "--test",
+                "e2e_docker",
+                "--",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env("DATAPLANE_EBPF_OBJECT", ebpf_object())
+            .env("DATAPLANE_TEST_IMAGE", &image.name)
+            .env("DATAPLANE_BIN_DIR", project_root().join("target/release")));
+        drop(image);
+        drop(engine);
+        r?;
+    }
+    println!("xtask: all requested test layers passed");
+    Ok(())
+}
+
+fn lint() -> Result<()> {
+    println!("== lint: rustfmt and clippy (every crate, the eBPF crate included)");
+    run(util::cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("cargo fmt --check failed: run `cargo fmt --all`")?;
+    let ok = run_status(util::cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    if !ok {
+        bail!("clippy found warnings");
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! The dataplane agent as a library: the binary (`main.rs`) and the privileged tests use it.
+
+pub mod agent;
+pub mod api;
+pub mod bpf;
+pub mod desired;
+pub mod docker;
+pub mod netlink;
+pub mod reconcile;

@@ -1,0 +1,190 @@
+//! The Docker engine and the test image, for `run`, `test` and `bench`.
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::output;
+
+const SOCKET: &str = "/var/run/docker.sock";
+const LOG: &str = "/var/log/dataplane-dockerd.log";
+const PIDFILE: &str = "/run/dataplane-dockerd.pid";
+
+/// Whether an engine answers on the default socket.
+pub fn engine_up() -> bool {
+    Path::new(SOCKET).exists()
+        && Command::new("docker")
+            .args(["version", "--format", "{{.Server.Version}}"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+/// Starts Debian's dockerd with `userland-proxy: false` unless an engine already runs.
+/// Returns the pid of the engine it started.
+fn start_dockerd() -> Result<Option<u32>> {
+    if engine_up() {
+        return Ok(None);
+    }
+    // A flag that daemon.json also sets makes dockerd refuse to start: respect the file.
+    let conf = fs::read_to_string("/etc/docker/daemon.json").unwrap_or_default();
+    let mut cmd = Command::new("dockerd");
+    if !conf.contains("userland-proxy") {
+        cmd.arg("--userland-proxy=false");
+    }
+    cmd.args(["--pidfile", PIDFILE]);
+    let log = fs::File::create(LOG).with_context(|| format!("creating {LOG}"))?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting dockerd (is docker.io installed? `cargo xtask setup`)")?;
+    let pid = child.id();
+    let t = Instant::now();
+    while !engine_up() {
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("dockerd did not answer within 60 s; see {LOG}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(Some(pid))
+}
+
+
+
+/// For `cargo xtask run`: an engine runs afterwards. True when this call started it.
+pub fn ensure_running() -> Result<bool> {
+    Ok(start_dockerd()?.is_some())
+}
+
+/// An engine for the tests: reused when one runs, else started and stopped on drop.
+pub struct TestEngine {
+    started: Option<u32>,
+}
+
+impl TestEngine {
+    pub fn start() -> Result<Self> {
+        let started = start_dockerd()?;
+        if started.is_some() {
+            println!("xtask: started dockerd for the tests (stopped when they finish)");
+        }
+        Ok(Self { started })
+    }
+}
+
+impl Drop for TestEngine {
+    fn drop(&mut self) {
+        let Some(pid) = self.started else { return };
+        let Ok(pid_i) = i32::try_from(pid) else { return };
+        // SAFETY: signalling a process we started.
+        unsafe { libc::kill(pid_i, libc::SIGTERM) };
+        let t = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(30)
+        {
+            // Reap it if it is our zombie.
+            // SAFETY: waitpid on our own child with WNOHANG.
+            unsafe { libc::waitpid(pid_i, std::ptr::null_mut(), libc::WNOHANG) };
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        println!("xtask: stopped the dockerd the tests started");
+    }
+}
+
+/// A test image built locally from a tarball (no registry is reachable): busybox for a
+/// shell, httpd, wget and nc, plus iperf3 with the libraries it links.
+pub struct TestImage {
+    pub name: String,
+}
+
+fn ldd_libs(bin: &Path) -> Result<Vec<PathBuf>> {
+    let out = output(Command::new("ldd").arg(bin))?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with('/'))
+                .map(PathBuf::from)
+        })
+        .collect())
+}
+
+fn copy_into(root: &Path, src: &Path) -> Result<()> {
+    let real = fs::canonicalize(src).with_context(|| format!("resolving {}", src.display()))?;
+    let dst = root.join(src.strip_prefix("/").unwrap_or(src));
+    fs::create_dir_all(dst.parent().expect("absolute path has a parent"))?;
+    fs::copy(&real, &dst).with_context(|| format!("copying {}", real.display()))?;
+    Ok(())
+}
+
+impl TestImage {
+    pub fn build() -> Result<Self> {
+        let name = format!("dataplane-test:{}", std::process::id());
+        let root = std::env::temp_dir().join(format!("dataplane-rootfs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let r = Self::populate(&root).and_then(|()| {
+            let mut tar = Command::new("tar")
+                .arg("-C")
+                .arg(&root)
+                .args(["-cf", "-", "."])
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("tar")?;
+            let out = Command::new("docker")
+                .args(["import", "-", &name])
+                .stdin(tar.stdout.take().expect("piped"))
+                .stdout(Stdio::null())
+                .status()
+                .context("docker import")?;
+            let tar_ok = tar.wait()?.success();
+            if !out.success() || !tar_ok {
+                bail!("building the test image {name} failed");
+            }
+            Ok(())
+        });
+        let _ = fs::remove_dir_all(&root);
+        r?;
+        println!("xtask: built test image {name}");
+        Ok(Self { name })
+    }
+
+    fn populate(root: &Path) -> Result<()> {
+        for d in ["bin", "tmp", "www", "etc"] {
+            fs::create_dir_all(root.join(d))?;
+        }
+        fs::copy("/bin/busybox", root.join("bin/busybox"))
+            .context("copying /bin/busybox (busybox-static)")?;
+        for applet in [
+            "sh", "httpd", "wget", "nc", "sleep", "cat", "echo", "ip", "ls", "kill", "true",
+        ] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
+        }
+        let iperf = Path::new("/usr/bin/iperf3");
+        copy_into(root, iperf)?;
+        for lib in ldd_libs(iperf)? {
+            copy_into(root, &lib)?;
+        }
+        fs::File::create(root.join("www/index.html"))?.write_all(b"dataplane test backend\n")?;
+        fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")?;
+        Ok(())
+    }
+}
+
+impl Drop for TestImage {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rmi", "-f", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
