@@ -9,7 +9,7 @@ fn main() {
     let src = env::var_os("DATAPLANE_EBPF_OBJECT").map_or_else(
         || {
             PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("manifest dir"))
-                .join("../target/ebpf/bpfel-unknown-none/release/dataplane")
+                .join("../target/ebpf/bpfel-unknown-none/release/dataplane-ebpf")
         },
         PathBuf::from,
     );

@@ -100,7 +100,10 @@ fn print_status(v: &Value) {
     let ready = v["ready"] == Value::Bool(true);
     println!("state:        {}", if ready { "ready" } else { "starting" });
     println!("agent:        {}", v["version"].as_str().unwrap_or("?"));
-    println!("docker:       {}", v["docker_version"].as_str().unwrap_or("?"));
+    println!(
+        "docker:       {}",
+        v["docker_version"].as_str().unwrap_or("?")
+    );
     println!(
         "last sync:    {}",
         v["last_sync_unix_ms"]
@@ -158,8 +161,22 @@ fn print_frontends(v: &Value) {
                 .unwrap_or(0)
         })
         .collect();
-    println!("{:<w0$}  {:<w1$}  {}", head[0], head[1], head[2], w0 = w[0], w1 = w[1]);
+    println!(
+        "{:<w0$}  {:<w1$}  {}",
+        head[0],
+        head[1],
+        head[2],
+        w0 = w[0],
+        w1 = w[1]
+    );
     for r in &rows {
-        println!("{:<w0$}  {:<w1$}  {}", r[0], r[1], r[2], w0 = w[0], w1 = w[1]);
+        println!(
+            "{:<w0$}  {:<w1$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            w0 = w[0],
+            w1 = w[1]
+        );
     }
 }

@@ -7,9 +7,9 @@
 
 pub mod xlate;
 
-/// IPPROTO_TCP.
+/// `IPPROTO_TCP`.
 pub const PROTO_TCP: u8 = 6;
-/// IPPROTO_UDP.
+/// `IPPROTO_UDP`.
 pub const PROTO_UDP: u8 = 17;
 
 /// Kernel names of the maps. A new layout gets a new name (the `_vN` suffix) so an

@@ -3,9 +3,7 @@
 //! The cgroup hooks call these with closures over their maps; the unit tests call them with
 //! closures over arrays. Everything is `#[inline(always)]` so the eBPF build has no calls.
 
-use crate::{
-    Addr, Backend, FrontendKey, WILDCARD4, WILDCARD6, is_loopback, is_v4_mapped, is_zero,
-};
+use crate::{Addr, Backend, FrontendKey, WILDCARD4, WILDCARD6, is_loopback, is_v4_mapped, is_zero};
 
 /// Where a socket's destination is rewritten to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,15 +146,24 @@ mod tests {
 
     #[test]
     fn loopback_only_in_host_netns() {
-        assert_eq!(hit(v4_mapped([127, 0, 0, 1]), 8080, PROTO_TCP, true), Some(1));
-        assert_eq!(hit(v4_mapped([127, 0, 0, 5]), 8080, PROTO_TCP, true), Some(1));
+        assert_eq!(
+            hit(v4_mapped([127, 0, 0, 1]), 8080, PROTO_TCP, true),
+            Some(1)
+        );
+        assert_eq!(
+            hit(v4_mapped([127, 0, 0, 5]), 8080, PROTO_TCP, true),
+            Some(1)
+        );
         assert_eq!(hit(v4_mapped([127, 0, 0, 1]), 8080, PROTO_TCP, false), None);
         assert_eq!(hit(v4_mapped([127, 0, 0, 1]), 9090, PROTO_TCP, false), None);
     }
 
     #[test]
     fn exact_binding_only_on_its_address() {
-        assert_eq!(hit(v4_mapped([127, 0, 0, 1]), 9090, PROTO_TCP, true), Some(3));
+        assert_eq!(
+            hit(v4_mapped([127, 0, 0, 1]), 9090, PROTO_TCP, true),
+            Some(3)
+        );
         assert_eq!(hit(v4_mapped([127, 0, 0, 2]), 9090, PROTO_TCP, true), None);
         assert_eq!(hit(v4_mapped(HOST), 9090, PROTO_TCP, true), None);
     }

@@ -1,16 +1,13 @@
-//! cgroup sock_addr hooks. Every hook returns 1 (let the syscall proceed): a miss, a full
+//! cgroup `sock_addr` hooks. Every hook returns 1 (let the syscall proceed): a miss, a full
 //! map or a failed helper degrades to "not translated" for that socket, never to an error.
 
 use aya_ebpf::{
-    EbpfContext,
-    bindings::bpf_sock_addr,
-    helpers::generated::bpf_get_netns_cookie,
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    EbpfContext, bindings::bpf_sock_addr, helpers::generated::bpf_get_netns_cookie,
+    macros::cgroup_sock_addr, programs::SockAddrContext,
 };
 use dataplane_common::{
-    Addr, Backend, FrontendKey, PROTO_TCP, PROTO_UDP, STAT_CONNECT, STAT_GETPEERNAME,
-    STAT_RECVMSG, STAT_SENDMSG, STAT_SKSTORE_FULL, SockRev, is_v4_mapped, v4_mapped, v4_part,
+    Addr, Backend, FrontendKey, PROTO_TCP, PROTO_UDP, STAT_CONNECT, STAT_GETPEERNAME, STAT_RECVMSG,
+    STAT_SENDMSG, STAT_SKSTORE_FULL, SockRev, is_v4_mapped, v4_mapped, v4_part,
     xlate::{Target, frontend_for, target_v4, target_v6},
 };
 
@@ -67,9 +64,41 @@ pub fn dp_getpeername6(ctx: SockAddrContext) -> i32 {
 }
 
 #[inline(always)]
-fn sa(ctx: &SockAddrContext) -> &mut bpf_sock_addr {
+fn sa(ctx: &SockAddrContext) -> &bpf_sock_addr {
     // SAFETY: the kernel hands every sock_addr program a valid context for its whole run.
-    unsafe { &mut *ctx.sock_addr }
+    unsafe { &*ctx.sock_addr }
+}
+
+/// The port of the context, network byte order (the low 16 bits of `user_port`).
+#[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "user_port is a __be16 widened to 32 bits"
+)]
+fn port_be(s: &bpf_sock_addr) -> u16 {
+    s.user_port as u16
+}
+
+/// Rewrites the context's IPv4 address and port (both network byte order).
+#[inline(always)]
+fn set4(ctx: &SockAddrContext, ip: [u8; 4], port_be: u16) {
+    // SAFETY: as in `sa`; these fields are writable in every hook that calls this.
+    let s = unsafe { &mut *ctx.sock_addr };
+    s.user_ip4 = u32::from_ne_bytes(ip);
+    s.user_port = u32::from(port_be);
+}
+
+/// Rewrites the context's IPv6 address and port, one 32-bit word at a time (the only
+/// store width the verifier accepts for `user_ip6`).
+#[inline(always)]
+fn set6(ctx: &SockAddrContext, a: &Addr, port_be: u16) {
+    // SAFETY: as in `set4`.
+    let s = unsafe { &mut *ctx.sock_addr };
+    s.user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+    s.user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
+    s.user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
+    s.user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+    s.user_port = u32::from(port_be);
 }
 
 #[inline(always)]
@@ -133,16 +162,13 @@ fn xlate4(ctx: &SockAddrContext, stat: u32) {
     let s = sa(ctx);
     let Some(proto) = proto(s) else { return };
     let dst = v4_mapped(s.user_ip4.to_ne_bytes());
-    // user_port holds the port in network order in its low 16 bits.
-    let port_be = s.user_port as u16;
+    let port_be = port_be(s);
     let Some(b) = lookup(&dst, port_be, proto, in_host_netns(ctx)) else {
         return;
     };
     let Some(t) = target_v4(&b) else { return };
     remember(ctx, &dst, port_be, &t);
-    let s = sa(ctx);
-    s.user_ip4 = u32::from_ne_bytes(v4_part(&t.addr));
-    s.user_port = u32::from(t.port_be);
+    set4(ctx, v4_part(&t.addr), t.port_be);
     count(stat);
 }
 
@@ -162,27 +188,17 @@ fn ip6(s: &bpf_sock_addr) -> Addr {
 }
 
 #[inline(always)]
-fn set_ip6(s: &mut bpf_sock_addr, a: &Addr) {
-    s.user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
-    s.user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
-    s.user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
-    s.user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
-}
-
-#[inline(always)]
 fn xlate6(ctx: &SockAddrContext, stat: u32) {
     let s = sa(ctx);
     let Some(proto) = proto(s) else { return };
     let dst = ip6(s);
-    let port_be = s.user_port as u16;
+    let port_be = port_be(s);
     let Some(b) = lookup(&dst, port_be, proto, in_host_netns(ctx)) else {
         return;
     };
     let Some(t) = target_v6(&dst, &b) else { return };
     remember(ctx, &dst, port_be, &t);
-    let s = sa(ctx);
-    set_ip6(s, &t.addr);
-    s.user_port = u32::from(t.port_be);
+    set6(ctx, &t.addr, t.port_be);
     count(stat);
 }
 
@@ -206,16 +222,14 @@ fn recorded(ctx: &SockAddrContext, peer: &Addr, port_be: u16) -> Option<(Addr, u
 fn reverse4(ctx: &SockAddrContext, stat: u32) {
     let s = sa(ctx);
     let peer = v4_mapped(s.user_ip4.to_ne_bytes());
-    let port_be = s.user_port as u16;
+    let port_be = port_be(s);
     let Some((orig, orig_port)) = recorded(ctx, &peer, port_be) else {
         return;
     };
     if !is_v4_mapped(&orig) {
         return;
     }
-    let s = sa(ctx);
-    s.user_ip4 = u32::from_ne_bytes(v4_part(&orig));
-    s.user_port = u32::from(orig_port);
+    set4(ctx, v4_part(&orig), orig_port);
     count(stat);
 }
 
@@ -223,12 +237,10 @@ fn reverse4(ctx: &SockAddrContext, stat: u32) {
 fn reverse6(ctx: &SockAddrContext, stat: u32) {
     let s = sa(ctx);
     let peer = ip6(s);
-    let port_be = s.user_port as u16;
+    let port_be = port_be(s);
     let Some((orig, orig_port)) = recorded(ctx, &peer, port_be) else {
         return;
     };
-    let s = sa(ctx);
-    set_ip6(s, &orig);
-    s.user_port = u32::from(orig_port);
+    set6(ctx, &orig, orig_port);
     count(stat);
 }

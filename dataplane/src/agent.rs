@@ -71,7 +71,12 @@ pub async fn run(opts: Options) -> Result<()> {
     let docker_fut = async {
         let d = docker::connect(&opts.docker_socket).await?;
         let ids = docker::running_ids(&d).await?;
-        let version = d.version().await.ok().and_then(|v| v.version).unwrap_or_default();
+        let version = d
+            .version()
+            .await
+            .ok()
+            .and_then(|v| v.version)
+            .unwrap_or_default();
         anyhow::Ok((d, ids, version))
     };
     let load_fut = tokio::task::spawn_blocking(move || {
@@ -105,7 +110,7 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let _api = api::serve(&opts.api_socket, shared.clone())?;
     let nl = netlink::connect()?;
-    let (nl_tx, mut nl_rx) = mpsc::channel(1);
+    let (nl_tx, nl_rx) = mpsc::channel(1);
     netlink::watch(nl_tx)?;
 
     let mut agent = Agent {
@@ -128,49 +133,58 @@ pub async fn run(opts: Options) -> Result<()> {
         "ready"
     );
 
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut resync = tokio::time::interval(opts.resync_interval);
-    resync.tick().await;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let mut events = Box::pin(docker::events(&agent.docker));
-        loop {
-            tokio::select! {
-                ev = events.next() => match ev {
-                    Some(Ok(ev)) => {
-                        backoff = Duration::from_millis(100);
-                        let mut batch = vec![ev];
-                        // Take whatever else already arrived, so a burst costs one apply.
-                        while let Some(Some(Ok(more))) = futures_util::FutureExt::now_or_never(events.next()) {
-                            batch.push(more);
-                        }
-                        agent.on_events(&batch).await;
-                    }
-                    Some(Err(e)) => { warn!(error = %e, "Docker events stream failed"); break; }
-                    None => { warn!("Docker events stream ended"); break; }
-                },
-                Some(()) = nl_rx.recv() => {
-                    if let Err(e) = agent.sync_local_addrs().await.and_then(|()| agent.apply()) {
-                        warn!(error = %format!("{e:#}"), "local address sync failed");
-                    }
-                }
-                _ = resync.tick() => agent.full_resync().await,
-                _ = tokio::signal::ctrl_c() => { info!("interrupted, detaching"); return Ok(()); }
-                _ = sigterm.recv() => { info!("terminated, detaching"); return Ok(()); }
-            }
-        }
-        // Stream lost (dockerd restarting?): back off, then resync in full.
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = sigterm.recv() => return Ok(()),
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-        agent.full_resync().await;
-    }
+    agent.serve_events(opts.resync_interval, nl_rx).await
 }
 
 impl Agent {
+    /// Follows Docker events, netlink changes and the resync timer until a signal.
+    async fn serve_events(
+        &mut self,
+        resync_interval: Duration,
+        mut nl_rx: mpsc::Receiver<()>,
+    ) -> Result<()> {
+        let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+        let mut resync = tokio::time::interval(resync_interval);
+        resync.tick().await;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut events = Box::pin(docker::events(&self.docker));
+            loop {
+                tokio::select! {
+                    ev = events.next() => match ev {
+                        Some(Ok(ev)) => {
+                            backoff = Duration::from_millis(100);
+                            let mut batch = vec![ev];
+                            // Take whatever else already arrived, so a burst costs one apply.
+                            while let Some(Some(Ok(more))) = futures_util::FutureExt::now_or_never(events.next()) {
+                                batch.push(more);
+                            }
+                            self.on_events(&batch).await;
+                        }
+                        Some(Err(e)) => { warn!(error = %e, "Docker events stream failed"); break; }
+                        None => { warn!("Docker events stream ended"); break; }
+                    },
+                    Some(()) = nl_rx.recv() => {
+                        if let Err(e) = self.sync_local_addrs().await.and_then(|()| self.apply()) {
+                            warn!(error = %format!("{e:#}"), "local address sync failed");
+                        }
+                    }
+                    _ = resync.tick() => self.full_resync().await,
+                    _ = tokio::signal::ctrl_c() => { info!("interrupted, detaching"); return Ok(()); }
+                    _ = sigterm.recv() => { info!("terminated, detaching"); return Ok(()); }
+                }
+            }
+            // Stream lost (dockerd restarting?): back off, then resync in full.
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = sigterm.recv() => return Ok(()),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            self.full_resync().await;
+        }
+    }
+
     async fn on_events(&mut self, batch: &[bollard::models::EventMessage]) {
         let mut refresh = BTreeSet::new();
         for ev in batch {
@@ -186,7 +200,11 @@ impl Agent {
                 Effect::Ignore => {}
             }
         }
-        debug!(events = batch.len(), refresh = refresh.len(), "docker events");
+        debug!(
+            events = batch.len(),
+            refresh = refresh.len(),
+            "docker events"
+        );
         if let Err(e) = self.refresh(refresh).await {
             warn!(error = %format!("{e:#}"), "refresh after events failed; resyncing in full");
             self.full_resync().await;
@@ -229,29 +247,26 @@ impl Agent {
         }
         drop(pending);
         for (id, r) in results {
-            match r? {
-                Some(c) => {
-                    let mut errs = Vec::new();
-                    let fs = desired::frontends_of(&c, &mut errs);
-                    for e in &errs {
-                        warn!(error = %e, "binding skipped");
-                    }
-                    if errs.is_empty() {
-                        self.binding_errors.remove(&id);
-                    } else {
-                        self.binding_errors
-                            .insert(id.clone(), errs.iter().map(ToString::to_string).collect());
-                    }
-                    if fs.is_empty() {
-                        self.containers.remove(&id);
-                    } else {
-                        self.containers.insert(id, fs);
-                    }
+            if let Some(c) = r? {
+                let mut errs = Vec::new();
+                let fs = desired::frontends_of(&c, &mut errs);
+                for e in &errs {
+                    warn!(error = %e, "binding skipped");
                 }
-                None => {
-                    self.containers.remove(&id);
+                if errs.is_empty() {
                     self.binding_errors.remove(&id);
+                } else {
+                    self.binding_errors
+                        .insert(id.clone(), errs.iter().map(ToString::to_string).collect());
                 }
+                if fs.is_empty() {
+                    self.containers.remove(&id);
+                } else {
+                    self.containers.insert(id, fs);
+                }
+            } else {
+                self.containers.remove(&id);
+                self.binding_errors.remove(&id);
             }
         }
         Ok(())
@@ -281,8 +296,7 @@ impl Agent {
         for c in &conflicts {
             warn!(frontend = %c.frontend, kept = %c.kept, dropped = %c.dropped, "frontend conflict");
         }
-        let want: BTreeMap<FrontendKey, _> =
-            merged.iter().map(|(k, f)| (*k, f.backend)).collect();
+        let want: BTreeMap<FrontendKey, _> = merged.iter().map(|(k, f)| (*k, f.backend)).collect();
         let applied = reconcile(&mut self.loaded.frontends()?, &want)
             .context("updating the frontends map")?;
         if applied.changed() {

@@ -96,7 +96,8 @@ impl Loaded {
         let mut ebpf = EbpfLoader::new()
             .load(OBJECT)
             .context("loading the eBPF object (is this a kernel with BTF and BPF enabled?)")?;
-        let cg = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let cg =
+            File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let mut attached = Vec::new();
         for name in SOCK_HOOKS {
             let prog: &mut CgroupSockAddr = ebpf
@@ -132,7 +133,10 @@ impl Loaded {
     }
 
     pub fn local_addrs(&mut self) -> Result<BpfHash<'_, Addr, LocalAddr>> {
-        let map = self.ebpf.map_mut(MAP_LOCAL_ADDRS).context("local-address map")?;
+        let map = self
+            .ebpf
+            .map_mut(MAP_LOCAL_ADDRS)
+            .context("local-address map")?;
         Ok(BpfHash(HashMap::try_from(map)?))
     }
 
@@ -179,7 +183,10 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         let pure = "cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
-        assert_eq!(cgroup2_mount_in(pure), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            cgroup2_mount_in(pure),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         assert_eq!(cgroup2_mount_in("proc /proc proc rw 0 0\n"), None);
     }
 }

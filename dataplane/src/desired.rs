@@ -176,8 +176,11 @@ pub fn frontends_of(c: &ContainerInspectResponse, errors: &mut Vec<BindingError>
     let Some(ports) = c.network_settings.as_ref().and_then(|n| n.ports.as_ref()) else {
         return out;
     };
-    let requested = c.host_config.as_ref().and_then(|h| h.port_bindings.as_ref());
-    let addrs = container_addrs(c);
+    let requested = c
+        .host_config
+        .as_ref()
+        .and_then(|h| h.port_bindings.as_ref());
+    let endpoint = container_addrs(c);
     let mut port_keys: Vec<&String> = ports.keys().collect();
     port_keys.sort();
     for port_key in port_keys {
@@ -197,7 +200,7 @@ pub fn frontends_of(c: &ContainerInspectResponse, errors: &mut Vec<BindingError>
         let Some(proto) = proto_of(proto_s) else {
             continue; // sctp: not translated by the socket layer
         };
-        let Some((addr4, addr6)) = addrs else {
+        let Some((addr4, addr6)) = endpoint else {
             errors.push(BindingError::NoAddress {
                 container: name.clone(),
                 port_key: port_key.clone(),
@@ -397,13 +400,7 @@ mod tests {
     #[test]
     fn malformed_bindings_are_reported_not_applied() {
         let mut c = fixture("inspect-ports.json");
-        let ports = c
-            .network_settings
-            .as_mut()
-            .unwrap()
-            .ports
-            .as_mut()
-            .unwrap();
+        let ports = c.network_settings.as_mut().unwrap().ports.as_mut().unwrap();
         let mut b = ports["80/tcp"].clone().unwrap();
         b[0].host_ip = Some("not-an-ip".into());
         ports.insert("80/tcp".into(), Some(b));

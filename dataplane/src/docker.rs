@@ -54,7 +54,9 @@ pub async fn inspect(docker: &Docker, id: &str) -> Result<Option<ContainerInspec
 }
 
 /// The events the agent listens to.
-pub fn events(docker: &Docker) -> impl futures_util::Stream<Item = Result<EventMessage, bollard::errors::Error>> + use<> {
+pub fn events(
+    docker: &Docker,
+) -> impl futures_util::Stream<Item = Result<EventMessage, bollard::errors::Error>> + use<> {
     let mut filters = HashMap::new();
     filters.insert(
         "type".to_string(),
@@ -90,8 +92,8 @@ pub fn effect(ev: &EventMessage) -> Effect {
                 return Effect::Ignore;
             };
             match verb {
-                "start" | "restart" | "die" | "stop" | "kill" | "pause" | "unpause"
-                | "rename" | "oom" | "update" => Effect::Refresh(id),
+                "start" | "restart" | "die" | "stop" | "kill" | "pause" | "unpause" | "rename"
+                | "oom" | "update" => Effect::Refresh(id),
                 "destroy" => Effect::Remove(id),
                 _ => Effect::Ignore,
             }
@@ -113,7 +115,12 @@ mod tests {
 
     use super::*;
 
-    fn ev(typ: EventMessageTypeEnum, action: &str, id: &str, attrs: &[(&str, &str)]) -> EventMessage {
+    fn ev(
+        typ: EventMessageTypeEnum,
+        action: &str,
+        id: &str,
+        attrs: &[(&str, &str)],
+    ) -> EventMessage {
         EventMessage {
             typ: Some(typ),
             action: Some(action.into()),
@@ -133,19 +140,39 @@ mod tests {
     #[test]
     fn container_lifecycle_events() {
         use EventMessageTypeEnum::CONTAINER as C;
-        for a in ["start", "die", "stop", "kill", "pause", "unpause", "rename", "restart"] {
-            assert_eq!(effect(&ev(C, a, "abc", &[])), Effect::Refresh("abc".into()), "{a}");
+        for a in [
+            "start", "die", "stop", "kill", "pause", "unpause", "rename", "restart",
+        ] {
+            assert_eq!(
+                effect(&ev(C, a, "abc", &[])),
+                Effect::Refresh("abc".into()),
+                "{a}"
+            );
         }
-        assert_eq!(effect(&ev(C, "destroy", "abc", &[])), Effect::Remove("abc".into()));
-        assert_eq!(effect(&ev(C, "exec_start: sh -c true", "abc", &[])), Effect::Ignore);
-        assert_eq!(effect(&ev(C, "health_status: healthy", "abc", &[])), Effect::Ignore);
+        assert_eq!(
+            effect(&ev(C, "destroy", "abc", &[])),
+            Effect::Remove("abc".into())
+        );
+        assert_eq!(
+            effect(&ev(C, "exec_start: sh -c true", "abc", &[])),
+            Effect::Ignore
+        );
+        assert_eq!(
+            effect(&ev(C, "health_status: healthy", "abc", &[])),
+            Effect::Ignore
+        );
         assert_eq!(effect(&ev(C, "create", "abc", &[])), Effect::Ignore);
     }
 
     #[test]
     fn network_events_name_the_container() {
         use EventMessageTypeEnum::NETWORK as N;
-        let e = ev(N, "connect", "netid", &[("container", "abc"), ("name", "net-a")]);
+        let e = ev(
+            N,
+            "connect",
+            "netid",
+            &[("container", "abc"), ("name", "net-a")],
+        );
         assert_eq!(effect(&e), Effect::Refresh("abc".into()));
         let e = ev(N, "disconnect", "netid", &[("container", "abc")]);
         assert_eq!(effect(&e), Effect::Refresh("abc".into()));

@@ -38,9 +38,7 @@ pub fn local_map(addrs: &[HostAddr]) -> BTreeMap<Addr, LocalAddr> {
     for a in addrs {
         let skip = match a.ip {
             IpAddr::V4(v4) => v4.is_loopback() || v4.is_unspecified(),
-            IpAddr::V6(v6) => {
-                v6.is_loopback() || v6.is_unspecified() || v6.is_unicast_link_local()
-            }
+            IpAddr::V6(v6) => v6.is_loopback() || v6.is_unspecified() || v6.is_unicast_link_local(),
         };
         if skip {
             continue;

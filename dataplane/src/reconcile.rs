@@ -80,20 +80,20 @@ impl<K: Ord + Clone + std::fmt::Debug, V: Clone> KvStore<K, V> for FakeStore<K, 
     }
     fn put(&mut self, key: &K, value: &V) -> Result<(), FakeError> {
         self.writes.push(format!("put {key:?}"));
-        if let Some((n, msg)) = self.fail_at {
-            if self.writes.len() == n {
-                return Err(FakeError(msg));
-            }
+        if let Some((n, msg)) = self.fail_at
+            && self.writes.len() == n
+        {
+            return Err(FakeError(msg));
         }
         self.map.insert(key.clone(), value.clone());
         Ok(())
     }
     fn remove(&mut self, key: &K) -> Result<(), FakeError> {
         self.writes.push(format!("remove {key:?}"));
-        if let Some((n, msg)) = self.fail_at {
-            if self.writes.len() == n {
-                return Err(FakeError(msg));
-            }
+        if let Some((n, msg)) = self.fail_at
+            && self.writes.len() == n
+        {
+            return Err(FakeError(msg));
         }
         self.map.remove(key);
         Ok(())
@@ -110,8 +110,10 @@ mod tests {
 
     #[test]
     fn applies_only_the_difference_and_is_idempotent() {
-        let mut s = FakeStore::<u16, u8>::default();
-        s.map = desired(&[(1, 1), (2, 2), (3, 3)]);
+        let mut s = FakeStore::<u16, u8> {
+            map: desired(&[(1, 1), (2, 2), (3, 3)]),
+            ..Default::default()
+        };
         let want = desired(&[(2, 2), (3, 30), (4, 4)]);
         let a = reconcile(&mut s, &want).unwrap();
         assert_eq!(
@@ -134,8 +136,10 @@ mod tests {
 
     #[test]
     fn empty_desired_clears_everything() {
-        let mut s = FakeStore::<u16, u8>::default();
-        s.map = desired(&[(1, 1), (2, 2)]);
+        let mut s = FakeStore::<u16, u8> {
+            map: desired(&[(1, 1), (2, 2)]),
+            ..Default::default()
+        };
         let a = reconcile(&mut s, &BTreeMap::new()).unwrap();
         assert_eq!(a.removed, 2);
         assert!(s.map.is_empty());
@@ -143,8 +147,10 @@ mod tests {
 
     #[test]
     fn a_failed_write_is_reported_and_the_next_run_repairs() {
-        let mut s = FakeStore::<u16, u8>::default();
-        s.fail_at = Some((2, "map full"));
+        let mut s = FakeStore::<u16, u8> {
+            fail_at: Some((2, "map full")),
+            ..Default::default()
+        };
         let want = desired(&[(1, 1), (2, 2), (3, 3)]);
         let err = reconcile(&mut s, &want).unwrap_err();
         assert_eq!(err.to_string(), "fake store: map full");

@@ -17,8 +17,8 @@ use dataplane::{
     reconcile::KvStore,
 };
 use dataplane_common::{
-    Backend, CFG_F_RESERVE_PORTS, Config, FrontendKey, LOCAL_HOST, LocalAddr, PROTO_TCP,
-    PROTO_UDP, WILDCARD4, WILDCARD6,
+    Backend, CFG_F_RESERVE_PORTS, Config, FrontendKey, LOCAL_HOST, LocalAddr, PROTO_TCP, PROTO_UDP,
+    WILDCARD4, WILDCARD6,
 };
 
 struct Lab {
@@ -118,7 +118,11 @@ fn client(mut c: Command, kind: &str, host: &str, port: u16) -> String {
         .args(["-c", PY_CLIENT, kind, host, &port.to_string()])
         .output()
         .expect("python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -174,9 +178,18 @@ fn socket_layer_in_a_child_cgroup() {
     );
 
     let stats = lab.loaded.stats().unwrap();
-    assert!(stats[dataplane_common::STAT_CONNECT as usize] >= 5, "{stats:?}");
-    assert!(stats[dataplane_common::STAT_SENDMSG as usize] >= 1, "{stats:?}");
-    assert!(stats[dataplane_common::STAT_RECVMSG as usize] >= 1, "{stats:?}");
+    assert!(
+        stats[dataplane_common::STAT_CONNECT as usize] >= 5,
+        "{stats:?}"
+    );
+    assert!(
+        stats[dataplane_common::STAT_SENDMSG as usize] >= 1,
+        "{stats:?}"
+    );
+    assert!(
+        stats[dataplane_common::STAT_RECVMSG as usize] >= 1,
+        "{stats:?}"
+    );
 }
 
 #[test]
@@ -194,7 +207,11 @@ fn udp_connect_to_port_zero_and_unknown_ports_pass_through() {
         ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "127.0.0.1");
     // A port that is not published is left alone.
     assert_eq!(
@@ -202,5 +219,9 @@ fn udp_connect_to_port_zero_and_unknown_ports_pass_through() {
         "error 111"
     );
     let stats = lab.loaded.stats().unwrap();
-    assert_eq!(stats[dataplane_common::STAT_CONNECT as usize], 0, "{stats:?}");
+    assert_eq!(
+        stats[dataplane_common::STAT_CONNECT as usize],
+        0,
+        "{stats:?}"
+    );
 }

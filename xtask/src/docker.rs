@@ -52,15 +52,13 @@ fn start_dockerd() -> Result<Option<u32>> {
     let pid = child.id();
     let t = Instant::now();
     while !engine_up() {
-        if t.elapsed() > Duration::from_secs(60) {
+        if t.elapsed() > Duration::from_mins(1) {
             bail!("dockerd did not answer within 60 s; see {LOG}");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(Some(pid))
 }
-
-
 
 /// For `cargo xtask run`: an engine runs afterwards. True when this call started it.
 pub fn ensure_running() -> Result<bool> {
@@ -85,12 +83,13 @@ impl TestEngine {
 impl Drop for TestEngine {
     fn drop(&mut self) {
         let Some(pid) = self.started else { return };
-        let Ok(pid_i) = i32::try_from(pid) else { return };
+        let Ok(pid_i) = i32::try_from(pid) else {
+            return;
+        };
         // SAFETY: signalling a process we started.
         unsafe { libc::kill(pid_i, libc::SIGTERM) };
         let t = Instant::now();
-        while Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(30)
-        {
+        while Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(30) {
             // Reap it if it is our zombie.
             // SAFETY: waitpid on our own child with WNOHANG.
             unsafe { libc::waitpid(pid_i, std::ptr::null_mut(), libc::WNOHANG) };

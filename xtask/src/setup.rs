@@ -79,25 +79,27 @@ fn install_packages() -> Result<()> {
 
 fn install_bpf_linker() -> Result<()> {
     let bin = cargo_bin().join("bpf-linker");
-    if let Ok(v) = output(Command::new(&bin).arg("--version")) {
-        if v.contains(BPF_LINKER_VERSION) {
-            return Ok(());
-        }
+    if let Ok(v) = output(Command::new(&bin).arg("--version"))
+        && v.contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
     }
     println!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
     // Its build script otherwise follows /usr/bin/llvm-config (LLVM 14) and fails.
-    run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args([
-            "install",
-            "bpf-linker",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--no-default-features",
-            "--features",
-            "llvm-22",
-            "--locked",
-        ])
-        .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+    run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+                "--locked",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )
     .context("installing bpf-linker")
 }
 
@@ -124,8 +126,10 @@ fn mounts() -> Result<()> {
             bail!("no cgroup2 mount: run `cargo xtask setup` as root");
         }
         std::fs::create_dir_all(dir).context("creating /sys/fs/cgroup/unified")?;
-        run(Command::new("mount").args(["-t", "cgroup2", "none"]).arg(dir))
-            .context("mounting cgroup2")?;
+        run(Command::new("mount")
+            .args(["-t", "cgroup2", "none"])
+            .arg(dir))
+        .context("mounting cgroup2")?;
     }
     Ok(())
 }

@@ -33,7 +33,10 @@ pub fn cmd(args: &[&str]) -> Output {
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            t.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -137,7 +140,9 @@ impl Drop for Veth {
 
 fn veth(ns: &NetNs, host_if: &str, host_cidr: &str, ns_cidr: &str) {
     let peer = format!("{host_if}p");
-    sh(&["ip", "link", "add", host_if, "type", "veth", "peer", "name", &peer, "netns", &ns.name]);
+    sh(&[
+        "ip", "link", "add", host_if, "type", "veth", "peer", "name", &peer, "netns", &ns.name,
+    ]);
     sh(&["ip", "addr", "add", host_cidr, "dev", host_if]);
     sh(&["ip", "link", "set", host_if, "up"]);
     sh(&["ip", "-n", &ns.name, "addr", "add", ns_cidr, "dev", &peer]);
@@ -165,14 +170,14 @@ impl Drop for Proc {
     }
 }
 
-/// Number of nf_conntrack entries in the host namespace.
+/// Number of `nf_conntrack` entries in the host namespace.
 pub fn conntrack_count() -> u64 {
     fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
         .map_or(0, |s| s.trim().parse().unwrap_or(0))
 }
 
 /// A Python client script run with `python3 -c`, printing one line per result.
-pub const PY_CLIENT: &str = r#"
+pub const PY_CLIENT: &str = r"
 import socket, sys
 def tcp(host, port):
     fam = socket.AF_INET6 if ':' in host else socket.AF_INET
@@ -203,4 +208,4 @@ try:
     else: udp(host, port, kind == 'udpc')
 except OSError as e:
     print('error', e.errno)
-"#;
+";
