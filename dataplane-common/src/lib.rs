@@ -19,6 +19,7 @@ pub const MAP_LOCAL_ADDRS: &str = "DP_LOCAL_V1";
 pub const MAP_CONFIG: &str = "DP_CFG_V1";
 pub const MAP_STATS: &str = "DP_STATS_V1";
 pub const MAP_SOCK_REV: &str = "DP_SKREV_V1";
+pub const MAP_PORTS: &str = "DP_PORTS_V1";
 
 /// Capacity of the frontends map (published address:port/proto entries).
 pub const FRONTENDS_MAX: u32 = 65_536;
@@ -124,6 +125,58 @@ impl Backend {
     }
 }
 
+/// Key of the published-ports map: which ports `bind()` must leave to Docker.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    /// Published port, network byte order.
+    pub port_be: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Always zero.
+    pub pad: u8,
+}
+
+/// Value of the published-ports map: `PORT_F_*` bits, the families published on the port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortFamilies {
+    pub bits: u32,
+}
+
+/// Published on an IPv4 address (or the IPv4 wildcard).
+pub const PORT_F_V4: u32 = 1;
+/// Published on an IPv6 address (or the IPv6 wildcard).
+pub const PORT_F_V6: u32 = 2;
+
+/// A request to the test classifier `dp_test_xlate` (`BPF_PROG_TEST_RUN` only), placed
+/// after a 14-byte Ethernet header; the answer overwrites it as a [`TestAnswer`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestRequest {
+    /// The dialled address (see [`Addr`]).
+    pub addr: Addr,
+    /// The dialled port, network byte order.
+    pub port_be: u16,
+    pub proto: u8,
+    /// `TEST_F_*` bits.
+    pub flags: u8,
+}
+
+/// The answer of `dp_test_xlate`: the rewritten destination (zero when not translated).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestAnswer {
+    pub addr: Addr,
+    pub port_be: u16,
+    pub pad: u16,
+}
+
+/// The request is made from the host network namespace.
+pub const TEST_F_HOST_NETNS: u8 = 1;
+/// The request comes from an IPv6 socket (`connect6`).
+pub const TEST_F_SOCK6: u8 = 2;
+
 /// Value of the local-address map: why an address counts as this host.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -187,6 +240,8 @@ mod pod {
     unsafe impl aya::Pod for super::LocalAddr {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::SockRev {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::PortFamilies {}
 }
 
 #[cfg(test)]
@@ -202,6 +257,10 @@ mod tests {
         assert_eq!(size_of::<LocalAddr>(), 4);
         assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<SockRev>(), 16 + 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<PortKey>(), 4);
+        assert_eq!(size_of::<PortFamilies>(), 4);
+        assert_eq!(size_of::<TestRequest>(), 20);
+        assert_eq!(size_of::<TestAnswer>(), 20);
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! The cgroup hooks call these with closures over their maps; the unit tests call them with
 //! closures over arrays. Everything is `#[inline(always)]` so the eBPF build has no calls.
 
-use crate::{Addr, Backend, FrontendKey, WILDCARD4, WILDCARD6, is_loopback, is_v4_mapped, is_zero};
+use crate::{
+    Addr, Backend, FrontendKey, PORT_F_V4, PORT_F_V6, PortFamilies, WILDCARD4, WILDCARD6,
+    is_loopback, is_v4_mapped, is_zero,
+};
 
 /// Where a socket's destination is rewritten to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +105,45 @@ pub fn target_v6(dst: &Addr, b: &Backend) -> Option<Target> {
     })
 }
 
+/// Whether `bind(dst:port)` in the host network namespace would take a published port.
+///
+/// A wildcard bind takes the port on every address of its family (`::` on a dual-stack
+/// socket, both families); a specific address conflicts where a frontend would answer.
+#[inline(always)]
+pub fn bind_conflicts<P, F, L>(
+    dst: &Addr,
+    port_be: u16,
+    proto: u8,
+    dual_stack: bool,
+    published: P,
+    lookup: F,
+    is_local: L,
+) -> bool
+where
+    P: Fn(u16, u8) -> Option<PortFamilies>,
+    F: Fn(&FrontendKey) -> Option<Backend>,
+    L: Fn(&Addr) -> bool,
+{
+    if port_be == 0 {
+        return false;
+    }
+    let Some(fams) = published(port_be, proto) else {
+        return false;
+    };
+    if *dst == WILDCARD4 {
+        return fams.bits & PORT_F_V4 != 0;
+    }
+    if *dst == WILDCARD6 {
+        let want = if dual_stack {
+            PORT_F_V4 | PORT_F_V6
+        } else {
+            PORT_F_V6
+        };
+        return fams.bits & want != 0;
+    }
+    frontend_for(dst, port_be, proto, true, lookup, is_local).is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +231,46 @@ mod tests {
     #[test]
     fn port_zero_never_translates() {
         assert_eq!(hit(v4_mapped([127, 0, 0, 1]), 0, PROTO_UDP, true), None);
+    }
+
+    fn published(port_be: u16, proto: u8) -> Option<PortFamilies> {
+        match (u16::from_be(port_be), proto) {
+            (8080, PROTO_TCP) => Some(PortFamilies {
+                bits: PORT_F_V4 | PORT_F_V6,
+            }),
+            (9090, PROTO_TCP) | (5353, PROTO_UDP) => Some(PortFamilies { bits: PORT_F_V4 }),
+            _ => None,
+        }
+    }
+
+    fn conflicts(dst: Addr, port: u16, proto: u8, dual: bool) -> bool {
+        bind_conflicts(&dst, port.to_be(), proto, dual, published, table, local)
+    }
+
+    #[test]
+    fn bind_of_published_ports() {
+        let lo = v4_mapped([127, 0, 0, 1]);
+        assert!(conflicts(WILDCARD4, 8080, PROTO_TCP, false));
+        assert!(conflicts(WILDCARD6, 8080, PROTO_TCP, false));
+        assert!(conflicts(lo, 8080, PROTO_TCP, false));
+        assert!(conflicts(v4_mapped(HOST), 8080, PROTO_TCP, false));
+        // Published on 127.0.0.1 only: the wildcard and that address conflict, others not.
+        assert!(conflicts(WILDCARD4, 9090, PROTO_TCP, false));
+        assert!(conflicts(lo, 9090, PROTO_TCP, false));
+        assert!(!conflicts(v4_mapped(HOST), 9090, PROTO_TCP, false));
+        assert!(!conflicts(
+            v4_mapped([127, 0, 0, 2]),
+            9090,
+            PROTO_TCP,
+            false
+        ));
+        // An IPv6-only socket on :: does not take an IPv4-only port; a dual-stack one does.
+        assert!(!conflicts(WILDCARD6, 5353, PROTO_UDP, false));
+        assert!(conflicts(WILDCARD6, 5353, PROTO_UDP, true));
+        // Other ports, the other protocol, and port 0 are free.
+        assert!(!conflicts(WILDCARD4, 8081, PROTO_TCP, false));
+        assert!(!conflicts(WILDCARD4, 8080, PROTO_UDP, false));
+        assert!(!conflicts(WILDCARD4, 0, PROTO_TCP, false));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 mod maps;
 mod sock;
+mod test_xlate;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -6,7 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use dataplane_common::{
-    Backend, Config, FRONTENDS_MAX, FrontendKey, LOCAL_ADDRS_MAX, LocalAddr, STATS_LEN, SockRev,
+    Backend, Config, FRONTENDS_MAX, FrontendKey, LOCAL_ADDRS_MAX, LocalAddr, PortFamilies, PortKey,
+    STATS_LEN, SockRev,
 };
 
 /// Published address:port/proto -> container. Written only by the agent.
@@ -17,6 +18,10 @@ pub static FRONTENDS: HashMap<FrontendKey, Backend> = HashMap::with_max_entries(
 #[map(name = "DP_LOCAL_V1")]
 pub static LOCAL_ADDRS: HashMap<[u8; 16], LocalAddr> =
     HashMap::with_max_entries(LOCAL_ADDRS_MAX, 0);
+
+/// Published port/proto -> the families it is published on; `bind()` leaves them to Docker.
+#[map(name = "DP_PORTS_V1")]
+pub static PORTS: HashMap<PortKey, PortFamilies> = HashMap::with_max_entries(FRONTENDS_MAX, 0);
 
 /// One entry: the host network namespace cookie and feature flags.
 #[map(name = "DP_CFG_V1")]

@@ -2,18 +2,96 @@
 //! map or a failed helper degrades to "not translated" for that socket, never to an error.
 
 use aya_ebpf::{
-    EbpfContext, bindings::bpf_sock_addr, helpers::generated::bpf_get_netns_cookie,
-    macros::cgroup_sock_addr, programs::SockAddrContext,
+    EbpfContext,
+    bindings::bpf_sock_addr,
+    helpers::{
+        bpf_get_current_comm,
+        generated::{bpf_get_netns_cookie, bpf_set_retval},
+    },
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
 };
 use dataplane_common::{
-    Addr, Backend, FrontendKey, PROTO_TCP, PROTO_UDP, STAT_CONNECT, STAT_GETPEERNAME, STAT_RECVMSG,
-    STAT_SENDMSG, STAT_SKSTORE_FULL, SockRev, is_v4_mapped, v4_mapped, v4_part,
-    xlate::{Target, frontend_for, target_v4, target_v6},
+    Addr, Backend, CFG_F_RESERVE_PORTS, FrontendKey, PROTO_TCP, PROTO_UDP, PortKey,
+    STAT_BIND_REFUSED, STAT_CONNECT, STAT_GETPEERNAME, STAT_RECVMSG, STAT_SENDMSG,
+    STAT_SKSTORE_FULL, SockRev, is_v4_mapped, v4_mapped, v4_part,
+    xlate::{Target, bind_conflicts, frontend_for, target_v4, target_v6},
 };
 
-use crate::maps::{CONFIG, FRONTENDS, LOCAL_ADDRS, SOCK_REV, count};
+use crate::maps::{CONFIG, FRONTENDS, LOCAL_ADDRS, PORTS, SOCK_REV, count};
 
 const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+const EADDRINUSE: i32 = 98;
+
+#[cgroup_sock_addr(bind4)]
+pub fn dp_bind4(ctx: SockAddrContext) -> i32 {
+    let s = sa(&ctx);
+    let dst = v4_mapped(s.user_ip4.to_ne_bytes());
+    bind_verdict(&ctx, &dst)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn dp_bind6(ctx: SockAddrContext) -> i32 {
+    let dst = ip6(sa(&ctx));
+    bind_verdict(&ctx, &dst)
+}
+
+/// Docker itself binds published ports (docker-proxy, or dockerd's port reservation when
+/// the userland proxy is off): never stand in its way.
+#[inline(always)]
+fn is_docker() -> bool {
+    let Ok(comm) = bpf_get_current_comm() else {
+        return false;
+    };
+    comm.starts_with(b"dockerd\0") || comm.starts_with(b"docker-proxy\0")
+}
+
+/// Refuses, with `EADDRINUSE`, a bind in the host network namespace that would take a
+/// published port, so no other listener silently steals or loses its traffic.
+#[inline(always)]
+fn bind_verdict(ctx: &SockAddrContext, dst: &Addr) -> i32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        return ALLOW;
+    };
+    if cfg.flags & CFG_F_RESERVE_PORTS == 0 {
+        return ALLOW;
+    }
+    let s = sa(ctx);
+    let Some(proto) = proto(s) else {
+        return ALLOW;
+    };
+    let port_be = port_be(s);
+    if port_be == 0 || !in_host_netns(ctx) {
+        return ALLOW;
+    }
+    // An IPv6 wildcard bind is taken as dual-stack (the Linux default, bindv6only=0).
+    let conflict = bind_conflicts(
+        dst,
+        port_be,
+        proto,
+        true,
+        |port_be, proto| {
+            let k = PortKey {
+                port_be,
+                proto,
+                pad: 0,
+            };
+            // SAFETY: entries are written whole by the agent.
+            unsafe { PORTS.get(k) }.copied()
+        },
+        // SAFETY: as in `lookup`.
+        |k: &FrontendKey| unsafe { FRONTENDS.get(k) }.copied(),
+        |a: &Addr| LOCAL_ADDRS.get_ptr(a).is_some(),
+    );
+    if !conflict || is_docker() {
+        return ALLOW;
+    }
+    count(STAT_BIND_REFUSED);
+    // SAFETY: sets the syscall's error for a refused bind; no memory is touched.
+    unsafe { bpf_set_retval(-EADDRINUSE) };
+    REFUSE
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn dp_connect4(ctx: SockAddrContext) -> i32 {
@@ -121,7 +199,7 @@ fn in_host_netns(ctx: &SockAddrContext) -> bool {
 }
 
 #[inline(always)]
-fn lookup(dst: &Addr, port_be: u16, proto: u8, host_ns: bool) -> Option<Backend> {
+pub fn lookup(dst: &Addr, port_be: u16, proto: u8, host_ns: bool) -> Option<Backend> {
     frontend_for(
         dst,
         port_be,

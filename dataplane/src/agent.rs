@@ -18,7 +18,9 @@ use crate::{
     bpf::{self, Loaded},
     desired::{self, Frontend},
     docker::{self, Effect},
-    netlink,
+    netlink::{self, HostAddr},
+    notrack::{self, Notrack},
+    reconcile::KvStore,
     reconcile::reconcile,
 };
 
@@ -37,6 +39,10 @@ struct Agent {
     containers: HashMap<String, Vec<Frontend>>,
     shared: Shared,
     binding_errors: BTreeMap<String, Vec<String>>,
+    host_addrs: Vec<HostAddr>,
+    notrack: Notrack,
+    /// Re-apply the nftables table even if unchanged (after a full resync: repairs drift).
+    force_notrack: bool,
 }
 
 /// Runs one phase and logs its own and the cumulative time at debug level.
@@ -120,6 +126,9 @@ pub async fn run(opts: Options) -> Result<()> {
         containers: HashMap::new(),
         shared,
         binding_errors: BTreeMap::new(),
+        host_addrs: Vec::new(),
+        notrack: Notrack::default(),
+        force_notrack: true,
     };
     phase!(start, "first_sync", {
         agent.sync_local_addrs().await?;
@@ -133,7 +142,13 @@ pub async fn run(opts: Options) -> Result<()> {
         "ready"
     );
 
-    agent.serve_events(opts.resync_interval, nl_rx).await
+    let r = agent.serve_events(opts.resync_interval, nl_rx).await;
+    // The programs detach when `loaded` drops; the notrack rules must go with them, or
+    // Docker's own NAT path would lose conntrack for local clients.
+    if let Err(e) = agent.notrack.remove() {
+        warn!(error = %format!("{e:#}"), "removing the nftables table `inet {}` failed", notrack::TABLE);
+    }
+    r
 }
 
 impl Agent {
@@ -146,6 +161,7 @@ impl Agent {
         let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
         let mut resync = tokio::time::interval(resync_interval);
         resync.tick().await;
+        let mut counters = tokio::time::interval(Duration::from_secs(1));
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut events = Box::pin(docker::events(&self.docker));
@@ -170,6 +186,7 @@ impl Agent {
                         }
                     }
                     _ = resync.tick() => self.full_resync().await,
+                    _ = counters.tick() => self.publish_counters(),
                     _ = tokio::signal::ctrl_c() => { info!("interrupted, detaching"); return Ok(()); }
                     _ = sigterm.recv() => { info!("terminated, detaching"); return Ok(()); }
                 }
@@ -223,6 +240,7 @@ impl Agent {
             self.binding_errors.retain(|id, _| live.contains(id));
             self.refresh(live).await?;
             self.sync_local_addrs().await?;
+            self.force_notrack = true;
             self.apply()
         }
         .await;
@@ -275,6 +293,7 @@ impl Agent {
     async fn sync_local_addrs(&mut self) -> Result<()> {
         let addrs = netlink::dump(&self.nl).await?;
         let want = netlink::local_map(&addrs);
+        self.host_addrs = addrs;
         let applied = reconcile(&mut self.loaded.local_addrs()?, &want)
             .context("updating the local-address map")?;
         if applied.changed() {
@@ -297,8 +316,23 @@ impl Agent {
             warn!(frontend = %c.frontend, kept = %c.kept, dropped = %c.dropped, "frontend conflict");
         }
         let want: BTreeMap<FrontendKey, _> = merged.iter().map(|(k, f)| (*k, f.backend)).collect();
+        // Ports first: a port is reserved before its frontend answers, and stays reserved
+        // until its frontend is gone.
+        let ports = desired::ports_of(want.keys());
+        let mut all_ports = self.loaded.ports()?.entries()?;
+        all_ports.extend(ports.iter().map(|(k, v)| (*k, *v)));
+        reconcile(&mut self.loaded.ports()?, &all_ports).context("updating the ports map")?;
         let applied = reconcile(&mut self.loaded.frontends()?, &want)
             .context("updating the frontends map")?;
+        reconcile(&mut self.loaded.ports()?, &ports).context("updating the ports map")?;
+        let spec = notrack::Spec::new(want.iter(), &self.host_addrs);
+        if self.notrack.apply(&spec, self.force_notrack)? {
+            debug!(
+                backends = spec.backends.len(),
+                "nftables notrack table applied"
+            );
+        }
+        self.force_notrack = false;
         if applied.changed() {
             info!(
                 added = applied.added,
@@ -308,7 +342,6 @@ impl Agent {
                 "frontends updated"
             );
         }
-        let counters = self.loaded.stats().unwrap_or_default();
         let mut s = self.shared.lock().expect("status lock");
         s.last_sync_unix_ms = now_ms();
         s.syncs += 1;
@@ -329,6 +362,15 @@ impl Agent {
                 .iter()
                 .map(|c| format!("{} claimed by {} and {}", c.frontend, c.kept, c.dropped)),
         );
+        drop(s);
+        self.publish_counters();
+        Ok(())
+    }
+
+    /// Copies the kernel programs' counters into the status.
+    fn publish_counters(&self) {
+        let counters = self.loaded.stats().unwrap_or_default();
+        let mut s = self.shared.lock().expect("status lock");
         s.counters = [
             "connect",
             "sendmsg",
@@ -341,6 +383,5 @@ impl Agent {
         .zip(counters)
         .map(|(n, v)| ((*n).to_string(), v))
         .collect();
-        Ok(())
     }
 }

@@ -11,11 +11,11 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr},
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TestRun, TestRunOptions},
 };
 use dataplane_common::{
     Addr, Backend, Config, FrontendKey, LocalAddr, MAP_CONFIG, MAP_FRONTENDS, MAP_LOCAL_ADDRS,
-    MAP_STATS, STATS_LEN,
+    MAP_PORTS, MAP_STATS, PortFamilies, PortKey, STATS_LEN, TestAnswer, TestRequest,
 };
 
 use crate::reconcile::KvStore;
@@ -35,6 +35,8 @@ pub const SOCK_HOOKS: &[&str] = &[
     "dp_connect6",
     "dp_sendmsg4",
     "dp_sendmsg6",
+    "dp_bind4",
+    "dp_bind6",
 ];
 
 /// The programs loaded and attached; dropping it detaches them.
@@ -138,6 +140,48 @@ impl Loaded {
             .map_mut(MAP_LOCAL_ADDRS)
             .context("local-address map")?;
         Ok(BpfHash(HashMap::try_from(map)?))
+    }
+
+    pub fn ports(&mut self) -> Result<BpfHash<'_, PortKey, PortFamilies>> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_PORTS)
+            .context("published-ports map")?;
+        Ok(BpfHash(HashMap::try_from(map)?))
+    }
+
+    /// Runs the translation decision in the kernel on `req` through the test classifier
+    /// (`BPF_PROG_TEST_RUN`), against the maps as they are. Returns the program's return
+    /// value (1 translated, 0 not) and its answer.
+    pub fn test_xlate(&mut self, req: &TestRequest) -> Result<(u32, TestAnswer)> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut("dp_test_xlate")
+            .context("program dp_test_xlate missing")?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load().context("loading dp_test_xlate")?;
+        }
+        let mut data = vec![0u8; 14 + size_of::<TestRequest>()];
+        // SAFETY: TestRequest is plain old data of exactly this size.
+        let raw = unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(req).cast::<u8>(),
+                size_of::<TestRequest>(),
+            )
+        };
+        data[14..].copy_from_slice(raw);
+        let mut out = vec![0u8; data.len()];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&data),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN of dp_test_xlate")?;
+        // SAFETY: TestAnswer is plain old data and `out` holds one after the header.
+        let answer = unsafe { std::ptr::read_unaligned(out[14..].as_ptr().cast::<TestAnswer>()) };
+        Ok((r.return_value, answer))
     }
 
     /// The stats counters summed over CPUs, indexed by `STAT_*`.

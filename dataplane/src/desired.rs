@@ -7,7 +7,8 @@ use std::{
 
 use bollard::models::ContainerInspectResponse;
 use dataplane_common::{
-    Addr, Backend, FrontendKey, PROTO_TCP, PROTO_UDP, WILDCARD4, WILDCARD6, v4_mapped,
+    Addr, Backend, FrontendKey, PORT_F_V4, PORT_F_V6, PROTO_TCP, PROTO_UDP, PortFamilies, PortKey,
+    WILDCARD4, WILDCARD6, is_v4_mapped, v4_mapped,
 };
 use serde::Serialize;
 
@@ -292,6 +293,29 @@ pub fn merge<'a>(
     out
 }
 
+/// The published-ports map's desired content: which families each port/proto is
+/// published on (a `bind()` there is refused).
+pub fn ports_of<'a>(
+    keys: impl IntoIterator<Item = &'a FrontendKey>,
+) -> BTreeMap<PortKey, PortFamilies> {
+    let mut out: BTreeMap<PortKey, PortFamilies> = BTreeMap::new();
+    for k in keys {
+        let bit = if is_v4_mapped(&k.addr) {
+            PORT_F_V4
+        } else {
+            PORT_F_V6
+        };
+        out.entry(PortKey {
+            port_be: k.port_be,
+            proto: k.proto,
+            pad: 0,
+        })
+        .or_insert(PortFamilies { bits: 0 })
+        .bits |= bit;
+    }
+    out
+}
+
 /// `127.0.0.1:8080/tcp`, `[::]:8080/tcp`, `*:8080/tcp` style text for a key.
 pub fn describe_key(k: &FrontendKey) -> String {
     let addr = match k.addr {
@@ -447,6 +471,27 @@ mod tests {
         assert!(merged.values().all(|f| f.container_name == "t1"));
         assert_eq!(conflicts.len(), 7);
         assert_eq!(conflicts[0].dropped, "other");
+    }
+
+    #[test]
+    fn published_ports_by_family() {
+        let c = fixture("inspect-ports.json");
+        let fs = frontends_of(&c, &mut Vec::new());
+        let ports = ports_of(fs.iter().map(|f| &f.key));
+        let get = |p: u16, proto| {
+            ports
+                .get(&PortKey {
+                    port_be: p.to_be(),
+                    proto,
+                    pad: 0,
+                })
+                .map(|f| f.bits)
+        };
+        assert_eq!(get(8080, PROTO_TCP), Some(PORT_F_V4 | PORT_F_V6));
+        assert_eq!(get(9090, PROTO_TCP), Some(PORT_F_V4));
+        assert_eq!(get(7000, PROTO_UDP), Some(PORT_F_V4 | PORT_F_V6));
+        assert_eq!(get(7000, PROTO_TCP), None);
+        assert_eq!(ports.len(), 4);
     }
 
     #[test]

@@ -6,4 +6,5 @@ pub mod bpf;
 pub mod desired;
 pub mod docker;
 pub mod netlink;
+pub mod notrack;
 pub mod reconcile;

@@ -20,6 +20,7 @@ use crate::desired::ip_to_addr;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostAddr {
     pub ip: IpAddr,
+    pub prefix_len: u8,
     pub ifname: String,
 }
 
@@ -74,6 +75,7 @@ pub async fn dump(handle: &Handle) -> Result<Vec<HostAddr>> {
             if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = attr {
                 let h = HostAddr {
                     ip: *ip,
+                    prefix_len: m.header.prefix_len,
                     ifname: ifname.clone(),
                 };
                 if !out.contains(&h) {
@@ -120,6 +122,7 @@ mod tests {
     fn a(ip: &str, ifname: &str) -> HostAddr {
         HostAddr {
             ip: ip.parse().unwrap(),
+            prefix_len: 24,
             ifname: ifname.into(),
         }
     }
