@@ -267,6 +267,9 @@ fn ip6(s: &bpf_sock_addr) -> Addr {
 
 #[inline(always)]
 fn xlate6(ctx: &SockAddrContext, stat: u32) {
+    // udpv6_sendmsg refuses (ENOTSUPP) a destination that a program rewrote to an
+    // IPv4-mapped address: unconnected IPv6 UDP reaches IPv6 backends only.
+    let mapped_ok = stat != STAT_SENDMSG;
     let s = sa(ctx);
     let Some(proto) = proto(s) else { return };
     let dst = ip6(s);
@@ -275,6 +278,9 @@ fn xlate6(ctx: &SockAddrContext, stat: u32) {
         return;
     };
     let Some(t) = target_v6(&dst, &b) else { return };
+    if !mapped_ok && is_v4_mapped(&t.addr) {
+        return;
+    }
     remember(ctx, &dst, port_be, &t);
     set6(ctx, &t.addr, t.port_be);
     count(stat);

@@ -29,6 +29,8 @@ pub struct Options {
     pub api_socket: PathBuf,
     pub cgroup: Option<PathBuf>,
     pub resync_interval: Duration,
+    /// Name of the nftables table (family inet) the agent owns.
+    pub nft_table: String,
 }
 
 struct Agent {
@@ -127,7 +129,7 @@ pub async fn run(opts: Options) -> Result<()> {
         shared,
         binding_errors: BTreeMap::new(),
         host_addrs: Vec::new(),
-        notrack: Notrack::default(),
+        notrack: Notrack::new(&opts.nft_table),
         force_notrack: true,
     };
     phase!(start, "first_sync", {
@@ -146,7 +148,7 @@ pub async fn run(opts: Options) -> Result<()> {
     // The programs detach when `loaded` drops; the notrack rules must go with them, or
     // Docker's own NAT path would lose conntrack for local clients.
     if let Err(e) = agent.notrack.remove() {
-        warn!(error = %format!("{e:#}"), "removing the nftables table `inet {}` failed", notrack::TABLE);
+        warn!(error = %format!("{e:#}"), table = %opts.nft_table, "removing the nftables table failed");
     }
     r
 }

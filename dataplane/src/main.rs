@@ -31,6 +31,9 @@ enum Cmd {
         /// Seconds between full resyncs with Docker (repairs any drift).
         #[arg(long, default_value_t = 60)]
         resync_interval: u64,
+        /// nftables table (family inet) for the notrack rules; removed when the agent stops.
+        #[arg(long, default_value = dataplane::notrack::TABLE)]
+        nft_table: String,
     },
 }
 
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
             socket,
             cgroup,
             resync_interval,
+            nft_table,
         } => {
             let lock_path = socket.with_extension("lock");
             let _lock = match lock(&lock_path) {
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
                 api_socket: socket,
                 cgroup,
                 resync_interval: Duration::from_secs(resync_interval.max(1)),
+                nft_table,
             };
             match rt.block_on(agent::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -24,6 +24,7 @@ use dataplane_common::{Backend, FrontendKey, is_zero};
 
 use crate::{desired::addr_to_ip, netlink::HostAddr};
 
+/// The default table name (`inet dataplane`).
 pub const TABLE: &str = "dataplane";
 
 /// What the rules are built from.
@@ -87,9 +88,9 @@ fn elements(items: &[String]) -> String {
     }
 }
 
-/// The nft script that makes the table exactly `spec`, atomically (`nft -f` runs a file as
+/// The nft script that makes table `t` exactly `spec`, atomically (`nft -f` runs a file as
 /// one transaction): create-if-missing, delete, create with content.
-pub fn script(spec: &Spec) -> String {
+pub fn script(t: &str, spec: &Spec) -> String {
     let mut b4 = Vec::new();
     let mut b6 = Vec::new();
     for (ip, proto, port) in &spec.backends {
@@ -107,7 +108,6 @@ pub fn script(spec: &Spec) -> String {
         }
     }
     let mut s = String::new();
-    let t = TABLE;
     let _ = writeln!(s, "table inet {t}");
     let _ = writeln!(s, "delete table inet {t}");
     let _ = writeln!(s, "table inet {t} {{");
@@ -172,18 +172,25 @@ fn nft(script: &str) -> Result<()> {
 }
 
 /// The table as it is applied, so an unchanged spec costs nothing.
-#[derive(Default)]
 pub struct Notrack {
+    table: String,
     applied: Option<Spec>,
 }
 
 impl Notrack {
+    pub fn new(table: &str) -> Self {
+        Self {
+            table: table.to_string(),
+            applied: None,
+        }
+    }
+
     /// Applies `spec` when it differs from what was applied last (or `force`).
     pub fn apply(&mut self, spec: &Spec, force: bool) -> Result<bool> {
         if !force && self.applied.as_ref() == Some(spec) {
             return Ok(false);
         }
-        nft(&script(spec))?;
+        nft(&script(&self.table, spec))?;
         self.applied = Some(spec.clone());
         Ok(true)
     }
@@ -191,7 +198,8 @@ impl Notrack {
     /// Removes the table (when the agent stops and its programs detach).
     pub fn remove(&mut self) -> Result<()> {
         self.applied = None;
-        nft(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n"))
+        let t = &self.table;
+        nft(&format!("table inet {t}\ndelete table inet {t}\n"))
     }
 }
 
@@ -249,7 +257,7 @@ mod tests {
             clients,
             vec!["172.17.0.0/16", "172.17.0.1/32", "192.0.2.2/32"]
         );
-        let s = script(&spec);
+        let s = script(TABLE, &spec);
         assert!(
             s.starts_with("table inet dataplane\ndelete table inet dataplane\n"),
             "{s}"
@@ -270,7 +278,7 @@ mod tests {
 
     #[test]
     fn empty_sets_have_no_elements_clause() {
-        let s = script(&Spec::default());
+        let s = script(TABLE, &Spec::default());
         assert!(!s.contains("elements"), "{s}");
         assert!(s.contains("set backends4 { type ipv4_addr . inet_proto . inet_service; }"));
     }

@@ -6,13 +6,13 @@ mod common;
 
 use std::{
     io::{Read, Write},
-    net::TcpStream,
+    net::{TcpListener, TcpStream},
     path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use common::{Proc, cmd, sh, wait_until};
+use common::{PY_CLIENT, Proc, cmd, conntrack_count, sh, wait_until};
 
 fn image() -> String {
     std::env::var("DATAPLANE_TEST_IMAGE").expect("DATAPLANE_TEST_IMAGE (run via cargo xtask test)")
@@ -43,6 +43,10 @@ impl Agent {
             .arg("run")
             .arg("--socket")
             .arg(dir.join("ctl.sock"))
+            .args([
+                "--nft-table",
+                &format!("dataplane_e2e_{}", std::process::id()),
+            ])
             .env("RUST_LOG", "info,dataplane=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -66,6 +70,12 @@ impl Agent {
             .args(args)
             .output()
             .expect("bridge-ctl")
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        let out = self.ctl(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["counters"][name].as_u64().unwrap_or(0)
     }
 
     fn frontends(&self) -> String {
@@ -107,6 +117,15 @@ impl Container {
         all.extend_from_slice(args);
         sh(&all);
         Self { name }
+    }
+
+    fn exec(&self, script: &str) -> String {
+        let out = cmd(&["docker", "exec", &self.name, "sh", "-c", script]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn hostname(&self) -> String {
+        self.exec("hostname")
     }
 
     fn ip(&self) -> String {
@@ -245,4 +264,289 @@ fn bridge_ctl_without_an_agent_fails_clearly() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("agent is not running"), "{err}");
+}
+
+/// The gateway address of a container's (first) network.
+fn gateway_of(c: &Container) -> String {
+    sh(&[
+        "docker",
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.Gateway}} {{end}}",
+        &c.name,
+    ])
+    .split_whitespace()
+    .next()
+    .unwrap_or("")
+    .to_string()
+}
+
+/// A global IPv4 address of this host that is not on a Docker bridge or a veth.
+fn host_ipv4() -> Option<String> {
+    let out = sh(&["ip", "-4", "-o", "addr", "show", "scope", "global"]);
+    out.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let ifname = f.get(1)?;
+        if *ifname == "docker0" || ifname.starts_with("br-") || ifname.starts_with("veth") {
+            return None;
+        }
+        Some(f.get(3)?.split('/').next()?.to_string())
+    })
+}
+
+/// A backend: httpd on 80 (GET /cgi-bin/ip answers "<client address> <hostname>") and a
+/// UDP responder on 5353 answering "backend <client address>".
+fn backend(name: &str, publish: &[&str]) -> Container {
+    let img = image();
+    let mut args = Vec::new();
+    for p in publish {
+        args.push("-p");
+        args.push(p);
+    }
+    args.extend_from_slice(&[
+        &img,
+        "sh",
+        "-c",
+        "httpd -p 80 -h /www && exec socat UDP-RECVFROM:5353,fork SYSTEM:'echo backend $SOCAT_PEERADDR'",
+    ]);
+    Container::run(name, &args)
+}
+
+/// A container to run clients in; it also serves httpd on 80 (it is no backend: nothing
+/// of it is published).
+fn client_container(name: &str) -> Container {
+    let img = image();
+    Container::run(
+        name,
+        &[&img, "sh", "-c", "httpd -p 80 -h /www && exec sleep 600"],
+    )
+}
+
+/// An address as busybox httpd's `REMOTE_ADDR` gives it (`[::ffff:172.17.0.1]`), plainly.
+fn plain(addr: &str) -> String {
+    addr.trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_start_matches("::ffff:")
+        .to_string()
+}
+
+/// What the backend saw: the first word of GET /cgi-bin/ip.
+fn seen_by_backend(url: &str) -> String {
+    plain(curl(url).split_whitespace().next().unwrap_or(""))
+}
+
+fn py(kind: &str, host: &str, port: u16) -> String {
+    let out = cmd(&["python3", "-c", PY_CLIENT, kind, host, &port.to_string()]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn every_local_path_tcp_and_udp_with_the_real_client_address() {
+    let (p, u) = (port(3), port(4));
+    let web = backend("paths", &[&format!("{p}:80"), &format!("{u}:5353/udp")]);
+    let cli = client_container("paths-client");
+    let agent = Agent::start("c");
+    let gw = gateway_of(&web);
+    let cip = web.ip();
+
+    // Host to 127.0.0.1: the backend sees the host's own address on the bridge.
+    assert_eq!(
+        seen_by_backend(&format!("http://127.0.0.1:{p}/cgi-bin/ip")),
+        gw
+    );
+    // Host to a host address, and to the gateway address.
+    if let Some(h) = host_ipv4() {
+        assert_eq!(seen_by_backend(&format!("http://{h}:{p}/cgi-bin/ip")), gw);
+    }
+    assert_eq!(seen_by_backend(&format!("http://{gw}:{p}/cgi-bin/ip")), gw);
+    // [::1] on a dual-stack socket reaches the IPv4-only container.
+    assert_eq!(seen_by_backend(&format!("http://[::1]:{p}/cgi-bin/ip")), gw);
+    // The socket is connected straight to the container, getpeername() shows the dial.
+    let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
+    assert_eq!(kernel_peer(&s), format!("{cip}:80"));
+    assert_eq!(s.peer_addr().unwrap().to_string(), format!("127.0.0.1:{p}"));
+    drop(s);
+
+    // UDP, connected and unconnected, and connected over IPv6: replies come from the
+    // dialled address. (Unconnected IPv6 UDP to an IPv4-only container is not translated:
+    // the kernel refuses a v4-mapped rewrite in udpv6_sendmsg.)
+    assert_eq!(
+        py("udpc", "127.0.0.1", u),
+        format!("ok backend {gw} 127.0.0.1 {u}")
+    );
+    assert_eq!(
+        py("udp", "127.0.0.1", u),
+        format!("ok backend {gw} 127.0.0.1 {u}")
+    );
+    assert_eq!(py("udpc", "::1", u), format!("ok backend {gw} ::1 {u}"));
+    assert_eq!(
+        py("tcp", "::1", p).split_whitespace().last(),
+        Some(&*p.to_string())
+    );
+
+    // Hairpin: another container through the gateway address. The backend sees the
+    // calling container's own address, not the gateway.
+    let caller = cli.ip();
+    let http = format!("printf 'GET /cgi-bin/ip HTTP/1.0\\r\\n\\r\\n' | nc {gw} {p} | tail -n 1");
+    let answer = cli.exec(&http);
+    let mut f = answer.split_whitespace();
+    assert_eq!(f.next().map(plain), Some(caller.clone()), "{answer}");
+    assert_eq!(f.next(), Some(web.hostname().as_str()), "{answer}");
+    // UDP hairpin, connected (UDP:) and unconnected (UDP-SENDTO:).
+    for mode in ["UDP", "UDP-SENDTO"] {
+        let answer = cli.exec(&format!("echo hi | socat -t 2 - {mode}:{gw}:{u}"));
+        assert_eq!(answer, format!("backend {caller}"), "{mode}");
+    }
+    if let Some(h) = host_ipv4() {
+        let http = http.replace(&format!("nc {gw}"), &format!("nc {h}"));
+        let answer = cli.exec(&http);
+        assert_eq!(
+            answer.split_whitespace().next().map(plain),
+            Some(caller.clone()),
+            "hairpin via a host address: {answer}"
+        );
+    }
+    // A container's own localhost stays its own.
+    let own = cli.exec(&format!("nc -w 2 127.0.0.1 {p} </dev/null; echo rc=$?"));
+    assert!(own.ends_with("rc=1"), "{own}");
+    no_docker_proxy_for(p);
+    assert!(agent.counter("connect") > 0);
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn binding_a_published_port_is_refused_and_docker_still_works() {
+    let p = port(5);
+    let web = backend("bind", &[&format!("{p}:80")]);
+    let agent = Agent::start("d");
+    let before = agent.counter("bind_refused");
+    let script = format!(
+        "import socket\nfor a in [('127.0.0.1', {p}), ('0.0.0.0', {p})]:\n  s = socket.socket()\n  \
+         try:\n    s.bind(a); print('bound')\n  except OSError as e:\n    print(e.errno)\n"
+    );
+    let out = cmd(&["python3", "-c", &script]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "98\n98");
+    wait_until("the refusals to be counted", Duration::from_secs(5), || {
+        agent.counter("bind_refused") >= before + 2
+    });
+    // Docker's own operations are not refused: restart re-binds the port.
+    sh(&["docker", "restart", "-t", "1", &web.name]);
+    wait_until(
+        "the restarted backend to answer",
+        Duration::from_secs(15),
+        || {
+            cmd(&[
+                "curl",
+                "-sf",
+                "--max-time",
+                "2",
+                &format!("http://127.0.0.1:{p}/"),
+            ])
+            .status
+            .success()
+        },
+    );
+    // Unpublished ports bind as usual.
+    let free = TcpListener::bind(("127.0.0.1", port(6)));
+    assert!(free.is_ok(), "{free:?}");
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn translated_connections_leave_no_conntrack_entries() {
+    let p = port(7);
+    let web = backend("ct", &[&format!("{p}:80")]);
+    let other = client_container("ct-other");
+    let _agent = Agent::start("e");
+    let gw = gateway_of(&web);
+
+    // Conntrack is active on this host: a direct, untranslated connection is tracked.
+    let before = conntrack_count();
+    for _ in 0..20 {
+        curl(&format!("http://{}/", other.ip()));
+    }
+    assert!(
+        conntrack_count() >= before + 10,
+        "conntrack is not tracking this host's traffic; the test would prove nothing"
+    );
+
+    let before = conntrack_count();
+    let script = format!(
+        "import socket, threading\n\
+         def run(n):\n  for _ in range(n):\n    s = socket.create_connection(('127.0.0.1', {p}))\n    \
+         s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n    while s.recv(4096): pass\n    s.close()\n\
+         ts = [threading.Thread(target=run, args=(2500,)) for _ in range(4)]\n\
+         [t.start() for t in ts]; [t.join() for t in ts]\nprint('done')\n"
+    );
+    let out = cmd(&["python3", "-c", &script]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "done",
+        "{out:?}"
+    );
+    let hairpin = other.exec(&format!(
+        "for i in $(seq 300); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc {gw} {p} >/dev/null || exit 1; done; echo done"
+    ));
+    assert_eq!(hairpin, "done");
+    let after = conntrack_count();
+    assert!(
+        after <= before + 10,
+        "conntrack grew from {before} to {after} over 10,300 translated connections"
+    );
+    drop(web);
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn haproxy_in_a_container_balances_over_gateway_published_backends() {
+    let (p1, p2, lbp) = (port(8), port(9), port(0));
+    let b1 = backend("lb-b1", &[&format!("{p1}:80")]);
+    let b2 = backend("lb-b2", &[&format!("{p2}:80")]);
+    let gw = gateway_of(&b1);
+    let cfg = format!(
+        "global\n  maxconn 256\ndefaults\n  mode http\n  timeout connect 2s\n  timeout client 5s\n  \
+         timeout server 5s\nfrontend f\n  bind :8000\n  default_backend b\nbackend b\n  \
+         balance roundrobin\n  server s1 {gw}:{p1}\n  server s2 {gw}:{p2}\n"
+    );
+    let img = image();
+    let lb = Container::run(
+        "lb",
+        &[
+            "-p",
+            &format!("{lbp}:8000"),
+            &img,
+            "sh",
+            "-c",
+            &format!(
+                "printf '{}' > /tmp/h.cfg && exec haproxy -f /tmp/h.cfg",
+                cfg.replace('\n', "\\n")
+            ),
+        ],
+    );
+    let agent = Agent::start("f");
+    wait_until("haproxy to answer", Duration::from_secs(15), || {
+        cmd(&[
+            "curl",
+            "-sf",
+            "--max-time",
+            "2",
+            &format!("http://127.0.0.1:{lbp}/"),
+        ])
+        .status
+        .success()
+    });
+    let before = conntrack_count();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let answer = curl(&format!("http://127.0.0.1:{lbp}/cgi-bin/ip"));
+        let mut f = answer.split_whitespace();
+        // The backends see haproxy's own address: hairpin through the kernel path.
+        assert_eq!(f.next().map(plain), Some(lb.ip()), "{answer}");
+        seen.insert(f.next().unwrap_or("").to_string());
+    }
+    let want: std::collections::BTreeSet<String> = [b1.hostname(), b2.hostname()].into();
+    assert_eq!(seen, want);
+    assert!(conntrack_count() <= before + 5);
+    assert!(agent.counter("connect") >= 20);
 }

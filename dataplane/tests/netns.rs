@@ -13,12 +13,13 @@ use std::{
 use common::{Cgroup, NetNs, PY_CLIENT, Veth};
 use dataplane::{
     bpf::{self, Loaded},
-    desired::ip_to_addr,
+    desired::{addr_to_ip, ip_to_addr, ports_of},
+    notrack::{Notrack, Spec},
     reconcile::KvStore,
 };
 use dataplane_common::{
     Backend, CFG_F_RESERVE_PORTS, Config, FrontendKey, LOCAL_HOST, LocalAddr, PROTO_TCP, PROTO_UDP,
-    WILDCARD4, WILDCARD6,
+    TEST_F_HOST_NETNS, TEST_F_SOCK6, TestRequest, WILDCARD4, WILDCARD6,
 };
 
 struct Lab {
@@ -98,6 +99,13 @@ fn lab(test: u32) -> Lab {
             .unwrap();
         }
     }
+    let keys: Vec<FrontendKey> = fe.entries().unwrap().into_keys().collect();
+    drop(fe);
+    let mut ports = loaded.ports().unwrap();
+    for (k, v) in ports_of(keys.iter()) {
+        ports.put(&k, &v).unwrap();
+    }
+    drop(ports);
     loaded
         .local_addrs()
         .unwrap()
@@ -224,4 +232,147 @@ fn udp_connect_to_port_zero_and_unknown_ports_pass_through() {
         0,
         "{stats:?}"
     );
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn xlate_decision_runs_in_the_kernel() {
+    let mut lab = lab(3);
+    let b: IpAddr = lab.backend_ip.parse().unwrap();
+    let h: IpAddr = lab.host_ip.parse().unwrap();
+    let mut run = |addr: IpAddr, port: u16, proto: u8, flags: u8| {
+        let req = TestRequest {
+            addr: ip_to_addr(addr),
+            port_be: port.to_be(),
+            proto,
+            flags,
+        };
+        let (rc, answer) = lab.loaded.test_xlate(&req).unwrap();
+        (rc, addr_to_ip(&answer.addr), u16::from_be(answer.port_be))
+    };
+    let lo: IpAddr = "127.0.0.1".parse().unwrap();
+    let lo6: IpAddr = "::1".parse().unwrap();
+    let other: IpAddr = "192.0.2.99".parse().unwrap();
+    let host = TEST_F_HOST_NETNS;
+    assert_eq!(run(lo, 18080, PROTO_TCP, host), (1, b, 8080));
+    assert_eq!(run(lo, 18081, PROTO_UDP, host), (1, b, 8081));
+    // Loopback outside the host namespace, unknown ports, wrong protocol, other hosts: no.
+    assert_eq!(run(lo, 18080, PROTO_TCP, 0).0, 0);
+    assert_eq!(run(lo, 18082, PROTO_TCP, host).0, 0);
+    assert_eq!(run(lo, 18080, PROTO_UDP, host).0, 0);
+    assert_eq!(run(other, 18080, PROTO_TCP, host).0, 0);
+    assert_eq!(run(lo, 0, PROTO_UDP, host).0, 0);
+    // Host addresses from any namespace (hairpin).
+    assert_eq!(run(h, 18080, PROTO_TCP, 0), (1, b, 8080));
+    // An IPv6 socket dialling ::1 gets the IPv4 backend, mapped.
+    let (rc, addr, port) = run(lo6, 18080, PROTO_TCP, host | TEST_F_SOCK6);
+    assert_eq!((rc, port), (1, 8080));
+    assert_eq!(addr, b);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn bind_of_a_published_port_is_refused_in_the_host_namespace_only() {
+    let lab = lab(4);
+    let bind = |mut c: Command, addr: &str, port: u16| {
+        let script = format!(
+            "import socket\ns = socket.socket()\ntry:\n  s.bind(('{addr}', {port})); print('bound')\n\
+             except OSError as e:\n  print(e.errno)\n"
+        );
+        let out = c.args(["-c", &script]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(bind(lab.cg.command("python3"), "0.0.0.0", 18080), "98");
+    assert_eq!(bind(lab.cg.command("python3"), "127.0.0.1", 18080), "98");
+    assert_eq!(bind(lab.cg.command("python3"), &lab.host_ip, 18080), "98");
+    assert_eq!(bind(lab.cg.command("python3"), "127.0.0.1", 18089), "bound");
+    // Outside the cgroup the programs do not run.
+    assert_eq!(bind(Command::new("python3"), "127.0.0.1", 18080), "bound");
+    // Another network namespace has ports of its own.
+    let mut c = lab.cg.command("ip");
+    c.args(["netns", "exec", &lab.ns.name, "python3"]);
+    assert_eq!(bind(c, "0.0.0.0", 18080), "bound");
+    let stats = lab.loaded.stats().unwrap();
+    assert_eq!(stats[dataplane_common::STAT_BIND_REFUSED as usize], 3);
+}
+
+/// An nftables table whose only job is to make the host track connections, as Docker's
+/// iptables rules do; deleted on drop.
+struct ConntrackOn(String);
+
+impl ConntrackOn {
+    fn new(name: &str) -> Self {
+        let script = format!(
+            "table inet {name} {{ chain out {{ type filter hook output priority 0; ct state new counter\n }}\n }}\n"
+        );
+        let out = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn();
+        let mut child = out.unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+        Self(name.into())
+    }
+}
+
+impl Drop for ConntrackOn {
+    fn drop(&mut self) {
+        let _ = common::cmd(&["nft", "delete", "table", "inet", &self.0]);
+    }
+}
+
+fn tracked_to(backend: &str, port: u16) -> usize {
+    let out = common::cmd(&[
+        "conntrack",
+        "-L",
+        "-p",
+        "tcp",
+        "-d",
+        backend,
+        "--dport",
+        &port.to_string(),
+    ]);
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn the_notrack_table_keeps_translated_connections_out_of_conntrack() {
+    let lab = lab(5);
+    let id = std::process::id();
+    let _ct = ConntrackOn::new(&format!("dataplane_it_ct_{id}"));
+    let connect = |n: usize| {
+        for _ in 0..n {
+            let r = client(lab.cg.command("python3"), "tcp", "127.0.0.1", 18080);
+            assert!(r.starts_with("ok backend"), "{r}");
+        }
+    };
+    // Without the table, each translated connection is tracked: the check can fail.
+    let before = tracked_to(&lab.backend_ip, 8080);
+    connect(5);
+    assert!(tracked_to(&lab.backend_ip, 8080) >= before + 5);
+
+    let mut nt = Notrack::new(&format!("dataplane_it_nt_{id}"));
+    let b: IpAddr = lab.backend_ip.parse().unwrap();
+    let h: IpAddr = lab.host_ip.parse().unwrap();
+    let spec = Spec {
+        backends: [(b, PROTO_TCP, 8080)].into(),
+        clients: [(h, 32)].into(),
+    };
+    assert!(nt.apply(&spec, false).unwrap());
+    assert!(
+        !nt.apply(&spec, false).unwrap(),
+        "an unchanged spec is not re-applied"
+    );
+    let before = tracked_to(&lab.backend_ip, 8080);
+    connect(20);
+    let after = tracked_to(&lab.backend_ip, 8080);
+    nt.remove().unwrap();
+    assert_eq!(after, before, "translated connections were tracked");
 }

@@ -100,7 +100,8 @@ impl Drop for TestEngine {
 }
 
 /// A test image built locally from a tarball (no registry is reachable): busybox for a
-/// shell, httpd, wget and nc, plus iperf3 with the libraries it links.
+/// shell, httpd (with a CGI that prints the client address the backend sees) and nc, plus
+/// iperf3, socat and haproxy with the libraries they link.
 pub struct TestImage {
     pub name: String,
 }
@@ -126,8 +127,13 @@ fn copy_into(root: &Path, src: &Path) -> Result<()> {
 }
 
 impl TestImage {
+    /// A test image with a name of its own, removed on drop.
     pub fn build() -> Result<Self> {
-        let name = format!("dataplane-test:{}", std::process::id());
+        Self::build_named(&format!("dataplane-test:{}", std::process::id()))
+    }
+
+    pub fn build_named(name: &str) -> Result<Self> {
+        let name = name.to_string();
         let root = std::env::temp_dir().join(format!("dataplane-rootfs-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         let r = Self::populate(&root).and_then(|()| {
@@ -163,16 +169,26 @@ impl TestImage {
         fs::copy("/bin/busybox", root.join("bin/busybox"))
             .context("copying /bin/busybox (busybox-static)")?;
         for applet in [
-            "sh", "httpd", "wget", "nc", "sleep", "cat", "echo", "ip", "ls", "kill", "true",
+            "sh", "httpd", "nc", "sleep", "cat", "echo", "ip", "ls", "kill", "true", "hostname",
+            "printf", "seq",
         ] {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
         }
-        let iperf = Path::new("/usr/bin/iperf3");
-        copy_into(root, iperf)?;
-        for lib in ldd_libs(iperf)? {
-            copy_into(root, &lib)?;
+        for bin in ["/usr/bin/iperf3", "/usr/bin/socat", "/usr/sbin/haproxy"] {
+            let bin = Path::new(bin);
+            copy_into(root, bin)?;
+            for lib in ldd_libs(bin)? {
+                copy_into(root, &lib)?;
+            }
         }
         fs::File::create(root.join("www/index.html"))?.write_all(b"dataplane test backend\n")?;
+        fs::create_dir_all(root.join("www/cgi-bin"))?;
+        let cgi = root.join("www/cgi-bin/ip");
+        fs::write(
+            &cgi,
+            "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\necho \"$REMOTE_ADDR $(hostname)\"\n",
+        )?;
+        fs::set_permissions(&cgi, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")?;
         Ok(())
     }

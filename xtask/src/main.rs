@@ -31,6 +31,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Build the test image (busybox, iperf3, socat, haproxy) as `dataplane-test:latest`
+    /// and keep it, for trying things by hand.
+    Image,
     /// Every test layer: lint, unit, netns integration, end-to-end with Docker.
     Test {
         /// Skip `cargo fmt --check` and clippy.
@@ -54,6 +57,13 @@ fn main() -> Result<()> {
             setup::setup()?;
             build()?;
             run_agent(&args)
+        }
+        Cmd::Image => {
+            setup::setup()?;
+            docker::ensure_running()?;
+            let image = docker::TestImage::build_named("dataplane-test:latest")?;
+            std::mem::forget(image);
+            Ok(())
         }
         Cmd::Test { no_lint, only } => {
             setup::setup()?;

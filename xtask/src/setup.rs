@@ -25,6 +25,8 @@ pub const PACKAGES: &[&str] = &[
     "docker.io",
     "busybox-static",
     "python3",
+    "socat",
+    "haproxy",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
