@@ -99,13 +99,16 @@ fn lab(test: u32) -> Lab {
             .unwrap();
         }
     }
-    let keys: Vec<FrontendKey> = fe.entries().unwrap().into_keys().collect();
-    drop(fe);
-    let mut ports = loaded.ports().unwrap();
+    let keys: Vec<FrontendKey> = loaded
+        .frontends()
+        .unwrap()
+        .entries()
+        .unwrap()
+        .into_keys()
+        .collect();
     for (k, v) in ports_of(keys.iter()) {
-        ports.put(&k, &v).unwrap();
+        loaded.ports().unwrap().put(&k, &v).unwrap();
     }
-    drop(ports);
     loaded
         .local_addrs()
         .unwrap()
