@@ -18,6 +18,7 @@ use crate::{
     bpf::{self, Loaded},
     desired::{self, Frontend},
     docker::{self, Effect},
+    forward::Forward,
     netlink::{self, HostAddr},
     notrack::{self, Notrack},
     reconcile::KvStore,
@@ -31,6 +32,8 @@ pub struct Options {
     pub resync_interval: Duration,
     /// Name of the nftables table (family inet) the agent owns.
     pub nft_table: String,
+    /// Name of the iptables chain (jumped to from `DOCKER-USER`) the agent owns.
+    pub fwd_chain: String,
 }
 
 struct Agent {
@@ -43,6 +46,7 @@ struct Agent {
     binding_errors: BTreeMap<String, Vec<String>>,
     host_addrs: Vec<HostAddr>,
     notrack: Notrack,
+    forward: Forward,
     /// Re-apply the nftables table even if unchanged (after a full resync: repairs drift).
     force_notrack: bool,
 }
@@ -130,6 +134,7 @@ pub async fn run(opts: Options) -> Result<()> {
         binding_errors: BTreeMap::new(),
         host_addrs: Vec::new(),
         notrack: Notrack::new(&opts.nft_table),
+        forward: Forward::new(&opts.fwd_chain),
         force_notrack: true,
     };
     phase!(start, "first_sync", {
@@ -145,6 +150,7 @@ pub async fn run(opts: Options) -> Result<()> {
     );
 
     let r = agent.serve_events(opts.resync_interval, nl_rx).await;
+    agent.forward.remove();
     // The programs detach when `loaded` drops; the notrack rules must go with them, or
     // Docker's own NAT path would lose conntrack for local clients.
     if let Err(e) = agent.notrack.remove() {
@@ -333,6 +339,10 @@ impl Agent {
                 backends = spec.backends.len(),
                 "nftables notrack table applied"
             );
+        }
+        // Without it only cross-network hairpin suffers: a warning, not a failed sync.
+        if let Err(e) = self.forward.apply(&spec.backends, self.force_notrack) {
+            warn!(error = %format!("{e:#}"), "updating the DOCKER-USER forwarding exceptions failed");
         }
         self.force_notrack = false;
         if applied.changed() {

@@ -5,6 +5,7 @@ pub mod api;
 pub mod bpf;
 pub mod desired;
 pub mod docker;
+pub mod forward;
 pub mod netlink;
 pub mod notrack;
 pub mod reconcile;

@@ -34,6 +34,10 @@ enum Cmd {
         /// nftables table (family inet) for the notrack rules; removed when the agent stops.
         #[arg(long, default_value = dataplane::notrack::TABLE)]
         nft_table: String,
+        /// iptables chain, jumped to from Docker's DOCKER-USER, that lets translated
+        /// traffic cross bridge networks; removed when the agent stops.
+        #[arg(long, default_value = dataplane::forward::CHAIN)]
+        fwd_chain: String,
     },
 }
 
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
             cgroup,
             resync_interval,
             nft_table,
+            fwd_chain,
         } => {
             let lock_path = socket.with_extension("lock");
             let _lock = match lock(&lock_path) {
@@ -82,6 +87,7 @@ fn main() -> ExitCode {
                 cgroup,
                 resync_interval: Duration::from_secs(resync_interval.max(1)),
                 nft_table,
+                fwd_chain,
             };
             match rt.block_on(agent::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,

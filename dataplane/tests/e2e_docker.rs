@@ -24,8 +24,8 @@ fn bin(name: &str) -> PathBuf {
 
 /// A port unlikely to be in use, distinct per test.
 fn port(test: u16) -> u16 {
-    let pid = u16::try_from(std::process::id() % 1000).unwrap();
-    20_000 + pid * 10 + test
+    let pid = u16::try_from(std::process::id() % 500).unwrap();
+    20_000 + pid * 20 + test
 }
 
 /// The agent, running until dropped, with its own control socket.
@@ -549,4 +549,43 @@ fn haproxy_in_a_container_balances_over_gateway_published_backends() {
     assert_eq!(seen, want);
     assert!(conntrack_count() <= before + 5);
     assert!(agent.counter("connect") >= 20);
+}
+
+/// A user-defined bridge network, removed on drop.
+struct Network(String);
+
+impl Network {
+    fn create(tag: &str) -> Self {
+        let name = format!("dpe2e-{}-{tag}", std::process::id());
+        let _ = cmd(&["docker", "network", "rm", &name]);
+        sh(&["docker", "network", "create", &name]);
+        Self(name)
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = cmd(&["docker", "network", "rm", &self.0]);
+    }
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn hairpin_across_bridge_networks_through_the_callers_gateway() {
+    let p = port(10);
+    let net = Network::create("x");
+    let web = backend("xnet", &[&format!("{p}:80")]);
+    let img = image();
+    let cli = Container::run("xnet-client", &["--network", &net.0, &img, "sleep", "600"]);
+    let agent = Agent::start("g");
+    let gw = gateway_of(&cli);
+    let before = conntrack_count();
+    let answer = cli.exec(&format!(
+        "printf 'GET /cgi-bin/ip HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {gw} {p} | tail -n 1"
+    ));
+    let mut f = answer.split_whitespace();
+    assert_eq!(f.next().map(plain), Some(cli.ip()), "{answer}");
+    assert_eq!(f.next(), Some(web.hostname().as_str()), "{answer}");
+    assert!(conntrack_count() <= before + 2);
+    assert!(agent.counter("connect") >= 1);
 }
