@@ -23,6 +23,7 @@ use crate::{
     notrack::{self, Notrack},
     reconcile::KvStore,
     reconcile::reconcile,
+    terminate,
 };
 
 pub struct Options {
@@ -34,6 +35,9 @@ pub struct Options {
     pub nft_table: String,
     /// Name of the iptables chain (jumped to from `DOCKER-USER`) the agent owns.
     pub fwd_chain: String,
+    /// Where maps and links are pinned (they outlive the agent); `None`: not pinned, and
+    /// everything is detached when the agent stops.
+    pub pin_dir: Option<PathBuf>,
 }
 
 struct Agent {
@@ -47,6 +51,11 @@ struct Agent {
     host_addrs: Vec<HostAddr>,
     notrack: Notrack,
     forward: Forward,
+    /// Pid of each running container (for reaching its network namespace).
+    pids: HashMap<String, i64>,
+    /// Backends in the maps after the last apply: the ones that disappear get their
+    /// connected sockets destroyed.
+    backends: BTreeSet<terminate::Gone>,
     /// Re-apply the nftables table even if unchanged (after a full resync: repairs drift).
     force_notrack: bool,
 }
@@ -91,9 +100,10 @@ pub async fn run(opts: Options) -> Result<()> {
             .unwrap_or_default();
         anyhow::Ok((d, ids, version))
     };
+    let pin_dir = opts.pin_dir.clone();
     let load_fut = tokio::task::spawn_blocking(move || {
         let t = Instant::now();
-        let r = Loaded::load_and_attach(&cgroup);
+        let r = Loaded::load_and_attach(&cgroup, pin_dir.as_deref());
         (r, t.elapsed())
     });
     let (docker_res, load_res) = tokio::join!(
@@ -135,6 +145,8 @@ pub async fn run(opts: Options) -> Result<()> {
         host_addrs: Vec::new(),
         notrack: Notrack::new(&opts.nft_table),
         forward: Forward::new(&opts.fwd_chain),
+        pids: HashMap::new(),
+        backends: BTreeSet::new(),
         force_notrack: true,
     };
     phase!(start, "first_sync", {
@@ -150,11 +162,18 @@ pub async fn run(opts: Options) -> Result<()> {
     );
 
     let r = agent.serve_events(opts.resync_interval, nl_rx).await;
-    agent.forward.remove();
-    // The programs detach when `loaded` drops; the notrack rules must go with them, or
-    // Docker's own NAT path would lose conntrack for local clients.
-    if let Err(e) = agent.notrack.remove() {
-        warn!(error = %format!("{e:#}"), table = %opts.nft_table, "removing the nftables table failed");
+    if opts.pin_dir.is_none() {
+        // Nothing outlives the agent: the programs detach when `loaded` drops, and the
+        // notrack rules and forwarding exceptions must go with them, or Docker's own NAT
+        // path would lose conntrack for local clients.
+        agent.forward.remove();
+        if let Err(e) = agent.notrack.remove() {
+            warn!(error = %format!("{e:#}"), table = %opts.nft_table, "removing the nftables table failed");
+        }
+    } else {
+        info!(
+            "pinned programs, maps and rules stay in place: translation goes on; `dataplane uninstall` removes them"
+        );
     }
     r
 }
@@ -219,6 +238,7 @@ impl Agent {
                 }
                 Effect::Remove(id) => {
                     refresh.remove(&id);
+                    self.pids.remove(&id);
                     self.containers.remove(&id);
                     self.binding_errors.remove(&id);
                 }
@@ -245,6 +265,7 @@ impl Agent {
             let ids = docker::running_ids(&self.docker).await?;
             let live: BTreeSet<String> = ids.into_iter().collect();
             self.containers.retain(|id, _| live.contains(id));
+            self.pids.retain(|id, _| live.contains(id));
             self.binding_errors.retain(|id, _| live.contains(id));
             self.refresh(live).await?;
             self.sync_local_addrs().await?;
@@ -274,6 +295,10 @@ impl Agent {
         drop(pending);
         for (id, r) in results {
             if let Some(c) = r? {
+                match c.state.as_ref().and_then(|s| s.pid).filter(|p| *p > 0) {
+                    Some(pid) => self.pids.insert(id.clone(), pid),
+                    None => self.pids.remove(&id),
+                };
                 let mut errs = Vec::new();
                 let fs = desired::frontends_of(&c, &mut errs);
                 for e in &errs {
@@ -293,6 +318,7 @@ impl Agent {
             } else {
                 self.containers.remove(&id);
                 self.binding_errors.remove(&id);
+                self.pids.remove(&id);
             }
         }
         Ok(())
@@ -345,6 +371,21 @@ impl Agent {
             warn!(error = %format!("{e:#}"), "updating the DOCKER-USER forwarding exceptions failed");
         }
         self.force_notrack = false;
+        let gone: Vec<terminate::Gone> =
+            self.backends.difference(&spec.backends).copied().collect();
+        self.backends.clone_from(&spec.backends);
+        if !gone.is_empty() {
+            // Off the loop: a few `ss -K` runs per removed backend.
+            let pids: Vec<i64> = self.pids.values().copied().collect();
+            tokio::task::spawn_blocking(move || {
+                let n = terminate::terminate(&gone, &pids);
+                info!(
+                    backends = gone.len(),
+                    sockets = n,
+                    "destroyed sockets of removed backends"
+                );
+            });
+        }
         if applied.changed() {
             info!(
                 added = applied.added,

@@ -3,7 +3,7 @@
 use std::{
     collections::BTreeMap,
     fs::File,
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
 };
 
@@ -11,11 +11,13 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TestRun, TestRunOptions},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TestRun, TestRunOptions, links::FdLink,
+    },
 };
 use dataplane_common::{
     Addr, Backend, Config, FrontendKey, LocalAddr, MAP_CONFIG, MAP_FRONTENDS, MAP_LOCAL_ADDRS,
-    MAP_PORTS, MAP_STATS, PortFamilies, PortKey, STATS_LEN, TestAnswer, TestRequest,
+    MAP_PORTS, MAP_SOCK_REV, MAP_STATS, PortFamilies, PortKey, STATS_LEN, TestAnswer, TestRequest,
 };
 
 use crate::reconcile::KvStore;
@@ -39,10 +41,149 @@ pub const SOCK_HOOKS: &[&str] = &[
     "dp_bind6",
 ];
 
-/// The programs loaded and attached; dropping it detaches them.
+/// Every map, pinned under the pin directory by its kernel name when pinning is on.
+pub const MAPS: &[&str] = &[
+    MAP_FRONTENDS,
+    MAP_LOCAL_ADDRS,
+    MAP_CONFIG,
+    MAP_STATS,
+    MAP_SOCK_REV,
+    MAP_PORTS,
+];
+
+/// Where the agent pins its maps and links by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/dataplane";
+
+/// The programs loaded and attached. Without a pin directory, dropping it detaches them;
+/// with one, maps and links stay pinned and keep working without the agent.
 pub struct Loaded {
     ebpf: Ebpf,
+    /// `<program>@<cgroup>` and how it got there (attached, or adopted from a pin).
     pub attached: Vec<String>,
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Fails clearly unless `dir`'s parent is on a bpffs.
+fn check_bpffs(dir: &Path) -> Result<()> {
+    let parent = dir.parent().unwrap_or(dir);
+    let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes())
+        .context("pin directory path")?;
+    // SAFETY: a valid C string and a zeroed statfs buffer of the right type.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", parent.display()));
+    }
+    #[allow(
+        clippy::useless_conversion,
+        reason = "f_type's width differs between targets"
+    )]
+    if i64::from(st.f_type) != BPF_FS_MAGIC {
+        bail!(
+            "{} is not on a bpffs: mount one with `mount -t bpf bpf /sys/fs/bpf` \
+             (`cargo xtask setup` does)",
+            parent.display()
+        );
+    }
+    Ok(())
+}
+
+/// `BPF_OBJ_GET` and `BPF_LINK_UPDATE`, which aya 0.14 keeps to itself for cgroup links.
+mod sys {
+    use std::{
+        ffi::CString,
+        os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        path::Path,
+    };
+
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        pad: [u8; 44],
+    }
+
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+        pad: [u8; 48],
+    }
+
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+        // SAFETY: `attr` is a bpf_attr prefix for `cmd`, zero-padded, of the size passed.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                std::ptr::from_mut(attr).cast::<libc::c_void>(),
+                size_of::<T>(),
+            )
+        };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    }
+
+    pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+        let c = CString::new(path.as_os_str().as_encoded_bytes())?;
+        let mut attr = ObjGet {
+            pathname: c.as_ptr() as u64,
+            bpf_fd: 0,
+            file_flags: 0,
+            path_fd: 0,
+            pad: [0; 44],
+        };
+        let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+        let fd = i32::try_from(fd).map_err(|_| std::io::Error::other("fd out of range"))?;
+        // SAFETY: the kernel just handed us this descriptor.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Swaps the program behind `link` for `prog`, atomically: no moment without one.
+    pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()> {
+        let mut attr = LinkUpdate {
+            link_fd: u32::try_from(link.as_raw_fd()).unwrap_or(0),
+            new_prog_fd: u32::try_from(prog.as_raw_fd()).unwrap_or(0),
+            flags: 0,
+            old_prog_fd: 0,
+            pad: [0; 48],
+        };
+        bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+    }
+}
+
+/// Removes everything pinned under `dir` (links first: that detaches the programs), then
+/// `dir`. Returns what it removed.
+pub fn unpin_all(dir: &Path) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(removed);
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    // Links before maps.
+    names.sort_by_key(|n| (!n.starts_with("link_"), n.clone()));
+    for n in names {
+        let p = dir.join(&n);
+        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        removed.push(p.display().to_string());
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
+    removed.push(dir.display().to_string());
+    Ok(removed)
 }
 
 /// Finds the cgroup v2 mount in `/proc/mounts` text: `/sys/fs/cgroup` on pure v2 hosts,
@@ -87,15 +228,32 @@ pub fn netns_cookie() -> Result<u64> {
 
 impl Loaded {
     /// Loads every program and attaches the socket hooks to `cgroup`. On any failure
-    /// nothing stays attached (what was attached is dropped with the object).
-    pub fn load_and_attach(cgroup: &Path) -> Result<Self> {
+    /// nothing new stays attached (what was attached is dropped with the object).
+    ///
+    /// With `pin_dir`, maps already pinned there are adopted as they are (their content
+    /// keeps serving), links pinned there get the new programs swapped in atomically
+    /// (`BPF_LINK_UPDATE`), and what is new is pinned, so it all outlives the agent.
+    pub fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Self> {
         if OBJECT.is_empty() {
             bail!(
                 "this dataplane binary was built without its eBPF object; build it with \
                  `cargo xtask build` (needs the BPF toolchain that `cargo xtask setup` installs)"
             );
         }
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        let map_paths: Vec<(&str, PathBuf)> = match pin_dir {
+            Some(dir) => {
+                check_bpffs(dir)?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating pin directory {}", dir.display()))?;
+                MAPS.iter().map(|m| (*m, dir.join(m))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .context("loading the eBPF object (is this a kernel with BTF and BPF enabled?)")?;
         let cg =
@@ -109,14 +267,31 @@ impl Loaded {
                 .with_context(|| format!("program {name} is not a cgroup sock_addr program"))?;
             prog.load()
                 .with_context(|| format!("loading {name} (the verifier refused it)"))?;
-            // Links always coexist with other programs on the cgroup: the mode must be Single (0).
-            prog.attach(&cg, CgroupAttachMode::Single)
+            let link_pin = pin_dir.map(|d| d.join(format!("link_{name}")));
+            if let Some(pin) = link_pin.as_ref().filter(|p| p.exists()) {
+                let link = sys::obj_get(pin)
+                    .with_context(|| format!("opening pinned link {}", pin.display()))?;
+                let prog_fd = prog.fd()?;
+                sys::link_update(link.as_fd(), prog_fd.as_fd())
+                    .with_context(|| format!("swapping {name} into {}", pin.display()))?;
+                attached.push(format!("{name}@{} (adopted)", cgroup.display()));
+                continue;
+            }
+            // Links always coexist with other programs on the cgroup: the mode must be
+            // Single (0).
+            let id = prog
+                .attach(&cg, CgroupAttachMode::Single)
                 .with_context(|| {
                     format!(
                         "attaching {name} to {} (needs CONFIG_CGROUP_BPF and root)",
                         cgroup.display()
                     )
                 })?;
+            if let Some(pin) = link_pin {
+                let link: FdLink = prog.take_link(id)?.try_into()?;
+                link.pin(&pin)
+                    .with_context(|| format!("pinning {name} at {}", pin.display()))?;
+            }
             attached.push(format!("{name}@{}", cgroup.display()));
         }
         Ok(Self { ebpf, attached })

@@ -9,3 +9,4 @@ pub mod forward;
 pub mod netlink;
 pub mod notrack;
 pub mod reconcile;
+pub mod terminate;

@@ -1,6 +1,12 @@
 //! `dataplane`: publishes Docker container ports from the kernel, without docker-proxy.
 
-use std::{fs::File, os::fd::AsRawFd, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -38,6 +44,25 @@ enum Cmd {
         /// traffic cross bridge networks; removed when the agent stops.
         #[arg(long, default_value = dataplane::forward::CHAIN)]
         fwd_chain: String,
+        /// bpffs directory for the pinned maps and links, which keep translating while the
+        /// agent is stopped or restarting, and are adopted by the next agent.
+        #[arg(long, default_value = dataplane::bpf::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Pin nothing: everything is detached and removed when the agent stops.
+        #[arg(long)]
+        no_pin: bool,
+    },
+    /// Remove everything the agent installed: pinned links (detaching the programs) and
+    /// maps, the nftables table, the iptables chain. Run it with the agent stopped.
+    Uninstall {
+        #[arg(long, default_value = dataplane::bpf::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, default_value = dataplane::notrack::TABLE)]
+        nft_table: String,
+        #[arg(long, default_value = dataplane::forward::CHAIN)]
+        fwd_chain: String,
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
 }
 
@@ -54,6 +79,12 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Uninstall {
+            pin_dir,
+            nft_table,
+            fwd_chain,
+            socket,
+        } => uninstall(&pin_dir, &nft_table, &fwd_chain, &socket),
         Cmd::Run {
             docker_socket,
             socket,
@@ -61,6 +92,8 @@ fn main() -> ExitCode {
             resync_interval,
             nft_table,
             fwd_chain,
+            pin_dir,
+            no_pin,
         } => {
             let lock_path = socket.with_extension("lock");
             let _lock = match lock(&lock_path) {
@@ -88,6 +121,7 @@ fn main() -> ExitCode {
                 resync_interval: Duration::from_secs(resync_interval.max(1)),
                 nft_table,
                 fwd_chain,
+                pin_dir: (!no_pin).then_some(pin_dir),
             };
             match rt.block_on(agent::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -97,6 +131,45 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn uninstall(pin_dir: &Path, nft_table: &str, fwd_chain: &str, socket: &Path) -> ExitCode {
+    let lock_path = socket.with_extension("lock");
+    let Ok(_lock) = lock(&lock_path) else {
+        eprintln!(
+            "dataplane: stop the running agent first (it holds {})",
+            lock_path.display()
+        );
+        return ExitCode::from(EXIT_ALREADY_RUNNING);
+    };
+    let mut failed = false;
+    match dataplane::bpf::unpin_all(pin_dir) {
+        Ok(removed) => {
+            for r in removed {
+                println!("removed {r}");
+            }
+        }
+        Err(e) => {
+            eprintln!("dataplane: {e:#}");
+            failed = true;
+        }
+    }
+    match dataplane::notrack::Notrack::new(nft_table).remove() {
+        Ok(()) => println!("removed nftables table inet {nft_table}"),
+        Err(e) => {
+            eprintln!("dataplane: {e:#}");
+            failed = true;
+        }
+    }
+    dataplane::forward::Forward::new(fwd_chain).remove();
+    println!("removed iptables chain {fwd_chain} and its DOCKER-USER jump");
+    let _ = std::fs::remove_file(socket);
+    let _ = std::fs::remove_file(&lock_path);
+    if failed {
+        ExitCode::from(EXIT_FAILURE)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -28,39 +28,90 @@ fn port(test: u16) -> u16 {
     20_000 + pid * 20 + test
 }
 
-/// The agent, running until dropped, with its own control socket.
+/// The agent, with a control socket, pin directory, nftables table and iptables chain of
+/// its own; stopped and uninstalled on drop.
 struct Agent {
-    _proc: Proc,
+    proc: Option<Proc>,
     dir: PathBuf,
+    tag: String,
 }
 
 impl Agent {
     fn start(tag: &str) -> Self {
         let dir = PathBuf::from(format!("/run/dataplane-e2e-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let mut agent = Self {
+            proc: None,
+            dir,
+            tag: tag.to_string(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// Options naming everything this agent owns.
+    fn own_args(&self) -> Vec<String> {
+        let id = format!("{}_{}", std::process::id(), self.tag);
+        vec![
+            "--socket".into(),
+            self.dir.join("ctl.sock").display().to_string(),
+            "--nft-table".into(),
+            format!("dataplane_e2e_{id}"),
+            "--fwd-chain".into(),
+            format!("DPFWD-{id}"),
+            "--pin-dir".into(),
+            self.pin_dir().display().to_string(),
+        ]
+    }
+
+    fn pin_dir(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/sys/fs/bpf/dataplane-e2e-{}-{}",
+            std::process::id(),
+            self.tag
+        ))
+    }
+
+    /// Starts the agent process and waits until it is ready.
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
         let child = Command::new(bin("dataplane"))
             .arg("run")
-            .arg("--socket")
-            .arg(dir.join("ctl.sock"))
-            .args([
-                "--nft-table",
-                &format!("dataplane_e2e_{}", std::process::id()),
-            ])
+            .args(self.own_args())
             .env("RUST_LOG", "info,dataplane=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("starting the agent");
-        let agent = Self {
-            _proc: Proc(child),
-            dir,
-        };
+        self.proc = Some(Proc(child));
         wait_until("the agent to be ready", Duration::from_secs(30), || {
-            agent.ctl(&["status"]).status.success()
+            self.ctl(&["status"]).status.success()
         });
-        agent
+    }
+
+    /// `kill -9`: nothing of the agent's gets a chance to clean up.
+    fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let _ = p.0.kill();
+            let _ = p.0.wait();
+        }
+    }
+
+    fn uninstall(&mut self) -> std::process::Output {
+        if let Some(p) = self.proc.take() {
+            drop(p);
+        }
+        // `uninstall` takes the same names as `run`.
+        Command::new(bin("dataplane"))
+            .arg("uninstall")
+            .args(self.own_args())
+            .output()
+            .expect("dataplane uninstall")
     }
 
     fn ctl(&self, args: &[&str]) -> std::process::Output {
@@ -92,6 +143,7 @@ impl Drop for Agent {
         if std::thread::panicking() {
             eprintln!("--- agent log ---\n{}", self.log());
         }
+        let _ = self.uninstall();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -588,4 +640,209 @@ fn hairpin_across_bridge_networks_through_the_callers_gateway() {
     assert_eq!(f.next(), Some(web.hostname().as_str()), "{answer}");
     assert!(conntrack_count() <= before + 2);
     assert!(agent.counter("connect") >= 1);
+}
+
+/// An iperf3 client run in the background; its JSON report when it ends.
+fn iperf3_client(host: &str, port: u16, secs: u32) -> std::process::Child {
+    Command::new("iperf3")
+        .args([
+            "-c",
+            host,
+            "-p",
+            &port.to_string(),
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("iperf3")
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn agent_kill_9_keeps_traffic_flowing_restart_adopts_uninstall_removes_all() {
+    let (p, q) = (port(11), port(12));
+    let img = image();
+    let srv = Container::run("iperf", &["-p", &format!("{p}:5201"), &img, "iperf3", "-s"]);
+    let web = backend("survive", &[&format!("{q}:80")]);
+    let mut agent = Agent::start("h");
+    wait_until("iperf3 to listen", Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", p)).is_ok()
+    });
+    let client = iperf3_client("127.0.0.1", p, 4);
+    std::thread::sleep(Duration::from_secs(1));
+    agent.kill9();
+    // The transfer that was running completes.
+    let out = client.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bps = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(bps > 1e8, "{bps} bit/s");
+    // New connections still translate, from the pinned programs and maps.
+    let s = TcpStream::connect(("127.0.0.1", q)).unwrap();
+    assert_eq!(kernel_peer(&s), format!("{}:80", web.ip()));
+    drop(s);
+    // A new agent adopts the pinned links and swaps its programs in.
+    agent.spawn();
+    let status = String::from_utf8_lossy(&agent.ctl(&["status"]).stdout).into_owned();
+    assert_eq!(status.matches("(adopted)").count(), 10, "{status}");
+    assert_eq!(
+        curl(&format!("http://127.0.0.1:{q}/")),
+        "dataplane test backend\n"
+    );
+
+    // Uninstall leaves nothing of ours: no pins (so no links), no table, no chain.
+    let out = agent.uninstall();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!agent.pin_dir().exists());
+    let id = format!("{}_{}", std::process::id(), agent.tag);
+    let tables = sh(&["nft", "list", "tables"]);
+    assert!(!tables.contains(&format!("dataplane_e2e_{id}")), "{tables}");
+    let chains = sh(&["iptables", "-S"]);
+    assert!(!chains.contains(&format!("DPFWD-{id}")), "{chains}");
+    // And connections are Docker's own again (docker-proxy or NAT: not straight to the
+    // container).
+    if let Ok(s) = TcpStream::connect(("127.0.0.1", q)) {
+        assert_ne!(kernel_peer(&s), format!("{}:80", web.ip()));
+    }
+    drop(srv);
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn docker_events_drive_the_frontends() {
+    let p = port(13);
+    let agent = Agent::start("i");
+    let key = format!("0.0.0.0:{p}/tcp");
+    let row = |agent: &Agent| {
+        agent
+            .frontends()
+            .lines()
+            .find(|l| l.starts_with(&key))
+            .map(str::to_string)
+    };
+    let web = backend("events", &[&format!("{p}:80")]);
+    let wait_row = |what: &str, f: &dyn Fn(Option<String>) -> bool| {
+        wait_until(what, Duration::from_secs(10), || f(row(&agent)));
+    };
+    wait_row("start", &|r| r.is_some_and(|r| r.contains(&web.name)));
+
+    sh(&["docker", "pause", &web.name]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        row(&agent).is_some(),
+        "a paused container keeps its frontends"
+    );
+    sh(&["docker", "unpause", &web.name]);
+
+    let renamed = format!("{}-renamed", web.name);
+    sh(&["docker", "rename", &web.name, &renamed]);
+    wait_row("rename", &|r| r.is_some_and(|r| r.contains(&renamed)));
+    sh(&["docker", "rename", &renamed, &web.name]);
+    wait_row("rename back", &|r| {
+        r.is_some_and(|r| r.contains(&web.name) && !r.contains("renamed"))
+    });
+
+    sh(&["docker", "kill", &web.name]);
+    wait_row("kill", &|r| r.is_none());
+    sh(&["docker", "start", &web.name]);
+    wait_row("start again", &|r| r.is_some());
+    assert_eq!(
+        curl(&format!("http://127.0.0.1:{p}/")),
+        "dataplane test backend\n"
+    );
+
+    sh(&["docker", "restart", "-t", "0", &web.name]);
+    wait_row("restart", &|r| r.is_some());
+    wait_until(
+        "the restarted backend to answer",
+        Duration::from_secs(10),
+        || {
+            cmd(&[
+                "curl",
+                "-sf",
+                "--max-time",
+                "2",
+                &format!("http://127.0.0.1:{p}/"),
+            ])
+            .status
+            .success()
+        },
+    );
+
+    // A second network: the backend follows the container's addresses.
+    let net = Network::create("ev");
+    sh(&["docker", "network", "connect", &net.0, &web.name]);
+    sh(&["docker", "network", "disconnect", "bridge", &web.name]);
+    let new_ip = web.ip();
+    wait_row("network disconnect", &|r| {
+        r.is_some_and(|r| r.contains(&format!("{new_ip}:80")))
+    });
+    assert_eq!(
+        curl(&format!("http://127.0.0.1:{p}/")),
+        "dataplane test backend\n"
+    );
+
+    sh(&["docker", "rm", "-f", &web.name]);
+    wait_row("destroy", &|r| r.is_none());
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn sockets_to_a_removed_backend_are_terminated() {
+    let p = port(14);
+    let net = Network::create("st");
+    let img = image();
+    let web = Container::run(
+        "stale",
+        &[
+            "--network",
+            &net.0,
+            "-p",
+            &format!("{p}:80"),
+            &img,
+            "sh",
+            "-c",
+            "exec socat TCP-LISTEN:80,fork,reuseaddr EXEC:cat",
+        ],
+    );
+    let agent = Agent::start("j");
+    let mut sock = TcpStream::connect(("127.0.0.1", p)).unwrap();
+    assert_eq!(kernel_peer(&sock), format!("{}:80", web.ip()));
+    sock.write_all(b"ping\n").unwrap();
+    let mut buf = [0u8; 5];
+    sock.read_exact(&mut buf).unwrap();
+    // Cut the container off its network: its sockets live on, unreachable, and nothing
+    // would ever tell this client.
+    sh(&["docker", "network", "disconnect", &net.0, &web.name]);
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let read = sock.read(&mut buf);
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted),
+        "{read:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    wait_until("the agent to log it", Duration::from_secs(5), || {
+        agent
+            .log()
+            .contains("destroyed sockets of removed backends")
+    });
 }

@@ -74,7 +74,7 @@ fn lab(test: u32) -> Lab {
     );
     serve(&ns, &backend_ip);
     let cg = Cgroup::new(&format!("dataplane-it-{id}"));
-    let mut loaded = Loaded::load_and_attach(&cg.path).expect("load and attach");
+    let mut loaded = Loaded::load_and_attach(&cg.path, None).expect("load and attach");
     loaded
         .set_config(Config {
             host_netns_cookie: bpf::netns_cookie().unwrap(),
