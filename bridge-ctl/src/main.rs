@@ -142,17 +142,22 @@ fn ago(unix_ms: u64) -> String {
 }
 
 fn print_frontends(v: &Value) {
-    let rows: Vec<[String; 3]> = v
+    let rows: Vec<[String; 4]> = v
         .as_array()
         .into_iter()
         .flatten()
         .map(|f| {
             let s = |k: &str| f[k].as_str().unwrap_or("").to_string();
-            [s("frontend"), s("container"), s("backend")]
+            [
+                s("frontend"),
+                s("container"),
+                s("backend"),
+                f["connections"].as_u64().unwrap_or(0).to_string(),
+            ]
         })
         .collect();
-    let head = ["FRONTEND", "CONTAINER", "BACKEND"];
-    let w: Vec<usize> = (0..3)
+    let head = ["FRONTEND", "CONTAINER", "BACKEND", "CONNECTIONS"];
+    let w: Vec<usize> = (0..4)
         .map(|i| {
             rows.iter()
                 .map(|r| r[i].len())
@@ -161,22 +166,20 @@ fn print_frontends(v: &Value) {
                 .unwrap_or(0)
         })
         .collect();
-    println!(
-        "{:<w0$}  {:<w1$}  {}",
-        head[0],
-        head[1],
-        head[2],
-        w0 = w[0],
-        w1 = w[1]
-    );
-    for r in &rows {
+    let line = |r: [&str; 4]| {
         println!(
-            "{:<w0$}  {:<w1$}  {}",
+            "{:<w0$}  {:<w1$}  {:<w2$}  {}",
             r[0],
             r[1],
             r[2],
+            r[3],
             w0 = w[0],
-            w1 = w[1]
+            w1 = w[1],
+            w2 = w[2]
         );
+    };
+    line(head);
+    for r in &rows {
+        line([&r[0], &r[1], &r[2], &r[3]]);
     }
 }

@@ -20,6 +20,7 @@ pub const MAP_CONFIG: &str = "DP_CFG_V1";
 pub const MAP_STATS: &str = "DP_STATS_V1";
 pub const MAP_SOCK_REV: &str = "DP_SKREV_V1";
 pub const MAP_PORTS: &str = "DP_PORTS_V1";
+pub const MAP_FE_STATS: &str = "DP_FESTATS_V1";
 
 /// Capacity of the frontends map (published address:port/proto entries).
 pub const FRONTENDS_MAX: u32 = 65_536;

@@ -3,7 +3,7 @@
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
 use dataplane_common::{
     Backend, Config, FRONTENDS_MAX, FrontendKey, LOCAL_ADDRS_MAX, LocalAddr, PortFamilies, PortKey,
@@ -23,6 +23,11 @@ pub static LOCAL_ADDRS: HashMap<[u8; 16], LocalAddr> =
 #[map(name = "DP_PORTS_V1")]
 pub static PORTS: HashMap<PortKey, PortFamilies> = HashMap::with_max_entries(FRONTENDS_MAX, 0);
 
+/// Frontend id -> sockets translated through it, per CPU. The agent creates and removes
+/// the entries with the frontends; the programs only count into existing ones.
+#[map(name = "DP_FESTATS_V1")]
+pub static FE_STATS: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(FRONTENDS_MAX, 0);
+
 /// One entry: the host network namespace cookie and feature flags.
 #[map(name = "DP_CFG_V1")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -34,6 +39,14 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0)
 /// What each translated socket dialled; lives and dies with the socket.
 #[btf_map(name = "DP_SKREV_V1")]
 pub static SOCK_REV: SkStorage<SockRev> = SkStorage::new();
+
+#[inline(always)]
+pub fn count_frontend(id: u32) {
+    if let Some(p) = FE_STATS.get_ptr_mut(id) {
+        // SAFETY: a per-CPU slot; only this CPU writes it while the program runs.
+        unsafe { *p += 1 };
+    }
+}
 
 #[inline(always)]
 pub fn count(index: u32) {

@@ -18,7 +18,7 @@ use dataplane_common::{
     xlate::{Target, bind_conflicts, frontend_for, target_v4, target_v6},
 };
 
-use crate::maps::{CONFIG, FRONTENDS, LOCAL_ADDRS, PORTS, SOCK_REV, count};
+use crate::maps::{CONFIG, FRONTENDS, LOCAL_ADDRS, PORTS, SOCK_REV, count, count_frontend};
 
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
@@ -248,6 +248,7 @@ fn xlate4(ctx: &SockAddrContext, stat: u32) {
     remember(ctx, &dst, port_be, &t);
     set4(ctx, v4_part(&t.addr), t.port_be);
     count(stat);
+    count_frontend(t.id);
 }
 
 #[inline(always)]
@@ -284,6 +285,7 @@ fn xlate6(ctx: &SockAddrContext, stat: u32) {
     remember(ctx, &dst, port_be, &t);
     set6(ctx, &t.addr, t.port_be);
     count(stat);
+    count_frontend(t.id);
 }
 
 /// The socket's recorded translation, if `peer:port_be` is its backend.

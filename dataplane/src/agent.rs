@@ -81,13 +81,50 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-pub async fn run(opts: Options) -> Result<()> {
-    let start = Instant::now();
-    let cgroup = match &opts.cgroup {
-        Some(p) => p.clone(),
-        None => bpf::cgroup2_mount()?,
+/// Why the agent could not start; each has its own exit code, for supervisors.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No cgroup2 or bpffs mount, an old kernel, no root.
+    #[error("{0:#}")]
+    Environment(anyhow::Error),
+    /// The kernel refused to load or attach a program.
+    #[error("{0:#}")]
+    Kernel(anyhow::Error),
+    /// Docker's API could not be reached.
+    #[error("{0:#}")]
+    Docker(anyhow::Error),
+    /// Anything else.
+    #[error("{0:#}")]
+    Other(#[from] anyhow::Error),
+}
+
+impl StartError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Other(_) => 1,
+            Self::Environment(_) => 4,
+            Self::Kernel(_) => 5,
+            Self::Docker(_) => 6,
+        }
+    }
+}
+
+/// Loads and attaches the programs and asks Docker for its containers, overlapped. On
+/// failure, a pin directory this start created is removed again: nothing is left
+/// half-installed. An existing one (an earlier agent's) is adopted and kept.
+async fn load_and_list(
+    opts: &Options,
+    cgroup: PathBuf,
+    host_cookie: u64,
+    start: Instant,
+) -> Result<(Loaded, Docker, Vec<String>, String), StartError> {
+    let fresh_pins = opts.pin_dir.as_ref().filter(|d| !d.exists()).cloned();
+    let undo = |e: StartError| {
+        if let Some(dir) = &fresh_pins {
+            let _ = bpf::unpin_all(dir);
+        }
+        e
     };
-    let host_cookie = bpf::netns_cookie()?;
     // Loading and Docker's first answer are independent: overlap them.
     let docker_fut = async {
         let d = docker::connect(&opts.docker_socket).await?;
@@ -111,18 +148,51 @@ pub async fn run(opts: Options) -> Result<()> {
         load_fut
     );
     let (load_res, load_took) = load_res.context("load task")?;
-    let mut loaded = load_res?;
+    let mut loaded = match load_res {
+        Ok(l) => l,
+        Err(e) => return Err(undo(StartError::Kernel(e))),
+    };
     debug!(
         phase = "load_attach",
         took_ms = load_took.as_secs_f64() * 1e3,
         "init phase done"
     );
-    let (docker, ids, docker_version) = docker_res?;
-    loaded.set_config(Config {
+    let (docker, ids, docker_version) = match docker_res {
+        Ok(d) => d,
+        Err(e) => {
+            drop(loaded);
+            return Err(undo(StartError::Docker(e)));
+        }
+    };
+    if let Err(e) = loaded.set_config(Config {
         host_netns_cookie: host_cookie,
         flags: CFG_F_RESERVE_PORTS,
-    })?;
+    }) {
+        drop(loaded);
+        return Err(undo(StartError::Kernel(e)));
+    }
 
+    Ok((loaded, docker, ids, docker_version))
+}
+
+pub async fn run(opts: Options) -> Result<(), StartError> {
+    let start = Instant::now();
+    let cgroup = match &opts.cgroup {
+        Some(p) => p.clone(),
+        None => bpf::cgroup2_mount().map_err(StartError::Environment)?,
+    };
+    let host_cookie = bpf::netns_cookie().map_err(StartError::Environment)?;
+    if !cgroup.is_dir() {
+        return Err(StartError::Environment(anyhow::anyhow!(
+            "cgroup {} does not exist",
+            cgroup.display()
+        )));
+    }
+    if let Some(dir) = &opts.pin_dir {
+        bpf::check_bpffs(dir).map_err(StartError::Environment)?;
+    }
+    let (loaded, docker, ids, docker_version) =
+        load_and_list(&opts, cgroup, host_cookie, start).await?;
     let shared: Shared = Shared::default();
     {
         let mut s = shared.lock().expect("status lock");
@@ -161,7 +231,10 @@ pub async fn run(opts: Options) -> Result<()> {
         "ready"
     );
 
-    let r = agent.serve_events(opts.resync_interval, nl_rx).await;
+    let r = agent
+        .serve_events(opts.resync_interval, nl_rx)
+        .await
+        .map_err(StartError::Other);
     if opts.pin_dir.is_none() {
         // Nothing outlives the agent: the programs detach when `loaded` drops, and the
         // notrack rules and forwarding exceptions must go with them, or Docker's own NAT
@@ -407,6 +480,8 @@ impl Agent {
                 container: f.container_name.clone(),
                 container_id: f.container_id.chars().take(12).collect(),
                 backend: desired::describe_backend(&f.backend),
+                connections: 0,
+                id: f.backend.id,
             })
             .collect();
         s.errors = self.binding_errors.values().flatten().cloned().collect();
@@ -421,9 +496,27 @@ impl Agent {
     }
 
     /// Copies the kernel programs' counters into the status.
-    fn publish_counters(&self) {
+    fn publish_counters(&mut self) {
+        let ids: BTreeSet<u32> = self
+            .shared
+            .lock()
+            .expect("status lock")
+            .frontend_list
+            .iter()
+            .map(|f| f.id)
+            .collect();
+        let per_frontend = match self.loaded.frontend_counters(&ids) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "reading frontend counters failed");
+                BTreeMap::new()
+            }
+        };
         let counters = self.loaded.stats().unwrap_or_default();
         let mut s = self.shared.lock().expect("status lock");
+        for f in &mut s.frontend_list {
+            f.connections = per_frontend.get(&f.id).copied().unwrap_or(0);
+        }
         s.counters = [
             "connect",
             "sendmsg",

@@ -22,6 +22,10 @@ pub struct FrontendView {
     pub container: String,
     pub container_id: String,
     pub backend: String,
+    /// Sockets translated through this frontend since it was created.
+    pub connections: u64,
+    #[serde(skip)]
+    pub id: u32,
 }
 
 /// What the agent reports; written by the agent loop, read by the API.
@@ -116,6 +120,8 @@ mod tests {
                 container: "web".into(),
                 container_id: "abc".into(),
                 backend: "172.17.0.2:80".into(),
+                connections: 3,
+                id: 7,
             });
         }
         let v: serde_json::Value = serde_json::from_str(&answer("status", &shared)).unwrap();
@@ -123,6 +129,8 @@ mod tests {
         assert!(v.get("frontend_list").is_none());
         let v: serde_json::Value = serde_json::from_str(&answer("frontends", &shared)).unwrap();
         assert_eq!(v[0]["container"], "web");
+        assert_eq!(v[0]["connections"], 3);
+        assert!(v[0].get("id").is_none());
         let v: serde_json::Value = serde_json::from_str(&answer("bogus", &shared)).unwrap();
         assert!(v["error"].as_str().unwrap().contains("bogus"));
     }

@@ -10,14 +10,15 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TestRun, TestRunOptions, links::FdLink,
     },
 };
 use dataplane_common::{
-    Addr, Backend, Config, FrontendKey, LocalAddr, MAP_CONFIG, MAP_FRONTENDS, MAP_LOCAL_ADDRS,
-    MAP_PORTS, MAP_SOCK_REV, MAP_STATS, PortFamilies, PortKey, STATS_LEN, TestAnswer, TestRequest,
+    Addr, Backend, Config, FrontendKey, LocalAddr, MAP_CONFIG, MAP_FE_STATS, MAP_FRONTENDS,
+    MAP_LOCAL_ADDRS, MAP_PORTS, MAP_SOCK_REV, MAP_STATS, PortFamilies, PortKey, STATS_LEN,
+    TestAnswer, TestRequest,
 };
 
 use crate::reconcile::KvStore;
@@ -49,6 +50,7 @@ pub const MAPS: &[&str] = &[
     MAP_STATS,
     MAP_SOCK_REV,
     MAP_PORTS,
+    MAP_FE_STATS,
 ];
 
 /// Where the agent pins its maps and links by default.
@@ -65,7 +67,7 @@ pub struct Loaded {
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Fails clearly unless `dir`'s parent is on a bpffs.
-fn check_bpffs(dir: &Path) -> Result<()> {
+pub fn check_bpffs(dir: &Path) -> Result<()> {
     let parent = dir.parent().unwrap_or(dir);
     let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes())
         .context("pin directory path")?;
@@ -73,8 +75,12 @@ fn check_bpffs(dir: &Path) -> Result<()> {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("statfs {}", parent.display()));
+        return Err(std::io::Error::last_os_error()).with_context(|| {
+            format!(
+                "pin directory {}: its parent is not on a bpffs",
+                dir.display()
+            )
+        });
     }
     #[allow(
         clippy::useless_conversion,
@@ -357,6 +363,34 @@ impl Loaded {
         // SAFETY: TestAnswer is plain old data and `out` holds one after the header.
         let answer = unsafe { std::ptr::read_unaligned(out[14..].as_ptr().cast::<TestAnswer>()) };
         Ok((r.return_value, answer))
+    }
+
+    /// Makes the per-frontend counters exist for exactly `ids` (new ones at zero, existing
+    /// ones kept), and returns each one's total over CPUs.
+    pub fn frontend_counters(
+        &mut self,
+        ids: &std::collections::BTreeSet<u32>,
+    ) -> Result<BTreeMap<u32, u64>> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_FE_STATS)
+            .context("frontend stats map")?;
+        let mut m: PerCpuHashMap<&mut MapData, u32, u64> = PerCpuHashMap::try_from(map)?;
+        let have: Vec<u32> = m.keys().collect::<Result<_, _>>()?;
+        for id in &have {
+            if !ids.contains(id) {
+                m.remove(id)?;
+            }
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        let mut out = BTreeMap::new();
+        for id in ids {
+            if !have.contains(id) {
+                m.insert(id, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+            }
+            out.insert(*id, m.get(id, 0)?.iter().sum());
+        }
+        Ok(out)
     }
 
     /// The stats counters summed over CPUs, indexed by `STAT_*`.

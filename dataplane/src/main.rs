@@ -66,7 +66,8 @@ enum Cmd {
     },
 }
 
-/// Exit codes a supervisor can act on.
+/// Exit codes a supervisor can act on (see also `agent::StartError::exit_code`: 4 the
+/// environment, 5 the kernel, 6 Docker).
 const EXIT_FAILURE: u8 = 1;
 const EXIT_ALREADY_RUNNING: u8 = 3;
 
@@ -126,8 +127,8 @@ fn main() -> ExitCode {
             match rt.block_on(agent::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("dataplane: {e:#}");
-                    ExitCode::from(EXIT_FAILURE)
+                    eprintln!("dataplane: {e}");
+                    ExitCode::from(e.exit_code())
                 }
             }
         }

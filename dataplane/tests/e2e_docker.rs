@@ -846,3 +846,138 @@ fn sockets_to_a_removed_backend_are_terminated() {
             .contains("destroyed sockets of removed backends")
     });
 }
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn dockerd_restart_is_survived_and_resynced() {
+    // Only an engine the harness started itself is restarted.
+    let (Ok(pidfile), Ok(log)) = (
+        std::env::var("DATAPLANE_TEST_DOCKERD_PIDFILE"),
+        std::env::var("DATAPLANE_TEST_DOCKERD_LOG"),
+    ) else {
+        eprintln!("skipped: the Docker engine was not started by the test harness");
+        return;
+    };
+    let p = port(15);
+    let img = image();
+    let web = Container::run(
+        "dockerd-restart",
+        &[
+            "--restart",
+            "always",
+            "-p",
+            &format!("{p}:80"),
+            &img,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    );
+    let agent = Agent::start("k");
+    assert_eq!(
+        curl(&format!("http://127.0.0.1:{p}/")),
+        "dataplane test backend\n"
+    );
+
+    let pid = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .to_string();
+    sh(&["kill", "-TERM", &pid]);
+    wait_until("dockerd to exit", Duration::from_secs(30), || {
+        // Gone, or a zombie waiting for the harness that started it to reap it.
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| {
+            st.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+    });
+    let out = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    let conf = std::fs::read_to_string("/etc/docker/daemon.json").unwrap_or_default();
+    // Detached (setsid --fork): the harness stops this engine, by its pidfile, at the end.
+    let mut c = Command::new("setsid");
+    c.args(["--fork", "dockerd"]);
+    if !conf.contains("userland-proxy") {
+        c.arg("--userland-proxy=false");
+    }
+    let started = c
+        .args(["--pidfile", &pidfile])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .status()
+        .expect("restarting dockerd");
+    assert!(started.success());
+    wait_until("dockerd to answer", Duration::from_mins(1), || {
+        cmd(&["docker", "version"]).status.success()
+    });
+    // The restart policy brings the container back; the agent reconnects and resyncs.
+    wait_until(
+        "the frontend to serve again",
+        Duration::from_secs(30),
+        || {
+            cmd(&[
+                "curl",
+                "-sf",
+                "--max-time",
+                "2",
+                &format!("http://127.0.0.1:{p}/"),
+            ])
+            .status
+            .success()
+        },
+    );
+    let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
+    assert_eq!(kernel_peer(&s), format!("{}:80", web.ip()));
+    assert!(
+        agent.log().contains("Docker events stream"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// A test interface, deleted on drop.
+struct Dummy(String);
+
+impl Drop for Dummy {
+    fn drop(&mut self) {
+        let _ = cmd(&["ip", "link", "del", &self.0]);
+    }
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn host_addresses_added_later_are_frontends_at_once() {
+    let p = port(16);
+    let web = backend("newaddr", &[&format!("{p}:80")]);
+    let agent = Agent::start("l");
+    let count = |agent: &Agent| {
+        let out = agent.ctl(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["local_addresses"].as_u64().unwrap_or(0)
+    };
+    let before = count(&agent);
+    // A test-only interface with a documentation address: traffic to it stays on this host.
+    let ifname = format!("dpe2e{}", std::process::id() % 10_000);
+    let addr = format!("198.51.100.{}", 1 + std::process::id() % 250);
+    let _ = cmd(&["ip", "link", "del", &ifname]);
+    // A bridge with no ports: the kernel here has no dummy driver.
+    sh(&["ip", "link", "add", &ifname, "type", "bridge"]);
+    let dummy = Dummy(ifname.clone());
+    sh(&["ip", "addr", "add", &format!("{addr}/32"), "dev", &ifname]);
+    sh(&["ip", "link", "set", &ifname, "up"]);
+    wait_until("the new address to count", Duration::from_secs(5), || {
+        count(&agent) == before + 1
+    });
+    assert_eq!(
+        seen_by_backend(&format!("http://{addr}:{p}/cgi-bin/ip")),
+        gateway_of(&web)
+    );
+    drop(dummy);
+    wait_until("the removed address to go", Duration::from_secs(5), || {
+        count(&agent) == before
+    });
+}

@@ -80,23 +80,51 @@ impl TestEngine {
     }
 }
 
+impl TestEngine {
+    /// Environment for the tests: whether they may restart the engine (only one that the
+    /// harness started itself), and how.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        if self.started.is_some() {
+            vec![
+                ("DATAPLANE_TEST_DOCKERD_PIDFILE", PIDFILE.to_string()),
+                ("DATAPLANE_TEST_DOCKERD_LOG", LOG.to_string()),
+            ]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
 impl Drop for TestEngine {
     fn drop(&mut self) {
-        let Some(pid) = self.started else { return };
+        let Some(first) = self.started else { return };
+        // A test may have restarted it: the pidfile names the one running now.
+        let pid = fs::read_to_string(PIDFILE)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(first);
         let Ok(pid_i) = i32::try_from(pid) else {
             return;
         };
         // SAFETY: signalling a process we started.
         unsafe { libc::kill(pid_i, libc::SIGTERM) };
         let t = Instant::now();
-        while Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(30) {
-            // Reap it if it is our zombie.
-            // SAFETY: waitpid on our own child with WNOHANG.
-            unsafe { libc::waitpid(pid_i, std::ptr::null_mut(), libc::WNOHANG) };
+        while alive(pid) && t.elapsed() < Duration::from_secs(30) {
+            crate::util::reap();
             std::thread::sleep(Duration::from_millis(100));
         }
+        crate::util::reap_all(Duration::from_secs(15));
         println!("xtask: stopped the dockerd the tests started");
     }
+}
+
+/// Whether `pid` runs (a zombie does not).
+fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+        !st.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    })
 }
 
 /// A test image built locally from a tarball (no registry is reachable): busybox for a

@@ -66,6 +66,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Test { no_lint, only } => {
+            util::become_subreaper();
             setup::setup()?;
             test(no_lint, &only)
         }
@@ -190,6 +191,7 @@ fn test(no_lint: bool, only: &[String]) -> Result<()> {
                 "--test-threads=1",
             ])
             .env("DATAPLANE_EBPF_OBJECT", ebpf_object())
+            .envs(engine.env())
             .env("DATAPLANE_TEST_IMAGE", &image.name)
             .env("DATAPLANE_BIN_DIR", project_root().join("target/release")));
         drop(image);

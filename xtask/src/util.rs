@@ -112,3 +112,38 @@ pub fn timed<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     println!("xtask: {name}: {:.1}s", t.elapsed().as_secs_f64());
     r
 }
+
+/// Makes this process the reaper of its orphaned descendants (a dockerd that a test
+/// restarted detached, containerd), so none is left behind as a zombie.
+pub fn become_subreaper() {
+    // SAFETY: prctl with these arguments only changes this process's own attribute.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+}
+
+/// Reaps every exited child without blocking.
+pub fn reap() {
+    loop {
+        // SAFETY: waitpid with WNOHANG on any child; no memory is passed.
+        let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+        if r <= 0 {
+            break;
+        }
+    }
+}
+
+/// Reaps children until none is left (or `timeout`): containerd outlives dockerd briefly.
+pub fn reap_all(timeout: std::time::Duration) {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        // SAFETY: as in `reap`.
+        let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+        if r < 0 {
+            return; // ECHILD: no children left
+        }
+        if r == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
