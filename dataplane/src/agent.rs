@@ -261,7 +261,7 @@ impl Agent {
         let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
         let mut resync = tokio::time::interval(resync_interval);
         resync.tick().await;
-        let mut counters = tokio::time::interval(Duration::from_secs(1));
+        let mut counters = tokio::time::interval(Duration::from_millis(250));
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut events = Box::pin(docker::events(&self.docker));
@@ -330,6 +330,27 @@ impl Agent {
         }
         if let Err(e) = self.apply() {
             warn!(error = %format!("{e:#}"), "applying frontends failed");
+            return;
+        }
+        // How long a start event took to become a frontend in the map (the bench reads it).
+        let now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        for ev in batch {
+            if ev.action.as_deref() == Some("start")
+                && let Some(t) = ev.time_nano
+            {
+                let id = ev
+                    .actor
+                    .as_ref()
+                    .and_then(|a| a.id.as_deref())
+                    .unwrap_or("");
+                if self.containers.contains_key(id) {
+                    #[allow(clippy::cast_precision_loss, reason = "microseconds, for a log")]
+                    let us = (now_ns - t) as f64 / 1e3;
+                    debug!(container = %id.chars().take(12).collect::<String>(), latency_us = us, "start event synced");
+                }
+            }
         }
     }
 

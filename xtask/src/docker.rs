@@ -231,3 +231,76 @@ impl Drop for TestImage {
             .status();
     }
 }
+
+/// The pid of the running dockerd that xtask started (from its pidfile), if any.
+pub fn owned_engine_pid() -> Option<u32> {
+    let pid = fs::read_to_string(PIDFILE)
+        .ok()?
+        .trim()
+        .parse::<u32>()
+        .ok()?;
+    (alive(pid)
+        && fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "dockerd"))
+    .then_some(pid)
+}
+
+/// Stops the dockerd that xtask started, if one runs.
+pub fn stop_owned_engine() {
+    let Some(pid) = owned_engine_pid() else {
+        return;
+    };
+    let Ok(pid_i) = i32::try_from(pid) else {
+        return;
+    };
+    // SAFETY: signalling the dockerd we started (its pidfile names it).
+    unsafe { libc::kill(pid_i, libc::SIGTERM) };
+    let t = Instant::now();
+    while alive(pid) && t.elapsed() < Duration::from_secs(30) {
+        crate::util::reap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    crate::util::reap_all(Duration::from_secs(10));
+}
+
+/// (Re)starts xtask's own dockerd with the userland proxy on or off, detached, and waits
+/// until it answers. Containers with `--restart always` come back with it.
+pub fn restart_engine(userland_proxy: bool) -> Result<()> {
+    let conf = fs::read_to_string("/etc/docker/daemon.json").unwrap_or_default();
+    if conf.contains("userland-proxy") {
+        bail!("/etc/docker/daemon.json sets userland-proxy: the bench needs to switch it itself");
+    }
+    stop_owned_engine();
+    if engine_up() {
+        bail!("a Docker engine that xtask did not start answers on {SOCKET}");
+    }
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(LOG)
+        .with_context(|| format!("opening {LOG}"))?;
+    let ok = Command::new("setsid")
+        .args([
+            "--fork",
+            "dockerd",
+            &format!("--userland-proxy={userland_proxy}"),
+            "--pidfile",
+            PIDFILE,
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
+        .context("starting dockerd")?
+        .success();
+    if !ok {
+        bail!("starting dockerd failed; see {LOG}");
+    }
+    let t = Instant::now();
+    while !engine_up() {
+        if t.elapsed() > Duration::from_mins(1) {
+            bail!("dockerd did not answer within 60 s; see {LOG}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}

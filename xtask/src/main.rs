@@ -1,5 +1,6 @@
 //! `cargo xtask`: the single entry for setup, build, run, test and bench.
 
+mod bench;
 mod docker;
 mod setup;
 mod util;
@@ -34,6 +35,13 @@ enum Cmd {
     /// Build the test image (busybox, iperf3, socat, haproxy) as `dataplane-test:latest`
     /// and keep it, for trying things by hand.
     Image,
+    /// Measure the dataplane against direct, docker-proxy and iptables NAT, in one run;
+    /// writes bench/results/latest.md and latest.svg. Restarts xtask's own dockerd.
+    Bench {
+        /// A few minutes instead of about half an hour: fewer metrics, shorter runs.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Every test layer: lint, unit, netns integration, end-to-end with Docker.
     Test {
         /// Skip `cargo fmt --check` and clippy.
@@ -64,6 +72,11 @@ fn main() -> Result<()> {
             let image = docker::TestImage::build_named("dataplane-test:latest")?;
             std::mem::forget(image);
             Ok(())
+        }
+        Cmd::Bench { quick } => {
+            setup::setup()?;
+            build()?;
+            bench::bench(quick)
         }
         Cmd::Test { no_lint, only } => {
             util::become_subreaper();
@@ -115,6 +128,14 @@ fn build() -> Result<()> {
         "--package",
         "dataplane",
         "--package",
+        "bridge-ctl",
+        "--package",
+        "xtask",
+        "--bin",
+        "dp-churn",
+        "--bin",
+        "dataplane",
+        "--bin",
         "bridge-ctl",
     ])
     .env("DATAPLANE_EBPF_OBJECT", ebpf_object());
