@@ -3,6 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     path::PathBuf,
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -49,8 +50,9 @@ struct Agent {
     shared: Shared,
     binding_errors: BTreeMap<String, Vec<String>>,
     host_addrs: Vec<HostAddr>,
-    notrack: Notrack,
-    forward: Forward,
+    netfilter: Netfilter,
+    /// When the frontends map was last written (sync latency is measured to here).
+    frontends_written: SystemTime,
     /// Pid of each running container (for reaching its network namespace).
     pids: HashMap<String, i64>,
     /// Backends in the maps after the last apply: the ones that disappear get their
@@ -79,6 +81,77 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The nftables table and the iptables chain are written by child processes (`nft`,
+/// `iptables-restore`: tens of milliseconds), so they are applied off the event loop, after
+/// the maps: a new frontend answers at once, its notrack rules follow. Requests coalesce and
+/// run in order; the latest wins.
+#[derive(Clone)]
+struct Netfilter(Arc<Mutex<NetfilterInner>>);
+
+struct NetfilterInner {
+    notrack: Notrack,
+    forward: Forward,
+    want: Option<notrack::Spec>,
+    force: bool,
+    closed: bool,
+}
+
+impl Netfilter {
+    fn new(notrack: Notrack, forward: Forward) -> Self {
+        Self(Arc::new(Mutex::new(NetfilterInner {
+            notrack,
+            forward,
+            want: None,
+            force: false,
+            closed: false,
+        })))
+    }
+
+    fn schedule(&self, spec: notrack::Spec, force: bool) {
+        {
+            let mut g = self.0.lock().expect("netfilter lock");
+            g.want = Some(spec);
+            g.force |= force;
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.run());
+    }
+
+    fn run(&self) {
+        let mut g = self.0.lock().expect("netfilter lock");
+        if g.closed {
+            return;
+        }
+        let Some(spec) = g.want.take() else { return };
+        let force = std::mem::take(&mut g.force);
+        match g.notrack.apply(&spec, force) {
+            Ok(true) => debug!(
+                backends = spec.backends.len(),
+                "nftables notrack table applied"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "updating the nftables notrack table failed");
+            }
+        }
+        // Without it only cross-network hairpin suffers: a warning, not a failed sync.
+        if let Err(e) = g.forward.apply(&spec.backends, force) {
+            warn!(error = %format!("{e:#}"), "updating the DOCKER-USER forwarding exceptions failed");
+        }
+    }
+
+    /// No more updates; removes the table and the chain (after any running update).
+    fn close_and_remove(&self) {
+        let mut g = self.0.lock().expect("netfilter lock");
+        g.closed = true;
+        g.want = None;
+        g.forward.remove();
+        if let Err(e) = g.notrack.remove() {
+            warn!(error = %format!("{e:#}"), "removing the nftables table failed");
+        }
+    }
 }
 
 /// Why the agent could not start; each has its own exit code, for supervisors.
@@ -213,8 +286,8 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         shared,
         binding_errors: BTreeMap::new(),
         host_addrs: Vec::new(),
-        notrack: Notrack::new(&opts.nft_table),
-        forward: Forward::new(&opts.fwd_chain),
+        netfilter: Netfilter::new(Notrack::new(&opts.nft_table), Forward::new(&opts.fwd_chain)),
+        frontends_written: SystemTime::now(),
         pids: HashMap::new(),
         backends: BTreeSet::new(),
         force_notrack: true,
@@ -239,10 +312,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         // Nothing outlives the agent: the programs detach when `loaded` drops, and the
         // notrack rules and forwarding exceptions must go with them, or Docker's own NAT
         // path would lose conntrack for local clients.
-        agent.forward.remove();
-        if let Err(e) = agent.notrack.remove() {
-            warn!(error = %format!("{e:#}"), table = %opts.nft_table, "removing the nftables table failed");
-        }
+        agent.netfilter.close_and_remove();
     } else {
         info!(
             "pinned programs, maps and rules stay in place: translation goes on; `dataplane uninstall` removes them"
@@ -333,7 +403,8 @@ impl Agent {
             return;
         }
         // How long a start event took to become a frontend in the map (the bench reads it).
-        let now_ns = SystemTime::now()
+        let now_ns = self
+            .frontends_written
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
         for ev in batch {
@@ -453,17 +524,9 @@ impl Agent {
         let applied = reconcile(&mut self.loaded.frontends()?, &want)
             .context("updating the frontends map")?;
         reconcile(&mut self.loaded.ports()?, &ports).context("updating the ports map")?;
+        self.frontends_written = SystemTime::now();
         let spec = notrack::Spec::new(want.iter(), &self.host_addrs);
-        if self.notrack.apply(&spec, self.force_notrack)? {
-            debug!(
-                backends = spec.backends.len(),
-                "nftables notrack table applied"
-            );
-        }
-        // Without it only cross-network hairpin suffers: a warning, not a failed sync.
-        if let Err(e) = self.forward.apply(&spec.backends, self.force_notrack) {
-            warn!(error = %format!("{e:#}"), "updating the DOCKER-USER forwarding exceptions failed");
-        }
+        self.netfilter.schedule(spec.clone(), self.force_notrack);
         self.force_notrack = false;
         let gone: Vec<terminate::Gone> =
             self.backends.difference(&spec.backends).copied().collect();

@@ -502,6 +502,18 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
     )
 }
 
+/// Removes every container the bench made, also when it fails.
+struct Containers;
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        let ids = sh(&["docker", "ps", "-aq", "--filter", "name=^dpb-"]).unwrap_or_default();
+        for id in ids.split_whitespace() {
+            let _ = sh(&["docker", "rm", "-f", id]);
+        }
+    }
+}
+
 fn run_containers(image: &str) -> Result<()> {
     for n in ["dpb-srv", "dpb-http", "dpb-client"] {
         let _ = sh(&["docker", "rm", "-f", n]);
@@ -821,6 +833,7 @@ pub fn bench(quick: bool) -> Result<()> {
     }
     docker::restart_engine(false)?;
     let image = TestImage::build()?;
+    let _containers = Containers;
     run_containers(&image.name)?;
     let rounds = 3;
     let mut env = Env {
@@ -866,7 +879,7 @@ pub fn bench(quick: bool) -> Result<()> {
                     }
                 };
                 env.measure(Variant::Nat, &none)?;
-                let _agent = Agent::start()?;
+                let agent = Agent::start()?;
                 let before = std::cell::Cell::new(Agent::connects());
                 env.measure(Variant::Dataplane, &|| {
                     none()?;
@@ -878,7 +891,15 @@ pub fn bench(quick: bool) -> Result<()> {
                         now = Agent::connects();
                     }
                     if now <= before.get() {
-                        bail!("dataplane variant not in effect: the agent translated nothing");
+                        let status = Command::new(project_root().join("target/release/bridge-ctl"))
+                            .args(["--socket", AGENT_SOCKET, "status"])
+                            .output()
+                            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                            .unwrap_or_default();
+                        bail!(
+                            "dataplane variant not in effect: the agent translated nothing\n{status}\n{}",
+                            agent.log_text()
+                        );
                     }
                     before.set(now);
                     Ok(())
