@@ -1121,7 +1121,8 @@ mod tests {
             ("a".into(), [0.5, 0.8, 1.0]),
             ("b".into(), [f64::NAN, 0.9, 0.99]),
         ]);
-        assert_eq!(s.matches("<rect x=\"330\"").count(), 5);
+        // Bars are 8 high; the legend's swatches 10.
+        assert_eq!(s.matches("height=\"8\"").count(), 5);
         assert!(s.contains("1.0 = direct"));
     }
 }
