@@ -12,12 +12,11 @@
 use std::{
     collections::BTreeSet,
     fmt::Write as _,
-    io::Write as _,
     net::IpAddr,
     process::{Command, Stdio},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 pub const CHAIN: &str = "DATAPLANE-FWD";
 
@@ -71,27 +70,7 @@ fn docker_user_exists(v6: bool) -> bool {
 }
 
 fn restore(v6: bool, input: &str) -> Result<()> {
-    let bin = tool(v6, "iptables-restore");
-    let mut child = Command::new(&bin)
-        .args(["-w", "--noflush"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {bin}"))?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{bin} refused the batch (nothing was changed): {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    crate::notrack::run_batch(&tool(v6, "iptables-restore"), &["-w", "--noflush"], input)
 }
 
 /// The forwarding exceptions as applied, so unchanged backends cost nothing.

@@ -147,28 +147,36 @@ pub fn script(t: &str, spec: &Spec) -> String {
     s
 }
 
-fn nft(script: &str) -> Result<()> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
+/// Runs `program args` with `input` on its standard input: one transaction (`nft -f -`,
+/// `iptables-restore`), all or nothing. Its error output becomes the error.
+pub(crate) fn run_batch(program: &str, args: &[&str], input: &str) -> Result<()> {
+    let mut child = Command::new(program)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .context("running nft (install nftables)")?;
+        .with_context(|| format!("running {program}"))?;
     child
         .stdin
         .take()
         .expect("piped stdin")
-        .write_all(script.as_bytes())
-        .context("writing to nft")?;
-    let out = child.wait_with_output().context("waiting for nft")?;
+        .write_all(input.as_bytes())
+        .with_context(|| format!("writing to {program}"))?;
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for {program}"))?;
     if !out.status.success() {
         bail!(
-            "nft refused the batch (nothing was changed): {}",
+            "{program} refused the batch (nothing was changed): {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(())
+}
+
+fn nft(script: &str) -> Result<()> {
+    run_batch("nft", &["-f", "-"], script)
 }
 
 /// The table as it is applied, so an unchanged spec costs nothing.

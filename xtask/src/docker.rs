@@ -103,17 +103,7 @@ impl Drop for TestEngine {
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
             .unwrap_or(first);
-        let Ok(pid_i) = i32::try_from(pid) else {
-            return;
-        };
-        // SAFETY: signalling a process we started.
-        unsafe { libc::kill(pid_i, libc::SIGTERM) };
-        let t = Instant::now();
-        while alive(pid) && t.elapsed() < Duration::from_secs(30) {
-            crate::util::reap();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        crate::util::reap_all(Duration::from_secs(15));
+        terminate_engine(pid);
         println!("xtask: stopped the dockerd the tests started");
     }
 }
@@ -246,9 +236,13 @@ pub fn owned_engine_pid() -> Option<u32> {
 
 /// Stops the dockerd that xtask started, if one runs.
 pub fn stop_owned_engine() {
-    let Some(pid) = owned_engine_pid() else {
-        return;
-    };
+    if let Some(pid) = owned_engine_pid() {
+        terminate_engine(pid);
+    }
+}
+
+/// SIGTERM to a dockerd xtask started, then waits for it (and reaps what it leaves).
+fn terminate_engine(pid: u32) {
     let Ok(pid_i) = i32::try_from(pid) else {
         return;
     };
@@ -259,7 +253,7 @@ pub fn stop_owned_engine() {
         crate::util::reap();
         std::thread::sleep(Duration::from_millis(100));
     }
-    crate::util::reap_all(Duration::from_secs(10));
+    crate::util::reap_all(Duration::from_secs(15));
 }
 
 /// (Re)starts xtask's own dockerd with the userland proxy on or off, detached, and waits
