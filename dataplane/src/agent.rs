@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use bollard::Docker;
+use bollard::{Docker, models::ContainerInspectResponse};
 use dataplane_common::{CFG_F_RESERVE_PORTS, Config, FrontendKey};
 use futures_util::{StreamExt, stream::FuturesUnordered};
 use tokio::{signal::unix::SignalKind, sync::mpsc};
@@ -154,6 +154,24 @@ impl Netfilter {
     }
 }
 
+type Inspected = Vec<(String, Result<Option<ContainerInspectResponse>>)>;
+
+/// Inspects each container once, all at the same time.
+async fn inspect_all(docker: &Docker, ids: impl IntoIterator<Item = String>) -> Inspected {
+    let mut pending: FuturesUnordered<_> = ids
+        .into_iter()
+        .map(|id| async move {
+            let r = docker::inspect(docker, &id).await;
+            (id, r)
+        })
+        .collect();
+    let mut results = Vec::new();
+    while let Some(r) = pending.next().await {
+        results.push(r);
+    }
+    results
+}
+
 /// Why the agent could not start; each has its own exit code, for supervisors.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -190,7 +208,7 @@ async fn load_and_list(
     cgroup: PathBuf,
     host_cookie: u64,
     start: Instant,
-) -> Result<(Loaded, Docker, Vec<String>, String), StartError> {
+) -> Result<(Loaded, Docker, Inspected, String), StartError> {
     let fresh_pins = opts.pin_dir.as_ref().filter(|d| !d.exists()).cloned();
     let undo = |e: StartError| {
         if let Some(dir) = &fresh_pins {
@@ -202,13 +220,14 @@ async fn load_and_list(
     let docker_fut = async {
         let d = docker::connect(&opts.docker_socket).await?;
         let ids = docker::running_ids(&d).await?;
+        let inspected = inspect_all(&d, ids).await;
         let version = d
             .version()
             .await
             .ok()
             .and_then(|v| v.version)
             .unwrap_or_default();
-        anyhow::Ok((d, ids, version))
+        anyhow::Ok((d, inspected, version))
     };
     let pin_dir = opts.pin_dir.clone();
     let load_fut = tokio::task::spawn_blocking(move || {
@@ -217,7 +236,7 @@ async fn load_and_list(
         (r, t.elapsed())
     });
     let (docker_res, load_res) = tokio::join!(
-        async { phase!(start, "docker_list", docker_fut.await) },
+        async { phase!(start, "docker_list_inspect", docker_fut.await) },
         load_fut
     );
     let (load_res, load_took) = load_res.context("load task")?;
@@ -230,7 +249,7 @@ async fn load_and_list(
         took_ms = load_took.as_secs_f64() * 1e3,
         "init phase done"
     );
-    let (docker, ids, docker_version) = match docker_res {
+    let (docker, inspected, docker_version) = match docker_res {
         Ok(d) => d,
         Err(e) => {
             drop(loaded);
@@ -245,7 +264,7 @@ async fn load_and_list(
         return Err(undo(StartError::Kernel(e)));
     }
 
-    Ok((loaded, docker, ids, docker_version))
+    Ok((loaded, docker, inspected, docker_version))
 }
 
 pub async fn run(opts: Options) -> Result<(), StartError> {
@@ -264,7 +283,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     if let Some(dir) = &opts.pin_dir {
         bpf::check_bpffs(dir).map_err(StartError::Environment)?;
     }
-    let (loaded, docker, ids, docker_version) =
+    let (loaded, docker, inspected, docker_version) =
         load_and_list(&opts, cgroup, host_cookie, start).await?;
     let shared: Shared = Shared::default();
     {
@@ -294,7 +313,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     };
     phase!(start, "first_sync", {
         agent.sync_local_addrs().await?;
-        agent.refresh(ids.into_iter().collect()).await?;
+        agent.ingest(inspected)?;
         agent.apply()?;
     });
     agent.shared.lock().expect("status lock").ready = true;
@@ -445,19 +464,12 @@ impl Agent {
 
     /// Inspects each container once (a few at a time) and replaces its frontends.
     async fn refresh(&mut self, ids: BTreeSet<String>) -> Result<()> {
-        let docker = &self.docker;
-        let mut pending: FuturesUnordered<_> = ids
-            .into_iter()
-            .map(|id| async move {
-                let r = docker::inspect(docker, &id).await;
-                (id, r)
-            })
-            .collect();
-        let mut results = Vec::new();
-        while let Some(r) = pending.next().await {
-            results.push(r);
-        }
-        drop(pending);
+        let results = inspect_all(&self.docker, ids).await;
+        self.ingest(results)
+    }
+
+    /// Replaces each inspected container's frontends (none when it is gone).
+    fn ingest(&mut self, results: Inspected) -> Result<()> {
         for (id, r) in results {
             if let Some(c) = r? {
                 match c.state.as_ref().and_then(|s| s.pid).filter(|p| *p > 0) {
