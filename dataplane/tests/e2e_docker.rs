@@ -217,6 +217,16 @@ fn curl(url: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Waits until `http://127.0.0.1:<port>/` answers.
+fn wait_http(what: &str, port: u16, timeout: Duration) {
+    let url = format!("http://127.0.0.1:{port}/");
+    wait_until(what, timeout, || {
+        cmd(&["curl", "-sf", "--max-time", "2", &url])
+            .status
+            .success()
+    });
+}
+
 /// The kernel's view of a connected socket (`ss`), not what `getpeername()` says.
 fn kernel_peer(s: &TcpStream) -> String {
     let local = s.local_addr().unwrap();
@@ -492,20 +502,10 @@ fn binding_a_published_port_is_refused_and_docker_still_works() {
     });
     // Docker's own operations are not refused: restart re-binds the port.
     sh(&["docker", "restart", "-t", "1", &web.name]);
-    wait_until(
+    wait_http(
         "the restarted backend to answer",
+        p,
         Duration::from_secs(15),
-        || {
-            cmd(&[
-                "curl",
-                "-sf",
-                "--max-time",
-                "2",
-                &format!("http://127.0.0.1:{p}/"),
-            ])
-            .status
-            .success()
-        },
     );
     // Unpublished ports bind as usual.
     let free = TcpListener::bind(("127.0.0.1", port(6)));
@@ -585,17 +585,7 @@ fn haproxy_in_a_container_balances_over_gateway_published_backends() {
         ],
     );
     let agent = Agent::start("f");
-    wait_until("haproxy to answer", Duration::from_secs(15), || {
-        cmd(&[
-            "curl",
-            "-sf",
-            "--max-time",
-            "2",
-            &format!("http://127.0.0.1:{lbp}/"),
-        ])
-        .status
-        .success()
-    });
+    wait_http("haproxy to answer", lbp, Duration::from_secs(15));
     let before = conntrack_count();
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..20 {
@@ -774,20 +764,10 @@ fn docker_events_drive_the_frontends() {
 
     sh(&["docker", "restart", "-t", "0", &web.name]);
     wait_row("restart", &|r| r.is_some());
-    wait_until(
+    wait_http(
         "the restarted backend to answer",
+        p,
         Duration::from_secs(10),
-        || {
-            cmd(&[
-                "curl",
-                "-sf",
-                "--max-time",
-                "2",
-                &format!("http://127.0.0.1:{p}/"),
-            ])
-            .status
-            .success()
-        },
     );
 
     // A second network: the backend follows the container's addresses.
@@ -923,21 +903,7 @@ fn dockerd_restart_is_survived_and_resynced() {
         cmd(&["docker", "version"]).status.success()
     });
     // The restart policy brings the container back; the agent reconnects and resyncs.
-    wait_until(
-        "the frontend to serve again",
-        Duration::from_secs(30),
-        || {
-            cmd(&[
-                "curl",
-                "-sf",
-                "--max-time",
-                "2",
-                &format!("http://127.0.0.1:{p}/"),
-            ])
-            .status
-            .success()
-        },
-    );
+    wait_http("the frontend to serve again", p, Duration::from_secs(30));
     let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
     assert_eq!(kernel_peer(&s), format!("{}:80", web.ip()));
     assert!(

@@ -181,37 +181,13 @@ fn test(no_lint: bool, only: &[String]) -> Result<()> {
     }
     if want("integration") {
         println!("== integration tests (network namespaces, a child cgroup, real programs)");
-        run(util::cargo()
-            .args([
-                "test",
-                "--release",
-                "--package",
-                "dataplane",
-                "--test",
-                "netns",
-                "--",
-                "--ignored",
-                "--test-threads=1",
-            ])
-            .env("DATAPLANE_EBPF_OBJECT", ebpf_object()))?;
+        run(&mut privileged_tests("netns"))?;
     }
     if want("e2e") {
         println!("== end-to-end tests (real Docker engine, the agent, curl)");
         let engine = docker::TestEngine::start()?;
         let image = docker::TestImage::build()?;
-        let r = run(util::cargo()
-            .args([
-                "test",
-                "--release",
-                "--package",
-                "dataplane",
-                "--test",
-                "e2e_docker",
-                "--",
-                "--ignored",
-                "--test-threads=1",
-            ])
-            .env("DATAPLANE_EBPF_OBJECT", ebpf_object())
+        let r = run(privileged_tests("e2e_docker")
             .envs(engine.env())
             .env("DATAPLANE_TEST_IMAGE", &image.name)
             .env("DATAPLANE_BIN_DIR", project_root().join("target/release")));
@@ -221,6 +197,25 @@ fn test(no_lint: bool, only: &[String]) -> Result<()> {
     }
     println!("xtask: all requested test layers passed");
     Ok(())
+}
+
+/// `cargo test` of one privileged test file: release build (the programs load faster),
+/// ignored tests included, one at a time.
+fn privileged_tests(file: &str) -> std::process::Command {
+    let mut c = util::cargo();
+    c.args([
+        "test",
+        "--release",
+        "--package",
+        "dataplane",
+        "--test",
+        file,
+        "--",
+        "--ignored",
+        "--test-threads=1",
+    ])
+    .env("DATAPLANE_EBPF_OBJECT", ebpf_object());
+    c
 }
 
 fn lint() -> Result<()> {
