@@ -39,6 +39,12 @@ const EXIT_NO_AGENT: u8 = 2;
 const EXIT_NOT_READY: u8 = 1;
 
 fn main() -> ExitCode {
+    // `bridge-ctl frontends | head` ends quietly, as a Unix filter should, instead of
+    // panicking on a closed pipe.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let request = match cli.cmd {
         Cmd::Status => "status",
