@@ -912,6 +912,7 @@ pub fn bench(quick: bool) -> Result<()> {
         let _ = sh(&["docker", "rm", "-f", n]);
     }
     drop(image);
+    let _ = fs::remove_dir_all("/run/dataplane-bench");
     write_report(&env, &extra, started.elapsed(), quick)?;
     if owned.is_none() {
         docker::stop_owned_engine();
