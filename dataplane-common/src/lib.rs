@@ -14,18 +14,22 @@ pub const PROTO_UDP: u8 = 17;
 
 /// Kernel names of the maps. A new layout gets a new name (the `_vN` suffix) so an
 /// upgrade can tell old pinned maps from new ones.
-pub const MAP_FRONTENDS: &str = "DP_FE_V1";
+pub const MAP_FRONTENDS: &str = "DP_FE_V2";
 pub const MAP_LOCAL_ADDRS: &str = "DP_LOCAL_V1";
 pub const MAP_CONFIG: &str = "DP_CFG_V1";
-pub const MAP_STATS: &str = "DP_STATS_V1";
+pub const MAP_STATS: &str = "DP_STATS_V2";
 pub const MAP_SOCK_REV: &str = "DP_SKREV_V1";
 pub const MAP_PORTS: &str = "DP_PORTS_V1";
 pub const MAP_FE_STATS: &str = "DP_FESTATS_V1";
+pub const MAP_PEER_NETS: &str = "DP_PEERNET_V1";
+pub const MAP_SOCK_OPT: &str = "DP_SKOPT_V1";
 
 /// Capacity of the frontends map (published address:port/proto entries).
 pub const FRONTENDS_MAX: u32 = 65_536;
 /// Capacity of the local-address map.
 pub const LOCAL_ADDRS_MAX: u32 = 4_096;
+/// Capacity of the peer-networks map: (container network namespace, network) pairs.
+pub const PEER_NETS_MAX: u32 = 65_536;
 
 /// An address as the maps hold it: 16 bytes in network order. IPv6 as is; IPv4 as an
 /// IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), so one key type serves both families.
@@ -117,6 +121,12 @@ pub struct Backend {
     pub flags: u16,
     /// Frontend id chosen by the agent (stable per published binding), for counters.
     pub id: u32,
+    /// The Docker network the backend is reached on ([`net_id`] of its network ID); a
+    /// container client is translated only when its namespace is on this network
+    /// ([`PeerNetKey`]). Zero: unknown, host clients only.
+    pub net: u32,
+    /// Always zero.
+    pub pad: u32,
 }
 
 impl Backend {
@@ -125,6 +135,56 @@ impl Backend {
         u16::from_be(self.port_be)
     }
 }
+
+/// Key of the peer-networks map: "the network namespace with this cookie is a Docker
+/// container attached to this network, and may be translated to backends on it". The host
+/// network namespace is not in the map (it is known from [`Config`]); a namespace that is in
+/// neither (`ip netns`, podman, a test runner) is an external client and takes Docker's path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerNetKey {
+    /// `SO_NETNS_COOKIE` of the container's network namespace.
+    pub netns_cookie: u64,
+    /// [`net_id`] of the Docker network.
+    pub net: u32,
+    /// Always zero.
+    pub pad: u32,
+}
+
+/// Value of the peer-networks map (presence is what counts).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerNet {
+    /// Always zero for now.
+    pub flags: u32,
+}
+
+/// A 32-bit id for a Docker network ID (FNV-1a, never zero). A collision between two
+/// networks can only make the straight path be tried where Docker's isolation then drops it;
+/// no rule of the agent's lets traffic between networks.
+pub fn net_id(docker_network_id: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in docker_network_id.as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    if h == 0 { 1 } else { h }
+}
+
+/// Per-socket options the `setsockopt` hook records (socket storage): what the
+/// translation must respect but the `sock_addr` context does not show.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOpt {
+    /// `SOCKOPT_F_*` bits.
+    pub flags: u32,
+}
+
+/// `IPV6_V6ONLY` was set on the socket: it cannot reach an IPv4 backend through a
+/// v4-mapped address.
+pub const SOCKOPT_F_V6ONLY: u32 = 1;
+/// `IPV6_V6ONLY` was explicitly cleared (overrides a `bindv6only=1` default).
+pub const SOCKOPT_F_V6ONLY_OFF: u32 = 2;
 
 /// Key of the published-ports map: which ports `bind()` must leave to Docker.
 #[repr(C)]
@@ -162,6 +222,10 @@ pub struct TestRequest {
     pub proto: u8,
     /// `TEST_F_*` bits.
     pub flags: u8,
+    /// Always zero.
+    pub pad: u32,
+    /// The client's network namespace cookie (outside the host's, see [`PeerNetKey`]).
+    pub netns_cookie: u64,
 }
 
 /// The answer of `dp_test_xlate`: the rewritten destination (zero when not translated).
@@ -204,6 +268,12 @@ pub struct Config {
 
 /// Refuse `bind()` of a published port by other processes.
 pub const CFG_F_RESERVE_PORTS: u64 = 1;
+/// Container clients (namespaces in the peer-networks map) are translated. Off when the
+/// operator's forwarding rules could treat their traffic differently from Docker's path.
+pub const CFG_F_PEERS: u64 = 2;
+/// The host network namespace has `net.ipv6.bindv6only=1`: IPv6 sockets are IPv6-only
+/// unless they cleared `IPV6_V6ONLY`.
+pub const CFG_F_BINDV6ONLY: u64 = 4;
 
 /// Per-socket state kept in socket-local storage: what the application dialled and where it
 /// was sent, so `getpeername()` and UDP `recvmsg()` can show the dialled address for
@@ -230,7 +300,28 @@ pub const STAT_RECVMSG: u32 = 2;
 pub const STAT_GETPEERNAME: u32 = 3;
 pub const STAT_BIND_REFUSED: u32 = 4;
 pub const STAT_SKSTORE_FULL: u32 = 5;
-pub const STATS_LEN: u32 = 8;
+/// A frontend was dialled from a socket bound to a source address: left to Docker's path.
+pub const STAT_SKIP_BOUND: u32 = 6;
+/// A frontend was dialled from a namespace that is not the host's nor a container on the
+/// backend's network: left to Docker's path.
+pub const STAT_SKIP_NETWORK: u32 = 7;
+/// A frontend was dialled over IPv6 by an IPv6-only socket and the backend has IPv4 only:
+/// left to Docker's path.
+pub const STAT_SKIP_V6ONLY: u32 = 8;
+/// Entries of the stats map.
+pub const STATS_LEN: u32 = 16;
+/// Names of the counters, by index, as the agent reports them.
+pub const STAT_NAMES: [&str; 9] = [
+    "connect",
+    "sendmsg",
+    "recvmsg",
+    "getpeername",
+    "bind_refused",
+    "sock_storage_full",
+    "skipped_bound_source",
+    "skipped_other_network",
+    "skipped_v6only",
+];
 
 #[cfg(feature = "user")]
 mod pod {
@@ -243,6 +334,9 @@ mod pod {
     unsafe impl aya::Pod for super::SockRev {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::PortFamilies {}
+    unsafe impl aya::Pod for super::PeerNetKey {}
+    unsafe impl aya::Pod for super::PeerNet {}
+    unsafe impl aya::Pod for super::SockOpt {}
 }
 
 #[cfg(test)]
@@ -254,13 +348,16 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<FrontendKey>(), 16 + 2 + 1 + 1);
-        assert_eq!(size_of::<Backend>(), 16 + 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<Backend>(), 16 + 16 + 2 + 2 + 4 + 4 + 4);
+        assert_eq!(size_of::<PeerNetKey>(), 16);
+        assert_eq!(size_of::<PeerNet>(), 4);
+        assert_eq!(size_of::<SockOpt>(), 4);
         assert_eq!(size_of::<LocalAddr>(), 4);
         assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<SockRev>(), 16 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<PortKey>(), 4);
         assert_eq!(size_of::<PortFamilies>(), 4);
-        assert_eq!(size_of::<TestRequest>(), 20);
+        assert_eq!(size_of::<TestRequest>(), 32);
         assert_eq!(size_of::<TestAnswer>(), 20);
     }
 

@@ -19,35 +19,58 @@ pub struct Target {
     pub id: u32,
 }
 
+/// Why a destination was not translated (counted by the hooks, for operators).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skip {
+    /// Not a frontend: an ordinary destination.
+    NoFrontend,
+    /// A frontend, but the client is in a container namespace that is not on the backend's
+    /// network (or not a known Docker container at all): Docker's own path decides.
+    OtherNetwork,
+}
+
 /// Finds the frontend a destination hits, if any.
 ///
 /// - `dst` is what the application dialled (IPv4 as mapped), `port_be` in network order.
 /// - A port of 0 is never a frontend (UDP `connect()` to port 0 is glibc's source-address
 ///   discovery and must not create state).
-/// - Loopback destinations are frontends only inside the host network namespace: a
-///   container's own `127.0.0.1` stays its own.
-/// - An exact `addr:port` entry (`-p IP:P:C`) wins; otherwise a wildcard entry of the
-///   destination's family (`-p P:C`) applies when the destination is loopback (host netns)
+/// - Loopback destinations, and the unspecified address (which the kernel turns into a
+///   loopback one), are frontends only inside the host network namespace: a container's
+///   own `127.0.0.1` and `0.0.0.0` stay its own.
+/// - A frontend applies only while its destination is this host's: loopback (host netns)
 ///   or a local address (host addresses and bridge gateways, from any namespace: hairpin).
+///   An exact `addr:port` entry (`-p IP:P:C`) wins over the wildcard of the destination's
+///   family (`-p P:C`); an exact entry whose address stopped being local (a VIP that failed
+///   over) is left alone.
+/// - Outside the host network namespace, `peer_on(net)` must say that the client's
+///   namespace is a Docker container on the backend's network: other namespaces, and
+///   containers on other networks, take Docker's own path (which applies Docker's network
+///   isolation and the operator's rules).
 #[inline(always)]
-pub fn frontend_for<F, L>(
+pub fn frontend_for<F, L, P>(
     dst: &Addr,
     port_be: u16,
     proto: u8,
     in_host_netns: bool,
     lookup: F,
     is_local: L,
-) -> Option<Backend>
+    peer_on: P,
+) -> Result<Backend, Skip>
 where
     F: Fn(&FrontendKey) -> Option<Backend>,
     L: Fn(&Addr) -> bool,
+    P: Fn(u32) -> bool,
 {
     if port_be == 0 {
-        return None;
+        return Err(Skip::NoFrontend);
     }
-    let loopback = is_loopback(dst);
+    let unspecified = is_zero(dst) || *dst == WILDCARD4;
+    let loopback = unspecified || is_loopback(dst);
     if loopback && !in_host_netns {
-        return None;
+        return Err(Skip::NoFrontend);
+    }
+    if !(loopback || is_local(dst)) {
+        return Err(Skip::NoFrontend);
     }
     let mut key = FrontendKey {
         addr: *dst,
@@ -55,18 +78,22 @@ where
         proto,
         pad: 0,
     };
-    if let Some(b) = lookup(&key) {
-        return Some(b);
-    }
-    if !(loopback || is_local(dst)) {
-        return None;
-    }
-    key.addr = if is_v4_mapped(dst) {
-        WILDCARD4
-    } else {
-        WILDCARD6
+    let exact = if unspecified { None } else { lookup(&key) };
+    let b = match exact {
+        Some(b) => b,
+        None => {
+            key.addr = if is_v4_mapped(dst) {
+                WILDCARD4
+            } else {
+                WILDCARD6
+            };
+            lookup(&key).ok_or(Skip::NoFrontend)?
+        }
     };
-    lookup(&key)
+    if !in_host_netns && !peer_on(b.net) {
+        return Err(Skip::OtherNetwork);
+    }
+    Ok(b)
 }
 
 /// The target for an IPv4 socket (`connect4`, `sendmsg4`): the backend's IPv4 address.
@@ -141,7 +168,7 @@ where
         };
         return fams.bits & want != 0;
     }
-    frontend_for(dst, port_be, proto, true, lookup, is_local).is_some()
+    frontend_for(dst, port_be, proto, true, lookup, is_local, |_| true).is_ok()
 }
 
 #[cfg(test)]
@@ -152,6 +179,7 @@ mod tests {
     const GW: [u8; 4] = [172, 17, 0, 1];
     const HOST: [u8; 4] = [10, 9, 8, 7];
     const CT: [u8; 4] = [172, 17, 0, 2];
+    const NET_A: u32 = 7;
 
     fn backend(port: u16, id: u32) -> Backend {
         Backend {
@@ -160,6 +188,8 @@ mod tests {
             port_be: port.to_be(),
             flags: 0,
             id,
+            net: NET_A,
+            pad: 0,
         }
     }
 
@@ -182,8 +212,64 @@ mod tests {
         *a == v4_mapped(GW) || *a == v4_mapped(HOST)
     }
 
+    /// A client in the host namespace, or in a container on network `NET_A`.
     fn hit(dst: Addr, port: u16, proto: u8, host_ns: bool) -> Option<u32> {
-        frontend_for(&dst, port.to_be(), proto, host_ns, table, local).map(|b| b.id)
+        frontend_for(&dst, port.to_be(), proto, host_ns, table, local, |n| {
+            n == NET_A
+        })
+        .ok()
+        .map(|b| b.id)
+    }
+
+    /// A client in a namespace that is on no network of the backend's.
+    fn hit_from_elsewhere(dst: Addr, port: u16) -> Result<u32, Skip> {
+        frontend_for(&dst, port.to_be(), PROTO_TCP, false, table, local, |_| {
+            false
+        })
+        .map(|b| b.id)
+    }
+
+    #[test]
+    fn other_namespaces_and_networks_take_dockers_path() {
+        assert_eq!(
+            hit_from_elsewhere(v4_mapped(GW), 8080),
+            Err(Skip::OtherNetwork)
+        );
+        assert_eq!(
+            hit_from_elsewhere(v4_mapped(HOST), 8080),
+            Err(Skip::OtherNetwork)
+        );
+        assert_eq!(
+            hit_from_elsewhere(v4_mapped(HOST), 8081),
+            Err(Skip::NoFrontend)
+        );
+    }
+
+    #[test]
+    fn the_unspecified_address_is_loopback_of_the_callers_namespace() {
+        // Host netns: 0.0.0.0:P is this host, as Docker serves it.
+        assert_eq!(hit(WILDCARD4, 8080, PROTO_TCP, true), Some(1));
+        assert_eq!(hit(WILDCARD6, 8080, PROTO_TCP, true), Some(2));
+        // A container's 0.0.0.0:P and [::]:P are its own services.
+        assert_eq!(hit(WILDCARD4, 8080, PROTO_TCP, false), None);
+        assert_eq!(hit(WILDCARD6, 8080, PROTO_TCP, false), None);
+    }
+
+    #[test]
+    fn exact_frontends_only_while_their_address_is_local() {
+        let vip = [10, 9, 8, 200];
+        let table_vip = |k: &FrontendKey| {
+            (*k == FrontendKey::new(v4_mapped(vip), 7070, PROTO_TCP)).then(|| backend(70, 9))
+        };
+        let with = |a: &Addr| *a == v4_mapped(vip);
+        let without = |_: &Addr| false;
+        let dst = v4_mapped(vip);
+        let p = 7070u16.to_be();
+        assert!(frontend_for(&dst, p, PROTO_TCP, true, table_vip, with, |_| true).is_ok());
+        assert_eq!(
+            frontend_for(&dst, p, PROTO_TCP, true, table_vip, without, |_| true),
+            Err(Skip::NoFrontend)
+        );
     }
 
     #[test]

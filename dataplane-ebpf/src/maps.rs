@@ -6,12 +6,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
 use dataplane_common::{
-    Backend, Config, FRONTENDS_MAX, FrontendKey, LOCAL_ADDRS_MAX, LocalAddr, PortFamilies, PortKey,
-    STATS_LEN, SockRev,
+    Backend, Config, FRONTENDS_MAX, FrontendKey, LOCAL_ADDRS_MAX, LocalAddr, PEER_NETS_MAX,
+    PeerNet, PeerNetKey, PortFamilies, PortKey, STATS_LEN, SockOpt, SockRev,
 };
 
 /// Published address:port/proto -> container. Written only by the agent.
-#[map(name = "DP_FE_V1")]
+#[map(name = "DP_FE_V2")]
 pub static FRONTENDS: HashMap<FrontendKey, Backend> = HashMap::with_max_entries(FRONTENDS_MAX, 0);
 
 /// Addresses that count as this host: host interface addresses and bridge gateways.
@@ -28,12 +28,21 @@ pub static PORTS: HashMap<PortKey, PortFamilies> = HashMap::with_max_entries(FRO
 #[map(name = "DP_FESTATS_V1")]
 pub static FE_STATS: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(FRONTENDS_MAX, 0);
 
+/// (container network namespace, Docker network) pairs: which container clients may be
+/// translated to backends on which network. Written only by the agent.
+#[map(name = "DP_PEERNET_V1")]
+pub static PEER_NETS: HashMap<PeerNetKey, PeerNet> = HashMap::with_max_entries(PEER_NETS_MAX, 0);
+
+/// Options the `setsockopt` hook recorded per socket; lives and dies with the socket.
+#[btf_map(name = "DP_SKOPT_V1")]
+pub static SOCK_OPT: SkStorage<SockOpt> = SkStorage::new();
+
 /// One entry: the host network namespace cookie and feature flags.
 #[map(name = "DP_CFG_V1")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 /// Per-CPU event counters, indexed by `dataplane_common::STAT_*`.
-#[map(name = "DP_STATS_V1")]
+#[map(name = "DP_STATS_V2")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
 
 /// What each translated socket dialled; lives and dies with the socket.

@@ -3,22 +3,25 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::bpf_sock_addr,
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock, bpf_sock_addr},
     helpers::{
         bpf_get_current_comm,
-        generated::{bpf_get_netns_cookie, bpf_set_retval},
+        generated::{bpf_get_netns_cookie, bpf_set_retval, bpf_sk_storage_get},
     },
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock_addr, cgroup_sockopt},
+    programs::{SockAddrContext, SockoptContext},
 };
 use dataplane_common::{
-    Addr, Backend, CFG_F_RESERVE_PORTS, FrontendKey, PROTO_TCP, PROTO_UDP, PortKey,
-    STAT_BIND_REFUSED, STAT_CONNECT, STAT_GETPEERNAME, STAT_RECVMSG, STAT_SENDMSG,
-    STAT_SKSTORE_FULL, SockRev, is_v4_mapped, v4_mapped, v4_part,
-    xlate::{Target, bind_conflicts, frontend_for, target_v4, target_v6},
+    Addr, Backend, CFG_F_BINDV6ONLY, CFG_F_PEERS, CFG_F_RESERVE_PORTS, FrontendKey, PROTO_TCP,
+    PROTO_UDP, PeerNetKey, PortKey, SOCKOPT_F_V6ONLY, SOCKOPT_F_V6ONLY_OFF, STAT_BIND_REFUSED,
+    STAT_CONNECT, STAT_GETPEERNAME, STAT_RECVMSG, STAT_SENDMSG, STAT_SKIP_BOUND, STAT_SKIP_NETWORK,
+    STAT_SKIP_V6ONLY, STAT_SKSTORE_FULL, SockOpt, SockRev, is_v4_mapped, v4_mapped, v4_part,
+    xlate::{Skip, Target, bind_conflicts, frontend_for, target_v4, target_v6},
 };
 
-use crate::maps::{CONFIG, FRONTENDS, LOCAL_ADDRS, PORTS, SOCK_REV, count, count_frontend};
+use crate::maps::{
+    CONFIG, FRONTENDS, LOCAL_ADDRS, PEER_NETS, PORTS, SOCK_OPT, SOCK_REV, count, count_frontend,
+};
 
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
@@ -193,14 +196,21 @@ fn in_host_netns(ctx: &SockAddrContext) -> bool {
     let Some(cfg) = CONFIG.get(0) else {
         return false;
     };
-    // SAFETY: the helper only reads the context's socket.
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    cfg.host_netns_cookie != 0 && cookie == cfg.host_netns_cookie
+    cfg.host_netns_cookie != 0 && netns_cookie(ctx) == cfg.host_netns_cookie
 }
 
+/// The frontend `dst:port_be/proto` hits for a client in the namespace with `netns_cookie`
+/// (`host_ns`: the host's), counting why a frontend was left to Docker's path.
 #[inline(always)]
-pub fn lookup(dst: &Addr, port_be: u16, proto: u8, host_ns: bool) -> Option<Backend> {
-    frontend_for(
+pub fn lookup(
+    dst: &Addr,
+    port_be: u16,
+    proto: u8,
+    host_ns: bool,
+    netns_cookie: u64,
+) -> Option<Backend> {
+    let peers = CONFIG.get(0).is_some_and(|c| c.flags & CFG_F_PEERS != 0);
+    let r = frontend_for(
         dst,
         port_be,
         proto,
@@ -209,7 +219,143 @@ pub fn lookup(dst: &Addr, port_be: u16, proto: u8, host_ns: bool) -> Option<Back
         // backend for this one socket.
         |k: &FrontendKey| unsafe { FRONTENDS.get(k) }.copied(),
         |a: &Addr| LOCAL_ADDRS.get_ptr(a).is_some(),
-    )
+        |net| {
+            let k = PeerNetKey {
+                netns_cookie,
+                net,
+                pad: 0,
+            };
+            peers && net != 0 && PEER_NETS.get_ptr(&k).is_some()
+        },
+    );
+    match r {
+        Ok(b) => Some(b),
+        Err(Skip::OtherNetwork) => {
+            count(STAT_SKIP_NETWORK);
+            None
+        }
+        Err(Skip::NoFrontend) => None,
+    }
+}
+
+/// The socket the hook runs for.
+#[inline(always)]
+fn sock(ctx: &SockAddrContext) -> &bpf_sock {
+    // SAFETY: `sk` of a sock_addr context is always a valid, non-null socket.
+    unsafe { &*sa(ctx).__bindgen_anon_1.sk }
+}
+
+/// Whether the socket (or, for `sendmsg`, this one message) has chosen a source address.
+/// Such a client cannot be moved to another destination safely (a loopback source cannot
+/// reach a container; another may not be routable there), so it is left to Docker's path.
+#[inline(always)]
+fn bound_source4(ctx: &SockAddrContext, stat: u32) -> bool {
+    let msg_src = if stat == STAT_SENDMSG {
+        sa(ctx).msg_src_ip4
+    } else {
+        0
+    };
+    sock(ctx).src_ip4 != 0 || msg_src != 0
+}
+
+#[inline(always)]
+fn bound_source6(ctx: &SockAddrContext, stat: u32) -> bool {
+    let sk = sock(ctx);
+    let bound = (sk.src_ip6[0] | sk.src_ip6[1] | sk.src_ip6[2] | sk.src_ip6[3]) != 0;
+    let msg = if stat == STAT_SENDMSG {
+        let m = sa(ctx).msg_src_ip6;
+        (m[0] | m[1] | m[2] | m[3]) != 0
+    } else {
+        false
+    };
+    bound || msg
+}
+
+#[inline(always)]
+fn netns_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the helper only reads the context's socket.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+/// Whether an IPv6 socket is IPv6-only (`IPV6_V6ONLY`, or the host's `bindv6only=1` default
+/// unless the socket cleared it), as the `setsockopt` hook recorded it.
+#[inline(always)]
+fn v6only(ctx: &SockAddrContext, host_ns: bool) -> bool {
+    // SAFETY: `sk` is valid for the program's run; without the create flag nothing is
+    // allocated.
+    let opt = unsafe {
+        bpf_sk_storage_get(
+            sock_opt_map(),
+            sa(ctx).__bindgen_anon_1.sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<SockOpt>();
+    let flags = if opt.is_null() {
+        0
+    } else {
+        // SAFETY: non-null pointers from bpf_sk_storage_get point at a whole value.
+        unsafe { (*opt).flags }
+    };
+    if flags & SOCKOPT_F_V6ONLY != 0 {
+        return true;
+    }
+    let default_v6only = host_ns
+        && CONFIG
+            .get(0)
+            .is_some_and(|c| c.flags & CFG_F_BINDV6ONLY != 0);
+    default_v6only && flags & SOCKOPT_F_V6ONLY_OFF == 0
+}
+
+/// The socket-options map as the helpers take it. `SkStorage` only offers its accessors for
+/// `sock_addr` contexts, and the `setsockopt` hook needs the same storage, so both go
+/// through the raw helper with the map definition's address (what aya's accessors pass).
+#[inline(always)]
+fn sock_opt_map() -> *mut core::ffi::c_void {
+    core::ptr::from_ref(&SOCK_OPT).cast_mut().cast()
+}
+
+const SOL_IPV6: i32 = 41;
+const IPV6_V6ONLY: i32 = 26;
+
+/// Records `IPV6_V6ONLY` per socket (the `sock_addr` context does not show it). Never
+/// changes or refuses the call.
+#[cgroup_sockopt(setsockopt)]
+pub fn dp_setsockopt(ctx: SockoptContext) -> i32 {
+    // SAFETY: the kernel hands every sockopt program a valid context for its whole run.
+    let so = unsafe { &*ctx.sockopt };
+    if so.level != SOL_IPV6 || so.optname != IPV6_V6ONLY {
+        return 1;
+    }
+    // SAFETY: reading the union members the kernel filled in.
+    let (start, end) = unsafe { (so.__bindgen_anon_2.optval, so.__bindgen_anon_3.optval_end) };
+    if (start as usize) + 4 > end as usize {
+        return 1;
+    }
+    // SAFETY: the bounds check above is what the verifier asks for.
+    let on = unsafe { core::ptr::read_unaligned(start.cast::<i32>()) } != 0;
+    // SAFETY: `sk` is valid for the program's run.
+    let opt = unsafe {
+        bpf_sk_storage_get(
+            sock_opt_map(),
+            so.__bindgen_anon_1.sk.cast(),
+            core::ptr::null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE.into(),
+        )
+    }
+    .cast::<SockOpt>();
+    if !opt.is_null() {
+        // SAFETY: non-null pointers from bpf_sk_storage_get point at a whole value.
+        unsafe {
+            (*opt).flags = if on {
+                SOCKOPT_F_V6ONLY
+            } else {
+                SOCKOPT_F_V6ONLY_OFF
+            };
+        }
+    }
+    1
 }
 
 /// Records what the socket dialled, so getpeername/recvmsg can undo the translation.
@@ -241,10 +387,14 @@ fn xlate4(ctx: &SockAddrContext, stat: u32) {
     let Some(proto) = proto(s) else { return };
     let dst = v4_mapped(s.user_ip4.to_ne_bytes());
     let port_be = port_be(s);
-    let Some(b) = lookup(&dst, port_be, proto, in_host_netns(ctx)) else {
+    let Some(b) = lookup(&dst, port_be, proto, in_host_netns(ctx), netns_cookie(ctx)) else {
         return;
     };
     let Some(t) = target_v4(&b) else { return };
+    if bound_source4(ctx, stat) {
+        count(STAT_SKIP_BOUND);
+        return;
+    }
     remember(ctx, &dst, port_be, &t);
     set4(ctx, v4_part(&t.addr), t.port_be);
     count(stat);
@@ -275,11 +425,22 @@ fn xlate6(ctx: &SockAddrContext, stat: u32) {
     let Some(proto) = proto(s) else { return };
     let dst = ip6(s);
     let port_be = port_be(s);
-    let Some(b) = lookup(&dst, port_be, proto, in_host_netns(ctx)) else {
+    let host_ns = in_host_netns(ctx);
+    let Some(b) = lookup(&dst, port_be, proto, host_ns, netns_cookie(ctx)) else {
         return;
     };
     let Some(t) = target_v6(&dst, &b) else { return };
     if !mapped_ok && is_v4_mapped(&t.addr) {
+        return;
+    }
+    if bound_source6(ctx, stat) {
+        count(STAT_SKIP_BOUND);
+        return;
+    }
+    // An IPv6 destination that only an IPv4 backend serves: a v4-mapped target, which an
+    // IPv6-only socket cannot reach.
+    if is_v4_mapped(&t.addr) && !is_v4_mapped(&dst) && v6only(ctx, host_ns) {
+        count(STAT_SKIP_V6ONLY);
         return;
     }
     remember(ctx, &dst, port_be, &t);

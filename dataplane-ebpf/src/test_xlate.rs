@@ -20,13 +20,14 @@ pub fn dp_test_xlate(ctx: TcContext) -> i32 {
         return 2;
     };
     let host_ns = req.flags & TEST_F_HOST_NETNS != 0;
-    let target = lookup(&req.addr, req.port_be, req.proto, host_ns).and_then(|b| {
-        if req.flags & TEST_F_SOCK6 != 0 {
-            target_v6(&req.addr, &b)
-        } else {
-            target_v4(&b)
-        }
-    });
+    let target =
+        lookup(&req.addr, req.port_be, req.proto, host_ns, req.netns_cookie).and_then(|b| {
+            if req.flags & TEST_F_SOCK6 != 0 {
+                target_v6(&req.addr, &b)
+            } else {
+                target_v4(&b)
+            }
+        });
     let answer = target.map_or(
         TestAnswer {
             addr: [0; 16],

@@ -9,7 +9,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use bollard::{Docker, models::ContainerInspectResponse};
-use dataplane_common::{CFG_F_RESERVE_PORTS, Config, FrontendKey};
+use dataplane_common::{
+    CFG_F_BINDV6ONLY, CFG_F_PEERS, CFG_F_RESERVE_PORTS, Config, FrontendKey, PeerNet, PeerNetKey,
+    STAT_NAMES, net_id,
+};
 use futures_util::{StreamExt, stream::FuturesUnordered};
 use tokio::{signal::unix::SignalKind, sync::mpsc};
 use tracing::{debug, info, warn};
@@ -17,10 +20,11 @@ use tracing::{debug, info, warn};
 use crate::{
     api::{self, FrontendView, Shared},
     bpf::{self, Loaded},
-    desired::{self, Frontend},
-    docker::{self, Effect},
-    forward::Forward,
+    desired::{self, Frontend, Peer},
+    docker::{self, Effect, NetInfo},
+    hostfw::{self, HostFirewall},
     netlink::{self, HostAddr},
+    netns, nfwatch,
     notrack::{self, Notrack},
     reconcile::KvStore,
     reconcile::reconcile,
@@ -34,7 +38,8 @@ pub struct Options {
     pub resync_interval: Duration,
     /// Name of the nftables table (family inet) the agent owns.
     pub nft_table: String,
-    /// Name of the iptables chain (jumped to from `DOCKER-USER`) the agent owns.
+    /// Name of the iptables chain (jumped to from `DOCKER-USER`) that earlier versions kept;
+    /// removed at start where found.
     pub fwd_chain: String,
     /// Where maps and links are pinned (they outlive the agent); `None`: not pinned, and
     /// everything is detached when the agent stops.
@@ -60,6 +65,16 @@ struct Agent {
     backends: BTreeSet<terminate::Gone>,
     /// Re-apply the nftables table even if unchanged (after a full resync: repairs drift).
     force_notrack: bool,
+    /// Docker's networks by network ID.
+    networks: HashMap<String, NetInfo>,
+    /// Running containers as clients, with their network namespace cookie once known.
+    peers: HashMap<String, (Peer, Option<u64>)>,
+    /// The host's own ruleset as last read, and what it means for the agent.
+    fw_snapshot: hostfw::Snapshot,
+    firewall: HostFirewall,
+    nft_table: String,
+    /// The config map's content as last written.
+    config: Config,
 }
 
 /// Runs one phase and logs its own and the cumulative time at debug level.
@@ -92,17 +107,15 @@ struct Netfilter(Arc<Mutex<NetfilterInner>>);
 
 struct NetfilterInner {
     notrack: Notrack,
-    forward: Forward,
     want: Option<notrack::Spec>,
     force: bool,
     closed: bool,
 }
 
 impl Netfilter {
-    fn new(notrack: Notrack, forward: Forward) -> Self {
+    fn new(notrack: Notrack) -> Self {
         Self(Arc::new(Mutex::new(NetfilterInner {
             notrack,
-            forward,
             want: None,
             force: false,
             closed: false,
@@ -136,18 +149,13 @@ impl Netfilter {
                 warn!(error = %format!("{e:#}"), "updating the nftables notrack table failed");
             }
         }
-        // Without it only cross-network hairpin suffers: a warning, not a failed sync.
-        if let Err(e) = g.forward.apply(&spec.backends, force) {
-            warn!(error = %format!("{e:#}"), "updating the DOCKER-USER forwarding exceptions failed");
-        }
     }
 
-    /// No more updates; removes the table and the chain (after any running update).
+    /// No more updates; removes the table (after any running update).
     fn close_and_remove(&self) {
         let mut g = self.0.lock().expect("netfilter lock");
         g.closed = true;
         g.want = None;
-        g.forward.remove();
         if let Err(e) = g.notrack.remove() {
             warn!(error = %format!("{e:#}"), "removing the nftables table failed");
         }
@@ -203,12 +211,23 @@ impl StartError {
 /// Loads and attaches the programs and asks Docker for its containers, overlapped. On
 /// failure, a pin directory this start created is removed again: nothing is left
 /// half-installed. An existing one (an earlier agent's) is adopted and kept.
+/// What the start-up finds, overlapped: the programs loaded, Docker's state, the host's
+/// ruleset.
+struct Started {
+    loaded: Loaded,
+    docker: Docker,
+    inspected: Inspected,
+    networks: HashMap<String, NetInfo>,
+    docker_version: String,
+    fw_snapshot: hostfw::Snapshot,
+}
+
 async fn load_and_list(
     opts: &Options,
     cgroup: PathBuf,
     host_cookie: u64,
     start: Instant,
-) -> Result<(Loaded, Docker, Inspected, String), StartError> {
+) -> Result<Started, StartError> {
     let fresh_pins = opts.pin_dir.as_ref().filter(|d| !d.exists()).cloned();
     let undo = |e: StartError| {
         if let Some(dir) = &fresh_pins {
@@ -220,25 +239,35 @@ async fn load_and_list(
     let docker_fut = async {
         let d = docker::connect(&opts.docker_socket).await?;
         let ids = docker::running_ids(&d).await?;
-        let inspected = inspect_all(&d, ids).await;
+        let (inspected, networks) = tokio::join!(inspect_all(&d, ids), docker::networks(&d));
         let version = d
             .version()
             .await
             .ok()
             .and_then(|v| v.version)
             .unwrap_or_default();
-        anyhow::Ok((d, inspected, version))
+        anyhow::Ok((d, inspected, networks?, version))
     };
+    // An earlier version's DOCKER-USER chain goes; then the host's ruleset is read.
+    let fwd_chain = opts.fwd_chain.clone();
+    let fw_fut = tokio::task::spawn_blocking(move || {
+        if crate::forward::remove_legacy(&fwd_chain) {
+            info!(chain = %fwd_chain, "removed the DOCKER-USER chain of an earlier version");
+        }
+        hostfw::capture()
+    });
     let pin_dir = opts.pin_dir.clone();
     let load_fut = tokio::task::spawn_blocking(move || {
         let t = Instant::now();
         let r = Loaded::load_and_attach(&cgroup, pin_dir.as_deref());
         (r, t.elapsed())
     });
-    let (docker_res, load_res) = tokio::join!(
+    let (docker_res, load_res, fw_res) = tokio::join!(
         async { phase!(start, "docker_list_inspect", docker_fut.await) },
-        load_fut
+        load_fut,
+        fw_fut
     );
+    let fw_snapshot = fw_res.context("firewall task")?;
     let (load_res, load_took) = load_res.context("load task")?;
     let mut loaded = match load_res {
         Ok(l) => l,
@@ -249,13 +278,14 @@ async fn load_and_list(
         took_ms = load_took.as_secs_f64() * 1e3,
         "init phase done"
     );
-    let (docker, inspected, docker_version) = match docker_res {
+    let (docker, inspected, networks, docker_version) = match docker_res {
         Ok(d) => d,
         Err(e) => {
             drop(loaded);
             return Err(undo(StartError::Docker(e)));
         }
     };
+    // Container clients stay off until the first sync has read the host's ruleset.
     if let Err(e) = loaded.set_config(Config {
         host_netns_cookie: host_cookie,
         flags: CFG_F_RESERVE_PORTS,
@@ -264,7 +294,14 @@ async fn load_and_list(
         return Err(undo(StartError::Kernel(e)));
     }
 
-    Ok((loaded, docker, inspected, docker_version))
+    Ok(Started {
+        loaded,
+        docker,
+        inspected,
+        networks,
+        docker_version,
+        fw_snapshot,
+    })
 }
 
 pub async fn run(opts: Options) -> Result<(), StartError> {
@@ -283,8 +320,14 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     if let Some(dir) = &opts.pin_dir {
         bpf::check_bpffs(dir).map_err(StartError::Environment)?;
     }
-    let (loaded, docker, inspected, docker_version) =
-        load_and_list(&opts, cgroup, host_cookie, start).await?;
+    let Started {
+        loaded,
+        docker,
+        inspected,
+        networks,
+        docker_version,
+        fw_snapshot,
+    } = load_and_list(&opts, cgroup, host_cookie, start).await?;
     let shared: Shared = Shared::default();
     {
         let mut s = shared.lock().expect("status lock");
@@ -296,6 +339,8 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     let nl = netlink::connect()?;
     let (nl_tx, nl_rx) = mpsc::channel(1);
     netlink::watch(nl_tx)?;
+    let (fw_tx, fw_rx) = mpsc::channel(1);
+    nfwatch::watch(fw_tx)?;
 
     let mut agent = Agent {
         loaded,
@@ -305,12 +350,22 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         shared,
         binding_errors: BTreeMap::new(),
         host_addrs: Vec::new(),
-        netfilter: Netfilter::new(Notrack::new(&opts.nft_table), Forward::new(&opts.fwd_chain)),
+        netfilter: Netfilter::new(Notrack::new(&opts.nft_table)),
         frontends_written: SystemTime::now(),
         pids: HashMap::new(),
         backends: BTreeSet::new(),
         force_notrack: true,
+        networks,
+        peers: HashMap::new(),
+        fw_snapshot,
+        firewall: HostFirewall::default(),
+        nft_table: opts.nft_table.clone(),
+        config: Config {
+            host_netns_cookie: host_cookie,
+            flags: CFG_F_RESERVE_PORTS,
+        },
     };
+    agent.evaluate_firewall();
     phase!(start, "first_sync", {
         agent.sync_local_addrs().await?;
         agent.ingest(inspected)?;
@@ -324,7 +379,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     );
 
     let r = agent
-        .serve_events(opts.resync_interval, nl_rx)
+        .serve_events(opts.resync_interval, nl_rx, fw_rx)
         .await
         .map_err(StartError::Other);
     if opts.pin_dir.is_none() {
@@ -346,6 +401,7 @@ impl Agent {
         &mut self,
         resync_interval: Duration,
         mut nl_rx: mpsc::Receiver<()>,
+        mut fw_rx: mpsc::Receiver<()>,
     ) -> Result<()> {
         let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
         let mut resync = tokio::time::interval(resync_interval);
@@ -374,6 +430,7 @@ impl Agent {
                             warn!(error = %format!("{e:#}"), "local address sync failed");
                         }
                     }
+                    Some(()) = fw_rx.recv() => self.on_ruleset_change().await,
                     _ = resync.tick() => self.full_resync().await,
                     _ = counters.tick() => self.publish_counters(),
                     _ = tokio::signal::ctrl_c() => { info!("interrupted, detaching"); return Ok(()); }
@@ -393,8 +450,10 @@ impl Agent {
 
     async fn on_events(&mut self, batch: &[bollard::models::EventMessage]) {
         let mut refresh = BTreeSet::new();
+        let mut networks = false;
         for ev in batch {
             match docker::effect(ev) {
+                Effect::Networks => networks = true,
                 Effect::Refresh(id) => {
                     refresh.insert(id);
                 }
@@ -403,6 +462,7 @@ impl Agent {
                     self.pids.remove(&id);
                     self.containers.remove(&id);
                     self.binding_errors.remove(&id);
+                    self.peers.remove(&id);
                 }
                 Effect::Ignore => {}
             }
@@ -412,6 +472,21 @@ impl Agent {
             refresh = refresh.len(),
             "docker events"
         );
+        // A container connected to a network that was just created: list them first.
+        let unknown_net = |agent: &Self| {
+            batch.iter().any(|ev| {
+                ev.actor
+                    .as_ref()
+                    .and_then(|a| a.id.as_ref())
+                    .is_some_and(|id| {
+                        ev.typ == Some(bollard::models::EventMessageTypeEnum::NETWORK)
+                            && !agent.networks.contains_key(id)
+                    })
+            })
+        };
+        if networks || unknown_net(self) {
+            self.refresh_networks().await;
+        }
         if let Err(e) = self.refresh(refresh).await {
             warn!(error = %format!("{e:#}"), "refresh after events failed; resyncing in full");
             self.full_resync().await;
@@ -449,6 +524,10 @@ impl Agent {
             let ids = docker::running_ids(&self.docker).await?;
             let live: BTreeSet<String> = ids.into_iter().collect();
             self.containers.retain(|id, _| live.contains(id));
+            self.peers.retain(|id, _| live.contains(id));
+            self.networks = docker::networks(&self.docker).await?;
+            self.fw_snapshot = tokio::task::spawn_blocking(hostfw::capture).await?;
+            self.evaluate_firewall();
             self.pids.retain(|id, _| live.contains(id));
             self.binding_errors.retain(|id, _| live.contains(id));
             self.refresh(live).await?;
@@ -468,10 +547,29 @@ impl Agent {
         self.ingest(results)
     }
 
-    /// Replaces each inspected container's frontends (none when it is gone).
+    /// Replaces each inspected container's frontends (none when it is gone) and its view as
+    /// a client.
     fn ingest(&mut self, results: Inspected) -> Result<()> {
+        let mut new_sandboxes = Vec::new();
         for (id, r) in results {
             if let Some(c) = r? {
+                match desired::peer_of(&c) {
+                    Some(p) => {
+                        let same_ns = self.peers.get(&id).is_some_and(|(old, cookie)| {
+                            old.sandbox == p.sandbox && cookie.is_some()
+                        });
+                        if same_ns {
+                            let cookie = self.peers[&id].1;
+                            self.peers.insert(id.clone(), (p, cookie));
+                        } else {
+                            new_sandboxes.push(id.clone());
+                            self.peers.insert(id.clone(), (p, None));
+                        }
+                    }
+                    None => {
+                        self.peers.remove(&id);
+                    }
+                }
                 match c.state.as_ref().and_then(|s| s.pid).filter(|p| *p > 0) {
                     Some(pid) => self.pids.insert(id.clone(), pid),
                     None => self.pids.remove(&id),
@@ -496,14 +594,102 @@ impl Agent {
                 self.containers.remove(&id);
                 self.binding_errors.remove(&id);
                 self.pids.remove(&id);
+                self.peers.remove(&id);
             }
         }
+        self.resolve_cookies(&new_sandboxes);
         Ok(())
+    }
+
+    /// Reads the network namespace cookie of each container in `ids`.
+    fn resolve_cookies(&mut self, ids: &[String]) {
+        let paths: Vec<(String, PathBuf)> = ids
+            .iter()
+            .filter_map(|id| {
+                let (p, _) = self.peers.get(id)?;
+                let path = p.sandbox.clone().map(PathBuf::from).or_else(|| {
+                    p.pid
+                        .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net")))
+                })?;
+                Some((id.clone(), path))
+            })
+            .collect();
+        let cookies = netns::cookies(paths.iter().map(|(_, p)| p.clone()).collect());
+        for ((id, path), r) in paths.into_iter().zip(cookies) {
+            match r {
+                Ok(c) => {
+                    if let Some(e) = self.peers.get_mut(&id) {
+                        e.1 = Some(c);
+                    }
+                }
+                // Gone meanwhile, most likely: its clients take Docker's path.
+                Err(e) => {
+                    debug!(container = %id.chars().take(12).collect::<String>(), path = %path.display(), error = %format!("{e:#}"), "no network namespace cookie")
+                }
+            }
+        }
+    }
+
+    async fn refresh_networks(&mut self) {
+        match docker::networks(&self.docker).await {
+            Ok(n) => {
+                self.networks = n;
+                self.evaluate_firewall();
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "listing Docker networks failed"),
+        }
+    }
+
+    /// Docker's bridge interfaces, from its network list (never from interface names).
+    fn bridges(&self) -> BTreeSet<String> {
+        self.networks
+            .values()
+            .filter_map(|n| n.bridge.clone())
+            .collect()
+    }
+
+    /// What the last ruleset snapshot means, logged when it changes.
+    fn evaluate_firewall(&mut self) {
+        let fw = self.fw_snapshot.evaluate(&self.bridges(), &self.nft_table);
+        if fw != self.firewall {
+            match &fw.stateful_input {
+                Some(w) => {
+                    info!(where_ = %w, "stateful INPUT policy: host clients' connections stay tracked")
+                }
+                None => info!("no stateful INPUT policy: host clients' connections are untracked"),
+            }
+            match &fw.forward_rules {
+                Some(w) => {
+                    info!(where_ = %w, "operator rules in DOCKER-USER: container clients take Docker's own path")
+                }
+                None => info!(
+                    "no operator rules for container traffic: container clients are translated"
+                ),
+            }
+            self.firewall = fw;
+        }
+    }
+
+    async fn on_ruleset_change(&mut self) {
+        match tokio::task::spawn_blocking(hostfw::capture).await {
+            Ok(snap) => self.fw_snapshot = snap,
+            Err(e) => {
+                warn!(error = %e, "reading the ruleset failed");
+                return;
+            }
+        }
+        let before = self.firewall.clone();
+        self.evaluate_firewall();
+        if before != self.firewall
+            && let Err(e) = self.apply()
+        {
+            warn!(error = %format!("{e:#}"), "applying after a ruleset change failed");
+        }
     }
 
     async fn sync_local_addrs(&mut self) -> Result<()> {
         let addrs = netlink::dump(&self.nl).await?;
-        let want = netlink::local_map(&addrs);
+        let want = netlink::local_map(&addrs, &self.bridges());
         self.host_addrs = addrs;
         let applied = reconcile(&mut self.loaded.local_addrs()?, &want)
             .context("updating the local-address map")?;
@@ -527,6 +713,45 @@ impl Agent {
             warn!(frontend = %c.frontend, kept = %c.kept, dropped = %c.dropped, "frontend conflict");
         }
         let want: BTreeMap<FrontendKey, _> = merged.iter().map(|(k, f)| (*k, f.backend)).collect();
+        // Container clients: which namespaces may be translated to backends on which network
+        // (only networks where Docker itself connects containers straight to each other).
+        let peers_on = self.firewall.forward_rules.is_none();
+        let mut peer_map = BTreeMap::new();
+        let mut peer_addrs = BTreeSet::new();
+        if peers_on {
+            for (p, cookie) in self.peers.values() {
+                let Some(cookie) = cookie else { continue };
+                for (net, addrs) in &p.endpoints {
+                    if !self.networks.get(net).is_some_and(|n| n.peers_direct) {
+                        continue;
+                    }
+                    let key = PeerNetKey {
+                        netns_cookie: *cookie,
+                        net: net_id(net),
+                        pad: 0,
+                    };
+                    peer_map.insert(key, PeerNet { flags: 0 });
+                    peer_addrs.extend(addrs.iter().copied());
+                }
+            }
+        }
+        let mut flags = CFG_F_RESERVE_PORTS;
+        if peers_on {
+            flags |= CFG_F_PEERS;
+        }
+        if std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|s| s.trim() == "1") {
+            flags |= CFG_F_BINDV6ONLY;
+        }
+        let config = Config {
+            flags,
+            ..self.config
+        };
+        if config != self.config {
+            self.loaded.set_config(config)?;
+            self.config = config;
+        }
+        reconcile(&mut self.loaded.peer_nets()?, &peer_map)
+            .context("updating the peer-networks map")?;
         // Ports first: a port is reserved before its frontend answers, and stays reserved
         // until its frontend is gone.
         let ports = desired::ports_of(want.keys());
@@ -537,7 +762,12 @@ impl Agent {
             .context("updating the frontends map")?;
         reconcile(&mut self.loaded.ports()?, &ports).context("updating the ports map")?;
         self.frontends_written = SystemTime::now();
-        let spec = notrack::Spec::new(want.iter(), &self.host_addrs);
+        let spec = notrack::Spec::new(
+            want.iter(),
+            &self.host_addrs,
+            peer_addrs,
+            self.firewall.stateful_input.is_some(),
+        );
         self.netfilter.schedule(spec.clone(), self.force_notrack);
         self.force_notrack = false;
         let gone: Vec<terminate::Gone> =
@@ -581,6 +811,21 @@ impl Agent {
             })
             .collect();
         s.errors = self.binding_errors.values().flatten().cloned().collect();
+        s.container_clients = peer_map
+            .keys()
+            .map(|k| k.netns_cookie)
+            .collect::<BTreeSet<_>>()
+            .len();
+        s.container_clients_off = self
+            .firewall
+            .forward_rules
+            .as_ref()
+            .map(|w| format!("operator rules in DOCKER-USER ({w})"));
+        s.host_clients_tracked = self
+            .firewall
+            .stateful_input
+            .as_ref()
+            .map(|w| format!("stateful INPUT policy ({w})"));
         s.errors.extend(
             conflicts
                 .iter()
@@ -613,17 +858,10 @@ impl Agent {
         for f in &mut s.frontend_list {
             f.connections = per_frontend.get(&f.id).copied().unwrap_or(0);
         }
-        s.counters = [
-            "connect",
-            "sendmsg",
-            "recvmsg",
-            "getpeername",
-            "bind_refused",
-            "sock_storage_full",
-        ]
-        .iter()
-        .zip(counters)
-        .map(|(n, v)| ((*n).to_string(), v))
-        .collect();
+        s.counters = STAT_NAMES
+            .iter()
+            .zip(counters)
+            .map(|(n, v)| ((*n).to_string(), v))
+            .collect();
     }
 }

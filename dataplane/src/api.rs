@@ -45,6 +45,13 @@ pub struct Status {
     pub counters: std::collections::BTreeMap<String, u64>,
     /// Bindings that could not be applied, and why.
     pub errors: Vec<String>,
+    /// Container network namespaces whose clients are translated (to backends on their
+    /// own networks).
+    pub container_clients: usize,
+    /// Why container clients are left to Docker's own path, when they are.
+    pub container_clients_off: Option<String>,
+    /// Why host clients' connections stay tracked by conntrack, when they do.
+    pub host_clients_tracked: Option<String>,
     #[serde(skip)]
     pub frontend_list: Vec<FrontendView>,
 }

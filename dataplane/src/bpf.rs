@@ -12,13 +12,14 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TestRun, TestRunOptions, links::FdLink,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, TestRun, TestRunOptions,
+        links::FdLink,
     },
 };
 use dataplane_common::{
     Addr, Backend, Config, FrontendKey, LocalAddr, MAP_CONFIG, MAP_FE_STATS, MAP_FRONTENDS,
-    MAP_LOCAL_ADDRS, MAP_PORTS, MAP_SOCK_REV, MAP_STATS, PortFamilies, PortKey, STATS_LEN,
-    TestAnswer, TestRequest,
+    MAP_LOCAL_ADDRS, MAP_PEER_NETS, MAP_PORTS, MAP_SOCK_OPT, MAP_SOCK_REV, MAP_STATS, PeerNet,
+    PeerNetKey, PortFamilies, PortKey, STATS_LEN, TestAnswer, TestRequest,
 };
 
 use crate::reconcile::KvStore;
@@ -42,6 +43,10 @@ pub const SOCK_HOOKS: &[&str] = &[
     "dp_bind6",
 ];
 
+/// The `setsockopt` hook (records `IPV6_V6ONLY`); attached before the socket hooks, so
+/// every socket they see has its options recorded from then on.
+pub const SOCKOPT_HOOK: &str = "dp_setsockopt";
+
 /// Every map, pinned under the pin directory by its kernel name when pinning is on.
 pub const MAPS: &[&str] = &[
     MAP_FRONTENDS,
@@ -51,7 +56,27 @@ pub const MAPS: &[&str] = &[
     MAP_SOCK_REV,
     MAP_PORTS,
     MAP_FE_STATS,
+    MAP_PEER_NETS,
+    MAP_SOCK_OPT,
 ];
+
+/// Removes pinned maps of ours (`DP_*`) whose name is not in [`MAPS`]: an earlier layout,
+/// which no program of this build uses any more.
+fn remove_stale_map_pins(dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("DP_") && !MAPS.contains(&name.as_str()) {
+            if std::fs::remove_file(e.path()).is_ok() {
+                removed.push(name);
+            }
+        }
+    }
+    removed
+}
 
 /// Where the agent pins its maps and links by default.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/dataplane";
@@ -62,6 +87,8 @@ pub struct Loaded {
     ebpf: Ebpf,
     /// `<program>@<cgroup>` and how it got there (attached, or adopted from a pin).
     pub attached: Vec<String>,
+    /// Links made outside aya (dropped last: they detach then, unless pinned).
+    _own_links: Vec<std::os::fd::OwnedFd>,
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -104,8 +131,21 @@ mod sys {
         path::Path,
     };
 
+    const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_CREATE: libc::c_long = 28;
     const BPF_LINK_UPDATE: libc::c_long = 29;
+    /// `BPF_CGROUP_SETSOCKOPT` of `enum bpf_attach_type`.
+    pub const ATTACH_CGROUP_SETSOCKOPT: u32 = 22;
+
+    #[repr(C)]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        pad: [u8; 48],
+    }
 
     #[repr(C)]
     struct ObjGet {
@@ -155,6 +195,39 @@ mod sys {
         let fd = i32::try_from(fd).map_err(|_| std::io::Error::other("fd out of range"))?;
         // SAFETY: the kernel just handed us this descriptor.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// `BPF_LINK_CREATE` of `prog` on the cgroup `target` (aya 0.14 cannot hand out a
+    /// cgroup sockopt link as a pinnable `FdLink`).
+    pub fn link_create(
+        prog: BorrowedFd<'_>,
+        target: BorrowedFd<'_>,
+        attach_type: u32,
+    ) -> std::io::Result<OwnedFd> {
+        let mut attr = LinkCreate {
+            prog_fd: u32::try_from(prog.as_raw_fd()).unwrap_or(0),
+            target_fd: u32::try_from(target.as_raw_fd()).unwrap_or(0),
+            attach_type,
+            flags: 0,
+            pad: [0; 48],
+        };
+        let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+        let fd = i32::try_from(fd).map_err(|_| std::io::Error::other("fd out of range"))?;
+        // SAFETY: the kernel just handed us this descriptor.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// `BPF_OBJ_PIN`: `fd` outlives the process at `path` (on a bpffs).
+    pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
+        let c = CString::new(path.as_os_str().as_encoded_bytes())?;
+        let mut attr = ObjGet {
+            pathname: c.as_ptr() as u64,
+            bpf_fd: u32::try_from(fd.as_raw_fd()).unwrap_or(0),
+            file_flags: 0,
+            path_fd: 0,
+            pad: [0; 44],
+        };
+        bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
     }
 
     /// Swaps the program behind `link` for `prog`, atomically: no moment without one.
@@ -265,6 +338,37 @@ impl Loaded {
         let cg =
             File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let mut attached = Vec::new();
+        let mut own_links = Vec::new();
+        {
+            let name = SOCKOPT_HOOK;
+            let prog: &mut CgroupSockopt = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the eBPF object"))?
+                .try_into()
+                .with_context(|| format!("program {name} is not a cgroup sockopt program"))?;
+            prog.load()
+                .with_context(|| format!("loading {name} (the verifier refused it)"))?;
+            let link_pin = pin_dir.map(|d| d.join(format!("link_{name}")));
+            if let Some(pin) = link_pin.as_ref().filter(|p| p.exists()) {
+                let link = sys::obj_get(pin)
+                    .with_context(|| format!("opening pinned link {}", pin.display()))?;
+                let prog_fd = prog.fd()?;
+                sys::link_update(link.as_fd(), prog_fd.as_fd())
+                    .with_context(|| format!("swapping {name} into {}", pin.display()))?;
+                attached.push(format!("{name}@{} (adopted)", cgroup.display()));
+            } else {
+                let prog_fd = prog.fd()?;
+                let link =
+                    sys::link_create(prog_fd.as_fd(), cg.as_fd(), sys::ATTACH_CGROUP_SETSOCKOPT)
+                        .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+                if let Some(pin) = link_pin {
+                    sys::obj_pin(link.as_fd(), &pin)
+                        .with_context(|| format!("pinning {name} at {}", pin.display()))?;
+                }
+                own_links.push(link);
+                attached.push(format!("{name}@{}", cgroup.display()));
+            }
+        }
         for name in SOCK_HOOKS {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -300,7 +404,24 @@ impl Loaded {
             }
             attached.push(format!("{name}@{}", cgroup.display()));
         }
-        Ok(Self { ebpf, attached })
+        if let Some(dir) = pin_dir {
+            for name in remove_stale_map_pins(dir) {
+                tracing::info!(map = %name, "removed the pin of an earlier map layout");
+            }
+        }
+        Ok(Self {
+            ebpf,
+            attached,
+            _own_links: own_links,
+        })
+    }
+
+    pub fn peer_nets(&mut self) -> Result<BpfHash<'_, PeerNetKey, PeerNet>> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_PEER_NETS)
+            .context("peer-networks map")?;
+        Ok(BpfHash(HashMap::try_from(map)?))
     }
 
     pub fn set_config(&mut self, cfg: Config) -> Result<()> {

@@ -8,7 +8,7 @@ use std::{
 use bollard::models::ContainerInspectResponse;
 use dataplane_common::{
     Addr, Backend, FrontendKey, PORT_F_V4, PORT_F_V6, PROTO_TCP, PROTO_UDP, PortFamilies, PortKey,
-    WILDCARD4, WILDCARD6, is_v4_mapped, v4_mapped,
+    WILDCARD4, WILDCARD6, is_v4_mapped, net_id, v4_mapped,
 };
 use serde::Serialize;
 
@@ -85,11 +85,11 @@ pub fn frontend_id(key: &FrontendKey) -> u32 {
     h
 }
 
-/// The container's addresses that published ports lead to.
+/// The container's addresses that published ports lead to, and the network they are on.
 ///
 /// Docker publishes through one endpoint; with several networks we take the first network
 /// (by name) on which the container has an IPv4 address, and its IPv6 address there.
-fn container_addrs(c: &ContainerInspectResponse) -> Option<(Addr, Addr)> {
+fn container_addrs(c: &ContainerInspectResponse) -> Option<(Addr, Addr, String)> {
     let nets = c.network_settings.as_ref()?.networks.as_ref()?;
     let mut names: Vec<&String> = nets.keys().collect();
     names.sort();
@@ -101,18 +101,63 @@ fn container_addrs(c: &ContainerInspectResponse) -> Option<(Addr, Addr)> {
         let ep = &nets[name];
         let v4 = parse(ep.ip_address.as_ref());
         let v6 = parse(ep.global_ipv6_address.as_ref());
+        let net = ep.network_id.clone().unwrap_or_default();
         if let Some(IpAddr::V4(v4)) = v4 {
             let a6 = match v6 {
                 Some(IpAddr::V6(v6)) => v6.octets(),
                 _ => [0; 16],
             };
-            return Some((v4_mapped(v4.octets()), a6));
+            return Some((v4_mapped(v4.octets()), a6, net));
         }
-        if let (None, Some(IpAddr::V6(v6))) = (fallback6, v6) {
-            fallback6 = Some(v6.octets());
+        if let (None, Some(IpAddr::V6(v6))) = (&fallback6, v6) {
+            fallback6 = Some((v6.octets(), net));
         }
     }
-    fallback6.map(|a6| ([0; 16], a6))
+    fallback6.map(|(a6, net)| ([0; 16], a6, net))
+}
+
+/// A running container as a client: its network namespace and its addresses per network.
+/// Only such clients (and the host) are translated; Docker's own path serves the rest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// The network namespace Docker keeps for it (`NetworkSettings.SandboxKey`).
+    pub sandbox: Option<String>,
+    pub pid: Option<i64>,
+    /// (Docker network ID, the container's addresses on it).
+    pub endpoints: Vec<(String, Vec<IpAddr>)>,
+}
+
+/// The container as a client, when it has a network namespace of its own on Docker
+/// networks (not `--network host` or `container:`, whose namespace belongs to another).
+pub fn peer_of(c: &ContainerInspectResponse) -> Option<Peer> {
+    if !is_live(c) {
+        return None;
+    }
+    let ns = c.network_settings.as_ref()?;
+    let nets = ns.networks.as_ref()?;
+    let mut endpoints = Vec::new();
+    for ep in nets.values() {
+        let Some(net) = ep.network_id.clone().filter(|n| !n.is_empty()) else {
+            continue;
+        };
+        let addrs: Vec<IpAddr> = [ep.ip_address.as_ref(), ep.global_ipv6_address.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        if !addrs.is_empty() {
+            endpoints.push((net, addrs));
+        }
+    }
+    if endpoints.is_empty() {
+        return None;
+    }
+    endpoints.sort();
+    Some(Peer {
+        sandbox: ns.sandbox_key.clone().filter(|s| !s.is_empty()),
+        pid: c.state.as_ref().and_then(|s| s.pid).filter(|p| *p > 0),
+        endpoints,
+    })
 }
 
 fn is_live(c: &ContainerInspectResponse) -> bool {
@@ -201,7 +246,7 @@ pub fn frontends_of(c: &ContainerInspectResponse, errors: &mut Vec<BindingError>
         let Some(proto) = proto_of(proto_s) else {
             continue; // sctp: not translated by the socket layer
         };
-        let Some((addr4, addr6)) = endpoint else {
+        let Some((addr4, addr6, net)) = endpoint.as_ref() else {
             errors.push(BindingError::NoAddress {
                 container: name.clone(),
                 port_key: port_key.clone(),
@@ -239,11 +284,13 @@ pub fn frontends_of(c: &ContainerInspectResponse, errors: &mut Vec<BindingError>
             for addr in paddrs {
                 let key = FrontendKey::new(addr, hport, proto);
                 let backend = Backend {
-                    addr4,
-                    addr6,
+                    addr4: *addr4,
+                    addr6: *addr6,
                     port_be: cport.to_be(),
                     flags: 0,
                     id: frontend_id(&key),
+                    net: if net.is_empty() { 0 } else { net_id(net) },
+                    pad: 0,
                 };
                 let f = Frontend {
                     key,

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 use bollard::{
     API_DEFAULT_VERSION, Docker,
+    models::Network,
     models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum},
     query_parameters::{EventsOptions, ListContainersOptions},
 };
@@ -53,6 +54,58 @@ pub async fn inspect(docker: &Docker, id: &str) -> Result<Option<ContainerInspec
     }
 }
 
+/// A Docker network as the agent needs it: which host interface is its bridge, and whether
+/// Docker lets its containers reach published ports straight through that bridge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetInfo {
+    pub id: String,
+    pub name: String,
+    /// The host bridge interface (`bridge` driver only).
+    pub bridge: Option<String>,
+    /// Whether a container on it may be connected straight to a backend on it: a `bridge`
+    /// network with inter-container communication on and not `internal`.
+    pub peers_direct: bool,
+}
+
+impl NetInfo {
+    /// From Docker's network list entry.
+    pub fn from_network(n: &Network) -> Option<Self> {
+        let id = n.id.clone()?;
+        let name = n.name.clone().unwrap_or_default();
+        let opts = n.options.clone().unwrap_or_default();
+        let is_bridge = n.driver.as_deref() == Some("bridge");
+        let bridge = is_bridge.then(|| {
+            opts.get("com.docker.network.bridge.name")
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .unwrap_or_else(|| format!("br-{}", id.chars().take(12).collect::<String>()))
+        });
+        let icc = opts
+            .get("com.docker.network.bridge.enable_icc")
+            .is_none_or(|v| v != "false");
+        let internal = n.internal.unwrap_or(false);
+        Some(Self {
+            id,
+            name,
+            bridge,
+            peers_direct: is_bridge && icc && !internal,
+        })
+    }
+}
+
+/// Docker's networks, by network ID.
+pub async fn networks(docker: &Docker) -> Result<HashMap<String, NetInfo>> {
+    let list = docker
+        .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
+        .await
+        .context("listing networks")?;
+    Ok(list
+        .iter()
+        .filter_map(NetInfo::from_network)
+        .map(|n| (n.id.clone(), n))
+        .collect())
+}
+
 /// The events the agent listens to.
 pub fn events(
     docker: &Docker,
@@ -75,6 +128,8 @@ pub enum Effect {
     Refresh(String),
     /// The container is gone: drop its frontends without asking Docker.
     Remove(String),
+    /// Networks were created or removed: list them again.
+    Networks,
     /// Nothing to do.
     Ignore,
 }
@@ -103,6 +158,7 @@ pub fn effect(ev: &EventMessage) -> Effect {
                 .and_then(|a| a.attributes.as_ref())
                 .and_then(|attrs| attrs.get("container"))
                 .map_or(Effect::Ignore, |id| Effect::Refresh(id.clone())),
+            "create" | "destroy" | "update" => Effect::Networks,
             _ => Effect::Ignore,
         },
         _ => Effect::Ignore,
@@ -176,8 +232,30 @@ mod tests {
         assert_eq!(effect(&e), Effect::Refresh("abc".into()));
         let e = ev(N, "disconnect", "netid", &[("container", "abc")]);
         assert_eq!(effect(&e), Effect::Refresh("abc".into()));
-        assert_eq!(effect(&ev(N, "create", "netid", &[])), Effect::Ignore);
+        assert_eq!(effect(&ev(N, "create", "netid", &[])), Effect::Networks);
         assert_eq!(effect(&ev(N, "connect", "netid", &[])), Effect::Ignore);
+    }
+
+    #[test]
+    fn networks_from_dockers_list() {
+        let raw = r#"[
+          {"Name":"bridge","Id":"aaaa1111bbbb2222","Driver":"bridge","Internal":false,
+           "Options":{"com.docker.network.bridge.name":"docker0"}},
+          {"Name":"lan","Id":"cccc3333dddd4444eeee","Driver":"bridge","Internal":false,"Options":{}},
+          {"Name":"noicc","Id":"ffff","Driver":"bridge","Internal":false,
+           "Options":{"com.docker.network.bridge.enable_icc":"false"}},
+          {"Name":"inner","Id":"9999","Driver":"bridge","Internal":true,"Options":{}},
+          {"Name":"host","Id":"hhhh","Driver":"host","Options":{}}
+        ]"#;
+        let list: Vec<Network> = serde_json::from_str(raw).unwrap();
+        let nets: Vec<NetInfo> = list.iter().filter_map(NetInfo::from_network).collect();
+        assert_eq!(nets[0].bridge.as_deref(), Some("docker0"));
+        assert!(nets[0].peers_direct);
+        assert_eq!(nets[1].bridge.as_deref(), Some("br-cccc3333dddd"));
+        assert!(!nets[2].peers_direct, "icc off");
+        assert!(!nets[3].peers_direct, "internal");
+        assert_eq!(nets[4].bridge, None);
+        assert!(!nets[4].peers_direct);
     }
 
     #[test]

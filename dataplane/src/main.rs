@@ -40,8 +40,8 @@ enum Cmd {
         /// nftables table (family inet) for the notrack rules; removed when the agent stops.
         #[arg(long, default_value = dataplane::notrack::TABLE)]
         nft_table: String,
-        /// iptables chain, jumped to from Docker's DOCKER-USER, that lets translated
-        /// traffic cross bridge networks; removed when the agent stops.
+        /// iptables chain that earlier versions jumped to from Docker's DOCKER-USER; removed
+        /// at start where it is found (nothing is added to Docker's chains any more).
         #[arg(long, default_value = dataplane::forward::CHAIN)]
         fwd_chain: String,
         /// bpffs directory for the pinned maps and links, which keep translating while the
@@ -164,8 +164,9 @@ fn uninstall(pin_dir: &Path, nft_table: &str, fwd_chain: &str, socket: &Path) ->
             failed = true;
         }
     }
-    dataplane::forward::Forward::new(fwd_chain).remove();
-    println!("removed iptables chain {fwd_chain} and its DOCKER-USER jump");
+    if dataplane::forward::remove_legacy(fwd_chain) {
+        println!("removed iptables chain {fwd_chain} and its DOCKER-USER jump");
+    }
     let _ = std::fs::remove_file(socket);
     let _ = std::fs::remove_file(&lock_path);
     if failed {

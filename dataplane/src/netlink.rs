@@ -1,7 +1,7 @@
 //! Host and bridge-gateway addresses from rtnetlink, dumped and then watched.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
 };
 
@@ -24,17 +24,14 @@ pub struct HostAddr {
     pub ifname: String,
 }
 
-/// Whether an interface is a Docker bridge (`docker0`, or `br-<network id>`).
-pub fn is_docker_bridge(ifname: &str) -> bool {
-    ifname == "docker0" || ifname.starts_with("br-")
-}
-
 /// The local-address map's desired content.
 ///
 /// Loopback addresses are left out on purpose: loopback is recognised by range and only in
 /// the host network namespace, while this map applies in every namespace. IPv6 link-local
 /// addresses are left out too: they are only meaningful with an interface scope.
-pub fn local_map(addrs: &[HostAddr]) -> BTreeMap<Addr, LocalAddr> {
+/// `bridges` are Docker's bridge interfaces (from its network list): their addresses are
+/// gateways, every other one a host address (the kind is informational).
+pub fn local_map(addrs: &[HostAddr], bridges: &BTreeSet<String>) -> BTreeMap<Addr, LocalAddr> {
     let mut out = BTreeMap::new();
     for a in addrs {
         let skip = match a.ip {
@@ -44,7 +41,7 @@ pub fn local_map(addrs: &[HostAddr]) -> BTreeMap<Addr, LocalAddr> {
         if skip {
             continue;
         }
-        let kind = if is_docker_bridge(&a.ifname) {
+        let kind = if bridges.contains(&a.ifname) {
             LOCAL_GATEWAY
         } else {
             LOCAL_HOST
@@ -129,16 +126,23 @@ mod tests {
 
     #[test]
     fn local_map_kinds_and_exclusions() {
-        let m = local_map(&[
-            a("127.0.0.1", "lo"),
-            a("::1", "lo"),
-            a("192.0.2.2", "eth0"),
-            a("fd00::2", "eth0"),
-            a("fe80::1", "eth0"),
-            a("172.17.0.1", "docker0"),
-            a("172.18.0.1", "br-0123456789ab"),
-        ]);
-        assert_eq!(m.len(), 4);
+        let bridges: BTreeSet<String> = ["docker0".into(), "br-0123456789ab".into()].into();
+        let m = local_map(
+            &[
+                a("127.0.0.1", "lo"),
+                a("::1", "lo"),
+                a("192.0.2.2", "eth0"),
+                a("fd00::2", "eth0"),
+                a("fe80::1", "eth0"),
+                a("172.17.0.1", "docker0"),
+                a("172.18.0.1", "br-0123456789ab"),
+                a("192.168.50.1", "br-lan"),
+            ],
+            &bridges,
+        );
+        assert_eq!(m.len(), 5);
+        // A LAN bridge named like Docker's is not Docker's.
+        assert_eq!(m[&v4_mapped([192, 168, 50, 1])].kind, LOCAL_HOST);
         assert_eq!(m[&v4_mapped([192, 0, 2, 2])].kind, LOCAL_HOST);
         assert_eq!(m[&v4_mapped([172, 17, 0, 1])].kind, LOCAL_GATEWAY);
         assert_eq!(m[&v4_mapped([172, 18, 0, 1])].kind, LOCAL_GATEWAY);

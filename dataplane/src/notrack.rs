@@ -1,15 +1,27 @@
 //! Keeps translated connections out of `nf_conntrack`: one nftables table of our own,
-//! `inet dataplane`, with `notrack` rules at raw priority for traffic to and from the
-//! published backends, replaced as one atomic batch whenever the set of backends or local
-//! client networks changes.
+//! `inet dataplane`, with `notrack` rules at raw priority, replaced as one atomic batch
+//! whenever its content changes.
 //!
 //! Why rules are needed at all: the socket layer translates at `connect()`, so the packets
 //! are ordinary host-to-container (or container-to-container) traffic; on a host where
 //! Docker's iptables rules keep conntrack active, each would get a conntrack entry.
-//! What is untracked: packets to a backend `addr.proto.port` (from the host or bridged from
-//! a container), and packets from it to a local client (a host address or a Docker bridge
-//! network). Replies to external clients, whose connections iptables DNAT carries, stay
-//! tracked so their NAT is undone.
+//!
+//! What is untracked, and why nothing else is:
+//! - Packets between a container client the socket layer translates (a "peer": a Docker
+//!   container on the backend's network) and a published backend `addr.proto.port`, both
+//!   ways. Only peers' addresses are in the rule, so routed or external clients of the same
+//!   backend (whose connections Docker's DNAT carries) stay tracked.
+//! - Packets from the host to a backend `addr.proto.port` (`output`), and their replies,
+//!   only when a local socket is connected to exactly that backend (`socket` lookup):
+//!   replies of connections Docker's NAT carries (a client bound to `127.0.0.1`, one made
+//!   before the agent ran) go to a masqueraded address no such socket has, so they stay
+//!   tracked and their NAT is undone.
+//! - Nothing to or from the host when it has a stateful `INPUT` policy
+//!   (`track_host_clients`): there untracked replies would be dropped, so host clients'
+//!   connections stay tracked (one conntrack entry each, as on the direct path).
+//!
+//! `notrack` never lets a packet through that a rule drops: Docker's and the operator's
+//! filter rules see every packet as before.
 
 use std::{
     collections::BTreeSet,
@@ -32,16 +44,27 @@ pub const TABLE: &str = "dataplane";
 pub struct Spec {
     /// (backend address, protocol number, backend port).
     pub backends: BTreeSet<(IpAddr, u8, u16)>,
-    /// Networks of local clients: host addresses (/32, /128) and Docker bridge networks.
-    pub clients: BTreeSet<(IpAddr, u8)>,
+    /// This host's own addresses (interfaces and bridge gateways, not loopback): where
+    /// replies to host clients go.
+    pub hosts: BTreeSet<IpAddr>,
+    /// Addresses of the container clients the socket layer translates.
+    pub peers: BTreeSet<IpAddr>,
+    /// Host clients' connections stay tracked (a stateful `INPUT` policy was found).
+    pub track_host_clients: bool,
 }
 
 impl Spec {
     pub fn new<'a>(
         frontends: impl IntoIterator<Item = (&'a FrontendKey, &'a Backend)>,
         addrs: &[HostAddr],
+        peers: impl IntoIterator<Item = IpAddr>,
+        track_host_clients: bool,
     ) -> Self {
-        let mut spec = Self::default();
+        let mut spec = Self {
+            track_host_clients,
+            peers: peers.into_iter().collect(),
+            ..Self::default()
+        };
         for (k, b) in frontends {
             for a in [b.addr4, b.addr6] {
                 if !is_zero(&a) {
@@ -50,33 +73,11 @@ impl Spec {
             }
         }
         for a in addrs {
-            let full = if a.ip.is_ipv4() { 32 } else { 128 };
-            spec.clients.insert((a.ip, full));
-            if crate::netlink::is_docker_bridge(&a.ifname) {
-                spec.clients
-                    .insert((network(a.ip, a.prefix_len), a.prefix_len));
+            if !a.ip.is_loopback() && !a.ip.is_unspecified() {
+                spec.hosts.insert(a.ip);
             }
         }
         spec
-    }
-}
-
-fn network(ip: IpAddr, prefix: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => {
-            let bits = u32::from(v4);
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(prefix.min(32)))
-                .unwrap_or(0);
-            IpAddr::V4((bits & mask).into())
-        }
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
-            let mask = u128::MAX
-                .checked_shl(128 - u32::from(prefix.min(128)))
-                .unwrap_or(0);
-            IpAddr::V6((bits & mask).into())
-        }
     }
 }
 
@@ -88,62 +89,84 @@ fn elements(items: &[String]) -> String {
     }
 }
 
+/// Each item as nft text, IPv4 ones first, IPv6 ones second.
+fn split<T>(
+    items: &BTreeSet<T>,
+    is_v4: impl Fn(&T) -> bool,
+    show: impl Fn(&T) -> String,
+) -> (Vec<String>, Vec<String>) {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for i in items {
+        if is_v4(i) {
+            v4.push(show(i));
+        } else {
+            v6.push(show(i));
+        }
+    }
+    (v4, v6)
+}
+
 /// The nft script that makes table `t` exactly `spec`, atomically (`nft -f` runs a file as
 /// one transaction): create-if-missing, delete, create with content.
 pub fn script(t: &str, spec: &Spec) -> String {
-    let mut b4 = Vec::new();
-    let mut b6 = Vec::new();
-    for (ip, proto, port) in &spec.backends {
-        match ip {
-            IpAddr::V4(_) => b4.push(format!("{ip} . {proto} . {port}")),
-            IpAddr::V6(_) => b6.push(format!("{ip} . {proto} . {port}")),
-        }
-    }
-    let mut c4 = Vec::new();
-    let mut c6 = Vec::new();
-    for (ip, len) in &spec.clients {
-        match ip {
-            IpAddr::V4(_) => c4.push(format!("{ip}/{len}")),
-            IpAddr::V6(_) => c6.push(format!("{ip}/{len}")),
-        }
-    }
+    let (b4, b6) = split(
+        &spec.backends,
+        |(ip, _, _)| ip.is_ipv4(),
+        |(ip, proto, port)| format!("{ip} . {proto} . {port}"),
+    );
+    let (h4, h6) = split(&spec.hosts, IpAddr::is_ipv4, ToString::to_string);
+    let (p4, p6) = split(&spec.peers, IpAddr::is_ipv4, ToString::to_string);
     let mut s = String::new();
     let _ = writeln!(s, "table inet {t}");
     let _ = writeln!(s, "delete table inet {t}");
     let _ = writeln!(s, "table inet {t} {{");
-    let _ = writeln!(
-        s,
-        "  set backends4 {{ type ipv4_addr . inet_proto . inet_service; {}}}",
-        elements(&b4)
-    );
-    let _ = writeln!(
-        s,
-        "  set backends6 {{ type ipv6_addr . inet_proto . inet_service; {}}}",
-        elements(&b6)
-    );
-    let _ = writeln!(
-        s,
-        "  set clients4 {{ type ipv4_addr; flags interval; auto-merge; {}}}",
-        elements(&c4)
-    );
-    let _ = writeln!(
-        s,
-        "  set clients6 {{ type ipv6_addr; flags interval; auto-merge; {}}}",
-        elements(&c6)
-    );
+    for (name, ty, items) in [
+        ("backends4", "ipv4_addr . inet_proto . inet_service", &b4),
+        ("backends6", "ipv6_addr . inet_proto . inet_service", &b6),
+        ("hosts4", "ipv4_addr", &h4),
+        ("hosts6", "ipv6_addr", &h6),
+        ("peers4", "ipv4_addr", &p4),
+        ("peers6", "ipv6_addr", &p6),
+    ] {
+        let _ = writeln!(s, "  set {name} {{ type {ty}; {}}}", elements(items));
+    }
     s.push_str(
-        "  chain prerouting {\n    type filter hook prerouting priority raw; policy accept;\n    \
-         ip daddr . meta l4proto . th dport @backends4 notrack\n    \
-         ip saddr . meta l4proto . th sport @backends4 ip daddr @clients4 notrack\n    \
-         ip6 daddr . meta l4proto . th dport @backends6 notrack\n    \
-         ip6 saddr . meta l4proto . th sport @backends6 ip6 daddr @clients6 notrack\n  }\n",
+        "  chain prerouting {\n    type filter hook prerouting priority raw; policy accept;\n",
     );
-    s.push_str(
-        "  chain output {\n    type filter hook output priority raw; policy accept;\n    \
-         ip daddr . meta l4proto . th dport @backends4 notrack\n    \
-         ip6 daddr . meta l4proto . th dport @backends6 notrack\n  }\n",
-    );
-    s.push_str("}\n");
+    for (ip, n) in [("ip", "4"), ("ip6", "6")] {
+        // Container clients and backends, both ways (bridged through the host).
+        let _ = writeln!(
+            s,
+            "    {ip} saddr @peers{n} {ip} daddr . meta l4proto . th dport @backends{n} notrack"
+        );
+        let _ = writeln!(
+            s,
+            "    {ip} daddr @peers{n} {ip} saddr . meta l4proto . th sport @backends{n} notrack"
+        );
+        if !spec.track_host_clients {
+            // Replies to a host socket connected straight to the backend (TCP: not a
+            // wildcard listener; UDP: a socket bound there).
+            let _ = writeln!(
+                s,
+                "    meta l4proto tcp {ip} daddr @hosts{n} {ip} saddr . meta l4proto . th sport @backends{n} socket wildcard 0 notrack"
+            );
+            let _ = writeln!(
+                s,
+                "    meta l4proto udp {ip} daddr @hosts{n} {ip} saddr . meta l4proto . th sport @backends{n} socket transparent 0 notrack"
+            );
+        }
+    }
+    s.push_str("  }\n");
+    s.push_str("  chain output {\n    type filter hook output priority raw; policy accept;\n");
+    if !spec.track_host_clients {
+        for (ip, n) in [("ip", "4"), ("ip6", "6")] {
+            let _ = writeln!(
+                s,
+                "    {ip} daddr . meta l4proto . th dport @backends{n} notrack"
+            );
+        }
+    }
+    s.push_str("  }\n}\n");
     s
 }
 
@@ -217,30 +240,42 @@ mod tests {
 
     use super::*;
 
-    fn ha(ip: &str, prefix_len: u8, ifname: &str) -> HostAddr {
+    fn ha(ip: &str, ifname: &str) -> HostAddr {
         HostAddr {
             ip: ip.parse().unwrap(),
-            prefix_len,
+            prefix_len: 24,
             ifname: ifname.into(),
         }
     }
 
-    #[test]
-    fn spec_from_frontends_and_addresses() {
+    fn spec(track_host_clients: bool) -> Spec {
         let b = Backend {
             addr4: v4_mapped([172, 17, 0, 2]),
             addr6: "fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets(),
             port_be: 80u16.to_be(),
             flags: 0,
             id: 0,
+            net: 1,
+            pad: 0,
         };
         let k1 = FrontendKey::new(dataplane_common::WILDCARD4, 8080, PROTO_TCP);
         let k2 = FrontendKey::new(dataplane_common::WILDCARD6, 8080, PROTO_TCP);
         let k3 = FrontendKey::new(dataplane_common::WILDCARD4, 5353, PROTO_UDP);
-        let spec = Spec::new(
+        Spec::new(
             [(&k1, &b), (&k2, &b), (&k3, &b)],
-            &[ha("192.0.2.2", 24, "eth0"), ha("172.17.0.1", 16, "docker0")],
-        );
+            &[
+                ha("192.0.2.2", "eth0"),
+                ha("172.17.0.1", "docker0"),
+                ha("127.0.0.1", "lo"),
+            ],
+            ["172.17.0.3".parse().unwrap()],
+            track_host_clients,
+        )
+    }
+
+    #[test]
+    fn spec_from_frontends_addresses_and_peers() {
+        let spec = spec(false);
         let backends: Vec<String> = spec
             .backends
             .iter()
@@ -255,16 +290,9 @@ mod tests {
                 "fd00::2.17.80"
             ]
         );
-        let clients: Vec<String> = spec
-            .clients
-            .iter()
-            .map(|(ip, l)| format!("{ip}/{l}"))
-            .collect();
-        // The uplink's own address only; the bridge's address and its whole network.
-        assert_eq!(
-            clients,
-            vec!["172.17.0.0/16", "172.17.0.1/32", "192.0.2.2/32"]
-        );
+        let hosts: Vec<String> = spec.hosts.iter().map(ToString::to_string).collect();
+        // Interface addresses, never loopback; no bridge network is a "client" by name.
+        assert_eq!(hosts, vec!["172.17.0.1", "192.0.2.2"]);
         let s = script(TABLE, &spec);
         assert!(
             s.starts_with("table inet dataplane\ndelete table inet dataplane\n"),
@@ -274,14 +302,35 @@ mod tests {
             s.contains("elements = { 172.17.0.2 . 6 . 80, 172.17.0.2 . 17 . 80 }"),
             "{s}"
         );
+        assert!(s.contains("set peers4 { type ipv4_addr; elements = { 172.17.0.3 }; }"));
+        // Requests are untracked only from peers (bridged) or from the host (output);
+        // replies only to peers, or to a host socket connected to the backend.
         assert!(
-            s.contains("elements = { fd00::2 . 6 . 80, fd00::2 . 17 . 80 }"),
-            "{s}"
+            s.contains("ip saddr @peers4 ip daddr . meta l4proto . th dport @backends4 notrack")
         );
         assert!(
-            s.contains("ip saddr . meta l4proto . th sport @backends4 ip daddr @clients4 notrack")
+            s.contains("ip daddr @peers4 ip saddr . meta l4proto . th sport @backends4 notrack")
         );
+        assert!(s.contains("@backends4 socket wildcard 0 notrack"), "{s}");
         assert!(s.contains("type filter hook output priority raw"));
+        assert!(s.contains("    ip daddr . meta l4proto . th dport @backends4 notrack"));
+        for line in s.lines().filter(|l| l.contains("notrack")) {
+            assert!(
+                line.contains("@peers") || line.contains("socket ") || !line.contains("prerouting"),
+                "a prerouting rule that matches any client: {line}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stateful_input_policy_keeps_host_clients_tracked() {
+        let s = script(TABLE, &spec(true));
+        assert!(!s.contains("socket"), "{s}");
+        assert!(!s.contains("dport @backends4 notrack\n  }\n}"), "{s}");
+        let output = s.split("chain output").nth(1).unwrap();
+        assert!(!output.contains("notrack"), "{output}");
+        // Container clients stay untracked: their packets are forwarded, not INPUT.
+        assert!(s.contains("ip saddr @peers4"));
     }
 
     #[test]
@@ -289,21 +338,5 @@ mod tests {
         let s = script(TABLE, &Spec::default());
         assert!(!s.contains("elements"), "{s}");
         assert!(s.contains("set backends4 { type ipv4_addr . inet_proto . inet_service; }"));
-    }
-
-    #[test]
-    fn networks_are_masked() {
-        assert_eq!(
-            network("172.18.3.1".parse().unwrap(), 16).to_string(),
-            "172.18.0.0"
-        );
-        assert_eq!(
-            network("fd00:1::5".parse().unwrap(), 64).to_string(),
-            "fd00:1::"
-        );
-        assert_eq!(
-            network("10.0.0.1".parse().unwrap(), 0).to_string(),
-            "0.0.0.0"
-        );
     }
 }

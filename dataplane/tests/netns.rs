@@ -18,9 +18,13 @@ use dataplane::{
     reconcile::KvStore,
 };
 use dataplane_common::{
-    Backend, CFG_F_RESERVE_PORTS, Config, FrontendKey, LOCAL_HOST, LocalAddr, PROTO_TCP, PROTO_UDP,
-    TEST_F_HOST_NETNS, TEST_F_SOCK6, TestRequest, WILDCARD4, WILDCARD6,
+    Backend, CFG_F_PEERS, CFG_F_RESERVE_PORTS, Config, FrontendKey, LOCAL_HOST, LocalAddr,
+    PROTO_TCP, PROTO_UDP, PeerNet, PeerNetKey, TEST_F_HOST_NETNS, TEST_F_SOCK6, TestRequest,
+    WILDCARD4, WILDCARD6,
 };
+
+/// A made-up network namespace cookie standing for a container's.
+const CONTAINER_NS: u64 = 0x00dd_0000_0000_0042;
 
 struct Lab {
     // Field order is drop order: programs first, then the cgroup, the veth, the namespace.
@@ -60,6 +64,9 @@ fn serve(ns: &NetNs, ip: &str) {
     });
 }
 
+/// The network id the lab's backend is on.
+const NET: u32 = 5;
+
 fn lab(test: u32) -> Lab {
     let id = (std::process::id() % 10_000) * 10 + test;
     let net = 1 + ((std::process::id() * 10 + test) % 250);
@@ -94,6 +101,8 @@ fn lab(test: u32) -> Lab {
                     port_be: u16::to_be(bport),
                     flags: 0,
                     id: 1,
+                    net: NET,
+                    pad: 0,
                 },
             )
             .unwrap();
@@ -180,17 +189,39 @@ fn socket_layer_in_a_child_cgroup() {
     let mut c = lab.cg.command("ip");
     c.args(["netns", "exec", &lab.ns.name, "python3"]);
     assert_eq!(client(c, "tcp", "127.0.0.1", 18080), "error 111");
-    // ...but host addresses are translated from there too (hairpin).
+    // ...and a namespace that is not a known container's is an external client: Docker's
+    // path (here: nothing listens on the host address).
     let mut c = lab.cg.command("ip");
     c.args(["netns", "exec", &lab.ns.name, "python3"]);
+    assert_eq!(client(c, "tcp", h, 18080), "error 111");
+    let _ = b;
+
+    // A socket bound to a loopback source is left alone (it could not reach the backend).
     assert_eq!(
-        client(c, "tcp", h, 18080),
-        format!("ok backend {b} {h} 18080")
+        client(in_cg(), "tcp-from-loopback", "127.0.0.1", 18080),
+        "error 111"
     );
+    // An IPv6-only socket cannot use the IPv4 backend: left alone, never ENETUNREACH.
+    assert_eq!(client(in_cg(), "tcp-v6only", "::1", 18080), "error 111");
 
     let stats = lab.loaded.stats().unwrap();
     assert!(
-        stats[dataplane_common::STAT_CONNECT as usize] >= 5,
+        stats[dataplane_common::STAT_CONNECT as usize] >= 4,
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats[dataplane_common::STAT_SKIP_BOUND as usize],
+        1,
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats[dataplane_common::STAT_SKIP_V6ONLY as usize],
+        1,
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats[dataplane_common::STAT_SKIP_NETWORK as usize],
+        1,
         "{stats:?}"
     );
     assert!(
@@ -243,32 +274,85 @@ fn xlate_decision_runs_in_the_kernel() {
     let mut lab = lab(3);
     let b: IpAddr = lab.backend_ip.parse().unwrap();
     let h: IpAddr = lab.host_ip.parse().unwrap();
-    let mut run = |addr: IpAddr, port: u16, proto: u8, flags: u8| {
+    let run = |loaded: &mut Loaded, addr: IpAddr, port: u16, proto: u8, flags: u8| {
         let req = TestRequest {
             addr: ip_to_addr(addr),
             port_be: port.to_be(),
             proto,
             flags,
+            pad: 0,
+            netns_cookie: CONTAINER_NS,
         };
-        let (rc, answer) = lab.loaded.test_xlate(&req).unwrap();
+        let (rc, answer) = loaded.test_xlate(&req).unwrap();
         (rc, addr_to_ip(&answer.addr), u16::from_be(answer.port_be))
     };
     let lo: IpAddr = "127.0.0.1".parse().unwrap();
     let lo6: IpAddr = "::1".parse().unwrap();
     let other: IpAddr = "192.0.2.99".parse().unwrap();
     let host = TEST_F_HOST_NETNS;
-    assert_eq!(run(lo, 18080, PROTO_TCP, host), (1, b, 8080));
-    assert_eq!(run(lo, 18081, PROTO_UDP, host), (1, b, 8081));
+    assert_eq!(
+        run(&mut lab.loaded, lo, 18080, PROTO_TCP, host),
+        (1, b, 8080)
+    );
+    assert_eq!(
+        run(&mut lab.loaded, lo, 18081, PROTO_UDP, host),
+        (1, b, 8081)
+    );
     // Loopback outside the host namespace, unknown ports, wrong protocol, other hosts: no.
-    assert_eq!(run(lo, 18080, PROTO_TCP, 0).0, 0);
-    assert_eq!(run(lo, 18082, PROTO_TCP, host).0, 0);
-    assert_eq!(run(lo, 18080, PROTO_UDP, host).0, 0);
-    assert_eq!(run(other, 18080, PROTO_TCP, host).0, 0);
-    assert_eq!(run(lo, 0, PROTO_UDP, host).0, 0);
-    // Host addresses from any namespace (hairpin).
-    assert_eq!(run(h, 18080, PROTO_TCP, 0), (1, b, 8080));
+    assert_eq!(run(&mut lab.loaded, lo, 18080, PROTO_TCP, 0).0, 0);
+    assert_eq!(run(&mut lab.loaded, lo, 18082, PROTO_TCP, host).0, 0);
+    assert_eq!(run(&mut lab.loaded, lo, 18080, PROTO_UDP, host).0, 0);
+    assert_eq!(run(&mut lab.loaded, other, 18080, PROTO_TCP, host).0, 0);
+    assert_eq!(run(&mut lab.loaded, lo, 0, PROTO_UDP, host).0, 0);
+    // Host addresses from another namespace (hairpin): only a Docker container's, on the
+    // backend's network, with container clients on.
+    assert_eq!(
+        run(&mut lab.loaded, h, 18080, PROTO_TCP, host),
+        (1, b, 8080)
+    );
+    assert_eq!(
+        run(&mut lab.loaded, h, 18080, PROTO_TCP, 0).0,
+        0,
+        "an unknown namespace"
+    );
+    let peer = PeerNetKey {
+        netns_cookie: CONTAINER_NS,
+        net: NET,
+        pad: 0,
+    };
+    lab.loaded
+        .peer_nets()
+        .unwrap()
+        .put(&peer, &PeerNet { flags: 0 })
+        .unwrap();
+    assert_eq!(
+        run(&mut lab.loaded, h, 18080, PROTO_TCP, 0).0,
+        0,
+        "container clients are off"
+    );
+    let cfg = Config {
+        host_netns_cookie: bpf::netns_cookie().unwrap(),
+        flags: CFG_F_RESERVE_PORTS | CFG_F_PEERS,
+    };
+    lab.loaded.set_config(cfg).unwrap();
+    assert_eq!(run(&mut lab.loaded, h, 18080, PROTO_TCP, 0), (1, b, 8080));
+    // The same container dialling its own 0.0.0.0 or loopback reaches its own services.
+    let any: IpAddr = "0.0.0.0".parse().unwrap();
+    assert_eq!(run(&mut lab.loaded, any, 18080, PROTO_TCP, 0).0, 0);
+    assert_eq!(
+        run(&mut lab.loaded, any, 18080, PROTO_TCP, host),
+        (1, b, 8080)
+    );
+    // Another network's container: Docker's path.
+    lab.loaded.peer_nets().unwrap().remove(&peer).unwrap();
+    assert_eq!(run(&mut lab.loaded, h, 18080, PROTO_TCP, 0).0, 0);
+    let stats = lab.loaded.stats().unwrap();
+    assert!(
+        stats[dataplane_common::STAT_SKIP_NETWORK as usize] >= 3,
+        "{stats:?}"
+    );
     // An IPv6 socket dialling ::1 gets the IPv4 backend, mapped.
-    let (rc, addr, port) = run(lo6, 18080, PROTO_TCP, host | TEST_F_SOCK6);
+    let (rc, addr, port) = run(&mut lab.loaded, lo6, 18080, PROTO_TCP, host | TEST_F_SOCK6);
     assert_eq!((rc, port), (1, 8080));
     assert_eq!(addr, b);
 }
@@ -366,7 +450,9 @@ fn the_notrack_table_keeps_translated_connections_out_of_conntrack() {
     let h: IpAddr = lab.host_ip.parse().unwrap();
     let spec = Spec {
         backends: [(b, PROTO_TCP, 8080)].into(),
-        clients: [(h, 32)].into(),
+        hosts: [h].into(),
+        peers: std::collections::BTreeSet::new(),
+        track_host_clients: false,
     };
     assert!(nt.apply(&spec, false).unwrap());
     assert!(

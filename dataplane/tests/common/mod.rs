@@ -179,10 +179,14 @@ pub fn conntrack_count() -> u64 {
 /// A Python client script run with `python3 -c`, printing one line per result.
 pub const PY_CLIENT: &str = r"
 import socket, sys
-def tcp(host, port):
+def tcp(host, port, src=None, v6only=False):
     fam = socket.AF_INET6 if ':' in host else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.settimeout(5)
+    if v6only:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    if src:
+        s.bind((src, 0))
     try:
         s.connect((host, port))
     except OSError as e:
@@ -205,6 +209,8 @@ def udp(host, port, connected):
 kind, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 try:
     if kind == 'tcp': tcp(host, port)
+    elif kind == 'tcp-from-loopback': tcp(host, port, src='::1' if ':' in host else '127.0.0.1')
+    elif kind == 'tcp-v6only': tcp(host, port, v6only=True)
     else: udp(host, port, kind == 'udpc')
 except OSError as e:
     print('error', e.errno)

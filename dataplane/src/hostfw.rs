@@ -1,0 +1,349 @@
+//! What the host's own firewall does that the agent must respect, read from the ruleset
+//! (`nft -j list ruleset`, which shows iptables-nft rules too, and `iptables-legacy -S` where
+//! legacy tables are in use).
+//!
+//! - A **stateful `INPUT` policy** (a drop policy, or a drop/reject rule reachable from an
+//!   input base chain: ufw, firewalld, `ct state established accept` then drop) would drop
+//!   untracked replies to host clients; where one is found, host clients' connections stay
+//!   tracked (see `notrack`).
+//! - **Operator rules in `DOCKER-USER`** that could apply to traffic between containers
+//!   (anything but `RETURN` and rules tied to a non-Docker interface): container clients
+//!   are then left to Docker's own path, so those rules see exactly what they see without
+//!   the agent.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    process::Command,
+};
+
+use serde_json::Value;
+
+/// What was found; `None` fields mean nothing in the way.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostFirewall {
+    /// Where a stateful `INPUT` policy was found.
+    pub stateful_input: Option<String>,
+    /// Where operator rules that may concern container traffic were found.
+    pub forward_rules: Option<String>,
+}
+
+/// The live ruleset, as read (blocking: runs `nft` and, where legacy tables are in use,
+/// `iptables-legacy`).
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    nft: Option<Value>,
+    legacy: Vec<(&'static str, String)>,
+}
+
+/// Reads the live ruleset.
+pub fn capture() -> Snapshot {
+    let nft = Command::new("nft")
+        .args(["-j", "list", "ruleset"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok());
+    let mut legacy = Vec::new();
+    if legacy_filter_in_use() {
+        for tool in ["iptables-legacy", "ip6tables-legacy"] {
+            if let Some(text) = Command::new(tool)
+                .args(["-w", "-t", "filter", "-S"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            {
+                legacy.push((tool, text));
+            }
+        }
+    }
+    Snapshot { nft, legacy }
+}
+
+impl Snapshot {
+    /// `bridges`: Docker's bridge interfaces; `own_table`: the agent's table (family inet),
+    /// which is not the operator's.
+    pub fn evaluate(&self, bridges: &BTreeSet<String>, own_table: &str) -> HostFirewall {
+        let mut fw = self
+            .nft
+            .as_ref()
+            .map(|v| from_nft_json(v, bridges, own_table))
+            .unwrap_or_default();
+        for (tool, text) in &self.legacy {
+            let l = from_iptables_save(text, bridges, tool);
+            fw.stateful_input = fw.stateful_input.or(l.stateful_input);
+            fw.forward_rules = fw.forward_rules.or(l.forward_rules);
+        }
+        fw
+    }
+}
+
+fn legacy_filter_in_use() -> bool {
+    ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"]
+        .iter()
+        .any(|p| std::fs::read_to_string(p).is_ok_and(|s| s.lines().any(|l| l == "filter")))
+}
+
+type ChainId = (String, String, String);
+
+/// From `nft -j list ruleset` output.
+pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> HostFirewall {
+    let items = v["nftables"].as_array().cloned().unwrap_or_default();
+    let mut rules: BTreeMap<ChainId, Vec<&Value>> = BTreeMap::new();
+    let mut input_bases = Vec::new();
+    let id = |o: &Value, chain_key: &str| -> ChainId {
+        (
+            o["family"].as_str().unwrap_or("").to_string(),
+            o["table"].as_str().unwrap_or("").to_string(),
+            o[chain_key].as_str().unwrap_or("").to_string(),
+        )
+    };
+    for it in &items {
+        if let Some(c) = it.get("chain") {
+            if c["family"] == "inet" && c["table"] == own_table {
+                continue;
+            }
+            if c["hook"] == "input" && c["type"].as_str().unwrap_or("filter") == "filter" {
+                let cid = id(c, "name");
+                if c["policy"] == "drop" {
+                    let (f, t, n) = &cid;
+                    return HostFirewall {
+                        stateful_input: Some(format!("{f} {t} {n}: policy drop")),
+                        forward_rules: docker_user_nft(&items, bridges),
+                    };
+                }
+                input_bases.push(cid);
+            }
+        } else if let Some(r) = it.get("rule") {
+            rules.entry(id(r, "chain")).or_default().push(r);
+        }
+    }
+    let mut stateful = None;
+    'bases: for base in input_bases {
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![base.2.clone()];
+        while let Some(name) = todo.pop() {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            let cid = (base.0.clone(), base.1.clone(), name);
+            for r in rules.get(&cid).into_iter().flatten() {
+                let text = r["expr"].to_string();
+                if text.contains("\"drop\"") || text.contains("\"reject\"") {
+                    let (f, t, n) = &cid;
+                    stateful = Some(format!("{f} {t} {n}: a drop or reject rule"));
+                    break 'bases;
+                }
+                for e in r["expr"].as_array().into_iter().flatten() {
+                    for k in ["jump", "goto"] {
+                        if let Some(t) = e[k]["target"].as_str() {
+                            todo.push(t.to_string());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    HostFirewall {
+        stateful_input: stateful,
+        forward_rules: docker_user_nft(&items, bridges),
+    }
+}
+
+/// The first rule of a `DOCKER-USER` chain that may concern container traffic.
+fn docker_user_nft(items: &[Value], bridges: &BTreeSet<String>) -> Option<String> {
+    for it in items {
+        let Some(r) = it.get("rule") else { continue };
+        if r["chain"] != "DOCKER-USER" {
+            continue;
+        }
+        let exprs = r["expr"].as_array().cloned().unwrap_or_default();
+        let only_return = exprs
+            .iter()
+            .all(|e| e.get("counter").is_some() || e.get("return").is_some());
+        if only_return {
+            continue;
+        }
+        let other_iface = exprs.iter().any(|e| {
+            let m = &e["match"];
+            let key = m["left"]["meta"]["key"].as_str().unwrap_or("");
+            let name = m["right"].as_str().unwrap_or("");
+            (key == "iifname" || key == "oifname")
+                && m["op"] == "=="
+                && !name.is_empty()
+                && !name.contains('*')
+                && !bridges.contains(name)
+        });
+        if other_iface {
+            continue;
+        }
+        return Some(format!(
+            "{} {} DOCKER-USER: {}",
+            r["family"].as_str().unwrap_or(""),
+            r["table"].as_str().unwrap_or(""),
+            r["expr"]
+        ));
+    }
+    None
+}
+
+/// From `iptables-save`-style `-S` output of one table (legacy iptables).
+pub fn from_iptables_save(text: &str, bridges: &BTreeSet<String>, tool: &str) -> HostFirewall {
+    let mut rules: BTreeMap<&str, Vec<Vec<&str>>> = BTreeMap::new();
+    let mut input_drop = false;
+    for l in text.lines() {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        match w.as_slice() {
+            ["-P", "INPUT", "DROP"] => input_drop = true,
+            ["-A", chain, rest @ ..] => rules.entry(chain).or_default().push(rest.to_vec()),
+            _ => {}
+        }
+    }
+    let mut fw = HostFirewall::default();
+    if input_drop {
+        fw.stateful_input = Some(format!("{tool} INPUT: policy DROP"));
+    } else {
+        let mut seen = BTreeSet::new();
+        let mut todo = vec!["INPUT"];
+        while let Some(c) = todo.pop() {
+            if !seen.insert(c) {
+                continue;
+            }
+            for r in rules.get(c).into_iter().flatten() {
+                let target = r
+                    .iter()
+                    .position(|w| *w == "-j" || *w == "-g")
+                    .and_then(|i| r.get(i + 1));
+                match target {
+                    Some(&"DROP" | &"REJECT") => {
+                        fw.stateful_input = Some(format!("{tool} {c}: {}", r.join(" ")));
+                    }
+                    Some(t) if rules.contains_key(t) => todo.push(t),
+                    _ => {}
+                }
+            }
+        }
+    }
+    for r in rules.get("DOCKER-USER").into_iter().flatten() {
+        if r.as_slice() == ["-j", "RETURN"] {
+            continue;
+        }
+        let other_iface = r.windows(2).enumerate().any(|(i, w)| {
+            (w[0] == "-i" || w[0] == "-o")
+                && (i == 0 || r[i - 1] != "!")
+                && !w[1].ends_with('+')
+                && !bridges.contains(w[1])
+        });
+        if !other_iface {
+            fw.forward_rules = Some(format!("{tool} DOCKER-USER: {}", r.join(" ")));
+            break;
+        }
+    }
+    fw
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn bridges() -> BTreeSet<String> {
+        ["docker0".to_string(), "br-0123456789ab".to_string()].into()
+    }
+
+    fn chain(family: &str, table: &str, name: &str, hook: Option<&str>, policy: &str) -> Value {
+        let mut c = json!({"family": family, "table": table, "name": name});
+        if let Some(h) = hook {
+            c["hook"] = json!(h);
+            c["type"] = json!("filter");
+            c["policy"] = json!(policy);
+        }
+        json!({ "chain": c })
+    }
+
+    fn rule(family: &str, table: &str, chain: &str, expr: Value) -> Value {
+        json!({"rule": {"family": family, "table": table, "chain": chain, "expr": expr}})
+    }
+
+    #[test]
+    fn docker_alone_is_neither_stateful_nor_operator_rules() {
+        let v = json!({"nftables": [
+            chain("ip", "filter", "INPUT", Some("input"), "accept"),
+            chain("ip", "filter", "FORWARD", Some("forward"), "drop"),
+            chain("ip", "filter", "DOCKER-ISOLATION-STAGE-2", None, ""),
+            rule("ip", "filter", "DOCKER-ISOLATION-STAGE-2",
+                 json!([{"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "docker0"}}, {"drop": null}])),
+            chain("ip", "filter", "DOCKER-USER", None, ""),
+            rule("ip", "filter", "DOCKER-USER", json!([{"counter": {"packets": 0, "bytes": 0}}, {"return": null}])),
+            // Our own table never counts.
+            chain("inet", "dataplane", "input", Some("input"), "drop"),
+        ]});
+        assert_eq!(
+            from_nft_json(&v, &bridges(), "dataplane"),
+            HostFirewall::default()
+        );
+    }
+
+    #[test]
+    fn stateful_input_policies_are_found() {
+        let policy = json!({"nftables": [chain("inet", "filter", "input", Some("input"), "drop")]});
+        assert!(
+            from_nft_json(&policy, &bridges(), "dataplane")
+                .stateful_input
+                .is_some()
+        );
+        // ufw-style: accept policy, a jump to a chain that ends in a drop.
+        let jumped = json!({"nftables": [
+            chain("ip", "filter", "INPUT", Some("input"), "accept"),
+            rule("ip", "filter", "INPUT", json!([{"jump": {"target": "ufw-before-input"}}])),
+            chain("ip", "filter", "ufw-before-input", None, ""),
+            rule("ip", "filter", "ufw-before-input", json!([{"reject": null}])),
+        ]});
+        let fw = from_nft_json(&jumped, &bridges(), "dataplane");
+        assert!(fw.stateful_input.unwrap().contains("ufw-before-input"));
+    }
+
+    #[test]
+    fn docker_user_rules_on_other_interfaces_do_not_concern_containers() {
+        let v = json!({"nftables": [
+            rule("ip", "filter", "DOCKER-USER",
+                 json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "eth0"}}, {"drop": null}])),
+        ]});
+        assert_eq!(
+            from_nft_json(&v, &bridges(), "dataplane").forward_rules,
+            None
+        );
+        let v = json!({"nftables": [
+            rule("ip", "filter", "DOCKER-USER",
+                 json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "docker0"}}, {"drop": null}])),
+        ]});
+        assert!(
+            from_nft_json(&v, &bridges(), "dataplane")
+                .forward_rules
+                .is_some()
+        );
+        let v = json!({"nftables": [
+            rule("ip", "filter", "DOCKER-USER", json!([{"match": {"op": "==", "left": {"ct": {"key": "state"}}, "right": "new"}}, {"drop": null}])),
+        ]});
+        assert!(
+            from_nft_json(&v, &bridges(), "dataplane")
+                .forward_rules
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn legacy_iptables_text() {
+        let text = "-P INPUT ACCEPT\n-P FORWARD DROP\n-N DOCKER-USER\n-N ufw-in\n\
+                    -A INPUT -j ufw-in\n-A ufw-in -p tcp --dport 22 -j ACCEPT\n-A ufw-in -j DROP\n\
+                    -A DOCKER-USER -i eth0 -j DROP\n-A DOCKER-USER -j RETURN\n";
+        let fw = from_iptables_save(text, &bridges(), "iptables-legacy");
+        assert!(fw.stateful_input.unwrap().contains("ufw-in"));
+        assert_eq!(fw.forward_rules, None);
+        let text = "-P INPUT ACCEPT\n-A DOCKER-USER ! -i eth0 -j DROP\n";
+        let fw = from_iptables_save(text, &bridges(), "iptables-legacy");
+        assert_eq!(fw.stateful_input, None);
+        assert!(fw.forward_rules.is_some());
+    }
+}
