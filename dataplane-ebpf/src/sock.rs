@@ -15,7 +15,8 @@ use dataplane_common::{
     Addr, Backend, CFG_F_BINDV6ONLY, CFG_F_PEERS, CFG_F_RESERVE_PORTS, FrontendKey, PROTO_TCP,
     PROTO_UDP, PeerNetKey, PortKey, SOCKOPT_F_V6ONLY, SOCKOPT_F_V6ONLY_OFF, STAT_BIND_REFUSED,
     STAT_CONNECT, STAT_GETPEERNAME, STAT_RECVMSG, STAT_SENDMSG, STAT_SKIP_BOUND, STAT_SKIP_NETWORK,
-    STAT_SKIP_V6ONLY, STAT_SKSTORE_FULL, SockOpt, SockRev, is_v4_mapped, v4_mapped, v4_part,
+    STAT_SKIP_V6ONLY, STAT_SKSTORE_FULL, SockOpt, SockRev, WILDCARD4, is_loopback, is_v4_mapped,
+    is_zero, v4_mapped, v4_part,
     xlate::{Skip, Target, bind_conflicts, frontend_for, target_v4, target_v6},
 };
 
@@ -245,30 +246,55 @@ fn sock(ctx: &SockAddrContext) -> &bpf_sock {
     unsafe { &*sa(ctx).__bindgen_anon_1.sk }
 }
 
-/// Whether the socket (or, for `sendmsg`, this one message) has chosen a source address.
-/// Such a client cannot be moved to another destination safely (a loopback source cannot
-/// reach a container; another may not be routable there), so it is left to Docker's path.
+/// Whether a source address the socket (or, for `sendmsg`, this one message) has chosen
+/// keeps it from being moved to the backend, so that it is left to Docker's path: in the
+/// host namespace any chosen source (a loopback one cannot reach a container at all, and
+/// Docker's NAT path masquerades the others); in a container only a loopback one (its own
+/// address reaches a backend on its network as it is, and Docker's path would not help).
 #[inline(always)]
-fn bound_source4(ctx: &SockAddrContext, stat: u32) -> bool {
+fn source_blocks(src: &Addr, host_ns: bool) -> bool {
+    if is_zero(src) || *src == WILDCARD4 {
+        return false;
+    }
+    host_ns || is_loopback(src)
+}
+
+#[inline(always)]
+fn bound_source4(ctx: &SockAddrContext, stat: u32, host_ns: bool) -> bool {
     let msg_src = if stat == STAT_SENDMSG {
         sa(ctx).msg_src_ip4
     } else {
         0
     };
-    sock(ctx).src_ip4 != 0 || msg_src != 0
+    source_blocks(&v4_mapped(sock(ctx).src_ip4.to_ne_bytes()), host_ns)
+        || source_blocks(&v4_mapped(msg_src.to_ne_bytes()), host_ns)
 }
 
 #[inline(always)]
-fn bound_source6(ctx: &SockAddrContext, stat: u32) -> bool {
+fn words6(w: [u32; 4]) -> Addr {
+    let mut a = [0u8; 16];
+    for i in 0..4 {
+        let b = w[i].to_ne_bytes();
+        a[i * 4] = b[0];
+        a[i * 4 + 1] = b[1];
+        a[i * 4 + 2] = b[2];
+        a[i * 4 + 3] = b[3];
+    }
+    a
+}
+
+#[inline(always)]
+fn bound_source6(ctx: &SockAddrContext, stat: u32, host_ns: bool) -> bool {
     let sk = sock(ctx);
-    let bound = (sk.src_ip6[0] | sk.src_ip6[1] | sk.src_ip6[2] | sk.src_ip6[3]) != 0;
-    let msg = if stat == STAT_SENDMSG {
-        let m = sa(ctx).msg_src_ip6;
-        (m[0] | m[1] | m[2] | m[3]) != 0
-    } else {
-        false
-    };
-    bound || msg
+    let bound = words6([sk.src_ip6[0], sk.src_ip6[1], sk.src_ip6[2], sk.src_ip6[3]]);
+    if source_blocks(&bound, host_ns) {
+        return true;
+    }
+    if stat != STAT_SENDMSG {
+        return false;
+    }
+    let m = sa(ctx).msg_src_ip6;
+    source_blocks(&words6([m[0], m[1], m[2], m[3]]), host_ns)
 }
 
 #[inline(always)]
@@ -387,11 +413,12 @@ fn xlate4(ctx: &SockAddrContext, stat: u32) {
     let Some(proto) = proto(s) else { return };
     let dst = v4_mapped(s.user_ip4.to_ne_bytes());
     let port_be = port_be(s);
-    let Some(b) = lookup(&dst, port_be, proto, in_host_netns(ctx), netns_cookie(ctx)) else {
+    let host_ns = in_host_netns(ctx);
+    let Some(b) = lookup(&dst, port_be, proto, host_ns, netns_cookie(ctx)) else {
         return;
     };
     let Some(t) = target_v4(&b) else { return };
-    if bound_source4(ctx, stat) {
+    if bound_source4(ctx, stat, host_ns) {
         count(STAT_SKIP_BOUND);
         return;
     }
@@ -403,17 +430,8 @@ fn xlate4(ctx: &SockAddrContext, stat: u32) {
 
 #[inline(always)]
 fn ip6(s: &bpf_sock_addr) -> Addr {
-    let mut a = [0u8; 16];
     // The verifier allows only 4-byte loads of user_ip6, one word at a time.
-    let w = [s.user_ip6[0], s.user_ip6[1], s.user_ip6[2], s.user_ip6[3]];
-    for i in 0..4 {
-        let b = w[i].to_ne_bytes();
-        a[i * 4] = b[0];
-        a[i * 4 + 1] = b[1];
-        a[i * 4 + 2] = b[2];
-        a[i * 4 + 3] = b[3];
-    }
-    a
+    words6([s.user_ip6[0], s.user_ip6[1], s.user_ip6[2], s.user_ip6[3]])
 }
 
 #[inline(always)]
@@ -433,7 +451,7 @@ fn xlate6(ctx: &SockAddrContext, stat: u32) {
     if !mapped_ok && is_v4_mapped(&t.addr) {
         return;
     }
-    if bound_source6(ctx, stat) {
+    if bound_source6(ctx, stat, host_ns) {
         count(STAT_SKIP_BOUND);
         return;
     }

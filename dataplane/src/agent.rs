@@ -137,8 +137,33 @@ impl Netfilter {
         if g.closed {
             return;
         }
-        let Some(spec) = g.want.take() else { return };
+        let Some(mut spec) = g.want.take() else {
+            return;
+        };
         let force = std::mem::take(&mut g.force);
+        // New peers or backends (or a full resync): the connections Docker's NAT carries
+        // between them must keep their NAT. Otherwise the known ones, while they apply.
+        let grew = g.notrack.applied().is_none_or(|a| {
+            !spec.peers.is_subset(&a.peers) || !spec.backends.is_subset(&a.backends)
+        });
+        if grew || force {
+            spec.nat_replies = notrack::nat_replies(&notrack::dump_dnat(), &spec);
+            if !spec.nat_replies.is_empty() {
+                info!(
+                    connections = spec.nat_replies.len(),
+                    "connections carried by Docker's NAT keep being tracked until they end"
+                );
+            }
+        } else if let Some(a) = g.notrack.applied() {
+            spec.nat_replies = a
+                .nat_replies
+                .iter()
+                .filter(|(b, proto, bport, c, _)| {
+                    spec.backends.contains(&(*b, *proto, *bport)) && spec.peers.contains(c)
+                })
+                .copied()
+                .collect();
+        }
         match g.notrack.apply(&spec, force) {
             Ok(true) => debug!(
                 backends = spec.backends.len(),

@@ -51,6 +51,69 @@ pub struct Spec {
     pub peers: BTreeSet<IpAddr>,
     /// Host clients' connections stay tracked (a stateful `INPUT` policy was found).
     pub track_host_clients: bool,
+    /// Replies of connections that Docker's NAT carries from a peer to a backend (made
+    /// before the peer or the backend was known to the agent): they stay tracked, so their
+    /// NAT is undone, until they end.
+    pub nat_replies: BTreeSet<NatReply>,
+}
+
+/// A reply tuple: (backend address, protocol, backend port, client address, client port).
+pub type NatReply = (IpAddr, u8, u16, IpAddr, u16);
+
+/// The connections Docker's NAT carries now between a peer and a backend of `spec`, from
+/// `conntrack -L --dst-nat` output (both families).
+pub fn nat_replies(conntrack: &str, spec: &Spec) -> BTreeSet<NatReply> {
+    let mut out = BTreeSet::new();
+    for line in conntrack.lines() {
+        let mut proto = None;
+        let mut vals: Vec<(&str, &str)> = Vec::new();
+        for (i, w) in line.split_whitespace().enumerate() {
+            if i == 1 {
+                proto = w.parse::<u8>().ok();
+            }
+            if let Some((k, v)) = w.split_once('=') {
+                vals.push((k, v));
+            }
+        }
+        let get = |key: &str, nth: usize| {
+            vals.iter()
+                .filter(|(k, _)| *k == key)
+                .nth(nth)
+                .map(|(_, v)| *v)
+        };
+        // The second src/dst/sport/dport group is the reply direction.
+        let parsed = (|| {
+            Some((
+                proto?,
+                get("src", 1)?.parse::<IpAddr>().ok()?,
+                get("sport", 1)?.parse::<u16>().ok()?,
+                get("dst", 1)?.parse::<IpAddr>().ok()?,
+                get("dport", 1)?.parse::<u16>().ok()?,
+            ))
+        })();
+        let Some((proto, backend, bport, client, cport)) = parsed else {
+            continue;
+        };
+        if spec.backends.contains(&(backend, proto, bport)) && spec.peers.contains(&client) {
+            out.insert((backend, proto, bport, client, cport));
+        }
+    }
+    out
+}
+
+/// `conntrack -L --dst-nat` for both families (empty when conntrack is not there).
+pub fn dump_dnat() -> String {
+    let mut text = String::new();
+    for fam in ["ipv4", "ipv6"] {
+        if let Ok(o) = Command::new("conntrack")
+            .args(["-L", "-f", fam, "--dst-nat"])
+            .stderr(Stdio::null())
+            .output()
+        {
+            text.push_str(&String::from_utf8_lossy(&o.stdout));
+        }
+    }
+    text
 }
 
 impl Spec {
@@ -116,6 +179,11 @@ pub fn script(t: &str, spec: &Spec) -> String {
     );
     let (h4, h6) = split(&spec.hosts, IpAddr::is_ipv4, ToString::to_string);
     let (p4, p6) = split(&spec.peers, IpAddr::is_ipv4, ToString::to_string);
+    let (n4, n6) = split(
+        &spec.nat_replies,
+        |(b, ..)| b.is_ipv4(),
+        |(b, proto, bport, c, cport)| format!("{b} . {proto} . {bport} . {c} . {cport}"),
+    );
     let mut s = String::new();
     let _ = writeln!(s, "table inet {t}");
     let _ = writeln!(s, "delete table inet {t}");
@@ -127,12 +195,29 @@ pub fn script(t: &str, spec: &Spec) -> String {
         ("hosts6", "ipv6_addr", &h6),
         ("peers4", "ipv4_addr", &p4),
         ("peers6", "ipv6_addr", &p6),
+        (
+            "natreplies4",
+            "ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service",
+            &n4,
+        ),
+        (
+            "natreplies6",
+            "ipv6_addr . inet_proto . inet_service . ipv6_addr . inet_service",
+            &n6,
+        ),
     ] {
         let _ = writeln!(s, "  set {name} {{ type {ty}; {}}}", elements(items));
     }
     s.push_str(
         "  chain prerouting {\n    type filter hook prerouting priority raw; policy accept;\n",
     );
+    for (ip, n) in [("ip", "4"), ("ip6", "6")] {
+        // Replies that Docker's NAT must still undo.
+        let _ = writeln!(
+            s,
+            "    {ip} saddr . meta l4proto . th sport . {ip} daddr . th dport @natreplies{n} return"
+        );
+    }
     for (ip, n) in [("ip", "4"), ("ip6", "6")] {
         // Container clients and backends, both ways (bridged through the host).
         let _ = writeln!(
@@ -214,6 +299,11 @@ impl Notrack {
             table: table.to_string(),
             applied: None,
         }
+    }
+
+    /// What was applied last.
+    pub fn applied(&self) -> Option<&Spec> {
+        self.applied.as_ref()
     }
 
     /// Applies `spec` when it differs from what was applied last (or `force`).
@@ -331,6 +421,44 @@ mod tests {
         assert!(!output.contains("notrack"), "{output}");
         // Container clients stay untracked: their packets are forwarded, not INPUT.
         assert!(s.contains("ip saddr @peers4"));
+    }
+
+    #[test]
+    fn replies_of_nat_carried_connections_stay_tracked() {
+        let spec = spec(false);
+        let dump = "tcp      6 431999 ESTABLISHED src=172.17.0.3 dst=172.17.0.1 sport=40000 dport=8080 \
+                    src=172.17.0.2 dst=172.17.0.3 sport=80 dport=40000 [ASSURED] mark=0 use=1\n\
+                    tcp      6 431999 ESTABLISHED src=10.0.0.9 dst=192.0.2.2 sport=41000 dport=8080 \
+                    src=172.17.0.2 dst=10.0.0.9 sport=80 dport=41000 [ASSURED] mark=0 use=1\n\
+                    udp      17 29 src=172.17.0.3 dst=172.17.0.1 sport=5000 dport=5353 \
+                    src=172.17.0.2 dst=172.17.0.3 sport=80 dport=5000 mark=0 use=1\n\
+                    conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.\n";
+        let n = nat_replies(dump, &spec);
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        // Only peers' connections (the routed client's reply is tracked anyway).
+        assert_eq!(
+            n,
+            [
+                (a("172.17.0.2"), 6, 80, a("172.17.0.3"), 40000),
+                (a("172.17.0.2"), 17, 80, a("172.17.0.3"), 5000),
+            ]
+            .into()
+        );
+        let mut spec = spec;
+        spec.nat_replies = n;
+        let s = script(TABLE, &spec);
+        assert!(
+            s.contains("elements = { 172.17.0.2 . 6 . 80 . 172.17.0.3 . 40000"),
+            "{s}"
+        );
+        let first_rule = s
+            .split("priority raw; policy accept;\n")
+            .nth(1)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap();
+        assert!(first_rule.contains("@natreplies4 return"), "{first_rule}");
     }
 
     #[test]
