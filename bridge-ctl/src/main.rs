@@ -120,6 +120,17 @@ fn print_status(v: &Value) {
     println!("containers:   {}", v["containers"]);
     println!("frontends:    {}", v["frontends"]);
     println!("local addrs:  {}", v["local_addresses"]);
+    match v["container_clients_off"].as_str() {
+        Some(why) => println!("container clients: Docker's own path: {why}"),
+        None => println!(
+            "container clients: translated ({} network namespaces, to backends on their networks)",
+            v["container_clients"]
+        ),
+    }
+    match v["host_clients_tracked"].as_str() {
+        Some(why) => println!("host clients: translated, tracked by conntrack: {why}"),
+        None => println!("host clients: translated, untracked"),
+    }
     println!("attached:");
     for a in v["attach_points"].as_array().into_iter().flatten() {
         println!("  {}", a.as_str().unwrap_or("?"));
@@ -127,7 +138,7 @@ fn print_status(v: &Value) {
     if let Some(c) = v["counters"].as_object() {
         println!("counters:");
         for (k, n) in c {
-            println!("  {k:<18} {n}");
+            println!("  {k:<22} {n}");
         }
     }
     let errors = v["errors"].as_array().map_or(&[][..], Vec::as_slice);

@@ -131,7 +131,10 @@ pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> 
                 let text = r["expr"].to_string();
                 if text.contains("\"drop\"") || text.contains("\"reject\"") {
                     let (f, t, n) = &cid;
-                    stateful = Some(format!("{f} {t} {n}: a drop or reject rule"));
+                    stateful = Some(format!(
+                        "{f} {t} {n}: a drop or reject rule, handle {}",
+                        r["handle"]
+                    ));
                     break 'bases;
                 }
                 for e in r["expr"].as_array().into_iter().flatten() {
@@ -178,10 +181,12 @@ fn docker_user_nft(items: &[Value], bridges: &BTreeSet<String>) -> Option<String
             continue;
         }
         return Some(format!(
-            "{} {} DOCKER-USER: {}",
+            "{} {} DOCKER-USER, rule handle {} (`nft -a list chain {} {} DOCKER-USER`)",
             r["family"].as_str().unwrap_or(""),
             r["table"].as_str().unwrap_or(""),
-            r["expr"]
+            r["handle"],
+            r["family"].as_str().unwrap_or(""),
+            r["table"].as_str().unwrap_or(""),
         ));
     }
     None
