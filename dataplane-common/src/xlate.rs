@@ -79,16 +79,15 @@ where
         pad: 0,
     };
     let exact = if unspecified { None } else { lookup(&key) };
-    let b = match exact {
-        Some(b) => b,
-        None => {
-            key.addr = if is_v4_mapped(dst) {
-                WILDCARD4
-            } else {
-                WILDCARD6
-            };
-            lookup(&key).ok_or(Skip::NoFrontend)?
-        }
+    let b = if let Some(b) = exact {
+        b
+    } else {
+        key.addr = if is_v4_mapped(dst) {
+            WILDCARD4
+        } else {
+            WILDCARD6
+        };
+        lookup(&key).ok_or(Skip::NoFrontend)?
     };
     if !in_host_netns && !peer_on(b.net) {
         return Err(Skip::OtherNetwork);

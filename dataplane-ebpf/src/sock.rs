@@ -226,7 +226,7 @@ pub fn lookup(
                 net,
                 pad: 0,
             };
-            peers && net != 0 && PEER_NETS.get_ptr(&k).is_some()
+            peers && net != 0 && PEER_NETS.get_ptr(k).is_some()
         },
     );
     match r {

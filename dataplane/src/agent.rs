@@ -649,7 +649,7 @@ impl Agent {
                 }
                 // Gone meanwhile, most likely: its clients take Docker's path.
                 Err(e) => {
-                    debug!(container = %id.chars().take(12).collect::<String>(), path = %path.display(), error = %format!("{e:#}"), "no network namespace cookie")
+                    debug!(container = %id.chars().take(12).collect::<String>(), path = %path.display(), error = %format!("{e:#}"), "no network namespace cookie");
                 }
             }
         }
@@ -677,19 +677,15 @@ impl Agent {
     fn evaluate_firewall(&mut self) {
         let fw = self.fw_snapshot.evaluate(&self.bridges(), &self.nft_table);
         if fw != self.firewall {
-            match &fw.stateful_input {
-                Some(w) => {
-                    info!(where_ = %w, "stateful INPUT policy: host clients' connections stay tracked")
-                }
-                None => info!("no stateful INPUT policy: host clients' connections are untracked"),
+            if let Some(w) = &fw.stateful_input {
+                info!(where_ = %w, "stateful INPUT policy: host clients' connections stay tracked");
+            } else {
+                info!("no stateful INPUT policy: host clients' connections are untracked");
             }
-            match &fw.forward_rules {
-                Some(w) => {
-                    info!(where_ = %w, "operator rules in DOCKER-USER: container clients take Docker's own path")
-                }
-                None => info!(
-                    "no operator rules for container traffic: container clients are translated"
-                ),
+            if let Some(w) = &fw.forward_rules {
+                info!(where_ = %w, "operator rules in DOCKER-USER: container clients take Docker's own path");
+            } else {
+                info!("no operator rules for container traffic: container clients are translated");
             }
             self.firewall = fw;
         }
@@ -738,43 +734,8 @@ impl Agent {
             warn!(frontend = %c.frontend, kept = %c.kept, dropped = %c.dropped, "frontend conflict");
         }
         let want: BTreeMap<FrontendKey, _> = merged.iter().map(|(k, f)| (*k, f.backend)).collect();
-        // Container clients: which namespaces may be translated to backends on which network
-        // (only networks where Docker itself connects containers straight to each other).
-        let peers_on = self.firewall.forward_rules.is_none();
-        let mut peer_map = BTreeMap::new();
-        let mut peer_addrs = BTreeSet::new();
-        if peers_on {
-            for (p, cookie) in self.peers.values() {
-                let Some(cookie) = cookie else { continue };
-                for (net, addrs) in &p.endpoints {
-                    if !self.networks.get(net).is_some_and(|n| n.peers_direct) {
-                        continue;
-                    }
-                    let key = PeerNetKey {
-                        netns_cookie: *cookie,
-                        net: net_id(net),
-                        pad: 0,
-                    };
-                    peer_map.insert(key, PeerNet { flags: 0 });
-                    peer_addrs.extend(addrs.iter().copied());
-                }
-            }
-        }
-        let mut flags = CFG_F_RESERVE_PORTS;
-        if peers_on {
-            flags |= CFG_F_PEERS;
-        }
-        if std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|s| s.trim() == "1") {
-            flags |= CFG_F_BINDV6ONLY;
-        }
-        let config = Config {
-            flags,
-            ..self.config
-        };
-        if config != self.config {
-            self.loaded.set_config(config)?;
-            self.config = config;
-        }
+        let (peer_map, peer_addrs) = self.desired_peers();
+        self.write_config()?;
         reconcile(&mut self.loaded.peer_nets()?, &peer_map)
             .context("updating the peer-networks map")?;
         // Ports first: a port is reserved before its frontend answers, and stays reserved
@@ -858,6 +819,53 @@ impl Agent {
         );
         drop(s);
         self.publish_counters();
+        Ok(())
+    }
+
+    /// Container clients: which namespaces may be translated to backends on which network
+    /// (only networks where Docker itself connects containers straight to each other), and
+    /// their addresses there.
+    fn desired_peers(&self) -> (BTreeMap<PeerNetKey, PeerNet>, BTreeSet<std::net::IpAddr>) {
+        let mut peer_map = BTreeMap::new();
+        let mut peer_addrs = BTreeSet::new();
+        if self.firewall.forward_rules.is_some() {
+            return (peer_map, peer_addrs);
+        }
+        for (p, cookie) in self.peers.values() {
+            let Some(cookie) = cookie else { continue };
+            for (net, addrs) in &p.endpoints {
+                if !self.networks.get(net).is_some_and(|n| n.peers_direct) {
+                    continue;
+                }
+                let key = PeerNetKey {
+                    netns_cookie: *cookie,
+                    net: net_id(net),
+                    pad: 0,
+                };
+                peer_map.insert(key, PeerNet { flags: 0 });
+                peer_addrs.extend(addrs.iter().copied());
+            }
+        }
+        (peer_map, peer_addrs)
+    }
+
+    /// Writes the config map's flags when they change.
+    fn write_config(&mut self) -> Result<()> {
+        let mut flags = CFG_F_RESERVE_PORTS;
+        if self.firewall.forward_rules.is_none() {
+            flags |= CFG_F_PEERS;
+        }
+        if std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|s| s.trim() == "1") {
+            flags |= CFG_F_BINDV6ONLY;
+        }
+        let config = Config {
+            flags,
+            ..self.config
+        };
+        if config != self.config {
+            self.loaded.set_config(config)?;
+            self.config = config;
+        }
         Ok(())
     }
 

@@ -69,10 +69,11 @@ fn remove_stale_map_pins(dir: &Path) -> Vec<String> {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("DP_") && !MAPS.contains(&name.as_str()) {
-            if std::fs::remove_file(e.path()).is_ok() {
-                removed.push(name);
-            }
+        if name.starts_with("DP_")
+            && !MAPS.contains(&name.as_str())
+            && std::fs::remove_file(e.path()).is_ok()
+        {
+            removed.push(name);
         }
     }
     removed

@@ -267,7 +267,7 @@ mod tests {
         json!({ "chain": c })
     }
 
-    fn rule(family: &str, table: &str, chain: &str, expr: Value) -> Value {
+    fn rule(family: &str, table: &str, chain: &str, expr: &Value) -> Value {
         json!({"rule": {"family": family, "table": table, "chain": chain, "expr": expr}})
     }
 
@@ -278,9 +278,9 @@ mod tests {
             chain("ip", "filter", "FORWARD", Some("forward"), "drop"),
             chain("ip", "filter", "DOCKER-ISOLATION-STAGE-2", None, ""),
             rule("ip", "filter", "DOCKER-ISOLATION-STAGE-2",
-                 json!([{"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "docker0"}}, {"drop": null}])),
+                 &json!([{"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "docker0"}}, {"drop": null}])),
             chain("ip", "filter", "DOCKER-USER", None, ""),
-            rule("ip", "filter", "DOCKER-USER", json!([{"counter": {"packets": 0, "bytes": 0}}, {"return": null}])),
+            rule("ip", "filter", "DOCKER-USER", &json!([{"counter": {"packets": 0, "bytes": 0}}, {"return": null}])),
             // Our own table never counts.
             chain("inet", "dataplane", "input", Some("input"), "drop"),
         ]});
@@ -301,9 +301,9 @@ mod tests {
         // ufw-style: accept policy, a jump to a chain that ends in a drop.
         let jumped = json!({"nftables": [
             chain("ip", "filter", "INPUT", Some("input"), "accept"),
-            rule("ip", "filter", "INPUT", json!([{"jump": {"target": "ufw-before-input"}}])),
+            rule("ip", "filter", "INPUT", &json!([{"jump": {"target": "ufw-before-input"}}])),
             chain("ip", "filter", "ufw-before-input", None, ""),
-            rule("ip", "filter", "ufw-before-input", json!([{"reject": null}])),
+            rule("ip", "filter", "ufw-before-input", &json!([{"reject": null}])),
         ]});
         let fw = from_nft_json(&jumped, &bridges(), "dataplane");
         assert!(fw.stateful_input.unwrap().contains("ufw-before-input"));
@@ -313,7 +313,7 @@ mod tests {
     fn docker_user_rules_on_other_interfaces_do_not_concern_containers() {
         let v = json!({"nftables": [
             rule("ip", "filter", "DOCKER-USER",
-                 json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "eth0"}}, {"drop": null}])),
+                 &json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "eth0"}}, {"drop": null}])),
         ]});
         assert_eq!(
             from_nft_json(&v, &bridges(), "dataplane").forward_rules,
@@ -321,7 +321,7 @@ mod tests {
         );
         let v = json!({"nftables": [
             rule("ip", "filter", "DOCKER-USER",
-                 json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "docker0"}}, {"drop": null}])),
+                 &json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "docker0"}}, {"drop": null}])),
         ]});
         assert!(
             from_nft_json(&v, &bridges(), "dataplane")
@@ -329,7 +329,7 @@ mod tests {
                 .is_some()
         );
         let v = json!({"nftables": [
-            rule("ip", "filter", "DOCKER-USER", json!([{"match": {"op": "==", "left": {"ct": {"key": "state"}}, "right": "new"}}, {"drop": null}])),
+            rule("ip", "filter", "DOCKER-USER", &json!([{"match": {"op": "==", "left": {"ct": {"key": "state"}}, "right": "new"}}, {"drop": null}])),
         ]});
         assert!(
             from_nft_json(&v, &bridges(), "dataplane")

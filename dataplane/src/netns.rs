@@ -17,7 +17,7 @@ pub fn cookies(paths: Vec<PathBuf>) -> Vec<Result<u64>> {
     let n = paths.len();
     std::thread::Builder::new()
         .name("netns-cookies".into())
-        .spawn(move || paths.iter().map(|p| cookie_at(p)).collect())
+        .spawn(move || paths.iter().map(cookie_at).collect())
         .map_err(anyhow::Error::from)
         .and_then(|h| {
             h.join()

@@ -35,9 +35,8 @@ pub fn watch(tx: mpsc::Sender<()>) -> Result<()> {
             loop {
                 match nix::unistd::read(&fd, &mut buf) {
                     Ok(0) => return,
-                    Ok(_) => {}
                     // ENOBUFS: changes were lost, which still means "something changed".
-                    Err(nix::errno::Errno::ENOBUFS) => {}
+                    Ok(_) | Err(nix::errno::Errno::ENOBUFS) => {}
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => {
                         tracing::warn!(error = %io::Error::from(e), "watching ruleset changes stopped");

@@ -1009,19 +1009,17 @@ impl ExtClient {
             (id % 100) * 2 + u32::from(tag % 2)
         );
         let ns = NetNs::new(&format!("dpe2e-{}-{tag}", std::process::id()));
-        let host_if = format!("dpx{}{tag}", std::process::id() % 100_000);
-        let host_ip = format!("{net}.1");
+        let veth_name = format!("dpx{}{tag}", std::process::id() % 100_000);
+        let gw = format!("{net}.1");
         let ip = format!("{net}.2");
-        let veth = Veth::new(&ns, &host_if, &format!("{host_ip}/24"), &format!("{ip}/24"));
-        sh(&[
-            "ip", "-n", &ns.name, "route", "add", "default", "via", &host_ip,
-        ]);
+        let veth = Veth::new(&ns, &veth_name, &format!("{gw}/24"), &format!("{ip}/24"));
+        sh(&["ip", "-n", &ns.name, "route", "add", "default", "via", &gw]);
         Self {
             _veth: veth,
             ns,
-            host_ip,
+            host_ip: gw,
             ip,
-            host_if,
+            host_if: veth_name,
         }
     }
 

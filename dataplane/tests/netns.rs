@@ -453,6 +453,7 @@ fn the_notrack_table_keeps_translated_connections_out_of_conntrack() {
         hosts: [h].into(),
         peers: std::collections::BTreeSet::new(),
         track_host_clients: false,
+        nat_replies: std::collections::BTreeSet::new(),
     };
     assert!(nt.apply(&spec, false).unwrap());
     assert!(
