@@ -661,10 +661,14 @@ fn hairpin_across_bridge_networks_is_left_to_dockers_isolation() {
     );
 }
 
-/// An iperf3 client run in the background; its JSON report when it ends.
+/// An iperf3 client run in the background; its JSON report when it ends. A transfer that
+/// stalls is ended after the run time plus 20 s (a broken path must fail the test, not
+/// hang it).
 fn iperf3_client(host: &str, port: u16, secs: u32) -> std::process::Child {
-    Command::new("iperf3")
+    Command::new("timeout")
         .args([
+            &(secs + 20).to_string(),
+            "iperf3",
             "-c",
             host,
             "-p",
@@ -1388,8 +1392,10 @@ fn connections_dockers_nat_carried_before_the_agent_keep_working() {
     // from a container through its gateway.
     let host = iperf3_client("127.0.0.1", p, 4);
     let gw = gateway_of(&cli);
-    let from_container = Command::new("docker")
+    let from_container = Command::new("timeout")
         .args([
+            "24",
+            "docker",
             "exec",
             &cli.name,
             "iperf3",
