@@ -581,7 +581,7 @@ impl Agent {
                 match desired::peer_of(&c) {
                     Some(p) => {
                         let same_ns = self.peers.get(&id).is_some_and(|(old, cookie)| {
-                            old.sandbox == p.sandbox && cookie.is_some()
+                            old.sandbox == p.sandbox && old.pid == p.pid && cookie.is_some()
                         });
                         if same_ns {
                             let cookie = self.peers[&id].1;

@@ -128,7 +128,8 @@ pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> 
             }
             let cid = (base.0.clone(), base.1.clone(), name);
             for r in rules.get(&cid).into_iter().flatten() {
-                let text = r["expr"].to_string();
+                // Native verdicts, and iptables-nft's `xt` targets (`"name": "REJECT"`).
+                let text = r["expr"].to_string().to_ascii_lowercase();
                 if text.contains("\"drop\"") || text.contains("\"reject\"") {
                     let (f, t, n) = &cid;
                     stateful = Some(format!(
@@ -307,6 +308,15 @@ mod tests {
         ]});
         let fw = from_nft_json(&jumped, &bridges(), "dataplane");
         assert!(fw.stateful_input.unwrap().contains("ufw-before-input"));
+        let xt = json!({"nftables": [
+            chain("ip", "filter", "INPUT", Some("input"), "accept"),
+            rule("ip", "filter", "INPUT", &json!([{"xt": {"type": "target", "name": "REJECT"}}])),
+        ]});
+        assert!(
+            from_nft_json(&xt, &bridges(), "dataplane")
+                .stateful_input
+                .is_some()
+        );
     }
 
     #[test]

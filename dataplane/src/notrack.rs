@@ -65,6 +65,12 @@ pub type NatReply = (IpAddr, u8, u16, IpAddr, u16);
 pub fn nat_replies(conntrack: &str, spec: &Spec) -> BTreeSet<NatReply> {
     let mut out = BTreeSet::new();
     for line in conntrack.lines() {
+        // A connection that ended (TIME_WAIT, CLOSE) needs nothing any more; keeping its
+        // reply tuple would hand a new translated connection that reuses the client port
+        // to the old entry's NAT.
+        if line.contains(" TIME_WAIT ") || line.contains(" CLOSE ") {
+            continue;
+        }
         let mut proto = None;
         let mut vals: Vec<(&str, &str)> = Vec::new();
         for (i, w) in line.split_whitespace().enumerate() {
@@ -432,7 +438,9 @@ mod tests {
                     src=172.17.0.2 dst=10.0.0.9 sport=80 dport=41000 [ASSURED] mark=0 use=1\n\
                     udp      17 29 src=172.17.0.3 dst=172.17.0.1 sport=5000 dport=5353 \
                     src=172.17.0.2 dst=172.17.0.3 sport=80 dport=5000 mark=0 use=1\n\
-                    conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.\n";
+                    tcp      6 119 TIME_WAIT src=172.17.0.3 dst=172.17.0.1 sport=40002 dport=8080 \
+                    src=172.17.0.2 dst=172.17.0.3 sport=80 dport=40002 [ASSURED] mark=0 use=1\n\
+                    conntrack v1.4.7 (conntrack-tools): 4 flow entries have been shown.\n";
         let n = nat_replies(dump, &spec);
         let a = |s: &str| s.parse::<IpAddr>().unwrap();
         // Only peers' connections (the routed client's reply is tracked anyway).

@@ -20,6 +20,7 @@ use crate::{
 const P_IPERF: u16 = 25201;
 const P_HTTP: u16 = 25280;
 const P_SYNC: u16 = 25290;
+const P_STATEFUL: u16 = 25299;
 const P_RANGE: u16 = 26000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -200,6 +201,14 @@ impl Agent {
                 .ok()
         })
         .unwrap_or(0)
+    }
+
+    fn status_text() -> String {
+        Command::new(project_root().join("target/release/bridge-ctl"))
+            .args(["--socket", AGENT_SOCKET, "status", "--json"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
     }
 
     fn frontends() -> String {
@@ -815,8 +824,110 @@ fn extras(image: &str, quick: bool, names: &[&str]) -> Result<String> {
         pct(0.99)
     );
 
+    stateful_input_cost(image, quick, &mut extra)?;
     cold_starts(image, quick, &mut extra)?;
     Ok(extra)
+}
+
+/// Conntrack entries whose original destination is `addr:80/tcp`.
+fn tracked_to_port_80(addr: &str) -> usize {
+    sh(&["conntrack", "-L", "-p", "tcp", "-d", addr, "--dport", "80"])
+        .map_or(0, |s| s.lines().count())
+}
+
+/// `n` short HTTP/1.0 requests to `127.0.0.1:port`, one connection each.
+fn http_requests(port: u16, n: usize) -> Result<()> {
+    use std::io::{Read, Write};
+    for _ in 0..n {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        let mut sink = Vec::new();
+        s.read_to_end(&mut sink)?;
+    }
+    Ok(())
+}
+
+/// On a host with a stateful INPUT policy (an operator's `ct state established` accept then
+/// drop), host clients' translated connections stay tracked: how many entries that costs
+/// per connection, against the same clients without the policy.
+fn stateful_input_cost(image: &str, quick: bool, extra: &mut String) -> Result<()> {
+    let name = "dpb-stateful";
+    let table = "dataplane_bench_operator";
+    let _ = sh(&["docker", "rm", "-f", name]);
+    sh(&[
+        "docker",
+        "run",
+        "-d",
+        "--name",
+        name,
+        "-p",
+        &format!("{P_STATEFUL}:80"),
+        image,
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ])?;
+    let r = (|| -> Result<(f64, f64, usize)> {
+        let cip = ip_of(name)?;
+        let agent = Agent::start()?;
+        let n = if quick { 300 } else { 1000 };
+        #[allow(clippy::cast_precision_loss, reason = "small counts")]
+        let per_conn = |n: usize| -> Result<f64> {
+            let before = tracked_to_port_80(&cip);
+            http_requests(P_STATEFUL, n)?;
+            Ok(tracked_to_port_80(&cip).saturating_sub(before) as f64 / n as f64)
+        };
+        let without = per_conn(n)?;
+        let bridge = sh(&[
+            "docker",
+            "network",
+            "inspect",
+            "-f",
+            "{{index .Options \"com.docker.network.bridge.name\"}}",
+            "bridge",
+        ])?;
+        let script = format!(
+            "table inet {table} {{ chain input {{ type filter hook input priority 0; policy accept;\n\
+             ct state established,related accept\n iifname \"{}\" drop\n }} }}\n",
+            bridge.trim()
+        );
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()?;
+        std::io::Write::write_all(
+            &mut child.stdin.take().context("nft stdin")?,
+            script.as_bytes(),
+        )?;
+        if !child.wait()?.success() {
+            bail!("nft refused the operator's table");
+        }
+        let t = Instant::now();
+        while !Agent::status_text().contains("\"host_clients_tracked\":\"") {
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("the agent did not notice the stateful INPUT policy");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let with = per_conn(n)?;
+        drop(agent);
+        Ok((without, with, n))
+    })();
+    let _ = sh(&["nft", "delete", "table", "inet", table]);
+    let _ = sh(&["docker", "rm", "-f", name]);
+    let (without, with, n) = r?;
+    let _ = writeln!(
+        extra,
+        "\n### Hosts with a stateful INPUT policy\n\n\
+         Conntrack entries per translated host connection ({n} connections to 127.0.0.1:P): \
+         {without:.2} without an operator's stateful INPUT policy, {with:.2} with one (the \
+         agent then keeps host clients' connections tracked, as on the direct path, so that \
+         their replies pass the policy). Container clients stay untracked either way."
+    );
+    Ok(())
 }
 
 pub fn bench(quick: bool) -> Result<()> {
