@@ -217,6 +217,9 @@ pub enum StartError {
     /// Docker's API could not be reached.
     #[error("{0:#}")]
     Docker(anyhow::Error),
+    /// Another agent's programs are installed.
+    #[error("{0:#}")]
+    AlreadyInstalled(anyhow::Error),
     /// Anything else.
     #[error("{0:#}")]
     Other(#[from] anyhow::Error),
@@ -226,6 +229,7 @@ impl StartError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Other(_) => 1,
+            Self::AlreadyInstalled(_) => 3,
             Self::Environment(_) => 4,
             Self::Kernel(_) => 5,
             Self::Docker(_) => 6,
@@ -344,6 +348,18 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     }
     if let Some(dir) = &opts.pin_dir {
         bpf::check_bpffs(dir).map_err(StartError::Environment)?;
+        bpf::secure_pin_dir(dir, false).map_err(StartError::Environment)?;
+    } else if std::path::Path::new(bpf::DEFAULT_PIN_DIR)
+        .join("link_dp_connect4")
+        .exists()
+    {
+        // A pinned agent's programs are attached: a second, unpinned set would translate
+        // beside them and leave when this one stops.
+        return Err(StartError::AlreadyInstalled(anyhow::anyhow!(
+            "an agent's programs are pinned at {} and attached; run without --no-pin to adopt \
+             them, or `dataplane uninstall` first",
+            bpf::DEFAULT_PIN_DIR
+        )));
     }
     let Started {
         loaded,

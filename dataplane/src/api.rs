@@ -9,11 +9,16 @@ use std::{
 use anyhow::{Context, Result};
 use serde::Serialize;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::UnixListener,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/dataplane/ctl.sock";
+
+/// The longest request line read.
+const MAX_REQUEST: u64 = 4096;
+/// How long a client may take to send its request and to read the answer.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One published binding, as `bridge-ctl frontends` shows it.
 #[derive(Clone, Debug, Serialize)]
@@ -74,8 +79,11 @@ pub fn serve(path: &Path, shared: Shared) -> Result<SocketGuard> {
     }
     // A socket file left by a killed agent: the lock in `main` proved no agent owns it.
     let _ = std::fs::remove_file(path);
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    // Created 0600 (no window in which another user could connect), then checked.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod 0600 {}", path.display()))?;
     tokio::spawn(async move {
@@ -85,14 +93,25 @@ pub fn serve(path: &Path, shared: Shared) -> Result<SocketGuard> {
             };
             let shared = shared.clone();
             tokio::spawn(async move {
+                // Root only, whatever the socket's mode: the peer's credentials decide.
+                if !stream.peer_cred().is_ok_and(|c| c.uid() == 0) {
+                    return;
+                }
                 let (r, mut w) = stream.into_split();
                 let mut line = String::new();
-                if BufReader::new(r).read_line(&mut line).await.is_err() {
+                // One short request line, read within a bound time: a slow or flooding
+                // client costs one small task, never the agent.
+                let mut reader = BufReader::new(r.take(MAX_REQUEST));
+                let read = reader.read_line(&mut line);
+                if !matches!(tokio::time::timeout(REQUEST_TIMEOUT, read).await, Ok(Ok(_))) {
                     return;
                 }
                 let answer = answer(line.trim(), &shared);
-                let _ = w.write_all(answer.as_bytes()).await;
-                let _ = w.write_all(b"\n").await;
+                let write = async {
+                    w.write_all(answer.as_bytes()).await?;
+                    w.write_all(b"\n").await
+                };
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, write).await;
             });
         }
     });

@@ -124,6 +124,56 @@ pub fn check_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Makes sure the pin directory is the agent's own before anything is pinned in, adopted
+/// from or removed from it: created root-owned with mode 0700 when absent; when present, a
+/// real directory (not a symlink) owned by root that nobody else can write. bpffs is often
+/// mounted world-writable (1777), so an unprivileged user could create the directory first
+/// (then delete the pins, detaching the programs) or put a symlink there (then `uninstall`
+/// would delete files elsewhere as root): both are refused, with what to do.
+pub fn secure_pin_dir(dir: &Path, create: bool) -> Result<bool> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !create {
+                return Ok(false);
+            }
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("creating pin directory {}", dir.display()))?;
+            std::fs::symlink_metadata(dir)
+                .with_context(|| format!("pin directory {}", dir.display()))?
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("pin directory {}", dir.display()));
+        }
+    };
+    if meta.file_type().is_symlink() || !meta.is_dir() {
+        bail!(
+            "pin directory {} is not a directory of the agent's (a symlink or a file): refusing \
+             to use it; look at who made it, then remove it",
+            dir.display()
+        );
+    }
+    if meta.uid() != 0 {
+        bail!(
+            "pin directory {} belongs to uid {}, not root: someone else created it, and could \
+             delete the pins in it; refusing to use it. Look at it, then remove it \
+             (`rm -r {}`) and start again",
+            dir.display(),
+            meta.uid(),
+            dir.display()
+        );
+    }
+    if meta.mode() & 0o077 != 0 {
+        // Root's own directory from an earlier version (0755): tighten it.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", dir.display()))?;
+    }
+    Ok(true)
+}
+
 /// `BPF_OBJ_GET` and `BPF_LINK_UPDATE`, which aya 0.14 keeps to itself for cgroup links.
 mod sys {
     use std::{
@@ -248,6 +298,9 @@ mod sys {
 /// `dir`. Returns what it removed.
 pub fn unpin_all(dir: &Path) -> Result<Vec<String>> {
     let mut removed = Vec::new();
+    if !secure_pin_dir(dir, false)? {
+        return Ok(removed);
+    }
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(removed);
     };
@@ -324,8 +377,7 @@ impl Loaded {
         let map_paths: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => {
                 check_bpffs(dir)?;
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating pin directory {}", dir.display()))?;
+                secure_pin_dir(dir, true)?;
                 MAPS.iter().map(|m| (*m, dir.join(m))).collect()
             }
             None => Vec::new(),

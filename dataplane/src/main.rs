@@ -3,6 +3,7 @@
 use std::{
     fs::File,
     os::fd::AsRawFd,
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     process::ExitCode,
     time::Duration,
@@ -71,6 +72,10 @@ enum Cmd {
 const EXIT_FAILURE: u8 = 1;
 const EXIT_ALREADY_RUNNING: u8 = 3;
 
+/// One agent per host, whatever its flags (socket, pin directory, `--no-pin`): it holds this
+/// lock for its lifetime; `uninstall` takes it too.
+const LOCK: &str = "/run/dataplane.lock";
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -97,8 +102,7 @@ fn main() -> ExitCode {
             pin_dir,
             no_pin,
         } => {
-            let lock_path = socket.with_extension("lock");
-            let _lock = match lock(&lock_path) {
+            let _lock = match lock(Path::new(LOCK)) {
                 Ok(l) => l,
                 Err(e) => {
                     eprintln!("dataplane: {e:#}");
@@ -137,8 +141,8 @@ fn main() -> ExitCode {
 }
 
 fn uninstall(pin_dir: &Path, nft_table: &str, fwd_chain: &str, socket: &Path) -> ExitCode {
-    let lock_path = socket.with_extension("lock");
-    let Ok(_lock) = lock(&lock_path) else {
+    let lock_path = Path::new(LOCK);
+    let Ok(_lock) = lock(lock_path) else {
         eprintln!(
             "dataplane: stop the running agent first (it holds {})",
             lock_path.display()
@@ -168,7 +172,6 @@ fn uninstall(pin_dir: &Path, nft_table: &str, fwd_chain: &str, socket: &Path) ->
         println!("removed iptables chain {fwd_chain} and its DOCKER-USER jump");
     }
     let _ = std::fs::remove_file(socket);
-    let _ = std::fs::remove_file(&lock_path);
     if failed {
         ExitCode::from(EXIT_FAILURE)
     } else {
@@ -185,6 +188,8 @@ fn lock(path: &std::path::Path) -> Result<File> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .with_context(|| format!("opening {} (run as root)", path.display()))?;
     // SAFETY: a valid open file descriptor.

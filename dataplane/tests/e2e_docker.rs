@@ -1540,3 +1540,116 @@ fn an_address_that_moved_away_is_no_longer_a_frontend() {
     assert!(body.contains("the new owner"), "{body:?}");
     let _ = cmd(&["ip", "route", "del", &format!("{vip}/32")]);
 }
+
+// ---------------------------------------------------------------------------------------
+// Trust in its own state.
+
+/// Paths removed on drop (files, symlinks or directories).
+struct Cleanup(Vec<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn an_unprivileged_user_cannot_take_the_pin_directory() {
+    let id = std::process::id();
+    let nobody = |args: &[&str]| {
+        let mut all = vec![
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+        ];
+        all.extend_from_slice(args);
+        sh(&all);
+    };
+    // Made first by an unprivileged user (bpffs is world-writable here).
+    let dir = format!("/sys/fs/bpf/dataplane-e2e-{id}-taken");
+    let link = format!("/sys/fs/bpf/dataplane-e2e-{id}-link");
+    let victim = PathBuf::from(format!("/tmp/dataplane-e2e-{id}-victim"));
+    let _cleanup = Cleanup(vec![
+        dir.clone().into(),
+        link.clone().into(),
+        victim.clone(),
+    ]);
+    nobody(&["mkdir", &dir]);
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::write(victim.join("precious"), "root's file").unwrap();
+    nobody(&["ln", "-s", victim.to_str().unwrap(), &link]);
+
+    let run_dir = PathBuf::from(format!("/run/dataplane-e2e-{id}-taken"));
+    let out = Command::new(bin("dataplane"))
+        .args(["run", "--socket"])
+        .arg(run_dir.join("ctl.sock"))
+        .args(["--nft-table", &format!("dataplane_e2e_{id}_taken")])
+        .args(["--pin-dir", &dir])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("belongs to uid 65534"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "something was pinned"
+    );
+    // `uninstall` through a symlink deletes nothing where it points.
+    let out = Command::new(bin("dataplane"))
+        .args(["uninstall", "--pin-dir", &link])
+        .args(["--nft-table", &format!("dataplane_e2e_{id}_taken")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("symlink"), "{err}");
+    assert!(
+        victim.join("precious").exists(),
+        "uninstall followed the symlink"
+    );
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn one_agent_per_host_whatever_its_flags() {
+    let p = port(27);
+    let web = backend("single", &[&format!("{p}:80")]);
+    let agent = Agent::start("single");
+    let id = std::process::id();
+    let run_dir = PathBuf::from(format!("/run/dataplane-e2e-{id}-second"));
+    for extra in [
+        &["--no-pin"][..],
+        &["--pin-dir", "/sys/fs/bpf/dataplane-e2e-second"][..],
+    ] {
+        let out = Command::new(bin("dataplane"))
+            .args(["run", "--socket"])
+            .arg(run_dir.join("ctl.sock"))
+            .args(["--nft-table", &format!("dataplane_e2e_{id}_second")])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{extra:?}: {err}");
+        assert!(err.contains("already running"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&run_dir);
+    assert!(!PathBuf::from("/sys/fs/bpf/dataplane-e2e-second").exists());
+    let tables = sh(&["nft", "list", "tables"]);
+    assert!(
+        !tables.contains(&format!("dataplane_e2e_{id}_second")),
+        "{tables}"
+    );
+    // The first agent is untouched.
+    let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
+    assert_eq!(kernel_peer(&s), format!("{}:80", web.ip()));
+    drop(agent);
+}

@@ -891,7 +891,7 @@ fn stateful_input_cost(image: &str, quick: bool, extra: &mut String) -> Result<(
         ])?;
         let script = format!(
             "table inet {table} {{ chain input {{ type filter hook input priority 0; policy accept;\n\
-             ct state established,related accept\n iifname \"{}\" drop\n }} }}\n",
+             ct state established,related accept\n iifname \"{}\" drop\n }}\n}}\n",
             bridge.trim()
         );
         let mut child = Command::new("nft")
@@ -918,7 +918,17 @@ fn stateful_input_cost(image: &str, quick: bool, extra: &mut String) -> Result<(
     })();
     let _ = sh(&["nft", "delete", "table", "inet", table]);
     let _ = sh(&["docker", "rm", "-f", name]);
-    let (without, with, n) = r?;
+    let (without, with, n) = match r {
+        Ok(v) => v,
+        Err(e) => {
+            // The rest of the report stands; say what could not be measured.
+            let _ = writeln!(
+                extra,
+                "\n### Hosts with a stateful INPUT policy\n\nNot measured: {e:#}"
+            );
+            return Ok(());
+        }
+    };
     let _ = writeln!(
         extra,
         "\n### Hosts with a stateful INPUT policy\n\n\
