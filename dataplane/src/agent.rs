@@ -75,6 +75,8 @@ struct Agent {
     nft_table: String,
     /// The config map's content as last written.
     config: Config,
+    /// Containers whose network namespace cookie is still to be read.
+    pending_cookies: Vec<String>,
 }
 
 /// Runs one phase and logs its own and the cumulative time at debug level.
@@ -405,11 +407,13 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
             host_netns_cookie: host_cookie,
             flags: CFG_F_RESERVE_PORTS,
         },
+        pending_cookies: Vec::new(),
     };
     agent.evaluate_firewall();
     phase!(start, "first_sync", {
         agent.sync_local_addrs().await?;
         agent.ingest(inspected)?;
+        agent.resolve_pending();
         agent.apply()?;
     });
     agent.shared.lock().expect("status lock").ready = true;
@@ -558,6 +562,12 @@ impl Agent {
                 }
             }
         }
+        // Then the new containers as clients.
+        if self.resolve_pending()
+            && let Err(e) = self.apply()
+        {
+            warn!(error = %format!("{e:#}"), "applying container clients failed");
+        }
     }
 
     async fn full_resync(&mut self) {
@@ -572,6 +582,7 @@ impl Agent {
             self.pids.retain(|id, _| live.contains(id));
             self.binding_errors.retain(|id, _| live.contains(id));
             self.refresh(live).await?;
+            self.resolve_pending();
             self.sync_local_addrs().await?;
             self.force_notrack = true;
             self.apply()
@@ -638,8 +649,19 @@ impl Agent {
                 self.peers.remove(&id);
             }
         }
-        self.resolve_cookies(&new_sandboxes);
+        self.pending_cookies.extend(new_sandboxes);
         Ok(())
+    }
+
+    /// Reads the namespace cookies of containers seen since the last call (after the
+    /// frontends are written: host clients are served first). Whether there were any.
+    fn resolve_pending(&mut self) -> bool {
+        let ids = std::mem::take(&mut self.pending_cookies);
+        if ids.is_empty() {
+            return false;
+        }
+        self.resolve_cookies(&ids);
+        true
     }
 
     /// Reads the network namespace cookie of each container in `ids`.

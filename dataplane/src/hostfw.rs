@@ -109,7 +109,7 @@ pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> 
                     let (f, t, n) = &cid;
                     return HostFirewall {
                         stateful_input: Some(format!("{f} {t} {n}: policy drop")),
-                        forward_rules: docker_user_nft(&items, bridges),
+                        forward_rules: forward_rules_nft(&items, bridges, own_table),
                     };
                 }
                 input_bases.push(cid);
@@ -150,8 +150,75 @@ pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> 
     }
     HostFirewall {
         stateful_input: stateful,
-        forward_rules: docker_user_nft(&items, bridges),
+        forward_rules: forward_rules_nft(&items, bridges, own_table),
     }
+}
+
+/// Whether a rule only matches packets in or out of an interface that is not a Docker
+/// bridge (`iifname "eth0"`): such a rule never sees traffic between containers.
+fn tied_to_other_interface(exprs: &[Value], bridges: &BTreeSet<String>) -> bool {
+    exprs.iter().any(|e| {
+        let m = &e["match"];
+        let key = m["left"]["meta"]["key"].as_str().unwrap_or("");
+        let name = m["right"].as_str().unwrap_or("");
+        (key == "iifname" || key == "oifname")
+            && m["op"] == "=="
+            && !name.is_empty()
+            && !name.contains('*')
+            && !bridges.contains(name)
+    })
+}
+
+/// Operator rules that may concern container traffic: in `DOCKER-USER`, or drop/reject
+/// rules in a forward base chain of the operator's (iptables `FORWARD` rules that are not
+/// Docker's jumps, or a table of the operator's own, as with Docker 29's nftables backend,
+/// which has no `DOCKER-USER`).
+fn forward_rules_nft(
+    items: &[Value],
+    bridges: &BTreeSet<String>,
+    own_table: &str,
+) -> Option<String> {
+    if let Some(w) = docker_user_nft(items, bridges) {
+        return Some(w);
+    }
+    let mut bases = BTreeSet::new();
+    for it in items {
+        let Some(c) = it.get("chain") else { continue };
+        let table = c["table"].as_str().unwrap_or("");
+        if c["hook"] == "forward"
+            && !(c["family"] == "inet" && table == own_table)
+            && !table.starts_with("docker")
+        {
+            bases.insert((
+                c["family"].as_str().unwrap_or("").to_string(),
+                table.to_string(),
+                c["name"].as_str().unwrap_or("").to_string(),
+            ));
+        }
+    }
+    for it in items {
+        let Some(r) = it.get("rule") else { continue };
+        let id = (
+            r["family"].as_str().unwrap_or("").to_string(),
+            r["table"].as_str().unwrap_or("").to_string(),
+            r["chain"].as_str().unwrap_or("").to_string(),
+        );
+        if !bases.contains(&id) {
+            continue;
+        }
+        let exprs = r["expr"].as_array().cloned().unwrap_or_default();
+        let text = r["expr"].to_string().to_ascii_lowercase();
+        let drops = text.contains("\"drop\"") || text.contains("\"reject\"");
+        if !drops || tied_to_other_interface(&exprs, bridges) {
+            continue;
+        }
+        let (f, t, c) = &id;
+        return Some(format!(
+            "{f} {t} {c}, rule handle {} (`nft -a list chain {f} {t} {c}`)",
+            r["handle"]
+        ));
+    }
+    None
 }
 
 /// The first rule of a `DOCKER-USER` chain that may concern container traffic.
@@ -168,17 +235,7 @@ fn docker_user_nft(items: &[Value], bridges: &BTreeSet<String>) -> Option<String
         if only_return {
             continue;
         }
-        let other_iface = exprs.iter().any(|e| {
-            let m = &e["match"];
-            let key = m["left"]["meta"]["key"].as_str().unwrap_or("");
-            let name = m["right"].as_str().unwrap_or("");
-            (key == "iifname" || key == "oifname")
-                && m["op"] == "=="
-                && !name.is_empty()
-                && !name.contains('*')
-                && !bridges.contains(name)
-        });
-        if other_iface {
+        if tied_to_other_interface(&exprs, bridges) {
             continue;
         }
         return Some(format!(
@@ -230,19 +287,30 @@ pub fn from_iptables_save(text: &str, bridges: &BTreeSet<String>, tool: &str) ->
             }
         }
     }
-    for r in rules.get("DOCKER-USER").into_iter().flatten() {
-        if r.as_slice() == ["-j", "RETURN"] {
-            continue;
-        }
-        let other_iface = r.windows(2).enumerate().any(|(i, w)| {
+    let other_iface = |r: &[&str]| {
+        r.windows(2).enumerate().any(|(i, w)| {
             (w[0] == "-i" || w[0] == "-o")
                 && (i == 0 || r[i - 1] != "!")
                 && !w[1].ends_with('+')
                 && !bridges.contains(w[1])
-        });
-        if !other_iface {
-            fw.forward_rules = Some(format!("{tool} DOCKER-USER: {}", r.join(" ")));
-            break;
+        })
+    };
+    for r in rules.get("DOCKER-USER").into_iter().flatten() {
+        if r.as_slice() == ["-j", "RETURN"] || other_iface(r) {
+            continue;
+        }
+        fw.forward_rules = Some(format!("{tool} DOCKER-USER: {}", r.join(" ")));
+        return fw;
+    }
+    // FORWARD itself: Docker's jumps and accepts are not drops; an operator's drop is.
+    for r in rules.get("FORWARD").into_iter().flatten() {
+        let target = r
+            .iter()
+            .position(|w| *w == "-j" || *w == "-g")
+            .and_then(|i| r.get(i + 1));
+        if matches!(target, Some(&"DROP" | &"REJECT")) && !other_iface(r) {
+            fw.forward_rules = Some(format!("{tool} FORWARD: {}", r.join(" ")));
+            return fw;
         }
     }
     fw
@@ -349,6 +417,35 @@ mod tests {
     }
 
     #[test]
+    fn drops_in_the_operators_forward_chains_concern_containers() {
+        let base = |family: &str, table: &str, name: &str| {
+            let mut c = chain(family, table, name, Some("forward"), "drop");
+            c["chain"]["hook"] = json!("forward");
+            c
+        };
+        // Docker's own FORWARD: jumps to its chains and accepts; the drop policy is Docker's.
+        let docker = json!({"nftables": [
+            base("ip", "filter", "FORWARD"),
+            rule("ip", "filter", "FORWARD", &json!([{"jump": {"target": "DOCKER-USER"}}])),
+            rule("ip", "filter", "FORWARD", &json!([{"jump": {"target": "DOCKER-ISOLATION-STAGE-1"}}])),
+            rule("ip", "filter", "FORWARD", &json!([{"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "docker0"}}, {"accept": null}])),
+            // An operator's drop for the uplink only.
+            rule("ip", "filter", "FORWARD", &json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "eth0"}}, {"drop": null}])),
+        ]});
+        assert_eq!(
+            from_nft_json(&docker, &bridges(), "dataplane").forward_rules,
+            None
+        );
+        // An operator's own table (Docker 29 has no DOCKER-USER).
+        let own = json!({"nftables": [
+            base("inet", "operator", "fwd"),
+            rule("inet", "operator", "fwd", &json!([{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "172.17.0.5"}}, {"drop": null}])),
+        ]});
+        let fw = from_nft_json(&own, &bridges(), "dataplane");
+        assert!(fw.forward_rules.unwrap().contains("inet operator fwd"));
+    }
+
+    #[test]
     fn legacy_iptables_text() {
         let text = "-P INPUT ACCEPT\n-P FORWARD DROP\n-N DOCKER-USER\n-N ufw-in\n\
                     -A INPUT -j ufw-in\n-A ufw-in -p tcp --dport 22 -j ACCEPT\n-A ufw-in -j DROP\n\
@@ -356,6 +453,14 @@ mod tests {
         let fw = from_iptables_save(text, &bridges(), "iptables-legacy");
         assert!(fw.stateful_input.unwrap().contains("ufw-in"));
         assert_eq!(fw.forward_rules, None);
+        let text = "-P INPUT ACCEPT\n-A FORWARD -j DOCKER-USER\n-A FORWARD -i eth1 -j DROP\n";
+        assert_eq!(
+            from_iptables_save(text, &bridges(), "iptables-legacy"),
+            HostFirewall::default()
+        );
+        let text = "-P INPUT ACCEPT\n-A FORWARD -s 172.17.0.5/32 -j DROP\n";
+        let fw = from_iptables_save(text, &bridges(), "iptables-legacy");
+        assert!(fw.forward_rules.unwrap().contains("FORWARD"));
         let text = "-P INPUT ACCEPT\n-A DOCKER-USER ! -i eth0 -j DROP\n";
         let fw = from_iptables_save(text, &bridges(), "iptables-legacy");
         assert_eq!(fw.stateful_input, None);
