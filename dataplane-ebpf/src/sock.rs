@@ -5,7 +5,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock, bpf_sock_addr},
     helpers::{
-        bpf_get_current_comm,
+        bpf_get_current_comm, bpf_get_current_uid_gid,
         generated::{bpf_get_netns_cookie, bpf_set_retval, bpf_sk_storage_get},
     },
     macros::{cgroup_sock_addr, cgroup_sockopt},
@@ -42,9 +42,15 @@ pub fn dp_bind6(ctx: SockAddrContext) -> i32 {
 }
 
 /// Docker itself binds published ports (docker-proxy, or dockerd's port reservation when
-/// the userland proxy is off): never stand in its way.
+/// the userland proxy is off): never stand in its way. A name is anyone's to choose
+/// (`prctl(PR_SET_NAME)`), so the process must also run as root (its real uid, as the
+/// initial user namespace sees it): what an unprivileged process cannot forge; root can
+/// detach the programs anyway.
 #[inline(always)]
 fn is_docker() -> bool {
+    if bpf_get_current_uid_gid() & 0xffff_ffff != 0 {
+        return false;
+    }
     let Ok(comm) = bpf_get_current_comm() else {
         return false;
     };

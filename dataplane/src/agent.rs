@@ -100,34 +100,36 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The nftables table and the iptables chain are written by child processes (`nft`,
-/// `iptables-restore`: tens of milliseconds), so they are applied off the event loop, after
-/// the maps: a new frontend answers at once, its notrack rules follow. Requests coalesce and
-/// run in order; the latest wins.
+/// The nftables table is written by child processes (`nft`, and `conntrack` to read the
+/// connections Docker's NAT carries: tens to hundreds of milliseconds on a busy host), so it
+/// is applied off the event loop, after the maps: a new frontend answers at once, its
+/// notrack rules follow. Requests coalesce and run in order; the latest wins. The event loop
+/// only ever takes the small `want` lock; the runner lock is held while the commands run.
 #[derive(Clone)]
-struct Netfilter(Arc<Mutex<NetfilterInner>>);
+struct Netfilter {
+    want: Arc<Mutex<Want>>,
+    runner: Arc<Mutex<Notrack>>,
+}
 
-struct NetfilterInner {
-    notrack: Notrack,
-    want: Option<notrack::Spec>,
+#[derive(Default)]
+struct Want {
+    spec: Option<notrack::Spec>,
     force: bool,
     closed: bool,
 }
 
 impl Netfilter {
     fn new(notrack: Notrack) -> Self {
-        Self(Arc::new(Mutex::new(NetfilterInner {
-            notrack,
-            want: None,
-            force: false,
-            closed: false,
-        })))
+        Self {
+            want: Arc::default(),
+            runner: Arc::new(Mutex::new(notrack)),
+        }
     }
 
     fn schedule(&self, spec: notrack::Spec, force: bool) {
         {
-            let mut g = self.0.lock().expect("netfilter lock");
-            g.want = Some(spec);
+            let mut g = self.want.lock().expect("netfilter lock");
+            g.spec = Some(spec);
             g.force |= force;
         }
         let me = self.clone();
@@ -135,17 +137,20 @@ impl Netfilter {
     }
 
     fn run(&self) {
-        let mut g = self.0.lock().expect("netfilter lock");
-        if g.closed {
-            return;
-        }
-        let Some(mut spec) = g.want.take() else {
-            return;
+        let mut nt = self.runner.lock().expect("netfilter runner lock");
+        let (mut spec, force) = {
+            let mut g = self.want.lock().expect("netfilter lock");
+            if g.closed {
+                return;
+            }
+            let Some(spec) = g.spec.take() else {
+                return;
+            };
+            (spec, std::mem::take(&mut g.force))
         };
-        let force = std::mem::take(&mut g.force);
         // New peers or backends (or a full resync): the connections Docker's NAT carries
         // between them must keep their NAT. Otherwise the known ones, while they apply.
-        let grew = g.notrack.applied().is_none_or(|a| {
+        let grew = nt.applied().is_none_or(|a| {
             !spec.peers.is_subset(&a.peers) || !spec.backends.is_subset(&a.backends)
         });
         if grew || force {
@@ -156,7 +161,7 @@ impl Netfilter {
                     "connections carried by Docker's NAT keep being tracked until they end"
                 );
             }
-        } else if let Some(a) = g.notrack.applied() {
+        } else if let Some(a) = nt.applied() {
             spec.nat_replies = a
                 .nat_replies
                 .iter()
@@ -166,7 +171,7 @@ impl Netfilter {
                 .copied()
                 .collect();
         }
-        match g.notrack.apply(&spec, force) {
+        match nt.apply(&spec, force) {
             Ok(true) => debug!(
                 backends = spec.backends.len(),
                 "nftables notrack table applied"
@@ -180,10 +185,13 @@ impl Netfilter {
 
     /// No more updates; removes the table (after any running update).
     fn close_and_remove(&self) {
-        let mut g = self.0.lock().expect("netfilter lock");
-        g.closed = true;
-        g.want = None;
-        if let Err(e) = g.notrack.remove() {
+        {
+            let mut g = self.want.lock().expect("netfilter lock");
+            g.closed = true;
+            g.spec = None;
+        }
+        let mut nt = self.runner.lock().expect("netfilter runner lock");
+        if let Err(e) = nt.remove() {
             warn!(error = %format!("{e:#}"), "removing the nftables table failed");
         }
     }

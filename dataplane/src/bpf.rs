@@ -294,6 +294,21 @@ mod sys {
     }
 }
 
+/// Swaps `prog` into the link pinned at `pin` (atomically: no moment without a program) and
+/// says so for the status.
+fn adopt(
+    pin: &Path,
+    prog: std::os::fd::BorrowedFd<'_>,
+    name: &str,
+    cgroup: &Path,
+) -> Result<String> {
+    let link =
+        sys::obj_get(pin).with_context(|| format!("opening pinned link {}", pin.display()))?;
+    sys::link_update(link.as_fd(), prog)
+        .with_context(|| format!("swapping {name} into {}", pin.display()))?;
+    Ok(format!("{name}@{} (adopted)", cgroup.display()))
+}
+
 /// Removes everything pinned under `dir` (links first: that detaches the programs), then
 /// `dir`. Returns what it removed.
 pub fn unpin_all(dir: &Path) -> Result<Vec<String>> {
@@ -403,12 +418,7 @@ impl Loaded {
                 .with_context(|| format!("loading {name} (the verifier refused it)"))?;
             let link_pin = pin_dir.map(|d| d.join(format!("link_{name}")));
             if let Some(pin) = link_pin.as_ref().filter(|p| p.exists()) {
-                let link = sys::obj_get(pin)
-                    .with_context(|| format!("opening pinned link {}", pin.display()))?;
-                let prog_fd = prog.fd()?;
-                sys::link_update(link.as_fd(), prog_fd.as_fd())
-                    .with_context(|| format!("swapping {name} into {}", pin.display()))?;
-                attached.push(format!("{name}@{} (adopted)", cgroup.display()));
+                attached.push(adopt(pin, prog.fd()?.as_fd(), name, cgroup)?);
             } else {
                 let prog_fd = prog.fd()?;
                 let link =
@@ -432,12 +442,7 @@ impl Loaded {
                 .with_context(|| format!("loading {name} (the verifier refused it)"))?;
             let link_pin = pin_dir.map(|d| d.join(format!("link_{name}")));
             if let Some(pin) = link_pin.as_ref().filter(|p| p.exists()) {
-                let link = sys::obj_get(pin)
-                    .with_context(|| format!("opening pinned link {}", pin.display()))?;
-                let prog_fd = prog.fd()?;
-                sys::link_update(link.as_fd(), prog_fd.as_fd())
-                    .with_context(|| format!("swapping {name} into {}", pin.display()))?;
-                attached.push(format!("{name}@{} (adopted)", cgroup.display()));
+                attached.push(adopt(pin, prog.fd()?.as_fd(), name, cgroup)?);
                 continue;
             }
             // Links always coexist with other programs on the cgroup: the mode must be

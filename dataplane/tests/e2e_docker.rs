@@ -516,6 +516,24 @@ fn binding_a_published_port_is_refused_and_docker_still_works() {
     wait_until("the refusals to be counted", Duration::from_secs(5), || {
         agent.counter("bind_refused") >= before + 2
     });
+    // An unprivileged process calling itself dockerd is still refused.
+    let forged = format!(
+        "import ctypes, socket\nctypes.CDLL(None).prctl(15, b'dockerd', 0, 0, 0)\n\
+         s = socket.socket()\ntry:\n  s.bind(('0.0.0.0', {p})); print('bound')\n\
+         except OSError as e:\n  print(e.errno)\n"
+    );
+    let out = cmd(&[
+        "setpriv",
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+        "python3",
+        "-c",
+        &forged,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "98", "{out:?}");
     // Docker's own operations are not refused: restart re-binds the port.
     sh(&["docker", "restart", "-t", "1", &web.name]);
     wait_http(
