@@ -529,7 +529,8 @@ fn binding_a_published_port_is_refused_and_docker_still_works() {
         "--regid",
         "65534",
         "--clear-groups",
-        "python3",
+        // Debian's, not a per-user shim in root's home that `nobody` cannot read.
+        "/usr/bin/python3",
         "-c",
         &forged,
     ]);
