@@ -77,6 +77,8 @@ struct Agent {
     config: Config,
     /// Containers whose network namespace cookie is still to be read.
     pending_cookies: Vec<String>,
+    /// Unix seconds from which Docker's events are asked for: taken before the first list.
+    events_since: i64,
 }
 
 /// Runs one phase and logs its own and the cumulative time at debug level.
@@ -343,8 +345,10 @@ async fn load_and_list(
     })
 }
 
-pub async fn run(opts: Options) -> Result<(), StartError> {
-    let start = Instant::now();
+/// What must hold before anything is loaded: the cgroup, the host namespace cookie, a pin
+/// directory that is the agent's own, no other agent's pinned programs beside an unpinned
+/// start.
+fn preflight(opts: &Options) -> Result<(PathBuf, u64), StartError> {
     let cgroup = match &opts.cgroup {
         Some(p) => p.clone(),
         None => bpf::cgroup2_mount().map_err(StartError::Environment)?,
@@ -371,6 +375,16 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
             bpf::DEFAULT_PIN_DIR
         )));
     }
+    Ok((cgroup, host_cookie))
+}
+
+pub async fn run(opts: Options) -> Result<(), StartError> {
+    let start = Instant::now();
+    // Before Docker is first asked anything: the events stream starts from here.
+    let events_since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0));
+    let (cgroup, host_cookie) = preflight(&opts)?;
     let Started {
         loaded,
         docker,
@@ -416,6 +430,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
             flags: CFG_F_RESERVE_PORTS,
         },
         pending_cookies: Vec::new(),
+        events_since,
     };
     agent.evaluate_firewall();
     phase!(start, "first_sync", {
@@ -461,12 +476,14 @@ impl Agent {
         resync.tick().await;
         let mut counters = tokio::time::interval(Duration::from_millis(250));
         let mut backoff = Duration::from_millis(100);
+        let mut since = self.events_since;
         loop {
-            let mut events = Box::pin(docker::events(&self.docker));
+            let mut events = Box::pin(docker::events(&self.docker, since));
             loop {
                 tokio::select! {
                     ev = events.next() => match ev {
                         Some(Ok(ev)) => {
+                            since = since.max(ev.time.unwrap_or(since));
                             backoff = Duration::from_millis(100);
                             let mut batch = vec![ev];
                             // Take whatever else already arrived, so a burst costs one apply.

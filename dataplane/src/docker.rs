@@ -107,8 +107,12 @@ pub async fn networks(docker: &Docker) -> Result<HashMap<String, NetInfo>> {
 }
 
 /// The events the agent listens to.
+/// The events the agent listens to, from `since` (unix seconds) on: Docker replays what
+/// happened since then, so nothing that changed between a list and this subscription, or
+/// while the stream was down, is missed (an event seen twice only costs an inspect).
 pub fn events(
     docker: &Docker,
+    since: i64,
 ) -> impl futures_util::Stream<Item = Result<EventMessage, bollard::errors::Error>> + use<> {
     let mut filters = HashMap::new();
     filters.insert(
@@ -116,6 +120,7 @@ pub fn events(
         vec!["container".to_string(), "network".to_string()],
     );
     docker.events(Some(EventsOptions {
+        since: Some(since.to_string()),
         filters: Some(filters),
         ..Default::default()
     }))

@@ -26,9 +26,11 @@ impl Applied {
     }
 }
 
-/// Makes `store` hold exactly `desired`. New and changed entries are written before stale
-/// ones are removed, so a key that moves keeps answering throughout. Running it twice
-/// changes nothing the second time.
+/// Makes `store` hold exactly `desired`. Changed entries are rewritten in place first, then
+/// stale ones are removed, then new ones added: the store never holds more than the larger
+/// of what it held and what is desired, so a map at capacity makes room before it fills
+/// (a key that stays never stops answering; one that goes was going anyway). Running it
+/// twice changes nothing the second time.
 pub fn reconcile<K: Ord + Clone, V: PartialEq, S: KvStore<K, V>>(
     store: &mut S,
     desired: &BTreeMap<K, V>,
@@ -42,16 +44,19 @@ pub fn reconcile<K: Ord + Clone, V: PartialEq, S: KvStore<K, V>>(
                 store.put(k, v)?;
                 applied.updated += 1;
             }
-            None => {
-                store.put(k, v)?;
-                applied.added += 1;
-            }
+            None => {}
         }
     }
     for k in actual.keys() {
         if !desired.contains_key(k) {
             store.remove(k)?;
             applied.removed += 1;
+        }
+    }
+    for (k, v) in desired {
+        if !actual.contains_key(k) {
+            store.put(k, v)?;
+            applied.added += 1;
         }
     }
     Ok(applied)
@@ -65,6 +70,8 @@ pub struct FakeStore<K, V> {
     pub writes: Vec<String>,
     /// Fail the n-th write (1-based) with this message.
     pub fail_at: Option<(usize, &'static str)>,
+    /// Refuse to hold more entries than this, as a full BPF map does (`E2BIG`).
+    pub capacity: Option<usize>,
 }
 
 #[cfg(test)]
@@ -84,6 +91,12 @@ impl<K: Ord + Clone + std::fmt::Debug, V: Clone> KvStore<K, V> for FakeStore<K, 
             && self.writes.len() == n
         {
             return Err(FakeError(msg));
+        }
+        if self
+            .capacity
+            .is_some_and(|c| !self.map.contains_key(key) && self.map.len() >= c)
+        {
+            return Err(FakeError("full"));
         }
         self.map.insert(key.clone(), value.clone());
         Ok(())
@@ -126,12 +139,25 @@ mod tests {
             }
         );
         assert_eq!(s.map, want);
-        // Adds and updates come before removals.
-        assert_eq!(s.writes, vec!["put 3", "put 4", "remove 1"]);
+        // Updates in place, then removals, then additions.
+        assert_eq!(s.writes, vec!["put 3", "remove 1", "put 4"]);
         s.writes.clear();
         let again = reconcile(&mut s, &want).unwrap();
         assert!(!again.changed());
         assert!(s.writes.is_empty());
+    }
+
+    #[test]
+    fn a_full_store_makes_room_before_it_adds() {
+        // Capacity 3, full; the desired content replaces two entries by two others.
+        let mut s = FakeStore::<u16, u8> {
+            map: desired(&[(1, 1), (2, 2), (3, 3)]),
+            capacity: Some(3),
+            ..Default::default()
+        };
+        let want = desired(&[(3, 3), (4, 4), (5, 5)]);
+        reconcile(&mut s, &want).unwrap();
+        assert_eq!(s.map, want);
     }
 
     #[test]
