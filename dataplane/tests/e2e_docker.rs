@@ -192,6 +192,26 @@ impl Container {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// Waits until the container's `iperf3 -s` listens on 5201, from its socket table. (A
+    /// probe connection would do, but iperf3 3.12 takes any connection for a test's control
+    /// connection, and a probe that closes at once can leave it busy for the real one.)
+    fn wait_iperf3(&self) {
+        wait_until("iperf3 to listen", Duration::from_secs(10), || {
+            let out = cmd(&[
+                "docker",
+                "exec",
+                &self.name,
+                "cat",
+                "/proc/net/tcp",
+                "/proc/net/tcp6",
+            ]);
+            // Local port 5201 (0x1451) in state LISTEN (0A).
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.contains(":1451 ") && l.split_whitespace().nth(3) == Some("0A"))
+        });
+    }
+
     fn hostname(&self) -> String {
         self.exec("hostname")
     }
@@ -710,9 +730,7 @@ fn agent_kill_9_keeps_traffic_flowing_restart_adopts_uninstall_removes_all() {
     let srv = Container::run("iperf", &["-p", &format!("{p}:5201"), &img, "iperf3", "-s"]);
     let web = backend("survive", &[&format!("{q}:80")]);
     let mut agent = Agent::start("h");
-    wait_until("iperf3 to listen", Duration::from_secs(10), || {
-        TcpStream::connect(("127.0.0.1", p)).is_ok()
-    });
+    srv.wait_iperf3();
     let client = iperf3_client("127.0.0.1", p, 4);
     std::thread::sleep(Duration::from_secs(1));
     agent.kill9();
@@ -727,7 +745,11 @@ fn agent_kill_9_keeps_traffic_flowing_restart_adopts_uninstall_removes_all() {
     let bps = report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .unwrap_or(0.0);
-    assert!(bps > 1e8, "{bps} bit/s");
+    assert!(
+        bps > 1e8,
+        "{bps} bit/s: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // New connections still translate, from the pinned programs and maps.
     let s = TcpStream::connect(("127.0.0.1", q)).unwrap();
     assert_eq!(kernel_peer(&s), format!("{}:80", web.ip()));
@@ -1242,9 +1264,7 @@ fn clients_in_other_namespaces_and_routed_clients_take_dockers_path() {
     );
     let ext = ExtClient::new(0);
     let agent = Agent::start("extc");
-    wait_until("iperf3 to listen", Duration::from_secs(10), || {
-        TcpStream::connect(("127.0.0.1", q)).is_ok()
-    });
+    ipf.wait_iperf3();
     let before = agent.settled_counter("connect");
     // To a host address: Docker's NAT serves it, and the backend sees the real client.
     let seen = ext
@@ -1402,11 +1422,8 @@ fn connections_dockers_nat_carried_before_the_agent_keep_working() {
         &["-p", &format!("{q}:5201"), &img, "iperf3", "-s"],
     );
     let cli = Container::run("natc-client", &[&img, "sleep", "600"]);
-    for port in [p, q] {
-        wait_until("iperf3 to listen", Duration::from_secs(10), || {
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-    }
+    s1.wait_iperf3();
+    s2.wait_iperf3();
     // Both transfers start on Docker's NAT path (no agent yet): one from the host, one
     // from a container through its gateway.
     let host = iperf3_client("127.0.0.1", p, 4);
