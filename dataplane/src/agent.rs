@@ -13,7 +13,7 @@ use dataplane_common::{
     CFG_F_BINDV6ONLY, CFG_F_PEERS, CFG_F_RESERVE_PORTS, Config, FrontendKey, PeerNet, PeerNetKey,
     STAT_NAMES, net_id,
 };
-use futures_util::{StreamExt, stream::FuturesUnordered};
+use futures_util::StreamExt;
 use tokio::{signal::unix::SignalKind, sync::mpsc};
 use tracing::{debug, info, warn};
 
@@ -201,20 +201,20 @@ impl Netfilter {
 
 type Inspected = Vec<(String, Result<Option<ContainerInspectResponse>>)>;
 
-/// Inspects each container once, all at the same time.
+/// Inspects in flight at once: enough to overlap Docker's answers, few enough that a host
+/// with thousands of containers never runs the agent (or dockerd) out of descriptors.
+const INSPECT_CONCURRENCY: usize = 32;
+
+/// Inspects each container once, a bounded number at a time.
 async fn inspect_all(docker: &Docker, ids: impl IntoIterator<Item = String>) -> Inspected {
-    let mut pending: FuturesUnordered<_> = ids
-        .into_iter()
+    futures_util::stream::iter(ids)
         .map(|id| async move {
             let r = docker::inspect(docker, &id).await;
             (id, r)
         })
-        .collect();
-    let mut results = Vec::new();
-    while let Some(r) = pending.next().await {
-        results.push(r);
-    }
-    results
+        .buffer_unordered(INSPECT_CONCURRENCY)
+        .collect()
+        .await
 }
 
 /// Why the agent could not start; each has its own exit code, for supervisors.

@@ -555,7 +555,7 @@ impl Loaded {
             .map_mut(MAP_FE_STATS)
             .context("frontend stats map")?;
         let mut m: PerCpuHashMap<&mut MapData, u32, u64> = PerCpuHashMap::try_from(map)?;
-        let have: Vec<u32> = m.keys().collect::<Result<_, _>>()?;
+        let have: std::collections::BTreeSet<u32> = m.keys().collect::<Result<_, _>>()?;
         for id in &have {
             if !ids.contains(id) {
                 m.remove(id)?;
