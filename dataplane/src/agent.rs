@@ -44,6 +44,8 @@ pub struct Options {
     /// Where maps and links are pinned (they outlive the agent); `None`: not pinned, and
     /// everything is detached when the agent stops.
     pub pin_dir: Option<PathBuf>,
+    /// Room for published bindings in the maps this start creates.
+    pub max_frontends: u32,
 }
 
 struct Agent {
@@ -298,9 +300,10 @@ async fn load_and_list(
         hostfw::capture()
     });
     let pin_dir = opts.pin_dir.clone();
+    let max_frontends = opts.max_frontends;
     let load_fut = tokio::task::spawn_blocking(move || {
         let t = Instant::now();
-        let r = Loaded::load_and_attach(&cgroup, pin_dir.as_deref());
+        let r = Loaded::load_and_attach_sized(&cgroup, pin_dir.as_deref(), max_frontends);
         (r, t.elapsed())
     });
     let (docker_res, load_res, fw_res) = tokio::join!(
@@ -796,20 +799,16 @@ impl Agent {
         for c in &conflicts {
             warn!(frontend = %c.frontend, kept = %c.kept, dropped = %c.dropped, "frontend conflict");
         }
-        let want: BTreeMap<FrontendKey, _> = merged.iter().map(|(k, f)| (*k, f.backend)).collect();
+        let mut want: BTreeMap<FrontendKey, _> =
+            merged.iter().map(|(k, f)| (*k, f.backend)).collect();
         let (peer_map, peer_addrs) = self.desired_peers();
         self.write_config()?;
         reconcile(&mut self.loaded.peer_nets()?, &peer_map)
             .context("updating the peer-networks map")?;
-        // Ports first: a port is reserved before its frontend answers, and stays reserved
-        // until its frontend is gone.
-        let ports = desired::ports_of(want.keys());
-        let mut all_ports = self.loaded.ports()?.entries()?;
-        all_ports.extend(ports.iter().map(|(k, v)| (*k, *v)));
-        reconcile(&mut self.loaded.ports()?, &all_ports).context("updating the ports map")?;
-        let applied = reconcile(&mut self.loaded.frontends()?, &want)
-            .context("updating the frontends map")?;
-        reconcile(&mut self.loaded.ports()?, &ports).context("updating the ports map")?;
+        let (applied, map_errors) = self.write_frontends(&mut want)?;
+        for e in &map_errors {
+            warn!(error = %e, "a map could not hold everything");
+        }
         self.frontends_written = SystemTime::now();
         let spec = notrack::Spec::new(
             want.iter(),
@@ -850,6 +849,7 @@ impl Agent {
         s.frontends = want.len();
         s.frontend_list = merged
             .values()
+            .filter(|f| want.contains_key(&f.key))
             .map(|f| FrontendView {
                 frontend: desired::describe_key(&f.key),
                 container: f.container_name.clone(),
@@ -860,6 +860,7 @@ impl Agent {
             })
             .collect();
         s.errors = self.binding_errors.values().flatten().cloned().collect();
+        s.errors.extend(map_errors);
         s.container_clients = peer_map
             .keys()
             .map(|k| k.netns_cookie)
@@ -883,6 +884,44 @@ impl Agent {
         drop(s);
         self.publish_counters();
         Ok(())
+    }
+
+    /// Writes the published ports and the frontends. A map that cannot hold everything is
+    /// not an error of the sync: what is in it is served, `want` is narrowed to that, and
+    /// the rest is left to Docker's own path and reported.
+    fn write_frontends(
+        &mut self,
+        want: &mut BTreeMap<FrontendKey, dataplane_common::Backend>,
+    ) -> Result<(crate::reconcile::Applied, Vec<String>)> {
+        // Ports first: a port is reserved before its frontend answers, and stays reserved
+        // until its frontend is gone.
+        let ports = desired::ports_of(want.keys());
+        let mut all_ports = self.loaded.ports()?.entries()?;
+        all_ports.extend(ports.iter().map(|(k, v)| (*k, *v)));
+        let mut map_errors = Vec::new();
+        if let Err(e) = reconcile(&mut self.loaded.ports()?, &all_ports) {
+            map_errors.push(format!("published-ports map: {e}"));
+        }
+        let applied = match reconcile(&mut self.loaded.frontends()?, want) {
+            Ok(a) => a,
+            Err(e) => {
+                // A full map: what is in it is served, the rest takes Docker's own path, and
+                // everything below (notrack rules, status) follows what is in the map.
+                let in_map = self.loaded.frontends()?.entries()?;
+                let total = want.len();
+                want.retain(|k, v| in_map.get(k) == Some(v));
+                map_errors.push(format!(
+                    "frontends map: {e}: {} of {total} published bindings are left to Docker's \
+                     own path (`--max-frontends`)",
+                    total - want.len()
+                ));
+                crate::reconcile::Applied::default()
+            }
+        };
+        if let Err(e) = reconcile(&mut self.loaded.ports()?, &ports) {
+            map_errors.push(format!("published-ports map: {e}"));
+        }
+        Ok((applied, map_errors))
     }
 
     /// Container clients: which namespaces may be translated to backends on which network

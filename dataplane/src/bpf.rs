@@ -17,9 +17,9 @@ use aya::{
     },
 };
 use dataplane_common::{
-    Addr, Backend, Config, FrontendKey, LocalAddr, MAP_CONFIG, MAP_FE_STATS, MAP_FRONTENDS,
-    MAP_LOCAL_ADDRS, MAP_PEER_NETS, MAP_PORTS, MAP_SOCK_OPT, MAP_SOCK_REV, MAP_STATS, PeerNet,
-    PeerNetKey, PortFamilies, PortKey, STATS_LEN, TestAnswer, TestRequest,
+    Addr, Backend, Config, FRONTENDS_MAX, FrontendKey, LocalAddr, MAP_CONFIG, MAP_FE_STATS,
+    MAP_FRONTENDS, MAP_LOCAL_ADDRS, MAP_PEER_NETS, MAP_PORTS, MAP_SOCK_OPT, MAP_SOCK_REV,
+    MAP_STATS, PeerNet, PeerNetKey, PortFamilies, PortKey, STATS_LEN, TestAnswer, TestRequest,
 };
 
 use crate::reconcile::KvStore;
@@ -382,6 +382,16 @@ impl Loaded {
     /// keeps serving), links pinned there get the new programs swapped in atomically
     /// (`BPF_LINK_UPDATE`), and what is new is pinned, so it all outlives the agent.
     pub fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Self> {
+        Self::load_and_attach_sized(cgroup, pin_dir, FRONTENDS_MAX)
+    }
+
+    /// As [`Loaded::load_and_attach`], with room for `max_frontends` published bindings in
+    /// maps created now (a pinned map keeps the size it was created with).
+    pub fn load_and_attach_sized(
+        cgroup: &Path,
+        pin_dir: Option<&Path>,
+        max_frontends: u32,
+    ) -> Result<Self> {
         if OBJECT.is_empty() {
             bail!(
                 "this dataplane binary was built without its eBPF object; build it with \
@@ -389,6 +399,9 @@ impl Loaded {
             );
         }
         let mut loader = EbpfLoader::new();
+        for map in [MAP_FRONTENDS, MAP_PORTS, MAP_FE_STATS] {
+            loader.map_max_entries(map, max_frontends.max(1));
+        }
         let map_paths: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => {
                 check_bpffs(dir)?;

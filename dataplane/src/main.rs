@@ -52,6 +52,11 @@ enum Cmd {
         /// Pin nothing: everything is detached and removed when the agent stops.
         #[arg(long)]
         no_pin: bool,
+        /// Published bindings (address:port/proto) the maps hold; beyond that, bindings
+        /// are left to Docker's own path and `bridge-ctl status` says how many. Applies to
+        /// maps created by this start (pinned maps keep their size until `uninstall`).
+        #[arg(long, default_value_t = dataplane_common::FRONTENDS_MAX)]
+        max_frontends: u32,
     },
     /// Remove everything the agent installed: pinned links (detaching the programs) and
     /// maps, the nftables table, the iptables chain. Run it with the agent stopped.
@@ -101,6 +106,7 @@ fn main() -> ExitCode {
             fwd_chain,
             pin_dir,
             no_pin,
+            max_frontends,
         } => {
             let _lock = match lock(Path::new(LOCK)) {
                 Ok(l) => l,
@@ -128,6 +134,7 @@ fn main() -> ExitCode {
                 nft_table,
                 fwd_chain,
                 pin_dir: (!no_pin).then_some(pin_dir),
+                max_frontends,
             };
             match rt.block_on(agent::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,

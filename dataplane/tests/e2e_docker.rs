@@ -34,16 +34,23 @@ struct Agent {
     proc: Option<Proc>,
     dir: PathBuf,
     tag: String,
+    /// Options of `run` beyond the names it owns.
+    extra: Vec<String>,
 }
 
 impl Agent {
     fn start(tag: &str) -> Self {
+        Self::start_with(tag, &[])
+    }
+
+    fn start_with(tag: &str, extra: &[&str]) -> Self {
         let dir = PathBuf::from(format!("/run/dataplane-e2e-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut agent = Self {
             proc: None,
             dir,
             tag: tag.to_string(),
+            extra: extra.iter().map(ToString::to_string).collect(),
         };
         agent.spawn();
         agent
@@ -82,6 +89,7 @@ impl Agent {
         let child = Command::new(bin("dataplane"))
             .arg("run")
             .args(self.own_args())
+            .args(&self.extra)
             .env("RUST_LOG", "info,dataplane=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -1688,4 +1696,27 @@ fn one_agent_per_host_whatever_its_flags() {
     let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
     assert_eq!(kernel_peer(&s), format!("{}:80", web.ip()));
     drop(agent);
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn a_full_frontends_map_leaves_the_rest_to_docker_and_says_so() {
+    let (p, q) = (port(28), port(29));
+    // Two published ports, both families: four bindings, in maps sized for two.
+    let web = backend("full", &[&format!("{p}:80"), &format!("{q}:80")]);
+    let agent = Agent::start_with("full", &["--max-frontends", "2"]);
+    let status = status_json(&agent);
+    let errors = status["errors"].to_string();
+    assert!(
+        errors.contains("2 of 4 published bindings are left to Docker's own path"),
+        "{errors}"
+    );
+    assert_eq!(status["frontends"], 2);
+    let listed = agent.frontends();
+    assert_eq!(listed.matches(&web.name.clone()).count(), 2, "{listed}");
+    // Every published port answers over IPv4, whether its binding is in the map or not
+    // (Docker's NAT serves the rest).
+    for port in [p, q] {
+        assert!(curl(&format!("http://127.0.0.1:{port}/")).contains("dataplane test backend"));
+    }
 }
