@@ -170,10 +170,12 @@ impl Drop for Proc {
     }
 }
 
-/// Number of `nf_conntrack` entries in the host namespace.
+/// Number of `nf_conntrack` entries in the host namespace. Unreadable is a failure, never
+/// a zero that would make a "no growth" check pass.
 pub fn conntrack_count() -> u64 {
-    fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
-        .map_or(0, |s| s.trim().parse().unwrap_or(0))
+    let text = fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
+        .expect("reading nf_conntrack_count (is nf_conntrack loaded?)");
+    text.trim().parse().expect("nf_conntrack_count is a number")
 }
 
 /// A Python client script run with `python3 -c`, printing one line per result.
