@@ -72,7 +72,7 @@ fn bind_verdict(ctx: &SockAddrContext, dst: &Addr) -> i32 {
         return ALLOW;
     };
     let port_be = port_be(s);
-    if port_be == 0 || !in_host_netns(ctx) {
+    if port_be == 0 || !client_netns(ctx).1 {
         return ALLOW;
     }
     // An IPv6 wildcard bind is taken as dual-stack (the Linux default, bindv6only=0).
@@ -198,12 +198,15 @@ fn proto(sa: &bpf_sock_addr) -> Option<u8> {
     }
 }
 
+/// The client's network namespace cookie, and whether it is the host's (one helper call
+/// serves both).
 #[inline(always)]
-fn in_host_netns(ctx: &SockAddrContext) -> bool {
-    let Some(cfg) = CONFIG.get(0) else {
-        return false;
-    };
-    cfg.host_netns_cookie != 0 && netns_cookie(ctx) == cfg.host_netns_cookie
+fn client_netns(ctx: &SockAddrContext) -> (u64, bool) {
+    let cookie = netns_cookie(ctx);
+    let host = CONFIG
+        .get(0)
+        .is_some_and(|cfg| cfg.host_netns_cookie != 0 && cookie == cfg.host_netns_cookie);
+    (cookie, host)
 }
 
 /// The frontend `dst:port_be/proto` hits for a client in the namespace with `netns_cookie`
@@ -419,8 +422,8 @@ fn xlate4(ctx: &SockAddrContext, stat: u32) {
     let Some(proto) = proto(s) else { return };
     let dst = v4_mapped(s.user_ip4.to_ne_bytes());
     let port_be = port_be(s);
-    let host_ns = in_host_netns(ctx);
-    let Some(b) = lookup(&dst, port_be, proto, host_ns, netns_cookie(ctx)) else {
+    let (cookie, host_ns) = client_netns(ctx);
+    let Some(b) = lookup(&dst, port_be, proto, host_ns, cookie) else {
         return;
     };
     let Some(t) = target_v4(&b) else { return };
@@ -449,8 +452,8 @@ fn xlate6(ctx: &SockAddrContext, stat: u32) {
     let Some(proto) = proto(s) else { return };
     let dst = ip6(s);
     let port_be = port_be(s);
-    let host_ns = in_host_netns(ctx);
-    let Some(b) = lookup(&dst, port_be, proto, host_ns, netns_cookie(ctx)) else {
+    let (cookie, host_ns) = client_netns(ctx);
+    let Some(b) = lookup(&dst, port_be, proto, host_ns, cookie) else {
         return;
     };
     let Some(t) = target_v6(&dst, &b) else { return };

@@ -79,8 +79,6 @@ struct Agent {
     config: Config,
     /// Containers whose network namespace cookie is still to be read.
     pending_cookies: Vec<String>,
-    /// Unix seconds from which Docker's events are asked for: taken before the first list.
-    events_since: i64,
 }
 
 /// Runs one phase and logs its own and the cumulative time at debug level.
@@ -251,9 +249,6 @@ impl StartError {
     }
 }
 
-/// Loads and attaches the programs and asks Docker for its containers, overlapped. On
-/// failure, a pin directory this start created is removed again: nothing is left
-/// half-installed. An existing one (an earlier agent's) is adopted and kept.
 /// What the start-up finds, overlapped: the programs loaded, Docker's state, the host's
 /// ruleset.
 struct Started {
@@ -265,6 +260,10 @@ struct Started {
     fw_snapshot: hostfw::Snapshot,
 }
 
+/// Loads and attaches the programs, asks Docker for its containers and networks, and reads
+/// the host's ruleset, overlapped. On failure, a pin directory this start created is removed
+/// again: nothing is left half-installed. An existing one (an earlier agent's) is adopted
+/// and kept.
 async fn load_and_list(
     opts: &Options,
     cgroup: PathBuf,
@@ -366,10 +365,7 @@ fn preflight(opts: &Options) -> Result<(PathBuf, u64), StartError> {
     if let Some(dir) = &opts.pin_dir {
         bpf::check_bpffs(dir).map_err(StartError::Environment)?;
         bpf::secure_pin_dir(dir, false).map_err(StartError::Environment)?;
-    } else if std::path::Path::new(bpf::DEFAULT_PIN_DIR)
-        .join("link_dp_connect4")
-        .exists()
-    {
+    } else if bpf::has_pinned_links(std::path::Path::new(bpf::DEFAULT_PIN_DIR)) {
         // A pinned agent's programs are attached: a second, unpinned set would translate
         // beside them and leave when this one stops.
         return Err(StartError::AlreadyInstalled(anyhow::anyhow!(
@@ -433,7 +429,6 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
             flags: CFG_F_RESERVE_PORTS,
         },
         pending_cookies: Vec::new(),
-        events_since,
     };
     agent.evaluate_firewall();
     phase!(start, "first_sync", {
@@ -450,7 +445,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     );
 
     let r = agent
-        .serve_events(opts.resync_interval, nl_rx, fw_rx)
+        .serve_events(opts.resync_interval, events_since, nl_rx, fw_rx)
         .await
         .map_err(StartError::Other);
     if opts.pin_dir.is_none() {
@@ -467,10 +462,12 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
 }
 
 impl Agent {
-    /// Follows Docker events, netlink changes and the resync timer until a signal.
+    /// Follows Docker events (from `since`, unix seconds taken before the first list),
+    /// netlink and ruleset changes and the resync timer until a signal.
     async fn serve_events(
         &mut self,
         resync_interval: Duration,
+        mut since: i64,
         mut nl_rx: mpsc::Receiver<()>,
         mut fw_rx: mpsc::Receiver<()>,
     ) -> Result<()> {
@@ -479,7 +476,6 @@ impl Agent {
         resync.tick().await;
         let mut counters = tokio::time::interval(Duration::from_millis(250));
         let mut backoff = Duration::from_millis(100);
-        let mut since = self.events_since;
         loop {
             let mut events = Box::pin(docker::events(&self.docker, since));
             loop {
@@ -749,7 +745,7 @@ impl Agent {
                 info!("no stateful INPUT policy: host clients' connections are untracked");
             }
             if let Some(w) = &fw.forward_rules {
-                info!(where_ = %w, "operator rules in DOCKER-USER: container clients take Docker's own path");
+                info!(where_ = %w, "operator forwarding rules: container clients take Docker's own path");
             } else {
                 info!("no operator rules for container traffic: container clients are translated");
             }
@@ -870,7 +866,7 @@ impl Agent {
             .firewall
             .forward_rules
             .as_ref()
-            .map(|w| format!("operator rules in DOCKER-USER ({w})"));
+            .map(|w| format!("operator forwarding rules ({w})"));
         s.host_clients_tracked = self
             .firewall
             .stateful_input

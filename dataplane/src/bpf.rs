@@ -60,6 +60,13 @@ pub const MAPS: &[&str] = &[
     MAP_SOCK_OPT,
 ];
 
+/// Whether programs of an agent are pinned (and so attached) under `dir`.
+pub fn has_pinned_links(dir: &Path) -> bool {
+    std::iter::once(SOCKOPT_HOOK)
+        .chain(SOCK_HOOKS.iter().copied())
+        .any(|name| dir.join(format!("link_{name}")).exists())
+}
+
 /// Removes pinned maps of ours (`DP_*`) whose name is not in [`MAPS`]: an earlier layout,
 /// which no program of this build uses any more.
 fn remove_stale_map_pins(dir: &Path) -> Vec<String> {
