@@ -23,6 +23,10 @@ pub const MAP_PORTS: &str = "DP_PORTS_V1";
 pub const MAP_FE_STATS: &str = "DP_FESTATS_V1";
 pub const MAP_PEER_NETS: &str = "DP_PEERNET_V1";
 pub const MAP_SOCK_OPT: &str = "DP_SKOPT_V1";
+/// The running agent's own socket (a `SOCKMAP` of one entry, never pinned): the kernel
+/// empties it when the agent's process ends, however it ends, and the programs translate
+/// nothing while it is empty.
+pub const MAP_AGENT: &str = "DP_AGENT_V1";
 
 /// Capacity of the frontends map (published address:port/proto entries).
 pub const FRONTENDS_MAX: u32 = 65_536;
@@ -308,10 +312,13 @@ pub const STAT_SKIP_NETWORK: u32 = 7;
 /// A frontend was dialled over IPv6 by an IPv6-only socket and the backend has IPv4 only:
 /// left to Docker's path.
 pub const STAT_SKIP_V6ONLY: u32 = 8;
+/// A frontend was dialled (or its port bound) while no agent was running to vouch for it:
+/// left to Docker's path.
+pub const STAT_SKIP_NO_AGENT: u32 = 9;
 /// Entries of the stats map.
 pub const STATS_LEN: u32 = 16;
 /// Names of the counters, by index, as the agent reports them.
-pub const STAT_NAMES: [&str; 9] = [
+pub const STAT_NAMES: [&str; 10] = [
     "connect",
     "sendmsg",
     "recvmsg",
@@ -321,6 +328,7 @@ pub const STAT_NAMES: [&str; 9] = [
     "skipped_bound_source",
     "skipped_other_network",
     "skipped_v6only",
+    "skipped_no_agent",
 ];
 
 #[cfg(feature = "user")]

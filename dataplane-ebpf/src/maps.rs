@@ -3,7 +3,8 @@
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    helpers::generated::{bpf_map_lookup_elem, bpf_sk_release},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, SockMap},
 };
 use dataplane_common::{
     Backend, Config, FRONTENDS_MAX, FrontendKey, LOCAL_ADDRS_MAX, LocalAddr, PEER_NETS_MAX,
@@ -48,6 +49,33 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0)
 /// What each translated socket dialled; lives and dies with the socket.
 #[btf_map(name = "DP_SKREV_V1")]
 pub static SOCK_REV: SkStorage<SockRev> = SkStorage::new();
+
+/// The running agent's socket at index 0. The kernel removes it when the socket closes, and
+/// it closes when the agent's process ends, however it ends (`kill -9` included). While the
+/// slot is empty nobody vouches for the frontends (a container may have stopped and its
+/// address gone to another), so nothing is translated and no port reserved.
+#[map(name = "DP_AGENT_V1")]
+pub static AGENT: SockMap = SockMap::with_max_entries(1, 0);
+
+/// Whether an agent is running (its socket is in [`AGENT`]).
+#[inline(always)]
+pub fn agent_running() -> bool {
+    let key: u32 = 0;
+    // SAFETY: a lookup in a map this program owns; a socket map hands back a referenced
+    // socket (or null), released right away.
+    let sk = unsafe {
+        bpf_map_lookup_elem(
+            core::ptr::from_ref(&AGENT).cast_mut().cast(),
+            core::ptr::from_ref(&key).cast(),
+        )
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` is the referenced socket the lookup returned.
+    unsafe { bpf_sk_release(sk) };
+    true
+}
 
 #[inline(always)]
 pub fn count_frontend(id: u32) {

@@ -15,13 +15,14 @@ use dataplane_common::{
     Addr, Backend, CFG_F_BINDV6ONLY, CFG_F_PEERS, CFG_F_RESERVE_PORTS, FrontendKey, PROTO_TCP,
     PROTO_UDP, PeerNetKey, PortKey, SOCKOPT_F_V6ONLY, SOCKOPT_F_V6ONLY_OFF, STAT_BIND_REFUSED,
     STAT_CONNECT, STAT_GETPEERNAME, STAT_RECVMSG, STAT_SENDMSG, STAT_SKIP_BOUND, STAT_SKIP_NETWORK,
-    STAT_SKIP_V6ONLY, STAT_SKSTORE_FULL, SockOpt, SockRev, WILDCARD4, is_loopback, is_v4_mapped,
+    STAT_SKIP_NO_AGENT, STAT_SKIP_V6ONLY, STAT_SKSTORE_FULL, SockOpt, SockRev, WILDCARD4, is_loopback, is_v4_mapped,
     is_zero, v4_mapped, v4_part,
     xlate::{Skip, Target, bind_conflicts, frontend_for, target_v4, target_v6},
 };
 
 use crate::maps::{
-    CONFIG, FRONTENDS, LOCAL_ADDRS, PEER_NETS, PORTS, SOCK_OPT, SOCK_REV, count, count_frontend,
+    CONFIG, FRONTENDS, LOCAL_ADDRS, PEER_NETS, PORTS, SOCK_OPT, SOCK_REV, agent_running, count,
+    count_frontend,
 };
 
 const ALLOW: i32 = 1;
@@ -95,6 +96,10 @@ fn bind_verdict(ctx: &SockAddrContext, dst: &Addr) -> i32 {
         |a: &Addr| LOCAL_ADDRS.get_ptr(a).is_some(),
     );
     if !conflict || is_docker() {
+        return ALLOW;
+    }
+    if !agent_running() {
+        count(STAT_SKIP_NO_AGENT);
         return ALLOW;
     }
     count(STAT_BIND_REFUSED);
@@ -239,6 +244,10 @@ pub fn lookup(
         },
     );
     match r {
+        Ok(_) if !agent_running() => {
+            count(STAT_SKIP_NO_AGENT);
+            None
+        }
         Ok(b) => Some(b),
         Err(Skip::OtherNetwork) => {
             count(STAT_SKIP_NETWORK);

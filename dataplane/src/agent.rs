@@ -437,6 +437,8 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         agent.resolve_pending();
         agent.apply()?;
     });
+    // The maps now hold what Docker says: from here on the programs translate.
+    agent.loaded.vouch().map_err(StartError::Kernel)?;
     agent.shared.lock().expect("status lock").ready = true;
     info!(
         took_ms = start.elapsed().as_secs_f64() * 1e3,
@@ -455,7 +457,9 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         agent.netfilter.close_and_remove();
     } else {
         info!(
-            "pinned programs, maps and rules stay in place: translation goes on; `dataplane uninstall` removes them"
+            "pinned programs, maps and rules stay in place: connections made stay as they are, \
+             new ones take Docker's own path until an agent runs again; `dataplane uninstall` \
+             removes them"
         );
     }
     r

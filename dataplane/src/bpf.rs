@@ -10,14 +10,16 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, SockMap,
+    },
     programs::{
         CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, TestRun, TestRunOptions,
         links::FdLink,
     },
 };
 use dataplane_common::{
-    Addr, Backend, Config, FRONTENDS_MAX, FrontendKey, LocalAddr, MAP_CONFIG, MAP_FE_STATS,
+    Addr, Backend, Config, FRONTENDS_MAX, FrontendKey, LocalAddr, MAP_AGENT, MAP_CONFIG, MAP_FE_STATS,
     MAP_FRONTENDS, MAP_LOCAL_ADDRS, MAP_PEER_NETS, MAP_PORTS, MAP_SOCK_OPT, MAP_SOCK_REV,
     MAP_STATS, PeerNet, PeerNetKey, PortFamilies, PortKey, STATS_LEN, TestAnswer, TestRequest,
 };
@@ -95,6 +97,9 @@ pub struct Loaded {
     ebpf: Ebpf,
     /// `<program>@<cgroup>` and how it got there (attached, or adopted from a pin).
     pub attached: Vec<String>,
+    /// The socket in the agent map while this agent vouches for the maps' content (see
+    /// [`Loaded::vouch`]); it closes with the process, however the process ends.
+    vouching: Option<std::net::UdpSocket>,
     /// Links made outside aya (dropped last: they detach then, unless pinned).
     _own_links: Vec<std::os::fd::OwnedFd>,
 }
@@ -490,8 +495,37 @@ impl Loaded {
         Ok(Self {
             ebpf,
             attached,
+            vouching: None,
             _own_links: own_links,
         })
+    }
+
+    /// From now on the programs translate (and reserve published ports): the maps hold what
+    /// this agent has synced. Puts a socket of this process (UDP, bound to an ephemeral
+    /// loopback port, never read) in the agent map; the kernel takes it out when the socket
+    /// closes, which it does when the process ends, `kill -9` included. Until an agent
+    /// vouches again every socket takes Docker's own path, so frontends left by an agent
+    /// that stopped can never send a client to an address Docker has given to another
+    /// container meanwhile.
+    pub fn vouch(&mut self) -> Result<()> {
+        if self.vouching.is_some() {
+            return Ok(());
+        }
+        let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+            .or_else(|_| std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)))
+            .context("binding the agent's own socket on loopback")?;
+        let mut map: SockMap<&mut MapData> =
+            SockMap::try_from(self.ebpf.map_mut(MAP_AGENT).context("agent map")?)?;
+        map.set(0, &sock, 0)
+            .context("putting the agent's socket in the agent map")?;
+        self.vouching = Some(sock);
+        Ok(())
+    }
+
+    /// The programs stop translating (as when the agent ends) until [`Loaded::vouch`].
+    pub fn withdraw(&mut self) {
+        // Closing the socket empties the map's slot.
+        self.vouching = None;
     }
 
     pub fn peer_nets(&mut self) -> Result<BpfHash<'_, PeerNetKey, PeerNet>> {

@@ -88,6 +88,7 @@ fn lab(test: u32) -> Lab {
             flags: CFG_F_RESERVE_PORTS,
         })
         .unwrap();
+    loaded.vouch().expect("vouch");
     let b: IpAddr = backend_ip.parse().unwrap();
     let h: IpAddr = host_ip.parse().unwrap();
     let mut fe = loaded.frontends().unwrap();
@@ -381,6 +382,52 @@ fn bind_of_a_published_port_is_refused_in_the_host_namespace_only() {
     assert_eq!(bind(c, "0.0.0.0", 18080), "bound");
     let stats = lab.loaded.stats().unwrap();
     assert_eq!(stats[dataplane_common::STAT_BIND_REFUSED as usize], 3);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn without_a_running_agent_nothing_is_translated_or_reserved() {
+    let mut lab = lab(6);
+    let h = lab.host_ip.clone();
+    let bind = |mut c: Command| {
+        let out = c
+            .args([
+                "-c",
+                "import socket\ns = socket.socket()\ntry:\n  s.bind(('127.0.0.1', 18080)); print('bound')\n\
+                 except OSError as e:\n  print(e.errno)\n",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        client(lab.cg.command("python3"), "tcp", "127.0.0.1", 18080),
+        format!("ok backend {h} 127.0.0.1 18080")
+    );
+    // The agent's socket closes (as when its process ends): the maps are as they were,
+    // but nobody vouches for them, so every socket takes the path it would take without
+    // the programs (here nothing listens on loopback), and no port is reserved.
+    lab.loaded.withdraw();
+    assert_eq!(
+        client(lab.cg.command("python3"), "tcp", "127.0.0.1", 18080),
+        "error 111"
+    );
+    assert_eq!(
+        client(lab.cg.command("python3"), "udpc", "127.0.0.1", 18081),
+        "error 111"
+    );
+    assert_eq!(bind(lab.cg.command("python3")), "bound");
+    let stats = lab.loaded.stats().unwrap();
+    assert!(
+        stats[dataplane_common::STAT_SKIP_NO_AGENT as usize] >= 3,
+        "{stats:?}"
+    );
+    // Vouched for again: translated again.
+    lab.loaded.vouch().unwrap();
+    assert_eq!(
+        client(lab.cg.command("python3"), "tcp", "127.0.0.1", 18080),
+        format!("ok backend {h} 127.0.0.1 18080")
+    );
 }
 
 /// An nftables table whose only job is to make the host track connections, as Docker's
