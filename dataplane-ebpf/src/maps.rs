@@ -2,8 +2,8 @@
 
 use aya_ebpf::{
     btf_maps::SkStorage,
-    macros::{btf_map, map},
     helpers::generated::{bpf_map_lookup_elem, bpf_sk_release},
+    macros::{btf_map, map},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, SockMap},
 };
 use dataplane_common::{

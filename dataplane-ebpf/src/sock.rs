@@ -15,8 +15,8 @@ use dataplane_common::{
     Addr, Backend, CFG_F_BINDV6ONLY, CFG_F_PEERS, CFG_F_RESERVE_PORTS, FrontendKey, PROTO_TCP,
     PROTO_UDP, PeerNetKey, PortKey, SOCKOPT_F_V6ONLY, SOCKOPT_F_V6ONLY_OFF, STAT_BIND_REFUSED,
     STAT_CONNECT, STAT_GETPEERNAME, STAT_RECVMSG, STAT_SENDMSG, STAT_SKIP_BOUND, STAT_SKIP_NETWORK,
-    STAT_SKIP_NO_AGENT, STAT_SKIP_V6ONLY, STAT_SKSTORE_FULL, SockOpt, SockRev, WILDCARD4, is_loopback, is_v4_mapped,
-    is_zero, v4_mapped, v4_part,
+    STAT_SKIP_NO_AGENT, STAT_SKIP_V6ONLY, STAT_SKSTORE_FULL, SockOpt, SockRev, WILDCARD4,
+    is_loopback, is_v4_mapped, is_zero, v4_mapped, v4_part,
     xlate::{Skip, Target, bind_conflicts, frontend_for, target_v4, target_v6},
 };
 

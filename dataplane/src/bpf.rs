@@ -10,18 +10,17 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, SockMap,
-    },
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, SockMap},
     programs::{
         CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, TestRun, TestRunOptions,
         links::FdLink,
     },
 };
 use dataplane_common::{
-    Addr, Backend, Config, FRONTENDS_MAX, FrontendKey, LocalAddr, MAP_AGENT, MAP_CONFIG, MAP_FE_STATS,
-    MAP_FRONTENDS, MAP_LOCAL_ADDRS, MAP_PEER_NETS, MAP_PORTS, MAP_SOCK_OPT, MAP_SOCK_REV,
-    MAP_STATS, PeerNet, PeerNetKey, PortFamilies, PortKey, STATS_LEN, TestAnswer, TestRequest,
+    Addr, Backend, Config, FRONTENDS_MAX, FrontendKey, LocalAddr, MAP_AGENT, MAP_CONFIG,
+    MAP_FE_STATS, MAP_FRONTENDS, MAP_LOCAL_ADDRS, MAP_PEER_NETS, MAP_PORTS, MAP_SOCK_OPT,
+    MAP_SOCK_REV, MAP_STATS, PeerNet, PeerNetKey, PortFamilies, PortKey, STATS_LEN, TestAnswer,
+    TestRequest,
 };
 
 use crate::reconcile::KvStore;

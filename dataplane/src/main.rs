@@ -24,7 +24,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Load and attach the kernel programs, sync with Docker, serve bridge-ctl; runs in the
-    /// foreground until SIGINT or SIGTERM, then detaches everything it attached.
+    /// foreground until SIGINT or SIGTERM. Translation stops with the process (new
+    /// connections take Docker's own path until an agent runs again); connections made
+    /// stay as they are.
     Run {
         /// Docker engine socket.
         #[arg(long, default_value = "/var/run/docker.sock")]
@@ -38,15 +40,17 @@ enum Cmd {
         /// Seconds between full resyncs with Docker (repairs any drift).
         #[arg(long, default_value_t = 60)]
         resync_interval: u64,
-        /// nftables table (family inet) for the notrack rules; removed when the agent stops.
+        /// nftables table (family inet) for the notrack rules; removed when an unpinned agent
+        /// stops.
         #[arg(long, default_value = dataplane::notrack::TABLE)]
         nft_table: String,
         /// iptables chain that earlier versions jumped to from Docker's DOCKER-USER; removed
         /// at start where it is found (nothing is added to Docker's chains any more).
         #[arg(long, default_value = dataplane::forward::CHAIN)]
         fwd_chain: String,
-        /// bpffs directory for the pinned maps and links, which keep translating while the
-        /// agent is stopped or restarting, and are adopted by the next agent.
+        /// bpffs directory for the pinned maps and links: they stay attached while the agent
+        /// is stopped or restarting (translating nothing new until an agent runs and vouches
+        /// for them again), and the next agent adopts them.
         #[arg(long, default_value = dataplane::bpf::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// Pin nothing: everything is detached and removed when the agent stops.

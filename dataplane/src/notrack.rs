@@ -150,14 +150,6 @@ impl Spec {
     }
 }
 
-fn elements(items: &[String]) -> String {
-    if items.is_empty() {
-        String::new()
-    } else {
-        format!("elements = {{ {} }}; ", items.join(", "))
-    }
-}
-
 /// Each item as nft text, IPv4 ones first, IPv6 ones second.
 fn split<T>(
     items: &BTreeSet<T>,
@@ -175,9 +167,14 @@ fn split<T>(
     (v4, v6)
 }
 
-/// The nft script that makes table `t` exactly `spec`, atomically (`nft -f` runs a file as
-/// one transaction): create-if-missing, delete, create with content.
-pub fn script(t: &str, spec: &Spec) -> String {
+/// How long a peer's connection through Docker's NAT keeps its replies tracked after its
+/// last packet towards the host.
+const NAT_CLIENT_TIMEOUT: &str = "10m";
+/// Room for such connections (the oldest are not evicted: new ones are not recorded).
+const NAT_CLIENTS_MAX: u32 = 65_536;
+
+/// The sets of the table: name, type, content.
+fn sets(spec: &Spec) -> Vec<(&'static str, &'static str, Vec<String>)> {
     let (b4, b6) = split(
         &spec.backends,
         |(ip, _, _)| ip.is_ipv4(),
@@ -190,75 +187,129 @@ pub fn script(t: &str, spec: &Spec) -> String {
         |(b, ..)| b.is_ipv4(),
         |(b, proto, bport, c, cport)| format!("{b} . {proto} . {bport} . {c} . {cport}"),
     );
-    let mut s = String::new();
-    let _ = writeln!(s, "table inet {t}");
-    let _ = writeln!(s, "delete table inet {t}");
-    let _ = writeln!(s, "table inet {t} {{");
-    for (name, ty, items) in [
-        ("backends4", "ipv4_addr . inet_proto . inet_service", &b4),
-        ("backends6", "ipv6_addr . inet_proto . inet_service", &b6),
-        ("hosts4", "ipv4_addr", &h4),
-        ("hosts6", "ipv6_addr", &h6),
-        ("peers4", "ipv4_addr", &p4),
-        ("peers6", "ipv6_addr", &p6),
+    vec![
+        ("backends4", "ipv4_addr . inet_proto . inet_service", b4),
+        ("backends6", "ipv6_addr . inet_proto . inet_service", b6),
+        ("hosts4", "ipv4_addr", h4),
+        ("hosts6", "ipv6_addr", h6),
+        ("peers4", "ipv4_addr", p4),
+        ("peers6", "ipv6_addr", p6),
         (
             "natreplies4",
             "ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service",
-            &n4,
+            n4,
         ),
         (
             "natreplies6",
             "ipv6_addr . inet_proto . inet_service . ipv6_addr . inet_service",
-            &n6,
+            n6,
         ),
-    ] {
-        let _ = writeln!(s, "  set {name} {{ type {ty}; {}}}", elements(items));
-    }
-    s.push_str(
-        "  chain prerouting {\n    type filter hook prerouting priority raw; policy accept;\n",
-    );
+    ]
+}
+
+/// The rules of the `prerouting` and `output` chains, in order.
+fn rules(spec: &Spec) -> (Vec<String>, Vec<String>) {
+    let mut pre = Vec::new();
     for (ip, n) in [("ip", "4"), ("ip6", "6")] {
-        // Replies that Docker's NAT must still undo.
-        let _ = writeln!(
-            s,
-            "    {ip} saddr . meta l4proto . th sport . {ip} daddr . th dport @natreplies{n} return"
-        );
+        // A peer dialling the host (a published port through Docker's NAT: a client the
+        // programs left to Docker, or any while no agent runs) has its client port
+        // recorded, so the replies of that connection stay tracked and their NAT is undone.
+        pre.push(format!(
+            "meta l4proto {{ tcp, udp }} {ip} saddr @peers{n} {ip} daddr @hosts{n} update @natclients{n} {{ {ip} saddr . meta l4proto . th sport }}"
+        ));
+        pre.push(format!(
+            "meta l4proto {{ tcp, udp }} {ip} daddr . meta l4proto . th dport @natclients{n} return"
+        ));
+        // Replies that Docker's NAT carried before the table knew them.
+        pre.push(format!(
+            "{ip} saddr . meta l4proto . th sport . {ip} daddr . th dport @natreplies{n} return"
+        ));
     }
     for (ip, n) in [("ip", "4"), ("ip6", "6")] {
         // Container clients and backends, both ways (bridged through the host).
-        let _ = writeln!(
-            s,
-            "    {ip} saddr @peers{n} {ip} daddr . meta l4proto . th dport @backends{n} notrack"
-        );
-        let _ = writeln!(
-            s,
-            "    {ip} daddr @peers{n} {ip} saddr . meta l4proto . th sport @backends{n} notrack"
-        );
+        pre.push(format!(
+            "{ip} saddr @peers{n} {ip} daddr . meta l4proto . th dport @backends{n} notrack"
+        ));
+        pre.push(format!(
+            "{ip} daddr @peers{n} {ip} saddr . meta l4proto . th sport @backends{n} notrack"
+        ));
         if !spec.track_host_clients {
             // Replies to a host socket connected straight to the backend (TCP: not a
             // wildcard listener; UDP: a socket bound there).
-            let _ = writeln!(
-                s,
-                "    meta l4proto tcp {ip} daddr @hosts{n} {ip} saddr . meta l4proto . th sport @backends{n} socket wildcard 0 notrack"
-            );
-            let _ = writeln!(
-                s,
-                "    meta l4proto udp {ip} daddr @hosts{n} {ip} saddr . meta l4proto . th sport @backends{n} socket transparent 0 notrack"
-            );
+            pre.push(format!(
+                "meta l4proto tcp {ip} daddr @hosts{n} {ip} saddr . meta l4proto . th sport @backends{n} socket wildcard 0 notrack"
+            ));
+            pre.push(format!(
+                "meta l4proto udp {ip} daddr @hosts{n} {ip} saddr . meta l4proto . th sport @backends{n} socket transparent 0 notrack"
+            ));
         }
     }
-    s.push_str("  }\n");
-    s.push_str("  chain output {\n    type filter hook output priority raw; policy accept;\n");
+    let mut out = Vec::new();
     if !spec.track_host_clients {
         for (ip, n) in [("ip", "4"), ("ip6", "6")] {
-            let _ = writeln!(
-                s,
-                "    {ip} daddr . meta l4proto . th dport @backends{n} notrack"
-            );
+            out.push(format!(
+                "{ip} daddr . meta l4proto . th dport @backends{n} notrack"
+            ));
         }
     }
-    s.push_str("  }\n}\n");
+    (pre, out)
+}
+
+/// The declarations of table `t`: every set and chain, empty (declaring what exists is a
+/// no-op for nft).
+fn declarations(t: &str, spec: &Spec) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "table inet {t} {{");
+    for (name, ty, _) in sets(spec) {
+        let _ = writeln!(s, "  set {name} {{ type {ty}; }}");
+    }
+    for (n, ty) in [
+        ("4", "ipv4_addr . inet_proto . inet_service"),
+        ("6", "ipv6_addr . inet_proto . inet_service"),
+    ] {
+        let _ = writeln!(
+            s,
+            "  set natclients{n} {{ type {ty}; flags dynamic,timeout; timeout {NAT_CLIENT_TIMEOUT}; size {NAT_CLIENTS_MAX}; }}"
+        );
+    }
+    for hook in ["prerouting", "output"] {
+        let _ = writeln!(
+            s,
+            "  chain {hook} {{ type filter hook {hook} priority raw; policy accept; }}"
+        );
+    }
+    s.push_str("}\n");
     s
+}
+
+/// The nft script that makes table `t` exactly `spec`, atomically (`nft -f` runs a file as
+/// one transaction): the table, its sets and chains declared (created where missing), then
+/// the chains and the agent's sets flushed and filled. The connections recorded in
+/// `natclients` (learnt by the packet path) survive every update.
+pub fn script(t: &str, spec: &Spec) -> String {
+    let mut s = declarations(t, spec);
+    let (pre, out) = rules(spec);
+    for chain in ["prerouting", "output"] {
+        let _ = writeln!(s, "flush chain inet {t} {chain}");
+    }
+    for (name, _, items) in sets(spec) {
+        let _ = writeln!(s, "flush set inet {t} {name}");
+        if !items.is_empty() {
+            let _ = writeln!(s, "add element inet {t} {name} {{ {} }}", items.join(", "));
+        }
+    }
+    for (chain, rules) in [("prerouting", pre), ("output", out)] {
+        for r in rules {
+            let _ = writeln!(s, "add rule inet {t} {chain} {r}");
+        }
+    }
+    s
+}
+
+/// The script that replaces table `t` whole with `spec` (when the table in place is not one
+/// [`script`] can update: an earlier version's layout).
+pub fn replace_script(t: &str, spec: &Spec) -> String {
+    format!("table inet {t}\ndelete table inet {t}\n{}", script(t, spec))
 }
 
 /// Runs `program args` with `input` on its standard input: one transaction (`nft -f -`,
@@ -317,7 +368,11 @@ impl Notrack {
         if !force && self.applied.as_ref() == Some(spec) {
             return Ok(false);
         }
-        nft(&script(&self.table, spec))?;
+        if let Err(e) = nft(&script(&self.table, spec)) {
+            // An earlier version's table (other sets or types): replaced whole, once.
+            tracing::info!(error = %format!("{e:#}"), table = %self.table, "replacing the table whole");
+            nft(&replace_script(&self.table, spec))?;
+        }
         self.applied = Some(spec.clone());
         Ok(true)
     }
@@ -390,15 +445,24 @@ mod tests {
         // Interface addresses, never loopback; no bridge network is a "client" by name.
         assert_eq!(hosts, vec!["172.17.0.1", "192.0.2.2"]);
         let s = script(TABLE, &spec);
+        assert!(s.starts_with("table inet dataplane {\n"), "{s}");
         assert!(
-            s.starts_with("table inet dataplane\ndelete table inet dataplane\n"),
+            s.contains(
+                "add element inet dataplane backends4 { 172.17.0.2 . 6 . 80, 172.17.0.2 . 17 . 80 }"
+            ),
             "{s}"
         );
+        assert!(s.contains("add element inet dataplane peers4 { 172.17.0.3 }"));
+        // What the packet path learnt is never flushed.
+        assert!(s.contains("flush set inet dataplane peers4\n"));
+        assert!(!s.contains("flush set inet dataplane natclients"), "{s}");
+        assert!(s.contains(
+            "set natclients4 { type ipv4_addr . inet_proto . inet_service; flags dynamic,timeout;"
+        ));
         assert!(
-            s.contains("elements = { 172.17.0.2 . 6 . 80, 172.17.0.2 . 17 . 80 }"),
-            "{s}"
+            replace_script(TABLE, &spec)
+                .starts_with("table inet dataplane\ndelete table inet dataplane\n")
         );
-        assert!(s.contains("set peers4 { type ipv4_addr; elements = { 172.17.0.3 }; }"));
         // Requests are untracked only from peers (bridged) or from the host (output);
         // replies only to peers, or to a host socket connected to the backend.
         assert!(
@@ -409,22 +473,33 @@ mod tests {
         );
         assert!(s.contains("@backends4 socket wildcard 0 notrack"), "{s}");
         assert!(s.contains("type filter hook output priority raw"));
-        assert!(s.contains("    ip daddr . meta l4proto . th dport @backends4 notrack"));
+        assert!(s.contains(
+            "add rule inet dataplane output ip daddr . meta l4proto . th dport @backends4 notrack"
+        ));
         for line in s.lines().filter(|l| l.contains("notrack")) {
             assert!(
                 line.contains("@peers") || line.contains("socket ") || !line.contains("prerouting"),
                 "a prerouting rule that matches any client: {line}"
             );
         }
+        // A peer's connection through Docker's NAT is recorded before any notrack rule,
+        // and its replies stay tracked.
+        let pre: Vec<&str> = s.lines().filter(|l| l.contains("prerouting ")).collect();
+        assert!(
+            pre[1].contains("update @natclients4 { ip saddr . meta l4proto . th sport }"),
+            "{pre:?}"
+        );
+        assert!(
+            pre[2].contains("ip daddr . meta l4proto . th dport @natclients4 return"),
+            "{pre:?}"
+        );
     }
 
     #[test]
     fn a_stateful_input_policy_keeps_host_clients_tracked() {
         let s = script(TABLE, &spec(true));
         assert!(!s.contains("socket"), "{s}");
-        assert!(!s.contains("dport @backends4 notrack\n  }\n}"), "{s}");
-        let output = s.split("chain output").nth(1).unwrap();
-        assert!(!output.contains("notrack"), "{output}");
+        assert!(!s.contains("add rule inet dataplane output"), "{s}");
         // Container clients stay untracked: their packets are forwarded, not INPUT.
         assert!(s.contains("ip saddr @peers4"));
     }
@@ -456,23 +531,21 @@ mod tests {
         spec.nat_replies = n;
         let s = script(TABLE, &spec);
         assert!(
-            s.contains("elements = { 172.17.0.2 . 6 . 80 . 172.17.0.3 . 40000"),
+            s.contains("natreplies4 { 172.17.0.2 . 6 . 80 . 172.17.0.3 . 40000"),
             "{s}"
         );
-        let first_rule = s
-            .split("priority raw; policy accept;\n")
-            .nth(1)
-            .unwrap()
+        let first_notrack = s.lines().position(|l| l.ends_with("notrack")).unwrap();
+        let natreplies = s
             .lines()
-            .next()
+            .position(|l| l.ends_with("@natreplies4 return"))
             .unwrap();
-        assert!(first_rule.contains("@natreplies4 return"), "{first_rule}");
+        assert!(natreplies < first_notrack, "{s}");
     }
 
     #[test]
     fn empty_sets_have_no_elements_clause() {
         let s = script(TABLE, &Spec::default());
-        assert!(!s.contains("elements"), "{s}");
+        assert!(!s.contains("add element"), "{s}");
         assert!(s.contains("set backends4 { type ipv4_addr . inet_proto . inet_service; }"));
     }
 }

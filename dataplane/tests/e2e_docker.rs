@@ -674,9 +674,16 @@ struct Network(String);
 
 impl Network {
     fn create(tag: &str) -> Self {
+        Self::create_with(tag, &[])
+    }
+
+    fn create_with(tag: &str, opts: &[&str]) -> Self {
         let name = format!("dpe2e-{}-{tag}", std::process::id());
         let _ = cmd(&["docker", "network", "rm", &name]);
-        sh(&["docker", "network", "create", &name]);
+        let mut args = vec!["docker", "network", "create"];
+        args.extend_from_slice(opts);
+        args.push(&name);
+        sh(&args);
         Self(name)
     }
 }
@@ -735,15 +742,98 @@ fn iperf3_client(host: &str, port: u16, secs: u32) -> std::process::Child {
         .expect("iperf3")
 }
 
+/// With no agent running: new connections to `web`'s published port `q` work on Docker's
+/// own path, from the host and from `cli` (through `via_gw`); then `web` goes and a
+/// container that publishes nothing takes its address, and `q` must not lead there.
+/// Returns that container.
+fn while_no_agent_runs(
+    net: &Network,
+    web: Container,
+    cli: &Container,
+    via_gw: &str,
+    q: u16,
+) -> Container {
+    let img = image();
+    // New connections work on Docker's own path: nobody vouches for the maps now.
+    let s = TcpStream::connect(("127.0.0.1", q)).unwrap();
+    assert_ne!(kernel_peer(&s), format!("{}:80", web.ip()));
+    drop(s);
+    assert_eq!(
+        curl(&format!("http://127.0.0.1:{q}/")),
+        "dataplane test backend\n"
+    );
+    // So do containers' (Docker's NAT through the gateway: the agent's rules keep its
+    // replies tracked).
+    assert_eq!(cli.exec(via_gw), "dataplane test backend");
+    // The published container goes, and its address goes to one that publishes nothing
+    // (Docker hands addresses on at once): the old frontend must not lead there.
+    let web_ip = web.ip();
+    drop(web);
+    let squatter = Container::run(
+        "squat",
+        &[
+            "--network",
+            &net.0,
+            "--ip",
+            &web_ip,
+            &img,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    );
+    assert_eq!(squatter.ip(), web_ip);
+    assert!(
+        TcpStream::connect(("127.0.0.1", q)).is_err(),
+        "port {q} reached the container that took over {web_ip}"
+    );
+    squatter
+}
+
 #[test]
 #[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
 fn agent_kill_9_keeps_traffic_flowing_restart_adopts_uninstall_removes_all() {
     let (p, q) = (port(11), port(12));
     let img = image();
+    // A network with a subnet of the test's own, so an address can be handed on by hand.
+    let net = Network::create_with(
+        "k",
+        &[&format!(
+            "--subnet=10.213.{}.0/24",
+            std::process::id() % 250
+        )],
+    );
     let srv = Container::run("iperf", &["-p", &format!("{p}:5201"), &img, "iperf3", "-s"]);
-    let web = backend("survive", &[&format!("{q}:80")]);
+    let web = Container::run(
+        "survive",
+        &[
+            "--network",
+            &net.0,
+            "-p",
+            &format!("{q}:80"),
+            &img,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    );
+    let cli = Container::run("kcli", &["--network", &net.0, &img, "sleep", "600"]);
+    let via_gw = format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {} {q} | tail -n 1",
+        gateway_of(&cli)
+    );
     let mut agent = Agent::start("h");
     srv.wait_iperf3();
+    let s = TcpStream::connect(("127.0.0.1", q)).unwrap();
+    assert_eq!(kernel_peer(&s), format!("{}:80", web.ip()));
+    drop(s);
+    assert_eq!(cli.exec(&via_gw), "dataplane test backend");
     let client = iperf3_client("127.0.0.1", p, 4);
     std::thread::sleep(Duration::from_secs(1));
     agent.kill9();
@@ -763,11 +853,9 @@ fn agent_kill_9_keeps_traffic_flowing_restart_adopts_uninstall_removes_all() {
         "{bps} bit/s: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    // New connections still translate, from the pinned programs and maps.
-    let s = TcpStream::connect(("127.0.0.1", q)).unwrap();
-    assert_eq!(kernel_peer(&s), format!("{}:80", web.ip()));
-    drop(s);
-    // A new agent adopts the pinned links and swaps its programs in.
+    let squatter = while_no_agent_runs(&net, web, &cli, &via_gw, q);
+    // A new agent adopts the pinned links and swaps its programs in, and vouches for what
+    // Docker says now.
     agent.spawn();
     let status = String::from_utf8_lossy(&agent.ctl(&["status"]).stdout).into_owned();
     assert_eq!(
@@ -775,10 +863,15 @@ fn agent_kill_9_keeps_traffic_flowing_restart_adopts_uninstall_removes_all() {
         dataplane::bpf::SOCK_HOOKS.len() + 1,
         "{status}"
     );
-    assert_eq!(
-        curl(&format!("http://127.0.0.1:{q}/")),
-        "dataplane test backend\n"
+    let st = status_json(&agent);
+    assert!(
+        st["counters"]["skipped_no_agent"].as_u64().unwrap_or(0) >= 2,
+        "{st}"
     );
+    let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
+    assert_eq!(kernel_peer(&s), format!("{}:5201", srv.ip()));
+    drop(s);
+    assert!(TcpStream::connect(("127.0.0.1", q)).is_err());
 
     // Uninstall leaves nothing of ours: no pins (so no links), no table, no chain.
     let out = agent.uninstall();
@@ -795,10 +888,10 @@ fn agent_kill_9_keeps_traffic_flowing_restart_adopts_uninstall_removes_all() {
     assert!(!chains.contains(&format!("DPFWD-{id}")), "{chains}");
     // And connections are Docker's own again (docker-proxy or NAT: not straight to the
     // container).
-    if let Ok(s) = TcpStream::connect(("127.0.0.1", q)) {
-        assert_ne!(kernel_peer(&s), format!("{}:80", web.ip()));
+    if let Ok(s) = TcpStream::connect(("127.0.0.1", p)) {
+        assert_ne!(kernel_peer(&s), format!("{}:5201", srv.ip()));
     }
-    drop(srv);
+    drop(squatter);
 }
 
 #[test]
