@@ -28,7 +28,7 @@ use crate::{
     notrack::{self, Notrack},
     reconcile::KvStore,
     reconcile::reconcile,
-    terminate,
+    sockets,
 };
 
 pub struct Options {
@@ -60,11 +60,9 @@ struct Agent {
     netfilter: Netfilter,
     /// When the frontends map was last written (sync latency is measured to here).
     frontends_written: SystemTime,
-    /// Pid of each running container (for reaching its network namespace).
-    pids: HashMap<String, i64>,
-    /// Backends in the maps after the last apply: the ones that disappear get their
-    /// connected sockets destroyed.
-    backends: BTreeSet<terminate::Gone>,
+    /// Backends in the maps after the last apply, with the container each belongs to: the
+    /// translated sockets of one that disappears with its address get destroyed.
+    backends: BTreeMap<sockets::Gone, String>,
     /// Re-apply the nftables table even if unchanged (after a full resync: repairs drift).
     force_notrack: bool,
     /// Docker's networks by network ID.
@@ -416,8 +414,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         host_addrs: Vec::new(),
         netfilter: Netfilter::new(Notrack::new(&opts.nft_table)),
         frontends_written: SystemTime::now(),
-        pids: HashMap::new(),
-        backends: BTreeSet::new(),
+        backends: BTreeMap::new(),
         force_notrack: true,
         networks,
         peers: HashMap::new(),
@@ -532,7 +529,6 @@ impl Agent {
                 }
                 Effect::Remove(id) => {
                     refresh.remove(&id);
-                    self.pids.remove(&id);
                     self.containers.remove(&id);
                     self.binding_errors.remove(&id);
                     self.peers.remove(&id);
@@ -607,7 +603,6 @@ impl Agent {
             self.networks = docker::networks(&self.docker).await?;
             self.fw_snapshot = tokio::task::spawn_blocking(hostfw::capture).await?;
             self.evaluate_firewall();
-            self.pids.retain(|id, _| live.contains(id));
             self.binding_errors.retain(|id, _| live.contains(id));
             self.refresh(live).await?;
             self.resolve_pending();
@@ -650,12 +645,14 @@ impl Agent {
                         self.peers.remove(&id);
                     }
                 }
-                match c.state.as_ref().and_then(|s| s.pid).filter(|p| *p > 0) {
-                    Some(pid) => self.pids.insert(id.clone(), pid),
-                    None => self.pids.remove(&id),
-                };
                 let mut errs = Vec::new();
-                let fs = desired::frontends_of(&c, &mut errs);
+                let routes = c
+                    .state
+                    .as_ref()
+                    .and_then(|s| s.pid)
+                    .filter(|p| *p > 0)
+                    .and_then(netns::default_routes);
+                let fs = desired::frontends_of(&c, routes.as_ref(), &mut errs);
                 for e in &errs {
                     warn!(error = %e, "binding skipped");
                 }
@@ -673,7 +670,6 @@ impl Agent {
             } else {
                 self.containers.remove(&id);
                 self.binding_errors.remove(&id);
-                self.pids.remove(&id);
                 self.peers.remove(&id);
             }
         }
@@ -818,21 +814,7 @@ impl Agent {
         );
         self.netfilter.schedule(spec.clone(), self.force_notrack);
         self.force_notrack = false;
-        let gone: Vec<terminate::Gone> =
-            self.backends.difference(&spec.backends).copied().collect();
-        self.backends.clone_from(&spec.backends);
-        if !gone.is_empty() {
-            // Off the loop: a few `ss -K` runs per removed backend.
-            let pids: Vec<i64> = self.pids.values().copied().collect();
-            tokio::task::spawn_blocking(move || {
-                let n = terminate::terminate(&gone, &pids);
-                info!(
-                    backends = gone.len(),
-                    sockets = n,
-                    "destroyed sockets of removed backends"
-                );
-            });
-        }
+        self.end_sockets_of_gone_backends(&merged, &want);
         if applied.changed() {
             info!(
                 added = applied.added,
@@ -884,6 +866,73 @@ impl Agent {
         drop(s);
         self.publish_counters();
         Ok(())
+    }
+
+    /// Destroys, off the loop, the translated sockets of backends that left the maps with
+    /// their address: a frontend that moved to another address of the same container (it
+    /// joined a network Docker now maps the port through) leaves its connections alone, as
+    /// they still reach it.
+    fn end_sockets_of_gone_backends(
+        &mut self,
+        merged: &BTreeMap<FrontendKey, Frontend>,
+        want: &BTreeMap<FrontendKey, dataplane_common::Backend>,
+    ) {
+        let mut now: BTreeMap<sockets::Gone, String> = BTreeMap::new();
+        for (k, f) in merged.iter().filter(|(k, _)| want.contains_key(k)) {
+            for a in [f.backend.addr4, f.backend.addr6] {
+                if !dataplane_common::is_zero(&a) {
+                    now.insert(
+                        (desired::addr_to_ip(&a), k.proto, f.backend.port()),
+                        f.container_id.clone(),
+                    );
+                }
+            }
+        }
+        let still_has = |id: &str, ip: &std::net::IpAddr| {
+            self.peers
+                .get(id)
+                .is_some_and(|(p, _)| p.endpoints.iter().any(|(_, addrs)| addrs.contains(ip)))
+        };
+        let gone: Vec<sockets::Gone> = self
+            .backends
+            .iter()
+            .filter(|(b, id)| !now.contains_key(*b) && !still_has(id, &b.0))
+            .map(|(b, _)| *b)
+            .collect();
+        self.backends = now;
+        if gone.is_empty() {
+            return;
+        }
+        let map_fd = match self.loaded.translations_fd() {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "cannot end the sockets of removed backends");
+                return;
+            }
+        };
+        // Containers that may hold translated sockets: those the programs know as clients.
+        let namespaces: Vec<PathBuf> = self
+            .peers
+            .values()
+            .filter(|(_, cookie)| cookie.is_some())
+            .filter_map(|(p, _)| {
+                p.sandbox.clone().map(PathBuf::from).or_else(|| {
+                    p.pid
+                        .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net")))
+                })
+            })
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let (n, errors) = sockets::destroy_translated(&gone, map_fd, namespaces);
+            for e in &errors {
+                warn!(error = %e, "ending the sockets of removed backends");
+            }
+            info!(
+                backends = gone.len(),
+                sockets = n,
+                "destroyed sockets of removed backends"
+            );
+        });
     }
 
     /// Writes the published ports and the frontends. A map that cannot hold everything is

@@ -521,6 +521,19 @@ impl Loaded {
         Ok(())
     }
 
+    /// A descriptor of the socket-storage map where the programs record each translated
+    /// socket's backend (for `sock_diag`, see [`crate::sockets`]).
+    pub fn translations_fd(&self) -> Result<std::os::fd::OwnedFd> {
+        match self.ebpf.map(MAP_SOCK_REV) {
+            Some(aya::maps::Map::SkStorage(m)) => Ok(m
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating the translations map's descriptor")?),
+            _ => bail!("the translations map {MAP_SOCK_REV} is missing or not socket storage"),
+        }
+    }
+
     /// The programs stop translating (as when the agent ends) until [`Loaded::vouch`].
     pub fn withdraw(&mut self) {
         // Closing the socket empties the map's slot.

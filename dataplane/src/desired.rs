@@ -85,17 +85,58 @@ pub fn frontend_id(key: &FrontendKey) -> u32 {
     h
 }
 
+/// The container's default routes as its own network namespace has them: the gateway
+/// Docker chose for it. Docker maps published ports through that same endpoint (the
+/// sandbox's "gateway endpoint", whatever the engine's rule for choosing it: network names,
+/// `--gw-priority`, internal networks), so the backend is the container's address there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DefaultRoutes {
+    pub v4: Option<std::net::Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
 /// The container's addresses that published ports lead to, and the network they are on.
 ///
-/// Docker publishes through one endpoint; with several networks we take the first network
-/// (by name) on which the container has an IPv4 address, and its IPv6 address there.
-fn container_addrs(c: &ContainerInspectResponse) -> Option<(Addr, Addr, String)> {
+/// Docker publishes through one endpoint: the one whose gateway is the container's default
+/// route (`routes`; the IPv4 one decides, else the IPv6 one). None when the container has
+/// routes but none through a Docker network (only internal networks: Docker maps nothing).
+/// Without `routes` (the namespace could not be read), the first network by name on which
+/// the container has an IPv4 address (what Docker 20.10 picks among equals).
+fn container_addrs(
+    c: &ContainerInspectResponse,
+    routes: Option<&DefaultRoutes>,
+) -> Option<(Addr, Addr, String)> {
     let nets = c.network_settings.as_ref()?.networks.as_ref()?;
     let mut names: Vec<&String> = nets.keys().collect();
     names.sort();
     let parse = |s: Option<&String>| -> Option<IpAddr> {
         s.filter(|s| !s.is_empty()).and_then(|s| s.parse().ok())
     };
+    if let Some(r) = routes {
+        let by_gw = |ep: &&bollard::models::EndpointSettings| {
+            r.v4.is_some_and(|g| parse(ep.gateway.as_ref()) == Some(IpAddr::V4(g)))
+        };
+        let by_gw6 = |ep: &&bollard::models::EndpointSettings| {
+            r.v6.is_some_and(|g| parse(ep.ipv6_gateway.as_ref()) == Some(IpAddr::V6(g)))
+        };
+        let ep = names
+            .iter()
+            .map(|n| &nets[*n])
+            .find(by_gw)
+            .or_else(|| names.iter().map(|n| &nets[*n]).find(by_gw6))?;
+        let a4 = match parse(ep.ip_address.as_ref()) {
+            Some(IpAddr::V4(v4)) => v4_mapped(v4.octets()),
+            _ => [0; 16],
+        };
+        let a6 = match parse(ep.global_ipv6_address.as_ref()) {
+            Some(IpAddr::V6(v6)) => v6.octets(),
+            _ => [0; 16],
+        };
+        if a4 == [0; 16] && a6 == [0; 16] {
+            return None;
+        }
+        return Some((a4, a6, ep.network_id.clone().unwrap_or_default()));
+    }
     let mut fallback6 = None;
     for name in names {
         let ep = &nets[name];
@@ -205,9 +246,14 @@ fn port_in(requested: &str, port: u16) -> bool {
     }
 }
 
-/// Frontends of one container. Bindings that cannot be understood are reported in `errors`
-/// and skipped; the rest apply.
-pub fn frontends_of(c: &ContainerInspectResponse, errors: &mut Vec<BindingError>) -> Vec<Frontend> {
+/// Frontends of one container, through the endpoint its default `routes` name (see
+/// [`DefaultRoutes`]). Bindings that cannot be understood are reported in `errors` and
+/// skipped; the rest apply.
+pub fn frontends_of(
+    c: &ContainerInspectResponse,
+    routes: Option<&DefaultRoutes>,
+    errors: &mut Vec<BindingError>,
+) -> Vec<Frontend> {
     let mut out = Vec::new();
     if !is_live(c) {
         return out;
@@ -226,7 +272,7 @@ pub fn frontends_of(c: &ContainerInspectResponse, errors: &mut Vec<BindingError>
         .host_config
         .as_ref()
         .and_then(|h| h.port_bindings.as_ref());
-    let endpoint = container_addrs(c);
+    let endpoint = container_addrs(c, routes);
     let mut port_keys: Vec<&String> = ports.keys().collect();
     port_keys.sort();
     for port_key in port_keys {
@@ -415,7 +461,7 @@ mod tests {
         // docker run -p 8080:80 -p 127.0.0.1:9090:90 -p 7000-7001:7000-7001/udp
         let c = fixture("inspect-ports.json");
         let mut errs = Vec::new();
-        let fs = frontends_of(&c, &mut errs);
+        let fs = frontends_of(&c, None, &mut errs);
         assert!(errs.is_empty(), "{errs:?}");
         assert_eq!(
             keys(&fs),
@@ -442,7 +488,7 @@ mod tests {
         // docker run -p 0.0.0.0:8081:80 -p 8082:80 --network net-b (also on net-a, IPv6)
         let c = fixture("inspect-multinet.json");
         let mut errs = Vec::new();
-        let fs = frontends_of(&c, &mut errs);
+        let fs = frontends_of(&c, None, &mut errs);
         assert!(errs.is_empty(), "{errs:?}");
         assert_eq!(
             keys(&fs),
@@ -459,13 +505,53 @@ mod tests {
     }
 
     #[test]
+    fn the_backend_is_on_the_network_of_the_default_route() {
+        let c = fixture("inspect-multinet.json");
+        let describe = |r: &DefaultRoutes| {
+            let fs = frontends_of(&c, Some(r), &mut Vec::new());
+            fs.iter()
+                .map(|f| describe_backend(&f.backend))
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        // Docker's gateway endpoint on net-b (sorting second: a priority, or the order it
+        // was connected in): the backend is there, never where names would put it.
+        let via_b = DefaultRoutes {
+            v4: Some("172.31.0.1".parse().unwrap()),
+            v6: None,
+        };
+        assert_eq!(describe(&via_b), ["172.31.0.2:80".to_string()].into());
+        let via_a = DefaultRoutes {
+            v4: Some("172.30.0.1".parse().unwrap()),
+            v6: Some("fd00:dead:beef::1".parse().unwrap()),
+        };
+        assert_eq!(
+            describe(&via_a),
+            ["172.30.0.2:80 [fd00:dead:beef::2]:80".to_string()].into()
+        );
+        // Only an IPv6 default route: it decides.
+        let v6_only = DefaultRoutes {
+            v4: None,
+            v6: Some("fd00:dead:beef::1".parse().unwrap()),
+        };
+        assert_eq!(
+            describe(&v6_only),
+            ["172.30.0.2:80 [fd00:dead:beef::2]:80".to_string()].into()
+        );
+        // No default route through any of its networks (internal networks only): Docker
+        // maps nothing, and neither do we.
+        let mut errs = Vec::new();
+        assert!(frontends_of(&c, Some(&DefaultRoutes::default()), &mut errs).is_empty());
+        assert!(!errs.is_empty());
+    }
+
+    #[test]
     fn stopped_container_has_no_frontends_paused_keeps_them() {
         let mut c = fixture("inspect-ports.json");
         let mut errs = Vec::new();
         c.state.as_mut().unwrap().running = Some(false);
-        assert!(frontends_of(&c, &mut errs).is_empty());
+        assert!(frontends_of(&c, None, &mut errs).is_empty());
         c.state.as_mut().unwrap().paused = Some(true);
-        assert_eq!(frontends_of(&c, &mut errs).len(), 7);
+        assert_eq!(frontends_of(&c, None, &mut errs).len(), 7);
     }
 
     #[test]
@@ -480,7 +566,7 @@ mod tests {
         ports.insert("90/tcp".into(), Some(b));
         ports.insert("x/tcp".into(), ports["7000/udp"].clone());
         let mut errs = Vec::new();
-        let fs = frontends_of(&c, &mut errs);
+        let fs = frontends_of(&c, None, &mut errs);
         assert_eq!(errs.len(), 3, "{errs:?}");
         assert_eq!(fs.len(), 4);
         let text = errs
@@ -498,7 +584,7 @@ mod tests {
         let mut c = fixture("inspect-ports.json");
         c.network_settings.as_mut().unwrap().networks = None;
         let mut errs = Vec::new();
-        assert!(frontends_of(&c, &mut errs).is_empty());
+        assert!(frontends_of(&c, None, &mut errs).is_empty());
         assert!(matches!(errs[0], BindingError::NoAddress { .. }));
     }
 
@@ -506,7 +592,7 @@ mod tests {
     fn merge_reports_conflicts_deterministically() {
         let c = fixture("inspect-ports.json");
         let mut errs = Vec::new();
-        let a = frontends_of(&c, &mut errs);
+        let a = frontends_of(&c, None, &mut errs);
         let mut b = a.clone();
         for f in &mut b {
             f.container_id = "zzz".into();
@@ -523,7 +609,7 @@ mod tests {
     #[test]
     fn published_ports_by_family() {
         let c = fixture("inspect-ports.json");
-        let fs = frontends_of(&c, &mut Vec::new());
+        let fs = frontends_of(&c, None, &mut Vec::new());
         let ports = ports_of(fs.iter().map(|f| &f.key));
         let get = |p: u16, proto| {
             ports

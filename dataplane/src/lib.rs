@@ -12,4 +12,4 @@ pub mod netns;
 pub mod nfwatch;
 pub mod notrack;
 pub mod reconcile;
-pub mod terminate;
+pub mod sockets;

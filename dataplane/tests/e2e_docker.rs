@@ -982,12 +982,50 @@ fn sockets_to_a_removed_backend_are_terminated() {
             "exec socat TCP-LISTEN:80,fork,reuseaddr EXEC:cat",
         ],
     );
+    let cli = Container::run("stale-cli", &["--network", &net.0, &img, "sleep", "600"]);
     let agent = Agent::start("j");
+    let web_ip = web.ip();
     let mut sock = TcpStream::connect(("127.0.0.1", p)).unwrap();
-    assert_eq!(kernel_peer(&sock), format!("{}:80", web.ip()));
+    assert_eq!(kernel_peer(&sock), format!("{web_ip}:80"));
     sock.write_all(b"ping\n").unwrap();
     let mut buf = [0u8; 5];
     sock.read_exact(&mut buf).unwrap();
+    // In a container on its network: one connection through the gateway (translated) and
+    // one straight to its address (the container's own, never translated).
+    let gw = gateway_of(&cli);
+    for target in [format!("{gw}:{p}"), format!("{web_ip}:80")] {
+        sh(&[
+            "docker",
+            "exec",
+            "-d",
+            &cli.name,
+            "socat",
+            &format!("TCP:{target}"),
+            "EXEC:sleep 600",
+        ]);
+    }
+    let cli_pid = sh(&["docker", "inspect", "-f", "{{.State.Pid}}", &cli.name])
+        .trim()
+        .to_string();
+    let to_web = || {
+        sh(&[
+            "nsenter",
+            &format!("--net=/proc/{cli_pid}/ns/net"),
+            "ss",
+            "-tnH",
+            "state",
+            "established",
+            "dst",
+            &web_ip,
+        ])
+        .lines()
+        .count()
+    };
+    wait_until(
+        "both container connections",
+        Duration::from_secs(10),
+        || to_web() == 2,
+    );
     // Cut the container off its network: its sockets live on, unreachable, and nothing
     // would ever tell this client.
     sh(&["docker", "network", "disconnect", &net.0, &web.name]);
@@ -1007,8 +1045,87 @@ fn sockets_to_a_removed_backend_are_terminated() {
     wait_until("the agent to log it", Duration::from_secs(5), || {
         agent
             .log()
+            .lines()
+            .any(|l| l.contains("destroyed sockets of removed backends") && l.contains("sockets=2"))
+    });
+    // The translated one in the container went too; the container's own stays (it is the
+    // container's business, and Docker's).
+    assert_eq!(to_web(), 1);
+    wait_until("the agent to log it", Duration::from_secs(5), || {
+        agent
+            .log()
             .contains("destroyed sockets of removed backends")
     });
+}
+
+/// The container's address on the network Docker publishes it through: the one whose
+/// gateway is its default route.
+fn published_through(c: &Container) -> String {
+    let gw = c.exec("ip route | awk '/^default/ {print $3}'");
+    let nets = sh(&[
+        "docker",
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.Gateway}} {{.IPAddress}}\n{{end}}",
+        &c.name,
+    ]);
+    nets.lines()
+        .find_map(|l| l.strip_prefix(&format!("{gw} ")))
+        .unwrap_or_else(|| panic!("no network with gateway {gw}: {nets}"))
+        .to_string()
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn a_second_network_moves_a_frontend_only_as_docker_does_and_keeps_live_connections() {
+    let p = port(50);
+    // Created in this order and named so that "aa" sorts first.
+    let zz = Network::create("zz");
+    let aa = Network::create("aa");
+    let img = image();
+    let web = Container::run(
+        "gwmove",
+        &[
+            "--network",
+            &zz.0,
+            "-p",
+            &format!("{p}:80"),
+            &img,
+            "sh",
+            "-c",
+            "exec socat TCP-LISTEN:80,fork,reuseaddr EXEC:cat",
+        ],
+    );
+    let agent = Agent::start("gw");
+    let first = web.ip();
+    let mut sock = TcpStream::connect(("127.0.0.1", p)).unwrap();
+    assert_eq!(kernel_peer(&sock), format!("{first}:80"));
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let echo = |s: &mut TcpStream| {
+        s.write_all(b"ping\n").unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).map(|()| buf)
+    };
+    assert_eq!(&echo(&mut sock).unwrap(), b"ping\n");
+
+    sh(&["docker", "network", "connect", &aa.0, &web.name]);
+    // Wherever this engine now publishes the port (Docker 20.10 moves it to the network
+    // sorting first), the frontend goes there and nowhere else.
+    let want = published_through(&web);
+    wait_until(
+        "the frontend to follow Docker",
+        Duration::from_secs(10),
+        || {
+            agent.frontends().lines().any(|l| {
+                l.starts_with(&format!("0.0.0.0:{p}/tcp")) && l.contains(&format!("{want}:80"))
+            })
+        },
+    );
+    let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
+    assert_eq!(kernel_peer(&s), format!("{want}:80"));
+    // The connection made before still reaches the container at its first address.
+    assert_eq!(&echo(&mut sock).unwrap(), b"ping\n");
+    drop((aa, zz));
 }
 
 #[test]
