@@ -1047,5 +1047,6 @@ impl Agent {
             .zip(counters)
             .map(|(n, v)| ((*n).to_string(), v))
             .collect();
+        s.counters_unix_ms = now_ms();
     }
 }

@@ -48,6 +48,8 @@ pub struct Status {
     pub local_addresses: usize,
     /// Counters from the kernel programs.
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// Unix time (ms) the counters were read (every 250 ms).
+    pub counters_unix_ms: u64,
     /// Bindings that could not be applied, and why.
     pub errors: Vec<String>,
     /// Container network namespaces whose clients are translated (to backends on their

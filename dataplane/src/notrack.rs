@@ -49,6 +49,9 @@ pub struct Spec {
     pub hosts: BTreeSet<IpAddr>,
     /// Addresses of the container clients the socket layer translates.
     pub peers: BTreeSet<IpAddr>,
+    /// Published (protocol number, port) pairs: what a peer dials on a host address to
+    /// take Docker's NAT path.
+    pub published: BTreeSet<(u8, u16)>,
     /// Host clients' connections stay tracked (a stateful `INPUT` policy was found).
     pub track_host_clients: bool,
     /// Replies of connections that Docker's NAT carries from a peer to a backend (made
@@ -135,6 +138,7 @@ impl Spec {
             ..Self::default()
         };
         for (k, b) in frontends {
+            spec.published.insert((k.proto, k.port()));
             for a in [b.addr4, b.addr6] {
                 if !is_zero(&a) {
                     spec.backends.insert((addr_to_ip(&a), k.proto, b.port()));
@@ -187,7 +191,13 @@ fn sets(spec: &Spec) -> Vec<(&'static str, &'static str, Vec<String>)> {
         |(b, ..)| b.is_ipv4(),
         |(b, proto, bport, c, cport)| format!("{b} . {proto} . {bport} . {c} . {cport}"),
     );
+    let published = spec
+        .published
+        .iter()
+        .map(|(proto, port)| format!("{proto} . {port}"))
+        .collect();
     vec![
+        ("published", "inet_proto . inet_service", published),
         ("backends4", "ipv4_addr . inet_proto . inet_service", b4),
         ("backends6", "ipv6_addr . inet_proto . inet_service", b6),
         ("hosts4", "ipv4_addr", h4),
@@ -215,10 +225,10 @@ fn rules(spec: &Spec) -> (Vec<String>, Vec<String>) {
         // programs left to Docker, or any while no agent runs) has its client port
         // recorded, so the replies of that connection stay tracked and their NAT is undone.
         pre.push(format!(
-            "meta l4proto {{ tcp, udp }} {ip} saddr @peers{n} {ip} daddr @hosts{n} update @natclients{n} {{ {ip} saddr . meta l4proto . th sport }}"
+            "meta l4proto {{ tcp, udp }} {ip} saddr @peers{n} {ip} daddr @hosts{n} meta l4proto . th dport @published update @natclients{n} {{ {ip} saddr . meta l4proto . th sport }}"
         ));
         pre.push(format!(
-            "meta l4proto {{ tcp, udp }} {ip} daddr . meta l4proto . th dport @natclients{n} return"
+            "meta l4proto {{ tcp, udp }} {ip} saddr . meta l4proto . th sport @backends{n} {ip} daddr . meta l4proto . th dport @natclients{n} return"
         ));
         // Replies that Docker's NAT carried before the table knew them.
         pre.push(format!(

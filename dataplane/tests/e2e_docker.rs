@@ -149,9 +149,18 @@ impl Agent {
         );
     }
 
-    /// The counter once the agent has published what happened until now.
+    /// The counter once the agent has published what happened until now: read after
+    /// counters read later than this call.
     fn settled_counter(&self, name: &str) -> u64 {
-        std::thread::sleep(Duration::from_millis(600));
+        let asked = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        wait_until("counters read after now", Duration::from_secs(5), || {
+            status_json(self)["counters_unix_ms"]
+                .as_u64()
+                .is_some_and(|t| u128::from(t) > asked)
+        });
         self.counter(name)
     }
 
@@ -200,6 +209,24 @@ impl Container {
     fn exec(&self, script: &str) -> String {
         let out = cmd(&["docker", "exec", &self.name, "sh", "-c", script]);
         String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Established TCP connections to the container's port `port`, from its own socket
+    /// table.
+    fn established_on(&self, port: u16) -> usize {
+        let pid = sh(&["docker", "inspect", "-f", "{{.State.Pid}}", &self.name]);
+        sh(&[
+            "nsenter",
+            &format!("--net=/proc/{}/ns/net", pid.trim()),
+            "ss",
+            "-tnH",
+            "state",
+            "established",
+            "sport",
+            &format!("= :{port}"),
+        ])
+        .lines()
+        .count()
     }
 
     /// Waits until the container's `iperf3 -s` listens on 5201, from its socket table. (A
@@ -271,6 +298,13 @@ fn wait_http(what: &str, port: u16, timeout: Duration) {
             .status
             .success()
     });
+}
+
+/// Established TCP connections of the host namespace to `addr:port` (`ss`).
+fn established_to(dst: &str) -> usize {
+    sh(&["ss", "-tnH", "state", "established", "dst", dst])
+        .lines()
+        .count()
 }
 
 /// The kernel's view of a connected socket (`ss`), not what `getpeername()` says.
@@ -835,7 +869,9 @@ fn agent_kill_9_keeps_traffic_flowing_restart_adopts_uninstall_removes_all() {
     drop(s);
     assert_eq!(cli.exec(&via_gw), "dataplane test backend");
     let client = iperf3_client("127.0.0.1", p, 4);
-    std::thread::sleep(Duration::from_secs(1));
+    wait_until("the transfer to run", Duration::from_secs(10), || {
+        established_to(&format!("{}:5201", srv.ip())) >= 2
+    });
     agent.kill9();
     // The transfer that was running completes.
     let out = client.wait_with_output().unwrap();
@@ -913,8 +949,12 @@ fn docker_events_drive_the_frontends() {
     };
     wait_row("start", &|r| r.is_some_and(|r| r.contains(&web.name)));
 
+    let syncs = |agent: &Agent| status_json(agent)["syncs"].as_u64().unwrap_or(0);
+    let before = syncs(&agent);
     sh(&["docker", "pause", &web.name]);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until("the pause to be synced", Duration::from_secs(10), || {
+        syncs(&agent) > before
+    });
     assert!(
         row(&agent).is_some(),
         "a paused container keeps its frontends"
@@ -1125,7 +1165,6 @@ fn a_second_network_moves_a_frontend_only_as_docker_does_and_keeps_live_connecti
     assert_eq!(kernel_peer(&s), format!("{want}:80"));
     // The connection made before still reaches the container at its first address.
     assert_eq!(&echo(&mut sock).unwrap(), b"ping\n");
-    drop((aa, zz));
 }
 
 #[test]
@@ -1703,7 +1742,10 @@ fn connections_dockers_nat_carried_before_the_agent_keep_working() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Both transfers run (control and data connections) before the agent starts.
+    wait_until("both transfers to run", Duration::from_secs(10), || {
+        s1.established_on(5201) >= 2 && s2.established_on(5201) >= 2
+    });
     let agent = Agent::start("natc");
     for (what, child) in [("host", host), ("container", from_container)] {
         let out = child.wait_with_output().unwrap();
@@ -1819,7 +1861,9 @@ fn an_address_that_moved_away_is_no_longer_a_frontend() {
             .unwrap(),
     );
     sh(&["ip", "route", "add", &format!("{vip}/32"), "via", &ext.ip]);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until("the new owner to listen", Duration::from_secs(5), || {
+        sh(&["ip", "netns", "exec", &ext.ns.name, "ss", "-ltnH"]).contains(&format!("{vip}:{p}"))
+    });
     let out = cmd(&[
         "curl",
         "-s",
