@@ -499,6 +499,7 @@ fn the_notrack_table_keeps_translated_connections_out_of_conntrack() {
         backends: [(b, PROTO_TCP, 8080)].into(),
         hosts: [h].into(),
         peers: std::collections::BTreeSet::new(),
+        published: [(PROTO_TCP, 18080)].into(),
         track_host_clients: false,
         nat_replies: std::collections::BTreeSet::new(),
     };
@@ -507,6 +508,8 @@ fn the_notrack_table_keeps_translated_connections_out_of_conntrack() {
         !nt.apply(&spec, false).unwrap(),
         "an unchanged spec is not re-applied"
     );
+    // Updated in place (the table exists): nft takes the same script again.
+    assert!(nt.apply(&spec, true).unwrap());
     let before = tracked_to(&lab.backend_ip, 8080);
     connect(20);
     let after = tracked_to(&lab.backend_ip, 8080);
