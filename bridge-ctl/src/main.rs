@@ -120,6 +120,9 @@ fn print_status(v: &Value) {
     println!("containers:   {}", v["containers"]);
     println!("frontends:    {}", v["frontends"]);
     println!("local addrs:  {}", v["local_addresses"]);
+    if let Some(why) = v["translation_off"].as_str() {
+        println!("translation:  off, every client takes Docker's own path: {why}");
+    }
     match v["container_clients_off"].as_str() {
         Some(why) => println!("container clients: Docker's own path: {why}"),
         None => println!(

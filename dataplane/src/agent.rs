@@ -507,7 +507,11 @@ impl Agent {
                     _ = sigterm.recv() => { info!("terminated, detaching"); return Ok(()); }
                 }
             }
-            // Stream lost (dockerd restarting?): back off, then resync in full.
+            // Stream lost (dockerd restarting?): what Docker does meanwhile is unseen, so
+            // nothing is translated until a full resync has caught up; back off, resync.
+            self.loaded.withdraw();
+            self.shared.lock().expect("status lock").translation_off =
+                Some("Docker's events were lost; resyncing".into());
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -613,6 +617,16 @@ impl Agent {
         .await;
         if let Err(e) = r {
             warn!(error = %format!("{e:#}"), "full resync failed");
+            return;
+        }
+        if !self.loaded.vouching() {
+            match self.loaded.vouch() {
+                Ok(()) => {
+                    info!("resynced with Docker: translating again");
+                    self.shared.lock().expect("status lock").translation_off = None;
+                }
+                Err(e) => warn!(error = %format!("{e:#}"), "cannot vouch for the maps"),
+            }
         }
     }
 

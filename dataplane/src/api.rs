@@ -57,6 +57,10 @@ pub struct Status {
     pub container_clients: usize,
     /// Why container clients are left to Docker's own path, when they are.
     pub container_clients_off: Option<String>,
+    /// Why nothing is translated now (every client takes Docker's own path), when that is
+    /// so: the agent cannot vouch for the maps (it lost Docker's events and has not resynced
+    /// yet).
+    pub translation_off: Option<String>,
     /// Why host clients' connections stay tracked by conntrack, when they do.
     pub host_clients_tracked: Option<String>,
     #[serde(skip)]

@@ -534,6 +534,11 @@ impl Loaded {
         }
     }
 
+    /// Whether this agent vouches for the maps now.
+    pub fn vouching(&self) -> bool {
+        self.vouching.is_some()
+    }
+
     /// The programs stop translating (as when the agent ends) until [`Loaded::vouch`].
     pub fn withdraw(&mut self) {
         // Closing the socket empties the map's slot.
