@@ -1,22 +1,15 @@
 //! `bridge-ctl`: asks the dataplane agent what it is doing, over its root-only socket.
 
-use std::{
-    io::{BufRead, BufReader, Write},
-    os::unix::net::UnixStream,
-    path::{Path, PathBuf},
-    process::ExitCode,
-    time::Duration,
-};
+use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use serde_json::Value;
+use dataplane_api::{AskError, Frontend, Status};
 
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
     /// The agent's control socket.
-    #[arg(long, global = true, default_value = "/run/dataplane/ctl.sock")]
+    #[arg(long, global = true, default_value = dataplane_api::DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
@@ -46,109 +39,91 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    let request = match cli.cmd {
-        Cmd::Status => "status",
-        Cmd::Frontends => "frontends",
-    };
-    let v = match ask(&cli.socket, request) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("bridge-ctl: {e:#}");
-            return ExitCode::from(EXIT_NO_AGENT);
+    let failed = |e: &AskError| {
+        eprintln!("bridge-ctl: {e}");
+        if e.unreachable() {
+            ExitCode::from(EXIT_NO_AGENT)
+        } else {
+            ExitCode::FAILURE
         }
     };
-    if let Some(err) = v.get("error").and_then(Value::as_str) {
-        eprintln!("bridge-ctl: the agent answered: {err}");
-        return ExitCode::FAILURE;
+    match cli.cmd {
+        Cmd::Status => match dataplane_api::status(&cli.socket) {
+            Ok(s) => {
+                if cli.json {
+                    println!("{}", serde_json::to_string(&s).unwrap_or_default());
+                } else {
+                    print_status(&s);
+                }
+                if s.ready {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EXIT_NOT_READY)
+                }
+            }
+            Err(e) => failed(&e),
+        },
+        Cmd::Frontends => match dataplane_api::frontends(&cli.socket) {
+            Ok(f) => {
+                if cli.json {
+                    println!("{}", serde_json::to_string(&f).unwrap_or_default());
+                } else {
+                    print_frontends(&f);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => failed(&e),
+        },
     }
-    if cli.json {
-        println!("{v}");
-    } else {
-        match cli.cmd {
-            Cmd::Status => print_status(&v),
-            Cmd::Frontends => print_frontends(&v),
-        }
-    }
-    if matches!(cli.cmd, Cmd::Status) && v["ready"] != Value::Bool(true) {
-        return ExitCode::from(EXIT_NOT_READY);
-    }
-    ExitCode::SUCCESS
 }
 
-fn ask(socket: &Path, request: &str) -> Result<Value> {
-    let mut s = match UnixStream::connect(socket) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-            "the dataplane agent is not running (no socket at {}); start it with \
-             `cargo xtask run` or `dataplane run`",
-            socket.display()
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => bail!(
-            "the dataplane agent is not running (stale socket at {})",
-            socket.display()
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
-            "permission denied on {}: the control socket is root-only",
-            socket.display()
-        ),
-        Err(e) => return Err(e).with_context(|| format!("connecting to {}", socket.display())),
-    };
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(format!("{request}\n").as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .context("reading the agent's answer")?;
-    serde_json::from_str(&line).context("the agent's answer is not JSON")
-}
-
-fn print_status(v: &Value) {
-    let ready = v["ready"] == Value::Bool(true);
-    println!("state:        {}", if ready { "ready" } else { "starting" });
-    println!("agent:        {}", v["version"].as_str().unwrap_or("?"));
+fn print_status(s: &Status) {
     println!(
-        "docker:       {}",
-        v["docker_version"].as_str().unwrap_or("?")
+        "state:        {}",
+        if s.ready { "ready" } else { "starting" }
     );
+    println!("agent:        {}", s.version);
+    println!("docker:       {}", s.docker_version);
     println!(
         "last sync:    {}",
-        v["last_sync_unix_ms"]
-            .as_u64()
-            .filter(|t| *t > 0)
-            .map_or_else(|| "never".to_string(), ago)
+        if s.last_sync_unix_ms > 0 {
+            ago(s.last_sync_unix_ms)
+        } else {
+            "never".into()
+        }
     );
-    println!("containers:   {}", v["containers"]);
-    println!("frontends:    {}", v["frontends"]);
-    println!("local addrs:  {}", v["local_addresses"]);
-    if let Some(why) = v["translation_off"].as_str() {
+    if let Some(ms) = s.ready_ms() {
+        println!("started in:   {ms:.1} ms");
+    }
+    println!("containers:   {}", s.containers);
+    println!("frontends:    {}", s.frontends);
+    println!("local addrs:  {}", s.local_addresses);
+    if let Some(why) = &s.translation_off {
         println!("translation:  off, every client takes Docker's own path: {why}");
     }
-    match v["container_clients_off"].as_str() {
+    match &s.container_clients_off {
         Some(why) => println!("container clients: Docker's own path: {why}"),
         None => println!(
             "container clients: translated ({} network namespaces, to backends on their networks)",
-            v["container_clients"]
+            s.container_clients
         ),
     }
-    match v["host_clients_tracked"].as_str() {
+    match &s.host_clients_tracked {
         Some(why) => println!("host clients: translated, tracked by conntrack: {why}"),
         None => println!("host clients: translated, untracked"),
     }
     println!("attached:");
-    for a in v["attach_points"].as_array().into_iter().flatten() {
-        println!("  {}", a.as_str().unwrap_or("?"));
+    for a in &s.attach_points {
+        println!("  {a}");
     }
-    if let Some(c) = v["counters"].as_object() {
-        println!("counters:");
-        for (k, n) in c {
-            println!("  {k:<22} {n}");
-        }
+    println!("counters:");
+    for (k, n) in &s.counters {
+        println!("  {k:<22} {n}");
     }
-    let errors = v["errors"].as_array().map_or(&[][..], Vec::as_slice);
-    if !errors.is_empty() {
+    if !s.errors.is_empty() {
         println!("errors:");
-        for e in errors {
-            println!("  {}", e.as_str().unwrap_or("?"));
+        for e in &s.errors {
+            println!("  {e}");
         }
     }
 }
@@ -161,18 +136,15 @@ fn ago(unix_ms: u64) -> String {
     format!("{secs}s ago")
 }
 
-fn print_frontends(v: &Value) {
-    let rows: Vec<[String; 4]> = v
-        .as_array()
-        .into_iter()
-        .flatten()
+fn print_frontends(fs: &[Frontend]) {
+    let rows: Vec<[String; 4]> = fs
+        .iter()
         .map(|f| {
-            let s = |k: &str| f[k].as_str().unwrap_or("").to_string();
             [
-                s("frontend"),
-                s("container"),
-                s("backend"),
-                f["connections"].as_u64().unwrap_or(0).to_string(),
+                f.frontend.clone(),
+                f.container.clone(),
+                f.backend.clone(),
+                f.connections.to_string(),
             ]
         })
         .collect();

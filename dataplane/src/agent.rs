@@ -18,7 +18,7 @@ use tokio::{signal::unix::SignalKind, sync::mpsc};
 use tracing::{debug, info, warn};
 
 use crate::{
-    api::{self, FrontendView, Shared},
+    api::{self, FrontendRow, Shared},
     bpf::{self, Loaded},
     desired::{self, Frontend, Peer},
     docker::{self, Effect, NetInfo},
@@ -79,19 +79,34 @@ struct Agent {
     pending_cookies: Vec<String>,
 }
 
-/// Runs one phase and logs its own and the cumulative time at debug level.
-macro_rules! phase {
-    ($start:expr, $name:literal, $e:expr) => {{
-        let t = Instant::now();
-        let r = $e;
+/// The phases of the start, timed: logged at debug level and reported in `status`.
+struct Startup {
+    start: Instant,
+    phases: Vec<dataplane_api::Phase>,
+}
+
+impl Startup {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            phases: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, name: &str, took: Duration) {
+        let p = dataplane_api::Phase {
+            name: name.to_string(),
+            took_ms: took.as_secs_f64() * 1e3,
+            total_ms: self.start.elapsed().as_secs_f64() * 1e3,
+        };
         debug!(
-            phase = $name,
-            took_ms = t.elapsed().as_secs_f64() * 1e3,
-            total_ms = $start.elapsed().as_secs_f64() * 1e3,
+            phase = name,
+            took_ms = p.took_ms,
+            total_ms = p.total_ms,
             "init phase done"
         );
-        r
-    }};
+        self.phases.push(p);
+    }
 }
 
 fn now_ms() -> u64 {
@@ -266,7 +281,7 @@ async fn load_and_list(
     opts: &Options,
     cgroup: PathBuf,
     host_cookie: u64,
-    start: Instant,
+    startup: &mut Startup,
 ) -> Result<Started, StartError> {
     let fresh_pins = opts.pin_dir.as_ref().filter(|d| !d.exists()).cloned();
     let undo = |e: StartError| {
@@ -304,21 +319,22 @@ async fn load_and_list(
         (r, t.elapsed())
     });
     let (docker_res, load_res, fw_res) = tokio::join!(
-        async { phase!(start, "docker_list_inspect", docker_fut.await) },
+        async {
+            let t = Instant::now();
+            (docker_fut.await, t.elapsed())
+        },
         load_fut,
         fw_fut
     );
+    let (docker_res, docker_took) = docker_res;
     let fw_snapshot = fw_res.context("firewall task")?;
     let (load_res, load_took) = load_res.context("load task")?;
     let mut loaded = match load_res {
         Ok(l) => l,
         Err(e) => return Err(undo(StartError::Kernel(e))),
     };
-    debug!(
-        phase = "load_attach",
-        took_ms = load_took.as_secs_f64() * 1e3,
-        "init phase done"
-    );
+    startup.record("load_attach", load_took);
+    startup.record("docker_list_inspect", docker_took);
     let (docker, inspected, networks, docker_version) = match docker_res {
         Ok(d) => d,
         Err(e) => {
@@ -376,7 +392,7 @@ fn preflight(opts: &Options) -> Result<(PathBuf, u64), StartError> {
 }
 
 pub async fn run(opts: Options) -> Result<(), StartError> {
-    let start = Instant::now();
+    let mut startup = Startup::new();
     // Before Docker is first asked anything: the events stream starts from here.
     let events_since = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -389,10 +405,10 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         networks,
         docker_version,
         fw_snapshot,
-    } = load_and_list(&opts, cgroup, host_cookie, start).await?;
+    } = load_and_list(&opts, cgroup, host_cookie, &mut startup).await?;
     let shared: Shared = Shared::default();
     {
-        let mut s = shared.lock().expect("status lock");
+        let s = &mut shared.lock().expect("status lock").status;
         s.version = env!("CARGO_PKG_VERSION").to_string();
         s.docker_version = docker_version;
         s.attach_points.clone_from(&loaded.attached);
@@ -428,20 +444,26 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         pending_cookies: Vec::new(),
     };
     agent.evaluate_firewall();
-    phase!(start, "first_sync", {
-        agent.sync_local_addrs().await?;
-        agent.ingest(inspected)?;
-        agent.resolve_pending();
-        agent.apply()?;
-    });
+    let t = Instant::now();
+    agent.sync_local_addrs().await?;
+    agent.ingest(inspected)?;
+    agent.resolve_pending();
+    agent.apply()?;
+    startup.record("first_sync", t.elapsed());
     // The maps now hold what Docker says: from here on the programs translate.
+    let t = Instant::now();
     agent.loaded.vouch().map_err(StartError::Kernel)?;
-    agent.shared.lock().expect("status lock").ready = true;
-    info!(
-        took_ms = start.elapsed().as_secs_f64() * 1e3,
-        frontends = agent.shared.lock().expect("status lock").frontends,
-        "ready"
-    );
+    startup.record("ready", t.elapsed());
+    {
+        let s = &mut agent.shared.lock().expect("status lock").status;
+        s.ready = true;
+        s.startup = startup.phases;
+        info!(
+            took_ms = startup.start.elapsed().as_secs_f64() * 1e3,
+            frontends = s.frontends,
+            "ready"
+        );
+    }
 
     let r = agent
         .serve_events(opts.resync_interval, events_since, nl_rx, fw_rx)
@@ -510,8 +532,11 @@ impl Agent {
             // Stream lost (dockerd restarting?): what Docker does meanwhile is unseen, so
             // nothing is translated until a full resync has caught up; back off, resync.
             self.loaded.withdraw();
-            self.shared.lock().expect("status lock").translation_off =
-                Some("Docker's events were lost; resyncing".into());
+            self.shared
+                .lock()
+                .expect("status lock")
+                .status
+                .translation_off = Some("Docker's events were lost; resyncing".into());
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -569,7 +594,7 @@ impl Agent {
             warn!(error = %format!("{e:#}"), "applying frontends failed");
             return;
         }
-        // How long a start event took to become a frontend in the map (the bench reads it).
+        // How long a start event took to become a frontend in the map (in `status`).
         let now_ns = self
             .frontends_written
             .duration_since(UNIX_EPOCH)
@@ -584,9 +609,13 @@ impl Agent {
                     .and_then(|a| a.id.as_deref())
                     .unwrap_or("");
                 if self.containers.contains_key(id) {
-                    #[allow(clippy::cast_precision_loss, reason = "microseconds, for a log")]
-                    let us = (now_ns - t) as f64 / 1e3;
+                    let us = u64::try_from((now_ns - t) / 1000).unwrap_or(0);
                     debug!(container = %id.chars().take(12).collect::<String>(), latency_us = us, "start event synced");
+                    let s = &mut self.shared.lock().expect("status lock").status;
+                    if s.start_sync_us.len() >= dataplane_api::SYNC_LATENCIES_KEPT {
+                        s.start_sync_us.remove(0);
+                    }
+                    s.start_sync_us.push(us);
                 }
             }
         }
@@ -623,7 +652,11 @@ impl Agent {
             match self.loaded.vouch() {
                 Ok(()) => {
                     info!("resynced with Docker: translating again");
-                    self.shared.lock().expect("status lock").translation_off = None;
+                    self.shared
+                        .lock()
+                        .expect("status lock")
+                        .status
+                        .translation_off = None;
                 }
                 Err(e) => warn!(error = %format!("{e:#}"), "cannot vouch for the maps"),
             }
@@ -798,7 +831,11 @@ impl Agent {
                 "local addresses updated"
             );
         }
-        self.shared.lock().expect("status lock").local_addresses = want.len();
+        self.shared
+            .lock()
+            .expect("status lock")
+            .status
+            .local_addresses = want.len();
         Ok(())
     }
 
@@ -838,23 +875,26 @@ impl Agent {
                 "frontends updated"
             );
         }
-        let mut s = self.shared.lock().expect("status lock");
+        let mut state = self.shared.lock().expect("status lock");
+        state.frontends = merged
+            .values()
+            .filter(|f| want.contains_key(&f.key))
+            .map(|f| FrontendRow {
+                view: dataplane_api::Frontend {
+                    frontend: desired::describe_key(&f.key),
+                    container: f.container_name.clone(),
+                    container_id: f.container_id.chars().take(12).collect(),
+                    backend: desired::describe_backend(&f.backend),
+                    connections: 0,
+                },
+                id: f.backend.id,
+            })
+            .collect();
+        let s = &mut state.status;
         s.last_sync_unix_ms = now_ms();
         s.syncs += 1;
         s.containers = self.containers.len();
         s.frontends = want.len();
-        s.frontend_list = merged
-            .values()
-            .filter(|f| want.contains_key(&f.key))
-            .map(|f| FrontendView {
-                frontend: desired::describe_key(&f.key),
-                container: f.container_name.clone(),
-                container_id: f.container_id.chars().take(12).collect(),
-                backend: desired::describe_backend(&f.backend),
-                connections: 0,
-                id: f.backend.id,
-            })
-            .collect();
         s.errors = self.binding_errors.values().flatten().cloned().collect();
         s.errors.extend(map_errors);
         s.container_clients = peer_map
@@ -877,7 +917,7 @@ impl Agent {
                 .iter()
                 .map(|c| format!("{} claimed by {} and {}", c.frontend, c.kept, c.dropped)),
         );
-        drop(s);
+        drop(state);
         self.publish_counters();
         Ok(())
     }
@@ -1040,7 +1080,7 @@ impl Agent {
             .shared
             .lock()
             .expect("status lock")
-            .frontend_list
+            .frontends
             .iter()
             .map(|f| f.id)
             .collect();
@@ -1052,10 +1092,11 @@ impl Agent {
             }
         };
         let counters = self.loaded.stats().unwrap_or_default();
-        let mut s = self.shared.lock().expect("status lock");
-        for f in &mut s.frontend_list {
-            f.connections = per_frontend.get(&f.id).copied().unwrap_or(0);
+        let mut state = self.shared.lock().expect("status lock");
+        for f in &mut state.frontends {
+            f.view.connections = per_frontend.get(&f.id).copied().unwrap_or(0);
         }
+        let s = &mut state.status;
         s.counters = STAT_NAMES
             .iter()
             .zip(counters)

@@ -7,67 +7,30 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use serde::Serialize;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::UnixListener,
 };
 
-pub const DEFAULT_SOCKET: &str = "/run/dataplane/ctl.sock";
+pub use dataplane_api::DEFAULT_SOCKET;
+use dataplane_api::{ErrorReply, MAX_REQUEST_BYTES, Request, TIMEOUT};
 
-/// The longest request line read.
-const MAX_REQUEST: u64 = 4096;
-/// How long a client may take to send its request and to read the answer.
-const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// One published binding, as `bridge-ctl frontends` shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct FrontendView {
-    pub frontend: String,
-    pub container: String,
-    pub container_id: String,
-    pub backend: String,
-    /// Sockets translated through this frontend since it was created.
-    pub connections: u64,
-    #[serde(skip)]
+/// One frontend as the agent keeps it: what `bridge-ctl frontends` shows, and the id of
+/// its counter (internal, never on the wire).
+#[derive(Clone, Debug)]
+pub struct FrontendRow {
+    pub view: dataplane_api::Frontend,
     pub id: u32,
 }
 
-/// What the agent reports; written by the agent loop, read by the API.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Status {
-    pub ready: bool,
-    pub version: String,
-    pub docker_version: String,
-    pub attach_points: Vec<String>,
-    /// Unix time (ms) of the last completed sync with Docker.
-    pub last_sync_unix_ms: u64,
-    pub syncs: u64,
-    pub containers: usize,
-    pub frontends: usize,
-    pub local_addresses: usize,
-    /// Counters from the kernel programs.
-    pub counters: std::collections::BTreeMap<String, u64>,
-    /// Unix time (ms) the counters were read (every 250 ms).
-    pub counters_unix_ms: u64,
-    /// Bindings that could not be applied, and why.
-    pub errors: Vec<String>,
-    /// Container network namespaces whose clients are translated (to backends on their
-    /// own networks).
-    pub container_clients: usize,
-    /// Why container clients are left to Docker's own path, when they are.
-    pub container_clients_off: Option<String>,
-    /// Why nothing is translated now (every client takes Docker's own path), when that is
-    /// so: the agent cannot vouch for the maps (it lost Docker's events and has not resynced
-    /// yet).
-    pub translation_off: Option<String>,
-    /// Why host clients' connections stay tracked by conntrack, when they do.
-    pub host_clients_tracked: Option<String>,
-    #[serde(skip)]
-    pub frontend_list: Vec<FrontendView>,
+/// What the API answers from; written by the agent loop.
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    pub status: dataplane_api::Status,
+    pub frontends: Vec<FrontendRow>,
 }
 
-pub type Shared = Arc<Mutex<Status>>;
+pub type Shared = Arc<Mutex<State>>;
 
 /// Removes the socket file when dropped.
 pub struct SocketGuard(PathBuf);
@@ -107,34 +70,40 @@ pub fn serve(path: &Path, shared: Shared) -> Result<SocketGuard> {
                 let mut line = String::new();
                 // One short request line, read within a bound time: a slow or flooding
                 // client costs one small task, never the agent.
-                let mut reader = BufReader::new(r.take(MAX_REQUEST));
+                let mut reader = BufReader::new(r.take(MAX_REQUEST_BYTES));
                 let read = reader.read_line(&mut line);
-                if !matches!(tokio::time::timeout(REQUEST_TIMEOUT, read).await, Ok(Ok(_))) {
+                if !matches!(tokio::time::timeout(TIMEOUT, read).await, Ok(Ok(_))) {
                     return;
                 }
-                let answer = answer(line.trim(), &shared);
+                let answer = answer(&line, &shared);
                 let write = async {
                     w.write_all(answer.as_bytes()).await?;
                     w.write_all(b"\n").await
                 };
-                let _ = tokio::time::timeout(REQUEST_TIMEOUT, write).await;
+                let _ = tokio::time::timeout(TIMEOUT, write).await;
             });
         }
     });
     Ok(SocketGuard(path.to_path_buf()))
 }
 
-fn answer(request: &str, shared: &Shared) -> String {
-    let st = shared.lock().expect("status lock").clone();
-    let v = match request {
-        "status" => serde_json::to_value(&st),
-        "frontends" => serde_json::to_value(&st.frontend_list),
-        other => Ok(serde_json::json!({ "error": format!("unknown request {other:?}") })),
+fn answer(line: &str, shared: &Shared) -> String {
+    let st = shared.lock().expect("status lock");
+    let text = match Request::parse(line) {
+        Ok(Request::Status) => serde_json::to_string(&st.status),
+        Ok(Request::Frontends) => {
+            let views: Vec<&dataplane_api::Frontend> =
+                st.frontends.iter().map(|f| &f.view).collect();
+            serde_json::to_string(&views)
+        }
+        Err(error) => serde_json::to_string(&ErrorReply { error }),
     };
-    v.map_or_else(
-        |e| serde_json::json!({ "error": e.to_string() }).to_string(),
-        |v| v.to_string(),
-    )
+    text.unwrap_or_else(|e| {
+        serde_json::to_string(&ErrorReply {
+            error: e.to_string(),
+        })
+        .unwrap_or_default()
+    })
 }
 
 #[cfg(test)]
@@ -146,24 +115,29 @@ mod tests {
         let shared: Shared = Arc::default();
         {
             let mut s = shared.lock().unwrap();
-            s.ready = true;
-            s.frontend_list.push(FrontendView {
-                frontend: "0.0.0.0:8080/tcp".into(),
-                container: "web".into(),
-                container_id: "abc".into(),
-                backend: "172.17.0.2:80".into(),
-                connections: 3,
+            s.status.ready = true;
+            s.frontends.push(FrontendRow {
+                view: dataplane_api::Frontend {
+                    frontend: "0.0.0.0:8080/tcp".into(),
+                    container: "web".into(),
+                    container_id: "abc".into(),
+                    backend: "172.17.0.2:80".into(),
+                    connections: 3,
+                },
                 id: 7,
             });
         }
+        let st: dataplane_api::Status = serde_json::from_str(&answer("status\n", &shared)).unwrap();
+        assert!(st.ready);
         let v: serde_json::Value = serde_json::from_str(&answer("status", &shared)).unwrap();
-        assert_eq!(v["ready"], true);
-        assert!(v.get("frontend_list").is_none());
+        assert!(v.get("frontends_list").is_none() && v.get("id").is_none());
+        let fs: Vec<dataplane_api::Frontend> =
+            serde_json::from_str(&answer("frontends", &shared)).unwrap();
+        assert_eq!(fs[0].container, "web");
+        assert_eq!(fs[0].connections, 3);
         let v: serde_json::Value = serde_json::from_str(&answer("frontends", &shared)).unwrap();
-        assert_eq!(v[0]["container"], "web");
-        assert_eq!(v[0]["connections"], 3);
         assert!(v[0].get("id").is_none());
-        let v: serde_json::Value = serde_json::from_str(&answer("bogus", &shared)).unwrap();
-        assert!(v["error"].as_str().unwrap().contains("bogus"));
+        let e: ErrorReply = serde_json::from_str(&answer("bogus", &shared)).unwrap();
+        assert!(e.error.contains("bogus"));
     }
 }

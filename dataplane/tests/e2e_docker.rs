@@ -13,6 +13,11 @@ use std::{
 };
 
 use common::{NetNs, PY_CLIENT, Proc, Veth, cmd, conntrack_count, sh, wait_until};
+use dataplane_api::{Frontend, Status};
+use dataplane_common::{
+    STAT_BIND_REFUSED, STAT_CONNECT, STAT_SKIP_BOUND, STAT_SKIP_NETWORK, STAT_SKIP_NO_AGENT,
+};
+use testkit::IperfReport;
 
 fn image() -> String {
     std::env::var("DATAPLANE_TEST_IMAGE").expect("DATAPLANE_TEST_IMAGE (run via cargo xtask test)")
@@ -133,39 +138,50 @@ impl Agent {
             .expect("bridge-ctl")
     }
 
-    /// A kernel counter as the agent last published it (every 250 ms): wait for a change
-    /// with [`Agent::counter_reaches`], or [`Agent::settled_counter`] before asserting none.
-    fn counter(&self, name: &str) -> u64 {
-        let out = self.ctl(&["status", "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        v["counters"][name].as_u64().unwrap_or(0)
+    /// What the agent says of itself (the default when it cannot be asked).
+    fn status(&self) -> Status {
+        dataplane_api::status(&self.dir.join("ctl.sock")).unwrap_or_default()
     }
 
-    fn counter_reaches(&self, name: &str, at_least: u64) {
+    /// The agent's frontends (none when it cannot be asked).
+    fn frontends(&self) -> Vec<Frontend> {
+        dataplane_api::frontends(&self.dir.join("ctl.sock")).unwrap_or_default()
+    }
+
+    /// The frontend `address:port/proto`, if the agent has it.
+    fn frontend(&self, key: &str) -> Option<Frontend> {
+        self.frontends().into_iter().find(|f| f.frontend == key)
+    }
+
+    /// A kernel counter (`STAT_*`) as the agent last published it (every 250 ms): wait for
+    /// a change with [`Agent::counter_reaches`], or [`Agent::settled_counter`] before
+    /// asserting none.
+    fn counter(&self, index: u32) -> u64 {
+        self.status().counter(index)
+    }
+
+    fn counter_reaches(&self, index: u32, at_least: u64) {
         wait_until(
-            &format!("counter {name} to reach {at_least}"),
+            &format!(
+                "counter {} to reach {at_least}",
+                dataplane_api::STAT_NAMES[index as usize]
+            ),
             Duration::from_secs(5),
-            || self.counter(name) >= at_least,
+            || self.counter(index) >= at_least,
         );
     }
 
     /// The counter once the agent has published what happened until now: read after
     /// counters read later than this call.
-    fn settled_counter(&self, name: &str) -> u64 {
+    fn settled_counter(&self, index: u32) -> u64 {
         let asked = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis();
         wait_until("counters read after now", Duration::from_secs(5), || {
-            status_json(self)["counters_unix_ms"]
-                .as_u64()
-                .is_some_and(|t| u128::from(t) > asked)
+            u128::from(self.status().counters_unix_ms) > asked
         });
-        self.counter(name)
-    }
-
-    fn frontends(&self) -> String {
-        String::from_utf8_lossy(&self.ctl(&["frontends"]).stdout).into_owned()
+        self.counter(index)
     }
 
     fn log(&self) -> String {
@@ -338,8 +354,8 @@ fn published_port_is_served_from_the_kernel() {
     let cip = c.ip();
     let agent = Agent::start("a");
     assert!(
-        agent.frontends().contains(&format!("0.0.0.0:{p}/tcp")),
-        "{}",
+        agent.frontend(&format!("0.0.0.0:{p}/tcp")).is_some(),
+        "{:?}",
         agent.frontends()
     );
 
@@ -371,7 +387,7 @@ fn containers_started_and_stopped_under_a_running_agent() {
     let agent = Agent::start("b");
     let c = httpd("late", &format!("127.0.0.1:{p}:80"));
     wait_until("the frontend to appear", Duration::from_secs(10), || {
-        agent.frontends().contains(&format!("127.0.0.1:{p}/tcp"))
+        agent.frontend(&format!("127.0.0.1:{p}/tcp")).is_some()
     });
     let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
     assert_eq!(kernel_peer(&s), format!("{}:80", c.ip()));
@@ -383,17 +399,14 @@ fn containers_started_and_stopped_under_a_running_agent() {
 
     sh(&["docker", "stop", "-t", "1", &c.name]);
     wait_until("the frontend to go", Duration::from_secs(10), || {
-        !agent.frontends().contains(&format!("127.0.0.1:{p}/tcp"))
+        agent.frontend(&format!("127.0.0.1:{p}/tcp")).is_none()
     });
+    assert!(agent.frontends().iter().all(|f| f.container != c.name));
+    // bridge-ctl's own JSON is the protocol's type.
     let json = agent.ctl(&["frontends", "--json"]);
     assert!(json.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
-    assert!(
-        v.as_array()
-            .unwrap()
-            .iter()
-            .all(|f| f["container"] != c.name.as_str())
-    );
+    let listed: Vec<Frontend> = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(listed, agent.frontends());
 }
 
 #[test]
@@ -561,7 +574,7 @@ fn every_local_path_tcp_and_udp_with_the_real_client_address() {
     let own = cli.exec(&format!("nc -w 2 127.0.0.1 {p} </dev/null; echo rc=$?"));
     assert!(own.ends_with("rc=1"), "{own}");
     no_docker_proxy_for(p);
-    assert!(agent.counter("connect") > 0);
+    assert!(agent.counter(STAT_CONNECT) > 0);
 }
 
 #[test]
@@ -570,7 +583,7 @@ fn binding_a_published_port_is_refused_and_docker_still_works() {
     let p = port(5);
     let web = backend("bind", &[&format!("{p}:80")]);
     let agent = Agent::start("d");
-    let before = agent.counter("bind_refused");
+    let before = agent.counter(STAT_BIND_REFUSED);
     let script = format!(
         "import socket\nfor a in [('127.0.0.1', {p}), ('0.0.0.0', {p})]:\n  s = socket.socket()\n  \
          try:\n    s.bind(a); print('bound')\n  except OSError as e:\n    print(e.errno)\n"
@@ -578,7 +591,7 @@ fn binding_a_published_port_is_refused_and_docker_still_works() {
     let out = cmd(&["python3", "-c", &script]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "98\n98");
     wait_until("the refusals to be counted", Duration::from_secs(5), || {
-        agent.counter("bind_refused") >= before + 2
+        agent.counter(STAT_BIND_REFUSED) >= before + 2
     });
     // An unprivileged process calling itself dockerd is still refused.
     let forged = format!(
@@ -700,7 +713,7 @@ fn haproxy_in_a_container_balances_over_gateway_published_backends() {
     let want: std::collections::BTreeSet<String> = [b1.hostname(), b2.hostname()].into();
     assert_eq!(seen, want);
     assert!(conntrack_count() <= before + 5);
-    assert!(agent.counter("connect") >= 20);
+    assert!(agent.counter(STAT_CONNECT) >= 20);
 }
 
 /// A user-defined bridge network, removed on drop.
@@ -744,8 +757,8 @@ fn hairpin_across_bridge_networks_is_left_to_dockers_isolation() {
     // isolation between bridge networks) drops this. The agent adds no way around it.
     let answer = cli.exec(&http);
     assert!(!answer.contains(&web.hostname()), "{answer}");
-    agent.counter_reaches("skipped_other_network", 1);
-    assert_eq!(agent.settled_counter("connect"), 0);
+    agent.counter_reaches(STAT_SKIP_NETWORK, 1);
+    assert_eq!(agent.settled_counter(STAT_CONNECT), 0);
     // Nothing of the agent's sits in Docker's chains.
     let user = sh(&["iptables", "-S", "DOCKER-USER"]);
     assert!(
@@ -880,9 +893,9 @@ fn agent_kill_9_keeps_traffic_flowing_restart_adopts_uninstall_removes_all() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let bps = report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
+    let bps = IperfReport::parse(&out.stdout)
+        .ok()
+        .and_then(|r| r.received_bps())
         .unwrap_or(0.0);
     assert!(
         bps > 1e8,
@@ -893,17 +906,16 @@ fn agent_kill_9_keeps_traffic_flowing_restart_adopts_uninstall_removes_all() {
     // A new agent adopts the pinned links and swaps its programs in, and vouches for what
     // Docker says now.
     agent.spawn();
-    let status = String::from_utf8_lossy(&agent.ctl(&["status"]).stdout).into_owned();
+    let st = agent.status();
     assert_eq!(
-        status.matches("(adopted)").count(),
+        st.attach_points
+            .iter()
+            .filter(|a| a.ends_with("(adopted)"))
+            .count(),
         dataplane::bpf::SOCK_HOOKS.len() + 1,
-        "{status}"
+        "{st:?}"
     );
-    let st = status_json(&agent);
-    assert!(
-        st["counters"]["skipped_no_agent"].as_u64().unwrap_or(0) >= 2,
-        "{st}"
-    );
+    assert!(st.counter(STAT_SKIP_NO_AGENT) >= 2, "{st:?}");
     let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
     assert_eq!(kernel_peer(&s), format!("{}:5201", srv.ip()));
     drop(s);
@@ -938,10 +950,8 @@ fn docker_events_drive_the_frontends() {
     let key = format!("0.0.0.0:{p}/tcp");
     let row = |agent: &Agent| {
         agent
-            .frontends()
-            .lines()
-            .find(|l| l.starts_with(&key))
-            .map(str::to_string)
+            .frontend(&key)
+            .map(|f| format!("{} {}", f.container, f.backend))
     };
     let web = backend("events", &[&format!("{p}:80")]);
     let wait_row = |what: &str, f: &dyn Fn(Option<String>) -> bool| {
@@ -949,7 +959,7 @@ fn docker_events_drive_the_frontends() {
     };
     wait_row("start", &|r| r.is_some_and(|r| r.contains(&web.name)));
 
-    let syncs = |agent: &Agent| status_json(agent)["syncs"].as_u64().unwrap_or(0);
+    let syncs = |agent: &Agent| agent.status().syncs;
     let before = syncs(&agent);
     sh(&["docker", "pause", &web.name]);
     wait_until("the pause to be synced", Duration::from_secs(10), || {
@@ -1156,9 +1166,9 @@ fn a_second_network_moves_a_frontend_only_as_docker_does_and_keeps_live_connecti
         "the frontend to follow Docker",
         Duration::from_secs(10),
         || {
-            agent.frontends().lines().any(|l| {
-                l.starts_with(&format!("0.0.0.0:{p}/tcp")) && l.contains(&format!("{want}:80"))
-            })
+            agent
+                .frontend(&format!("0.0.0.0:{p}/tcp"))
+                .is_some_and(|f| f.backend.starts_with(&format!("{want}:80")))
         },
     );
     let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
@@ -1264,11 +1274,7 @@ fn host_addresses_added_later_are_frontends_at_once() {
     let p = port(16);
     let web = backend("newaddr", &[&format!("{p}:80")]);
     let agent = Agent::start("l");
-    let count = |agent: &Agent| {
-        let out = agent.ctl(&["status", "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        v["local_addresses"].as_u64().unwrap_or(0)
-    };
+    let count = |agent: &Agent| agent.status().local_addresses;
     let before = count(&agent);
     // A test-only interface with a documentation address: traffic to it stays on this host.
     let ifname = format!("dpe2e{}", std::process::id() % 10_000);
@@ -1407,11 +1413,6 @@ impl Drop for NftTable {
     fn drop(&mut self) {
         let _ = cmd(&["nft", "delete", "table", "inet", &self.0]);
     }
-}
-
-fn status_json(agent: &Agent) -> serde_json::Value {
-    let out = agent.ctl(&["status", "--json"]);
-    serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
 
 /// Records that a test could not run here and why: `cargo xtask test` lists these at the
@@ -1566,7 +1567,7 @@ fn clients_in_other_namespaces_and_routed_clients_take_dockers_path() {
     let routed_by_docker = ext.curl(&routed).is_some();
     ipf.wait_iperf3();
     let agent = Agent::start("extc");
-    let before = agent.settled_counter("connect");
+    let before = agent.settled_counter(STAT_CONNECT);
     // To a host address: Docker's NAT serves it, and the backend sees the real client.
     let seen = ext
         .curl(&to_host)
@@ -1581,14 +1582,14 @@ fn clients_in_other_namespaces_and_routed_clients_take_dockers_path() {
     if let Some(seen) = seen {
         assert_eq!(plain(seen.split_whitespace().next().unwrap()), ext.ip);
         let out = ext.run(&["iperf3", "-c", &ipf.ip(), "-t", "1", "-J"]);
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let bps = report["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
+        let bps = IperfReport::parse(&out.stdout)
+            .ok()
+            .and_then(|r| r.received_bps())
             .unwrap_or(0.0);
         assert!(bps > 1e8, "routed iperf3: {bps} bit/s");
     }
     assert_eq!(
-        agent.settled_counter("connect"),
+        agent.settled_counter(STAT_CONNECT),
         before,
         "another namespace was translated"
     );
@@ -1649,7 +1650,7 @@ fn clients_that_chose_their_source_or_ipv6_only_get_dockers_answer() {
         "curl --interface 127.0.0.1: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    agent.counter_reaches("skipped_bound_source", 1);
+    agent.counter_reaches(STAT_SKIP_BOUND, 1);
     // An IPv6-only socket to [::1]: never ENETUNREACH (101), the same answer as Docker's.
     let v6only = py("tcp-v6only", "::1", p);
     assert_ne!(v6only, "error 101");
@@ -1680,7 +1681,7 @@ fn a_stateful_input_policy_keeps_host_clients_working_and_tracked() {
     wait_until(
         "the agent to see the policy",
         Duration::from_secs(5),
-        || status_json(&agent)["host_clients_tracked"].is_string(),
+        || agent.status().host_clients_tracked.is_some(),
     );
     let before = tracked_to("tcp", &cip, 80);
     for _ in 0..5 {
@@ -1694,7 +1695,7 @@ fn a_stateful_input_policy_keeps_host_clients_working_and_tracked() {
     wait_until(
         "the agent to see the policy gone",
         Duration::from_secs(5),
-        || status_json(&agent)["host_clients_tracked"].is_null(),
+        || agent.status().host_clients_tracked.is_none(),
     );
     let before = tracked_to("tcp", &cip, 80);
     for _ in 0..5 {
@@ -1749,15 +1750,16 @@ fn connections_dockers_nat_carried_before_the_agent_keep_working() {
     let agent = Agent::start("natc");
     for (what, child) in [("host", host), ("container", from_container)] {
         let out = child.wait_with_output().unwrap();
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let intervals = report["intervals"].as_array().cloned().unwrap_or_default();
+        let intervals = IperfReport::parse(&out.stdout)
+            .unwrap_or_default()
+            .intervals;
         assert!(
             intervals.len() >= 4,
             "{what}: {}",
             String::from_utf8_lossy(&out.stdout)
         );
         for i in &intervals {
-            let bps = i["sum"]["bits_per_second"].as_f64().unwrap_or(0.0);
+            let bps = i.sum.bits_per_second;
             assert!(
                 bps > 1e7,
                 "{what}: an interval at {bps} bit/s after the agent started"
@@ -1765,9 +1767,9 @@ fn connections_dockers_nat_carried_before_the_agent_keep_working() {
         }
     }
     // New connections from the container are translated.
-    let before = agent.settled_counter("connect");
+    let before = agent.settled_counter(STAT_CONNECT);
     cli.exec(&format!("nc -w 2 {gw} {p} </dev/null; true"));
-    agent.counter_reaches("connect", before + 1);
+    agent.counter_reaches(STAT_CONNECT, before + 1);
     drop((s1, s2));
 }
 
@@ -1782,8 +1784,8 @@ fn operator_rules_for_container_traffic_hand_containers_to_dockers_path() {
     let http =
         format!("printf 'GET /cgi-bin/ip HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {gw} {p} | tail -n 1");
     assert!(cli.exec(&http).ends_with(&web.hostname()));
-    agent.counter_reaches("connect", 1);
-    let translated = agent.settled_counter("connect");
+    agent.counter_reaches(STAT_CONNECT, 1);
+    let translated = agent.settled_counter(STAT_CONNECT);
     // The operator forbids this container to reach the backend's port (what Docker's NAT
     // path makes of the connection): the agent must not be a way around it.
     let rule = IptRule::insert(
@@ -1791,21 +1793,21 @@ fn operator_rules_for_container_traffic_hand_containers_to_dockers_path() {
         &["-s", &cli.ip(), "-p", "tcp", "--dport", "80", "-j", "DROP"],
     );
     wait_until("the agent to see the rule", Duration::from_secs(5), || {
-        status_json(&agent)["container_clients_off"].is_string()
+        agent.status().container_clients_off.is_some()
     });
     assert!(
         !cli.exec(&http).contains(&web.hostname()),
         "past the operator's drop"
     );
-    assert_eq!(agent.settled_counter("connect"), translated);
+    assert_eq!(agent.settled_counter(STAT_CONNECT), translated);
     drop(rule);
     wait_until(
         "the agent to see the rule gone",
         Duration::from_secs(5),
-        || status_json(&agent)["container_clients_off"].is_null(),
+        || agent.status().container_clients_off.is_none(),
     );
     assert!(cli.exec(&http).ends_with(&web.hostname()));
-    agent.counter_reaches("connect", translated + 1);
+    agent.counter_reaches(STAT_CONNECT, translated + 1);
 }
 
 #[test]
@@ -1997,15 +1999,22 @@ fn a_full_frontends_map_leaves_the_rest_to_docker_and_says_so() {
     // Two published ports, both families: four bindings, in maps sized for two.
     let web = backend("full", &[&format!("{p}:80"), &format!("{q}:80")]);
     let agent = Agent::start_with("full", &["--max-frontends", "2"]);
-    let status = status_json(&agent);
-    let errors = status["errors"].to_string();
+    let status = agent.status();
     assert!(
-        errors.contains("2 of 4 published bindings are left to Docker's own path"),
-        "{errors}"
+        status
+            .errors
+            .iter()
+            .any(|e| e.contains("2 of 4 published bindings are left to Docker's own path")),
+        "{:?}",
+        status.errors
     );
-    assert_eq!(status["frontends"], 2);
+    assert_eq!(status.frontends, 2);
     let listed = agent.frontends();
-    assert_eq!(listed.matches(&web.name.clone()).count(), 2, "{listed}");
+    assert_eq!(
+        listed.iter().filter(|f| f.container == web.name).count(),
+        2,
+        "{listed:?}"
+    );
     // Every published port answers over IPv4, whether its binding is in the map or not
     // (Docker's NAT serves the rest).
     for port in [p, q] {

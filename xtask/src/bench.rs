@@ -177,46 +177,23 @@ impl Agent {
     }
 
     fn ctl_ok() -> bool {
-        Command::new(project_root().join("target/release/bridge-ctl"))
-            .args(["--socket", AGENT_SOCKET, "status"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+        Self::status().is_some_and(|s| s.ready)
     }
 
+    /// What the agent says of itself, when it answers.
+    fn status() -> Option<dataplane_api::Status> {
+        dataplane_api::status(std::path::Path::new(AGENT_SOCKET)).ok()
+    }
+
+    /// Sockets the programs translated at `connect()`.
     fn connects() -> u64 {
-        let out = Command::new(project_root().join("target/release/bridge-ctl"))
-            .args(["--socket", AGENT_SOCKET, "status", "--json"])
-            .output()
-            .ok();
-        out.and_then(|o| {
-            let text = String::from_utf8_lossy(&o.stdout).into_owned();
-            let key = "\"connect\":";
-            let i = text.find(key)? + key.len();
-            text[i..]
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
+        Self::status().map_or(0, |s| s.counter(dataplane_common::STAT_CONNECT))
     }
 
-    fn status_text() -> String {
-        Command::new(project_root().join("target/release/bridge-ctl"))
-            .args(["--socket", AGENT_SOCKET, "status", "--json"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    }
-
-    fn frontends() -> String {
-        Command::new(project_root().join("target/release/bridge-ctl"))
-            .args(["--socket", AGENT_SOCKET, "frontends"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
+    /// Whether the agent has the frontend `address:port/proto`.
+    fn has_frontend(key: &str) -> bool {
+        dataplane_api::frontends(std::path::Path::new(AGENT_SOCKET))
+            .is_ok_and(|fs| fs.iter().any(|f| f.frontend == key))
     }
 
     fn pid(&self) -> u32 {
@@ -305,10 +282,11 @@ fn iperf(
     for _ in 0..3 {
         match run_json(&args) {
             Ok(text) => {
-                let v = json_num(&text, &["end", "sum_received", "bits_per_second"])
-                    .or_else(|| json_num(&text, &["end", "sum", "bits_per_second"]));
-                if let Some(bps) = v {
-                    let loss = json_num(&text, &["end", "sum", "lost_percent"]).unwrap_or(0.0);
+                let report = testkit::IperfReport::parse(text.as_bytes()).ok();
+                if let Some((bps, loss)) = report
+                    .as_ref()
+                    .and_then(|r| Some((r.received_bps()?, r.lost_percent())))
+                {
                     return Ok((bps / 1e9, loss));
                 }
                 last = text.chars().take(300).collect();
@@ -318,21 +296,6 @@ fn iperf(
         std::thread::sleep(Duration::from_millis(500));
     }
     bail!("iperf3 to {host}:{port} failed: {last}")
-}
-
-/// A number at `path` in a JSON text, without a JSON dependency in xtask: finds each key
-/// in turn after the previous one.
-fn json_num(text: &str, path: &[&str]) -> Option<f64> {
-    let mut at = 0;
-    for key in path {
-        let pat = format!("\"{key}\"");
-        at += text[at..].find(&pat)? + pat.len();
-    }
-    let rest = text[at..].trim_start().strip_prefix(':')?.trim_start();
-    let end = rest
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e' || c == '+'))
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
 }
 
 struct Churn {
@@ -359,16 +322,22 @@ fn churn(path: Path, host: &str, port: u16, n: usize, conc: usize) -> Result<Chu
     let (ct0, tw0) = (conntrack_count(), time_wait_count());
     let text = run_json(&args)?;
     let (ct1, tw1) = (conntrack_count(), time_wait_count());
-    let errors = json_num(&text, &["errors"]).unwrap_or(1.0);
-    if errors > 0.0 {
-        bail!("{errors} of {n} connections to {host}:{port} failed");
+    let report: testkit::ChurnReport = serde_json::from_str(text.trim())
+        .with_context(|| format!("dp-churn's report: {}", text.trim()))?;
+    if report.errors > 0 {
+        bail!(
+            "{} of {n} connections to {host}:{port} failed",
+            report.errors
+        );
     }
     #[allow(clippy::cast_precision_loss, reason = "counts")]
     let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / n as f64;
     Ok(Churn {
-        conn_per_s: json_num(&text, &["conn_per_s"]).unwrap_or(0.0),
-        p50_us: json_num(&text, &["p50_us"]).unwrap_or(0.0),
-        p99_us: json_num(&text, &["p99_us"]).unwrap_or(0.0),
+        conn_per_s: report.conn_per_s,
+        #[allow(clippy::cast_precision_loss, reason = "microseconds")]
+        p50_us: report.p50_us as f64,
+        #[allow(clippy::cast_precision_loss, reason = "microseconds")]
+        p99_us: report.p99_us as f64,
         conntrack_per_conn: per(ct0, ct1),
         time_wait_per_conn: per(tw0, tw1),
     })
@@ -686,20 +655,9 @@ fn cold_starts(image: &str, quick: bool, extra: &mut String) -> Result<()> {
         let mut v = Vec::new();
         for _ in 0..3 {
             let a = Agent::start()?;
-            let text = a.log_text();
+            let ready = Agent::status().and_then(|s| s.ready_ms());
             drop(a);
-            if let Some(ms) = text.lines().find(|l| l.contains(" ready ")).and_then(|l| {
-                let i = l.find("took_ms")?;
-                l[i..]
-                    .chars()
-                    .skip_while(|c| !c.is_ascii_digit())
-                    .take_while(|c| c.is_ascii_digit() || *c == '.')
-                    .collect::<String>()
-                    .parse::<f64>()
-                    .ok()
-            }) {
-                v.push(ms);
-            }
+            v.extend(ready);
         }
         let (m, lo, hi) = stats(&v);
         let _ = writeln!(extra, "| {label} | {m:.1} | {lo:.1} | {hi:.1} |");
@@ -780,42 +738,22 @@ fn extras(image: &str, quick: bool, names: &[&str]) -> Result<String> {
         ])?;
         let want = format!("0.0.0.0:{}/tcp", P_SYNC + (i % 5));
         let t = Instant::now();
-        while !Agent::frontends().contains(&want) && t.elapsed() < Duration::from_secs(2) {
+        while !Agent::has_frontend(&want) && t.elapsed() < Duration::from_secs(2) {
             std::thread::sleep(Duration::from_millis(5));
         }
         sh(&["docker", "rm", "-f", &name])?;
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let lat: Vec<f64> = agent
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("start event synced"))
-        .filter_map(|l| {
-            let i = l.find("latency_us")?;
-            let rest: String = l[i..]
-                .chars()
-                .skip_while(|c| !c.is_ascii_digit())
-                .take_while(|c| c.is_ascii_digit() || *c == '.')
-                .collect();
-            rest.parse().ok()
-        })
+    #[allow(clippy::cast_precision_loss, reason = "microseconds")]
+    let lat: Vec<f64> = Agent::status()
+        .map(|s| s.start_sync_us)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|us| us as f64)
         .collect();
     drop(agent);
     let mut sorted = lat.clone();
     sorted.sort_by(f64::total_cmp);
-    let pct = |p: f64| -> f64 {
-        if sorted.is_empty() {
-            return f64::NAN;
-        }
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            clippy::cast_precision_loss,
-            reason = "an index"
-        )]
-        let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-        sorted[i] / 1000.0
-    };
+    let pct = |p: f64| testkit::percentile(&sorted, p).map_or(f64::NAN, |us| us / 1000.0);
     let _ = writeln!(
         extra,
         "\n### Sync latency\n\nDocker `start` event to the frontend in the map, {} starts: p50 {:.2} ms, p99 {:.2} ms.",
@@ -906,7 +844,7 @@ fn stateful_input_cost(image: &str, quick: bool, extra: &mut String) -> Result<(
             bail!("nft refused the operator's table");
         }
         let t = Instant::now();
-        while !Agent::status_text().contains("\"host_clients_tracked\":\"") {
+        while Agent::status().is_none_or(|s| s.host_clients_tracked.is_none()) {
             if t.elapsed() > Duration::from_secs(10) {
                 bail!("the agent did not notice the stateful INPUT policy");
             }
@@ -1218,18 +1156,6 @@ fn svg(rows: &[(String, [f64; 3])]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn json_numbers_by_path() {
-        let t = r#"{"end":{"sum":{"bits_per_second":1.5e9,"lost_percent":0.25},"sum_received":{"bits_per_second":12345.5}}}"#;
-        assert_eq!(
-            json_num(t, &["end", "sum_received", "bits_per_second"]),
-            Some(12345.5)
-        );
-        assert_eq!(json_num(t, &["end", "sum", "bits_per_second"]), Some(1.5e9));
-        assert_eq!(json_num(t, &["end", "sum", "lost_percent"]), Some(0.25));
-        assert_eq!(json_num(t, &["nope"]), None);
-    }
 
     #[test]
     fn median_min_max() {

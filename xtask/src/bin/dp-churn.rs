@@ -90,25 +90,15 @@ fn main() {
     }
     let secs = started.elapsed().as_secs_f64();
     lat.sort_unstable();
-    let pct = |p: f64| -> u64 {
-        if lat.is_empty() {
-            return 0;
-        }
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            clippy::cast_precision_loss,
-            reason = "an index into a short vector"
-        )]
-        let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
-        lat[i]
-    };
+    let pct = |p: f64| testkit::percentile(&lat, p).unwrap_or(0);
     #[allow(clippy::cast_precision_loss, reason = "a rate")]
     let rate = lat.len() as f64 / secs;
-    println!(
-        "{{\"ok\":{},\"errors\":{errors},\"conn_per_s\":{rate:.1},\"p50_us\":{},\"p99_us\":{}}}",
-        lat.len(),
-        pct(0.5),
-        pct(0.99)
-    );
+    let report = testkit::ChurnReport {
+        ok: u64::try_from(lat.len()).unwrap_or(u64::MAX),
+        errors,
+        conn_per_s: (rate * 10.0).round() / 10.0,
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+    };
+    println!("{}", serde_json::to_string(&report).expect("a report"));
 }

@@ -1,0 +1,244 @@
+//! The agent's control protocol, one definition for everyone who speaks it: the agent,
+//! `bridge-ctl`, the end-to-end tests and the bench. A request is one line naming a
+//! [`Request`]; the answer is one line of JSON: a [`Status`], a list of [`Frontend`]s, or an
+//! [`ErrorReply`]. Wire types hold only what an operator may see.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+pub use dataplane_common::STAT_NAMES;
+
+/// Where the agent listens by default.
+pub const DEFAULT_SOCKET: &str = "/run/dataplane/ctl.sock";
+/// The longest request line the agent reads.
+pub const MAX_REQUEST_BYTES: u64 = 4096;
+/// How long either side may take to send its line.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What can be asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Answered with a [`Status`].
+    Status,
+    /// Answered with a `Vec<Frontend>`.
+    Frontends,
+}
+
+impl Request {
+    /// The request as its line on the wire.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Status => "status",
+            Self::Frontends => "frontends",
+        }
+    }
+
+    /// A request line (without its newline).
+    pub fn parse(line: &str) -> Result<Self, String> {
+        match line.trim() {
+            "status" => Ok(Self::Status),
+            "frontends" => Ok(Self::Frontends),
+            other => Err(format!("unknown request {other:?}")),
+        }
+    }
+}
+
+/// How long one start phase took.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Phase {
+    pub name: String,
+    /// Milliseconds the phase took.
+    pub took_ms: f64,
+    /// Milliseconds from the start of `dataplane run` to the end of the phase.
+    pub total_ms: f64,
+}
+
+/// What the agent reports about itself.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub ready: bool,
+    pub version: String,
+    pub docker_version: String,
+    /// `<program>@<cgroup>`, and `(adopted)` when taken over from a pin.
+    pub attach_points: Vec<String>,
+    /// Unix time (ms) of the last completed sync with Docker.
+    pub last_sync_unix_ms: u64,
+    pub syncs: u64,
+    pub containers: usize,
+    pub frontends: usize,
+    pub local_addresses: usize,
+    /// Counters of the kernel programs by name ([`STAT_NAMES`]).
+    pub counters: BTreeMap<String, u64>,
+    /// Unix time (ms) the counters were read (every 250 ms).
+    pub counters_unix_ms: u64,
+    /// Bindings that could not be applied, and why.
+    pub errors: Vec<String>,
+    /// Container network namespaces whose clients are translated (to backends on their
+    /// own networks).
+    pub container_clients: usize,
+    /// Why container clients are left to Docker's own path, when they are.
+    pub container_clients_off: Option<String>,
+    /// Why host clients' connections stay tracked by conntrack, when they do.
+    pub host_clients_tracked: Option<String>,
+    /// Why nothing is translated now (every client takes Docker's own path), when so.
+    pub translation_off: Option<String>,
+    /// The phases of this agent's start, in order; the last is `ready`.
+    pub startup: Vec<Phase>,
+    /// Microseconds from each of the latest Docker `start` events (up to
+    /// [`SYNC_LATENCIES_KEPT`]) to its frontends in the map, oldest first.
+    pub start_sync_us: Vec<u64>,
+}
+
+/// How many start-to-map latencies [`Status::start_sync_us`] keeps.
+pub const SYNC_LATENCIES_KEPT: usize = 1024;
+
+impl Status {
+    /// The kernel counter `index` (`dataplane_common::STAT_*`).
+    pub fn counter(&self, index: u32) -> u64 {
+        STAT_NAMES
+            .get(index as usize)
+            .and_then(|n| self.counters.get(*n))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// How long the start took to `ready`, in milliseconds.
+    pub fn ready_ms(&self) -> Option<f64> {
+        self.startup
+            .iter()
+            .find(|p| p.name == "ready")
+            .map(|p| p.total_ms)
+    }
+}
+
+/// One published binding, as `bridge-ctl frontends` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frontend {
+    /// `address:port/proto`.
+    pub frontend: String,
+    pub container: String,
+    /// The first 12 characters of the container ID.
+    pub container_id: String,
+    /// `address:port`, the IPv6 one after it when the container has one.
+    pub backend: String,
+    /// Sockets translated through this frontend since it was created.
+    pub connections: u64,
+}
+
+/// The answer to a request the agent could not serve.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub error: String,
+}
+
+/// Why asking the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error(
+        "the dataplane agent is not running (no socket at {0}); start it with `cargo xtask run` \
+         or `dataplane run`"
+    )]
+    NotRunning(String),
+    #[error("the dataplane agent is not running (stale socket at {0})")]
+    Stale(String),
+    #[error("permission denied on {0}: the control socket is root-only")]
+    PermissionDenied(String),
+    #[error("talking to the agent at {0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("the agent answered: {0}")]
+    Refused(String),
+    #[error("the agent's answer is not what was asked for: {0}")]
+    Malformed(String),
+}
+
+impl AskError {
+    /// Whether no agent could be reached at all (as opposed to an agent that answered).
+    pub const fn unreachable(&self) -> bool {
+        matches!(
+            self,
+            Self::NotRunning(_) | Self::Stale(_) | Self::PermissionDenied(_) | Self::Io(..)
+        )
+    }
+}
+
+/// Sends `request` to the agent at `socket` and reads its answer as JSON text.
+pub fn ask_raw(socket: &Path, request: Request) -> Result<String, AskError> {
+    let at = socket.display().to_string();
+    let mut s = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => AskError::NotRunning(at.clone()),
+        std::io::ErrorKind::ConnectionRefused => AskError::Stale(at.clone()),
+        std::io::ErrorKind::PermissionDenied => AskError::PermissionDenied(at.clone()),
+        _ => AskError::Io(at.clone(), e),
+    })?;
+    let io = |e| AskError::Io(at.clone(), e);
+    s.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
+    s.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
+    s.write_all(format!("{}\n", request.as_str()).as_bytes())
+        .map_err(io)?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).map_err(io)?;
+    if let Ok(e) = serde_json::from_str::<ErrorReply>(&line) {
+        return Err(AskError::Refused(e.error));
+    }
+    Ok(line)
+}
+
+fn ask<T: DeserializeOwned>(socket: &Path, request: Request) -> Result<T, AskError> {
+    let text = ask_raw(socket, request)?;
+    serde_json::from_str(&text).map_err(|e| AskError::Malformed(e.to_string()))
+}
+
+/// The agent's [`Status`].
+pub fn status(socket: &Path) -> Result<Status, AskError> {
+    ask(socket, Request::Status)
+}
+
+/// The agent's frontends.
+pub fn frontends(socket: &Path) -> Result<Vec<Frontend>, AskError> {
+    ask(socket, Request::Frontends)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_unknown_ones_are_named() {
+        for r in [Request::Status, Request::Frontends] {
+            assert_eq!(Request::parse(r.as_str()), Ok(r));
+        }
+        assert_eq!(Request::parse(" status\n"), Ok(Request::Status));
+        assert!(Request::parse("bogus").unwrap_err().contains("bogus"));
+    }
+
+    #[test]
+    fn counters_by_index_and_the_ready_phase() {
+        let mut s = Status::default();
+        s.counters.insert("skipped_no_agent".into(), 4);
+        assert_eq!(s.counter(dataplane_common::STAT_SKIP_NO_AGENT), 4);
+        assert_eq!(s.counter(dataplane_common::STAT_CONNECT), 0);
+        assert_eq!(s.counter(999), 0);
+        s.startup.push(Phase {
+            name: "ready".into(),
+            took_ms: 1.0,
+            total_ms: 42.5,
+        });
+        assert_eq!(s.ready_ms(), Some(42.5));
+        let back: Status = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn an_absent_agent_is_unreachable_with_what_to_do() {
+        let e = status(Path::new("/nonexistent/ctl.sock")).unwrap_err();
+        assert!(e.unreachable());
+        assert!(e.to_string().contains("dataplane run"), "{e}");
+    }
+}
