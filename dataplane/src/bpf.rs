@@ -560,7 +560,7 @@ impl Loaded {
         Ok(())
     }
 
-    pub fn frontends(&mut self) -> Result<BpfHash<'_, FrontendKey, Backend>> {
+    pub fn frontends_map(&mut self) -> Result<BpfHash<'_, FrontendKey, Backend>> {
         let map = self.ebpf.map_mut(MAP_FRONTENDS).context("frontends map")?;
         Ok(BpfHash(HashMap::try_from(map)?))
     }
@@ -573,7 +573,7 @@ impl Loaded {
         Ok(BpfHash(HashMap::try_from(map)?))
     }
 
-    pub fn ports(&mut self) -> Result<BpfHash<'_, PortKey, PortFamilies>> {
+    pub fn ports_map(&mut self) -> Result<BpfHash<'_, PortKey, PortFamilies>> {
         let map = self
             .ebpf
             .map_mut(MAP_PORTS)

@@ -59,20 +59,7 @@ pub fn proto_name(proto: u8) -> &'static str {
     }
 }
 
-pub fn addr_to_ip(a: &Addr) -> IpAddr {
-    let v6 = Ipv6Addr::from(*a);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
-}
-
-pub fn ip_to_addr(ip: IpAddr) -> Addr {
-    match ip {
-        IpAddr::V4(v4) => v4_mapped(v4.octets()),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
+pub use crate::addr::{addr_to_ip, ip_to_addr};
 
 /// A stable id for a binding (FNV-1a over its key), used to label counters.
 pub fn frontend_id(key: &FrontendKey) -> u32 {

@@ -1,15 +1,21 @@
 //! The dataplane agent as a library: the binary (`main.rs`) and the privileged tests use it.
 
+pub mod addr;
 pub mod agent;
 pub mod api;
+pub mod apply;
 pub mod bpf;
 pub mod desired;
 pub mod docker;
 pub mod forward;
 pub mod hostfw;
+pub mod netfilter;
 pub mod netlink;
 pub mod netns;
 pub mod nfwatch;
 pub mod notrack;
+pub mod plan;
 pub mod reconcile;
 pub mod sockets;
+pub mod start;
+pub mod state;

@@ -34,7 +34,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 use dataplane_common::{Backend, FrontendKey, is_zero};
 
-use crate::{desired::addr_to_ip, netlink::HostAddr};
+use crate::{
+    addr::{Service, addr_to_ip},
+    netlink::HostAddr,
+};
 
 /// The default table name (`inet dataplane`).
 pub const TABLE: &str = "dataplane";
@@ -42,8 +45,8 @@ pub const TABLE: &str = "dataplane";
 /// What the rules are built from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Spec {
-    /// (backend address, protocol number, backend port).
-    pub backends: BTreeSet<(IpAddr, u8, u16)>,
+    /// The backends in the maps.
+    pub backends: BTreeSet<Service>,
     /// This host's own addresses (interfaces and bridge gateways, not loopback): where
     /// replies to host clients go.
     pub hosts: BTreeSet<IpAddr>,
@@ -103,7 +106,9 @@ pub fn nat_replies(conntrack: &str, spec: &Spec) -> BTreeSet<NatReply> {
         let Some((proto, backend, bport, client, cport)) = parsed else {
             continue;
         };
-        if spec.backends.contains(&(backend, proto, bport)) && spec.peers.contains(&client) {
+        if spec.backends.contains(&Service::new(backend, proto, bport))
+            && spec.peers.contains(&client)
+        {
             out.insert((backend, proto, bport, client, cport));
         }
     }
@@ -141,7 +146,8 @@ impl Spec {
             spec.published.insert((k.proto, k.port()));
             for a in [b.addr4, b.addr6] {
                 if !is_zero(&a) {
-                    spec.backends.insert((addr_to_ip(&a), k.proto, b.port()));
+                    spec.backends
+                        .insert(Service::new(addr_to_ip(&a), k.proto, b.port()));
                 }
             }
         }
@@ -181,8 +187,8 @@ const NAT_CLIENTS_MAX: u32 = 65_536;
 fn sets(spec: &Spec) -> Vec<(&'static str, &'static str, Vec<String>)> {
     let (b4, b6) = split(
         &spec.backends,
-        |(ip, _, _)| ip.is_ipv4(),
-        |(ip, proto, port)| format!("{ip} . {proto} . {port}"),
+        |b| b.addr.is_ipv4(),
+        |b| format!("{} . {} . {}", b.addr, b.proto, b.port),
     );
     let (h4, h6) = split(&spec.hosts, IpAddr::is_ipv4, ToString::to_string);
     let (p4, p6) = split(&spec.peers, IpAddr::is_ipv4, ToString::to_string);
@@ -440,7 +446,7 @@ mod tests {
         let backends: Vec<String> = spec
             .backends
             .iter()
-            .map(|(ip, p, port)| format!("{ip}.{p}.{port}"))
+            .map(|b| format!("{}.{}.{}", b.addr, b.proto, b.port))
             .collect();
         assert_eq!(
             backends,

@@ -64,7 +64,6 @@ pub fn reconcile<K: Ord + Clone, V: PartialEq, S: KvStore<K, V>>(
 
 /// An in-memory store that records every write, for tests.
 #[cfg(test)]
-#[derive(Default)]
 pub struct FakeStore<K, V> {
     pub map: BTreeMap<K, V>,
     pub writes: Vec<String>,
@@ -72,6 +71,18 @@ pub struct FakeStore<K, V> {
     pub fail_at: Option<(usize, &'static str)>,
     /// Refuse to hold more entries than this, as a full BPF map does (`E2BIG`).
     pub capacity: Option<usize>,
+}
+
+#[cfg(test)]
+impl<K, V> Default for FakeStore<K, V> {
+    fn default() -> Self {
+        Self {
+            map: BTreeMap::new(),
+            writes: Vec::new(),
+            fail_at: None,
+            capacity: None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@ use std::{
     collections::BTreeSet,
     fs::File,
     io,
-    net::IpAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::PathBuf,
 };
@@ -22,10 +21,7 @@ use anyhow::{Context, Result};
 use dataplane_common::{Addr, PROTO_TCP, PROTO_UDP, v4_mapped};
 use nix::sched::{CloneFlags, setns};
 
-use crate::desired::ip_to_addr;
-
-/// A backend that went away: address, protocol number, port.
-pub type Gone = (IpAddr, u8, u16);
+use crate::addr::{Service, ip_to_addr};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
@@ -326,13 +322,13 @@ impl Diag {
 /// leaves the host namespace. `map_fd`: the socket-storage map of the translations.
 /// Returns how many were destroyed, and the namespaces that could not be searched.
 pub fn destroy_translated(
-    gone: &[Gone],
+    gone: &[Service],
     map_fd: OwnedFd,
     namespaces: Vec<PathBuf>,
 ) -> (usize, Vec<String>) {
     let gone: BTreeSet<(Addr, u8, u16)> = gone
         .iter()
-        .map(|(ip, p, port)| (ip_to_addr(*ip), *p, *port))
+        .map(|s| (ip_to_addr(s.addr), s.proto, s.port))
         .collect();
     let run = move || {
         let mut n = 0;
@@ -362,6 +358,41 @@ pub fn destroy_translated(
         .map_err(anyhow::Error::from)
         .and_then(|h| h.join().map_err(|_| anyhow::anyhow!("the thread panicked")))
         .unwrap_or_else(|e| (0, vec![format!("{e:#}")]))
+}
+
+/// Destroys translated sockets off the caller's thread ([`crate::apply::Sockets`]).
+pub struct Destroyer {
+    /// The translations' socket-storage map.
+    map_fd: OwnedFd,
+}
+
+impl Destroyer {
+    pub const fn new(map_fd: OwnedFd) -> Self {
+        Self { map_fd }
+    }
+}
+
+impl crate::apply::Sockets for Destroyer {
+    fn destroy(&self, gone: Vec<Service>, namespaces: Vec<PathBuf>) {
+        let map_fd = match self.map_fd.try_clone() {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot end the sockets of removed backends");
+                return;
+            }
+        };
+        std::thread::spawn(move || {
+            let (n, errors) = destroy_translated(&gone, map_fd, namespaces);
+            for e in &errors {
+                tracing::warn!(error = %e, "ending the sockets of removed backends");
+            }
+            tracing::info!(
+                backends = gone.len(),
+                sockets = n,
+                "destroyed sockets of removed backends"
+            );
+        });
+    }
 }
 
 #[cfg(test)]

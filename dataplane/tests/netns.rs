@@ -91,7 +91,7 @@ fn lab(test: u32) -> Lab {
     loaded.vouch().expect("vouch");
     let b: IpAddr = backend_ip.parse().unwrap();
     let h: IpAddr = host_ip.parse().unwrap();
-    let mut fe = loaded.frontends().unwrap();
+    let mut fe = loaded.frontends_map().unwrap();
     for (port, bport, proto) in [(18080, 8080, PROTO_TCP), (18081, 8081, PROTO_UDP)] {
         for wild in [WILDCARD4, WILDCARD6] {
             fe.put(
@@ -110,14 +110,14 @@ fn lab(test: u32) -> Lab {
         }
     }
     let keys: Vec<FrontendKey> = loaded
-        .frontends()
+        .frontends_map()
         .unwrap()
         .entries()
         .unwrap()
         .into_keys()
         .collect();
     for (k, v) in ports_of(keys.iter()) {
-        loaded.ports().unwrap().put(&k, &v).unwrap();
+        loaded.ports_map().unwrap().put(&k, &v).unwrap();
     }
     loaded
         .local_addrs()
@@ -496,7 +496,7 @@ fn the_notrack_table_keeps_translated_connections_out_of_conntrack() {
     let b: IpAddr = lab.backend_ip.parse().unwrap();
     let h: IpAddr = lab.host_ip.parse().unwrap();
     let spec = Spec {
-        backends: [(b, PROTO_TCP, 8080)].into(),
+        backends: [dataplane::addr::Service::new(b, PROTO_TCP, 8080)].into(),
         hosts: [h].into(),
         peers: std::collections::BTreeSet::new(),
         published: [(PROTO_TCP, 18080)].into(),

@@ -1,0 +1,148 @@
+//! The notrack table's writer: one background task that applies the latest requested
+//! [`notrack::Spec`] (a `watch` channel: requests coalesce, the newest wins), off the event
+//! loop, after the maps: a new frontend answers at once, its notrack rules follow. The table
+//! is written by child processes (`nft`, and `conntrack` to read the connections Docker's
+//! NAT carries: tens to hundreds of milliseconds on a busy host), in a blocking task. A
+//! failed write is retried with backoff until it succeeds or a newer request replaces it.
+
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{debug, info, warn};
+
+use crate::{
+    apply::Backoff,
+    notrack::{self, Notrack},
+};
+
+#[derive(Clone, Debug, Default)]
+struct Want {
+    spec: Option<notrack::Spec>,
+    /// Bumped by each request to re-apply even an unchanged table.
+    force: u64,
+}
+
+pub struct NetfilterTask {
+    tx: watch::Sender<Want>,
+    task: JoinHandle<Option<Notrack>>,
+}
+
+impl NetfilterTask {
+    /// Starts the task for `notrack`'s table.
+    pub fn start(mut notrack: Notrack) -> Self {
+        let (tx, mut rx) = watch::channel(Want::default());
+        let task = tokio::spawn(async move {
+            let mut forced = 0;
+            let mut backoff = Backoff::new();
+            let mut retry = None;
+            loop {
+                // A new request, or (after a failure) the time to try the latest again.
+                let go = match retry {
+                    None => rx.changed().await.is_ok(),
+                    Some(wait) => tokio::select! {
+                        r = rx.changed() => r.is_ok(),
+                        () = tokio::time::sleep(wait) => true,
+                    },
+                };
+                if !go {
+                    break;
+                }
+                let want = rx.borrow_and_update().clone();
+                let Some(spec) = want.spec else { continue };
+                let force = want.force != forced;
+                let (n, ok) = match tokio::task::spawn_blocking(move || {
+                    let ok = write(&mut notrack, spec, force);
+                    (notrack, ok)
+                })
+                .await
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!(error = %e, "the nftables writer failed");
+                        return None;
+                    }
+                };
+                notrack = n;
+                if ok {
+                    forced = want.force;
+                    backoff.succeeded();
+                    retry = None;
+                } else {
+                    retry = Some(backoff.failed());
+                }
+            }
+            Some(notrack)
+        });
+        Self { tx, task }
+    }
+
+    /// No more updates: waits for the one running, then removes the table (when the agent
+    /// stops and its programs detach).
+    pub async fn close_and_remove(self) {
+        drop(self.tx);
+        match self.task.await {
+            Ok(Some(mut nt)) => {
+                let r = tokio::task::spawn_blocking(move || nt.remove()).await;
+                if let Ok(Err(e)) = r {
+                    warn!(error = %format!("{e:#}"), "removing the nftables table failed");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "the nftables writer failed"),
+        }
+    }
+}
+
+impl crate::apply::Netfilter for NetfilterTask {
+    fn schedule(&self, spec: notrack::Spec, force: bool) {
+        self.tx.send_modify(|w| {
+            w.spec = Some(spec);
+            if force {
+                w.force += 1;
+            }
+        });
+    }
+}
+
+/// Applies `spec`, with the replies of connections Docker's NAT carries kept tracked.
+/// Whether it is in place (a failure is logged and retried with backoff).
+fn write(nt: &mut Notrack, mut spec: notrack::Spec, force: bool) -> bool {
+    // New peers or backends (or a full resync): the connections Docker's NAT carries
+    // between them must keep their NAT. Otherwise the known ones, while they apply.
+    let grew = nt
+        .applied()
+        .is_none_or(|a| !spec.peers.is_subset(&a.peers) || !spec.backends.is_subset(&a.backends));
+    if grew || force {
+        spec.nat_replies = notrack::nat_replies(&notrack::dump_dnat(), &spec);
+        if !spec.nat_replies.is_empty() {
+            info!(
+                connections = spec.nat_replies.len(),
+                "connections carried by Docker's NAT keep being tracked until they end"
+            );
+        }
+    } else if let Some(a) = nt.applied() {
+        spec.nat_replies = a
+            .nat_replies
+            .iter()
+            .filter(|(b, proto, bport, c, _)| {
+                spec.backends
+                    .contains(&crate::addr::Service::new(*b, *proto, *bport))
+                    && spec.peers.contains(c)
+            })
+            .copied()
+            .collect();
+    }
+    match nt.apply(&spec, force) {
+        Ok(applied) => {
+            if applied {
+                debug!(
+                    backends = spec.backends.len(),
+                    "nftables notrack table applied"
+                );
+            }
+            true
+        }
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "updating the nftables notrack table failed; retrying");
+            false
+        }
+    }
+}

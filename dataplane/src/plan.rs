@@ -1,0 +1,332 @@
+//! What the kernel and netfilter should hold, from what the agent knows: one pure function
+//! ([`plan`]) and what follows once the maps say what they could hold ([`Plan::served`]).
+//! [`crate::apply`] writes it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use dataplane_api::Frontend as FrontendView;
+use dataplane_common::{
+    Backend, CFG_F_BINDV6ONLY, CFG_F_PEERS, CFG_F_RESERVE_PORTS, Config, FrontendKey, PeerNet,
+    PeerNetKey, PortFamilies, PortKey, is_zero, net_id,
+};
+
+use crate::{
+    addr::Service,
+    api::FrontendRow,
+    desired::{self, Conflict, Frontend},
+    notrack,
+    state::State,
+};
+
+/// Facts of the host the plan depends on.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Env {
+    pub host_netns_cookie: u64,
+    /// `net.ipv6.bindv6only` is 1.
+    pub bindv6only: bool,
+}
+
+/// The desired state, before the maps are written.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    pub config: Config,
+    /// Which container namespaces are translated to backends on which network.
+    pub peer_nets: BTreeMap<PeerNetKey, PeerNet>,
+    /// Those containers' addresses there (for the notrack rules).
+    pub peer_addrs: BTreeSet<IpAddr>,
+    /// Every published binding, one container each.
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+    /// Bindings two containers claim (Docker refuses this; one of them is kept).
+    pub conflicts: Vec<Conflict>,
+    /// Bindings that could not be understood, and conflicts, as `status` says them.
+    pub errors: Vec<String>,
+    /// Why container clients are left to Docker's own path, when they are.
+    pub container_clients_off: Option<String>,
+    /// Why host clients' connections stay tracked, when they do.
+    pub host_clients_tracked: Option<String>,
+}
+
+/// The desired state for `state` on a host with `env`.
+pub fn plan(state: &State, env: &Env) -> Plan {
+    let mut conflicts = Vec::new();
+    let frontends = desired::merge(state.containers.values().flatten(), &mut conflicts);
+    let mut flags = CFG_F_RESERVE_PORTS;
+    let peers_on = state.firewall.forward_rules.is_none();
+    if peers_on {
+        flags |= CFG_F_PEERS;
+    }
+    if env.bindv6only {
+        flags |= CFG_F_BINDV6ONLY;
+    }
+    let mut peer_nets = BTreeMap::new();
+    let mut peer_addrs = BTreeSet::new();
+    // Container clients: only on networks where Docker itself connects containers straight
+    // to each other, and only while no operator rule could concern their traffic.
+    for (p, cookie) in state.peers.values().filter(|_| peers_on) {
+        let Some(cookie) = cookie else { continue };
+        for (net, addrs) in &p.endpoints {
+            if !state.networks.get(net).is_some_and(|n| n.peers_direct) {
+                continue;
+            }
+            let key = PeerNetKey {
+                netns_cookie: *cookie,
+                net: net_id(net),
+                pad: 0,
+            };
+            peer_nets.insert(key, PeerNet { flags: 0 });
+            peer_addrs.extend(addrs.iter().copied());
+        }
+    }
+    let mut errors: Vec<String> = state.binding_errors.values().flatten().cloned().collect();
+    errors.extend(
+        conflicts
+            .iter()
+            .map(|c| format!("{} claimed by {} and {}", c.frontend, c.kept, c.dropped)),
+    );
+    Plan {
+        config: Config {
+            host_netns_cookie: env.host_netns_cookie,
+            flags,
+        },
+        peer_nets,
+        peer_addrs,
+        frontends,
+        conflicts,
+        errors,
+        container_clients_off: state
+            .firewall
+            .forward_rules
+            .as_ref()
+            .map(|w| format!("operator forwarding rules ({w})")),
+        host_clients_tracked: state
+            .firewall
+            .stateful_input
+            .as_ref()
+            .map(|w| format!("stateful INPUT policy ({w})")),
+    }
+}
+
+/// What the maps serve of a plan (all of it, unless a map was too small), and all that
+/// follows from it.
+#[derive(Clone, Debug, Default)]
+pub struct Served {
+    pub frontends: BTreeMap<FrontendKey, Backend>,
+    /// The notrack table's content.
+    pub notrack: notrack::Spec,
+    /// `bridge-ctl frontends`.
+    pub rows: Vec<FrontendRow>,
+    /// Each backend in the maps, with the container it belongs to.
+    pub owners: BTreeMap<Service, String>,
+}
+
+impl Plan {
+    /// Every binding's backend: what the frontends map should hold.
+    pub fn wanted(&self) -> BTreeMap<FrontendKey, Backend> {
+        self.frontends
+            .iter()
+            .map(|(k, f)| (*k, f.backend))
+            .collect()
+    }
+
+    /// The published ports of `frontends`: what the ports map should hold.
+    pub fn ports(frontends: &BTreeMap<FrontendKey, Backend>) -> BTreeMap<PortKey, PortFamilies> {
+        desired::ports_of(frontends.keys())
+    }
+
+    /// All that follows from the maps serving `frontends` (a subset of [`Plan::wanted`]).
+    pub fn served(&self, frontends: BTreeMap<FrontendKey, Backend>, state: &State) -> Served {
+        let notrack = notrack::Spec::new(
+            frontends.iter(),
+            &state.host_addrs,
+            self.peer_addrs.iter().copied(),
+            self.host_clients_tracked.is_some(),
+        );
+        let mut rows = Vec::new();
+        let mut owners = BTreeMap::new();
+        for f in self
+            .frontends
+            .values()
+            .filter(|f| frontends.contains_key(&f.key))
+        {
+            rows.push(FrontendRow {
+                view: FrontendView {
+                    frontend: desired::describe_key(&f.key),
+                    container: f.container_name.clone(),
+                    container_id: f.container_id.chars().take(12).collect(),
+                    backend: desired::describe_backend(&f.backend),
+                    connections: 0,
+                },
+                id: f.backend.id,
+            });
+            for a in [f.backend.addr4, f.backend.addr6] {
+                if !is_zero(&a) {
+                    let s =
+                        Service::new(crate::addr::addr_to_ip(&a), f.key.proto, f.backend.port());
+                    owners.insert(s, f.container_id.clone());
+                }
+            }
+        }
+        Served {
+            frontends,
+            notrack,
+            rows,
+            owners,
+        }
+    }
+}
+
+/// Backends that left the maps (`before` -> `now`) together with their address: their
+/// translated sockets are to be destroyed. One that moved to another address of the same
+/// container (a frontend that followed Docker to another network) is not gone: its
+/// connections still reach the container.
+pub fn gone_backends(
+    before: &BTreeMap<Service, String>,
+    now: &BTreeMap<Service, String>,
+    state: &State,
+) -> Vec<Service> {
+    before
+        .iter()
+        .filter(|(b, id)| !now.contains_key(*b) && !state.has_address(id, &b.addr))
+        .map(|(b, _)| *b)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use dataplane_common::{PROTO_TCP, WILDCARD4, v4_mapped};
+
+    use super::*;
+    use crate::{desired::Peer, docker::NetInfo};
+
+    fn frontend(id: &str, port: u16, ip: [u8; 4]) -> Frontend {
+        let key = FrontendKey::new(WILDCARD4, port, PROTO_TCP);
+        Frontend {
+            key,
+            backend: Backend {
+                addr4: v4_mapped(ip),
+                addr6: [0; 16],
+                port_be: 80u16.to_be(),
+                flags: 0,
+                id: desired::frontend_id(&key),
+                net: net_id("net1"),
+                pad: 0,
+            },
+            container_id: id.into(),
+            container_name: format!("name-{id}"),
+        }
+    }
+
+    fn state() -> State {
+        let mut s = State::default();
+        s.containers
+            .insert("a".into(), vec![frontend("a", 8080, [172, 17, 0, 2])]);
+        s.containers
+            .insert("b".into(), vec![frontend("b", 8080, [172, 17, 0, 3])]);
+        s.containers
+            .insert("c".into(), vec![frontend("c", 9090, [172, 17, 0, 4])]);
+        s.networks.insert(
+            "net1".into(),
+            NetInfo {
+                id: "net1".into(),
+                name: "bridge".into(),
+                bridge: Some("docker0".into()),
+                peers_direct: true,
+            },
+        );
+        let peer = |ip: &str, cookie| {
+            (
+                Peer {
+                    sandbox: None,
+                    pid: Some(1),
+                    endpoints: vec![("net1".into(), vec![ip.parse().unwrap()])],
+                },
+                cookie,
+            )
+        };
+        s.peers.insert("a".into(), peer("172.17.0.2", Some(11)));
+        s.peers.insert("b".into(), peer("172.17.0.3", Some(12)));
+        // Its cookie is not read yet: not a client the programs know.
+        s.peers.insert("c".into(), peer("172.17.0.4", None));
+        s
+    }
+
+    #[test]
+    fn frontends_peers_and_flags_from_the_state() {
+        let s = state();
+        let p = plan(
+            &s,
+            &Env {
+                host_netns_cookie: 7,
+                bindv6only: true,
+            },
+        );
+        assert_eq!(p.config.host_netns_cookie, 7);
+        assert_eq!(
+            p.config.flags,
+            CFG_F_RESERVE_PORTS | CFG_F_PEERS | CFG_F_BINDV6ONLY
+        );
+        // One container per binding; the other is a conflict, said in the errors.
+        assert_eq!(p.frontends.len(), 2);
+        assert_eq!(p.conflicts.len(), 1);
+        assert!(
+            p.errors[0].contains("claimed by name-a and name-b"),
+            "{:?}",
+            p.errors
+        );
+        let cookies: BTreeSet<u64> = p.peer_nets.keys().map(|k| k.netns_cookie).collect();
+        assert_eq!(cookies, [11, 12].into());
+        assert_eq!(p.peer_addrs.len(), 2);
+        assert!(p.container_clients_off.is_none() && p.host_clients_tracked.is_none());
+    }
+
+    #[test]
+    fn operator_rules_turn_container_clients_off_and_say_why() {
+        let mut s = state();
+        s.firewall.forward_rules = Some("DOCKER-USER".into());
+        s.firewall.stateful_input = Some("inet filter input".into());
+        let p = plan(&s, &Env::default());
+        assert!(p.peer_nets.is_empty() && p.peer_addrs.is_empty());
+        assert_eq!(p.config.flags & CFG_F_PEERS, 0);
+        assert!(p.container_clients_off.unwrap().contains("DOCKER-USER"));
+        let served = plan(&s, &Env::default()).served(BTreeMap::new(), &s);
+        assert!(served.notrack.track_host_clients);
+    }
+
+    #[test]
+    fn what_the_maps_serve_decides_rules_rows_and_owners() {
+        let s = state();
+        let p = plan(&s, &Env::default());
+        let mut wanted = p.wanted();
+        let all = p.served(wanted.clone(), &s);
+        assert_eq!(all.rows.len(), 2);
+        assert_eq!(all.owners.len(), 2);
+        assert_eq!(all.notrack.backends.len(), 2);
+        // A map that held only one binding: only it is served, untracked and listed.
+        let k = *wanted.keys().next().unwrap();
+        wanted.retain(|key, _| *key == k);
+        let one = p.served(wanted, &s);
+        assert_eq!(one.rows.len(), 1);
+        assert_eq!(one.notrack.backends.len(), 1);
+        assert_eq!(one.notrack.published, [(PROTO_TCP, k.port())].into());
+    }
+
+    #[test]
+    fn a_backend_is_gone_only_with_its_address() {
+        let mut s = state();
+        let p = plan(&s, &Env::default());
+        let before = p.served(p.wanted(), &s).owners;
+        // Container c's frontend goes, but c still has its address: not gone.
+        s.containers.remove("c");
+        let p2 = plan(&s, &Env::default());
+        let now = p2.served(p2.wanted(), &s).owners;
+        assert!(gone_backends(&before, &now, &s).is_empty());
+        // c goes altogether: its backend is gone.
+        s.forget("c");
+        let gone = gone_backends(&before, &now, &s);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].addr, "172.17.0.4".parse::<IpAddr>().unwrap());
+    }
+}

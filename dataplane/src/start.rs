@@ -1,0 +1,253 @@
+//! Starting the agent: what must hold first (one agent, a pin directory of its own), then
+//! the programs loaded, Docker's state listed and the host's ruleset read, overlapped, with
+//! each phase timed for `status`. Nothing is left half-installed on failure.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use bollard::{Docker, models::ContainerInspectResponse};
+use dataplane_common::{CFG_F_RESERVE_PORTS, Config};
+use futures_util::StreamExt;
+use tracing::{debug, info};
+
+use crate::{
+    bpf::{self, Loaded},
+    docker::{self, NetInfo},
+    hostfw,
+};
+
+pub struct Options {
+    pub docker_socket: String,
+    pub api_socket: PathBuf,
+    pub cgroup: Option<PathBuf>,
+    pub resync_interval: Duration,
+    /// Name of the nftables table (family inet) the agent owns.
+    pub nft_table: String,
+    /// Name of the iptables chain (jumped to from `DOCKER-USER`) that earlier versions kept;
+    /// removed at start where found.
+    pub fwd_chain: String,
+    /// Where maps and links are pinned (they outlive the agent); `None`: not pinned, and
+    /// everything is detached when the agent stops.
+    pub pin_dir: Option<PathBuf>,
+    /// Room for published bindings in the maps this start creates.
+    pub max_frontends: u32,
+}
+
+/// The phases of the start, timed: logged at debug level and reported in `status`.
+pub struct Startup {
+    pub start: Instant,
+    pub phases: Vec<dataplane_api::Phase>,
+}
+
+impl Default for Startup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Startup {
+    pub fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            phases: Vec::new(),
+        }
+    }
+
+    pub fn record(&mut self, name: &str, took: Duration) {
+        let p = dataplane_api::Phase {
+            name: name.to_string(),
+            took_ms: took.as_secs_f64() * 1e3,
+            total_ms: self.start.elapsed().as_secs_f64() * 1e3,
+        };
+        debug!(
+            phase = name,
+            took_ms = p.took_ms,
+            total_ms = p.total_ms,
+            "init phase done"
+        );
+        self.phases.push(p);
+    }
+}
+
+pub type Inspected = Vec<(String, Result<Option<ContainerInspectResponse>>)>;
+
+/// Inspects in flight at once: enough to overlap Docker's answers, few enough that a host
+/// with thousands of containers never runs the agent (or dockerd) out of descriptors.
+const INSPECT_CONCURRENCY: usize = 32;
+
+/// Inspects each container once, a bounded number at a time.
+pub async fn inspect_all(docker: &Docker, ids: impl IntoIterator<Item = String>) -> Inspected {
+    futures_util::stream::iter(ids)
+        .map(|id| async move {
+            let r = docker::inspect(docker, &id).await;
+            (id, r)
+        })
+        .buffer_unordered(INSPECT_CONCURRENCY)
+        .collect()
+        .await
+}
+
+/// Why the agent could not start; each has its own exit code, for supervisors.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No cgroup2 or bpffs mount, an old kernel, no root.
+    #[error("{0:#}")]
+    Environment(anyhow::Error),
+    /// The kernel refused to load or attach a program.
+    #[error("{0:#}")]
+    Kernel(anyhow::Error),
+    /// Docker's API could not be reached.
+    #[error("{0:#}")]
+    Docker(anyhow::Error),
+    /// Another agent's programs are installed.
+    #[error("{0:#}")]
+    AlreadyInstalled(anyhow::Error),
+    /// Anything else.
+    #[error("{0:#}")]
+    Other(#[from] anyhow::Error),
+}
+
+impl StartError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Other(_) => 1,
+            Self::AlreadyInstalled(_) => 3,
+            Self::Environment(_) => 4,
+            Self::Kernel(_) => 5,
+            Self::Docker(_) => 6,
+        }
+    }
+}
+
+/// What the start-up finds, overlapped: the programs loaded, Docker's state, the host's
+/// ruleset.
+pub struct Started {
+    pub loaded: Loaded,
+    pub docker: Docker,
+    pub inspected: Inspected,
+    pub networks: HashMap<String, NetInfo>,
+    pub docker_version: String,
+    pub fw_snapshot: hostfw::Snapshot,
+}
+
+/// Loads and attaches the programs, asks Docker for its containers and networks, and reads
+/// the host's ruleset, overlapped. On failure, a pin directory this start created is removed
+/// again: nothing is left half-installed. An existing one (an earlier agent's) is adopted
+/// and kept.
+pub async fn load_and_list(
+    opts: &Options,
+    cgroup: PathBuf,
+    host_cookie: u64,
+    startup: &mut Startup,
+) -> Result<Started, StartError> {
+    let fresh_pins = opts.pin_dir.as_ref().filter(|d| !d.exists()).cloned();
+    let undo = |e: StartError| {
+        if let Some(dir) = &fresh_pins {
+            let _ = bpf::unpin_all(dir);
+        }
+        e
+    };
+    // Loading and Docker's first answer are independent: overlap them.
+    let docker_fut = async {
+        let d = docker::connect(&opts.docker_socket).await?;
+        let ids = docker::running_ids(&d).await?;
+        let (inspected, networks) = tokio::join!(inspect_all(&d, ids), docker::networks(&d));
+        let version = d
+            .version()
+            .await
+            .ok()
+            .and_then(|v| v.version)
+            .unwrap_or_default();
+        anyhow::Ok((d, inspected, networks?, version))
+    };
+    // An earlier version's DOCKER-USER chain goes; then the host's ruleset is read.
+    let fwd_chain = opts.fwd_chain.clone();
+    let fw_fut = tokio::task::spawn_blocking(move || {
+        if crate::forward::remove_legacy(&fwd_chain) {
+            info!(chain = %fwd_chain, "removed the DOCKER-USER chain of an earlier version");
+        }
+        hostfw::capture()
+    });
+    let pin_dir = opts.pin_dir.clone();
+    let max_frontends = opts.max_frontends;
+    let load_fut = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        let r = Loaded::load_and_attach_sized(&cgroup, pin_dir.as_deref(), max_frontends);
+        (r, t.elapsed())
+    });
+    let (docker_res, load_res, fw_res) = tokio::join!(
+        async {
+            let t = Instant::now();
+            (docker_fut.await, t.elapsed())
+        },
+        load_fut,
+        fw_fut
+    );
+    let (docker_res, docker_took) = docker_res;
+    let fw_snapshot = fw_res.context("firewall task")?;
+    let (load_res, load_took) = load_res.context("load task")?;
+    let mut loaded = match load_res {
+        Ok(l) => l,
+        Err(e) => return Err(undo(StartError::Kernel(e))),
+    };
+    startup.record("load_attach", load_took);
+    startup.record("docker_list_inspect", docker_took);
+    let (docker, inspected, networks, docker_version) = match docker_res {
+        Ok(d) => d,
+        Err(e) => {
+            drop(loaded);
+            return Err(undo(StartError::Docker(e)));
+        }
+    };
+    // Container clients stay off until the first sync has read the host's ruleset.
+    if let Err(e) = loaded.set_config(Config {
+        host_netns_cookie: host_cookie,
+        flags: CFG_F_RESERVE_PORTS,
+    }) {
+        drop(loaded);
+        return Err(undo(StartError::Kernel(e)));
+    }
+
+    Ok(Started {
+        loaded,
+        docker,
+        inspected,
+        networks,
+        docker_version,
+        fw_snapshot,
+    })
+}
+
+/// What must hold before anything is loaded: the cgroup, the host namespace cookie, a pin
+/// directory that is the agent's own, no other agent's pinned programs beside an unpinned
+/// start.
+pub fn preflight(opts: &Options) -> Result<(PathBuf, u64), StartError> {
+    let cgroup = match &opts.cgroup {
+        Some(p) => p.clone(),
+        None => bpf::cgroup2_mount().map_err(StartError::Environment)?,
+    };
+    let host_cookie = bpf::netns_cookie().map_err(StartError::Environment)?;
+    if !cgroup.is_dir() {
+        return Err(StartError::Environment(anyhow::anyhow!(
+            "cgroup {} does not exist",
+            cgroup.display()
+        )));
+    }
+    if let Some(dir) = &opts.pin_dir {
+        bpf::check_bpffs(dir).map_err(StartError::Environment)?;
+        bpf::secure_pin_dir(dir, false).map_err(StartError::Environment)?;
+    } else if bpf::has_pinned_links(std::path::Path::new(bpf::DEFAULT_PIN_DIR)) {
+        // A pinned agent's programs are attached: a second, unpinned set would translate
+        // beside them and leave when this one stops.
+        return Err(StartError::AlreadyInstalled(anyhow::anyhow!(
+            "an agent's programs are pinned at {} and attached; run without --no-pin to adopt \
+             them, or `dataplane uninstall` first",
+            bpf::DEFAULT_PIN_DIR
+        )));
+    }
+    Ok((cgroup, host_cookie))
+}
