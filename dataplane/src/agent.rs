@@ -24,9 +24,9 @@ use crate::{
     docker::{self, Effect},
     hostfw,
     netfilter::NetfilterTask,
-    netlink, netns, nfwatch,
-    notrack::Notrack,
-    plan,
+    netfilter::changes as nfwatch,
+    netfilter::notrack::Notrack,
+    netlink, netns, plan,
     reconcile::reconcile,
     sockets::Destroyer,
     start::{Inspected, Started, Startup, inspect_all, load_and_list, preflight},
@@ -420,6 +420,8 @@ impl Agent {
     }
 
     async fn on_ruleset_change(&mut self) {
+        // Ours among the tables that changed, perhaps: read back, repaired if it drifted.
+        self.netfilter.check();
         match tokio::task::spawn_blocking(hostfw::capture).await {
             Ok(snap) => self.fw_snapshot = snap,
             Err(e) => {

@@ -13,7 +13,7 @@ use dataplane_common::{Backend, Config, FrontendKey, PeerNet, PeerNetKey, PortFa
 use crate::{
     addr::Service,
     bpf::Loaded,
-    notrack,
+    netfilter::notrack,
     plan::{Plan, Served, gone_backends},
     reconcile::{Applied, KvStore, reconcile},
     state::State,

@@ -42,11 +42,11 @@ enum Cmd {
         resync_interval: u64,
         /// nftables table (family inet) for the notrack rules; removed when an unpinned agent
         /// stops.
-        #[arg(long, default_value = dataplane::notrack::TABLE)]
+        #[arg(long, default_value = dataplane::netfilter::notrack::TABLE)]
         nft_table: String,
         /// iptables chain that earlier versions jumped to from Docker's DOCKER-USER; removed
         /// at start where it is found (nothing is added to Docker's chains any more).
-        #[arg(long, default_value = dataplane::forward::CHAIN)]
+        #[arg(long, default_value = dataplane::netfilter::legacy::CHAIN)]
         fwd_chain: String,
         /// bpffs directory for the pinned maps and links: they stay attached while the agent
         /// is stopped or restarting (translating nothing new until an agent runs and vouches
@@ -67,9 +67,9 @@ enum Cmd {
     Uninstall {
         #[arg(long, default_value = dataplane::bpf::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        #[arg(long, default_value = dataplane::notrack::TABLE)]
+        #[arg(long, default_value = dataplane::netfilter::notrack::TABLE)]
         nft_table: String,
-        #[arg(long, default_value = dataplane::forward::CHAIN)]
+        #[arg(long, default_value = dataplane::netfilter::legacy::CHAIN)]
         fwd_chain: String,
         #[arg(long, default_value = api::DEFAULT_SOCKET)]
         socket: PathBuf,
@@ -172,14 +172,14 @@ fn uninstall(pin_dir: &Path, nft_table: &str, fwd_chain: &str, socket: &Path) ->
             failed = true;
         }
     }
-    match dataplane::notrack::Notrack::new(nft_table).remove() {
+    match dataplane::netfilter::notrack::Notrack::new(nft_table).remove() {
         Ok(()) => println!("removed nftables table inet {nft_table}"),
         Err(e) => {
             eprintln!("dataplane: {e:#}");
             failed = true;
         }
     }
-    if dataplane::forward::remove_legacy(fwd_chain) {
+    if dataplane::netfilter::legacy::remove_legacy(fwd_chain) {
         println!("removed iptables chain {fwd_chain} and its DOCKER-USER jump");
     }
     let _ = std::fs::remove_file(socket);

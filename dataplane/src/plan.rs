@@ -17,7 +17,7 @@ use crate::{
     addr::Service,
     api::FrontendRow,
     desired::{self, Conflict, Frontend},
-    notrack,
+    netfilter::notrack,
     state::State,
 };
 

@@ -167,7 +167,7 @@ pub async fn load_and_list(
     // An earlier version's DOCKER-USER chain goes; then the host's ruleset is read.
     let fwd_chain = opts.fwd_chain.clone();
     let fw_fut = tokio::task::spawn_blocking(move || {
-        if crate::forward::remove_legacy(&fwd_chain) {
+        if crate::netfilter::legacy::remove_legacy(&fwd_chain) {
             info!(chain = %fwd_chain, "removed the DOCKER-USER chain of an earlier version");
         }
         hostfw::capture()

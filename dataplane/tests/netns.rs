@@ -14,7 +14,7 @@ use common::{Cgroup, NetNs, PY_CLIENT, Veth};
 use dataplane::{
     bpf::{self, Loaded},
     desired::{addr_to_ip, ip_to_addr, ports_of},
-    notrack::{Notrack, Spec},
+    netfilter::notrack::{Notrack, Spec},
     reconcile::KvStore,
 };
 use dataplane_common::{
@@ -508,8 +508,24 @@ fn the_notrack_table_keeps_translated_connections_out_of_conntrack() {
         !nt.apply(&spec, false).unwrap(),
         "an unchanged spec is not re-applied"
     );
-    // Updated in place (the table exists): nft takes the same script again.
+    // Updated in place (the table exists): nft takes the same batch again.
     assert!(nt.apply(&spec, true).unwrap());
+    // Read back, it is what was applied; a rule deleted by hand is restored.
+    assert!(!nt.repair().unwrap(), "no drift right after applying");
+    let table = format!("dataplane_it_nt_{id}");
+    let listed = common::sh(&["nft", "-a", "list", "chain", "inet", &table, "output"]);
+    let handle = listed
+        .lines()
+        .filter(|l| l.contains("notrack"))
+        .find_map(|l| l.split("# handle ").nth(1))
+        .expect("a rule with a handle")
+        .trim()
+        .to_string();
+    common::sh(&[
+        "nft", "delete", "rule", "inet", &table, "output", "handle", &handle,
+    ]);
+    assert!(nt.repair().unwrap(), "a deleted rule is seen");
+    assert!(!nt.repair().unwrap(), "and restored");
     let before = tracked_to(&lab.backend_ip, 8080);
     connect(20);
     let after = tracked_to(&lab.backend_ip, 8080);

@@ -1,3 +1,7 @@
+//! Everything the agent does with netfilter: its own nftables table ([`notrack`], typed
+//! batches through the `nftables` crate), the removal of an earlier version's iptables
+//! chain ([`legacy`]), and change notifications ([`changes`]).
+//!
 //! The notrack table's writer: one background task that applies the latest requested
 //! [`notrack::Spec`] (a `watch` channel: requests coalesce, the newest wins), off the event
 //! loop, after the maps: a new frontend answers at once, its notrack rules follow. The table
@@ -8,16 +12,20 @@
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use crate::{
-    apply::Backoff,
-    notrack::{self, Notrack},
-};
+pub mod changes;
+pub mod legacy;
+pub mod notrack;
+
+use crate::apply::Backoff;
+use notrack::Notrack;
 
 #[derive(Clone, Debug, Default)]
 struct Want {
     spec: Option<notrack::Spec>,
     /// Bumped by each request to re-apply even an unchanged table.
     force: u64,
+    /// Bumped by each request to read the table back and repair drift.
+    check: u64,
 }
 
 pub struct NetfilterTask {
@@ -30,7 +38,7 @@ impl NetfilterTask {
     pub fn start(mut notrack: Notrack) -> Self {
         let (tx, mut rx) = watch::channel(Want::default());
         let task = tokio::spawn(async move {
-            let mut forced = 0;
+            let (mut forced, mut checked) = (0, 0);
             let mut backoff = Backoff::new();
             let mut retry = None;
             loop {
@@ -48,8 +56,13 @@ impl NetfilterTask {
                 let want = rx.borrow_and_update().clone();
                 let Some(spec) = want.spec else { continue };
                 let force = want.force != forced;
+                let check = want.check != checked;
+                checked = want.check;
                 let (n, ok) = match tokio::task::spawn_blocking(move || {
-                    let ok = write(&mut notrack, spec, force);
+                    let mut ok = write(&mut notrack, spec, force);
+                    if ok && check {
+                        ok = repair(&mut notrack);
+                    }
                     (notrack, ok)
                 })
                 .await
@@ -91,6 +104,14 @@ impl NetfilterTask {
     }
 }
 
+impl NetfilterTask {
+    /// Reads the table back soon and restores what was applied if it drifted (a rule or
+    /// element deleted by hand, the table deleted).
+    pub fn check(&self) {
+        self.tx.send_modify(|w| w.check += 1);
+    }
+}
+
 impl crate::apply::Netfilter for NetfilterTask {
     fn schedule(&self, spec: notrack::Spec, force: bool) {
         self.tx.send_modify(|w| {
@@ -99,6 +120,21 @@ impl crate::apply::Netfilter for NetfilterTask {
                 w.force += 1;
             }
         });
+    }
+}
+
+/// Repairs drift of the table; whether it is in place.
+fn repair(nt: &mut Notrack) -> bool {
+    match nt.repair() {
+        Ok(true) => {
+            warn!("the nftables notrack table had been changed by hand: restored");
+            true
+        }
+        Ok(false) => true,
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "repairing the nftables notrack table failed; retrying");
+            false
+        }
     }
 }
 

@@ -1,0 +1,971 @@
+//! Keeps translated connections out of `nf_conntrack`: one nftables table of our own,
+//! `inet dataplane`, with `notrack` rules at raw priority, replaced as one atomic batch
+//! whenever its content changes.
+//!
+//! Why rules are needed at all: the socket layer translates at `connect()`, so the packets
+//! are ordinary host-to-container (or container-to-container) traffic; on a host where
+//! Docker's iptables rules keep conntrack active, each would get a conntrack entry.
+//!
+//! What is untracked, and why nothing else is:
+//! - Packets between a container client the socket layer translates (a "peer": a Docker
+//!   container on the backend's network) and a published backend `addr.proto.port`, both
+//!   ways. Only peers' addresses are in the rule, so routed or external clients of the same
+//!   backend (whose connections Docker's DNAT carries) stay tracked.
+//! - Packets from the host to a backend `addr.proto.port` (`output`), and their replies,
+//!   only when a local socket is connected to exactly that backend (`socket` lookup):
+//!   replies of connections Docker's NAT carries (a client bound to `127.0.0.1`, one made
+//!   before the agent ran) go to a masqueraded address no such socket has, so they stay
+//!   tracked and their NAT is undone.
+//! - Nothing to or from the host when it has a stateful `INPUT` policy
+//!   (`track_host_clients`): there untracked replies would be dropped, so host clients'
+//!   connections stay tracked (one conntrack entry each, as on the direct path).
+//!
+//! `notrack` never lets a packet through that a rule drops: Docker's and the operator's
+//! filter rules see every packet as before.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write as _,
+    net::IpAddr,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+use dataplane_common::{Backend, FrontendKey, is_zero};
+use nftables::{
+    batch::Batch,
+    expr::{Expression, SocketAttr},
+    schema::{
+        Chain, Element, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag,
+        SetType, SetTypeValue, Table,
+    },
+    stmt::Statement,
+    types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
+};
+
+use crate::{
+    addr::{Service, addr_to_ip},
+    netlink::HostAddr,
+};
+
+/// The default table name (`inet dataplane`).
+pub const TABLE: &str = "dataplane";
+
+/// What the rules are built from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Spec {
+    /// The backends in the maps.
+    pub backends: BTreeSet<Service>,
+    /// This host's own addresses (interfaces and bridge gateways, not loopback): where
+    /// replies to host clients go.
+    pub hosts: BTreeSet<IpAddr>,
+    /// Addresses of the container clients the socket layer translates.
+    pub peers: BTreeSet<IpAddr>,
+    /// Published (protocol number, port) pairs: what a peer dials on a host address to
+    /// take Docker's NAT path.
+    pub published: BTreeSet<(u8, u16)>,
+    /// Host clients' connections stay tracked (a stateful `INPUT` policy was found).
+    pub track_host_clients: bool,
+    /// Replies of connections that Docker's NAT carries from a peer to a backend (made
+    /// before the peer or the backend was known to the agent): they stay tracked, so their
+    /// NAT is undone, until they end.
+    pub nat_replies: BTreeSet<NatReply>,
+}
+
+/// A reply tuple: (backend address, protocol, backend port, client address, client port).
+pub type NatReply = (IpAddr, u8, u16, IpAddr, u16);
+
+/// The connections Docker's NAT carries now between a peer and a backend of `spec`, from
+/// `conntrack -L --dst-nat` output (both families).
+pub fn nat_replies(conntrack: &str, spec: &Spec) -> BTreeSet<NatReply> {
+    let mut out = BTreeSet::new();
+    for line in conntrack.lines() {
+        // A connection that ended (TIME_WAIT, CLOSE) needs nothing any more; keeping its
+        // reply tuple would hand a new translated connection that reuses the client port
+        // to the old entry's NAT.
+        if line.contains(" TIME_WAIT ") || line.contains(" CLOSE ") {
+            continue;
+        }
+        let mut proto = None;
+        let mut vals: Vec<(&str, &str)> = Vec::new();
+        for (i, w) in line.split_whitespace().enumerate() {
+            if i == 1 {
+                proto = w.parse::<u8>().ok();
+            }
+            if let Some((k, v)) = w.split_once('=') {
+                vals.push((k, v));
+            }
+        }
+        let get = |key: &str, nth: usize| {
+            vals.iter()
+                .filter(|(k, _)| *k == key)
+                .nth(nth)
+                .map(|(_, v)| *v)
+        };
+        // The second src/dst/sport/dport group is the reply direction.
+        let parsed = (|| {
+            Some((
+                proto?,
+                get("src", 1)?.parse::<IpAddr>().ok()?,
+                get("sport", 1)?.parse::<u16>().ok()?,
+                get("dst", 1)?.parse::<IpAddr>().ok()?,
+                get("dport", 1)?.parse::<u16>().ok()?,
+            ))
+        })();
+        let Some((proto, backend, bport, client, cport)) = parsed else {
+            continue;
+        };
+        if spec.backends.contains(&Service::new(backend, proto, bport))
+            && spec.peers.contains(&client)
+        {
+            out.insert((backend, proto, bport, client, cport));
+        }
+    }
+    out
+}
+
+/// `conntrack -L --dst-nat` for both families (empty when conntrack is not there).
+pub fn dump_dnat() -> String {
+    let mut text = String::new();
+    for fam in ["ipv4", "ipv6"] {
+        if let Ok(o) = Command::new("conntrack")
+            .args(["-L", "-f", fam, "--dst-nat"])
+            .stderr(Stdio::null())
+            .output()
+        {
+            text.push_str(&String::from_utf8_lossy(&o.stdout));
+        }
+    }
+    text
+}
+
+impl Spec {
+    pub fn new<'a>(
+        frontends: impl IntoIterator<Item = (&'a FrontendKey, &'a Backend)>,
+        addrs: &[HostAddr],
+        peers: impl IntoIterator<Item = IpAddr>,
+        track_host_clients: bool,
+    ) -> Self {
+        let mut spec = Self {
+            track_host_clients,
+            peers: peers.into_iter().collect(),
+            ..Self::default()
+        };
+        for (k, b) in frontends {
+            spec.published.insert((k.proto, k.port()));
+            for a in [b.addr4, b.addr6] {
+                if !is_zero(&a) {
+                    spec.backends
+                        .insert(Service::new(addr_to_ip(&a), k.proto, b.port()));
+                }
+            }
+        }
+        for a in addrs {
+            if !a.ip.is_loopback() && !a.ip.is_unspecified() {
+                spec.hosts.insert(a.ip);
+            }
+        }
+        spec
+    }
+}
+
+/// Each item rendered, IPv4 ones first, IPv6 ones second.
+fn split<T, U>(
+    items: &BTreeSet<T>,
+    is_v4: impl Fn(&T) -> bool,
+    show: impl Fn(&T) -> U,
+) -> (Vec<U>, Vec<U>) {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for i in items {
+        if is_v4(i) {
+            v4.push(show(i));
+        } else {
+            v6.push(show(i));
+        }
+    }
+    (v4, v6)
+}
+
+/// How long a peer's connection through Docker's NAT keeps its replies tracked after its
+/// last packet towards the host, in seconds.
+const NAT_CLIENT_TIMEOUT_S: u32 = 600;
+/// Room for such connections (when full, new ones are not recorded).
+const NAT_CLIENTS_MAX: u32 = 65_536;
+
+/// The sets the agent fills (flushed and refilled at each update).
+const FILLED: [&str; 9] = [
+    "published",
+    "backends4",
+    "backends6",
+    "hosts4",
+    "hosts6",
+    "peers4",
+    "peers6",
+    "natreplies4",
+    "natreplies6",
+];
+
+/// Typed pieces of nft expressions and statements.
+mod nf {
+    use std::borrow::Cow;
+
+    use nftables::{
+        expr::{
+            Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, SetItem, Socket,
+            SocketAttr,
+        },
+        stmt::{self, Match, Operator, Statement},
+    };
+
+    pub fn field(protocol: &'static str, field: &'static str) -> Expression<'static> {
+        Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+            PayloadField {
+                protocol: protocol.into(),
+                field: field.into(),
+            },
+        )))
+    }
+
+    pub fn l4proto() -> Expression<'static> {
+        Expression::Named(NamedExpression::Meta(Meta {
+            key: MetaKey::L4proto,
+        }))
+    }
+
+    pub fn concat(parts: Vec<Expression<'static>>) -> Expression<'static> {
+        Expression::Named(NamedExpression::Concat(parts))
+    }
+
+    /// `left` is in named set `set`.
+    pub fn in_set(left: Expression<'static>, set: &str) -> Statement<'static> {
+        Statement::Match(Match {
+            left,
+            right: Expression::String(format!("@{set}").into()),
+            op: Operator::EQ,
+        })
+    }
+
+    /// `left == right`.
+    pub fn is(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+        Statement::Match(Match {
+            left,
+            right,
+            op: Operator::EQ,
+        })
+    }
+
+    /// `meta l4proto { tcp, udp }`.
+    pub fn tcp_or_udp() -> Statement<'static> {
+        is(
+            l4proto(),
+            Expression::Named(NamedExpression::Set(vec![
+                SetItem::Element(Expression::String("tcp".into())),
+                SetItem::Element(Expression::String("udp".into())),
+            ])),
+        )
+    }
+
+    /// `socket <attr> 0`.
+    pub fn socket_not(attr: SocketAttr) -> Statement<'static> {
+        is(
+            Expression::Named(NamedExpression::Socket(Socket {
+                key: Cow::Owned(attr),
+            })),
+            Expression::Number(0),
+        )
+    }
+
+    /// `update @set { elem }`.
+    pub fn update(set: &str, elem: Expression<'static>) -> Statement<'static> {
+        Statement::Set(stmt::Set {
+            op: stmt::SetOp::Update,
+            elem,
+            set: format!("@{set}").into(),
+        })
+    }
+}
+
+/// The sets of the table with their types and content.
+fn sets(spec: &Spec) -> Vec<(&'static str, Vec<SetType>, Vec<Expression<'static>>)> {
+    use SetType::{InetProto, InetService, Ipv4Addr, Ipv6Addr};
+    let s = |v: String| Expression::String(v.into());
+    let n = |v: u16| Expression::Number(u32::from(v));
+    let (b4, b6) = split(
+        &spec.backends,
+        |b| b.addr.is_ipv4(),
+        |b| {
+            nf::concat(vec![
+                s(b.addr.to_string()),
+                n(u16::from(b.proto)),
+                n(b.port),
+            ])
+        },
+    );
+    let (h4, h6) = split(&spec.hosts, IpAddr::is_ipv4, |a| s(a.to_string()));
+    let (p4, p6) = split(&spec.peers, IpAddr::is_ipv4, |a| s(a.to_string()));
+    let (n4, n6) = split(
+        &spec.nat_replies,
+        |(b, ..)| b.is_ipv4(),
+        |(b, proto, bport, c, cport)| {
+            nf::concat(vec![
+                s(b.to_string()),
+                n(u16::from(*proto)),
+                n(*bport),
+                s(c.to_string()),
+                n(*cport),
+            ])
+        },
+    );
+    let published = spec
+        .published
+        .iter()
+        .map(|(proto, port)| nf::concat(vec![n(u16::from(*proto)), n(*port)]))
+        .collect();
+    vec![
+        ("published", vec![InetProto, InetService], published),
+        ("backends4", vec![Ipv4Addr, InetProto, InetService], b4),
+        ("backends6", vec![Ipv6Addr, InetProto, InetService], b6),
+        ("hosts4", vec![Ipv4Addr], h4),
+        ("hosts6", vec![Ipv6Addr], h6),
+        ("peers4", vec![Ipv4Addr], p4),
+        ("peers6", vec![Ipv6Addr], p6),
+        (
+            "natreplies4",
+            vec![Ipv4Addr, InetProto, InetService, Ipv4Addr, InetService],
+            n4,
+        ),
+        (
+            "natreplies6",
+            vec![Ipv6Addr, InetProto, InetService, Ipv6Addr, InetService],
+            n6,
+        ),
+    ]
+}
+
+/// The rules of the `prerouting` and `output` chains, in order.
+fn rules(spec: &Spec) -> (Vec<Vec<Statement<'static>>>, Vec<Vec<Statement<'static>>>) {
+    use nf::{concat, field, in_set, l4proto, tcp_or_udp};
+    let mut pre = Vec::new();
+    for (ip, n) in [("ip", "4"), ("ip6", "6")] {
+        let src = || field(ip, "saddr");
+        let dst = || field(ip, "daddr");
+        // A peer dialling the host on a published port (Docker's NAT path: a client the
+        // programs left to Docker, or any while no agent runs) has its client port recorded,
+        // so the replies of that connection stay tracked and their NAT is undone.
+        pre.push(vec![
+            tcp_or_udp(),
+            in_set(src(), &format!("peers{n}")),
+            in_set(dst(), &format!("hosts{n}")),
+            in_set(concat(vec![l4proto(), field("th", "dport")]), "published"),
+            nf::update(
+                &format!("natclients{n}"),
+                concat(vec![src(), l4proto(), field("th", "sport")]),
+            ),
+        ]);
+        pre.push(vec![
+            tcp_or_udp(),
+            in_set(
+                concat(vec![src(), l4proto(), field("th", "sport")]),
+                &format!("backends{n}"),
+            ),
+            in_set(
+                concat(vec![dst(), l4proto(), field("th", "dport")]),
+                &format!("natclients{n}"),
+            ),
+            Statement::Return(None),
+        ]);
+        // Replies that Docker's NAT carried before the table knew them.
+        pre.push(vec![
+            in_set(
+                concat(vec![
+                    src(),
+                    l4proto(),
+                    field("th", "sport"),
+                    dst(),
+                    field("th", "dport"),
+                ]),
+                &format!("natreplies{n}"),
+            ),
+            Statement::Return(None),
+        ]);
+    }
+    for (ip, n) in [("ip", "4"), ("ip6", "6")] {
+        let src = || field(ip, "saddr");
+        let dst = || field(ip, "daddr");
+        // Container clients and backends, both ways (bridged through the host).
+        pre.push(vec![
+            in_set(src(), &format!("peers{n}")),
+            in_set(
+                concat(vec![dst(), l4proto(), field("th", "dport")]),
+                &format!("backends{n}"),
+            ),
+            Statement::Notrack,
+        ]);
+        pre.push(vec![
+            in_set(dst(), &format!("peers{n}")),
+            in_set(
+                concat(vec![src(), l4proto(), field("th", "sport")]),
+                &format!("backends{n}"),
+            ),
+            Statement::Notrack,
+        ]);
+        if !spec.track_host_clients {
+            // Replies to a host socket connected straight to the backend (TCP: not a
+            // wildcard listener; UDP: a socket bound there).
+            for (proto, attr) in [
+                ("tcp", SocketAttr::Wildcard),
+                ("udp", SocketAttr::Transparent),
+            ] {
+                pre.push(vec![
+                    nf::is(l4proto(), Expression::String(proto.into())),
+                    in_set(dst(), &format!("hosts{n}")),
+                    in_set(
+                        concat(vec![src(), l4proto(), field("th", "sport")]),
+                        &format!("backends{n}"),
+                    ),
+                    nf::socket_not(attr),
+                    Statement::Notrack,
+                ]);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if !spec.track_host_clients {
+        for (ip, n) in [("ip", "4"), ("ip6", "6")] {
+            out.push(vec![
+                in_set(
+                    concat(vec![field(ip, "daddr"), l4proto(), field("th", "dport")]),
+                    &format!("backends{n}"),
+                ),
+                Statement::Notrack,
+            ]);
+        }
+    }
+    (pre, out)
+}
+
+fn table(t: &str) -> Table<'static> {
+    Table {
+        family: NfFamily::INet,
+        name: t.to_string().into(),
+        handle: None,
+    }
+}
+
+fn set_of(t: &str, name: &str, types: Vec<SetType>) -> Set<'static> {
+    Set {
+        family: NfFamily::INet,
+        table: t.to_string().into(),
+        name: name.to_string().into(),
+        handle: None,
+        set_type: if types.len() == 1 {
+            SetTypeValue::Single(types[0])
+        } else {
+            SetTypeValue::Concatenated(types.into())
+        },
+        policy: None,
+        flags: None,
+        elem: None,
+        timeout: None,
+        gc_interval: None,
+        size: None,
+        comment: None,
+    }
+}
+
+fn chain_of(t: &str, hook: NfHook) -> Chain<'static> {
+    Chain {
+        family: NfFamily::INet,
+        table: t.to_string().into(),
+        name: match hook {
+            NfHook::Output => "output",
+            _ => "prerouting",
+        }
+        .into(),
+        _type: Some(NfChainType::Filter),
+        hook: Some(hook),
+        prio: Some(-300),
+        policy: Some(NfChainPolicy::Accept),
+        ..Chain::default()
+    }
+}
+
+/// The batch that makes table `t` exactly `spec`, as one transaction: the table, its sets
+/// and chains declared (`add`: created where missing), then the chains and the agent's
+/// sets flushed and filled. The connections recorded in `natclients` (learnt by the packet
+/// path) survive every update.
+pub fn batch(t: &str, spec: &Spec, new_table: bool) -> Batch<'static> {
+    let mut b = Batch::new();
+    b.add(NfListObject::Table(table(t)));
+    let sets = sets(spec);
+    for (name, types, _) in &sets {
+        b.add(NfListObject::Set(Box::new(set_of(t, name, types.clone()))));
+    }
+    // Once they exist the kernel has marked them dynamic, which nft's JSON cannot say, so
+    // declaring them again would not match: declared with a new table only.
+    let dynamic = if new_table {
+        &[("4", SetType::Ipv4Addr), ("6", SetType::Ipv6Addr)][..]
+    } else {
+        &[]
+    };
+    for (n, addr) in dynamic.iter().copied() {
+        let mut s = set_of(
+            t,
+            &format!("natclients{n}"),
+            vec![addr, SetType::InetProto, SetType::InetService],
+        );
+        // Dynamic too, implied by the `update` statements that use it.
+        s.flags = Some([SetFlag::Timeout].into_iter().collect());
+        s.timeout = Some(NAT_CLIENT_TIMEOUT_S);
+        s.size = Some(NAT_CLIENTS_MAX);
+        b.add(NfListObject::Set(Box::new(s)));
+    }
+    for hook in [NfHook::Prerouting, NfHook::Output] {
+        b.add(NfListObject::Chain(chain_of(t, hook)));
+        b.add_cmd(NfCmd::Flush(FlushObject::Chain(chain_of(t, hook))));
+    }
+    for (name, types, items) in sets {
+        b.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(set_of(
+            t, name, types,
+        )))));
+        if !items.is_empty() {
+            b.add(NfListObject::Element(Element {
+                family: NfFamily::INet,
+                table: t.to_string().into(),
+                name: name.into(),
+                elem: items.into(),
+            }));
+        }
+    }
+    let (pre, out) = rules(spec);
+    for (chain, rules) in [("prerouting", pre), ("output", out)] {
+        for expr in rules {
+            b.add(NfListObject::Rule(Rule {
+                family: NfFamily::INet,
+                table: t.to_string().into(),
+                chain: chain.into(),
+                expr: expr.into(),
+                handle: None,
+                index: None,
+                comment: None,
+            }));
+        }
+    }
+    b
+}
+
+/// The batch that deletes table `t` (created first if missing, so it never fails for
+/// that).
+pub fn delete_batch(t: &str) -> Batch<'static> {
+    let mut b = Batch::new();
+    b.add(NfListObject::Table(table(t)));
+    b.delete(NfListObject::Table(table(t)));
+    b
+}
+
+/// Rules per chain and elements per set the agent fills, as the kernel has them in table
+/// `t` (`nft -j list table`): compared with what was applied, a rule or element deleted by
+/// hand shows.
+fn shape_of(ruleset: &Nftables<'_>) -> BTreeMap<String, usize> {
+    let mut shape = BTreeMap::new();
+    for o in ruleset.objects.iter() {
+        match o {
+            NfObject::ListObject(NfListObject::Rule(r)) => {
+                *shape.entry(format!("chain {}", r.chain)).or_insert(0) += 1;
+            }
+            NfObject::ListObject(NfListObject::Set(s)) if FILLED.contains(&s.name.as_ref()) => {
+                shape.insert(
+                    format!("set {}", s.name),
+                    s.elem.as_ref().map_or(0, |e| e.len()),
+                );
+            }
+            _ => {}
+        }
+    }
+    shape
+}
+
+/// What [`shape_of`] reads back when `spec` is in place.
+fn expected_shape(spec: &Spec) -> BTreeMap<String, usize> {
+    let mut shape = BTreeMap::new();
+    let (pre, out) = rules(spec);
+    for (chain, n) in [("prerouting", pre.len()), ("output", out.len())] {
+        if n > 0 {
+            shape.insert(format!("chain {chain}"), n);
+        }
+    }
+    for (name, _, items) in sets(spec) {
+        shape.insert(format!("set {name}"), items.len());
+    }
+    shape
+}
+
+/// Applies `batch` as one transaction (`nft -j -f -`, the typed batch as JSON): all or
+/// nothing. nft's error output becomes the error.
+fn run(batch: Batch<'_>) -> Result<()> {
+    let mut value = serde_json::to_value(batch.to_nftables()).context("encoding the batch")?;
+    spell_notrack(&mut value);
+    let json = serde_json::to_vec(&value).context("encoding the batch")?;
+    let mut child = Command::new("nft")
+        .args(["-j", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft")?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(&json)
+        .context("writing to nft")?;
+    let out = child.wait_with_output().context("waiting for nft")?;
+    if !out.status.success() {
+        bail!(
+            "nft refused the batch (nothing was changed): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The `nftables` crate writes the `notrack` statement as a bare string; nft reads only
+/// the object form (`{"notrack": null}`).
+fn spell_notrack(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) if s == "notrack" => {
+            *v = serde_json::json!({ "notrack": null });
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(spell_notrack),
+        serde_json::Value::Object(o) => o.values_mut().for_each(spell_notrack),
+        _ => {}
+    }
+}
+
+/// Table `t` as the kernel has it (`nft -j list table`), if it exists.
+fn read_back(t: &str) -> Option<Nftables<'static>> {
+    let args = ["list", "table", "inet", t];
+    nftables::helper::get_current_ruleset_with_args(nftables::helper::DEFAULT_NFT, &args).ok()
+}
+
+/// Whether `ruleset` has the dynamic sets (the table was made by this layout).
+fn has_dynamic_sets(ruleset: &Nftables<'_>) -> bool {
+    ruleset
+        .objects
+        .iter()
+        .any(|o| matches!(o, NfObject::ListObject(NfListObject::Set(s)) if s.name == "natclients4"))
+}
+
+/// The table as it is applied, so an unchanged spec costs nothing.
+pub struct Notrack {
+    table: String,
+    applied: Option<Spec>,
+    /// Whether the table's dynamic sets exist (read back once, then known).
+    dynamic_sets: Option<bool>,
+}
+
+impl Notrack {
+    pub fn new(table: &str) -> Self {
+        Self {
+            table: table.to_string(),
+            applied: None,
+            dynamic_sets: None,
+        }
+    }
+
+    /// What was applied last.
+    pub fn applied(&self) -> Option<&Spec> {
+        self.applied.as_ref()
+    }
+
+    /// Applies `spec` when it differs from what was applied last (or `force`).
+    pub fn apply(&mut self, spec: &Spec, force: bool) -> Result<bool> {
+        if !force && self.applied.as_ref() == Some(spec) {
+            return Ok(false);
+        }
+        let table = self.table.clone();
+        let exists = *self
+            .dynamic_sets
+            .get_or_insert_with(|| read_back(&table).is_some_and(|r| has_dynamic_sets(&r)));
+        if let Err(e) = run(batch(&self.table, spec, !exists)) {
+            // An earlier version's table (other sets or types), or one deleted by hand:
+            // replaced whole.
+            tracing::info!(error = %format!("{e:#}"), table = %self.table, "replacing the table whole");
+            let mut b = delete_batch(&self.table);
+            b.add_all(
+                batch(&self.table, spec, true)
+                    .to_nftables()
+                    .objects
+                    .into_owned(),
+            );
+            run(b)?;
+        }
+        self.dynamic_sets = Some(true);
+        self.applied = Some(spec.clone());
+        Ok(true)
+    }
+
+    /// Reads the table back and re-applies what was applied last if it drifted (a rule,
+    /// an element or the table deleted by hand). Whether it had drifted.
+    pub fn repair(&mut self) -> Result<bool> {
+        let Some(spec) = self.applied.clone() else {
+            return Ok(false);
+        };
+        let now = read_back(&self.table);
+        if now.as_ref().map(shape_of) == Some(expected_shape(&spec)) {
+            return Ok(false);
+        }
+        self.dynamic_sets = Some(now.is_some_and(|r| has_dynamic_sets(&r)));
+        self.apply(&spec, true)?;
+        Ok(true)
+    }
+
+    /// Removes the table (when the agent stops and its programs detach).
+    pub fn remove(&mut self) -> Result<()> {
+        self.applied = None;
+        self.dynamic_sets = None;
+        run(delete_batch(&self.table))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dataplane_common::{PROTO_TCP, PROTO_UDP, v4_mapped};
+    use serde_json::Value;
+
+    use super::*;
+
+    fn ha(ip: &str, ifname: &str) -> HostAddr {
+        HostAddr {
+            ip: ip.parse().unwrap(),
+            prefix_len: 24,
+            ifname: ifname.into(),
+        }
+    }
+
+    fn spec(track_host_clients: bool) -> Spec {
+        let b = Backend {
+            addr4: v4_mapped([172, 17, 0, 2]),
+            addr6: "fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+            port_be: 80u16.to_be(),
+            flags: 0,
+            id: 0,
+            net: 1,
+            pad: 0,
+        };
+        let k1 = FrontendKey::new(dataplane_common::WILDCARD4, 8080, PROTO_TCP);
+        let k2 = FrontendKey::new(dataplane_common::WILDCARD6, 8080, PROTO_TCP);
+        let k3 = FrontendKey::new(dataplane_common::WILDCARD4, 5353, PROTO_UDP);
+        Spec::new(
+            [(&k1, &b), (&k2, &b), (&k3, &b)],
+            &[
+                ha("192.0.2.2", "eth0"),
+                ha("172.17.0.1", "docker0"),
+                ha("127.0.0.1", "lo"),
+            ],
+            ["172.17.0.3".parse().unwrap()],
+            track_host_clients,
+        )
+    }
+
+    /// The batch as nft reads it.
+    fn json(spec: &Spec) -> Vec<Value> {
+        let v = serde_json::to_value(batch(TABLE, spec, true).to_nftables()).unwrap();
+        v["nftables"].as_array().unwrap().clone()
+    }
+
+    /// The rules of `chain`, each as its JSON text.
+    fn rules_of(cmds: &[Value], chain: &str) -> Vec<String> {
+        cmds.iter()
+            .filter_map(|c| c["add"]["rule"].as_object())
+            .filter(|r| r["chain"] == chain)
+            .map(|r| r["expr"].to_string())
+            .collect()
+    }
+
+    fn elements_of(cmds: &[Value], set: &str) -> Option<String> {
+        cmds.iter()
+            .filter_map(|c| c["add"]["element"].as_object())
+            .find(|e| e["name"] == set)
+            .map(|e| e["elem"].to_string())
+    }
+
+    #[test]
+    fn spec_from_frontends_addresses_and_peers() {
+        let spec = spec(false);
+        let backends: Vec<String> = spec.backends.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            backends,
+            vec![
+                "172.17.0.2:80/tcp",
+                "172.17.0.2:80/udp",
+                "[fd00::2]:80/tcp",
+                "[fd00::2]:80/udp"
+            ]
+        );
+        let hosts: Vec<String> = spec.hosts.iter().map(ToString::to_string).collect();
+        // Interface addresses, never loopback; no bridge network is a "client" by name.
+        assert_eq!(hosts, vec!["172.17.0.1", "192.0.2.2"]);
+        assert_eq!(
+            spec.published,
+            [(PROTO_TCP, 8080), (PROTO_UDP, 5353)].into()
+        );
+    }
+
+    #[test]
+    fn one_transaction_declares_flushes_and_fills() {
+        let cmds = json(&spec(false));
+        // The table and every set and chain declared first (a no-op where they exist)...
+        assert_eq!(cmds[0]["add"]["table"]["name"], TABLE);
+        let natclients = cmds
+            .iter()
+            .find(|c| c["add"]["set"]["name"] == "natclients4")
+            .unwrap();
+        let flags = natclients["add"]["set"]["flags"].to_string();
+        assert!(flags.contains("timeout"), "{flags}");
+        // Declared with a new table only (the kernel marks them dynamic).
+        let again = serde_json::to_value(batch(TABLE, &spec(false), false).to_nftables()).unwrap();
+        let declared = |v: &Value| {
+            v["nftables"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["add"]["set"]["name"] == "natclients4")
+        };
+        assert!(!declared(&again));
+        assert_eq!(natclients["add"]["set"]["timeout"], NAT_CLIENT_TIMEOUT_S);
+        // ...then chains and the agent's sets flushed, never what the packet path learnt.
+        let flushed: Vec<String> = cmds
+            .iter()
+            .filter_map(|c| c["flush"]["set"]["name"].as_str().map(String::from))
+            .collect();
+        assert_eq!(flushed.len(), FILLED.len());
+        assert!(!flushed.iter().any(|n| n.starts_with("natclients")));
+        assert!(
+            cmds.iter()
+                .any(|c| c["flush"]["chain"]["name"] == "prerouting")
+        );
+        let b4 = elements_of(&cmds, "backends4").unwrap();
+        assert!(b4.contains("172.17.0.2") && b4.contains("80"), "{b4}");
+        assert!(elements_of(&cmds, "peers4").unwrap().contains("172.17.0.3"));
+        // An empty set gets no element command.
+        assert!(elements_of(&cmds, "peers6").is_none());
+        let chain = cmds
+            .iter()
+            .find(|c| c["add"]["chain"]["name"] == "output")
+            .unwrap();
+        assert_eq!(chain["add"]["chain"]["hook"], "output");
+        assert_eq!(chain["add"]["chain"]["prio"], -300);
+    }
+
+    #[test]
+    fn which_packets_are_untracked() {
+        let cmds = json(&spec(false));
+        let pre = rules_of(&cmds, "prerouting");
+        // A peer's connection through Docker's NAT is recorded before any notrack rule, and
+        // only backends' replies to it stay tracked.
+        assert!(
+            pre[0].contains("\"update\"") && pre[0].contains("@natclients4"),
+            "{}",
+            pre[0]
+        );
+        assert!(pre[0].contains("@published"), "{}", pre[0]);
+        assert!(
+            pre[1].contains("@backends4") && pre[1].contains("@natclients4"),
+            "{}",
+            pre[1]
+        );
+        assert!(pre[1].contains("\"return\""), "{}", pre[1]);
+        let first_notrack = pre.iter().position(|r| r.contains("notrack")).unwrap();
+        let natreplies = pre.iter().position(|r| r.contains("@natreplies4")).unwrap();
+        assert!(natreplies < first_notrack);
+        // Every prerouting notrack rule names a peer, or a host socket connected to the
+        // backend: never any client.
+        for r in pre.iter().filter(|r| r.contains("notrack")) {
+            assert!(r.contains("@peers") || r.contains("\"socket\""), "{r}");
+        }
+        assert!(pre.iter().any(|r| r.contains("wildcard")));
+        let out = rules_of(&cmds, "output");
+        assert_eq!(out.len(), 2);
+        assert!(out[0].contains("@backends4") && out[0].contains("notrack"));
+        assert_eq!(expected_shape(&spec(false))["chain prerouting"], pre.len());
+    }
+
+    #[test]
+    fn a_stateful_input_policy_keeps_host_clients_tracked() {
+        let cmds = json(&spec(true));
+        let pre = rules_of(&cmds, "prerouting");
+        assert!(!pre.iter().any(|r| r.contains("\"socket\"")));
+        assert!(rules_of(&cmds, "output").is_empty());
+        // Container clients stay untracked: their packets are forwarded, not INPUT.
+        assert!(
+            pre.iter()
+                .any(|r| r.contains("@peers4") && r.contains("notrack"))
+        );
+    }
+
+    #[test]
+    fn replies_of_nat_carried_connections_stay_tracked() {
+        let spec = spec(false);
+        let dump = "tcp      6 431999 ESTABLISHED src=172.17.0.3 dst=172.17.0.1 sport=40000 dport=8080 \
+                    src=172.17.0.2 dst=172.17.0.3 sport=80 dport=40000 [ASSURED] mark=0 use=1\n\
+                    tcp      6 431999 ESTABLISHED src=10.0.0.9 dst=192.0.2.2 sport=41000 dport=8080 \
+                    src=172.17.0.2 dst=10.0.0.9 sport=80 dport=41000 [ASSURED] mark=0 use=1\n\
+                    udp      17 29 src=172.17.0.3 dst=172.17.0.1 sport=5000 dport=5353 \
+                    src=172.17.0.2 dst=172.17.0.3 sport=80 dport=5000 mark=0 use=1\n\
+                    tcp      6 119 TIME_WAIT src=172.17.0.3 dst=172.17.0.1 sport=40002 dport=8080 \
+                    src=172.17.0.2 dst=172.17.0.3 sport=80 dport=40002 [ASSURED] mark=0 use=1\n\
+                    conntrack v1.4.7 (conntrack-tools): 4 flow entries have been shown.\n";
+        let n = nat_replies(dump, &spec);
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        // Only peers' connections (the routed client's reply is tracked anyway).
+        assert_eq!(
+            n,
+            [
+                (a("172.17.0.2"), 6, 80, a("172.17.0.3"), 40000),
+                (a("172.17.0.2"), 17, 80, a("172.17.0.3"), 5000),
+            ]
+            .into()
+        );
+        let mut spec = spec;
+        spec.nat_replies = n;
+        let e = elements_of(&json(&spec), "natreplies4").unwrap();
+        assert!(e.contains("40000") && e.contains("5000"), "{e}");
+    }
+
+    #[test]
+    fn drift_shows_in_the_shape_read_back() {
+        let spec = spec(false);
+        let want = expected_shape(&spec);
+        // The table as nft lists it, from what was applied: same shape.
+        let mut listed = Vec::new();
+        for c in json(&spec) {
+            if let Some(r) = c["add"].get("rule") {
+                listed.push(serde_json::json!({ "rule": r }));
+            }
+            if let Some(e) = c["add"].get("element") {
+                listed.push(serde_json::json!({ "set": {
+                    "family": "inet", "table": TABLE, "name": e["name"],
+                    "type": "ipv4_addr", "elem": e["elem"] } }));
+            }
+        }
+        for name in FILLED {
+            if !listed.iter().any(|l| l["set"]["name"] == name) {
+                listed.push(serde_json::json!({ "set": {
+                    "family": "inet", "table": TABLE, "name": name, "type": "ipv4_addr" } }));
+            }
+        }
+        let read = |v: &Vec<Value>| {
+            let r: Nftables = serde_json::from_value(serde_json::json!({ "nftables": v })).unwrap();
+            shape_of(&r)
+        };
+        assert_eq!(read(&listed), want);
+        // A rule deleted by hand.
+        let i = listed.iter().position(|l| l.get("rule").is_some()).unwrap();
+        let mut one_less = listed.clone();
+        one_less.remove(i);
+        assert_ne!(read(&one_less), want);
+        // The table gone.
+        assert_ne!(read(&Vec::new()), want);
+    }
+}
