@@ -5,6 +5,7 @@
 //! the kernel and userspace agree on every byte. Byte order is stated per field.
 #![no_std]
 
+pub mod stats;
 pub mod xlate;
 
 /// `IPPROTO_TCP`.
@@ -214,6 +215,10 @@ pub const PORT_F_V4: u32 = 1;
 /// Published on an IPv6 address (or the IPv6 wildcard).
 pub const PORT_F_V6: u32 = 2;
 
+/// Where a [`TestRequest`] sits in the test classifier's input (after an Ethernet header,
+/// which test runs of skb programs need), and its [`TestAnswer`] in the output.
+pub const TEST_REQ_OFFSET: usize = 14;
+
 /// A request to the test classifier `dp_test_xlate` (`BPF_PROG_TEST_RUN` only), placed
 /// after a 14-byte Ethernet header; the answer overwrites it as a [`TestAnswer`].
 #[repr(C)]
@@ -297,39 +302,7 @@ pub struct SockRev {
     pub pad: u32,
 }
 
-/// Indices of the per-CPU stats array.
-pub const STAT_CONNECT: u32 = 0;
-pub const STAT_SENDMSG: u32 = 1;
-pub const STAT_RECVMSG: u32 = 2;
-pub const STAT_GETPEERNAME: u32 = 3;
-pub const STAT_BIND_REFUSED: u32 = 4;
-pub const STAT_SKSTORE_FULL: u32 = 5;
-/// A frontend was dialled from a socket bound to a source address: left to Docker's path.
-pub const STAT_SKIP_BOUND: u32 = 6;
-/// A frontend was dialled from a namespace that is not the host's nor a container on the
-/// backend's network: left to Docker's path.
-pub const STAT_SKIP_NETWORK: u32 = 7;
-/// A frontend was dialled over IPv6 by an IPv6-only socket and the backend has IPv4 only:
-/// left to Docker's path.
-pub const STAT_SKIP_V6ONLY: u32 = 8;
-/// A frontend was dialled (or its port bound) while no agent was running to vouch for it:
-/// left to Docker's path.
-pub const STAT_SKIP_NO_AGENT: u32 = 9;
-/// Entries of the stats map.
-pub const STATS_LEN: u32 = 16;
-/// Names of the counters, by index, as the agent reports them.
-pub const STAT_NAMES: [&str; 10] = [
-    "connect",
-    "sendmsg",
-    "recvmsg",
-    "getpeername",
-    "bind_refused",
-    "sock_storage_full",
-    "skipped_bound_source",
-    "skipped_other_network",
-    "skipped_v6only",
-    "skipped_no_agent",
-];
+pub use stats::*;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -4,7 +4,7 @@
 //! closures over arrays. Everything is `#[inline(always)]` so the eBPF build has no calls.
 
 use crate::{
-    Addr, Backend, FrontendKey, PORT_F_V4, PORT_F_V6, PortFamilies, WILDCARD4, WILDCARD6,
+    Addr, Backend, FrontendKey, PORT_F_V4, PORT_F_V6, PortFamilies, Reason, WILDCARD4, WILDCARD6,
     is_loopback, is_v4_mapped, is_zero,
 };
 
@@ -17,16 +17,6 @@ pub struct Target {
     pub port_be: u16,
     /// The frontend's id, for counters.
     pub id: u32,
-}
-
-/// Why a destination was not translated (counted by the hooks, for operators).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Skip {
-    /// Not a frontend: an ordinary destination.
-    NoFrontend,
-    /// A frontend, but the client is in a container namespace that is not on the backend's
-    /// network (or not a known Docker container at all): Docker's own path decides.
-    OtherNetwork,
 }
 
 /// Finds the frontend a destination hits, if any.
@@ -55,22 +45,22 @@ pub fn frontend_for<F, L, P>(
     lookup: F,
     is_local: L,
     peer_on: P,
-) -> Result<Backend, Skip>
+) -> Result<Backend, Reason>
 where
     F: Fn(&FrontendKey) -> Option<Backend>,
     L: Fn(&Addr) -> bool,
     P: Fn(u32) -> bool,
 {
     if port_be == 0 {
-        return Err(Skip::NoFrontend);
+        return Err(Reason::NoFrontend);
     }
     let unspecified = is_zero(dst) || *dst == WILDCARD4;
     let loopback = unspecified || is_loopback(dst);
     if loopback && !in_host_netns {
-        return Err(Skip::NoFrontend);
+        return Err(Reason::NoFrontend);
     }
     if !(loopback || is_local(dst)) {
-        return Err(Skip::NoFrontend);
+        return Err(Reason::NoFrontend);
     }
     let mut key = FrontendKey {
         addr: *dst,
@@ -87,10 +77,10 @@ where
         } else {
             WILDCARD6
         };
-        lookup(&key).ok_or(Skip::NoFrontend)?
+        lookup(&key).ok_or(Reason::NoFrontend)?
     };
     if !in_host_netns && !peer_on(b.net) {
-        return Err(Skip::OtherNetwork);
+        return Err(Reason::OtherNetwork);
     }
     Ok(b)
 }
@@ -221,7 +211,7 @@ mod tests {
     }
 
     /// A client in a namespace that is on no network of the backend's.
-    fn hit_from_elsewhere(dst: Addr, port: u16) -> Result<u32, Skip> {
+    fn hit_from_elsewhere(dst: Addr, port: u16) -> Result<u32, Reason> {
         frontend_for(&dst, port.to_be(), PROTO_TCP, false, table, local, |_| {
             false
         })
@@ -232,15 +222,15 @@ mod tests {
     fn other_namespaces_and_networks_take_dockers_path() {
         assert_eq!(
             hit_from_elsewhere(v4_mapped(GW), 8080),
-            Err(Skip::OtherNetwork)
+            Err(Reason::OtherNetwork)
         );
         assert_eq!(
             hit_from_elsewhere(v4_mapped(HOST), 8080),
-            Err(Skip::OtherNetwork)
+            Err(Reason::OtherNetwork)
         );
         assert_eq!(
             hit_from_elsewhere(v4_mapped(HOST), 8081),
-            Err(Skip::NoFrontend)
+            Err(Reason::NoFrontend)
         );
     }
 
@@ -267,7 +257,7 @@ mod tests {
         assert!(frontend_for(&dst, p, PROTO_TCP, true, table_vip, with, |_| true).is_ok());
         assert_eq!(
             frontend_for(&dst, p, PROTO_TCP, true, table_vip, without, |_| true),
-            Err(Skip::NoFrontend)
+            Err(Reason::NoFrontend)
         );
     }
 

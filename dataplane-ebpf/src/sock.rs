@@ -13,11 +13,11 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     Addr, Backend, CFG_F_BINDV6ONLY, CFG_F_PEERS, CFG_F_RESERVE_PORTS, FrontendKey, PROTO_TCP,
-    PROTO_UDP, PeerNetKey, PortKey, SOCKOPT_F_V6ONLY, SOCKOPT_F_V6ONLY_OFF, STAT_BIND_REFUSED,
-    STAT_CONNECT, STAT_GETPEERNAME, STAT_RECVMSG, STAT_SENDMSG, STAT_SKIP_BOUND, STAT_SKIP_NETWORK,
-    STAT_SKIP_NO_AGENT, STAT_SKIP_V6ONLY, STAT_SKSTORE_FULL, SockOpt, SockRev, WILDCARD4,
-    is_loopback, is_v4_mapped, is_zero, v4_mapped, v4_part,
-    xlate::{Skip, Target, bind_conflicts, frontend_for, target_v4, target_v6},
+    PROTO_UDP, PeerNetKey, PortKey, Reason, SOCKOPT_F_V6ONLY, SOCKOPT_F_V6ONLY_OFF,
+    STAT_BIND_REFUSED, STAT_CONNECT, STAT_GETPEERNAME, STAT_RECVMSG, STAT_SENDMSG,
+    STAT_SKSTORE_FULL, SockOpt, SockRev, WILDCARD4, is_loopback, is_v4_mapped, is_zero, v4_mapped,
+    v4_part,
+    xlate::{Target, bind_conflicts, frontend_for, target_v4, target_v6},
 };
 
 use crate::maps::{
@@ -99,7 +99,7 @@ fn bind_verdict(ctx: &SockAddrContext, dst: &Addr) -> i32 {
         return ALLOW;
     }
     if !agent_running() {
-        count(STAT_SKIP_NO_AGENT);
+        skipped(Reason::NoAgent);
         return ALLOW;
     }
     count(STAT_BIND_REFUSED);
@@ -196,9 +196,9 @@ fn set6(ctx: &SockAddrContext, a: &Addr, port_be: u16) {
 
 #[inline(always)]
 fn proto(sa: &bpf_sock_addr) -> Option<u8> {
-    match sa.protocol {
-        6 => Some(PROTO_TCP),
-        17 => Some(PROTO_UDP),
+    match u8::try_from(sa.protocol) {
+        Ok(PROTO_TCP) => Some(PROTO_TCP),
+        Ok(PROTO_UDP) => Some(PROTO_UDP),
         _ => None,
     }
 }
@@ -215,7 +215,7 @@ fn client_netns(ctx: &SockAddrContext) -> (u64, bool) {
 }
 
 /// The frontend `dst:port_be/proto` hits for a client in the namespace with `netns_cookie`
-/// (`host_ns`: the host's), counting why a frontend was left to Docker's path.
+/// (`host_ns`: the host's), while an agent vouches for the maps.
 #[inline(always)]
 pub fn lookup(
     dst: &Addr,
@@ -223,9 +223,9 @@ pub fn lookup(
     proto: u8,
     host_ns: bool,
     netns_cookie: u64,
-) -> Option<Backend> {
+) -> Result<Backend, Reason> {
     let peers = CONFIG.get(0).is_some_and(|c| c.flags & CFG_F_PEERS != 0);
-    let r = frontend_for(
+    let b = frontend_for(
         dst,
         port_be,
         proto,
@@ -242,18 +242,18 @@ pub fn lookup(
             };
             peers && net != 0 && PEER_NETS.get_ptr(k).is_some()
         },
-    );
-    match r {
-        Ok(_) if !agent_running() => {
-            count(STAT_SKIP_NO_AGENT);
-            None
-        }
-        Ok(b) => Some(b),
-        Err(Skip::OtherNetwork) => {
-            count(STAT_SKIP_NETWORK);
-            None
-        }
-        Err(Skip::NoFrontend) => None,
+    )?;
+    if !agent_running() {
+        return Err(Reason::NoAgent);
+    }
+    Ok(b)
+}
+
+/// Counts why a socket was left alone, when it is a reason worth counting.
+#[inline(always)]
+pub fn skipped(r: Reason) {
+    if let Some(i) = r.stat() {
+        count(i);
     }
 }
 
@@ -425,25 +425,33 @@ fn remember(ctx: &SockAddrContext, orig: &Addr, orig_port_be: u16, t: &Target) {
     }
 }
 
+/// What an IPv4 socket dialled, and where it goes instead.
 #[inline(always)]
-fn xlate4(ctx: &SockAddrContext, stat: u32) {
+fn try_xlate4(ctx: &SockAddrContext, stat: u32) -> Result<(Addr, u16, Target), Reason> {
     let s = sa(ctx);
-    let Some(proto) = proto(s) else { return };
+    let proto = proto(s).ok_or(Reason::NotTcpOrUdp)?;
     let dst = v4_mapped(s.user_ip4.to_ne_bytes());
     let port_be = port_be(s);
     let (cookie, host_ns) = client_netns(ctx);
-    let Some(b) = lookup(&dst, port_be, proto, host_ns, cookie) else {
-        return;
-    };
-    let Some(t) = target_v4(&b) else { return };
+    let b = lookup(&dst, port_be, proto, host_ns, cookie)?;
+    let t = target_v4(&b).ok_or(Reason::NoTarget)?;
     if bound_source4(ctx, stat, host_ns) {
-        count(STAT_SKIP_BOUND);
-        return;
+        return Err(Reason::BoundSource);
     }
-    remember(ctx, &dst, port_be, &t);
-    set4(ctx, v4_part(&t.addr), t.port_be);
-    count(stat);
-    count_frontend(t.id);
+    Ok((dst, port_be, t))
+}
+
+#[inline(always)]
+fn xlate4(ctx: &SockAddrContext, stat: u32) {
+    match try_xlate4(ctx, stat) {
+        Ok((dst, port_be, t)) => {
+            remember(ctx, &dst, port_be, &t);
+            set4(ctx, v4_part(&t.addr), t.port_be);
+            count(stat);
+            count_frontend(t.id);
+        }
+        Err(r) => skipped(r),
+    }
 }
 
 #[inline(always)]
@@ -452,37 +460,43 @@ fn ip6(s: &bpf_sock_addr) -> Addr {
     words6([s.user_ip6[0], s.user_ip6[1], s.user_ip6[2], s.user_ip6[3]])
 }
 
+/// What an IPv6 socket dialled, and where it goes instead.
 #[inline(always)]
-fn xlate6(ctx: &SockAddrContext, stat: u32) {
-    // udpv6_sendmsg refuses (ENOTSUPP) a destination that a program rewrote to an
-    // IPv4-mapped address: unconnected IPv6 UDP reaches IPv6 backends only.
-    let mapped_ok = stat != STAT_SENDMSG;
+fn try_xlate6(ctx: &SockAddrContext, stat: u32) -> Result<(Addr, u16, Target), Reason> {
     let s = sa(ctx);
-    let Some(proto) = proto(s) else { return };
+    let proto = proto(s).ok_or(Reason::NotTcpOrUdp)?;
     let dst = ip6(s);
     let port_be = port_be(s);
     let (cookie, host_ns) = client_netns(ctx);
-    let Some(b) = lookup(&dst, port_be, proto, host_ns, cookie) else {
-        return;
-    };
-    let Some(t) = target_v6(&dst, &b) else { return };
-    if !mapped_ok && is_v4_mapped(&t.addr) {
-        return;
+    let b = lookup(&dst, port_be, proto, host_ns, cookie)?;
+    let t = target_v6(&dst, &b).ok_or(Reason::NoTarget)?;
+    // udpv6_sendmsg refuses (ENOTSUPP) a destination that a program rewrote to an
+    // IPv4-mapped address: unconnected IPv6 UDP reaches IPv6 backends only.
+    if stat == STAT_SENDMSG && is_v4_mapped(&t.addr) {
+        return Err(Reason::MappedSendmsg);
     }
     if bound_source6(ctx, stat, host_ns) {
-        count(STAT_SKIP_BOUND);
-        return;
+        return Err(Reason::BoundSource);
     }
     // An IPv6 destination that only an IPv4 backend serves: a v4-mapped target, which an
     // IPv6-only socket cannot reach.
     if is_v4_mapped(&t.addr) && !is_v4_mapped(&dst) && v6only(ctx, host_ns) {
-        count(STAT_SKIP_V6ONLY);
-        return;
+        return Err(Reason::V6Only);
     }
-    remember(ctx, &dst, port_be, &t);
-    set6(ctx, &t.addr, t.port_be);
-    count(stat);
-    count_frontend(t.id);
+    Ok((dst, port_be, t))
+}
+
+#[inline(always)]
+fn xlate6(ctx: &SockAddrContext, stat: u32) {
+    match try_xlate6(ctx, stat) {
+        Ok((dst, port_be, t)) => {
+            remember(ctx, &dst, port_be, &t);
+            set6(ctx, &t.addr, t.port_be);
+            count(stat);
+            count_frontend(t.id);
+        }
+        Err(r) => skipped(r),
+    }
 }
 
 /// The socket's recorded translation, if `peer:port_be` is its backend.

@@ -4,24 +4,23 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use dataplane_common::{
-    TEST_F_HOST_NETNS, TEST_F_SOCK6, TestAnswer, TestRequest,
+    TEST_F_HOST_NETNS, TEST_F_SOCK6, TEST_REQ_OFFSET, TestAnswer, TestRequest,
     xlate::{target_v4, target_v6},
 };
 
-use crate::sock::lookup;
-
-/// Offset of the request: after an Ethernet header, which test runs of skb programs need.
-const REQ_OFF: usize = 14;
+use crate::sock::{lookup, skipped};
 
 /// Returns 1 when translated, 0 when not, 2 when the input is too short.
 #[classifier]
 pub fn dp_test_xlate(ctx: TcContext) -> i32 {
-    let Ok(req) = ctx.load::<TestRequest>(REQ_OFF) else {
+    let Ok(req) = ctx.load::<TestRequest>(TEST_REQ_OFFSET) else {
         return 2;
     };
     let host_ns = req.flags & TEST_F_HOST_NETNS != 0;
-    let target =
-        lookup(&req.addr, req.port_be, req.proto, host_ns, req.netns_cookie).and_then(|b| {
+    let target = lookup(&req.addr, req.port_be, req.proto, host_ns, req.netns_cookie)
+        .map_err(skipped)
+        .ok()
+        .and_then(|b| {
             if req.flags & TEST_F_SOCK6 != 0 {
                 target_v6(&req.addr, &b)
             } else {
@@ -40,7 +39,7 @@ pub fn dp_test_xlate(ctx: TcContext) -> i32 {
             pad: 0,
         },
     );
-    if ctx.store(REQ_OFF, &answer, 0).is_err() {
+    if ctx.store(TEST_REQ_OFFSET, &answer, 0).is_err() {
         return 2;
     }
     i32::from(target.is_some())

@@ -19,8 +19,8 @@ use aya::{
 use dataplane_common::{
     Addr, Backend, Config, FRONTENDS_MAX, FrontendKey, LocalAddr, MAP_AGENT, MAP_CONFIG,
     MAP_FE_STATS, MAP_FRONTENDS, MAP_LOCAL_ADDRS, MAP_PEER_NETS, MAP_PORTS, MAP_SOCK_OPT,
-    MAP_SOCK_REV, MAP_STATS, PeerNet, PeerNetKey, PortFamilies, PortKey, STATS_LEN, TestAnswer,
-    TestRequest,
+    MAP_SOCK_REV, MAP_STATS, PeerNet, PeerNetKey, PortFamilies, PortKey, STATS_LEN,
+    TEST_REQ_OFFSET, TestAnswer, TestRequest,
 };
 
 use crate::reconcile::KvStore;
@@ -593,7 +593,7 @@ impl Loaded {
         if prog.fd().is_err() {
             prog.load().context("loading dp_test_xlate")?;
         }
-        let mut data = vec![0u8; 14 + size_of::<TestRequest>()];
+        let mut data = vec![0u8; TEST_REQ_OFFSET + size_of::<TestRequest>()];
         // SAFETY: TestRequest is plain old data of exactly this size.
         let raw = unsafe {
             std::slice::from_raw_parts(
@@ -601,7 +601,7 @@ impl Loaded {
                 size_of::<TestRequest>(),
             )
         };
-        data[14..].copy_from_slice(raw);
+        data[TEST_REQ_OFFSET..].copy_from_slice(raw);
         let mut out = vec![0u8; data.len()];
         let r = prog
             .test_run(TestRunOptions {
@@ -611,7 +611,9 @@ impl Loaded {
             })
             .context("BPF_PROG_TEST_RUN of dp_test_xlate")?;
         // SAFETY: TestAnswer is plain old data and `out` holds one after the header.
-        let answer = unsafe { std::ptr::read_unaligned(out[14..].as_ptr().cast::<TestAnswer>()) };
+        let answer = unsafe {
+            std::ptr::read_unaligned(out[TEST_REQ_OFFSET..].as_ptr().cast::<TestAnswer>())
+        };
         Ok((r.return_value, answer))
     }
 
