@@ -1,0 +1,320 @@
+//! What the bench measures besides the paths: per-port cost, map memory, sync latency,
+//! cold start, and the cost of a stateful INPUT policy.
+
+use std::{
+    fmt::Write as _,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use super::{
+    Agent, P_RANGE, P_STATEFUL, P_SYNC, docker, docker_proxy_pids, ip_of, rss_kib, sh, stats,
+    wait_running,
+};
+
+/// Per-port cost: `docker run` / `docker stop` of a container publishing `n` ports.
+pub(super) fn per_port(
+    image: &str,
+    n: u16,
+    with_agent: Option<&Agent>,
+    out: &mut String,
+    label: &str,
+) -> Result<()> {
+    let range = format!(
+        "{P_RANGE}-{}:{P_RANGE}-{}",
+        P_RANGE + n - 1,
+        P_RANGE + n - 1
+    );
+    let procs0 = docker_proxy_pids().len();
+    let agent_rss0 = with_agent.map_or(0, |a| rss_kib(a.pid()));
+    let t = Instant::now();
+    sh(&[
+        "docker",
+        "run",
+        "-d",
+        "--name",
+        "dpb-ports",
+        "-p",
+        &range,
+        image,
+        "sleep",
+        "100000",
+    ])?;
+    let run_s = t.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(500));
+    let pids = docker_proxy_pids();
+    let proxy_rss: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+    let agent_rss1 = with_agent.map_or(0, |a| rss_kib(a.pid()));
+    let t = Instant::now();
+    sh(&["docker", "stop", "-t", "0", "dpb-ports"])?;
+    let stop_s = t.elapsed().as_secs_f64();
+    sh(&["docker", "rm", "-f", "dpb-ports"])?;
+    let procs = pids.len().saturating_sub(procs0);
+    let mem = if with_agent.is_some() {
+        format!(
+            "agent RSS {:+} KiB",
+            i64::try_from(agent_rss1).unwrap_or(0) - i64::try_from(agent_rss0).unwrap_or(0)
+        )
+    } else if proxy_rss == 0 {
+        "-".to_string()
+    } else {
+        format!("docker-proxy RSS {proxy_rss} KiB")
+    };
+    let _ = writeln!(
+        out,
+        "| {label} | {n} | {run_s:.2} | {stop_s:.2} | {procs} | {mem} |"
+    );
+    Ok(())
+}
+
+/// Map memory of the agent's maps, from bpftool.
+pub(super) fn map_memory_kib() -> u64 {
+    let text = sh(&["bpftool", "map", "show"]).unwrap_or_default();
+    let mut total = 0;
+    let mut ours = false;
+    for line in text.lines() {
+        if line.contains(" name ") {
+            ours = line.contains("name DP_");
+        }
+        if ours && let Some(i) = line.find("memlock ") {
+            let n: String = line[i + 8..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            total += n.parse::<u64>().unwrap_or(0);
+            ours = false;
+        }
+    }
+    total / 1024
+}
+
+/// Agent cold start to ready, with the bench's 3 containers and with more.
+pub(super) fn cold_starts(image: &str, quick: bool, extra: &mut String) -> Result<()> {
+    let cold = |label: &str, extra: &mut String| -> Result<()> {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            let a = Agent::start()?;
+            let ready = Agent::status().and_then(|s| s.ready_ms());
+            drop(a);
+            v.extend(ready);
+        }
+        let (m, lo, hi) = stats(&v);
+        let _ = writeln!(extra, "| {label} | {m:.1} | {lo:.1} | {hi:.1} |");
+        Ok(())
+    };
+    let _ = writeln!(
+        extra,
+        "\n### Agent cold start to ready (ms)\n\n| running containers | median | min | max |\n|---|---|---|---|"
+    );
+    cold("3", extra)?;
+    let many = if quick { 20 } else { 100 };
+    for i in 0..many {
+        sh(&[
+            "docker",
+            "run",
+            "-d",
+            "--name",
+            &format!("dpb-many-{i}"),
+            "-p",
+            &format!("{}:80", P_RANGE + 2000 + i),
+            image,
+            "sleep",
+            "100000",
+        ])?;
+    }
+    cold(&format!("{}", many + 3), extra)?;
+    for i in 0..many {
+        let _ = sh(&["docker", "rm", "-f", &format!("dpb-many-{i}")]);
+    }
+    Ok(())
+}
+
+/// Per-port cost, sync latency and cold start, with the engine as `cargo xtask run` has it
+/// (userland proxy off) at the end.
+pub(super) fn extras(image: &str, quick: bool, names: &[&str]) -> Result<String> {
+    let mut extra = String::new();
+    let _ = writeln!(extra, "\n### Per published port\n");
+    let _ = writeln!(
+        extra,
+        "| variant | ports | docker run s | docker stop s | processes added | memory |"
+    );
+    let _ = writeln!(extra, "|---|---|---|---|---|---|");
+    let counts: &[u16] = if quick { &[1, 100] } else { &[1, 100, 1000] };
+    docker::restart_engine(true)?;
+    for n in counts {
+        per_port(image, *n, None, &mut extra, "docker-proxy")?;
+    }
+    docker::restart_engine(false)?;
+    wait_running(names)?;
+    for n in counts {
+        per_port(image, *n, None, &mut extra, "iptables NAT")?;
+    }
+    let agent = Agent::start()?;
+    for n in counts {
+        per_port(image, *n, Some(&agent), &mut extra, "dataplane")?;
+    }
+    let _ = writeln!(
+        extra,
+        "\nMaps of the agent (fixed, preallocated): {} KiB.",
+        map_memory_kib()
+    );
+
+    // Sync latency: start event -> frontend in the map, as the agent measures it.
+    let starts = if quick { 20 } else { 100 };
+    for i in 0..starts {
+        let name = format!("dpb-sync-{i}");
+        sh(&[
+            "docker",
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "-p",
+            &format!("{}:80", P_SYNC + (i % 5)),
+            image,
+            "sleep",
+            "100000",
+        ])?;
+        let want = format!("0.0.0.0:{}/tcp", P_SYNC + (i % 5));
+        let t = Instant::now();
+        while !Agent::has_frontend(&want) && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        sh(&["docker", "rm", "-f", &name])?;
+    }
+    #[allow(clippy::cast_precision_loss, reason = "microseconds")]
+    let lat: Vec<f64> = Agent::status()
+        .map(|s| s.start_sync_us)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|us| us as f64)
+        .collect();
+    drop(agent);
+    let mut sorted = lat.clone();
+    sorted.sort_by(f64::total_cmp);
+    let pct = |p: f64| testkit::percentile(&sorted, p).map_or(f64::NAN, |us| us / 1000.0);
+    let _ = writeln!(
+        extra,
+        "\n### Sync latency\n\nDocker `start` event to the frontend in the map, {} starts: p50 {:.2} ms, p99 {:.2} ms.",
+        lat.len(),
+        pct(0.5),
+        pct(0.99)
+    );
+
+    stateful_input_cost(image, quick, &mut extra)?;
+    cold_starts(image, quick, &mut extra)?;
+    Ok(extra)
+}
+
+/// Conntrack entries whose original destination is `addr:80/tcp`.
+pub(super) fn tracked_to_port_80(addr: &str) -> usize {
+    sh(&["conntrack", "-L", "-p", "tcp", "-d", addr, "--dport", "80"])
+        .map_or(0, |s| s.lines().count())
+}
+
+/// `n` short HTTP/1.0 requests to `127.0.0.1:port`, one connection each.
+pub(super) fn http_requests(port: u16, n: usize) -> Result<()> {
+    use std::io::{Read, Write};
+    for _ in 0..n {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        let mut sink = Vec::new();
+        s.read_to_end(&mut sink)?;
+    }
+    Ok(())
+}
+
+/// On a host with a stateful INPUT policy (an operator's `ct state established` accept then
+/// drop), host clients' translated connections stay tracked: how many entries that costs
+/// per connection, against the same clients without the policy.
+pub(super) fn stateful_input_cost(image: &str, quick: bool, extra: &mut String) -> Result<()> {
+    let name = "dpb-stateful";
+    let table = "dataplane_bench_operator";
+    let _ = sh(&["docker", "rm", "-f", name]);
+    sh(&[
+        "docker",
+        "run",
+        "-d",
+        "--name",
+        name,
+        "-p",
+        &format!("{P_STATEFUL}:80"),
+        image,
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ])?;
+    let r = (|| -> Result<(f64, f64, usize)> {
+        let cip = ip_of(name)?;
+        let agent = Agent::start()?;
+        let n = if quick { 300 } else { 1000 };
+        #[allow(clippy::cast_precision_loss, reason = "small counts")]
+        let per_conn = |n: usize| -> Result<f64> {
+            let before = tracked_to_port_80(&cip);
+            http_requests(P_STATEFUL, n)?;
+            Ok(tracked_to_port_80(&cip).saturating_sub(before) as f64 / n as f64)
+        };
+        let without = per_conn(n)?;
+        let bridge = sh(&[
+            "docker",
+            "network",
+            "inspect",
+            "-f",
+            "{{index .Options \"com.docker.network.bridge.name\"}}",
+            "bridge",
+        ])?;
+        let script = format!(
+            "table inet {table} {{ chain input {{ type filter hook input priority 0; policy accept;\n\
+             ct state established,related accept\n iifname \"{}\" drop\n }}\n}}\n",
+            bridge.trim()
+        );
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()?;
+        std::io::Write::write_all(
+            &mut child.stdin.take().context("nft stdin")?,
+            script.as_bytes(),
+        )?;
+        if !child.wait()?.success() {
+            bail!("nft refused the operator's table");
+        }
+        let t = Instant::now();
+        while Agent::status().is_none_or(|s| s.host_clients_tracked.is_none()) {
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("the agent did not notice the stateful INPUT policy");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let with = per_conn(n)?;
+        drop(agent);
+        Ok((without, with, n))
+    })();
+    let _ = sh(&["nft", "delete", "table", "inet", table]);
+    let _ = sh(&["docker", "rm", "-f", name]);
+    let (without, with, n) = match r {
+        Ok(v) => v,
+        Err(e) => {
+            // The rest of the report stands; say what could not be measured.
+            let _ = writeln!(
+                extra,
+                "\n### Hosts with a stateful INPUT policy\n\nNot measured: {e:#}"
+            );
+            return Ok(());
+        }
+    };
+    let _ = writeln!(
+        extra,
+        "\n### Hosts with a stateful INPUT policy\n\n\
+         Conntrack entries per translated host connection ({n} connections to 127.0.0.1:P): \
+         {without:.2} without an operator's stateful INPUT policy, {with:.2} with one (the \
+         agent then keeps host clients' connections tracked, as on the direct path, so that \
+         their replies pass the policy). Container clients stay untracked either way."
+    );
+    Ok(())
+}
