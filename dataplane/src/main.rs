@@ -2,7 +2,6 @@
 
 use std::{
     fs::File,
-    os::fd::AsRawFd,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     process::ExitCode,
@@ -191,7 +190,7 @@ fn uninstall(pin_dir: &Path, nft_table: &str, fwd_chain: &str, socket: &Path) ->
 }
 
 /// Holds an exclusive lock for the agent's lifetime: a second agent fails fast.
-fn lock(path: &std::path::Path) -> Result<File> {
+fn lock(path: &std::path::Path) -> Result<nix::fcntl::Flock<File>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -200,15 +199,13 @@ fn lock(path: &std::path::Path) -> Result<File> {
         .truncate(false)
         .write(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
         .open(path)
         .with_context(|| format!("opening {} (run as root)", path.display()))?;
-    // SAFETY: a valid open file descriptor.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        anyhow::bail!(
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+        anyhow::anyhow!(
             "another dataplane agent is already running (it holds {})",
             path.display()
-        );
-    }
-    Ok(f)
+        )
+    })
 }

@@ -13,13 +13,22 @@ use std::{
     collections::BTreeSet,
     fs::File,
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     path::PathBuf,
 };
 
 use anyhow::{Context, Result};
 use dataplane_common::{Addr, PROTO_TCP, PROTO_UDP, v4_mapped};
-use nix::sched::{CloneFlags, setns};
+use nix::{
+    sched::{CloneFlags, setns},
+    sys::{
+        socket::{
+            AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, setsockopt,
+            socket, sockopt,
+        },
+        time::TimeVal,
+    },
+};
 
 use crate::addr::{Service, ip_to_addr};
 
@@ -221,45 +230,21 @@ struct Diag {
 
 impl Diag {
     fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2); the descriptor is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_SOCK_DIAG,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a new descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkSockDiag,
+        )?;
         // A reply never takes long; never hang the batch on one.
-        let tv = libc::timeval {
-            tv_sec: 2,
-            tv_usec: 0,
-        };
-        // SAFETY: setsockopt with a timeval of the right size.
-        let _ = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const tv).cast(),
-                u32::try_from(std::mem::size_of::<libc::timeval>()).expect("small"),
-            )
-        };
+        setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(2, 0))?;
         Ok(Self { fd, seq: 0 })
     }
 
     fn send(&mut self, family: u8, proto: u8, op: Op) -> io::Result<()> {
         self.seq += 1;
         let req = request(self.seq, family, proto, op);
-        // SAFETY: sending our own buffer on our own socket (to the kernel: no address).
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        send(self.fd.as_raw_fd(), &req, MsgFlags::empty())?;
         Ok(())
     }
 
@@ -267,13 +252,7 @@ impl Diag {
     fn replies(&mut self, out: &mut Vec<Translated>) -> io::Result<()> {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            // SAFETY: receiving into our own buffer.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let n = usize::try_from(n).unwrap_or(0);
+            let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
             if n == 0 || parse_replies(&buf[..n], out)? {
                 return Ok(());
             }
@@ -303,7 +282,7 @@ impl Diag {
                     match r {
                         Ok(()) => destroyed += 1,
                         // Closed meanwhile.
-                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) => {}
                         Err(e) => {
                             return Err(e)
                                 .context("SOCK_DESTROY (is CONFIG_INET_DIAG_DESTROY on?)");
@@ -489,9 +468,9 @@ mod tests {
         let mut e = vec![0u8; NLMSG_HDR + 4];
         e[0] = u8::try_from(e.len()).unwrap();
         e[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
-        e[NLMSG_HDR..].copy_from_slice(&(-libc::EPERM).to_ne_bytes());
+        e[NLMSG_HDR..].copy_from_slice(&(-(nix::errno::Errno::EPERM as i32)).to_ne_bytes());
         let err = parse_replies(&e, &mut Vec::new()).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        assert_eq!(err.raw_os_error(), Some(nix::errno::Errno::EPERM as i32));
         // An acknowledgement (error 0) completes a request.
         e[NLMSG_HDR..].copy_from_slice(&0i32.to_ne_bytes());
         assert!(parse_replies(&e, &mut Vec::new()).unwrap());
