@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 pub mod changes;
 pub mod legacy;
 pub mod notrack;
+pub mod ruleset;
 
 use crate::apply::Backoff;
 use notrack::Notrack;
