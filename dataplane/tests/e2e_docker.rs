@@ -1237,6 +1237,10 @@ fn dockerd_restart_is_survived_and_resynced() {
     if !conf.contains("userland-proxy") {
         c.arg("--userland-proxy=false");
     }
+    // The engine under test's own roots (a version other than the host's).
+    if let Ok(extra) = std::env::var("DATAPLANE_TEST_DOCKERD_ARGS") {
+        c.args(extra.split_whitespace());
+    }
     let started = c
         .args(["--pidfile", &pidfile])
         .stdin(Stdio::null())

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::util::output;
+use crate::{engines::Engine, util::output};
 
 const SOCKET: &str = "/var/run/docker.sock";
 const LOG: &str = "/var/log/dataplane-dockerd.log";
@@ -28,19 +28,54 @@ pub fn engine_up() -> bool {
             .is_ok_and(|s| s.success())
 }
 
-/// Starts Debian's dockerd with `userland-proxy: false` unless an engine already runs.
-/// Returns the pid of the engine it started.
-fn start_dockerd() -> Result<Option<u32>> {
+/// The version of the engine that answers on the default socket.
+fn server_version() -> Option<String> {
+    let out = Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Arguments for `dockerd` of `engine` besides the userland-proxy switch: its own data and
+/// exec roots, the pidfile.
+pub fn dockerd_args(engine: Engine) -> Vec<String> {
+    let mut args = Vec::new();
+    if let (Some(data), Some(exec)) = (engine.data_root(), engine.exec_root()) {
+        args.extend(["--data-root".into(), data, "--exec-root".into(), exec]);
+    }
+    args.extend(["--pidfile".into(), PIDFILE.into()]);
+    args
+}
+
+/// Starts `engine`'s dockerd with `userland-proxy: false` unless an engine already runs (a
+/// running one must be that engine when a version was asked for). Returns the pid of the
+/// engine it started.
+fn start_dockerd(engine: Engine) -> Result<Option<u32>> {
     if engine_up() {
+        let running = server_version().unwrap_or_default();
+        let wanted = match engine {
+            Engine::Host => None,
+            e => Some(format!("{}.", e.tag())),
+        };
+        if let Some(w) = wanted.filter(|w| !running.starts_with(w.as_str())) {
+            bail!("Docker {running} already answers on {SOCKET}; stop it to test against {w}x");
+        }
         return Ok(None);
     }
     // A flag that daemon.json also sets makes dockerd refuse to start: respect the file.
     let conf = fs::read_to_string("/etc/docker/daemon.json").unwrap_or_default();
     let mut cmd = Command::new("dockerd");
+    if let Some(path) = engine.path_env()? {
+        cmd.env("PATH", path);
+    }
     if !conf.contains("userland-proxy") {
         cmd.arg("--userland-proxy=false");
     }
-    cmd.args(["--pidfile", PIDFILE]);
+    cmd.args(dockerd_args(engine));
     let log = fs::File::create(LOG).with_context(|| format!("creating {LOG}"))?;
     let child = cmd
         .stdin(Stdio::null())
@@ -61,37 +96,51 @@ fn start_dockerd() -> Result<Option<u32>> {
 }
 
 /// For `cargo xtask run`: an engine runs afterwards. True when this call started it.
-pub fn ensure_running() -> Result<bool> {
-    Ok(start_dockerd()?.is_some())
+pub fn ensure_running(engine: Engine) -> Result<bool> {
+    Ok(start_dockerd(engine)?.is_some())
 }
 
 /// An engine for the tests: reused when one runs, else started and stopped on drop.
 pub struct TestEngine {
     started: Option<u32>,
+    engine: Engine,
 }
 
 impl TestEngine {
-    pub fn start() -> Result<Self> {
-        let started = start_dockerd()?;
+    pub fn start(engine: Engine) -> Result<Self> {
+        let started = start_dockerd(engine)?;
+        let version = server_version().unwrap_or_default();
         if started.is_some() {
-            println!("xtask: started dockerd for the tests (stopped when they finish)");
+            println!("xtask: started dockerd {version} for the tests (stopped when they finish)");
+        } else {
+            println!("xtask: testing against the running Docker {version}");
         }
-        Ok(Self { started })
+        Ok(Self { started, engine })
     }
 }
 
 impl TestEngine {
     /// Environment for the tests: whether they may restart the engine (only one that the
     /// harness started itself), and how.
-    pub fn env(&self) -> Vec<(&'static str, String)> {
-        if self.started.is_some() {
-            vec![
-                ("DATAPLANE_TEST_DOCKERD_PIDFILE", PIDFILE.to_string()),
-                ("DATAPLANE_TEST_DOCKERD_LOG", LOG.to_string()),
-            ]
-        } else {
-            Vec::new()
+    pub fn env(&self) -> Result<Vec<(&'static str, String)>> {
+        let mut env = Vec::new();
+        // The engine's own CLI and binaries first, for the tests as for the engine.
+        if let Some(path) = self.engine.path_env()? {
+            env.push(("PATH", path));
         }
+        if self.started.is_some() {
+            env.push(("DATAPLANE_TEST_DOCKERD_PIDFILE", PIDFILE.to_string()));
+            env.push(("DATAPLANE_TEST_DOCKERD_LOG", LOG.to_string()));
+            env.push((
+                "DATAPLANE_TEST_DOCKERD_ARGS",
+                dockerd_args(self.engine)
+                    .into_iter()
+                    .filter(|a| a != "--pidfile" && a != PIDFILE)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ));
+        }
+        Ok(env)
     }
 }
 

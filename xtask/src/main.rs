@@ -2,6 +2,7 @@
 
 mod bench;
 mod docker;
+mod engines;
 mod setup;
 mod util;
 
@@ -10,7 +11,10 @@ use std::{path::PathBuf, process::Command};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use crate::util::{project_root, run, run_status};
+use crate::{
+    engines::Engine,
+    util::{project_root, run, run_status},
+};
 
 #[derive(Parser)]
 #[command(about = "Setup, build, run and test the dataplane")]
@@ -28,6 +32,10 @@ enum Cmd {
     Build,
     /// Set up, build, make sure a Docker engine runs, and run the agent in the foreground.
     Run {
+        /// The Docker engine to start when none runs: the host's, or Debian's 20.10, 26.1
+        /// or 28.5 (fetched once into target/engines).
+        #[arg(long, value_enum, default_value = "host")]
+        engine: Engine,
         /// Extra arguments for `dataplane run`.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -44,6 +52,10 @@ enum Cmd {
     },
     /// Every test layer: lint, unit, netns integration, end-to-end with Docker.
     Test {
+        /// The Docker engine for the end-to-end tests: the host's (or the running one), or
+        /// Debian's 20.10, 26.1 or 28.5 (fetched once into target/engines).
+        #[arg(long, value_enum, default_value = "host")]
+        engine: Engine,
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
         no_lint: bool,
@@ -61,14 +73,14 @@ fn main() -> Result<()> {
             setup::setup()?;
             build()
         }
-        Cmd::Run { args } => {
+        Cmd::Run { engine, args } => {
             setup::setup()?;
             build()?;
-            run_agent(&args)
+            run_agent(engine, &args)
         }
         Cmd::Image => {
             setup::setup()?;
-            docker::ensure_running()?;
+            docker::ensure_running(Engine::Host)?;
             let image = docker::TestImage::build_named("dataplane-test:latest")?;
             std::mem::forget(image);
             Ok(())
@@ -78,10 +90,14 @@ fn main() -> Result<()> {
             build()?;
             bench::bench(quick)
         }
-        Cmd::Test { no_lint, only } => {
+        Cmd::Test {
+            engine,
+            no_lint,
+            only,
+        } => {
             util::become_subreaper();
             setup::setup()?;
-            test(no_lint, &only)
+            test(engine, no_lint, &only)
         }
     }
 }
@@ -142,9 +158,9 @@ fn build() -> Result<()> {
     run(&mut cmd).context("building the agent and bridge-ctl")
 }
 
-fn run_agent(args: &[String]) -> Result<()> {
+fn run_agent(engine: Engine, args: &[String]) -> Result<()> {
     util::require_root("cargo xtask run")?;
-    let started = docker::ensure_running()?;
+    let started = docker::ensure_running(engine)?;
     if started {
         println!(
             "xtask: started dockerd (userland-proxy off); it keeps running after the agent stops"
@@ -165,7 +181,7 @@ fn run_agent(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn test(no_lint: bool, only: &[String]) -> Result<()> {
+fn test(engine: Engine, no_lint: bool, only: &[String]) -> Result<()> {
     let want = |layer: &str| only.is_empty() || only.iter().any(|o| o == layer);
     build()?;
     if !no_lint {
@@ -185,13 +201,13 @@ fn test(no_lint: bool, only: &[String]) -> Result<()> {
     }
     if want("e2e") {
         println!("== end-to-end tests (real Docker engine, the agent, curl)");
-        let engine = docker::TestEngine::start()?;
+        let engine = docker::TestEngine::start(engine)?;
         let image = docker::TestImage::build()?;
         let skipped =
             std::env::temp_dir().join(format!("dataplane-skipped-{}", std::process::id()));
         let _ = std::fs::remove_file(&skipped);
         let r = run(privileged_tests("e2e_docker")
-            .envs(engine.env())
+            .envs(engine.env()?)
             .env("DATAPLANE_TEST_IMAGE", &image.name)
             .env("DATAPLANE_TEST_SKIPPED", &skipped)
             .env("DATAPLANE_BIN_DIR", project_root().join("target/release")));
