@@ -83,7 +83,10 @@ fn print_status(s: &Status) {
         if s.ready { "ready" } else { "starting" }
     );
     println!("agent:        {}", s.version);
-    println!("docker:       {}", s.docker_version);
+    println!(
+        "docker:       {} (firewall backend: {})",
+        s.docker_version, s.docker_firewall_backend
+    );
     println!(
         "last sync:    {}",
         if s.last_sync_unix_ms > 0 {

@@ -66,6 +66,8 @@ pub struct Status {
     pub ready: bool,
     pub version: String,
     pub docker_version: String,
+    /// Docker's firewall backend (`iptables`, or `nftables` from 29.0 on).
+    pub docker_firewall_backend: String,
     /// `<program>@<cgroup>`, and `(adopted)` when taken over from a pin.
     pub attach_points: Vec<String>,
     /// Unix time (ms) of the last completed sync with Docker.

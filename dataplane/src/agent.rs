@@ -83,7 +83,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     {
         let s = &mut shared.lock().expect("status lock").status;
         s.version = env!("CARGO_PKG_VERSION").to_string();
-        s.docker_version = docker_version;
+        (s.docker_version, s.docker_firewall_backend) = docker_version;
         s.attach_points.clone_from(&loaded.attached);
     }
     let _api = api::serve(&opts.api_socket, shared.clone())?;

@@ -65,6 +65,10 @@ pub struct NetInfo {
     /// Whether a container on it may be connected straight to a backend on it: a `bridge`
     /// network with inter-container communication on and not `internal`.
     pub peers_direct: bool,
+    /// Whether Docker publishes its containers' IPv4 (IPv6) ports through NAT (its gateway
+    /// mode, see `engine`).
+    pub nat4: bool,
+    pub nat6: bool,
 }
 
 impl NetInfo {
@@ -84,11 +88,14 @@ impl NetInfo {
             .get("com.docker.network.bridge.enable_icc")
             .is_none_or(|v| v != "false");
         let internal = n.internal.unwrap_or(false);
+        let (nat4, nat6) = crate::engine::nat_families(&opts);
         Some(Self {
             id,
             name,
             bridge,
             peers_direct: is_bridge && icc && !internal,
+            nat4,
+            nat6,
         })
     }
 }

@@ -52,7 +52,8 @@ pub struct Plan {
 /// The desired state for `state` on a host with `env`.
 pub fn plan(state: &State, env: &Env) -> Plan {
     let mut conflicts = Vec::new();
-    let frontends = desired::merge(state.containers.values().flatten(), &mut conflicts);
+    let mut frontends = desired::merge(state.containers.values().flatten(), &mut conflicts);
+    let unpublished = strip_unpublished_families(&mut frontends, state);
     let mut flags = CFG_F_RESERVE_PORTS;
     let peers_on = state.firewall.forward_rules.is_none();
     if peers_on {
@@ -86,6 +87,7 @@ pub fn plan(state: &State, env: &Env) -> Plan {
             .iter()
             .map(|c| format!("{} claimed by {} and {}", c.frontend, c.kept, c.dropped)),
     );
+    errors.extend(unpublished);
     Plan {
         config: Config {
             host_netns_cookie: env.host_netns_cookie,
@@ -107,6 +109,48 @@ pub fn plan(state: &State, env: &Env) -> Plan {
             .as_ref()
             .map(|w| format!("stateful INPUT policy ({w})")),
     }
+}
+
+/// Keeps, of each frontend's backend, only the families Docker publishes through NAT on
+/// the backend's network (its gateway mode, see `engine`); a frontend left with none goes,
+/// said in the returned messages (Docker publishes no host port there).
+fn strip_unpublished_families(
+    frontends: &mut BTreeMap<FrontendKey, Frontend>,
+    state: &State,
+) -> Vec<String> {
+    let mut off4 = BTreeSet::new();
+    let mut off6 = BTreeSet::new();
+    for n in state.networks.values() {
+        if !n.nat4 {
+            off4.insert(net_id(&n.id));
+        }
+        if !n.nat6 {
+            off6.insert(net_id(&n.id));
+        }
+    }
+    if off4.is_empty() && off6.is_empty() {
+        return Vec::new();
+    }
+    let mut said = Vec::new();
+    frontends.retain(|_, f| {
+        if off4.contains(&f.backend.net) {
+            f.backend.addr4 = [0; 16];
+        }
+        if off6.contains(&f.backend.net) {
+            f.backend.addr6 = [0; 16];
+        }
+        let keep = !is_zero(&f.backend.addr4) || !is_zero(&f.backend.addr6);
+        if !keep {
+            said.push(format!(
+                "{} of {}: its network publishes no NAT (gateway mode routed or isolated); \
+                 left to Docker",
+                desired::describe_key(&f.key),
+                f.container_name
+            ));
+        }
+        keep
+    });
+    said
 }
 
 /// What the maps serve of a plan (all of it, unless a map was too small), and all that
@@ -234,6 +278,8 @@ mod tests {
                 name: "bridge".into(),
                 bridge: Some("docker0".into()),
                 peers_direct: true,
+                nat4: true,
+                nat6: true,
             },
         );
         let peer = |ip: &str, cookie| {
@@ -311,6 +357,20 @@ mod tests {
         assert_eq!(one.rows.len(), 1);
         assert_eq!(one.notrack.backends.len(), 1);
         assert_eq!(one.notrack.published, [(PROTO_TCP, k.port())].into());
+    }
+
+    #[test]
+    fn a_network_that_publishes_no_nat_gets_no_frontends() {
+        let mut s = state();
+        s.networks.get_mut("net1").unwrap().nat4 = false;
+        let p = plan(&s, &Env::default());
+        // IPv4-only backends on a routed network: nothing, and status says why.
+        assert!(p.frontends.is_empty());
+        assert!(
+            p.errors.iter().any(|e| e.contains("publishes no NAT")),
+            "{:?}",
+            p.errors
+        );
     }
 
     #[test]

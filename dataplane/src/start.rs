@@ -130,7 +130,8 @@ pub struct Started {
     pub docker: Docker,
     pub inspected: Inspected,
     pub networks: HashMap<String, NetInfo>,
-    pub docker_version: String,
+    /// Docker's version, and its firewall backend.
+    pub docker_version: (String, String),
     pub fw_snapshot: hostfw::Snapshot,
 }
 
@@ -156,13 +157,12 @@ pub async fn load_and_list(
         let d = docker::connect(&opts.docker_socket).await?;
         let ids = docker::running_ids(&d).await?;
         let (inspected, networks) = tokio::join!(inspect_all(&d, ids), docker::networks(&d));
-        let version = d
-            .version()
-            .await
-            .ok()
-            .and_then(|v| v.version)
+        let (version, info) = tokio::join!(d.version(), d.info());
+        let version = version.ok().and_then(|v| v.version).unwrap_or_default();
+        let firewall = info
+            .map(|i| crate::engine::firewall_backend(&i))
             .unwrap_or_default();
-        anyhow::Ok((d, inspected, networks?, version))
+        anyhow::Ok((d, inspected, networks?, (version, firewall)))
     };
     // An earlier version's DOCKER-USER chain goes; then the host's ruleset is read.
     let fwd_chain = opts.fwd_chain.clone();

@@ -1177,6 +1177,63 @@ fn a_second_network_moves_a_frontend_only_as_docker_does_and_keeps_live_connecti
     assert_eq!(&echo(&mut sock).unwrap(), b"ping\n");
 }
 
+/// The engine's major version.
+fn engine_major() -> u32 {
+    sh(&["docker", "version", "--format", "{{.Server.Version}}"])
+        .split('.')
+        .next()
+        .and_then(|m| m.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn a_network_that_publishes_no_nat_gets_no_frontend() {
+    if engine_major() < 27 {
+        skipped(
+            "a_network_that_publishes_no_nat_gets_no_frontend",
+            "gateway modes arrived in Docker 27.0",
+        );
+        return;
+    }
+    let p = port(51);
+    let net = Network::create_with(
+        "routed",
+        &["-o", "com.docker.network.bridge.gateway_mode_ipv4=routed"],
+    );
+    let img = image();
+    let web = Container::run(
+        "routed",
+        &[
+            "--network",
+            &net.0,
+            "-p",
+            &format!("{p}:80"),
+            &img,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    );
+    let agent = Agent::start("routed");
+    // Docker publishes no host port on a routed network: neither does the agent, and it
+    // says why.
+    assert!(agent.frontend(&format!("0.0.0.0:{p}/tcp")).is_none());
+    let errors = agent.status().errors;
+    assert!(
+        errors.iter().any(|e| e.contains("publishes no NAT")),
+        "{errors:?}"
+    );
+    if let Ok(s) = TcpStream::connect(("127.0.0.1", p)) {
+        assert_ne!(kernel_peer(&s), format!("{}:80", web.ip()));
+    }
+    // The firewall backend is reported.
+    assert!(!agent.status().docker_firewall_backend.is_empty());
+}
+
 #[test]
 #[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
 fn dockerd_restart_is_survived_and_resynced() {
@@ -1216,42 +1273,7 @@ fn dockerd_restart_is_survived_and_resynced() {
         "dataplane test backend\n"
     );
 
-    let pid = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .to_string();
-    sh(&["kill", "-TERM", &pid]);
-    wait_until("dockerd to exit", Duration::from_secs(30), || {
-        // Gone, or a zombie waiting for the harness that started it to reap it.
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| {
-            st.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-        })
-    });
-    let out = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-    let conf = std::fs::read_to_string("/etc/docker/daemon.json").unwrap_or_default();
-    // Detached (setsid --fork): the harness stops this engine, by its pidfile, at the end.
-    let mut c = Command::new("setsid");
-    c.args(["--fork", "dockerd"]);
-    if !conf.contains("userland-proxy") {
-        c.arg("--userland-proxy=false");
-    }
-    // The engine under test's own roots (a version other than the host's).
-    if let Ok(extra) = std::env::var("DATAPLANE_TEST_DOCKERD_ARGS") {
-        c.args(extra.split_whitespace());
-    }
-    let started = c
-        .args(["--pidfile", &pidfile])
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .status()
-        .expect("restarting dockerd");
-    assert!(started.success());
-    wait_until("dockerd to answer", Duration::from_mins(1), || {
-        cmd(&["docker", "version"]).status.success()
-    });
+    restart_dockerd(&pidfile, &log, None);
     // The restart policy brings the container back; the agent reconnects and resyncs.
     wait_http("the frontend to serve again", p, Duration::from_secs(30));
     let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
@@ -1261,6 +1283,195 @@ fn dockerd_restart_is_survived_and_resynced() {
         "{}",
         agent.log()
     );
+}
+
+/// Stops the engine the harness started (by its pidfile) and starts it again detached, with
+/// the userland proxy as `userland_proxy` says (None: off, unless daemon.json sets it). The
+/// harness stops it, by its pidfile, at the end.
+fn restart_dockerd(pidfile: &str, log: &str, userland_proxy: Option<bool>) {
+    let pid = std::fs::read_to_string(pidfile).unwrap().trim().to_string();
+    sh(&["kill", "-TERM", &pid]);
+    wait_until("dockerd to exit", Duration::from_secs(30), || {
+        // Gone, or a zombie waiting for the harness that started it to reap it.
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| {
+            st.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+    });
+    let out = std::fs::OpenOptions::new().append(true).open(log).unwrap();
+    let conf = std::fs::read_to_string("/etc/docker/daemon.json").unwrap_or_default();
+    let mut c = Command::new("setsid");
+    c.args(["--fork", "dockerd"]);
+    match userland_proxy {
+        Some(on) => {
+            c.arg(format!("--userland-proxy={on}"));
+        }
+        None if !conf.contains("userland-proxy") => {
+            c.arg("--userland-proxy=false");
+        }
+        None => {}
+    }
+    // The engine under test's own roots (a version other than the host's).
+    if let Ok(extra) = std::env::var("DATAPLANE_TEST_DOCKERD_ARGS") {
+        c.args(extra.split_whitespace());
+    }
+    let started = c
+        .args(["--pidfile", pidfile])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .status()
+        .expect("restarting dockerd");
+    assert!(started.success());
+    wait_until("dockerd to answer", Duration::from_mins(1), || {
+        cmd(&["docker", "version"]).status.success()
+    });
+}
+
+/// Restarts the harness's engine with the userland proxy off again when dropped.
+struct ProxyOff<'a>(&'a str, &'a str);
+
+impl Drop for ProxyOff<'_> {
+    fn drop(&mut self) {
+        restart_dockerd(self.0, self.1, None);
+    }
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn with_dockers_userland_proxy_on_clients_go_straight_to_the_container() {
+    const NAME: &str = "with_dockers_userland_proxy_on_clients_go_straight_to_the_container";
+    let (Ok(pidfile), Ok(log)) = (
+        std::env::var("DATAPLANE_TEST_DOCKERD_PIDFILE"),
+        std::env::var("DATAPLANE_TEST_DOCKERD_LOG"),
+    ) else {
+        skipped(
+            NAME,
+            "the Docker engine was not started by the test harness (a running engine is never \
+             restarted)",
+        );
+        return;
+    };
+    let conf = std::fs::read_to_string("/etc/docker/daemon.json").unwrap_or_default();
+    if conf.contains("userland-proxy") {
+        skipped(NAME, "/etc/docker/daemon.json sets userland-proxy itself");
+        return;
+    }
+    // Docker's default: a docker-proxy per published port and family.
+    restart_dockerd(&pidfile, &log, Some(true));
+    let _restore = ProxyOff(&pidfile, &log);
+    let (p1, p2) = (port(52), port(53));
+    let proxy_for = |p: u16| {
+        let out = cmd(&["pgrep", "-af", "docker-proxy"]);
+        String::from_utf8_lossy(&out.stdout).contains(&format!("-host-port {p}"))
+    };
+    let before = backend("proxy-before", &[&format!("{p1}:80")]);
+    wait_until("docker-proxy to serve", Duration::from_secs(10), || {
+        proxy_for(p1)
+    });
+    let agent = Agent::start("proxy");
+    // Published after the agent reserves ports: dockerd (28 binds the port itself) and
+    // docker-proxy still get it.
+    let after = backend("proxy-after", &[&format!("{p2}:80")]);
+    wait_until("docker-proxy to serve", Duration::from_secs(10), || {
+        proxy_for(p2)
+    });
+    let cli = client_container("proxy-client");
+    for (p, web) in [(p1, &before), (p2, &after)] {
+        wait_http("the frontend to serve", p, Duration::from_secs(10));
+        // Straight to the container, past the proxy that listens on the port.
+        let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
+        assert_eq!(kernel_peer(&s), format!("{}:80", web.ip()));
+        drop(s);
+        // Hairpin: the container sees its real client, where docker-proxy shows the gateway.
+        let gw = gateway_of(web);
+        let http =
+            format!("printf 'GET /cgi-bin/ip HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {gw} {p} | tail -n 1");
+        let seen = cli.exec(&http);
+        assert_eq!(
+            plain(seen.split_whitespace().next().unwrap_or("")),
+            cli.ip(),
+            "{seen}"
+        );
+    }
+    assert_eq!(tracked_to("tcp", &before.ip(), 80), 0);
+    // Without the agent, Docker's proxy answers as before.
+    drop(agent);
+    let s = TcpStream::connect(("127.0.0.1", p1)).unwrap();
+    assert_eq!(kernel_peer(&s), format!("127.0.0.1:{p1}"));
+    drop(s);
+    assert_eq!(
+        curl(&format!("http://127.0.0.1:{p2}/")),
+        "dataplane test backend\n"
+    );
+}
+
+/// A container's addresses on its network: (IPv6, IPv6 gateway).
+fn ipv6_of(c: &Container) -> (String, String) {
+    let out = sh(&[
+        "docker",
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.GlobalIPv6Address}} {{.IPv6Gateway}}{{end}}",
+        &c.name,
+    ]);
+    let mut f = out.split_whitespace().map(str::to_string);
+    (f.next().unwrap_or_default(), f.next().unwrap_or_default())
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn a_dual_stack_container_is_reached_at_its_ipv6_address() {
+    let p = port(54);
+    let subnet = format!("fd00:d0:{:x}::/64", std::process::id() % 0xffff);
+    let net = Network::create_with("v6", &["--ipv6", "--subnet", &subnet]);
+    let img = image();
+    let web = Container::run(
+        "v6",
+        &[
+            "--network",
+            &net.0,
+            "-p",
+            &format!("{p}:80"),
+            &img,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    );
+    let cli = Container::run("v6-client", &["--network", &net.0, &img, "sleep", "600"]);
+    let (addr6, gw6) = ipv6_of(&web);
+    let (cli6, _) = ipv6_of(&cli);
+    assert!(
+        !addr6.is_empty() && !gw6.is_empty(),
+        "no IPv6 address on {}",
+        net.0
+    );
+    let agent = Agent::start("v6");
+    wait_http("the frontend to serve", p, Duration::from_secs(10));
+    // [::1] and a host IPv6 address (the bridge's) reach the container's IPv6 address;
+    // 127.0.0.1 its IPv4 address. The container sees the host's address on its bridge.
+    for host in ["::1", gw6.as_str()] {
+        let s = TcpStream::connect((host, p)).unwrap();
+        assert_eq!(kernel_peer(&s), format!("[{addr6}]:80"), "via {host}");
+        drop(s);
+        assert_eq!(
+            seen_by_backend(&format!("http://[{host}]:{p}/cgi-bin/ip")),
+            gw6,
+            "via {host}"
+        );
+    }
+    let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
+    assert_eq!(kernel_peer(&s), format!("{}:80", web.ip()));
+    drop(s);
+    // Hairpin over IPv6 from a container on the network: its own address is seen.
+    let seen = cli.exec(&format!("wget -q -O - 'http://[{gw6}]:{p}/cgi-bin/ip'"));
+    assert_eq!(plain(seen.split_whitespace().next().unwrap_or("")), cli6);
+    assert!(agent.settled_counter(STAT_CONNECT) >= 4);
 }
 
 /// A test interface, deleted on drop.

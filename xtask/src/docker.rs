@@ -305,9 +305,9 @@ fn terminate_engine(pid: u32) {
     crate::util::reap_all(Duration::from_secs(15));
 }
 
-/// (Re)starts xtask's own dockerd with the userland proxy on or off, detached, and waits
-/// until it answers. Containers with `--restart always` come back with it.
-pub fn restart_engine(userland_proxy: bool) -> Result<()> {
+/// (Re)starts xtask's own dockerd of `engine` with the userland proxy on or off, detached,
+/// and waits until it answers. Containers with `--restart always` come back with it.
+pub fn restart_engine(engine: Engine, userland_proxy: bool) -> Result<()> {
     let conf = fs::read_to_string("/etc/docker/daemon.json").unwrap_or_default();
     if conf.contains("userland-proxy") {
         bail!("/etc/docker/daemon.json sets userland-proxy: the bench needs to switch it itself");
@@ -321,14 +321,17 @@ pub fn restart_engine(userland_proxy: bool) -> Result<()> {
         .append(true)
         .open(LOG)
         .with_context(|| format!("opening {LOG}"))?;
-    let ok = Command::new("setsid")
+    let mut cmd = Command::new("setsid");
+    if let Some(path) = engine.path_env()? {
+        cmd.env("PATH", path);
+    }
+    let ok = cmd
         .args([
             "--fork",
             "dockerd",
             &format!("--userland-proxy={userland_proxy}"),
-            "--pidfile",
-            PIDFILE,
         ])
+        .args(dockerd_args(engine))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -49,6 +49,9 @@ enum Cmd {
         /// A few minutes instead of about half an hour: fewer metrics, shorter runs.
         #[arg(long)]
         quick: bool,
+        /// The Docker engine to measure with: the host's, or Debian's 20.10, 26.1 or 28.5.
+        #[arg(long, value_enum, default_value = "host")]
+        engine: Engine,
     },
     /// Every test layer: lint, unit, netns integration, end-to-end with Docker.
     Test {
@@ -85,10 +88,10 @@ fn main() -> Result<()> {
             std::mem::forget(image);
             Ok(())
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, engine } => {
             setup::setup()?;
             build()?;
-            bench::bench(quick)
+            bench::bench(quick, engine)
         }
         Cmd::Test {
             engine,

@@ -133,7 +133,12 @@ pub(super) fn cold_starts(image: &str, quick: bool, extra: &mut String) -> Resul
 
 /// Per-port cost, sync latency and cold start, with the engine as `cargo xtask run` has it
 /// (userland proxy off) at the end.
-pub(super) fn extras(image: &str, quick: bool, names: &[&str]) -> Result<String> {
+pub(super) fn extras(
+    image: &str,
+    quick: bool,
+    names: &[&str],
+    engine: crate::engines::Engine,
+) -> Result<String> {
     let mut extra = String::new();
     let _ = writeln!(extra, "\n### Per published port\n");
     let _ = writeln!(
@@ -142,11 +147,11 @@ pub(super) fn extras(image: &str, quick: bool, names: &[&str]) -> Result<String>
     );
     let _ = writeln!(extra, "|---|---|---|---|---|---|");
     let counts: &[u16] = if quick { &[1, 100] } else { &[1, 100, 1000] };
-    docker::restart_engine(true)?;
+    docker::restart_engine(engine, true)?;
     for n in counts {
         per_port(image, *n, None, &mut extra, "docker-proxy")?;
     }
-    docker::restart_engine(false)?;
+    docker::restart_engine(engine, false)?;
     wait_running(names)?;
     for n in counts {
         per_port(image, *n, None, &mut extra, "iptables NAT")?;

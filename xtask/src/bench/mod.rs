@@ -217,7 +217,7 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
     )
 }
 
-pub fn bench(quick: bool) -> Result<()> {
+pub fn bench(quick: bool, engine: crate::engines::Engine) -> Result<()> {
     crate::util::require_root("cargo xtask bench")?;
     crate::util::become_subreaper();
     let started = Instant::now();
@@ -229,7 +229,7 @@ pub fn bench(quick: bool) -> Result<()> {
              running with userland-proxy off when it ends)."
         );
     }
-    docker::restart_engine(false)?;
+    docker::restart_engine(engine, false)?;
     let image = TestImage::build()?;
     let _containers = Containers;
     run_containers(&image.name)?;
@@ -255,7 +255,7 @@ pub fn bench(quick: bool) -> Result<()> {
                 "bench: round {}/{rounds}, userland-proxy {proxy_mode}",
                 round + 1
             );
-            docker::restart_engine(proxy_mode)?;
+            docker::restart_engine(engine, proxy_mode)?;
             wait_running(&names)?;
             env.srv_ip = ip_of("dpb-srv")?;
             env.http_ip = ip_of("dpb-http")?;
@@ -305,7 +305,7 @@ pub fn bench(quick: bool) -> Result<()> {
             }
         }
     }
-    let extra = extras(&image.name, quick, &names)?;
+    let extra = extras(&image.name, quick, &names, engine)?;
     for n in names {
         let _ = sh(&["docker", "rm", "-f", n]);
     }
