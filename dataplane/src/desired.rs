@@ -289,9 +289,21 @@ pub fn frontends_of(
         let requested = requested
             .and_then(|r| r.get(port_key))
             .and_then(Option::as_ref);
+        // A binding without a host port is a family Docker publishes no host port for (a
+        // `routed` or `isolated` gateway mode, Docker 28+): nothing to translate there.
+        let unpublished = |wildcard: &str| {
+            bindings.iter().any(|b| {
+                b.host_ip.as_deref() == Some(wildcard)
+                    && b.host_port.as_deref().unwrap_or("").is_empty()
+            })
+        };
+        let (unpublished4, unpublished6) = (unpublished("0.0.0.0"), unpublished("::"));
         for b in bindings {
             let host_ip = b.host_ip.as_deref().unwrap_or("");
             let host_port = b.host_port.as_deref().unwrap_or("");
+            if host_port.is_empty() && matches!(host_ip, "0.0.0.0" | "::") {
+                continue;
+            }
             let Ok(hport) = host_port.parse::<u16>() else {
                 errors.push(BindingError::HostPort {
                     container: name.clone(),
@@ -315,6 +327,9 @@ pub fn frontends_of(
                 continue;
             };
             for addr in paddrs {
+                if (addr == WILDCARD4 && unpublished4) || (addr == WILDCARD6 && unpublished6) {
+                    continue;
+                }
                 let key = FrontendKey::new(addr, hport, proto);
                 let backend = Backend {
                     addr4: *addr4,
@@ -441,6 +456,40 @@ mod tests {
         let mut k: Vec<String> = fs.iter().map(|f| describe_key(&f.key)).collect();
         k.sort();
         k
+    }
+
+    #[test]
+    fn a_family_without_a_host_port_is_not_published() {
+        // Docker 28, `-p 8080:80` on a network whose IPv6 (then IPv4) gateway mode is
+        // `routed`: the binding for that family has no host port.
+        let mut c = fixture("inspect-ports.json");
+        let binding = |ip: &str, port: &str| bollard::models::PortBinding {
+            host_ip: Some(ip.into()),
+            host_port: Some(port.into()),
+        };
+        let ports = c
+            .network_settings
+            .as_mut()
+            .and_then(|n| n.ports.as_mut())
+            .unwrap();
+        ports.retain(|k, _| k == "80/tcp");
+        ports.insert(
+            "80/tcp".into(),
+            Some(vec![binding("0.0.0.0", "8080"), binding("::", "")]),
+        );
+        let mut errs = Vec::new();
+        assert_eq!(
+            keys(&frontends_of(&c, None, &mut errs)),
+            vec!["0.0.0.0:8080/tcp"]
+        );
+        let ports = c
+            .network_settings
+            .as_mut()
+            .and_then(|n| n.ports.as_mut())
+            .unwrap();
+        ports.insert("80/tcp".into(), Some(vec![binding("0.0.0.0", "")]));
+        assert!(frontends_of(&c, None, &mut errs).is_empty());
+        assert!(errs.is_empty(), "{errs:?}");
     }
 
     #[test]

@@ -1196,39 +1196,67 @@ fn a_network_that_publishes_no_nat_gets_no_frontend() {
         );
         return;
     }
-    let p = port(51);
+    let (p, p6) = (port(51), port(55));
+    let run = |tag: &str, net: &Network, p: u16| {
+        let img = image();
+        Container::run(
+            tag,
+            &[
+                "--network",
+                &net.0,
+                "-p",
+                &format!("{p}:80"),
+                &img,
+                "httpd",
+                "-f",
+                "-p",
+                "80",
+                "-h",
+                "/www",
+            ],
+        )
+    };
     let net = Network::create_with(
         "routed",
         &["-o", "com.docker.network.bridge.gateway_mode_ipv4=routed"],
     );
-    let img = image();
-    let web = Container::run(
-        "routed",
+    let web = run("routed", &net, p);
+    // Dual stack, IPv4 through NAT, IPv6 routed: Docker publishes only the IPv4 port.
+    let subnet = format!("fd00:d1:{:x}::/64", std::process::id() % 0xffff);
+    let net6 = Network::create_with(
+        "routed6",
         &[
-            "--network",
-            &net.0,
-            "-p",
-            &format!("{p}:80"),
-            &img,
-            "httpd",
-            "-f",
-            "-p",
-            "80",
-            "-h",
-            "/www",
+            "--ipv6",
+            "--subnet",
+            &subnet,
+            "-o",
+            "com.docker.network.bridge.gateway_mode_ipv6=routed",
         ],
     );
+    let web6 = run("routed6", &net6, p6);
     let agent = Agent::start("routed");
-    // Docker publishes no host port on a routed network: neither does the agent, and it
-    // says why.
+    // Docker publishes no host port on a routed network: neither does the agent, and it is
+    // no error.
     assert!(agent.frontend(&format!("0.0.0.0:{p}/tcp")).is_none());
+    assert!(agent.frontend(&format!("[::]:{p}/tcp")).is_none());
     let errors = agent.status().errors;
-    assert!(
-        errors.iter().any(|e| e.contains("publishes no NAT")),
-        "{errors:?}"
-    );
+    assert!(errors.is_empty(), "{errors:?}");
     if let Ok(s) = TcpStream::connect(("127.0.0.1", p)) {
         assert_ne!(kernel_peer(&s), format!("{}:80", web.ip()));
+    }
+    // The IPv4 port is translated, the IPv6 one (which Docker refuses) is not.
+    assert!(agent.frontend(&format!("0.0.0.0:{p6}/tcp")).is_some());
+    assert!(agent.frontend(&format!("[::]:{p6}/tcp")).is_none());
+    let s = TcpStream::connect(("127.0.0.1", p6)).unwrap();
+    assert_eq!(kernel_peer(&s), format!("{}:80", web6.ip()));
+    drop(s);
+    let (addr6, _) = ipv6_of(&web6);
+    if let Ok(s) = TcpStream::connect(("::1", p6)) {
+        let peer = kernel_peer(&s);
+        assert!(
+            !peer.contains(&addr6) && !peer.contains(&web6.ip()),
+            "{peer}"
+        );
     }
     // The firewall backend is reported.
     assert!(!agent.status().docker_firewall_backend.is_empty());
