@@ -233,6 +233,26 @@ fn port_in(requested: &str, port: u16) -> bool {
     }
 }
 
+/// The families (IPv4, IPv6) Docker publishes no host port for: a binding on that family's
+/// wildcard without a host port (a `routed` or `isolated` gateway mode, Docker 28+).
+fn unpublished_families(bindings: &[bollard::models::PortBinding]) -> (bool, bool) {
+    let unpublished = |wildcard: &str| {
+        bindings.iter().any(|b| {
+            b.host_ip.as_deref() == Some(wildcard)
+                && b.host_port.as_deref().unwrap_or("").is_empty()
+        })
+    };
+    (unpublished("0.0.0.0"), unpublished("::"))
+}
+
+/// Whether the user asked for every address (`-p P:C`, no host IP) for host port `port`.
+fn requested_any_address(requested: &[bollard::models::PortBinding], port: u16) -> bool {
+    requested.iter().any(|rb| {
+        rb.host_ip.as_deref().unwrap_or("").is_empty()
+            && port_in(rb.host_port.as_deref().unwrap_or(""), port)
+    })
+}
+
 /// Frontends of one container, through the endpoint its default `routes` name (see
 /// [`DefaultRoutes`]). Bindings that cannot be understood are reported in `errors` and
 /// skipped; the rest apply.
@@ -289,15 +309,7 @@ pub fn frontends_of(
         let requested = requested
             .and_then(|r| r.get(port_key))
             .and_then(Option::as_ref);
-        // A binding without a host port is a family Docker publishes no host port for (a
-        // `routed` or `isolated` gateway mode, Docker 28+): nothing to translate there.
-        let unpublished = |wildcard: &str| {
-            bindings.iter().any(|b| {
-                b.host_ip.as_deref() == Some(wildcard)
-                    && b.host_port.as_deref().unwrap_or("").is_empty()
-            })
-        };
-        let (unpublished4, unpublished6) = (unpublished("0.0.0.0"), unpublished("::"));
+        let (unpublished4, unpublished6) = unpublished_families(bindings);
         for b in bindings {
             let host_ip = b.host_ip.as_deref().unwrap_or("");
             let host_port = b.host_port.as_deref().unwrap_or("");
@@ -312,12 +324,7 @@ pub fn frontends_of(
                 });
                 continue;
             };
-            let requested_any = requested.is_some_and(|r| {
-                r.iter().any(|rb| {
-                    rb.host_ip.as_deref().unwrap_or("").is_empty()
-                        && port_in(rb.host_port.as_deref().unwrap_or(""), hport)
-                })
-            });
+            let requested_any = requested.is_some_and(|r| requested_any_address(r, hport));
             let Ok(paddrs) = published_addrs(host_ip, requested_any) else {
                 errors.push(BindingError::HostIp {
                     container: name.clone(),
