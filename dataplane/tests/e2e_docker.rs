@@ -296,6 +296,27 @@ fn httpd(name: &str, publish: &str) -> Container {
     )
 }
 
+/// httpd on 80 on network `net`, published as `publish`.
+fn httpd_on(name: &str, net: &Network, publish: &str) -> Container {
+    let img = image();
+    Container::run(
+        name,
+        &[
+            "--network",
+            &net.0,
+            "-p",
+            publish,
+            &img,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    )
+}
+
 fn curl(url: &str) -> String {
     let out = cmd(&["curl", "-sS", "--max-time", "5", url]);
     assert!(
@@ -854,22 +875,7 @@ fn agent_kill_9_keeps_traffic_flowing_restart_adopts_uninstall_removes_all() {
         )],
     );
     let srv = Container::run("iperf", &["-p", &format!("{p}:5201"), &img, "iperf3", "-s"]);
-    let web = Container::run(
-        "survive",
-        &[
-            "--network",
-            &net.0,
-            "-p",
-            &format!("{q}:80"),
-            &img,
-            "httpd",
-            "-f",
-            "-p",
-            "80",
-            "-h",
-            "/www",
-        ],
-    );
+    let web = httpd_on("survive", &net, &format!("{q}:80"));
     let cli = Container::run("kcli", &["--network", &net.0, &img, "sleep", "600"]);
     let via_gw = format!(
         "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {} {q} | tail -n 1",
@@ -1197,30 +1203,11 @@ fn a_network_that_publishes_no_nat_gets_no_frontend() {
         return;
     }
     let (p, p6) = (port(51), port(55));
-    let run = |tag: &str, net: &Network, p: u16| {
-        let img = image();
-        Container::run(
-            tag,
-            &[
-                "--network",
-                &net.0,
-                "-p",
-                &format!("{p}:80"),
-                &img,
-                "httpd",
-                "-f",
-                "-p",
-                "80",
-                "-h",
-                "/www",
-            ],
-        )
-    };
     let net = Network::create_with(
         "routed",
         &["-o", "com.docker.network.bridge.gateway_mode_ipv4=routed"],
     );
-    let web = run("routed", &net, p);
+    let web = httpd_on("routed", &net, &format!("{p}:80"));
     // Dual stack, IPv4 through NAT, IPv6 routed: Docker publishes only the IPv4 port.
     let subnet = format!("fd00:d1:{:x}::/64", std::process::id() % 0xffff);
     let net6 = Network::create_with(
@@ -1233,7 +1220,7 @@ fn a_network_that_publishes_no_nat_gets_no_frontend() {
             "com.docker.network.bridge.gateway_mode_ipv6=routed",
         ],
     );
-    let web6 = run("routed6", &net6, p6);
+    let web6 = httpd_on("routed6", &net6, &format!("{p6}:80"));
     let agent = Agent::start("routed");
     // Docker publishes no host port on a routed network: neither does the agent, and it is
     // no error.
@@ -1455,22 +1442,7 @@ fn a_dual_stack_container_is_reached_at_its_ipv6_address() {
     let subnet = format!("fd00:d0:{:x}::/64", std::process::id() % 0xffff);
     let net = Network::create_with("v6", &["--ipv6", "--subnet", &subnet]);
     let img = image();
-    let web = Container::run(
-        "v6",
-        &[
-            "--network",
-            &net.0,
-            "-p",
-            &format!("{p}:80"),
-            &img,
-            "httpd",
-            "-f",
-            "-p",
-            "80",
-            "-h",
-            "/www",
-        ],
-    );
+    let web = httpd_on("v6", &net, &format!("{p}:80"));
     let cli = Container::run("v6-client", &["--network", &net.0, &img, "sleep", "600"]);
     let (addr6, gw6) = ipv6_of(&web);
     let (cli6, _) = ipv6_of(&cli);
