@@ -5,6 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -50,6 +51,8 @@ struct Agent {
     force_notrack: bool,
     /// The host's own ruleset as last read.
     fw_snapshot: hostfw::Snapshot,
+    /// Ruleset changes noticed and not handled yet.
+    fw_changes: Arc<Mutex<nfwatch::Changes>>,
     nft_table: String,
     /// Containers whose network namespace cookie is still to be read.
     pending_cookies: Vec<String>,
@@ -91,7 +94,8 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     let (nl_tx, nl_rx) = mpsc::channel(1);
     netlink::watch(nl_tx)?;
     let (fw_tx, fw_rx) = mpsc::channel(1);
-    nfwatch::watch(fw_tx)?;
+    let fw_changes = Arc::default();
+    nfwatch::watch(fw_tx, Arc::clone(&fw_changes))?;
     let sockets = Destroyer::new(loaded.translations_fd().map_err(StartError::Kernel)?);
 
     let mut agent = Agent {
@@ -110,6 +114,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         frontends_written: SystemTime::now(),
         force_notrack: true,
         fw_snapshot,
+        fw_changes,
         nft_table: opts.nft_table.clone(),
         pending_cookies: Vec::new(),
         retry_at: None,
@@ -308,7 +313,8 @@ impl Agent {
                 .collect();
             self.state.retain(&live);
             self.state.networks = docker::networks(&self.docker).await?;
-            self.fw_snapshot = tokio::task::spawn_blocking(hostfw::capture).await?;
+            let table = self.nft_table.clone();
+            self.fw_snapshot = tokio::task::spawn_blocking(move || hostfw::capture(&table)).await?;
             self.evaluate_firewall();
             self.refresh(live).await?;
             self.resolve_pending();
@@ -420,9 +426,17 @@ impl Agent {
     }
 
     async fn on_ruleset_change(&mut self) {
-        // Ours among the tables that changed, perhaps: read back, repaired if it drifted.
-        self.netfilter.check();
-        match tokio::task::spawn_blocking(hostfw::capture).await {
+        let changes = std::mem::take(&mut *self.fw_changes.lock().expect("ruleset changes lock"));
+        // Ours among the tables that changed: read back, repaired if it drifted.
+        if changes.touches_table("inet", &self.nft_table) {
+            self.netfilter.check();
+        }
+        // Docker's own per-container rules change nothing the evaluation reads.
+        if !self.fw_snapshot.concerned_by(&changes) {
+            return;
+        }
+        let table = self.nft_table.clone();
+        match tokio::task::spawn_blocking(move || hostfw::capture(&table)).await {
             Ok(snap) => self.fw_snapshot = snap,
             Err(e) => {
                 warn!(error = %e, "reading the ruleset failed");

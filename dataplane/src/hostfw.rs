@@ -18,6 +18,8 @@ use std::{
 
 use serde_json::Value;
 
+use crate::netfilter::changes::{ChainId, Changes};
+
 /// What was found; `None` fields mean nothing in the way.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HostFirewall {
@@ -33,10 +35,14 @@ pub struct HostFirewall {
 pub struct Snapshot {
     nft: Option<Value>,
     legacy: Vec<(&'static str, String)>,
+    /// The chains whose rules the evaluation reads (see [`watched_chains`]).
+    watched: BTreeSet<ChainId>,
+    /// The agent's own table (family inet), whose changes are not the host's.
+    own_table: String,
 }
 
-/// Reads the live ruleset.
-pub fn capture() -> Snapshot {
+/// Reads the live ruleset; `own_table` is the agent's table (family inet).
+pub fn capture(own_table: &str) -> Snapshot {
     let nft = Command::new("nft")
         .args(["-j", "list", "ruleset"])
         .output()
@@ -57,10 +63,25 @@ pub fn capture() -> Snapshot {
             }
         }
     }
-    Snapshot { nft, legacy }
+    let watched = nft
+        .as_ref()
+        .map(|v| watched_chains(v, own_table))
+        .unwrap_or_default();
+    Snapshot {
+        nft,
+        legacy,
+        watched,
+        own_table: own_table.to_string(),
+    }
 }
 
 impl Snapshot {
+    /// Whether `changes` may change what [`Snapshot::evaluate`] finds: a rule changed in a
+    /// chain it reads, or the ruleset's shape changed (or it could not be read).
+    pub fn concerned_by(&self, changes: &Changes) -> bool {
+        self.nft.is_none() || changes.touches_any(&self.watched, &self.own_table)
+    }
+
     /// `bridges`: Docker's bridge interfaces; `own_table`: the agent's table (family inet),
     /// which is not the operator's.
     pub fn evaluate(&self, bridges: &BTreeSet<String>, own_table: &str) -> HostFirewall {
@@ -84,21 +105,72 @@ fn legacy_filter_in_use() -> bool {
         .any(|p| std::fs::read_to_string(p).is_ok_and(|s| s.lines().any(|l| l == "filter")))
 }
 
-type ChainId = (String, String, String);
+/// The chains whose rules decide the evaluation: input base chains (filter type) and every
+/// chain they reach by `jump` or `goto`, forward base chains outside Docker's and the
+/// agent's tables, and `DOCKER-USER`. Docker's per-container rules (`DOCKER` in nat and
+/// filter, raw `PREROUTING`) are in none of them.
+pub fn watched_chains(v: &Value, own_table: &str) -> BTreeSet<ChainId> {
+    let items = nft_items(v);
+    let mut jumps: BTreeMap<ChainId, Vec<String>> = BTreeMap::new();
+    let mut out = BTreeSet::new();
+    let mut todo = Vec::new();
+    for it in items {
+        if let Some(c) = it.get("chain") {
+            let cid = chain_id(c, "name");
+            if cid.0 == "inet" && cid.1 == own_table {
+                continue;
+            }
+            let input = c["hook"] == "input" && c["type"].as_str().unwrap_or("filter") == "filter";
+            let forward = c["hook"] == "forward" && !cid.1.starts_with("docker");
+            if input {
+                todo.push(cid.clone());
+            }
+            if forward || cid.2 == "DOCKER-USER" {
+                out.insert(cid);
+            }
+        } else if let Some(r) = it.get("rule") {
+            let targets = jumps.entry(chain_id(r, "chain")).or_default();
+            for e in r["expr"].as_array().into_iter().flatten() {
+                for k in ["jump", "goto"] {
+                    if let Some(t) = e[k]["target"].as_str() {
+                        targets.push(t.to_string());
+                    }
+                }
+            }
+        }
+    }
+    while let Some(cid) = todo.pop() {
+        if !out.insert(cid.clone()) {
+            continue;
+        }
+        for t in jumps.get(&cid).into_iter().flatten() {
+            todo.push((cid.0.clone(), cid.1.clone(), t.clone()));
+        }
+    }
+    out
+}
+
+/// The ruleset's objects (`{"nftables": [...]}`).
+fn nft_items(v: &Value) -> &[Value] {
+    v["nftables"].as_array().map_or(&[], Vec::as_slice)
+}
+
+/// (family, table, the chain named by `chain_key`) of a chain or rule object.
+fn chain_id(o: &Value, chain_key: &str) -> ChainId {
+    (
+        o["family"].as_str().unwrap_or("").to_string(),
+        o["table"].as_str().unwrap_or("").to_string(),
+        o[chain_key].as_str().unwrap_or("").to_string(),
+    )
+}
 
 /// From `nft -j list ruleset` output.
 pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> HostFirewall {
-    let items = v["nftables"].as_array().cloned().unwrap_or_default();
+    let items = nft_items(v);
     let mut rules: BTreeMap<ChainId, Vec<&Value>> = BTreeMap::new();
     let mut input_bases = Vec::new();
-    let id = |o: &Value, chain_key: &str| -> ChainId {
-        (
-            o["family"].as_str().unwrap_or("").to_string(),
-            o["table"].as_str().unwrap_or("").to_string(),
-            o[chain_key].as_str().unwrap_or("").to_string(),
-        )
-    };
-    for it in &items {
+    let id = chain_id;
+    for it in items {
         if let Some(c) = it.get("chain") {
             if c["family"] == "inet" && c["table"] == own_table {
                 continue;
@@ -109,7 +181,7 @@ pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> 
                     let (f, t, n) = &cid;
                     return HostFirewall {
                         stateful_input: Some(format!("{f} {t} {n}: policy drop")),
-                        forward_rules: forward_rules_nft(&items, bridges, own_table),
+                        forward_rules: forward_rules_nft(items, bridges, own_table),
                     };
                 }
                 input_bases.push(cid);
@@ -150,7 +222,7 @@ pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> 
     }
     HostFirewall {
         stateful_input: stateful,
-        forward_rules: forward_rules_nft(&items, bridges, own_table),
+        forward_rules: forward_rules_nft(items, bridges, own_table),
     }
 }
 
@@ -206,10 +278,10 @@ fn forward_rules_nft(
         if !bases.contains(&id) {
             continue;
         }
-        let exprs = r["expr"].as_array().cloned().unwrap_or_default();
+        let exprs = r["expr"].as_array().map_or(&[][..], Vec::as_slice);
         let text = r["expr"].to_string().to_ascii_lowercase();
         let drops = text.contains("\"drop\"") || text.contains("\"reject\"");
-        if !drops || tied_to_other_interface(&exprs, bridges) {
+        if !drops || tied_to_other_interface(exprs, bridges) {
             continue;
         }
         let (f, t, c) = &id;
@@ -228,14 +300,14 @@ fn docker_user_nft(items: &[Value], bridges: &BTreeSet<String>) -> Option<String
         if r["chain"] != "DOCKER-USER" {
             continue;
         }
-        let exprs = r["expr"].as_array().cloned().unwrap_or_default();
+        let exprs = r["expr"].as_array().map_or(&[][..], Vec::as_slice);
         let only_return = exprs
             .iter()
             .all(|e| e.get("counter").is_some() || e.get("return").is_some());
         if only_return {
             continue;
         }
-        if tied_to_other_interface(&exprs, bridges) {
+        if tied_to_other_interface(exprs, bridges) {
             continue;
         }
         return Some(format!(
@@ -338,6 +410,52 @@ mod tests {
 
     fn rule(family: &str, table: &str, chain: &str, expr: &Value) -> Value {
         json!({"rule": {"family": family, "table": table, "chain": chain, "expr": expr}})
+    }
+
+    #[test]
+    fn the_chains_read_are_watched_and_dockers_per_container_chains_are_not() {
+        let v = json!({"nftables": [
+            chain("ip", "filter", "INPUT", Some("input"), "accept"),
+            rule("ip", "filter", "INPUT", &json!([{"jump": {"target": "ufw-before-input"}}])),
+            chain("ip", "filter", "ufw-before-input", None, ""),
+            rule("ip", "filter", "ufw-before-input", &json!([{"goto": {"target": "ufw-deny"}}])),
+            chain("ip", "filter", "ufw-deny", None, ""),
+            chain("ip", "filter", "FORWARD", Some("forward"), "drop"),
+            rule("ip", "filter", "FORWARD", &json!([{"jump": {"target": "DOCKER-FORWARD"}}])),
+            chain("ip", "filter", "DOCKER-FORWARD", None, ""),
+            chain("ip", "filter", "DOCKER", None, ""),
+            chain("ip", "filter", "DOCKER-USER", None, ""),
+            chain("ip", "nat", "DOCKER", None, ""),
+            chain("ip", "docker-bridges", "filter-FORWARD", Some("forward"), "accept"),
+            chain("inet", "dataplane", "input", Some("input"), "accept"),
+        ]});
+        let w = watched_chains(&v, "dataplane");
+        let c = |t: &str, n: &str| ("ip".to_string(), t.to_string(), n.to_string());
+        let want: BTreeSet<ChainId> = [
+            c("filter", "INPUT"),
+            c("filter", "ufw-before-input"),
+            c("filter", "ufw-deny"),
+            c("filter", "FORWARD"),
+            c("filter", "DOCKER-USER"),
+        ]
+        .into();
+        assert_eq!(w, want);
+        let snap = Snapshot {
+            nft: Some(v),
+            legacy: Vec::new(),
+            watched: w,
+            own_table: "dataplane".into(),
+        };
+        let mut docker_start = Changes::default();
+        docker_start.chains.insert(c("nat", "DOCKER"));
+        docker_start.chains.insert(c("filter", "DOCKER"));
+        docker_start.chains.insert(c("raw", "PREROUTING"));
+        assert!(!snap.concerned_by(&docker_start));
+        let mut operator = Changes::default();
+        operator.chains.insert(c("filter", "ufw-deny"));
+        assert!(snap.concerned_by(&operator));
+        // Not read yet: every change counts.
+        assert!(Snapshot::default().concerned_by(&docker_start));
     }
 
     #[test]

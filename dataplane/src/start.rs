@@ -166,11 +166,12 @@ pub async fn load_and_list(
     };
     // An earlier version's DOCKER-USER chain goes; then the host's ruleset is read.
     let fwd_chain = opts.fwd_chain.clone();
+    let own_table = opts.nft_table.clone();
     let fw_fut = tokio::task::spawn_blocking(move || {
         if crate::netfilter::legacy::remove_legacy(&fwd_chain) {
             info!(chain = %fwd_chain, "removed the DOCKER-USER chain of an earlier version");
         }
-        hostfw::capture()
+        hostfw::capture(&own_table)
     });
     let pin_dir = opts.pin_dir.clone();
     let max_frontends = opts.max_frontends;
