@@ -84,7 +84,24 @@ const EXIT_ALREADY_RUNNING: u8 = 3;
 /// lock for its lifetime; `uninstall` takes it too.
 const LOCK: &str = "/run/dataplane.lock";
 
+/// glibc gives each thread that allocates an arena of its own (up to 8 per core) and keeps
+/// what it frees there: the agent's short bursts on many threads (inspects, namespace
+/// reads, ruleset reads) left it three to four times its live heap: 97-119 MB of RSS after
+/// 300 container starts (heaptrack: a live heap under 32 MB), 60 MB with two arenas, 37 MB
+/// with one. Its threads allocate little at a time: one arena.
+#[cfg(target_env = "gnu")]
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn limit_malloc_arenas() {}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
