@@ -120,23 +120,17 @@ pub fn watched_chains(v: &Value, own_table: &str) -> BTreeSet<ChainId> {
             if cid.0 == "inet" && cid.1 == own_table {
                 continue;
             }
-            let input = c["hook"] == "input" && c["type"].as_str().unwrap_or("filter") == "filter";
-            let forward = c["hook"] == "forward" && !cid.1.starts_with("docker");
-            if input {
+            if is_input_base(c) {
                 todo.push(cid.clone());
             }
-            if forward || cid.2 == "DOCKER-USER" {
+            if is_operator_forward_base(c, own_table) || cid.2 == "DOCKER-USER" {
                 out.insert(cid);
             }
         } else if let Some(r) = it.get("rule") {
-            let targets = jumps.entry(chain_id(r, "chain")).or_default();
-            for e in r["expr"].as_array().into_iter().flatten() {
-                for k in ["jump", "goto"] {
-                    if let Some(t) = e[k]["target"].as_str() {
-                        targets.push(t.to_string());
-                    }
-                }
-            }
+            jumps
+                .entry(chain_id(r, "chain"))
+                .or_default()
+                .extend(jump_targets(r).map(str::to_string));
         }
     }
     while let Some(cid) = todo.pop() {
@@ -148,6 +142,28 @@ pub fn watched_chains(v: &Value, own_table: &str) -> BTreeSet<ChainId> {
         }
     }
     out
+}
+
+/// An input base chain of filter type: where a stateful INPUT policy is looked for.
+fn is_input_base(c: &Value) -> bool {
+    c["hook"] == "input" && c["type"].as_str().unwrap_or("filter") == "filter"
+}
+
+/// A forward base chain outside Docker's tables and the agent's own: the operator's.
+fn is_operator_forward_base(c: &Value, own_table: &str) -> bool {
+    let table = c["table"].as_str().unwrap_or("");
+    c["hook"] == "forward"
+        && !(c["family"] == "inet" && table == own_table)
+        && !table.starts_with("docker")
+}
+
+/// The chains a rule jumps or goes to.
+fn jump_targets(r: &Value) -> impl Iterator<Item = &str> {
+    r["expr"].as_array().into_iter().flatten().flat_map(|e| {
+        ["jump", "goto"]
+            .into_iter()
+            .filter_map(move |k| e[k]["target"].as_str())
+    })
 }
 
 /// The ruleset's objects (`{"nftables": [...]}`).
@@ -169,14 +185,13 @@ pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> 
     let items = nft_items(v);
     let mut rules: BTreeMap<ChainId, Vec<&Value>> = BTreeMap::new();
     let mut input_bases = Vec::new();
-    let id = chain_id;
     for it in items {
         if let Some(c) = it.get("chain") {
             if c["family"] == "inet" && c["table"] == own_table {
                 continue;
             }
-            if c["hook"] == "input" && c["type"].as_str().unwrap_or("filter") == "filter" {
-                let cid = id(c, "name");
+            if is_input_base(c) {
+                let cid = chain_id(c, "name");
                 if c["policy"] == "drop" {
                     let (f, t, n) = &cid;
                     return HostFirewall {
@@ -187,7 +202,7 @@ pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> 
                 input_bases.push(cid);
             }
         } else if let Some(r) = it.get("rule") {
-            rules.entry(id(r, "chain")).or_default().push(r);
+            rules.entry(chain_id(r, "chain")).or_default().push(r);
         }
     }
     let mut stateful = None;
@@ -210,13 +225,7 @@ pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> 
                     ));
                     break 'bases;
                 }
-                for e in r["expr"].as_array().into_iter().flatten() {
-                    for k in ["jump", "goto"] {
-                        if let Some(t) = e[k]["target"].as_str() {
-                            todo.push(t.to_string());
-                        }
-                    }
-                }
+                todo.extend(jump_targets(r).map(str::to_string));
             }
         }
     }
@@ -253,28 +262,15 @@ fn forward_rules_nft(
     if let Some(w) = docker_user_nft(items, bridges) {
         return Some(w);
     }
-    let mut bases = BTreeSet::new();
-    for it in items {
-        let Some(c) = it.get("chain") else { continue };
-        let table = c["table"].as_str().unwrap_or("");
-        if c["hook"] == "forward"
-            && !(c["family"] == "inet" && table == own_table)
-            && !table.starts_with("docker")
-        {
-            bases.insert((
-                c["family"].as_str().unwrap_or("").to_string(),
-                table.to_string(),
-                c["name"].as_str().unwrap_or("").to_string(),
-            ));
-        }
-    }
+    let bases: BTreeSet<ChainId> = items
+        .iter()
+        .filter_map(|it| it.get("chain"))
+        .filter(|c| is_operator_forward_base(c, own_table))
+        .map(|c| chain_id(c, "name"))
+        .collect();
     for it in items {
         let Some(r) = it.get("rule") else { continue };
-        let id = (
-            r["family"].as_str().unwrap_or("").to_string(),
-            r["table"].as_str().unwrap_or("").to_string(),
-            r["chain"].as_str().unwrap_or("").to_string(),
-        );
+        let id = chain_id(r, "chain");
         if !bases.contains(&id) {
             continue;
         }

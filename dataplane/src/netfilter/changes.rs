@@ -62,7 +62,10 @@ impl Changes {
     }
 
     pub fn is_empty(&self) -> bool {
-        !self.anything && self.tables.is_empty() && self.chains.is_empty()
+        !self.anything
+            && self.tables.is_empty()
+            && self.reshaped.is_empty()
+            && self.chains.is_empty()
     }
 
     /// Whether table `family table` may have changed.
