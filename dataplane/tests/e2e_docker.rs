@@ -288,33 +288,21 @@ impl Drop for Container {
     }
 }
 
-fn httpd(name: &str, publish: &str) -> Container {
+/// httpd on 80 (serving the image's /www), with `docker run` options `opts`.
+fn httpd_with(name: &str, opts: &[&str]) -> Container {
     let img = image();
-    Container::run(
-        name,
-        &["-p", publish, &img, "httpd", "-f", "-p", "80", "-h", "/www"],
-    )
+    let mut args = opts.to_vec();
+    args.extend_from_slice(&[&img, "httpd", "-f", "-p", "80", "-h", "/www"]);
+    Container::run(name, &args)
+}
+
+fn httpd(name: &str, publish: &str) -> Container {
+    httpd_with(name, &["-p", publish])
 }
 
 /// httpd on 80 on network `net`, published as `publish`.
 fn httpd_on(name: &str, net: &Network, publish: &str) -> Container {
-    let img = image();
-    Container::run(
-        name,
-        &[
-            "--network",
-            &net.0,
-            "-p",
-            publish,
-            &img,
-            "httpd",
-            "-f",
-            "-p",
-            "80",
-            "-h",
-            "/www",
-        ],
-    )
+    httpd_with(name, &["--network", &net.0, "-p", publish])
 }
 
 fn curl(url: &str) -> String {
@@ -821,7 +809,6 @@ fn while_no_agent_runs(
     via_gw: &str,
     q: u16,
 ) -> Container {
-    let img = image();
     // New connections work on Docker's own path: nobody vouches for the maps now.
     let s = TcpStream::connect(("127.0.0.1", q)).unwrap();
     assert_ne!(kernel_peer(&s), format!("{}:80", web.ip()));
@@ -837,22 +824,7 @@ fn while_no_agent_runs(
     // (Docker hands addresses on at once): the old frontend must not lead there.
     let web_ip = web.ip();
     drop(web);
-    let squatter = Container::run(
-        "squat",
-        &[
-            "--network",
-            &net.0,
-            "--ip",
-            &web_ip,
-            &img,
-            "httpd",
-            "-f",
-            "-p",
-            "80",
-            "-h",
-            "/www",
-        ],
-    );
+    let squatter = httpd_with("squat", &["--network", &net.0, "--ip", &web_ip]);
     assert_eq!(squatter.ip(), web_ip);
     assert!(
         TcpStream::connect(("127.0.0.1", q)).is_err(),
@@ -1265,22 +1237,9 @@ fn dockerd_restart_is_survived_and_resynced() {
         return;
     };
     let p = port(15);
-    let img = image();
-    let web = Container::run(
+    let web = httpd_with(
         "dockerd-restart",
-        &[
-            "--restart",
-            "always",
-            "-p",
-            &format!("{p}:80"),
-            &img,
-            "httpd",
-            "-f",
-            "-p",
-            "80",
-            "-h",
-            "/www",
-        ],
+        &["--restart", "always", "-p", &format!("{p}:80")],
     );
     let agent = Agent::start("k");
     assert_eq!(
