@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use dataplane_api::{AskError, Frontend, Status};
+use dataplane_api::{AskError, Egress, EgressChange, Frontend, Status};
 
 #[derive(Parser)]
 #[command(version, about)]
@@ -25,6 +25,39 @@ enum Cmd {
     Status,
     /// Published address:port/proto -> container and backend address.
     Frontends,
+    /// Per-container egress policy: what a container may initiate.
+    #[command(subcommand)]
+    Egress(EgressCmd),
+}
+
+#[derive(Subcommand)]
+enum EgressCmd {
+    /// The policy of every container the agent knows (or of one): internet and host
+    /// access, the allow-list and what its names resolve to, dropped packets.
+    Show {
+        /// Container name or ID (prefix).
+        container: Option<String>,
+    },
+    /// Changes a container's policy now, for its life (until it is removed), across agent
+    /// restarts. Returns once the kernel enforces it; a malformed entry changes nothing.
+    Set {
+        /// Container name or ID (prefix).
+        container: String,
+        /// Whether it may open connections out of the host.
+        #[arg(long)]
+        internet: Option<bool>,
+        /// Whether it may open connections to the host and other containers.
+        #[arg(long)]
+        host: Option<bool>,
+        /// Allow-list entries (replacing the labels'), comma-separated or repeated:
+        /// CIDR, CIDR:port[/proto], [IPv6]:port[/proto], hostname[:port][/proto],
+        /// container:NAME[:port][/proto]. An empty value clears it.
+        #[arg(long)]
+        allow: Option<Vec<String>>,
+        /// Drop earlier runtime changes first (back to the labels and the config).
+        #[arg(long)]
+        reset: bool,
+    },
 }
 
 /// Exit code when the agent cannot be reached, distinct from "reached but not ready".
@@ -74,7 +107,81 @@ fn main() -> ExitCode {
             }
             Err(e) => failed(&e),
         },
+        Cmd::Egress(EgressCmd::Show { container }) => {
+            match dataplane_api::egress_show(&cli.socket, container.as_deref()) {
+                Ok(list) => {
+                    if cli.json {
+                        println!("{}", serde_json::to_string(&list).unwrap_or_default());
+                    } else {
+                        for e in &list {
+                            print_egress(e);
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => failed(&e),
+            }
+        }
+        Cmd::Egress(EgressCmd::Set {
+            container,
+            internet,
+            host,
+            allow,
+            reset,
+        }) => {
+            let change = EgressChange {
+                container,
+                reset,
+                internet,
+                host,
+                allow,
+            };
+            match dataplane_api::egress_set(&cli.socket, change) {
+                Ok(e) => {
+                    if cli.json {
+                        println!("{}", serde_json::to_string(&e).unwrap_or_default());
+                    } else {
+                        print_egress(&e);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => failed(&e),
+            }
+        }
     }
+}
+
+fn print_egress(e: &Egress) {
+    let yes_no = |b: bool| if b { "allowed" } else { "denied" };
+    println!("{} ({})", e.container, e.container_id);
+    println!("  internet:  {}", yes_no(e.internet));
+    println!(
+        "  host:      {} (the host and other containers)",
+        yes_no(e.host)
+    );
+    if let Some(err) = &e.error {
+        println!("  error:     {err} (nothing allowed: fail closed)");
+    }
+    if e.allow.is_empty() {
+        println!("  allow:     -");
+    } else {
+        println!("  allow:     {}", e.allow.join(", "));
+    }
+    for (name, r) in &e.resolved {
+        println!("    {name} -> {r}");
+    }
+    println!(
+        "  addresses: {}",
+        if e.addresses.is_empty() {
+            "- (not running)".to_string()
+        } else {
+            e.addresses.join(" ")
+        }
+    );
+    if e.runtime_change {
+        println!("  runtime change in force (bridge-ctl egress set --reset drops it)");
+    }
+    println!("  dropped:   {} packets", e.dropped_packets);
 }
 
 fn print_status(s: &Status) {

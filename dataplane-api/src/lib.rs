@@ -18,36 +18,96 @@ pub use dataplane_common::STAT_NAMES;
 /// Where the agent listens by default.
 pub const DEFAULT_SOCKET: &str = "/run/dataplane/ctl.sock";
 /// The longest request line the agent reads.
-pub const MAX_REQUEST_BYTES: u64 = 4096;
+pub const MAX_REQUEST_BYTES: u64 = 65_536;
 /// How long either side may take to send its line.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What can be asked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     /// Answered with a [`Status`].
     Status,
     /// Answered with a `Vec<Frontend>`.
     Frontends,
+    /// Answered with a `Vec<Egress>`: every container the agent knows, or the one named
+    /// (name or ID prefix).
+    EgressShow(Option<String>),
+    /// Answered with the container's [`Egress`] once the kernel enforces the change.
+    EgressSet(EgressChange),
 }
 
 impl Request {
     /// The request as its line on the wire.
-    pub const fn as_str(self) -> &'static str {
+    pub fn to_line(&self) -> String {
         match self {
-            Self::Status => "status",
-            Self::Frontends => "frontends",
+            Self::Status => "status".into(),
+            Self::Frontends => "frontends".into(),
+            Self::EgressShow(None) => "egress-show".into(),
+            Self::EgressShow(Some(c)) => format!("egress-show {c}"),
+            Self::EgressSet(c) => format!(
+                "egress-set {}",
+                serde_json::to_string(c).unwrap_or_default()
+            ),
         }
     }
 
     /// A request line (without its newline).
     pub fn parse(line: &str) -> Result<Self, String> {
-        match line.trim() {
-            "status" => Ok(Self::Status),
-            "frontends" => Ok(Self::Frontends),
-            other => Err(format!("unknown request {other:?}")),
+        let line = line.trim();
+        let (verb, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let rest = rest.trim();
+        match (verb, rest.is_empty()) {
+            ("status", true) => Ok(Self::Status),
+            ("frontends", true) => Ok(Self::Frontends),
+            ("egress-show", true) => Ok(Self::EgressShow(None)),
+            ("egress-show", false) => Ok(Self::EgressShow(Some(rest.to_string()))),
+            ("egress-set", false) => serde_json::from_str(rest)
+                .map(Self::EgressSet)
+                .map_err(|e| format!("malformed egress change: {e}")),
+            _ => Err(format!("unknown request {line:?}")),
         }
     }
+}
+
+/// A runtime change of a container's egress policy (`bridge-ctl egress set`). Each field
+/// that is set replaces what the labels say, for the container's life (until it is
+/// removed), across agent restarts; `reset` drops earlier runtime changes first.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressChange {
+    /// Name or ID (prefix) of the container.
+    pub container: String,
+    #[serde(default)]
+    pub reset: bool,
+    #[serde(default)]
+    pub internet: Option<bool>,
+    #[serde(default)]
+    pub host: Option<bool>,
+    /// Replaces the labels' allow-list (the host's and the profile's entries stay).
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+}
+
+/// One container's egress policy as the agent enforces it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Egress {
+    pub container: String,
+    /// The first 12 characters of the container ID.
+    pub container_id: String,
+    pub internet: bool,
+    pub host: bool,
+    /// The allow-list as written (normalised).
+    pub allow: Vec<String>,
+    /// What each host name and container name in it resolves to now (`name -> addresses`,
+    /// or `name -> error: ...`).
+    pub resolved: BTreeMap<String, String>,
+    /// The container's addresses the policy is enforced for.
+    pub addresses: Vec<String>,
+    /// Whether a runtime change (`bridge-ctl egress set`) is in force.
+    pub runtime_change: bool,
+    /// Why the fail-closed policy applies (a malformed label or config entry).
+    pub error: Option<String>,
+    /// Packets dropped by its policy (connections it tried to open).
+    pub dropped_packets: u64,
 }
 
 /// How long one start phase took.
@@ -171,7 +231,7 @@ impl AskError {
 }
 
 /// Sends `request` to the agent at `socket` and reads its answer as JSON text.
-pub fn ask_raw(socket: &Path, request: Request) -> Result<String, AskError> {
+pub fn ask_raw(socket: &Path, request: &Request) -> Result<String, AskError> {
     let at = socket.display().to_string();
     let mut s = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => AskError::NotRunning(at.clone()),
@@ -182,7 +242,7 @@ pub fn ask_raw(socket: &Path, request: Request) -> Result<String, AskError> {
     let io = |e| AskError::Io(at.clone(), e);
     s.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
     s.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
-    s.write_all(format!("{}\n", request.as_str()).as_bytes())
+    s.write_all(format!("{}\n", request.to_line()).as_bytes())
         .map_err(io)?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).map_err(io)?;
@@ -192,19 +252,29 @@ pub fn ask_raw(socket: &Path, request: Request) -> Result<String, AskError> {
     Ok(line)
 }
 
-fn ask<T: DeserializeOwned>(socket: &Path, request: Request) -> Result<T, AskError> {
+fn ask<T: DeserializeOwned>(socket: &Path, request: &Request) -> Result<T, AskError> {
     let text = ask_raw(socket, request)?;
     serde_json::from_str(&text).map_err(|e| AskError::Malformed(e.to_string()))
 }
 
 /// The agent's [`Status`].
 pub fn status(socket: &Path) -> Result<Status, AskError> {
-    ask(socket, Request::Status)
+    ask(socket, &Request::Status)
 }
 
 /// The agent's frontends.
 pub fn frontends(socket: &Path) -> Result<Vec<Frontend>, AskError> {
-    ask(socket, Request::Frontends)
+    ask(socket, &Request::Frontends)
+}
+
+/// The egress policies of every container the agent knows, or of the one named.
+pub fn egress_show(socket: &Path, container: Option<&str>) -> Result<Vec<Egress>, AskError> {
+    ask(socket, &Request::EgressShow(container.map(String::from)))
+}
+
+/// Applies a runtime change; answers when the kernel enforces it.
+pub fn egress_set(socket: &Path, change: EgressChange) -> Result<Egress, AskError> {
+    ask(socket, &Request::EgressSet(change))
 }
 
 #[cfg(test)]
@@ -213,9 +283,27 @@ mod tests {
 
     #[test]
     fn requests_round_trip_and_unknown_ones_are_named() {
-        for r in [Request::Status, Request::Frontends] {
-            assert_eq!(Request::parse(r.as_str()), Ok(r));
+        let change = EgressChange {
+            container: "web".into(),
+            internet: Some(false),
+            allow: Some(vec!["10.0.0.0/8".into(), "example.com:443".into()]),
+            ..EgressChange::default()
+        };
+        for r in [
+            Request::Status,
+            Request::Frontends,
+            Request::EgressShow(None),
+            Request::EgressShow(Some("web".into())),
+            Request::EgressSet(change),
+        ] {
+            assert_eq!(Request::parse(&r.to_line()), Ok(r));
         }
+        assert!(
+            Request::parse("egress-set {")
+                .unwrap_err()
+                .contains("malformed")
+        );
+        assert!(Request::parse("status now").is_err());
         assert_eq!(Request::parse(" status\n"), Ok(Request::Status));
         assert!(Request::parse("bogus").unwrap_err().contains("bogus"));
     }

@@ -23,6 +23,7 @@ use crate::{
     apply::{self, Backoff},
     bpf::Loaded,
     docker::{self, Effect},
+    egress::{self, Egress},
     hostfw,
     netfilter::NetfilterTask,
     netfilter::changes as nfwatch,
@@ -59,6 +60,13 @@ struct Agent {
     /// When to retry a failed apply, and how long the next wait is.
     retry_at: Option<Instant>,
     backoff: Backoff,
+    /// Egress policies and their table.
+    egress: Egress,
+    resolver: Option<egress::dns::Resolver>,
+    dns_tx: mpsc::Sender<(
+        String,
+        Result<(BTreeSet<std::net::IpAddr>, Instant), String>,
+    )>,
 }
 
 fn now_ms() -> u64 {
@@ -89,7 +97,26 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         (s.docker_version, s.docker_firewall_backend) = docker_version;
         s.attach_points.clone_from(&loaded.attached);
     }
-    let _api = api::serve(&opts.api_socket, shared.clone())?;
+    let (api_tx, api_rx) = mpsc::channel(8);
+    let _api = api::serve(&opts.api_socket, shared.clone(), api_tx)?;
+    let resolver = match opts
+        .config
+        .egress
+        .resolver
+        .as_deref()
+        .map(egress::policy::resolver_addr)
+        .transpose()
+    {
+        Ok(server) => match egress::dns::Resolver::new(server) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "no resolver: allow-list host names stay unresolved");
+                None
+            }
+        },
+        Err(e) => return Err(StartError::Other(anyhow::anyhow!("[egress] resolver: {e}"))),
+    };
+    let (dns_tx, dns_rx) = mpsc::channel(64);
     let nl = netlink::connect()?;
     let (nl_tx, nl_rx) = mpsc::channel(1);
     netlink::watch(nl_tx)?;
@@ -119,11 +146,19 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         pending_cookies: Vec::new(),
         retry_at: None,
         backoff: Backoff::new(),
+        egress: Egress::new(
+            &format!("{}_egress", opts.nft_table),
+            opts.config.clone(),
+            opts.state_dir.clone(),
+        ),
+        resolver,
+        dns_tx,
     };
     agent.evaluate_firewall();
     let t = Instant::now();
     agent.sync_local_addrs().await?;
     agent.ingest(inspected)?;
+    agent.learn_created().await;
     agent.resolve_pending();
     agent.apply()?;
     startup.record("first_sync", t.elapsed());
@@ -143,7 +178,14 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     }
 
     let r = agent
-        .serve_events(opts.resync_interval, events_since, nl_rx, fw_rx)
+        .serve_events(
+            opts.resync_interval,
+            events_since,
+            nl_rx,
+            fw_rx,
+            api_rx,
+            dns_rx,
+        )
         .await
         .map_err(StartError::Other);
     if opts.pin_dir.is_none() {
@@ -151,6 +193,9 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         // notrack rules must go with them, or Docker's own NAT path would lose conntrack
         // for local clients.
         agent.netfilter.close_and_remove().await;
+        if let Err(e) = agent.egress.remove() {
+            warn!(error = %format!("{e:#}"), "removing the egress table failed");
+        }
     } else {
         info!(
             "pinned programs, maps and rules stay in place: connections made stay as they are, \
@@ -170,6 +215,11 @@ impl Agent {
         mut since: i64,
         mut nl_rx: mpsc::Receiver<()>,
         mut fw_rx: mpsc::Receiver<()>,
+        mut api_rx: mpsc::Receiver<api::Forwarded>,
+        mut dns_rx: mpsc::Receiver<(
+            String,
+            Result<(BTreeSet<std::net::IpAddr>, Instant), String>,
+        )>,
     ) -> Result<()> {
         let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
         let mut resync = tokio::time::interval(resync_interval);
@@ -180,7 +230,20 @@ impl Agent {
             let mut events = Box::pin(docker::events(&self.docker, since));
             loop {
                 let retry_at = self.retry_at.unwrap_or_else(Instant::now);
+                let lookup_at = self.egress.next_lookup();
                 tokio::select! {
+                    Some((req, reply)) = api_rx.recv() => {
+                        let answer = self.on_request(req);
+                        let _ = reply.send(answer);
+                    }
+                    Some((name, r)) = dns_rx.recv() => {
+                        if self.egress.resolved(&name, r) {
+                            self.apply_or_retry("allow-list name resolved");
+                        }
+                    }
+                    () = tokio::time::sleep_until(lookup_at.unwrap_or_else(Instant::now).into()), if lookup_at.is_some() => {
+                        self.lookup_due();
+                    }
                     ev = events.next() => match ev {
                         Some(Ok(ev)) => {
                             since = since.max(ev.time.unwrap_or(since));
@@ -230,6 +293,8 @@ impl Agent {
     }
 
     async fn on_events(&mut self, batch: &[bollard::models::EventMessage]) {
+        // Egress first: a container being started is policed before its process runs.
+        self.egress_events(batch).await;
         let mut refresh = BTreeSet::new();
         let mut networks = false;
         for ev in batch {
@@ -241,6 +306,7 @@ impl Agent {
                 Effect::Remove(id) => {
                     refresh.remove(&id);
                     self.state.forget(&id);
+                    self.egress.destroyed(&id);
                 }
                 Effect::Ignore => {}
             }
@@ -312,6 +378,8 @@ impl Agent {
                 .into_iter()
                 .collect();
             self.state.retain(&live);
+            self.egress.retain(&live);
+            self.egress.force();
             self.state.networks = docker::networks(&self.docker).await?;
             let table = self.nft_table.clone();
             self.fw_snapshot = tokio::task::spawn_blocking(move || hostfw::capture(&table)).await?;
@@ -360,6 +428,7 @@ impl Agent {
                 .and_then(|s| s.pid)
                 .filter(|p| *p > 0)
                 .and_then(netns::default_routes);
+            self.egress.inspected(&id, c.as_ref());
             let (errors, new_ns) = self.state.ingest(&id, c.as_ref(), routes.as_ref());
             for e in &errors {
                 warn!(error = %e, "binding skipped");
@@ -496,6 +565,10 @@ impl Agent {
             bindv6only: std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only")
                 .is_ok_and(|s| s.trim() == "1"),
         };
+        // The egress table first (a policy never waits for the maps), then the plan, which
+        // leaves containers denied the host to Docker's path.
+        let egress = self.apply_egress();
+        self.state.host_denied = self.egress.host_denied();
         let plan = plan::plan(&self.state, &env);
         for c in &plan.conflicts {
             warn!(frontend = %c.frontend, kept = %c.kept, dropped = %c.dropped, "frontend conflict");
@@ -543,7 +616,145 @@ impl Agent {
         drop(state);
         self.owners = out.served.owners;
         self.publish_counters();
-        Ok(())
+        egress
+    }
+
+    /// Writes the egress table if it changed, and starts lookups of new host names.
+    fn apply_egress(&mut self) -> Result<()> {
+        self.egress.bridges = self.state.bridges();
+        let t = Instant::now();
+        let r = self.egress.apply();
+        if let Ok(true) = r {
+            debug!(took_us = t.elapsed().as_micros(), "egress table written");
+        }
+        self.lookup_due();
+        r.map(|_| ())
+    }
+
+    /// Starts the lookups that are due, each in a task of its own; results come back
+    /// through `dns_tx`.
+    fn lookup_due(&mut self) {
+        let due = self.egress.due_names();
+        for name in due {
+            let tx = self.dns_tx.clone();
+            let resolver = self.resolver.clone();
+            tokio::spawn(async move {
+                let r = match resolver {
+                    Some(r) => r.resolve(&name).await,
+                    None => Err("no resolver configured".into()),
+                };
+                let _ = tx.send((name, r)).await;
+            });
+        }
+    }
+
+    /// Containers created but not started when the agent starts: their labels, so their
+    /// policy is ready at their `network connect`.
+    async fn learn_created(&mut self) {
+        match docker::created(&self.docker).await {
+            Ok(list) => {
+                for (id, name, labels) in list {
+                    self.egress
+                        .created(&id, &name, labels.into_iter().collect());
+                }
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "listing created containers failed"),
+        }
+        match docker::all_ids(&self.docker).await {
+            Ok(ids) => self.egress.sweep_runtime(&ids.into_iter().collect()),
+            Err(e) => warn!(error = %format!("{e:#}"), "listing containers failed"),
+        }
+    }
+
+    /// What the events mean for egress: labels at `create`; at `network connect`, the
+    /// container's address on that network (asked of the network: the container's own
+    /// inspect waits until Docker has started it), and its policy written at once.
+    async fn egress_events(&mut self, batch: &[bollard::models::EventMessage]) {
+        use bollard::models::EventMessageTypeEnum as T;
+        let mut connects = Vec::new();
+        for ev in batch {
+            let Some(actor) = ev.actor.as_ref() else {
+                continue;
+            };
+            let attrs = actor.attributes.clone().unwrap_or_default();
+            let action = ev.action.as_deref().unwrap_or("");
+            match (ev.typ, action) {
+                (Some(T::CONTAINER), "create") => {
+                    if let Some(id) = &actor.id {
+                        let name = attrs.get("name").cloned().unwrap_or_default();
+                        self.egress
+                            .created(id, &name, egress::labels_of_event(&attrs));
+                    }
+                }
+                (Some(T::NETWORK), "connect") => {
+                    if let (Some(net), Some(id)) = (&actor.id, attrs.get("container")) {
+                        if self.egress.knows(id) {
+                            connects.push((net.clone(), id.clone()));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if connects.is_empty() {
+            return;
+        }
+        let t = Instant::now();
+        let docker = &self.docker;
+        let found = futures_util::future::join_all(connects.iter().map(|(net, id)| async move {
+            (net, id, docker::addresses_on(docker, net, id).await)
+        }))
+        .await;
+        for (net, id, r) in found {
+            match r {
+                Ok(addrs) => self.egress.connected(id, net, addrs),
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "reading a new endpoint's address failed")
+                }
+            }
+        }
+        self.egress.bridges = self.state.bridges();
+        match self.egress.apply() {
+            Ok(written) => debug!(
+                took_us = t.elapsed().as_micros(),
+                written, "egress applied at network connect"
+            ),
+            Err(e) => warn!(error = %format!("{e:#}"), "writing the egress table failed; retrying"),
+        }
+        self.lookup_due();
+    }
+
+    /// An egress request from `bridge-ctl`, answered as JSON text.
+    fn on_request(&mut self, req: dataplane_api::Request) -> String {
+        use dataplane_api::Request;
+        let json =
+            |r: serde_json::Result<String>| r.unwrap_or_else(|e| api::error_reply(e.to_string()));
+        match req {
+            Request::EgressShow(None) => json(serde_json::to_string(&self.egress.views(None))),
+            Request::EgressShow(Some(k)) => match self.egress.find(&k) {
+                Ok(id) => json(serde_json::to_string(&self.egress.views(Some(&id)))),
+                Err(e) => api::error_reply(e),
+            },
+            Request::EgressSet(change) => {
+                let id = match self.egress.find(&change.container) {
+                    Ok(id) => id,
+                    Err(e) => return api::error_reply(e),
+                };
+                if let Err(e) = self.egress.change(&id, &change) {
+                    return api::error_reply(e);
+                }
+                info!(container = %change.container, "egress policy changed at runtime");
+                if let Err(e) = self.apply() {
+                    self.retry_at = Some(Instant::now() + self.backoff.failed());
+                    return api::error_reply(format!("{e:#}"));
+                }
+                match self.egress.views(Some(&id)).into_iter().next() {
+                    Some(v) => json(serde_json::to_string(&v)),
+                    None => api::error_reply("the container went away"),
+                }
+            }
+            _ => api::error_reply("not an egress request"),
+        }
     }
 
     /// Copies the kernel programs' counters into the status.

@@ -32,6 +32,10 @@ pub struct State {
 
 pub type Shared = Arc<Mutex<State>>;
 
+/// A request only the agent loop can answer (egress: it changes or reads the kernel's
+/// state), with where its answer (JSON text) goes.
+pub type Forwarded = (Request, tokio::sync::oneshot::Sender<String>);
+
 /// Removes the socket file when dropped.
 pub struct SocketGuard(PathBuf);
 
@@ -42,7 +46,11 @@ impl Drop for SocketGuard {
 }
 
 /// Binds the socket (mode 0600) and serves requests until the task is dropped.
-pub fn serve(path: &Path, shared: Shared) -> Result<SocketGuard> {
+pub fn serve(
+    path: &Path,
+    shared: Shared,
+    forward: tokio::sync::mpsc::Sender<Forwarded>,
+) -> Result<SocketGuard> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -61,6 +69,7 @@ pub fn serve(path: &Path, shared: Shared) -> Result<SocketGuard> {
                 continue;
             };
             let shared = shared.clone();
+            let forward = forward.clone();
             tokio::spawn(async move {
                 // Root only, whatever the socket's mode: the peer's credentials decide.
                 if !stream.peer_cred().is_ok_and(|c| c.uid() == 0) {
@@ -75,7 +84,19 @@ pub fn serve(path: &Path, shared: Shared) -> Result<SocketGuard> {
                 if !matches!(tokio::time::timeout(TIMEOUT, read).await, Ok(Ok(_))) {
                     return;
                 }
-                let answer = answer(&line, &shared);
+                let answer = match Request::parse(&line) {
+                    Ok(r @ (Request::EgressShow(_) | Request::EgressSet(_))) => {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        if forward.send((r, tx)).await.is_err() {
+                            return;
+                        }
+                        match tokio::time::timeout(TIMEOUT, rx).await {
+                            Ok(Ok(a)) => a,
+                            _ => error_reply("the agent did not answer in time"),
+                        }
+                    }
+                    _ => answer(&line, &shared),
+                };
                 let write = async {
                     w.write_all(answer.as_bytes()).await?;
                     w.write_all(b"\n").await
@@ -96,6 +117,9 @@ fn answer(line: &str, shared: &Shared) -> String {
                 st.frontends.iter().map(|f| &f.view).collect();
             serde_json::to_string(&views)
         }
+        Ok(Request::EgressShow(_) | Request::EgressSet(_)) => serde_json::to_string(&ErrorReply {
+            error: "not served here".into(),
+        }),
         Err(error) => serde_json::to_string(&ErrorReply { error }),
     };
     text.unwrap_or_else(|e| {
@@ -104,6 +128,14 @@ fn answer(line: &str, shared: &Shared) -> String {
         })
         .unwrap_or_default()
     })
+}
+
+/// An [`ErrorReply`] as its line.
+pub fn error_reply(error: impl Into<String>) -> String {
+    serde_json::to_string(&ErrorReply {
+        error: error.into(),
+    })
+    .unwrap_or_default()
 }
 
 #[cfg(test)]

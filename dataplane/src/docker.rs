@@ -54,6 +54,69 @@ pub async fn inspect(docker: &Docker, id: &str) -> Result<Option<ContainerInspec
     }
 }
 
+/// Container `id`'s addresses on network `net`, from the network's inspect: answered while
+/// Docker is still starting the container (its own inspect waits for the start).
+pub async fn addresses_on(docker: &Docker, net: &str, id: &str) -> Result<Vec<std::net::IpAddr>> {
+    let n = docker
+        .inspect_network(
+            net,
+            None::<bollard::query_parameters::InspectNetworkOptions>,
+        )
+        .await
+        .with_context(|| format!("inspecting network {net}"))?;
+    Ok(n.containers
+        .unwrap_or_default()
+        .get(id)
+        .map(|ep| endpoint_addresses(ep.ipv4_address.as_deref(), ep.ipv6_address.as_deref()))
+        .unwrap_or_default())
+}
+
+/// Addresses written `addr/prefix` (empty ones skipped).
+pub fn endpoint_addresses(v4: Option<&str>, v6: Option<&str>) -> Vec<std::net::IpAddr> {
+    [v4, v6]
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.split('/').next()?.parse().ok())
+        .collect()
+}
+
+/// Containers Docker has created and not started yet: their names and labels (from the
+/// list, no inspect), so a policy is ready when they start.
+pub async fn created(docker: &Docker) -> Result<Vec<(String, String, HashMap<String, String>)>> {
+    let mut filters = HashMap::new();
+    filters.insert("status".to_string(), vec!["created".to_string()]);
+    let list = docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .context("listing created containers")?;
+    Ok(list
+        .into_iter()
+        .filter_map(|c| {
+            let name = c
+                .names
+                .and_then(|n| n.into_iter().next())
+                .unwrap_or_default();
+            Some((c.id?, name, c.labels.unwrap_or_default()))
+        })
+        .collect())
+}
+
+/// Ids of every container, running or not.
+pub async fn all_ids(docker: &Docker) -> Result<Vec<String>> {
+    let list = docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            ..Default::default()
+        }))
+        .await
+        .context("listing containers")?;
+    Ok(list.into_iter().filter_map(|c| c.id).collect())
+}
+
 /// A Docker network as the agent needs it: which host interface is its bridge, and whether
 /// Docker lets its containers reach published ports straight through that bridge.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -246,6 +309,14 @@ mod tests {
         assert_eq!(effect(&e), Effect::Refresh("abc".into()));
         assert_eq!(effect(&ev(N, "create", "netid", &[])), Effect::Networks);
         assert_eq!(effect(&ev(N, "connect", "netid", &[])), Effect::Ignore);
+    }
+
+    #[test]
+    fn endpoint_addresses_drop_the_prefix() {
+        let a = endpoint_addresses(Some("172.18.0.2/16"), Some("fd00::2/64"));
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0].to_string(), "172.18.0.2");
+        assert!(endpoint_addresses(Some(""), None).is_empty());
     }
 
     #[test]

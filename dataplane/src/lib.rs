@@ -7,6 +7,7 @@ pub mod apply;
 pub mod bpf;
 pub mod desired;
 pub mod docker;
+pub mod egress;
 pub mod engine;
 pub mod hostfw;
 pub mod netfilter;

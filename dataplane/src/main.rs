@@ -60,6 +60,12 @@ enum Cmd {
         /// maps created by this start (pinned maps keep their size until `uninstall`).
         #[arg(long, default_value_t = dataplane_common::FRONTENDS_MAX)]
         max_frontends: u32,
+        /// Config file (egress defaults and profiles); a missing file means the defaults.
+        #[arg(long, default_value = dataplane::egress::policy::DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Where runtime egress changes are kept across agent restarts.
+        #[arg(long, default_value = "/var/lib/dataplane")]
+        state_dir: PathBuf,
     },
     /// Remove everything the agent installed: pinned links (detaching the programs) and
     /// maps, the nftables table, the iptables chain. Run it with the agent stopped.
@@ -79,6 +85,7 @@ enum Cmd {
 /// environment, 5 the kernel, 6 Docker).
 const EXIT_FAILURE: u8 = 1;
 const EXIT_ALREADY_RUNNING: u8 = 3;
+const EXIT_CONFIG: u8 = 2;
 
 /// One agent per host, whatever its flags (socket, pin directory, `--no-pin`): it holds this
 /// lock for its lifetime; `uninstall` takes it too.
@@ -127,7 +134,16 @@ fn main() -> ExitCode {
             pin_dir,
             no_pin,
             max_frontends,
+            config,
+            state_dir,
         } => {
+            let config = match dataplane::egress::policy::Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("dataplane: config: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
             let _lock = match lock(Path::new(LOCK)) {
                 Ok(l) => l,
                 Err(e) => {
@@ -155,6 +171,8 @@ fn main() -> ExitCode {
                 fwd_chain,
                 pin_dir: (!no_pin).then_some(pin_dir),
                 max_frontends,
+                config,
+                state_dir: Some(state_dir),
             };
             match rt.block_on(agent::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -190,6 +208,14 @@ fn uninstall(pin_dir: &Path, nft_table: &str, fwd_chain: &str, socket: &Path) ->
     }
     match dataplane::netfilter::notrack::Notrack::new(nft_table).remove() {
         Ok(()) => println!("removed nftables table inet {nft_table}"),
+        Err(e) => {
+            eprintln!("dataplane: {e:#}");
+            failed = true;
+        }
+    }
+    let egress_table = format!("{nft_table}_egress");
+    match dataplane::egress::nft::run(dataplane::egress::nft::delete_batch(&egress_table)) {
+        Ok(()) => println!("removed nftables table inet {egress_table} (egress policies)"),
         Err(e) => {
             eprintln!("dataplane: {e:#}");
             failed = true;

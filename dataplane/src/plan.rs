@@ -66,8 +66,13 @@ pub fn plan(state: &State, env: &Env) -> Plan {
     let mut peer_addrs = BTreeSet::new();
     // Container clients: only on networks where Docker itself connects containers straight
     // to each other, and only while no operator rule could concern their traffic.
-    for (p, cookie) in state.peers.values().filter(|_| peers_on) {
+    // A container whose egress policy keeps it from other containers takes Docker's
+    // path, where its policy applies.
+    for (id, (p, cookie)) in state.peers.iter().filter(|_| peers_on) {
         let Some(cookie) = cookie else { continue };
+        if state.host_denied.contains(id) {
+            continue;
+        }
         for (net, addrs) in &p.endpoints {
             if !state.networks.get(net).is_some_and(|n| n.peers_direct) {
                 continue;
@@ -326,6 +331,13 @@ mod tests {
         assert_eq!(cookies, [11, 12].into());
         assert_eq!(p.peer_addrs.len(), 2);
         assert!(p.container_clients_off.is_none() && p.host_clients_tracked.is_none());
+        // A container its egress policy keeps from other containers is no client.
+        let mut s = state();
+        s.host_denied.insert("a".into());
+        let p = plan(&s, &Env::default());
+        let cookies: BTreeSet<u64> = p.peer_nets.keys().map(|k| k.netns_cookie).collect();
+        assert_eq!(cookies, [12].into());
+        assert_eq!(p.peer_addrs.len(), 1);
     }
 
     #[test]

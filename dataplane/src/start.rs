@@ -35,6 +35,11 @@ pub struct Options {
     pub pin_dir: Option<PathBuf>,
     /// Room for published bindings in the maps this start creates.
     pub max_frontends: u32,
+    /// The config file's content (egress defaults and profiles).
+    pub config: crate::egress::policy::Config,
+    /// Where runtime egress changes are kept (`None`: nowhere, they last as long as the
+    /// process).
+    pub state_dir: Option<PathBuf>,
 }
 
 /// The phases of the start, timed: logged at debug level and reported in `status`.

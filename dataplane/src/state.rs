@@ -31,6 +31,9 @@ pub struct State {
     pub host_addrs: Vec<HostAddr>,
     /// What the host's ruleset means for the agent.
     pub firewall: HostFirewall,
+    /// Containers whose egress policy denies them the host and other containers: never
+    /// translated as clients.
+    pub host_denied: BTreeSet<String>,
 }
 
 impl State {

@@ -459,7 +459,12 @@ pub(crate) fn expected_shape(spec: &Spec) -> BTreeMap<String, usize> {
 pub(crate) fn run(batch: Batch<'_>) -> Result<()> {
     let mut value = serde_json::to_value(batch.to_nftables()).context("encoding the batch")?;
     spell_notrack(&mut value);
-    let json = serde_json::to_vec(&value).context("encoding the batch")?;
+    run_json(&value)
+}
+
+/// Applies a batch already encoded as nft's JSON, as one transaction.
+pub(crate) fn run_json(value: &serde_json::Value) -> Result<()> {
+    let json = serde_json::to_vec(value).context("encoding the batch")?;
     let mut child = Command::new("nft")
         .args(["-j", "-f", "-"])
         .stdin(Stdio::piped())

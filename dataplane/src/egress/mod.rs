@@ -1,0 +1,716 @@
+//! Egress policy per container: what it may initiate ([`policy`]), compiled into the
+//! agent's own nftables table ([`nft`]), with allow-list host names resolved by the agent
+//! ([`dns`]).
+//!
+//! The table follows Docker: a container's chains are written as soon as Docker connects it
+//! to a network (the `network connect` event, before its process starts; its address comes
+//! from the network, which answers while the container is still starting), and removed
+//! when it stops, in one transaction each. Runtime changes (`bridge-ctl egress set`) are
+//! kept in files under the state directory, so they outlive an agent restart, until the
+//! container is removed.
+
+pub mod dns;
+pub mod nft;
+pub mod policy;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use bollard::models::ContainerInspectResponse;
+use tracing::{info, warn};
+
+use policy::{Allow, Config, Layer, Policy, Target};
+
+/// What the agent knows of one container, for its policy.
+#[derive(Clone, Debug, Default)]
+pub struct Container {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub runtime: Option<Layer>,
+    /// Its addresses per Docker network.
+    pub addrs: BTreeMap<String, Vec<IpAddr>>,
+    /// Resolvers from its own `resolv.conf`.
+    pub dns: BTreeSet<IpAddr>,
+    /// When Docker connected it to a network and it was not running yet.
+    pub starting_since: Option<Instant>,
+    /// The last error logged for its labels (logged once).
+    pub logged_error: Option<String>,
+}
+
+impl Container {
+    fn addresses(&self) -> BTreeSet<IpAddr> {
+        self.addrs.values().flatten().copied().collect()
+    }
+}
+
+/// A resolved host name.
+#[derive(Clone, Debug)]
+pub struct Name {
+    pub addrs: BTreeSet<IpAddr>,
+    pub refresh_at: Instant,
+    pub error: Option<String>,
+    /// A lookup is running.
+    pub in_flight: bool,
+}
+
+/// How long a container Docker is starting keeps the addresses its `network connect`
+/// gave, before the start completes (a start that takes longer is resynced).
+const STARTING_GRACE: Duration = Duration::from_secs(120);
+
+pub struct Egress {
+    table: String,
+    pub config: Config,
+    state_dir: Option<PathBuf>,
+    pub containers: BTreeMap<String, Container>,
+    pub names: BTreeMap<String, Name>,
+    applied: Option<nft::Spec>,
+    /// Drop counters of containers removed from the table since the process started are
+    /// gone with them; these are the ones read back at the last `show`.
+    pub bridges: BTreeSet<String>,
+}
+
+impl Egress {
+    pub fn new(table: &str, config: Config, state_dir: Option<PathBuf>) -> Self {
+        Self {
+            table: table.to_string(),
+            config,
+            state_dir,
+            containers: BTreeMap::new(),
+            names: BTreeMap::new(),
+            applied: None,
+            bridges: BTreeSet::new(),
+        }
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    fn runtime_path(&self, id: &str) -> Option<PathBuf> {
+        self.state_dir
+            .as_ref()
+            .map(|d| d.join("egress").join(format!("{id}.json")))
+    }
+
+    fn load_runtime(&self, id: &str) -> Option<Layer> {
+        let p = self.runtime_path(id)?;
+        let text = std::fs::read_to_string(&p).ok()?;
+        match serde_json::from_str(&text) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(path = %p.display(), error = %e, "ignoring an unreadable runtime egress change");
+                None
+            }
+        }
+    }
+
+    fn store_runtime(&self, id: &str, layer: Option<&Layer>) -> Result<()> {
+        let Some(p) = self.runtime_path(id) else {
+            return Ok(());
+        };
+        match layer {
+            None => match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(e).with_context(|| format!("removing {}", p.display()))
+                }
+                _ => Ok(()),
+            },
+            Some(l) => {
+                let dir = p.parent().expect("a file in a directory");
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                let tmp = p.with_extension("tmp");
+                std::fs::write(&tmp, serde_json::to_vec(l)?)
+                    .with_context(|| format!("writing {}", tmp.display()))?;
+                std::fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))
+            }
+        }
+    }
+
+    /// Removes stored runtime changes of containers that no longer exist (`exists` says).
+    pub fn sweep_runtime(&self, exists: &BTreeSet<String>) {
+        let Some(dir) = self.state_dir.as_ref().map(|d| d.join("egress")) else {
+            return;
+        };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(id) = name.strip_suffix(".json") {
+                if !exists.contains(id) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
+    /// The container as its `create` event (labels, name) shows it, before it starts.
+    pub fn created(&mut self, id: &str, name: &str, labels: BTreeMap<String, String>) {
+        let runtime = self.load_runtime(id);
+        let c = self.containers.entry(id.to_string()).or_default();
+        c.name = name.trim_start_matches('/').to_string();
+        c.labels = labels;
+        if c.runtime.is_none() {
+            c.runtime = runtime;
+        }
+    }
+
+    /// Whether the agent knows the container's labels already.
+    pub fn knows(&self, id: &str) -> bool {
+        self.containers.contains_key(id)
+    }
+
+    /// Docker connected the container to network `net` with `addrs` (while starting).
+    pub fn connected(&mut self, id: &str, net: &str, addrs: Vec<IpAddr>) {
+        if let Some(c) = self.containers.get_mut(id) {
+            c.addrs.insert(net.to_string(), addrs);
+            c.starting_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// What the container's inspect says (`None`: it no longer exists).
+    pub fn inspected(&mut self, id: &str, c: Option<&ContainerInspectResponse>) {
+        let Some(c) = c else {
+            self.containers.remove(id);
+            return;
+        };
+        let labels: BTreeMap<String, String> = c
+            .config
+            .as_ref()
+            .and_then(|cfg| cfg.labels.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let name = c.name.clone().unwrap_or_default();
+        if !self.knows(id) {
+            self.created(id, &name, labels.clone());
+        }
+        let status = c.state.as_ref().and_then(|s| s.status);
+        let live = crate::desired::peer_of(c);
+        let entry = self.containers.get_mut(id).expect("just inserted");
+        entry.labels = labels;
+        entry.name = name.trim_start_matches('/').to_string();
+        use bollard::models::ContainerStateStatusEnum as S;
+        match (live, status) {
+            (Some(p), _) => {
+                entry.addrs = p.endpoints.into_iter().collect();
+                entry.starting_since = None;
+            }
+            // Docker is still starting it: the addresses its network gave stay.
+            (None, Some(S::CREATED | S::RESTARTING))
+                if entry
+                    .starting_since
+                    .is_some_and(|t| t.elapsed() < STARTING_GRACE) => {}
+            (None, _) => {
+                entry.addrs.clear();
+                entry.starting_since = None;
+            }
+        }
+        entry.dns = c
+            .resolv_conf_path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|t| dns::nameservers(&t))
+            .unwrap_or_default();
+    }
+
+    /// The container was removed: its runtime change goes too.
+    pub fn destroyed(&mut self, id: &str) {
+        self.containers.remove(id);
+        if let Err(e) = self.store_runtime(id, None) {
+            warn!(error = %format!("{e:#}"), "removing a runtime egress change");
+        }
+    }
+
+    /// Keeps only containers in `live` (running or paused) or still starting.
+    pub fn retain(&mut self, live: &BTreeSet<String>) {
+        self.containers.retain(|id, c| {
+            live.contains(id)
+                || c.starting_since
+                    .is_some_and(|t| t.elapsed() < STARTING_GRACE)
+        });
+    }
+
+    pub fn policy(&self, c: &Container) -> Policy {
+        policy::policy_of(&self.config, &c.labels, c.runtime.as_ref())
+    }
+
+    /// Containers that may not reach the host or other containers: the socket layer must
+    /// not connect them straight to a backend (Docker's path, where their policy applies).
+    pub fn host_denied(&self) -> BTreeSet<String> {
+        self.containers
+            .iter()
+            .filter(|(_, c)| !self.policy(c).host)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Host names the policies name.
+    fn wanted_names(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for c in self.containers.values() {
+            for a in self.policy(c).allow {
+                if let Target::Name(n) = a.target {
+                    out.insert(n);
+                }
+            }
+        }
+        out
+    }
+
+    /// Names to look up now (new ones, or due); marked in flight. Names no policy uses any
+    /// more are forgotten.
+    pub fn due_names(&mut self) -> Vec<String> {
+        let wanted = self.wanted_names();
+        self.names.retain(|n, _| wanted.contains(n));
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for n in wanted {
+            let e = self.names.entry(n.clone()).or_insert(Name {
+                addrs: BTreeSet::new(),
+                refresh_at: now,
+                error: None,
+                in_flight: false,
+            });
+            if !e.in_flight && e.refresh_at <= now {
+                e.in_flight = true;
+                due.push(n);
+            }
+        }
+        due
+    }
+
+    /// When the next lookup is due.
+    pub fn next_lookup(&self) -> Option<Instant> {
+        self.names
+            .values()
+            .filter(|n| !n.in_flight)
+            .map(|n| n.refresh_at)
+            .min()
+    }
+
+    /// A lookup's result. Whether the addresses changed. A failure keeps the last addresses
+    /// (and says so).
+    pub fn resolved(&mut self, name: &str, r: Result<(BTreeSet<IpAddr>, Instant), String>) -> bool {
+        let Some(e) = self.names.get_mut(name) else {
+            return false;
+        };
+        e.in_flight = false;
+        match r {
+            Ok((addrs, at)) => {
+                e.refresh_at = at;
+                e.error = None;
+                if e.addrs != addrs {
+                    info!(name, addresses = ?addrs, "allow-list name resolved");
+                    e.addrs = addrs;
+                    return true;
+                }
+                false
+            }
+            Err(err) => {
+                if e.error.as_deref() != Some(err.as_str()) {
+                    warn!(name, error = %err, "cannot resolve an allow-list name; the rest of the allow-list applies");
+                }
+                e.error = Some(err);
+                e.refresh_at = Instant::now() + dns::RETRY;
+                false
+            }
+        }
+    }
+
+    /// Addresses of containers by name (for `container:NAME`).
+    fn by_name(&self, name: &str) -> BTreeSet<IpAddr> {
+        self.containers
+            .values()
+            .filter(|c| c.name == name)
+            .flat_map(Container::addresses)
+            .collect()
+    }
+
+    fn resolve_allow(&self, a: &Allow) -> BTreeSet<policy::Net> {
+        match &a.target {
+            Target::Net(n) => [*n].into(),
+            Target::Name(n) => self
+                .names
+                .get(n)
+                .map(|e| e.addrs.iter().map(|a| policy::Net::host(*a)).collect())
+                .unwrap_or_default(),
+            Target::Container(n) => self.by_name(n).into_iter().map(policy::Net::host).collect(),
+        }
+    }
+
+    /// The table as the policies and Docker's state make it now.
+    pub fn spec(&mut self) -> nft::Spec {
+        let mut spec = nft::Spec {
+            bridges: self.bridges.clone(),
+            closed_internet: self.config.egress.internet == Some(false),
+            closed_host: self.config.egress.host == Some(false),
+            ..nft::Spec::default()
+        };
+        let host_dns = dns::container_resolvers(None);
+        let mut errors = Vec::new();
+        for (id, c) in &self.containers {
+            let addrs = c.addresses();
+            if addrs.is_empty() {
+                continue;
+            }
+            if spec.closed_internet || spec.closed_host {
+                spec.admitted.extend(addrs.iter().copied());
+            }
+            let p = self.policy(c);
+            if let Some(e) = &p.error {
+                if c.logged_error.as_ref() != Some(e) {
+                    errors.push((id.clone(), e.clone()));
+                }
+            }
+            if !p.restricts() {
+                continue;
+            }
+            let allow = p
+                .allow
+                .iter()
+                .map(|a| nft::Allowed {
+                    nets: self.resolve_allow(a),
+                    port: a.port,
+                    proto: a.proto,
+                })
+                .filter(|a| !a.nets.is_empty())
+                .collect();
+            let mut dns = host_dns.clone();
+            dns.extend(c.dns.iter().filter(|a| !a.is_loopback()).copied());
+            spec.containers.insert(
+                nft::key_of(id),
+                nft::Chains {
+                    addrs,
+                    internet: p.internet,
+                    host: p.host,
+                    dns,
+                    allow,
+                },
+            );
+        }
+        for (id, e) in errors {
+            let c = self.containers.get_mut(&id).expect("listed above");
+            warn!(container = %c.name, id = %nft::key_of(&id), error = %e, "egress policy cannot be read: the container gets no egress at all (fail closed)");
+            c.logged_error = Some(e);
+        }
+        spec
+    }
+
+    /// Writes the table as [`Egress::spec`] says: only what changed, or the whole table in
+    /// place the first time (and after a failure). Whether anything was written.
+    pub fn apply(&mut self) -> Result<bool> {
+        let spec = self.spec();
+        let batch = match &self.applied {
+            Some(old) => match nft::delta_batch(&self.table, old, &spec) {
+                Some(b) => b,
+                None => return Ok(false),
+            },
+            None => {
+                let present = nft::read_back(&self.table)
+                    .map(|(chains, _)| chains)
+                    .unwrap_or_default();
+                nft::full_batch(&self.table, &spec, &present)
+            }
+        };
+        let table = self.table.clone();
+        let r = tokio::task::block_in_place(|| nft::run(batch));
+        match r {
+            Ok(()) => {
+                self.applied = Some(spec);
+                Ok(true)
+            }
+            Err(e) => {
+                // Written whole next time.
+                self.applied = None;
+                Err(e).with_context(|| format!("writing the egress table inet {table}"))
+            }
+        }
+    }
+
+    /// Forget what was applied: the next apply rewrites the table in place (repair).
+    pub fn force(&mut self) {
+        self.applied = None;
+    }
+
+    /// Removes the table.
+    pub fn remove(&mut self) -> Result<()> {
+        self.applied = None;
+        nft::run(nft::delete_batch(&self.table))
+    }
+
+    /// The container `key` names: an exact name or ID, else a unique ID prefix.
+    pub fn find(&self, key: &str) -> Result<String, String> {
+        let key = key.trim_start_matches('/');
+        if let Some((id, _)) = self
+            .containers
+            .iter()
+            .find(|(id, c)| c.name == key || *id == key)
+        {
+            return Ok(id.clone());
+        }
+        let hits: Vec<&String> = self
+            .containers
+            .keys()
+            .filter(|id| !key.is_empty() && id.starts_with(key))
+            .collect();
+        match hits.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(format!("no running container {key:?} known to the agent")),
+            _ => Err(format!("{key:?} names more than one container")),
+        }
+    }
+
+    /// Applies a runtime change to container `id`: validated first (a bad entry changes
+    /// nothing), stored, then enforced.
+    pub fn change(&mut self, id: &str, ch: &dataplane_api::EgressChange) -> Result<(), String> {
+        let c = self
+            .containers
+            .get(id)
+            .ok_or_else(|| format!("no container {id}"))?;
+        let mut layer = if ch.reset {
+            Layer::default()
+        } else {
+            c.runtime.clone().unwrap_or_default()
+        };
+        if let Some(v) = ch.internet {
+            layer.internet = Some(v);
+        }
+        if let Some(v) = ch.host {
+            layer.host = Some(v);
+        }
+        if let Some(a) = &ch.allow {
+            let mut list = Vec::new();
+            for e in a.iter().flat_map(|e| e.split(',')) {
+                if e.trim().is_empty() {
+                    continue;
+                }
+                let parsed: Allow = e.parse().map_err(|err| format!("allow: {err}"))?;
+                list.push(parsed.to_string());
+            }
+            layer.allow = Some(list);
+        }
+        let layer = (layer != Layer::default()).then_some(layer);
+        self.store_runtime(id, layer.as_ref())
+            .map_err(|e| format!("{e:#}"))?;
+        self.containers.get_mut(id).expect("checked").runtime = layer;
+        Ok(())
+    }
+
+    /// What `bridge-ctl egress show` shows, with the drop counters read from the kernel.
+    pub fn views(&self, only: Option<&str>) -> Vec<dataplane_api::Egress> {
+        let counters = tokio::task::block_in_place(|| nft::read_back(&self.table))
+            .map(|(_, c)| c)
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for (id, c) in &self.containers {
+            if only.is_some_and(|o| o != id) {
+                continue;
+            }
+            let p = self.policy(c);
+            let mut resolved = BTreeMap::new();
+            for a in &p.allow {
+                let (key, text) = match &a.target {
+                    Target::Net(_) => continue,
+                    Target::Name(n) => (
+                        n.clone(),
+                        match self.names.get(n) {
+                            Some(e) if !e.addrs.is_empty() => {
+                                let mut t = join(&e.addrs);
+                                if let Some(err) = &e.error {
+                                    t.push_str(&format!(" (stale: {err})"));
+                                }
+                                t
+                            }
+                            Some(Name {
+                                error: Some(err), ..
+                            }) => format!("error: {err}"),
+                            _ => "resolving".into(),
+                        },
+                    ),
+                    Target::Container(n) => {
+                        let addrs = self.by_name(n);
+                        (
+                            format!("container:{n}"),
+                            if addrs.is_empty() {
+                                "error: no such running container".into()
+                            } else {
+                                join(&addrs)
+                            },
+                        )
+                    }
+                };
+                resolved.insert(key, text);
+            }
+            out.push(dataplane_api::Egress {
+                container: c.name.clone(),
+                container_id: id.chars().take(12).collect(),
+                internet: p.internet,
+                host: p.host,
+                allow: p.allow.iter().map(ToString::to_string).collect(),
+                resolved,
+                addresses: c.addresses().iter().map(ToString::to_string).collect(),
+                runtime_change: c.runtime.is_some(),
+                error: p.error.clone(),
+                dropped_packets: counters.get(&nft::key_of(id)).copied().unwrap_or(0),
+            });
+        }
+        out
+    }
+}
+
+fn join(a: &BTreeSet<IpAddr>) -> String {
+    a.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Labels from an event's attributes (Docker puts a container's labels there, beside
+/// `image` and `name`).
+pub fn labels_of_event(
+    attrs: &std::collections::HashMap<String, String>,
+) -> BTreeMap<String, String> {
+    attrs
+        .iter()
+        .filter(|(k, _)| k.starts_with("dataplane."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn egress(config: &str) -> Egress {
+        Egress::new("t", Config::parse(config).unwrap(), None)
+    }
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_policed_container_is_in_the_table_from_its_network_connect() {
+        let mut e = egress("");
+        e.created(
+            "aaaa1111",
+            "/web",
+            labels(&[
+                ("dataplane.egress.internet", "false"),
+                ("dataplane.egress.allow", "container:db:5432,remote.test:80"),
+            ]),
+        );
+        e.created("bbbb2222", "db", labels(&[]));
+        // Known but not connected: nothing yet.
+        assert!(e.spec().containers.is_empty());
+        e.connected("aaaa1111", "net1", vec![ip("172.18.0.2")]);
+        e.connected("bbbb2222", "net1", vec![ip("172.18.0.3")]);
+        let spec = e.spec();
+        // Only the policed one gets chains; the unpoliced one is nobody's business.
+        assert_eq!(spec.containers.len(), 1);
+        let c = &spec.containers["aaaa1111"];
+        assert!(!c.internet && c.host);
+        // The container name resolves to its address; the host name is not resolved yet
+        // (nothing allowed for it, the rest is).
+        assert_eq!(c.allow.len(), 1);
+        assert!(
+            c.allow[0]
+                .nets
+                .contains(&policy::Net::host(ip("172.18.0.3")))
+        );
+        assert_eq!(e.due_names(), vec!["remote.test".to_string()]);
+        assert!(e.due_names().is_empty(), "in flight");
+        let at = Instant::now() + Duration::from_secs(8);
+        assert!(e.resolved("remote.test", Ok(([ip("198.51.100.2")].into(), at))));
+        let c = e.spec().containers["aaaa1111"].clone();
+        assert_eq!(c.allow.len(), 2);
+        // A changed record changes the policy; a failed lookup keeps the last one.
+        assert!(e.resolved("remote.test", Ok(([ip("198.51.100.3")].into(), at))));
+        assert!(!e.resolved("remote.test", Err("timed out".into())));
+        let c = e.spec().containers["aaaa1111"].clone();
+        assert!(
+            c.allow
+                .iter()
+                .any(|a| a.nets.contains(&policy::Net::host(ip("198.51.100.3"))))
+        );
+        assert!(e.views(None)[0].resolved["remote.test"].contains("stale"));
+        // Stopped: gone from the table.
+        e.retain(&BTreeSet::new());
+        e.containers.values_mut().for_each(|c| c.addrs.clear());
+        assert!(e.spec().containers.is_empty());
+    }
+
+    #[test]
+    fn host_off_keeps_it_from_the_socket_layer_and_a_closed_default_admits() {
+        let mut e = egress("[egress]\ninternet = false\n");
+        e.created("aaaa", "a", labels(&[("dataplane.egress.host", "false")]));
+        e.created(
+            "bbbb",
+            "b",
+            labels(&[("dataplane.egress.internet", "true")]),
+        );
+        e.connected("aaaa", "n", vec![ip("172.17.0.2")]);
+        e.connected("bbbb", "n", vec![ip("172.17.0.3")]);
+        assert_eq!(e.host_denied(), ["aaaa".to_string()].into());
+        let spec = e.spec();
+        assert!(spec.closed_internet);
+        assert_eq!(spec.admitted.len(), 2);
+        assert_eq!(spec.containers.len(), 1, "b is open by its label");
+    }
+
+    #[test]
+    fn a_malformed_label_fails_closed_and_a_bad_change_changes_nothing() {
+        let mut e = egress("");
+        e.created(
+            "aaaa",
+            "a",
+            labels(&[("dataplane.egress.allow", "10.0.0.0/99")]),
+        );
+        e.connected("aaaa", "n", vec![ip("172.17.0.2")]);
+        let c = e.spec().containers["aaaa"].clone();
+        assert!(!c.internet && !c.host && c.allow.is_empty());
+        assert!(
+            e.views(None)[0]
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("10.0.0.0/99")
+        );
+        let bad = dataplane_api::EgressChange {
+            container: "a".into(),
+            internet: Some(true),
+            allow: Some(vec!["nope nope".into()]),
+            ..Default::default()
+        };
+        assert!(e.change("aaaa", &bad).unwrap_err().contains("nope"));
+        assert!(e.containers["aaaa"].runtime.is_none());
+        // A runtime allow-list replaces the malformed label's.
+        let good = dataplane_api::EgressChange {
+            container: "a".into(),
+            internet: Some(false),
+            host: Some(true),
+            allow: Some(vec!["10.0.0.0/8,192.0.2.1:53/udp".into()]),
+            ..Default::default()
+        };
+        e.change("aaaa", &good).unwrap();
+        let v = &e.views(None)[0];
+        assert!(v.error.is_none() && v.runtime_change && v.host && !v.internet);
+        assert_eq!(v.allow.len(), 2);
+        assert_eq!(e.find("a").unwrap(), "aaaa");
+        assert_eq!(e.find("aa").unwrap(), "aaaa");
+        assert!(e.find("zz").is_err());
+    }
+}
