@@ -233,7 +233,7 @@ impl Agent {
                 let lookup_at = self.egress.next_lookup();
                 tokio::select! {
                     Some((req, reply)) = api_rx.recv() => {
-                        let answer = self.on_request(req);
+                        let answer = self.on_request(req).await;
                         let _ = reply.send(answer);
                     }
                     Some((name, r)) = dns_rx.recv() => {
@@ -648,6 +648,38 @@ impl Agent {
         }
     }
 
+    /// Looks up the names that are due now, waiting at most `limit`; what does not answer
+    /// in time is looked up in the background.
+    async fn resolve_now(&mut self, limit: Duration) {
+        let due = self.egress.due_names();
+        if due.is_empty() {
+            return;
+        }
+        let Some(resolver) = self.resolver.clone() else {
+            for n in due {
+                self.egress
+                    .resolved(&n, Err("no resolver configured".into()));
+            }
+            return;
+        };
+        let lookups = futures_util::future::join_all(due.iter().map(|n| {
+            let r = resolver.clone();
+            async move { (n.clone(), r.resolve(n).await) }
+        }));
+        match tokio::time::timeout(limit, lookups).await {
+            Ok(results) => {
+                for (n, r) in results {
+                    self.egress.resolved(&n, r);
+                }
+            }
+            Err(_) => {
+                for n in due {
+                    self.egress.retry_soon(&n);
+                }
+            }
+        }
+    }
+
     /// Containers created but not started when the agent starts: their labels, so their
     /// policy is ready at their `network connect`.
     async fn learn_created(&mut self) {
@@ -684,6 +716,8 @@ impl Agent {
                         let name = attrs.get("name").cloned().unwrap_or_default();
                         self.egress
                             .created(id, &name, egress::labels_of_event(&attrs));
+                        // Its names are looked up while Docker starts it.
+                        self.lookup_due();
                     }
                 }
                 (Some(T::NETWORK), "connect") => {
@@ -725,7 +759,7 @@ impl Agent {
     }
 
     /// An egress request from `bridge-ctl`, answered as JSON text.
-    fn on_request(&mut self, req: dataplane_api::Request) -> String {
+    async fn on_request(&mut self, req: dataplane_api::Request) -> String {
         use dataplane_api::Request;
         let json =
             |r: serde_json::Result<String>| r.unwrap_or_else(|e| api::error_reply(e.to_string()));
@@ -744,6 +778,9 @@ impl Agent {
                     return api::error_reply(e);
                 }
                 info!(container = %change.container, "egress policy changed at runtime");
+                // Names new to the agent are looked up first (briefly), so the answer
+                // describes what the kernel enforces.
+                self.resolve_now(Duration::from_millis(1500)).await;
                 if let Err(e) = self.apply() {
                     self.retry_at = Some(Instant::now() + self.backoff.failed());
                     return api::error_reply(format!("{e:#}"));

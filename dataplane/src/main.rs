@@ -78,6 +78,12 @@ enum Cmd {
         fwd_chain: String,
         #[arg(long, default_value = api::DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// Accepted so `uninstall` takes the flags `run` took; not read.
+        #[arg(long, default_value = dataplane::egress::policy::DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Runtime egress changes kept here are removed.
+        #[arg(long, default_value = "/var/lib/dataplane")]
+        state_dir: PathBuf,
     },
 }
 
@@ -123,7 +129,9 @@ fn main() -> ExitCode {
             nft_table,
             fwd_chain,
             socket,
-        } => uninstall(&pin_dir, &nft_table, &fwd_chain, &socket),
+            config: _,
+            state_dir,
+        } => uninstall(&pin_dir, &nft_table, &fwd_chain, &socket, &state_dir),
         Cmd::Run {
             docker_socket,
             socket,
@@ -185,7 +193,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn uninstall(pin_dir: &Path, nft_table: &str, fwd_chain: &str, socket: &Path) -> ExitCode {
+fn uninstall(
+    pin_dir: &Path,
+    nft_table: &str,
+    fwd_chain: &str,
+    socket: &Path,
+    state_dir: &Path,
+) -> ExitCode {
     let lock_path = Path::new(LOCK);
     let Ok(_lock) = lock(lock_path) else {
         eprintln!(
@@ -225,6 +239,16 @@ fn uninstall(pin_dir: &Path, nft_table: &str, fwd_chain: &str, socket: &Path) ->
         println!("removed iptables chain {fwd_chain} and its DOCKER-USER jump");
     }
     let _ = std::fs::remove_file(socket);
+    let changes = state_dir.join("egress");
+    if changes.exists() {
+        match std::fs::remove_dir_all(&changes) {
+            Ok(()) => println!("removed runtime egress changes in {}", changes.display()),
+            Err(e) => {
+                eprintln!("dataplane: removing {}: {e}", changes.display());
+                failed = true;
+            }
+        }
+    }
     if failed {
         ExitCode::from(EXIT_FAILURE)
     } else {

@@ -3,6 +3,8 @@
 //! the image (`DATAPLANE_TEST_IMAGE`) and the binaries (`DATAPLANE_BIN_DIR`).
 
 mod common;
+#[path = "e2e_docker/egress.rs"]
+mod egress;
 
 use std::{
     io::{Read, Write},
@@ -51,8 +53,14 @@ impl Agent {
     }
 
     fn start_with(tag: &str, extra: &[&str]) -> Self {
+        Self::start_configured(tag, "", extra)
+    }
+
+    /// An agent reading `config` as its config file.
+    fn start_configured(tag: &str, config: &str, extra: &[&str]) -> Self {
         let dir = PathBuf::from(format!("/run/dataplane-e2e-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("dataplane.toml"), config).unwrap();
         let mut agent = Self {
             proc: None,
             dir,
@@ -75,6 +83,10 @@ impl Agent {
             format!("DPFWD-{id}"),
             "--pin-dir".into(),
             self.pin_dir().display().to_string(),
+            "--config".into(),
+            self.dir.join("dataplane.toml").display().to_string(),
+            "--state-dir".into(),
+            self.dir.join("state").display().to_string(),
         ]
     }
 

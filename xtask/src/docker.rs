@@ -237,7 +237,7 @@ impl TestImage {
             .context("copying /bin/busybox (busybox-static)")?;
         for applet in [
             "sh", "httpd", "nc", "sleep", "cat", "echo", "ip", "ls", "kill", "true", "hostname",
-            "printf", "seq",
+            "printf", "seq", "ping", "wget", "nslookup",
         ] {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
         }

@@ -27,6 +27,7 @@ pub const PACKAGES: &[&str] = &[
     "python3",
     "socat",
     "haproxy",
+    "dnsmasq-base",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -72,6 +72,41 @@ pub struct Egress {
     /// Drop counters of containers removed from the table since the process started are
     /// gone with them; these are the ones read back at the last `show`.
     pub bridges: BTreeSet<String>,
+    /// Whether bridged traffic is known to pass the IP hooks (`br_netfilter`).
+    bridge_netfilter: bool,
+}
+
+/// Makes traffic between containers on one bridge pass the IP netfilter hooks
+/// (`br_netfilter`, as Docker itself does for `icc=false` and `userland-proxy=false`):
+/// without it, a container denied the host would still reach its neighbours on the same
+/// bridge unseen. Whether it is on.
+fn enable_bridge_netfilter() -> bool {
+    let knobs = [
+        "/proc/sys/net/bridge/bridge-nf-call-iptables",
+        "/proc/sys/net/bridge/bridge-nf-call-ip6tables",
+    ];
+    if !std::path::Path::new(knobs[0]).exists() {
+        let _ = std::process::Command::new("modprobe")
+            .arg("br_netfilter")
+            .status();
+    }
+    let mut on = true;
+    for k in knobs {
+        if std::fs::read_to_string(k).is_ok_and(|v| v.trim() == "1") {
+            continue;
+        }
+        match std::fs::write(k, "1") {
+            Ok(()) => info!(
+                knob = k,
+                "enabled bridge netfilter: containers denied the host are policed on their own bridge too"
+            ),
+            Err(e) => {
+                warn!(knob = k, error = %e, "cannot enable bridge netfilter: containers denied the host still reach containers on their own bridge");
+                on = false;
+            }
+        }
+    }
+    on
 }
 
 impl Egress {
@@ -84,6 +119,7 @@ impl Egress {
             names: BTreeMap::new(),
             applied: None,
             bridges: BTreeSet::new(),
+            bridge_netfilter: false,
         }
     }
 
@@ -286,6 +322,14 @@ impl Egress {
         due
     }
 
+    /// A lookup given up on: tried again at once, in the background.
+    pub fn retry_soon(&mut self, name: &str) {
+        if let Some(e) = self.names.get_mut(name) {
+            e.in_flight = false;
+            e.refresh_at = Instant::now();
+        }
+    }
+
     /// When the next lookup is due.
     pub fn next_lookup(&self) -> Option<Instant> {
         self.names
@@ -382,8 +426,12 @@ impl Egress {
                 })
                 .filter(|a| !a.nets.is_empty())
                 .collect();
-            let mut dns = host_dns.clone();
-            dns.extend(c.dns.iter().filter(|a| !a.is_loopback()).copied());
+            // A policy that cannot be read allows nothing, DNS included.
+            let mut dns = BTreeSet::new();
+            if p.error.is_none() {
+                dns.clone_from(&host_dns);
+                dns.extend(c.dns.iter().filter(|a| !a.is_loopback()).copied());
+            }
             spec.containers.insert(
                 nft::key_of(id),
                 nft::Chains {
@@ -407,6 +455,9 @@ impl Egress {
     /// place the first time (and after a failure). Whether anything was written.
     pub fn apply(&mut self) -> Result<bool> {
         let spec = self.spec();
+        if !self.bridge_netfilter && spec.containers.values().any(|c| !c.host) {
+            self.bridge_netfilter = enable_bridge_netfilter();
+        }
         let batch = match &self.applied {
             Some(old) => match nft::delta_batch(&self.table, old, &spec) {
                 Some(b) => b,

@@ -33,8 +33,8 @@ use nftables::{
     batch::Batch,
     expr::{CT, Expression, Meta, MetaKey, NamedExpression, Prefix, SetItem, Verdict},
     schema::{
-        Chain, Counter, Element, FlushObject, Map, NfCmd, NfListObject, NfObject, Nftables, Rule,
-        Set, SetType, SetTypeValue, Table,
+        Chain, Counter, Element, FlushObject, Map, NfCmd, NfListObject, Rule, Set, SetType,
+        SetTypeValue, Table,
     },
     stmt::{self, JumpTarget, Match, Operator, Statement, VerdictMap},
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
@@ -695,28 +695,35 @@ pub fn run(batch: Batch<'_>) -> Result<()> {
 }
 
 /// The container chains (`f_*`, `i_*`) table `t` has, and its drop counters by key; `None`
-/// when the table does not exist.
+/// when the table does not exist. Read as plain JSON: the crate's schema has no verdict
+/// maps.
 pub fn read_back(t: &str) -> Option<(BTreeSet<String>, BTreeMap<String, u64>)> {
-    let r: Nftables<'static> = crate::netfilter::ruleset::read_back(t)?;
-    Some(chains_and_counters(&r))
+    let out = std::process::Command::new("nft")
+        .args(["-j", "list", "table", "inet", t])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(chains_and_counters(&v))
 }
 
-fn chains_and_counters(r: &Nftables<'_>) -> (BTreeSet<String>, BTreeMap<String, u64>) {
+fn chains_and_counters(v: &serde_json::Value) -> (BTreeSet<String>, BTreeMap<String, u64>) {
     let mut chains = BTreeSet::new();
     let mut counters = BTreeMap::new();
-    for o in r.objects.iter() {
-        match o {
-            NfObject::ListObject(NfListObject::Chain(c))
-                if c.name.starts_with("f_") || c.name.starts_with("i_") =>
-            {
-                chains.insert(c.name.to_string());
+    for o in v["nftables"].as_array().into_iter().flatten() {
+        if let Some(name) = o["chain"]["name"].as_str() {
+            if name.starts_with("f_") || name.starts_with("i_") {
+                chains.insert(name.to_string());
             }
-            NfObject::ListObject(NfListObject::Counter(c)) => {
-                if let Some(k) = c.name.strip_prefix("d_") {
-                    counters.insert(k.to_string(), u64::from(c.packets.unwrap_or(0)));
-                }
-            }
-            _ => {}
+        }
+        if let Some(k) = o["counter"]["name"]
+            .as_str()
+            .and_then(|n| n.strip_prefix("d_"))
+        {
+            counters.insert(k.to_string(), o["counter"]["packets"].as_u64().unwrap_or(0));
         }
     }
     (chains, counters)
@@ -945,9 +952,10 @@ mod tests {
           {"chain": {"family": "inet", "table": "t", "name": "forward", "handle": 2}},
           {"chain": {"family": "inet", "table": "t", "name": "f_aaaa", "handle": 3}},
           {"chain": {"family": "inet", "table": "t", "name": "i_aaaa", "handle": 4}},
+          {"map": {"family": "inet", "table": "t", "name": "fwd4", "type": "ipv4_addr", "map": "verdict"}},
           {"counter": {"family": "inet", "table": "t", "name": "d_aaaa", "handle": 5, "packets": 7, "bytes": 420}}
         ]}"#;
-        let r: Nftables = serde_json::from_str(text).unwrap();
+        let r: Value = serde_json::from_str(text).unwrap();
         let (chains, counters) = chains_and_counters(&r);
         assert_eq!(chains.len(), 2);
         assert_eq!(counters["aaaa"], 7);
