@@ -1262,8 +1262,13 @@ fn dockerd_restart_is_survived_and_resynced() {
     restart_dockerd(&pidfile, &log, None);
     // The restart policy brings the container back; the agent reconnects and resyncs.
     wait_http("the frontend to serve again", p, Duration::from_secs(30));
-    let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
-    assert_eq!(kernel_peer(&s), format!("{}:80", web.ip()));
+    // Docker's own path serves as soon as the container is back; the agent translates
+    // again once its resync has caught up (the container's inspect waits for its start).
+    wait_until("translation again", Duration::from_secs(15), || {
+        let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
+        kernel_peer(&s) == format!("{}:80", web.ip())
+    });
+    assert!(agent.status().translation_off.is_none());
     assert!(
         agent.log().contains("Docker events stream"),
         "{}",
