@@ -108,6 +108,10 @@ pub struct Egress {
     pub error: Option<String>,
     /// Packets dropped by its policy (connections it tried to open).
     pub dropped_packets: u64,
+    /// Unix time (µs) its policy was first in the kernel for its current addresses (0:
+    /// not enforced: it restricts nothing, or it is not running).
+    #[serde(default)]
+    pub enforced_unix_us: u64,
 }
 
 /// How long one start phase took.

@@ -40,6 +40,8 @@ pub struct Container {
     pub starting_since: Option<Instant>,
     /// The last error logged for its labels (logged once).
     pub logged_error: Option<String>,
+    /// When its policy was first in the kernel for its current addresses.
+    pub enforced_at: Option<std::time::SystemTime>,
 }
 
 impl Container {
@@ -474,6 +476,14 @@ impl Egress {
         let r = tokio::task::block_in_place(|| nft::run(batch));
         match r {
             Ok(()) => {
+                let now = std::time::SystemTime::now();
+                for (id, c) in &mut self.containers {
+                    if spec.containers.contains_key(&nft::key_of(id)) {
+                        c.enforced_at.get_or_insert(now);
+                    } else {
+                        c.enforced_at = None;
+                    }
+                }
                 self.applied = Some(spec);
                 Ok(true)
             }
@@ -610,6 +620,10 @@ impl Egress {
                 runtime_change: c.runtime.is_some(),
                 error: p.error.clone(),
                 dropped_packets: counters.get(&nft::key_of(id)).copied().unwrap_or(0),
+                enforced_unix_us: c
+                    .enforced_at
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(0)),
             });
         }
         out

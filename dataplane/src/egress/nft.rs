@@ -453,16 +453,24 @@ fn fill_set(b: &mut Batch<'static>, t: &str, name: &str, items: Vec<Expression<'
     }
 }
 
-fn write_container(b: &mut Batch<'static>, t: &str, k: &str, c: &Chains) {
-    b.add(NfListObject::Counter(counter(t, &counter_name(k))));
-    let (fwd, inp) = container_rules(k, c);
-    let mut chains = vec![(fwd_chain(k), fwd)];
-    if let Some(inp) = inp {
-        chains.push((in_chain(k), inp));
+/// Writes container `k`'s chains: declared where `old` (what the table has of it) lacks
+/// them (re-declaring an existing chain costs the kernel an RCU grace period), flushed
+/// where it has them, then filled.
+fn write_container(b: &mut Batch<'static>, t: &str, k: &str, c: &Chains, old: Option<&Chains>) {
+    if old.is_none() {
+        b.add(NfListObject::Counter(counter(t, &counter_name(k))));
     }
-    for (name, rules) in chains {
-        b.add(NfListObject::Chain(chain(t, &name, None)));
-        b.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(t, &name, None))));
+    let (fwd, inp) = container_rules(k, c);
+    let mut chains = vec![(fwd_chain(k), fwd, old.is_some())];
+    if let Some(inp) = inp {
+        chains.push((in_chain(k), inp, old.is_some_and(|o| !o.host)));
+    }
+    for (name, rules, exists) in chains {
+        if exists {
+            b.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(t, &name, None))));
+        } else {
+            b.add(NfListObject::Chain(chain(t, &name, None)));
+        }
         for r in rules {
             b.add(rule(t, &name, r));
         }
@@ -516,7 +524,15 @@ pub fn full_batch(t: &str, spec: &Spec, present: &BTreeSet<String>) -> Batch<'st
         admitted_elements(&spec.admitted, false),
     );
     for (k, c) in &spec.containers {
-        write_container(&mut b, t, k, c);
+        // Whether its chains exist is known from what was read back.
+        let old = present.contains(&fwd_chain(k)).then_some(Chains {
+            host: !present.contains(&in_chain(k)),
+            ..Chains::default()
+        });
+        if old.is_some() {
+            b.add(NfListObject::Counter(counter(t, &counter_name(k))));
+        }
+        write_container(&mut b, t, k, c, old.as_ref());
     }
     // Chains of containers that are gone: their map elements were flushed above.
     let wanted: BTreeSet<String> = spec
@@ -568,8 +584,8 @@ pub fn delta_batch(t: &str, old: &Spec, new: &Spec) -> Option<Batch<'static>> {
     if old == new {
         return None;
     }
+    // The table, its sets, maps and base chains exist (a full batch wrote them).
     let mut b = Batch::new();
-    declare(&mut b, t);
     if (old.closed_internet, old.closed_host) != (new.closed_internet, new.closed_host) {
         // Rare (a config change): the base chains are rewritten.
         for name in ["forward", "input"] {
@@ -624,7 +640,7 @@ pub fn delta_batch(t: &str, old: &Spec, new: &Spec) -> Option<Batch<'static>> {
         if o == Some(n) {
             continue;
         }
-        write_container(&mut b, t, k, n);
+        write_container(&mut b, t, k, n, o);
         if let Some(o) = o {
             if !o.host && n.host {
                 let name = in_chain(k);
