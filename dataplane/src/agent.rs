@@ -35,6 +35,12 @@ use crate::{
     state::State,
 };
 
+/// A host name's lookup: its addresses and when to look again, or why it failed.
+type Lookup = (
+    String,
+    Result<(BTreeSet<std::net::IpAddr>, Instant), String>,
+);
+
 struct Agent {
     loaded: Loaded,
     docker: Docker,
@@ -63,10 +69,7 @@ struct Agent {
     /// Egress policies and their table.
     egress: Egress,
     resolver: Option<egress::dns::Resolver>,
-    dns_tx: mpsc::Sender<(
-        String,
-        Result<(BTreeSet<std::net::IpAddr>, Instant), String>,
-    )>,
+    dns_tx: mpsc::Sender<Lookup>,
 }
 
 fn now_ms() -> u64 {
@@ -99,23 +102,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     }
     let (api_tx, api_rx) = mpsc::channel(8);
     let _api = api::serve(&opts.api_socket, shared.clone(), api_tx)?;
-    let resolver = match opts
-        .config
-        .egress
-        .resolver
-        .as_deref()
-        .map(egress::policy::resolver_addr)
-        .transpose()
-    {
-        Ok(server) => match egress::dns::Resolver::new(server) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                warn!(error = %format!("{e:#}"), "no resolver: allow-list host names stay unresolved");
-                None
-            }
-        },
-        Err(e) => return Err(StartError::Other(anyhow::anyhow!("[egress] resolver: {e}"))),
-    };
+    let resolver = resolver(&opts.config)?;
     let (dns_tx, dns_rx) = mpsc::channel(64);
     let nl = netlink::connect()?;
     let (nl_tx, nl_rx) = mpsc::channel(1);
@@ -188,25 +175,49 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         )
         .await
         .map_err(StartError::Other);
-    if opts.pin_dir.is_none() {
-        // Nothing outlives the agent: the programs detach when `loaded` drops, and the
-        // notrack rules must go with them, or Docker's own NAT path would lose conntrack
-        // for local clients.
-        agent.netfilter.close_and_remove().await;
-        if let Err(e) = agent.egress.remove() {
-            warn!(error = %format!("{e:#}"), "removing the egress table failed");
-        }
-    } else {
-        info!(
-            "pinned programs, maps and rules stay in place: connections made stay as they are, \
-             new ones take Docker's own path until an agent runs again; `dataplane uninstall` \
-             removes them"
-        );
-    }
+    agent.stop(opts.pin_dir.is_some()).await;
     r
 }
 
+/// The resolver allow-list names are looked up with: the config's, or the host's.
+fn resolver(config: &egress::policy::Config) -> Result<Option<egress::dns::Resolver>, StartError> {
+    let server = config
+        .egress
+        .resolver
+        .as_deref()
+        .map(egress::policy::resolver_addr)
+        .transpose()
+        .map_err(|e| StartError::Other(anyhow::anyhow!("[egress] resolver: {e}")))?;
+    Ok(match egress::dns::Resolver::new(server) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "no resolver: allow-list host names stay unresolved");
+            None
+        }
+    })
+}
+
 impl Agent {
+    /// What stays when the agent stops: with pins, everything (the next agent adopts it);
+    /// without, nothing.
+    async fn stop(mut self, pinned: bool) {
+        if pinned {
+            info!(
+                "pinned programs, maps and rules stay in place: connections made stay as they are, \
+                 new ones take Docker's own path until an agent runs again, egress policies stay \
+                 enforced; `dataplane uninstall` removes them"
+            );
+        } else {
+            // Nothing outlives the agent: the programs detach when `loaded` drops, and the
+            // notrack rules must go with them, or Docker's own NAT path would lose conntrack
+            // for local clients.
+            self.netfilter.close_and_remove().await;
+            if let Err(e) = self.egress.remove() {
+                warn!(error = %format!("{e:#}"), "removing the egress table failed");
+            }
+        }
+    }
+
     /// Follows Docker events (from `since`, unix seconds taken before the first list),
     /// netlink and ruleset changes, the resync timer and retries until a signal.
     async fn serve_events(
@@ -216,10 +227,7 @@ impl Agent {
         mut nl_rx: mpsc::Receiver<()>,
         mut fw_rx: mpsc::Receiver<()>,
         mut api_rx: mpsc::Receiver<api::Forwarded>,
-        mut dns_rx: mpsc::Receiver<(
-            String,
-            Result<(BTreeSet<std::net::IpAddr>, Instant), String>,
-        )>,
+        mut dns_rx: mpsc::Receiver<Lookup>,
     ) -> Result<()> {
         let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
         let mut resync = tokio::time::interval(resync_interval);
@@ -721,10 +729,10 @@ impl Agent {
                     }
                 }
                 (Some(T::NETWORK), "connect") => {
-                    if let (Some(net), Some(id)) = (&actor.id, attrs.get("container")) {
-                        if self.egress.knows(id) {
-                            connects.push((net.clone(), id.clone()));
-                        }
+                    if let (Some(net), Some(id)) = (&actor.id, attrs.get("container"))
+                        && self.egress.knows(id)
+                    {
+                        connects.push((net.clone(), id.clone()));
                     }
                 }
                 _ => {}
@@ -743,7 +751,7 @@ impl Agent {
             match r {
                 Ok(addrs) => self.egress.connected(id, net, addrs),
                 Err(e) => {
-                    warn!(error = %format!("{e:#}"), "reading a new endpoint's address failed")
+                    warn!(error = %format!("{e:#}"), "reading a new endpoint's address failed");
                 }
             }
         }

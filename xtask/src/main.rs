@@ -156,6 +156,8 @@ fn build() -> Result<()> {
         "dataplane",
         "--bin",
         "bridge-ctl",
+        "--example",
+        "egress_apply",
     ])
     .env("DATAPLANE_EBPF_OBJECT", ebpf_object());
     run(&mut cmd).context("building the agent and bridge-ctl")

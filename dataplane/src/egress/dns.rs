@@ -17,7 +17,8 @@ use hickory_resolver::{
 /// Looked up again this long before the TTL runs out (a fifth of it, at least 1 s).
 pub fn refresh_after(ttl: Duration) -> Duration {
     let ttl = ttl.max(Duration::from_secs(1));
-    (ttl - ttl / 5).clamp(Duration::from_millis(800), Duration::from_secs(3600))
+    ttl.saturating_sub(ttl / 5)
+        .clamp(Duration::from_millis(800), Duration::from_hours(1))
 }
 
 /// After a failed lookup, the next try.
@@ -112,8 +113,8 @@ mod tests {
         );
         assert_eq!(refresh_after(Duration::ZERO), Duration::from_millis(800));
         assert_eq!(
-            refresh_after(Duration::from_secs(86_400)),
-            Duration::from_secs(3600)
+            refresh_after(Duration::from_hours(24)),
+            Duration::from_hours(1)
         );
     }
 

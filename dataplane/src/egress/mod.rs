@@ -15,6 +15,7 @@ pub mod policy;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
     net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
@@ -62,7 +63,7 @@ pub struct Name {
 
 /// How long a container Docker is starting keeps the addresses its `network connect`
 /// gave, before the start completes (a start that takes longer is resynced).
-const STARTING_GRACE: Duration = Duration::from_secs(120);
+const STARTING_GRACE: Duration = Duration::from_mins(2);
 
 pub struct Egress {
     table: String,
@@ -180,10 +181,10 @@ impl Egress {
         };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if let Some(id) = name.strip_suffix(".json") {
-                if !exists.contains(id) {
-                    let _ = std::fs::remove_file(e.path());
-                }
+            if let Some(id) = name.strip_suffix(".json")
+                && !exists.contains(id)
+            {
+                let _ = std::fs::remove_file(e.path());
             }
         }
     }
@@ -214,6 +215,7 @@ impl Egress {
 
     /// What the container's inspect says (`None`: it no longer exists).
     pub fn inspected(&mut self, id: &str, c: Option<&ContainerInspectResponse>) {
+        use bollard::models::ContainerStateStatusEnum as S;
         let Some(c) = c else {
             self.containers.remove(id);
             return;
@@ -234,7 +236,6 @@ impl Egress {
         let entry = self.containers.get_mut(id).expect("just inserted");
         entry.labels = labels;
         entry.name = name.trim_start_matches('/').to_string();
-        use bollard::models::ContainerStateStatusEnum as S;
         match (live, status) {
             (Some(p), _) => {
                 entry.addrs = p.endpoints.into_iter().collect();
@@ -410,10 +411,10 @@ impl Egress {
                 spec.admitted.extend(addrs.iter().copied());
             }
             let p = self.policy(c);
-            if let Some(e) = &p.error {
-                if c.logged_error.as_ref() != Some(e) {
-                    errors.push((id.clone(), e.clone()));
-                }
+            if let Some(e) = &p.error
+                && c.logged_error.as_ref() != Some(e)
+            {
+                errors.push((id.clone(), e.clone()));
             }
             if !p.restricts() {
                 continue;
@@ -460,12 +461,13 @@ impl Egress {
         if !self.bridge_netfilter && spec.containers.values().any(|c| !c.host) {
             self.bridge_netfilter = enable_bridge_netfilter();
         }
-        let batch = match &self.applied {
-            Some(old) => match nft::delta_batch(&self.table, old, &spec) {
+        let batch = if let Some(old) = &self.applied {
+            match nft::delta_batch(&self.table, old, &spec) {
                 Some(b) => b,
                 None => return Ok(false),
-            },
-            None => {
+            }
+        } else {
+            {
                 let present = nft::read_back(&self.table)
                     .map(|(chains, _)| chains)
                     .unwrap_or_default();
@@ -585,7 +587,7 @@ impl Egress {
                             Some(e) if !e.addrs.is_empty() => {
                                 let mut t = join(&e.addrs);
                                 if let Some(err) = &e.error {
-                                    t.push_str(&format!(" (stale: {err})"));
+                                    let _ = write!(t, " (stale: {err})");
                                 }
                                 t
                             }
@@ -639,8 +641,8 @@ fn join(a: &BTreeSet<IpAddr>) -> String {
 
 /// Labels from an event's attributes (Docker puts a container's labels there, beside
 /// `image` and `name`).
-pub fn labels_of_event(
-    attrs: &std::collections::HashMap<String, String>,
+pub fn labels_of_event<S: std::hash::BuildHasher>(
+    attrs: &std::collections::HashMap<String, String, S>,
 ) -> BTreeMap<String, String> {
     attrs
         .iter()

@@ -187,6 +187,10 @@ fn elements(t: &str, name: &str, elem: Vec<Expression<'static>>) -> NfListObject
     })
 }
 
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "called with references and strings alike"
+)]
 fn s(v: impl ToString) -> Expression<'static> {
     Expression::String(v.to_string().into())
 }
@@ -331,7 +335,7 @@ fn allow_rules(c: &Chains) -> Vec<Vec<Statement<'static>>> {
                     r.push(is(l4proto(), s(if v4 { "icmp" } else { "ipv6-icmp" })));
                 }
                 (Some(p), _) => {
-                    r.push(is(l4proto(), s(if p == PROTO_UDP { "udp" } else { "tcp" })))
+                    r.push(is(l4proto(), s(if p == PROTO_UDP { "udp" } else { "tcp" })));
                 }
                 (None, Some(_)) => r.push(is(l4proto(), anon_set(vec![s("tcp"), s("udp")]))),
                 (None, None) => {}
@@ -559,13 +563,12 @@ pub fn full_batch(t: &str, spec: &Spec, present: &BTreeSet<String>) -> Batch<'st
             }
         }
     }
-    for (fwd, inp) in [base_rules(spec)].into_iter() {
-        for r in fwd {
-            b.add(rule(t, "forward", r));
-        }
-        for r in inp {
-            b.add(rule(t, "input", r));
-        }
+    let (fwd, inp) = base_rules(spec);
+    for r in fwd {
+        b.add(rule(t, "forward", r));
+    }
+    for r in inp {
+        b.add(rule(t, "input", r));
     }
     for (k, c) in &spec.containers {
         for e in dispatch_elements(t, k, &c.addrs, c.host, true) {
@@ -641,12 +644,13 @@ pub fn delta_batch(t: &str, old: &Spec, new: &Spec) -> Option<Batch<'static>> {
             continue;
         }
         write_container(&mut b, t, k, n, o);
-        if let Some(o) = o {
-            if !o.host && n.host {
-                let name = in_chain(k);
-                b.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(t, &name, None))));
-                b.delete(NfListObject::Chain(chain(t, &name, None)));
-            }
+        if let Some(o) = o
+            && !o.host
+            && n.host
+        {
+            let name = in_chain(k);
+            b.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(t, &name, None))));
+            b.delete(NfListObject::Chain(chain(t, &name, None)));
         }
         let have: BTreeSet<IpAddr> = match o {
             Some(o) if o.host == n.host => o.addrs.intersection(&n.addrs).copied().collect(),
@@ -691,10 +695,10 @@ pub fn delete_batch(t: &str) -> Batch<'static> {
 pub fn spell_verdict(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(o) => {
-            if let Some(m) = o.get_mut("map").and_then(|m| m.as_object_mut()) {
-                if m.get("map").and_then(|x| x.as_str()) == Some("mark") {
-                    m.insert("map".into(), "verdict".into());
-                }
+            if let Some(m) = o.get_mut("map").and_then(|m| m.as_object_mut())
+                && m.get("map").and_then(|x| x.as_str()) == Some("mark")
+            {
+                m.insert("map".into(), "verdict".into());
             }
             o.values_mut().for_each(spell_verdict);
         }
@@ -730,10 +734,10 @@ fn chains_and_counters(v: &serde_json::Value) -> (BTreeSet<String>, BTreeMap<Str
     let mut chains = BTreeSet::new();
     let mut counters = BTreeMap::new();
     for o in v["nftables"].as_array().into_iter().flatten() {
-        if let Some(name) = o["chain"]["name"].as_str() {
-            if name.starts_with("f_") || name.starts_with("i_") {
-                chains.insert(name.to_string());
-            }
+        if let Some(name) = o["chain"]["name"].as_str()
+            && (name.starts_with("f_") || name.starts_with("i_"))
+        {
+            chains.insert(name.to_string());
         }
         if let Some(k) = o["counter"]["name"]
             .as_str()

@@ -32,6 +32,10 @@ impl Agent {
                 "dataplane_bench",
                 "--fwd-chain",
                 "DATAPLANE-BENCH",
+                "--config",
+                "/run/dataplane-bench/dataplane.toml",
+                "--state-dir",
+                "/run/dataplane-bench/state",
             ])
             .env("RUST_LOG", "info,dataplane=debug")
             .stdin(Stdio::null())

@@ -208,6 +208,7 @@ pub(super) fn extras(
         pct(0.99)
     );
 
+    super::egress::egress(image, quick, &mut extra)?;
     stateful_input_cost(image, quick, &mut extra)?;
     cold_starts(image, quick, &mut extra)?;
     Ok(extra)

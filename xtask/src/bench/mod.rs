@@ -13,6 +13,7 @@ use anyhow::{Result, bail};
 mod agent;
 mod clients;
 mod containers;
+mod egress;
 mod extras;
 mod probe;
 mod report;

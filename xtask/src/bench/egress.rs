@@ -1,0 +1,316 @@
+//! Egress policy costs: `docker run` to an enforced policy (and how far ahead of the
+//! container's process), what one change costs with 1000 policed containers in the table,
+//! and what the egress chains cost per packet (iperf3 from a policed container to a
+//! "remote" namespace, against an unpoliced one).
+
+use std::{
+    fmt::Write as _,
+    process::Command,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result, bail};
+
+use super::{AGENT_SOCKET, Agent, project_root, sh};
+
+/// A namespace behind a veth routed from the host (a non-Docker interface: "the internet"
+/// for containers) running `iperf3 -s`; removed on drop.
+struct Remote;
+
+const REMOTE_NS: &str = "dpb-remote";
+const REMOTE_IF: &str = "dpb-up";
+const REMOTE_HOST: &str = "10.104.0.1";
+pub(super) const REMOTE: &str = "10.104.0.2";
+
+impl Remote {
+    fn new() -> Result<Self> {
+        drop(Self);
+        let r = Self;
+        sh(&["ip", "netns", "add", REMOTE_NS])?;
+        sh(&[
+            "ip", "link", "add", REMOTE_IF, "type", "veth", "peer", "name", "eth0", "netns",
+            REMOTE_NS,
+        ])?;
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{REMOTE_HOST}/24"),
+            "dev",
+            REMOTE_IF,
+        ])?;
+        sh(&["ip", "link", "set", REMOTE_IF, "up"])?;
+        let ns = |args: &[&str]| {
+            let mut a = vec!["ip", "-n", REMOTE_NS];
+            a.extend_from_slice(args);
+            sh(&a)
+        };
+        ns(&["addr", "add", &format!("{REMOTE}/24"), "dev", "eth0"])?;
+        ns(&["link", "set", "eth0", "up"])?;
+        ns(&["link", "set", "lo", "up"])?;
+        ns(&["route", "add", "default", "via", REMOTE_HOST])?;
+        sh(&[
+            "ip", "netns", "exec", REMOTE_NS, "iperf3", "-s", "-D", "-B", REMOTE,
+        ])?;
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(r)
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "pids", REMOTE_NS]).map(|pids| {
+            for p in pids.split_whitespace() {
+                let _ = sh(&["kill", p]);
+            }
+        });
+        let _ = sh(&["ip", "link", "del", REMOTE_IF]);
+        let _ = sh(&["ip", "netns", "del", REMOTE_NS]);
+    }
+}
+
+/// Unix microseconds of an RFC 3339 UTC time as Docker writes it
+/// (`2026-12-02T02:13:50.171738123Z`).
+fn rfc3339_us(text: &str) -> Option<i64> {
+    let (date, time) = text.trim().trim_end_matches('Z').split_once('T')?;
+    let mut ymd = date.split('-').map(str::parse::<i64>);
+    let (year, month, day) = (ymd.next()?.ok()?, ymd.next()?.ok()?, ymd.next()?.ok()?);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut parts = hms.split(':').map(str::parse::<i64>);
+    let (hour, minute, second) = (
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+    );
+    let micros: i64 = format!("{frac:0<6}")[..6].parse().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    Some((days * 86_400 + hour * 3600 + minute * 60 + second) * 1_000_000 + micros)
+}
+
+fn now_us() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros()),
+    )
+    .unwrap_or(0)
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    testkit::percentile(&s, p).unwrap_or(f64::NAN)
+}
+
+/// When the agent first enforced `name`'s policy (unix µs), waiting up to 2 s.
+fn enforced_us(name: &str) -> Option<i64> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) {
+        if let Ok(v) = dataplane_api::egress_show(std::path::Path::new(AGENT_SOCKET), Some(name))
+            && let Some(e) = v.first().filter(|e| e.enforced_unix_us > 0)
+        {
+            return i64::try_from(e.enforced_unix_us).ok();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+fn iperf_from(container: &str, secs: u32) -> Result<f64> {
+    let out = sh(&[
+        "docker",
+        "exec",
+        container,
+        "iperf3",
+        "-c",
+        REMOTE,
+        "-t",
+        &secs.to_string(),
+        "-P",
+        "4",
+        "-J",
+    ])?;
+    let r = testkit::IperfReport::parse(out.as_bytes()).context("iperf3 report")?;
+    r.received_bps()
+        .map(|b| b / 1e9)
+        .context("iperf3 reported no throughput")
+}
+
+pub(super) fn egress(image: &str, quick: bool, extra: &mut String) -> Result<()> {
+    let _ = writeln!(extra, "\n### Egress policy\n");
+    apply_cost(quick, extra)?;
+    let _remote = Remote::new()?;
+    let agent = Agent::start()?;
+    run_to_enforced(image, quick, &agent, extra)?;
+    let r = per_packet(image, quick, extra);
+    drop(agent);
+    r
+}
+
+fn apply_cost(quick: bool, extra: &mut String) -> Result<()> {
+    // One change with 1000 policed containers in the table: the agent's own table code.
+    let changes = if quick { "20" } else { "100" };
+    let out = Command::new(project_root().join("target/release/examples/egress_apply"))
+        .args(["1000", changes])
+        .output()
+        .context("running egress_apply (cargo xtask build builds it)")?;
+    if !out.status.success() {
+        bail!("egress_apply: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let f = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
+    let _ = writeln!(
+        extra,
+        "With 1000 policed containers in the table (one `nft` transaction each, {changes} of \
+         each): one container's allow-list changed p50 {:.1} ms / p99 {:.1} ms; one \
+         container started p50 {:.1} / p99 {:.1} ms; one stopped p50 {:.1} / p99 {:.1} ms; \
+         the whole table written {:.0} ms.",
+        f("change_p50_ms"),
+        f("change_p99_ms"),
+        f("start_p50_ms"),
+        f("start_p99_ms"),
+        f("stop_p50_ms"),
+        f("stop_p99_ms"),
+        f("full_ms"),
+    );
+    Ok(())
+}
+
+/// `docker run` to the policy in the kernel, and its lead over the process's start.
+fn run_to_enforced(image: &str, quick: bool, agent: &Agent, extra: &mut String) -> Result<()> {
+    let n = if quick { 20 } else { 100 };
+    let (mut run_to, mut lead) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let name = format!("dpb-egress-{i}");
+        let t0 = now_us();
+        sh(&[
+            "docker",
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--label",
+            "dataplane.egress.internet=false",
+            image,
+            "sleep",
+            "100000",
+        ])?;
+        let enforced = enforced_us(&name);
+        let started = sh(&["docker", "inspect", "-f", "{{.State.StartedAt}}", &name])
+            .ok()
+            .and_then(|s| rfc3339_us(&s));
+        sh(&["docker", "rm", "-f", &name])?;
+        let (Some(e), Some(s)) = (enforced, started) else {
+            bail!(
+                "{name}: no enforced policy within 2 s\n{}",
+                agent.log_text()
+            );
+        };
+        #[allow(clippy::cast_precision_loss, reason = "milliseconds")]
+        {
+            run_to.push((e - t0) as f64 / 1000.0);
+            lead.push((s - e) as f64 / 1000.0);
+        }
+    }
+    let _ = writeln!(
+        extra,
+        "\n`docker run` of a policed container to its policy in the kernel, {n} runs: p50 {:.1} \
+         ms, p99 {:.1} ms. The policy was in place before the container's process started by \
+         p50 {:.1} ms (smallest lead {:.1} ms; negative would be a window).",
+        pct(&run_to, 0.5),
+        pct(&run_to, 0.99),
+        pct(&lead, 0.5),
+        lead.iter().copied().fold(f64::INFINITY, f64::min),
+    );
+    Ok(())
+}
+
+/// Per-packet cost: iperf3 -P4 to the remote namespace, policed against unpoliced,
+/// alternating which goes first.
+fn per_packet(image: &str, quick: bool, extra: &mut String) -> Result<()> {
+    sh(&[
+        "docker",
+        "run",
+        "-d",
+        "--name",
+        "dpb-egress-open",
+        image,
+        "sleep",
+        "100000",
+    ])?;
+    sh(&[
+        "docker",
+        "run",
+        "-d",
+        "--name",
+        "dpb-egress-policed",
+        "--label",
+        "dataplane.egress.internet=false",
+        "--label",
+        &format!("dataplane.egress.allow={REMOTE}:5201/tcp"),
+        image,
+        "sleep",
+        "100000",
+    ])?;
+    let secs = if quick { 2 } else { 5 };
+    let rounds = if quick { 3 } else { 5 };
+    let (mut open, mut policed) = (Vec::new(), Vec::new());
+    let r = (|| -> Result<()> {
+        for round in 0..rounds {
+            let order = if round % 2 == 0 {
+                ["dpb-egress-open", "dpb-egress-policed"]
+            } else {
+                ["dpb-egress-policed", "dpb-egress-open"]
+            };
+            for c in order {
+                let g = iperf_from(c, secs)?;
+                if c.ends_with("open") {
+                    open.push(g);
+                } else {
+                    policed.push(g);
+                }
+            }
+        }
+        Ok(())
+    })();
+    let _ = sh(&[
+        "docker",
+        "rm",
+        "-f",
+        "dpb-egress-open",
+        "dpb-egress-policed",
+    ]);
+    r?;
+    let (unpoliced, with_policy) = (pct(&open, 0.5), pct(&policed, 0.5));
+    let _ = writeln!(
+        extra,
+        "\niperf3 -P4 from a container to a remote namespace through the host ({rounds} rounds \
+         of {secs} s, alternating): unpoliced {unpoliced:.2} Gbit/s, policed (internet off, \
+         the remote allowed) {with_policy:.2} Gbit/s: ratio {:.3}. Only a connection's first \
+         packet reaches the container's chain; the rest match `ct state established` in the \
+         base chain.",
+        with_policy / unpoliced
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dockers_times_parse() {
+        assert_eq!(rfc3339_us("1970-01-01T00:00:01.5Z"), Some(1_500_000));
+        assert_eq!(
+            rfc3339_us("2026-12-02T02:13:50.171738123Z"),
+            Some(1_796_177_630_171_738)
+        );
+        assert_eq!(rfc3339_us("garbage"), None);
+    }
+}
