@@ -289,7 +289,19 @@ fn base_rules(spec: &Spec) -> (Vec<Vec<Statement<'static>>>, Vec<Vec<Statement<'
     };
     let mut fwd = vec![established()];
     fwd.extend(dispatch("fwd4", "fwd6"));
-    let mut inp = vec![established()];
+    // IPv6 neighbour discovery to the host is how a container finds its gateway at all.
+    let neighbour_discovery = vec![
+        is(
+            field("icmpv6", "type"),
+            anon_set(vec![
+                s("nd-router-solicit"),
+                s("nd-neighbor-solicit"),
+                s("nd-neighbor-advert"),
+            ]),
+        ),
+        accept(),
+    ];
+    let mut inp = vec![established(), neighbour_discovery];
     inp.extend(dispatch("in4", "in6"));
     if spec.closed_host {
         fwd.extend(unadmitted(false));
@@ -827,7 +839,9 @@ mod tests {
         assert!(rules[0].contains("established") && rules[0].contains("untracked"));
         assert!(rules[1].contains("@fwd4") && rules[2].contains("@fwd6"));
         assert_eq!(rules.len(), 3, "no closed default");
-        assert_eq!(rules_of(&cmds, "input").len(), 3);
+        let input = rules_of(&cmds, "input");
+        assert_eq!(input.len(), 4);
+        assert!(input[1].contains("nd-neighbor-solicit"), "{}", input[1]);
     }
 
     #[test]
@@ -898,7 +912,7 @@ mod tests {
             f.iter()
                 .all(|r| !r.contains("admitted") || r.contains("@bridges"))
         );
-        assert_eq!(rules_of(&cmds, "input").len(), 3);
+        assert_eq!(rules_of(&cmds, "input").len(), 4);
         sp.closed_host = true;
         let cmds = json(full_batch("t", &sp, &BTreeSet::new()));
         assert!(
