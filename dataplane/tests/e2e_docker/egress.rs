@@ -15,6 +15,8 @@ struct Remote {
     ns: NetNs,
     dir: PathBuf,
     net: String,
+    /// The remote's IPv6 prefix (`fd00:dbe:N:`): `::1` the host, `::2` the remote.
+    net6: String,
 }
 
 impl Remote {
@@ -52,10 +54,43 @@ impl Remote {
             "via",
             &format!("{net}.1"),
         ]);
+        // IPv6 too: the host's side ::1, the remote's ::2.
+        let net6 = format!("fd00:dbe:{:x}:", pid % 0xffff);
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{net6}:1/64"),
+            "dev",
+            &host_if,
+            "nodad",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{net6}:2/64"),
+            "dev",
+            &peer,
+            "nodad",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns.name,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{net6}:1"),
+        ]);
         let dir = PathBuf::from(format!("/run/dataplane-e2e-{pid}-remote"));
         let _ = std::fs::remove_dir_all(&dir);
         let mut servers = Vec::new();
-        for (host, port) in [(2, 8080), (2, 9090), (3, 8080)] {
+        for (host, port) in [(2, 8080), (2, 9090), (3, 8080), (6, 8080)] {
             let root = dir.join(format!("www-{host}-{port}"));
             std::fs::create_dir_all(&root).unwrap();
             std::fs::write(
@@ -63,10 +98,15 @@ impl Remote {
                 format!("remote {net}.{host}:{port}\n"),
             )
             .unwrap();
+            let listen = if host == 6 {
+                format!("[{net6}:2]:{port}")
+            } else {
+                format!("{net}.{host}:{port}")
+            };
             servers.push(Proc(
                 Command::new("ip")
                     .args(["netns", "exec", &ns.name, "busybox", "httpd", "-f", "-p"])
-                    .arg(format!("{net}.{host}:{port}"))
+                    .arg(listen)
                     .arg("-h")
                     .arg(&root)
                     .spawn()
@@ -96,6 +136,7 @@ impl Remote {
             ns,
             dir,
             net,
+            net6,
         };
         for (host, port) in [(2, 8080), (2, 9090), (3, 8080)] {
             let url = format!("http://{}:{port}/", r.ip(host));
@@ -110,6 +151,11 @@ impl Remote {
 
     fn ip(&self, host: u8) -> String {
         format!("{}.{host}", self.net)
+    }
+
+    /// The remote's IPv6 address (a web server on 8080).
+    fn ip6(&self) -> String {
+        format!("{}:2", self.net6)
     }
 
     /// The config line that makes the agent resolve with this DNS server.
@@ -497,4 +543,57 @@ fn a_closed_host_default_keeps_unadmitted_containers_in_even_while_no_agent_runs
         || reaches(&late, &r2, 8080),
     );
     assert!(!reaches(&plain, &r2, 8080));
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn egress_holds_for_a_containers_ipv6_address_too() {
+    let remote = Remote::new();
+    let agent = Agent::start("egress6");
+    let subnet = format!("fd00:d6:{:x}::/64", std::process::id() % 0xffff);
+    let net = Network::create_with("egress6", &["--ipv6", "--subnet", &subnet]);
+    let img = image();
+    let r6 = remote.ip6();
+    let open = Container::run("egress6-open", &["--network", &net.0, &img, "sleep", "600"]);
+    let closed = Container::run(
+        "egress6-closed",
+        &[
+            "--network",
+            &net.0,
+            "--label",
+            "dataplane.egress.internet=false",
+            &img,
+            "sleep",
+            "600",
+        ],
+    );
+    let (closed6, _) = ipv6_of(&closed);
+    assert!(!closed6.is_empty(), "no IPv6 address on {}", net.0);
+    assert!(
+        reaches(&open, &r6, 8080),
+        "IPv6 to the remote without a policy"
+    );
+    assert!(
+        !reaches(&closed, &r6, 8080),
+        "IPv6 to the remote with internet off"
+    );
+    assert!(
+        egress_of(&agent, &closed).addresses.contains(&closed6),
+        "its IPv6 address is policed"
+    );
+    // An IPv6 exception at runtime.
+    let out = agent.ctl(&[
+        "egress",
+        "set",
+        &closed.name,
+        "--allow",
+        &format!("[{r6}]:8080/tcp"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(reaches(&closed, &r6, 8080));
+    assert!(!reaches(&closed, &remote.ip(2), 8080), "IPv4 stays closed");
 }
