@@ -25,21 +25,31 @@ pub async fn connect(socket: &str) -> Result<Docker> {
         .with_context(|| format!("talking to Docker at {socket} (permission denied needs root)"))
 }
 
-/// Ids of the running (and paused) containers.
-pub async fn running_ids(docker: &Docker) -> Result<Vec<String>> {
+/// Containers in any of `statuses` (every one with none), as Docker lists them.
+async fn list(
+    docker: &Docker,
+    statuses: &[&str],
+) -> Result<Vec<bollard::models::ContainerSummary>> {
     let mut filters = HashMap::new();
-    filters.insert(
-        "status".to_string(),
-        vec!["running".to_string(), "paused".to_string()],
-    );
-    let list = docker
+    if !statuses.is_empty() {
+        filters.insert(
+            "status".to_string(),
+            statuses.iter().map(ToString::to_string).collect(),
+        );
+    }
+    docker
         .list_containers(Some(ListContainersOptions {
             all: true,
             filters: Some(filters),
             ..Default::default()
         }))
         .await
-        .context("listing containers")?;
+        .context("listing containers")
+}
+
+/// Ids of the running (and paused) containers.
+pub async fn running_ids(docker: &Docker) -> Result<Vec<String>> {
+    let list = list(docker, &["running", "paused"]).await?;
     Ok(list.into_iter().filter_map(|c| c.id).collect())
 }
 
@@ -83,17 +93,8 @@ pub fn endpoint_addresses(v4: Option<&str>, v6: Option<&str>) -> Vec<std::net::I
 /// Containers Docker has created and not started yet: their names and labels (from the
 /// list, no inspect), so a policy is ready when they start.
 pub async fn created(docker: &Docker) -> Result<Vec<(String, String, HashMap<String, String>)>> {
-    let mut filters = HashMap::new();
-    filters.insert("status".to_string(), vec!["created".to_string()]);
-    let list = docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await
-        .context("listing created containers")?;
-    Ok(list
+    Ok(list(docker, &["created"])
+        .await?
         .into_iter()
         .filter_map(|c| {
             let name = c
@@ -107,13 +108,7 @@ pub async fn created(docker: &Docker) -> Result<Vec<(String, String, HashMap<Str
 
 /// Ids of every container, running or not.
 pub async fn all_ids(docker: &Docker) -> Result<Vec<String>> {
-    let list = docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            ..Default::default()
-        }))
-        .await
-        .context("listing containers")?;
+    let list = list(docker, &[]).await?;
     Ok(list.into_iter().filter_map(|c| c.id).collect())
 }
 

@@ -34,14 +34,17 @@ use nftables::{
     expr::{CT, Expression, Meta, MetaKey, NamedExpression, Prefix, SetItem, Verdict},
     schema::{
         Chain, Counter, Element, FlushObject, Map, NfCmd, NfListObject, Rule, Set, SetType,
-        SetTypeValue, Table,
+        SetTypeValue,
     },
     stmt::{self, JumpTarget, Match, Operator, Statement, VerdictMap},
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
 
 use super::policy::{Net, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP};
-use crate::netfilter::ruleset::nf::{field, in_set, is, l4proto};
+use crate::netfilter::ruleset::{
+    nf::{field, in_set, is, l4proto},
+    set_of, table,
+};
 
 /// Before Docker's filter chains (priority 0) and after its DNAT (-100): the destination
 /// is the one the packet will really go to.
@@ -97,29 +100,8 @@ pub fn counter_name(k: &str) -> String {
     format!("d_{k}")
 }
 
-fn table(t: &str) -> Table<'static> {
-    Table {
-        family: NfFamily::INet,
-        name: t.to_string().into(),
-        handle: None,
-    }
-}
-
 fn set(t: &str, name: &str, ty: SetType) -> Set<'static> {
-    Set {
-        family: NfFamily::INet,
-        table: t.to_string().into(),
-        name: name.to_string().into(),
-        handle: None,
-        set_type: SetTypeValue::Single(ty),
-        policy: None,
-        flags: None,
-        elem: None,
-        timeout: None,
-        gc_interval: None,
-        size: None,
-        comment: None,
-    }
+    set_of(t, name, vec![ty])
 }
 
 /// A verdict map (written with type `mark`, spelled `verdict` by [`spell_verdict`]: the
@@ -766,7 +748,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::egress::policy::PROTO_TCP;
+    use crate::{egress::policy::PROTO_TCP, netfilter::ruleset::rules_of};
 
     fn net(s: &str) -> Net {
         s.parse().unwrap()
@@ -813,13 +795,6 @@ mod tests {
         v["nftables"].as_array().unwrap().clone()
     }
 
-    fn rules_of(cmds: &[Value], chain: &str) -> Vec<String> {
-        cmds.iter()
-            .filter_map(|c| c["add"]["rule"].as_object())
-            .filter(|r| r["chain"] == chain)
-            .map(|r| r["expr"].to_string())
-            .collect()
-    }
 
     #[test]
     fn base_chains_come_before_dockers_and_let_replies_through() {

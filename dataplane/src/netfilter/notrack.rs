@@ -282,14 +282,7 @@ mod tests {
         v["nftables"].as_array().unwrap().clone()
     }
 
-    /// The rules of `chain`, each as its JSON text.
-    fn rules_of(cmds: &[Value], chain: &str) -> Vec<String> {
-        cmds.iter()
-            .filter_map(|c| c["add"]["rule"].as_object())
-            .filter(|r| r["chain"] == chain)
-            .map(|r| r["expr"].to_string())
-            .collect()
-    }
+    use crate::netfilter::ruleset::rules_of;
 
     fn elements_of(cmds: &[Value], set: &str) -> Option<String> {
         cmds.iter()

@@ -454,6 +454,16 @@ pub(crate) fn expected_shape(spec: &Spec) -> BTreeMap<String, usize> {
     shape
 }
 
+/// The rules a batch (as nft's JSON commands) adds to `chain`, each as its JSON text.
+#[cfg(test)]
+pub(crate) fn rules_of(cmds: &[serde_json::Value], chain: &str) -> Vec<String> {
+    cmds.iter()
+        .filter_map(|c| c["add"]["rule"].as_object())
+        .filter(|r| r["chain"] == chain)
+        .map(|r| r["expr"].to_string())
+        .collect()
+}
+
 /// Applies `batch` as one transaction (`nft -j -f -`, the typed batch as JSON): all or
 /// nothing. nft's error output becomes the error.
 pub(crate) fn run(batch: Batch<'_>) -> Result<()> {

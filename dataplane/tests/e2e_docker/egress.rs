@@ -32,28 +32,15 @@ impl Remote {
             &format!("{net}.2/24"),
         );
         let peer = format!("{host_if}p");
+        let in_ns = |args: &[&str]| {
+            let mut all = vec!["ip", "-n", ns.name.as_str()];
+            all.extend_from_slice(args);
+            sh(&all);
+        };
         for a in [3, 53] {
-            sh(&[
-                "ip",
-                "-n",
-                &ns.name,
-                "addr",
-                "add",
-                &format!("{net}.{a}/24"),
-                "dev",
-                &peer,
-            ]);
+            in_ns(&["addr", "add", &format!("{net}.{a}/24"), "dev", &peer]);
         }
-        sh(&[
-            "ip",
-            "-n",
-            &ns.name,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("{net}.1"),
-        ]);
+        in_ns(&["route", "add", "default", "via", &format!("{net}.1")]);
         // IPv6 too: the host's side ::1, the remote's ::2.
         let net6 = format!("fd00:dbe:{:x}:", pid % 0xffff);
         sh(&[
@@ -65,10 +52,7 @@ impl Remote {
             &host_if,
             "nodad",
         ]);
-        sh(&[
-            "ip",
-            "-n",
-            &ns.name,
+        in_ns(&[
             "addr",
             "add",
             &format!("{net6}:2/64"),
@@ -76,17 +60,7 @@ impl Remote {
             &peer,
             "nodad",
         ]);
-        sh(&[
-            "ip",
-            "-n",
-            &ns.name,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("{net6}:1"),
-        ]);
+        in_ns(&["-6", "route", "add", "default", "via", &format!("{net6}:1")]);
         let dir = PathBuf::from(format!("/run/dataplane-e2e-{pid}-remote"));
         let _ = std::fs::remove_dir_all(&dir);
         let mut servers = Vec::new();
@@ -199,6 +173,14 @@ fn pings(c: &Container, ip: &str) -> bool {
     out.status.success()
 }
 
+/// Whether container `c` gets an answer from the DNS server at `server` (UDP).
+fn asks(c: &Container, server: &str) -> bool {
+    c.exec(&format!(
+        "timeout 4 nslookup remote.test {server} 2>/dev/null"
+    ))
+    .contains("Name:")
+}
+
 /// A container that sleeps, with `labels`.
 fn labelled(name: &str, labels: &[&str]) -> Container {
     let img = image();
@@ -232,7 +214,7 @@ fn egress_labels_decide_what_a_container_may_open() {
         "egress-nonet",
         &[
             "dataplane.egress.internet=false",
-            "dataplane.egress.allow=remote.test:8080/tcp,10.102.0.0/16/icmp",
+            "dataplane.egress.allow=remote.test:8080/tcp,10.102.0.0/16/icmp,nosuch.test:80",
         ],
     );
     let db_name = db.name.clone();
@@ -271,6 +253,18 @@ fn egress_labels_decide_what_a_container_may_open() {
     assert!(reaches(&no_net, &db.ip(), 80), "another container");
     assert!(reaches(&no_net, &gateway_of(&db), p), "a published port");
     assert!(pings(&no_net, &r3), "ICMP allowed by the allow-list");
+    // UDP: a DNS query to the remote's server is not its own resolver.
+    let r53 = remote.ip(53);
+    assert!(asks(&open, &r53), "UDP without a policy");
+    assert!(!asks(&no_net, &r53), "UDP with internet off");
+    // A name that does not resolve is reported; the rest of the list works (above).
+    let e = egress_of(&agent, &no_net);
+    assert!(
+        e.resolved
+            .get("nosuch.test")
+            .is_some_and(|r| r.starts_with("error")),
+        "{e:?}"
+    );
 
     // Host off: only the allowed container (straight and through its published port);
     // the internet stays open.
@@ -300,6 +294,7 @@ fn egress_labels_decide_what_a_container_may_open() {
         "the host, for a container with host access"
     );
     assert!(reaches(&only_db, &r2, 9090), "internet on");
+    assert!(asks(&only_db, &r53), "UDP out of the host, internet on");
 
     // A malformed label: nothing at all, said by show and the log.
     let e = egress_of(&agent, &broken);
