@@ -70,6 +70,8 @@ struct Agent {
     egress: Egress,
     resolver: Option<egress::dns::Resolver>,
     dns_tx: mpsc::Sender<Lookup>,
+    /// When to read the egress table back (it changed).
+    egress_check_at: Option<Instant>,
 }
 
 fn now_ms() -> u64 {
@@ -140,12 +142,13 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         ),
         resolver,
         dns_tx,
+        egress_check_at: None,
     };
     agent.evaluate_firewall();
     let t = Instant::now();
     agent.sync_local_addrs().await?;
     agent.ingest(inspected)?;
-    agent.learn_created().await;
+    agent.learn_all().await;
     agent.resolve_pending();
     agent.apply()?;
     startup.record("first_sync", t.elapsed());
@@ -239,6 +242,8 @@ impl Agent {
             loop {
                 let retry_at = self.retry_at.unwrap_or_else(Instant::now);
                 let lookup_at = self.egress.next_lookup();
+                let gate_at = self.egress.gate_expires();
+                let check_at = self.egress_check_at;
                 tokio::select! {
                     Some((req, reply)) = api_rx.recv() => {
                         let answer = self.on_request(req).await;
@@ -251,6 +256,16 @@ impl Agent {
                     }
                     () = tokio::time::sleep_until(lookup_at.unwrap_or_else(Instant::now).into()), if lookup_at.is_some() => {
                         self.lookup_due();
+                    }
+                    () = tokio::time::sleep_until(gate_at.unwrap_or_else(Instant::now).into()), if gate_at.is_some() => {
+                        self.apply_or_retry("egress gate expired");
+                    }
+                    () = tokio::time::sleep_until(check_at.unwrap_or_else(Instant::now).into()), if check_at.is_some() => {
+                        self.egress_check_at = None;
+                        if self.egress.drifted() {
+                            warn!(table = %self.egress.table(), "the egress table had been changed by hand: restoring it");
+                            self.apply_or_retry("egress table drift");
+                        }
                     }
                     ev = events.next() => match ev {
                         Some(Ok(ev)) => {
@@ -387,7 +402,10 @@ impl Agent {
                 .collect();
             self.state.retain(&live);
             self.egress.retain(&live);
-            self.egress.force();
+            if !self.loaded.vouching() {
+                // Events were lost: the egress table is written whole again.
+                self.egress.force();
+            }
             self.state.networks = docker::networks(&self.docker).await?;
             let table = self.nft_table.clone();
             self.fw_snapshot = tokio::task::spawn_blocking(move || hostfw::capture(&table)).await?;
@@ -507,6 +525,11 @@ impl Agent {
         // Ours among the tables that changed: read back, repaired if it drifted.
         if changes.touches_table("inet", &self.nft_table) {
             self.netfilter.check();
+        }
+        // The egress table changed (by the agent itself, mostly): read back within a second
+        // (at most once a second), and written whole again if it drifted.
+        if changes.touches_table("inet", self.egress.table()) && self.egress_check_at.is_none() {
+            self.egress_check_at = Some(Instant::now() + Duration::from_secs(1));
         }
         // Docker's own per-container rules change nothing the evaluation reads.
         if !self.fw_snapshot.concerned_by(&changes) {
@@ -688,20 +711,20 @@ impl Agent {
         }
     }
 
-    /// Containers created but not started when the agent starts: their labels, so their
-    /// policy is ready at their `network connect`.
-    async fn learn_created(&mut self) {
-        match docker::created(&self.docker).await {
+    /// Every container's labels (created, stopped: not running), so its policy is ready at
+    /// its next `network connect`; runtime changes of containers that no longer exist go.
+    async fn learn_all(&mut self) {
+        match docker::all(&self.docker).await {
             Ok(list) => {
+                let ids = list.iter().map(|(id, _, _)| id.clone()).collect();
                 for (id, name, labels) in list {
-                    self.egress
-                        .created(&id, &name, labels.into_iter().collect());
+                    if !self.egress.knows(&id) {
+                        self.egress
+                            .created(&id, &name, labels.into_iter().collect(), false);
+                    }
                 }
+                self.egress.sweep_runtime(&ids);
             }
-            Err(e) => warn!(error = %format!("{e:#}"), "listing created containers failed"),
-        }
-        match docker::all_ids(&self.docker).await {
-            Ok(ids) => self.egress.sweep_runtime(&ids.into_iter().collect()),
             Err(e) => warn!(error = %format!("{e:#}"), "listing containers failed"),
         }
     }
@@ -723,7 +746,7 @@ impl Agent {
                     if let Some(id) = &actor.id {
                         let name = attrs.get("name").cloned().unwrap_or_default();
                         self.egress
-                            .created(id, &name, egress::labels_of_event(&attrs));
+                            .created(id, &name, egress::labels_of_event(&attrs), true);
                         // Its names are looked up while Docker starts it.
                         self.lookup_due();
                     }

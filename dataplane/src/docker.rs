@@ -90,10 +90,10 @@ pub fn endpoint_addresses(v4: Option<&str>, v6: Option<&str>) -> Vec<std::net::I
         .collect()
 }
 
-/// Containers Docker has created and not started yet: their names and labels (from the
-/// list, no inspect), so a policy is ready when they start.
-pub async fn created(docker: &Docker) -> Result<Vec<(String, String, HashMap<String, String>)>> {
-    Ok(list(docker, &["created"])
+/// Every container, running or not: its id, name and labels (from the list, no inspect),
+/// so a policy is ready whenever one starts.
+pub async fn all(docker: &Docker) -> Result<Vec<(String, String, HashMap<String, String>)>> {
+    Ok(list(docker, &[])
         .await?
         .into_iter()
         .filter_map(|c| {
@@ -104,12 +104,6 @@ pub async fn created(docker: &Docker) -> Result<Vec<(String, String, HashMap<Str
             Some((c.id?, name, c.labels.unwrap_or_default()))
         })
         .collect())
-}
-
-/// Ids of every container, running or not.
-pub async fn all_ids(docker: &Docker) -> Result<Vec<String>> {
-    let list = list(docker, &[]).await?;
-    Ok(list.into_iter().filter_map(|c| c.id).collect())
 }
 
 /// A Docker network as the agent needs it: which host interface is its bridge, and whether

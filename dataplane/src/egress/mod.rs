@@ -43,6 +43,9 @@ pub struct Container {
     pub logged_error: Option<String>,
     /// When its policy was first in the kernel for its current addresses.
     pub enforced_at: Option<std::time::SystemTime>,
+    /// Since when Docker may be starting it (its `create`, or its stop: a restart policy
+    /// starts it again) with no `network connect` seen yet.
+    pub pending_since: Option<Instant>,
 }
 
 impl Container {
@@ -64,6 +67,10 @@ pub struct Name {
 /// How long a container Docker is starting keeps the addresses its `network connect`
 /// gave, before the start completes (a start that takes longer is resynced).
 const STARTING_GRACE: Duration = Duration::from_mins(2);
+
+/// How long after its `create` (or its stop) a policed container keeps Docker's bridges
+/// gated: the time in which Docker may start it (again, by a restart policy).
+const PENDING: Duration = Duration::from_mins(1);
 
 pub struct Egress {
     table: String,
@@ -189,10 +196,20 @@ impl Egress {
         }
     }
 
-    /// The container as its `create` event (labels, name) shows it, before it starts.
-    pub fn created(&mut self, id: &str, name: &str, labels: BTreeMap<String, String>) {
+    /// The container as its `create` event (labels, name) shows it, before it starts
+    /// (`starting`: Docker may start it any moment).
+    pub fn created(
+        &mut self,
+        id: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        starting: bool,
+    ) {
         let runtime = self.load_runtime(id);
         let c = self.containers.entry(id.to_string()).or_default();
+        if starting {
+            c.pending_since = Some(Instant::now());
+        }
         c.name = name.trim_start_matches('/').to_string();
         c.labels = labels;
         if c.runtime.is_none() {
@@ -210,6 +227,7 @@ impl Egress {
         if let Some(c) = self.containers.get_mut(id) {
             c.addrs.insert(net.to_string(), addrs);
             c.starting_since.get_or_insert_with(Instant::now);
+            c.pending_since = None;
         }
     }
 
@@ -229,7 +247,7 @@ impl Egress {
             .collect();
         let name = c.name.clone().unwrap_or_default();
         if !self.knows(id) {
-            self.created(id, &name, labels.clone());
+            self.created(id, &name, labels.clone(), false);
         }
         let status = c.state.as_ref().and_then(|s| s.status);
         let live = crate::desired::peer_of(c);
@@ -240,6 +258,7 @@ impl Egress {
             (Some(p), _) => {
                 entry.addrs = p.endpoints.into_iter().collect();
                 entry.starting_since = None;
+                entry.pending_since = None;
             }
             // Docker is still starting it: the addresses its network gave stay.
             (None, Some(S::CREATED | S::RESTARTING))
@@ -247,6 +266,10 @@ impl Egress {
                     .starting_since
                     .is_some_and(|t| t.elapsed() < STARTING_GRACE) => {}
             (None, _) => {
+                // Stopped: a restart policy may start it again at once.
+                if !entry.addrs.is_empty() {
+                    entry.pending_since = Some(Instant::now());
+                }
                 entry.addrs.clear();
                 entry.starting_since = None;
             }
@@ -267,13 +290,18 @@ impl Egress {
         }
     }
 
-    /// Keeps only containers in `live` (running or paused) or still starting.
+    /// Containers not in `live` (running or paused) and not starting have no addresses any
+    /// more; their labels stay known for their next start (until Docker removes them).
     pub fn retain(&mut self, live: &BTreeSet<String>) {
-        self.containers.retain(|id, c| {
-            live.contains(id)
-                || c.starting_since
-                    .is_some_and(|t| t.elapsed() < STARTING_GRACE)
-        });
+        for (id, c) in &mut self.containers {
+            let starting = c
+                .starting_since
+                .is_some_and(|t| t.elapsed() < STARTING_GRACE);
+            if !live.contains(id) && !starting {
+                c.addrs.clear();
+                c.starting_since = None;
+            }
+        }
     }
 
     pub fn policy(&self, c: &Container) -> Policy {
@@ -402,14 +430,11 @@ impl Egress {
         };
         let host_dns = dns::container_resolvers(None);
         let mut errors = Vec::new();
+        let mut admit = spec.closed_internet || spec.closed_host;
+        let mut pending = false;
         for (id, c) in &self.containers {
             let addrs = c.addresses();
-            if addrs.is_empty() {
-                continue;
-            }
-            if spec.closed_internet || spec.closed_host {
-                spec.admitted.extend(addrs.iter().copied());
-            }
+            spec.admitted.extend(addrs.iter().copied());
             let p = self.policy(c);
             if let Some(e) = &p.error
                 && c.logged_error.as_ref() != Some(e)
@@ -419,6 +444,10 @@ impl Egress {
             if !p.restricts() {
                 continue;
             }
+            // Its chains exist as long as the container does: a start or a stop only
+            // changes the map elements that lead to them.
+            admit = true;
+            pending |= addrs.is_empty() && c.pending_since.is_some_and(|t| t.elapsed() < PENDING);
             let allow = p
                 .allow
                 .iter()
@@ -451,7 +480,24 @@ impl Egress {
             warn!(container = %c.name, id = %nft::key_of(&id), error = %e, "egress policy cannot be read: the container gets no egress at all (fail closed)");
             c.logged_error = Some(e);
         }
+        if !admit {
+            spec.admitted.clear();
+        }
+        if pending {
+            spec.gated.clone_from(&self.bridges);
+        }
         spec
+    }
+
+    /// When the gate opens by itself (the oldest pending container's time runs out).
+    pub fn gate_expires(&self) -> Option<Instant> {
+        self.containers
+            .values()
+            .filter(|c| c.addresses().is_empty())
+            .filter_map(|c| c.pending_since)
+            .map(|t| t + PENDING)
+            .filter(|t| *t > Instant::now())
+            .min()
     }
 
     /// Writes the table as [`Egress::spec`] says: only what changed, or the whole table in
@@ -462,6 +508,22 @@ impl Egress {
             self.bridge_netfilter = enable_bridge_netfilter();
         }
         let batch = if let Some(old) = &self.applied {
+            // A policy coming into force opens the gate too: the policy first, in a
+            // transaction of its own (opening waits for an RCU grace period).
+            if !old.gated.is_empty() && spec.gated.is_empty() && old.containers != spec.containers {
+                let mut first = spec.clone();
+                first.gated.clone_from(&old.gated);
+                if let Some(b) = nft::delta_batch(&self.table, old, &first) {
+                    let r = tokio::task::block_in_place(|| nft::run(b));
+                    if let Err(e) = r {
+                        self.applied = None;
+                        return Err(e).context("writing the egress table");
+                    }
+                    self.mark_enforced(&first);
+                    self.applied = Some(first);
+                }
+            }
+            let old = self.applied.as_ref().expect("set above or before");
             match nft::delta_batch(&self.table, old, &spec) {
                 Some(b) => b,
                 None => return Ok(false),
@@ -478,14 +540,7 @@ impl Egress {
         let r = tokio::task::block_in_place(|| nft::run(batch));
         match r {
             Ok(()) => {
-                let now = std::time::SystemTime::now();
-                for (id, c) in &mut self.containers {
-                    if spec.containers.contains_key(&nft::key_of(id)) {
-                        c.enforced_at.get_or_insert(now);
-                    } else {
-                        c.enforced_at = None;
-                    }
-                }
+                self.mark_enforced(&spec);
                 self.applied = Some(spec);
                 Ok(true)
             }
@@ -495,6 +550,47 @@ impl Egress {
                 Err(e).with_context(|| format!("writing the egress table inet {table}"))
             }
         }
+    }
+
+    /// Notes when each container's policy came into force for its current addresses.
+    fn mark_enforced(&mut self, spec: &nft::Spec) {
+        let now = std::time::SystemTime::now();
+        for (id, c) in &mut self.containers {
+            if spec
+                .containers
+                .get(&nft::key_of(id))
+                .is_some_and(|ch| !ch.addrs.is_empty())
+            {
+                c.enforced_at.get_or_insert(now);
+            } else {
+                c.enforced_at = None;
+            }
+        }
+    }
+
+    /// Whether the table lost a container's chains, or went, since it was written (then the
+    /// next apply writes it whole).
+    pub fn drifted(&mut self) -> bool {
+        let Some(applied) = &self.applied else {
+            return false;
+        };
+        let want: BTreeSet<String> = applied
+            .containers
+            .iter()
+            .flat_map(|(k, c)| {
+                let mut v = vec![format!("f_{k}")];
+                if !c.host {
+                    v.push(format!("i_{k}"));
+                }
+                v
+            })
+            .collect();
+        let now = tokio::task::block_in_place(|| nft::read_back(&self.table));
+        if now.is_some_and(|(chains, _)| chains == want) {
+            return false;
+        }
+        self.applied = None;
+        true
     }
 
     /// Forget what was applied: the next apply rewrites the table in place (repair).
@@ -672,6 +768,7 @@ mod tests {
     #[test]
     fn a_policed_container_is_in_the_table_from_its_network_connect() {
         let mut e = egress("");
+        e.bridges = ["docker0".to_string()].into();
         e.created(
             "aaaa1111",
             "/web",
@@ -679,15 +776,24 @@ mod tests {
                 ("dataplane.egress.internet", "false"),
                 ("dataplane.egress.allow", "container:db:5432,remote.test:80"),
             ]),
+            true,
         );
-        e.created("bbbb2222", "db", labels(&[]));
-        // Known but not connected: nothing yet.
-        assert!(e.spec().containers.is_empty());
+        e.created("bbbb2222", "db", labels(&[]), true);
+        // Known, not connected yet: its chains are ready, reached by no address yet, and
+        // the bridges are gated until it is.
+        let spec = e.spec();
+        assert!(spec.containers["aaaa1111"].addrs.is_empty());
+        assert_eq!(spec.gated, e.bridges);
         e.connected("aaaa1111", "net1", vec![ip("172.18.0.2")]);
         e.connected("bbbb2222", "net1", vec![ip("172.18.0.3")]);
         let spec = e.spec();
-        // Only the policed one gets chains; the unpoliced one is nobody's business.
+        // Only the policed one gets chains; the unpoliced one is admitted.
         assert_eq!(spec.containers.len(), 1);
+        assert!(
+            spec.gated.is_empty(),
+            "open again once its address is known"
+        );
+        assert_eq!(spec.admitted.len(), 2);
         let c = &spec.containers["aaaa1111"];
         assert!(!c.internet && c.host);
         // The container name resolves to its address; the host name is not resolved yet
@@ -716,18 +822,36 @@ mod tests {
         assert!(e.views(None)[0].resolved["remote.test"].contains("stale"));
         // Stopped: gone from the table.
         e.retain(&BTreeSet::new());
-        e.containers.values_mut().for_each(|c| c.addrs.clear());
-        assert!(e.spec().containers.is_empty());
+        assert_eq!(e.spec().containers.len(), 1, "still starting: kept");
+        e.containers.get_mut("aaaa1111").unwrap().starting_since = None;
+        e.retain(&BTreeSet::new());
+        let spec = e.spec();
+        assert!(
+            spec.containers["aaaa1111"].addrs.is_empty(),
+            "no address leads to it"
+        );
+        assert!(
+            e.knows("aaaa1111"),
+            "its labels stay known for its next start"
+        );
+        e.destroyed("aaaa1111");
+        assert!(e.spec().containers.is_empty(), "removed: its chains go");
     }
 
     #[test]
     fn host_off_keeps_it_from_the_socket_layer_and_a_closed_default_admits() {
         let mut e = egress("[egress]\ninternet = false\n");
-        e.created("aaaa", "a", labels(&[("dataplane.egress.host", "false")]));
+        e.created(
+            "aaaa",
+            "a",
+            labels(&[("dataplane.egress.host", "false")]),
+            true,
+        );
         e.created(
             "bbbb",
             "b",
             labels(&[("dataplane.egress.internet", "true")]),
+            true,
         );
         e.connected("aaaa", "n", vec![ip("172.17.0.2")]);
         e.connected("bbbb", "n", vec![ip("172.17.0.3")]);
@@ -745,6 +869,7 @@ mod tests {
             "aaaa",
             "a",
             labels(&[("dataplane.egress.allow", "10.0.0.0/99")]),
+            true,
         );
         e.connected("aaaa", "n", vec![ip("172.17.0.2")]);
         let c = e.spec().containers["aaaa"].clone();

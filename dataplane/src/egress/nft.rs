@@ -79,8 +79,12 @@ pub struct Spec {
     /// sends nothing out of the host (nothing at all).
     pub closed_internet: bool,
     pub closed_host: bool,
-    /// Addresses of every container the agent has seen (only with a closed default).
+    /// Addresses of every container the agent has seen (with a closed default, or while
+    /// any container is policed).
     pub admitted: BTreeSet<IpAddr>,
+    /// Bridges on which a new container's first packets wait until the agent has admitted
+    /// it: while a policed container is being started (its address is not known yet).
+    pub gated: BTreeSet<String>,
     /// Policed containers by key (a prefix of the container ID).
     pub containers: BTreeMap<String, Chains>,
 }
@@ -269,7 +273,22 @@ fn base_rules(spec: &Spec) -> (Vec<Vec<Statement<'static>>>, Vec<Vec<Statement<'
         }
         rules
     };
+    // While a policed container starts: nothing from an address the agent has not seen.
+    let gate = || {
+        [("ip", "4"), ("ip6", "6")].map(|(ip, n)| {
+            vec![
+                in_set(meta(MetaKey::Iifname), "gated"),
+                Statement::Match(Match {
+                    left: field(ip, "saddr"),
+                    right: s(format!("@admitted{n}")),
+                    op: Operator::NEQ,
+                }),
+                Statement::Drop(None),
+            ]
+        })
+    };
     let mut fwd = vec![established()];
+    fwd.extend(gate());
     fwd.extend(dispatch("fwd4", "fwd6"));
     // IPv6 neighbour discovery to the host is how a container finds its gateway at all.
     let neighbour_discovery = vec![
@@ -284,6 +303,7 @@ fn base_rules(spec: &Spec) -> (Vec<Vec<Statement<'static>>>, Vec<Vec<Statement<'
         accept(),
     ];
     let mut inp = vec![established(), neighbour_discovery];
+    inp.extend(gate());
     inp.extend(dispatch("in4", "in6"));
     if spec.closed_host {
         fwd.extend(unadmitted(false));
@@ -380,6 +400,11 @@ fn container_rules(
     (fwd, inp)
 }
 
+/// Whether two versions of a container's chains have the same rules.
+fn same_rules(a: &Chains, b: &Chains) -> bool {
+    (a.internet, a.host, &a.dns, &a.allow) == (b.internet, b.host, &b.dns, &b.allow)
+}
+
 /// The map elements sending `c`'s addresses to its chains.
 fn dispatch_elements(
     t: &str,
@@ -417,6 +442,11 @@ fn dispatch_elements(
 
 fn declare(b: &mut Batch<'static>, t: &str) {
     b.add(NfListObject::Table(table(t)));
+    b.add(NfListObject::Set(Box::new(set(
+        t,
+        "gated",
+        SetType::Ifname,
+    ))));
     b.add(NfListObject::Set(Box::new(set(
         t,
         "bridges",
@@ -503,12 +533,14 @@ pub fn full_batch(t: &str, spec: &Spec, present: &BTreeSet<String>) -> Batch<'st
     }
     for (name, ty) in [
         ("bridges", SetType::Ifname),
+        ("gated", SetType::Ifname),
         ("admitted4", SetType::Ipv4Addr),
         ("admitted6", SetType::Ipv6Addr),
     ] {
         b.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(set(t, name, ty)))));
     }
     fill_set(&mut b, t, "bridges", spec.bridges.iter().map(s).collect());
+    fill_set(&mut b, t, "gated", spec.gated.iter().map(s).collect());
     fill_set(
         &mut b,
         t,
@@ -611,6 +643,10 @@ pub fn delta_batch(t: &str, old: &Spec, new: &Spec) -> Option<Batch<'static>> {
         let name = if v4 { "admitted4" } else { "admitted6" };
         fill_set(&mut b, t, name, admitted_elements(&added, v4));
     }
+    // The gate closes before anything else changes, and opens last.
+    let gate_on: Vec<_> = new.gated.difference(&old.gated).map(s).collect();
+    let gate_off: Vec<_> = old.gated.difference(&new.gated).map(s).collect();
+    fill_set(&mut b, t, "gated", gate_on);
     // Containers that are gone or changed: their elements out first, then chains.
     let mut deleted = Vec::new();
     for (k, o) in &old.containers {
@@ -637,7 +673,11 @@ pub fn delta_batch(t: &str, old: &Spec, new: &Spec) -> Option<Batch<'static>> {
         if o == Some(n) {
             continue;
         }
-        write_container(&mut b, t, k, n, o);
+        // Only its addresses changed (it started or stopped): its chains stay as they are,
+        // only the map elements change (a rewrite would wait for an RCU grace period).
+        if o.is_none_or(|o| !same_rules(o, n)) {
+            write_container(&mut b, t, k, n, o);
+        }
         if let Some(o) = o
             && !o.host
             && n.host
@@ -673,6 +713,9 @@ pub fn delta_batch(t: &str, old: &Spec, new: &Spec) -> Option<Batch<'static>> {
         if !items.is_empty() {
             b.delete(elements(t, name, items));
         }
+    }
+    if !gate_off.is_empty() {
+        b.delete(elements(t, "gated", gate_off));
     }
     Some(b)
 }
@@ -781,6 +824,7 @@ mod tests {
             closed_internet: false,
             closed_host: false,
             admitted: BTreeSet::new(),
+            gated: BTreeSet::new(),
             containers: [
                 ("aaaa".to_string(), chains("172.17.0.2", false, true)),
                 ("bbbb".to_string(), chains("172.17.0.3", true, false)),
@@ -794,7 +838,6 @@ mod tests {
         spell_verdict(&mut v);
         v["nftables"].as_array().unwrap().clone()
     }
-
 
     #[test]
     fn base_chains_come_before_dockers_and_let_replies_through() {
@@ -812,10 +855,13 @@ mod tests {
         assert_eq!(map["add"]["map"]["map"], "verdict");
         let rules = rules_of(&cmds, "forward");
         assert!(rules[0].contains("established") && rules[0].contains("untracked"));
-        assert!(rules[1].contains("@fwd4") && rules[2].contains("@fwd6"));
-        assert_eq!(rules.len(), 3, "no closed default");
+        // The gate (empty unless a policed container is starting), then the dispatch.
+        assert!(rules[1].contains("@gated") && rules[1].contains("@admitted4"));
+        assert!(rules[2].contains("@gated") && rules[2].contains("@admitted6"));
+        assert!(rules[3].contains("@fwd4") && rules[4].contains("@fwd6"));
+        assert_eq!(rules.len(), 5, "no closed default");
         let input = rules_of(&cmds, "input");
-        assert_eq!(input.len(), 4);
+        assert_eq!(input.len(), 6);
         assert!(input[1].contains("nd-neighbor-solicit"), "{}", input[1]);
     }
 
@@ -885,9 +931,9 @@ mod tests {
         );
         assert!(
             f.iter()
-                .all(|r| !r.contains("admitted") || r.contains("@bridges"))
+                .all(|r| !r.contains("admitted") || r.contains("@bridges") || r.contains("@gated"))
         );
-        assert_eq!(rules_of(&cmds, "input").len(), 4);
+        assert_eq!(rules_of(&cmds, "input").len(), 6);
         sp.closed_host = true;
         let cmds = json(full_batch("t", &sp, &BTreeSet::new()));
         assert!(

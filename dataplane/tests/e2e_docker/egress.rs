@@ -467,13 +467,13 @@ fn egress_follows_a_changed_record_a_runtime_change_and_survives_a_restart() {
 #[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
 fn a_container_that_connects_at_its_first_instruction_is_already_policed() {
     let remote = Remote::new();
-    let _agent = Agent::start("egress3");
+    let mut agent = Agent::start("egress3");
     let img = image();
     let first = format!(
         "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {} 8080 | head -c 8 | grep -q HTTP && echo leaked || echo blocked",
         remote.ip(2)
     );
-    for i in 0..5 {
+    for i in 0..10 {
         let out = sh(&[
             "docker",
             "run",
@@ -502,6 +502,31 @@ fn a_container_that_connects_at_its_first_instruction_is_already_policed() {
         &first,
     ]);
     assert_eq!(out.trim(), "leaked");
+    // Created before the agent started, started after it, and started again: no `create`
+    // event to learn its labels from; the agent knows them from Docker's list.
+    agent.kill9();
+    let c = Container {
+        name: format!("dpe2e-{}-first", std::process::id()),
+    };
+    sh(&[
+        "docker",
+        "create",
+        "--name",
+        &c.name,
+        "--label",
+        "dataplane.test=1",
+        "--label",
+        "dataplane.egress.internet=false",
+        &img,
+        "sh",
+        "-c",
+        &first,
+    ]);
+    agent.spawn();
+    for i in 0..2 {
+        let out = sh(&["docker", "start", "-a", &c.name]);
+        assert_eq!(out.trim(), "blocked", "start {i}");
+    }
 }
 
 #[test]
