@@ -770,6 +770,7 @@ impl Agent {
             (net, id, docker::addresses_on(docker, net, id).await)
         }))
         .await;
+        let inspected_us = t.elapsed().as_micros();
         for (net, id, r) in found {
             match r {
                 Ok(addrs) => self.egress.connected(id, net, addrs),
@@ -782,7 +783,9 @@ impl Agent {
         match self.egress.apply() {
             Ok(written) => debug!(
                 took_us = t.elapsed().as_micros(),
-                written, "egress applied at network connect"
+                network_inspect_us = inspected_us,
+                written,
+                "egress applied at network connect"
             ),
             Err(e) => warn!(error = %format!("{e:#}"), "writing the egress table failed; retrying"),
         }
