@@ -247,19 +247,30 @@ fn ago(unix_ms: u64) -> String {
 }
 
 fn print_frontends(fs: &[Frontend]) {
-    let rows: Vec<[String; 4]> = fs
+    let rows: Vec<[String; 5]> = fs
         .iter()
         .map(|f| {
+            let pause = match (f.on_pause.as_str(), f.paused) {
+                ("reset", true) => "reset (paused: refusing)".to_string(),
+                (p, _) => p.to_string(),
+            };
             [
                 f.frontend.clone(),
                 f.container.clone(),
                 f.backend.clone(),
                 f.connections.to_string(),
+                pause,
             ]
         })
         .collect();
-    let head = ["FRONTEND", "CONTAINER", "BACKEND", "CONNECTIONS"];
-    let w: Vec<usize> = (0..4)
+    let head = [
+        "FRONTEND",
+        "CONTAINER",
+        "BACKEND",
+        "CONNECTIONS",
+        "ON PAUSE",
+    ];
+    let w: Vec<usize> = (0..5)
         .map(|i| {
             rows.iter()
                 .map(|r| r[i].len())
@@ -268,20 +279,22 @@ fn print_frontends(fs: &[Frontend]) {
                 .unwrap_or(0)
         })
         .collect();
-    let line = |r: [&str; 4]| {
+    let line = |r: [&str; 5]| {
         println!(
-            "{:<w0$}  {:<w1$}  {:<w2$}  {}",
+            "{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}",
             r[0],
             r[1],
             r[2],
             r[3],
+            r[4],
             w0 = w[0],
             w1 = w[1],
-            w2 = w[2]
+            w2 = w[2],
+            w3 = w[3]
         );
     };
     line(head);
     for r in &rows {
-        line([&r[0], &r[1], &r[2], &r[3]]);
+        line([&r[0], &r[1], &r[2], &r[3], &r[4]]);
     }
 }

@@ -160,6 +160,10 @@ pub struct Status {
     /// Microseconds from each of the latest Docker `start` events (up to
     /// [`SYNC_LATENCIES_KEPT`]) to its frontends in the map, oldest first.
     pub start_sync_us: Vec<u64>,
+    /// For each of the latest pauses of a container with `on-pause=reset`: microseconds from
+    /// Docker's `pause` event to its translated sockets destroyed, and how many there were.
+    #[serde(default)]
+    pub pause_resets: Vec<(u64, usize)>,
 }
 
 /// How many start-to-map latencies [`Status::start_sync_us`] keeps.
@@ -196,6 +200,14 @@ pub struct Frontend {
     pub backend: String,
     /// Sockets translated through this frontend since it was created.
     pub connections: u64,
+    /// What the container's clients get while it is paused (`dataplane.on-pause`): `keep`
+    /// (they wait) or `reset`.
+    #[serde(default)]
+    pub on_pause: String,
+    /// Paused with `on-pause=reset`: new connections are refused, translated ones were
+    /// reset.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// The answer to a request the agent could not serve.

@@ -112,6 +112,14 @@ impl FrontendKey {
     }
 }
 
+/// [`Backend::flags`]: the container is paused and asked (`dataplane.on-pause=reset`) that
+/// new connections be refused meanwhile: `connect()` fails with `ECONNREFUSED`.
+pub const BACKEND_F_PAUSED: u16 = 1;
+/// [`Backend::flags`]: the container asked (`dataplane.on-pause=reset`) that its
+/// connections be reset when it is paused. Informational: the programs read only
+/// [`BACKEND_F_PAUSED`].
+pub const BACKEND_F_RESET_ON_PAUSE: u16 = 2;
+
 /// Value of the frontends map: where a published port leads.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -122,7 +130,7 @@ pub struct Backend {
     pub addr6: Addr,
     /// Container port, network byte order.
     pub port_be: u16,
-    /// `BACKEND_F_*` bits; none defined yet, always zero.
+    /// `BACKEND_F_*` bits.
     pub flags: u16,
     /// Frontend id chosen by the agent (stable per published binding), for counters.
     pub id: u32,

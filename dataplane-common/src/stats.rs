@@ -20,10 +20,13 @@ pub const STAT_SKIP_V6ONLY: u32 = 8;
 /// A frontend was dialled (or its port bound) while no agent was running to vouch for it:
 /// left to Docker's path.
 pub const STAT_SKIP_NO_AGENT: u32 = 9;
+/// A `connect()` to the frontend of a paused container that asked for `on-pause=reset` was
+/// refused (`ECONNREFUSED`).
+pub const STAT_REFUSED_PAUSED: u32 = 10;
 /// Entries of the stats map.
 pub const STATS_LEN: u32 = 16;
 /// Names of the counters, by index, as the agent reports them.
-pub const STAT_NAMES: [&str; 10] = [
+pub const STAT_NAMES: [&str; 11] = [
     "connect",
     "sendmsg",
     "recvmsg",
@@ -34,6 +37,7 @@ pub const STAT_NAMES: [&str; 10] = [
     "skipped_other_network",
     "skipped_v6only",
     "skipped_no_agent",
+    "refused_paused",
 ];
 
 /// Why a socket was not translated. The hooks count the reasons an operator can act on

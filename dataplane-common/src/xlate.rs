@@ -4,8 +4,8 @@
 //! closures over arrays. Everything is `#[inline(always)]` so the eBPF build has no calls.
 
 use crate::{
-    Addr, Backend, FrontendKey, PORT_F_V4, PORT_F_V6, PortFamilies, Reason, WILDCARD4, WILDCARD6,
-    is_loopback, is_v4_mapped, is_zero,
+    Addr, BACKEND_F_PAUSED, Backend, FrontendKey, PORT_F_V4, PORT_F_V6, PortFamilies, Reason,
+    WILDCARD4, WILDCARD6, is_loopback, is_v4_mapped, is_zero,
 };
 
 /// Where a socket's destination is rewritten to.
@@ -17,6 +17,16 @@ pub struct Target {
     pub port_be: u16,
     /// The frontend's id, for counters.
     pub id: u32,
+    /// The backend is paused and asked that new connections be refused meanwhile.
+    pub paused: bool,
+}
+
+/// Whether the hook refuses the socket (`connect()` fails with `ECONNREFUSED`) instead of
+/// translating it: only a `connect()` to a paused backend that asked for it; an unconnected
+/// UDP datagram goes on to the frozen container (no answer, as without the agent).
+#[inline(always)]
+pub const fn refuses(t: &Target, is_connect: bool) -> bool {
+    is_connect && t.paused
 }
 
 /// Finds the frontend a destination hits, if any.
@@ -95,6 +105,7 @@ pub fn target_v4(b: &Backend) -> Option<Target> {
         addr: b.addr4,
         port_be: b.port_be,
         id: b.id,
+        paused: b.flags & BACKEND_F_PAUSED != 0,
     })
 }
 
@@ -118,6 +129,7 @@ pub fn target_v6(dst: &Addr, b: &Backend) -> Option<Target> {
         addr,
         port_be: b.port_be,
         id: b.id,
+        paused: b.flags & BACKEND_F_PAUSED != 0,
     })
 }
 
@@ -369,5 +381,22 @@ mod tests {
         };
         assert!(target_v4(&none).is_none());
         assert!(target_v6(&v4_mapped([127, 0, 0, 1]), &none).is_none());
+    }
+
+    #[test]
+    fn a_paused_backend_refuses_connects_only() {
+        let mut b = backend(80, 1);
+        let t = target_v4(&b).unwrap();
+        assert!(!t.paused && !refuses(&t, true));
+        b.flags = BACKEND_F_PAUSED;
+        let t = target_v4(&b).unwrap();
+        assert!(refuses(&t, true), "connect() is refused");
+        assert!(
+            !refuses(&t, false),
+            "an unconnected datagram goes on, unanswered"
+        );
+        let mut v6_lo = [0u8; 16];
+        v6_lo[15] = 1;
+        assert!(refuses(&target_v6(&v6_lo, &b).unwrap(), true));
     }
 }

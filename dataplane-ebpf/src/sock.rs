@@ -1,5 +1,8 @@
 //! cgroup `sock_addr` hooks. Every hook returns 1 (let the syscall proceed): a miss, a full
 //! map or a failed helper degrades to "not translated" for that socket, never to an error.
+//! Two refusals only: a bind in the host namespace of a published port (`EADDRINUSE`), and
+//! a `connect()` to the frontend of a paused container that asked for it by its own label
+//! (`ECONNREFUSED`).
 
 use aya_ebpf::{
     EbpfContext,
@@ -14,10 +17,10 @@ use aya_ebpf::{
 use dataplane_common::{
     Addr, Backend, CFG_F_BINDV6ONLY, CFG_F_PEERS, CFG_F_RESERVE_PORTS, FrontendKey, PROTO_TCP,
     PROTO_UDP, PeerNetKey, PortKey, Reason, SOCKOPT_F_V6ONLY, SOCKOPT_F_V6ONLY_OFF,
-    STAT_BIND_REFUSED, STAT_CONNECT, STAT_GETPEERNAME, STAT_RECVMSG, STAT_SENDMSG,
-    STAT_SKSTORE_FULL, SockOpt, SockRev, WILDCARD4, is_loopback, is_v4_mapped, is_zero, v4_mapped,
-    v4_part,
-    xlate::{Target, bind_conflicts, frontend_for, target_v4, target_v6},
+    STAT_BIND_REFUSED, STAT_CONNECT, STAT_GETPEERNAME, STAT_RECVMSG, STAT_REFUSED_PAUSED,
+    STAT_SENDMSG, STAT_SKSTORE_FULL, SockOpt, SockRev, WILDCARD4, is_loopback, is_v4_mapped,
+    is_zero, v4_mapped, v4_part,
+    xlate::{Target, bind_conflicts, frontend_for, refuses, target_v4, target_v6},
 };
 
 use crate::maps::{
@@ -28,6 +31,7 @@ use crate::maps::{
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
 const EADDRINUSE: i32 = 98;
+const ECONNREFUSED: i32 = 111;
 
 #[cgroup_sock_addr(bind4)]
 pub fn dp_bind4(ctx: SockAddrContext) -> i32 {
@@ -110,26 +114,22 @@ fn bind_verdict(ctx: &SockAddrContext, dst: &Addr) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn dp_connect4(ctx: SockAddrContext) -> i32 {
-    xlate4(&ctx, STAT_CONNECT);
-    ALLOW
+    xlate4(&ctx, STAT_CONNECT)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn dp_connect6(ctx: SockAddrContext) -> i32 {
-    xlate6(&ctx, STAT_CONNECT);
-    ALLOW
+    xlate6(&ctx, STAT_CONNECT)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn dp_sendmsg4(ctx: SockAddrContext) -> i32 {
-    xlate4(&ctx, STAT_SENDMSG);
-    ALLOW
+    xlate4(&ctx, STAT_SENDMSG)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn dp_sendmsg6(ctx: SockAddrContext) -> i32 {
-    xlate6(&ctx, STAT_SENDMSG);
-    ALLOW
+    xlate6(&ctx, STAT_SENDMSG)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -441,16 +441,34 @@ fn try_xlate4(ctx: &SockAddrContext, stat: u32) -> Result<(Addr, u16, Target), R
     Ok((dst, port_be, t))
 }
 
+/// Refuses a `connect()` to a paused backend that asked for it: `ECONNREFUSED` at once.
 #[inline(always)]
-fn xlate4(ctx: &SockAddrContext, stat: u32) {
+fn refuse_paused(t: &Target, stat: u32) -> bool {
+    if !refuses(t, stat == STAT_CONNECT) {
+        return false;
+    }
+    count(STAT_REFUSED_PAUSED);
+    // SAFETY: sets the syscall's error for a refused connect; no memory is touched.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    true
+}
+
+/// Translates an IPv4 socket's destination; the hook's verdict.
+#[inline(always)]
+fn xlate4(ctx: &SockAddrContext, stat: u32) -> i32 {
     match try_xlate4(ctx, stat) {
+        Ok((_, _, t)) if refuse_paused(&t, stat) => REFUSE,
         Ok((dst, port_be, t)) => {
             remember(ctx, &dst, port_be, &t);
             set4(ctx, v4_part(&t.addr), t.port_be);
             count(stat);
             count_frontend(t.id);
+            ALLOW
         }
-        Err(r) => skipped(r),
+        Err(r) => {
+            skipped(r);
+            ALLOW
+        }
     }
 }
 
@@ -486,16 +504,22 @@ fn try_xlate6(ctx: &SockAddrContext, stat: u32) -> Result<(Addr, u16, Target), R
     Ok((dst, port_be, t))
 }
 
+/// Translates an IPv6 socket's destination; the hook's verdict.
 #[inline(always)]
-fn xlate6(ctx: &SockAddrContext, stat: u32) {
+fn xlate6(ctx: &SockAddrContext, stat: u32) -> i32 {
     match try_xlate6(ctx, stat) {
+        Ok((_, _, t)) if refuse_paused(&t, stat) => REFUSE,
         Ok((dst, port_be, t)) => {
             remember(ctx, &dst, port_be, &t);
             set6(ctx, &t.addr, t.port_be);
             count(stat);
             count_frontend(t.id);
+            ALLOW
         }
-        Err(r) => skipped(r),
+        Err(r) => {
+            skipped(r);
+            ALLOW
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use bollard::Docker;
-use dataplane_common::STAT_NAMES;
+use dataplane_common::{BACKEND_F_PAUSED, STAT_NAMES};
 use futures_util::StreamExt;
 use tokio::{signal::unix::SignalKind, sync::mpsc};
 use tracing::{debug, info, warn};
@@ -72,6 +72,11 @@ struct Agent {
     dns_tx: mpsc::Sender<Lookup>,
     /// When to read the egress table back (it changed).
     egress_check_at: Option<Instant>,
+    /// Backends of paused containers that asked for `on-pause=reset` (their sockets are
+    /// destroyed when they enter this set).
+    paused: BTreeSet<Service>,
+    /// Docker's `pause` events not handled yet: container id to the event's time (ns).
+    pause_events: BTreeMap<String, i64>,
 }
 
 fn now_ms() -> u64 {
@@ -120,6 +125,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         nl,
         state: State {
             networks,
+            on_pause_default: opts.config.pause.default,
             ..State::default()
         },
         shared,
@@ -143,6 +149,8 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         resolver,
         dns_tx,
         egress_check_at: None,
+        paused: BTreeSet::new(),
+        pause_events: BTreeMap::new(),
     };
     agent.evaluate_firewall();
     let t = Instant::now();
@@ -321,6 +329,11 @@ impl Agent {
         let mut refresh = BTreeSet::new();
         let mut networks = false;
         for ev in batch {
+            if ev.action.as_deref() == Some("pause")
+                && let Some(id) = ev.actor.as_ref().and_then(|a| a.id.clone())
+            {
+                self.pause_events.insert(id, ev.time_nano.unwrap_or(0));
+            }
             match docker::effect(ev) {
                 Effect::Networks => networks = true,
                 Effect::Refresh(id) => {
@@ -646,8 +659,61 @@ impl Agent {
         state.frontends = out.served.rows;
         drop(state);
         self.owners = out.served.owners;
+        self.reset_paused();
         self.publish_counters();
         egress
+    }
+
+    /// Destroys the translated sockets of containers just paused that asked for it
+    /// (`on-pause=reset`): the maps already refuse new connections to them.
+    fn reset_paused(&mut self) {
+        let mut now = BTreeSet::new();
+        let mut paused_ids = BTreeSet::new();
+        for (id, fs) in &self.state.containers {
+            for f in fs
+                .iter()
+                .filter(|f| f.backend.flags & BACKEND_F_PAUSED != 0)
+            {
+                paused_ids.insert(id.clone());
+                for a in [f.backend.addr4, f.backend.addr6] {
+                    if !dataplane_common::is_zero(&a) {
+                        now.insert(Service::new(
+                            crate::addr::addr_to_ip(&a),
+                            f.key.proto,
+                            f.backend.port(),
+                        ));
+                    }
+                }
+            }
+        }
+        let fresh: Vec<Service> = now.difference(&self.paused).copied().collect();
+        self.paused = now;
+        self.pause_events
+            .retain(|id, _| self.state.containers.contains_key(id));
+        if fresh.is_empty() {
+            return;
+        }
+        let (n, errors) = self
+            .sockets
+            .destroy_now(&fresh, self.state.client_namespaces());
+        for e in &errors {
+            warn!(error = %e, "resetting the connections of a paused container");
+        }
+        let done_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        for id in paused_ids {
+            let Some(t) = self.pause_events.remove(&id) else {
+                continue;
+            };
+            let us = u64::try_from((done_ns - t) / 1000).unwrap_or(0);
+            info!(container = %id.chars().take(12).collect::<String>(), sockets = n, latency_us = us, "paused (on-pause=reset): its translated connections were reset, new ones are refused");
+            let s = &mut self.shared.lock().expect("status lock").status;
+            if s.pause_resets.len() >= dataplane_api::SYNC_LATENCIES_KEPT {
+                s.pause_resets.remove(0);
+            }
+            s.pause_resets.push((us, n));
+        }
     }
 
     /// Writes the egress table if it changed, and starts lookups of new host names.

@@ -155,6 +155,8 @@ mod tests {
                     container_id: "abc".into(),
                     backend: "172.17.0.2:80".into(),
                     connections: 3,
+                    on_pause: "reset".into(),
+                    paused: true,
                 },
                 id: 7,
             });
@@ -167,6 +169,7 @@ mod tests {
             serde_json::from_str(&answer("frontends", &shared)).unwrap();
         assert_eq!(fs[0].container, "web");
         assert_eq!(fs[0].connections, 3);
+        assert!(fs[0].paused && fs[0].on_pause == "reset");
         let v: serde_json::Value = serde_json::from_str(&answer("frontends", &shared)).unwrap();
         assert!(v[0].get("id").is_none());
         let e: ErrorReply = serde_json::from_str(&answer("bogus", &shared)).unwrap();

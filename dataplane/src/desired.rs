@@ -7,8 +7,9 @@ use std::{
 
 use bollard::models::ContainerInspectResponse;
 use dataplane_common::{
-    Addr, Backend, FrontendKey, PORT_F_V4, PORT_F_V6, PROTO_TCP, PROTO_UDP, PortFamilies, PortKey,
-    WILDCARD4, WILDCARD6, is_v4_mapped, net_id, v4_mapped,
+    Addr, BACKEND_F_PAUSED, BACKEND_F_RESET_ON_PAUSE, Backend, FrontendKey, PORT_F_V4, PORT_F_V6,
+    PROTO_TCP, PROTO_UDP, PortFamilies, PortKey, WILDCARD4, WILDCARD6, is_v4_mapped, net_id,
+    v4_mapped,
 };
 use serde::Serialize;
 
@@ -40,6 +41,69 @@ pub enum BindingError {
     },
     #[error("container {container} publishes {port_key} but has no address on a network")]
     NoAddress { container: String, port_key: String },
+    #[error(
+        "container {container}: label {LABEL_ON_PAUSE}={value:?} is not keep or reset (kept: \
+         its connections wait while it is paused)"
+    )]
+    OnPause { container: String, value: String },
+}
+
+/// The label by which a container asks what happens to its clients while it is paused.
+pub const LABEL_ON_PAUSE: &str = "dataplane.on-pause";
+
+/// What a paused container's clients get (`dataplane.on-pause`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnPause {
+    /// Connections wait for it (Docker's behaviour).
+    #[default]
+    Keep,
+    /// Its translated connections are reset and new ones refused while it is paused.
+    Reset,
+}
+
+/// The container's `dataplane.on-pause` (`default` without the label); a malformed value
+/// is `keep` (Docker's behaviour) and an error.
+pub fn on_pause_of(
+    c: &ContainerInspectResponse,
+    default: OnPause,
+    errors: &mut Vec<BindingError>,
+) -> OnPause {
+    let label = c
+        .config
+        .as_ref()
+        .and_then(|cfg| cfg.labels.as_ref())
+        .and_then(|l| l.get(LABEL_ON_PAUSE));
+    match label.map(|v| v.trim()) {
+        None => default,
+        Some("keep") => OnPause::Keep,
+        Some("reset") => OnPause::Reset,
+        Some(v) => {
+            errors.push(BindingError::OnPause {
+                container: c
+                    .name
+                    .as_deref()
+                    .unwrap_or_default()
+                    .trim_start_matches('/')
+                    .to_string(),
+                value: v.to_string(),
+            });
+            OnPause::Keep
+        }
+    }
+}
+
+/// Marks `fs` (one container's frontends) with its pause policy and, when it is paused and
+/// asked for it, as refusing new connections.
+pub fn mark_pause(fs: &mut [Frontend], on_pause: OnPause, paused: bool) {
+    for f in fs {
+        if on_pause == OnPause::Reset {
+            f.backend.flags |= BACKEND_F_RESET_ON_PAUSE;
+            if paused {
+                f.backend.flags |= BACKEND_F_PAUSED;
+            }
+        }
+    }
 }
 
 /// Protocols the socket layer translates.
@@ -595,6 +659,42 @@ mod tests {
         assert!(frontends_of(&c, None, &mut errs).is_empty());
         c.state.as_mut().unwrap().paused = Some(true);
         assert_eq!(frontends_of(&c, None, &mut errs).len(), 7);
+    }
+
+    #[test]
+    fn on_pause_reset_marks_a_paused_containers_frontends() {
+        let mut c = fixture("inspect-ports.json");
+        let mut errs = Vec::new();
+        let label = |c: &mut ContainerInspectResponse, v: &str| {
+            c.config
+                .get_or_insert_with(Default::default)
+                .labels
+                .get_or_insert_with(Default::default)
+                .insert(LABEL_ON_PAUSE.into(), v.into());
+        };
+        // No label: the host default.
+        assert_eq!(on_pause_of(&c, OnPause::Keep, &mut errs), OnPause::Keep);
+        assert_eq!(on_pause_of(&c, OnPause::Reset, &mut errs), OnPause::Reset);
+        label(&mut c, "reset");
+        assert_eq!(on_pause_of(&c, OnPause::Keep, &mut errs), OnPause::Reset);
+        assert!(errs.is_empty());
+        label(&mut c, "sometimes");
+        assert_eq!(on_pause_of(&c, OnPause::Reset, &mut errs), OnPause::Keep);
+        assert!(errs[0].to_string().contains("sometimes"), "{}", errs[0]);
+        let mut fs = frontends_of(&c, None, &mut errs);
+        mark_pause(&mut fs, OnPause::Reset, false);
+        assert!(
+            fs.iter()
+                .all(|f| f.backend.flags == BACKEND_F_RESET_ON_PAUSE)
+        );
+        mark_pause(&mut fs, OnPause::Reset, true);
+        assert!(fs.iter().all(|f| f.backend.flags & BACKEND_F_PAUSED != 0));
+        let mut kept = frontends_of(&c, None, &mut errs);
+        mark_pause(&mut kept, OnPause::Keep, true);
+        assert!(
+            kept.iter().all(|f| f.backend.flags == 0),
+            "keep: paused is nothing"
+        );
     }
 
     #[test]

@@ -9,8 +9,9 @@ use std::{
 
 use dataplane_api::Frontend as FrontendView;
 use dataplane_common::{
-    Backend, CFG_F_BINDV6ONLY, CFG_F_PEERS, CFG_F_RESERVE_PORTS, Config, FrontendKey, PeerNet,
-    PeerNetKey, PortFamilies, PortKey, is_zero, net_id,
+    BACKEND_F_PAUSED, BACKEND_F_RESET_ON_PAUSE, Backend, CFG_F_BINDV6ONLY, CFG_F_PEERS,
+    CFG_F_RESERVE_PORTS, Config, FrontendKey, PeerNet, PeerNetKey, PortFamilies, PortKey, is_zero,
+    net_id,
 };
 
 use crate::{
@@ -207,6 +208,13 @@ impl Plan {
                     container_id: f.container_id.chars().take(12).collect(),
                     backend: desired::describe_backend(&f.backend),
                     connections: 0,
+                    on_pause: if f.backend.flags & BACKEND_F_RESET_ON_PAUSE != 0 {
+                        "reset"
+                    } else {
+                        "keep"
+                    }
+                    .into(),
+                    paused: f.backend.flags & BACKEND_F_PAUSED != 0,
                 },
                 id: f.backend.id,
             });

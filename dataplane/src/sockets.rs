@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use dataplane_common::{Addr, PROTO_TCP, PROTO_UDP, v4_mapped};
+use dataplane_common::{Addr, PROTO_TCP, PROTO_UDP, is_zero, v4_mapped};
 use nix::{
     sched::{CloneFlags, setns},
     sys::{
@@ -87,6 +87,9 @@ pub struct Translated {
     /// The backend the programs sent it to (`SockRev::backend_addr`, `backend_port_be`).
     pub backend: Addr,
     pub backend_port_be: u16,
+    /// Whether the programs' record was there. The kernel reports BPF socket storage for
+    /// TCP sockets only; a UDP socket comes without it, its backend taken as its peer.
+    pub recorded: bool,
 }
 
 fn align4(n: usize) -> usize {
@@ -166,22 +169,34 @@ fn parse_msg(payload: &[u8]) -> Option<Translated> {
     let family = payload[0];
     let mut id = [0; ID_LEN];
     id.copy_from_slice(&payload[4..4 + ID_LEN]);
-    let (_, storages) =
-        attrs(&payload[MSG_LEN..]).find(|(t, _)| *t == INET_DIAG_SK_BPF_STORAGES)?;
-    let (_, storage) = attrs(storages).find(|(t, _)| *t == SK_DIAG_BPF_STORAGE)?;
-    let (_, value) = attrs(storage).find(|(t, _)| *t == SK_DIAG_BPF_STORAGE_MAP_VALUE)?;
+    let id = SockId(id);
+    let value = attrs(&payload[MSG_LEN..])
+        .find(|(t, _)| *t == INET_DIAG_SK_BPF_STORAGES)
+        .and_then(|(_, storages)| attrs(storages).find(|(t, _)| *t == SK_DIAG_BPF_STORAGE))
+        .and_then(|(_, storage)| attrs(storage).find(|(t, _)| *t == SK_DIAG_BPF_STORAGE_MAP_VALUE))
+        .map(|(_, value)| value);
     // `SockRev`: orig_addr[16], backend_addr[16], orig_port_be, backend_port_be, pad.
-    if value.len() < 36 {
-        return None;
+    match value {
+        Some(value) if value.len() >= 36 => {
+            let mut backend = [0; 16];
+            backend.copy_from_slice(&value[16..32]);
+            Some(Translated {
+                family,
+                id,
+                backend,
+                backend_port_be: u16::from_ne_bytes([value[34], value[35]]),
+                recorded: true,
+            })
+        }
+        Some(_) => None,
+        None => Some(Translated {
+            family,
+            id,
+            backend: id.dst(family),
+            backend_port_be: id.dport_be(),
+            recorded: false,
+        }),
     }
-    let mut backend = [0; 16];
-    backend.copy_from_slice(&value[16..32]);
-    Some(Translated {
-        family,
-        id: SockId(id),
-        backend,
-        backend_port_be: u16::from_ne_bytes([value[34], value[35]]),
-    })
 }
 
 /// What a reply buffer holds: translated sockets, whether the dump is done, an error.
@@ -215,9 +230,13 @@ fn parse_replies(mut buf: &[u8], out: &mut Vec<Translated>) -> io::Result<bool> 
     Ok(false)
 }
 
-/// Whether `t` is still connected to a backend in `gone` (over `proto`).
+/// Whether `t` is still connected to a backend in `gone` (over `proto`): a TCP socket the
+/// programs translated, or a UDP socket connected to it (the kernel reports no socket
+/// storage for UDP, so a UDP client that dialled the container's own address counts too).
 fn is_gone(t: &Translated, proto: u8, gone: &BTreeSet<(Addr, u8, u16)>) -> bool {
-    t.id.dst(t.family) == t.backend
+    (t.recorded || proto == PROTO_UDP)
+        && !is_zero(&t.backend)
+        && t.id.dst(t.family) == t.backend
         && t.id.dport_be() == t.backend_port_be
         && gone.contains(&(t.backend, proto, u16::from_be(t.backend_port_be)))
 }
@@ -275,6 +294,7 @@ impl Diag {
                     .with_context(|| {
                         format!("dumping sockets (family {family}, protocol {proto})")
                     })?;
+                tracing::debug!(family, proto, translated = found.len(), "sockets dumped");
                 for t in found.iter().filter(|t| is_gone(t, proto, gone)) {
                     let r = self
                         .send(family, proto, Op::Destroy(t.id))
@@ -348,6 +368,19 @@ pub struct Destroyer {
 impl Destroyer {
     pub const fn new(map_fd: OwnedFd) -> Self {
         Self { map_fd }
+    }
+
+    /// Destroys the translated sockets connected to `backends` now (in the host and in
+    /// `namespaces`), returning how many, and what could not be searched.
+    pub fn destroy_now(
+        &self,
+        backends: &[Service],
+        namespaces: Vec<PathBuf>,
+    ) -> (usize, Vec<String>) {
+        match self.map_fd.try_clone() {
+            Ok(fd) => destroy_translated(backends, fd, namespaces),
+            Err(e) => (0, vec![e.to_string()]),
+        }
     }
 }
 
@@ -448,19 +481,24 @@ mod tests {
         buf.extend(done);
         let mut found = Vec::new();
         assert!(parse_replies(&buf, &mut found).unwrap());
-        assert_eq!(
-            found.len(),
-            4,
-            "the one without a record is not even listed"
-        );
+        assert_eq!(found.len(), 5);
+        assert_eq!(found.iter().filter(|t| !t.recorded).count(), 1);
         let hit: Vec<u8> = found
             .iter()
             .filter(|t| is_gone(t, PROTO_TCP, &gone))
             .map(|t| t.family)
             .collect();
-        assert_eq!(hit, vec![AF_INET, AF_INET6]);
+        assert_eq!(hit, vec![AF_INET, AF_INET6], "TCP: translated ones only");
         // The same sockets over UDP: not gone (the protocol is part of the backend).
         assert!(!found.iter().any(|t| is_gone(t, PROTO_UDP, &gone)));
+        // A backend gone over UDP: the kernel reports no storage for UDP sockets, so every
+        // one connected to it counts (the translated ones and the one that dialled it).
+        let gone_udp: BTreeSet<(Addr, u8, u16)> = [(b, PROTO_UDP, 80)].into();
+        let hit = found
+            .iter()
+            .filter(|t| is_gone(t, PROTO_UDP, &gone_udp))
+            .count();
+        assert_eq!(hit, 3);
     }
 
     #[test]

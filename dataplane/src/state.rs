@@ -34,6 +34,8 @@ pub struct State {
     /// Containers whose egress policy denies them the host and other containers: never
     /// translated as clients.
     pub host_denied: BTreeSet<String>,
+    /// What `dataplane.on-pause` means for a container without the label.
+    pub on_pause_default: desired::OnPause,
 }
 
 impl State {
@@ -80,7 +82,10 @@ impl State {
             }
         }
         let mut errs = Vec::new();
-        let fs = desired::frontends_of(c, routes, &mut errs);
+        let mut fs = desired::frontends_of(c, routes, &mut errs);
+        let on_pause = desired::on_pause_of(c, self.on_pause_default, &mut errs);
+        let paused = c.state.as_ref().and_then(|s| s.paused).unwrap_or(false);
+        desired::mark_pause(&mut fs, on_pause, paused);
         if errs.is_empty() {
             self.binding_errors.remove(id);
         } else {

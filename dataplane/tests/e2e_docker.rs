@@ -5,6 +5,8 @@
 mod common;
 #[path = "e2e_docker/egress.rs"]
 mod egress;
+#[path = "e2e_docker/pause.rs"]
+mod pause;
 
 use std::{
     io::{Read, Write},
@@ -17,7 +19,8 @@ use std::{
 use common::{NetNs, PY_CLIENT, Proc, Veth, cmd, conntrack_count, sh, wait_until};
 use dataplane_api::{Frontend, Status};
 use dataplane_common::{
-    STAT_BIND_REFUSED, STAT_CONNECT, STAT_SKIP_BOUND, STAT_SKIP_NETWORK, STAT_SKIP_NO_AGENT,
+    STAT_BIND_REFUSED, STAT_CONNECT, STAT_REFUSED_PAUSED, STAT_SKIP_BOUND, STAT_SKIP_NETWORK,
+    STAT_SKIP_NO_AGENT,
 };
 use testkit::IperfReport;
 

@@ -346,12 +346,23 @@ pub struct EgressConfig {
     pub profiles: BTreeMap<String, Layer>,
 }
 
+/// The `[pause]` section of the config file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PauseConfig {
+    /// What `dataplane.on-pause` means for a container without the label (`keep`).
+    #[serde(default)]
+    pub default: crate::desired::OnPause,
+}
+
 /// The config file (`/etc/dataplane/dataplane.toml`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
     pub egress: EgressConfig,
+    #[serde(default)]
+    pub pause: PauseConfig,
 }
 
 /// Where the agent reads its config by default.
@@ -654,6 +665,10 @@ mod tests {
             "192.0.2.53:53"
         );
         assert_eq!(Config::parse("").unwrap(), Config::default());
+        let c = Config::parse("[pause]\ndefault = \"reset\"\n").unwrap();
+        assert_eq!(c.pause.default, crate::desired::OnPause::Reset);
+        let e = Config::parse("[pause]\ndefault = \"sometimes\"\n").unwrap_err();
+        assert!(e.contains("sometimes") || e.contains("variant"), "{e}");
         let missing = Config::load(std::path::Path::new("/nonexistent/dataplane.toml"));
         assert_eq!(missing.unwrap(), Config::default());
     }
