@@ -142,7 +142,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         retry_at: None,
         backoff: Backoff::new(),
         egress: Egress::new(
-            &format!("{}_egress", opts.nft_table),
+            &crate::netfilter::changes::egress_table(&opts.nft_table),
             opts.config.clone(),
             opts.state_dir.clone(),
         ),

@@ -18,7 +18,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::netfilter::changes::{ChainId, Changes};
+use crate::netfilter::changes::{ChainId, Changes, is_own_table};
 
 /// What was found; `None` fields mean nothing in the way.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -117,7 +117,7 @@ pub fn watched_chains(v: &Value, own_table: &str) -> BTreeSet<ChainId> {
     for it in items {
         if let Some(c) = it.get("chain") {
             let cid = chain_id(c, "name");
-            if cid.0 == "inet" && cid.1 == own_table {
+            if is_own_table(&cid.0, &cid.1, own_table) {
                 continue;
             }
             if is_input_base(c) {
@@ -153,7 +153,7 @@ fn is_input_base(c: &Value) -> bool {
 fn is_operator_forward_base(c: &Value, own_table: &str) -> bool {
     let table = c["table"].as_str().unwrap_or("");
     c["hook"] == "forward"
-        && !(c["family"] == "inet" && table == own_table)
+        && !is_own_table(c["family"].as_str().unwrap_or(""), table, own_table)
         && !table.starts_with("docker")
 }
 
@@ -187,7 +187,11 @@ pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> 
     let mut input_bases = Vec::new();
     for it in items {
         if let Some(c) = it.get("chain") {
-            if c["family"] == "inet" && c["table"] == own_table {
+            if is_own_table(
+                c["family"].as_str().unwrap_or(""),
+                c["table"].as_str().unwrap_or(""),
+                own_table,
+            ) {
                 continue;
             }
             if is_input_base(c) {
@@ -464,8 +468,13 @@ mod tests {
                  &json!([{"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "docker0"}}, {"drop": null}])),
             chain("ip", "filter", "DOCKER-USER", None, ""),
             rule("ip", "filter", "DOCKER-USER", &json!([{"counter": {"packets": 0, "bytes": 0}}, {"return": null}])),
-            // Our own table never counts.
+            // Our own tables never count: the notrack table and the egress table, whose
+            // base chains drop what a policy denies.
             chain("inet", "dataplane", "input", Some("input"), "drop"),
+            chain("inet", "dataplane_egress", "input", Some("input"), "accept"),
+            rule("inet", "dataplane_egress", "input", &json!([{"drop": null}])),
+            chain("inet", "dataplane_egress", "forward", Some("forward"), "accept"),
+            rule("inet", "dataplane_egress", "forward", &json!([{"drop": null}])),
         ]});
         assert_eq!(
             from_nft_json(&v, &bridges(), "dataplane"),

@@ -227,7 +227,7 @@ fn uninstall(
             failed = true;
         }
     }
-    let egress_table = format!("{nft_table}_egress");
+    let egress_table = dataplane::netfilter::changes::egress_table(nft_table);
     match dataplane::egress::nft::run(dataplane::egress::nft::delete_batch(&egress_table)) {
         Ok(()) => println!("removed nftables table inet {egress_table} (egress policies)"),
         Err(e) => {

@@ -74,15 +74,30 @@ impl Changes {
     }
 
     /// Whether a rule of one of `chains` may have changed, or the shape of a table other
-    /// than `inet own_table` (the agent's own).
+    /// than the agent's own ([`is_own_table`]).
     pub fn touches_any(&self, chains: &BTreeSet<ChainId>, own_table: &str) -> bool {
         self.anything
             || self
                 .reshaped
                 .iter()
-                .any(|(f, t)| !(f == "inet" && t == own_table))
+                .any(|(f, t)| !is_own_table(f, t, own_table))
             || self.chains.iter().any(|c| chains.contains(c))
     }
+}
+
+/// The agent's egress table beside its notrack table `own_table`.
+pub fn egress_table(own_table: &str) -> String {
+    format!("{own_table}_egress")
+}
+
+/// Whether `family table` is one of the agent's own tables (the notrack table
+/// `own_table` and its egress table): never an operator's rules.
+pub fn is_own_table(family: &str, table: &str, own_table: &str) -> bool {
+    family == "inet"
+        && (table == own_table
+            || table
+                .strip_prefix(own_table)
+                .is_some_and(|rest| rest == "_egress"))
 }
 
 fn family_name(f: u8) -> Option<&'static str> {
