@@ -587,11 +587,18 @@ fn egress_holds_for_a_containers_ipv6_address_too() {
             "600",
         ],
     );
-    let (closed6, _) = ipv6_of(&closed);
+    let (closed6, gw6) = ipv6_of(&closed);
     assert!(!closed6.is_empty(), "no IPv6 address on {}", net.0);
-    assert!(
-        reaches(&open, &r6, 8080),
-        "IPv6 to the remote without a policy"
+    // A new container's IPv6 takes a moment (neighbour discovery): wait for it.
+    wait_until(
+        "IPv6 to the remote without a policy",
+        Duration::from_secs(10),
+        || reaches(&open, &r6, 8080),
+    );
+    wait_until(
+        "the policed container's IPv6 to the host",
+        Duration::from_secs(10),
+        || pings(&closed, &gw6),
     );
     assert!(
         !reaches(&closed, &r6, 8080),
