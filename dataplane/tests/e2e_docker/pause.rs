@@ -44,25 +44,29 @@ fn echo_backend(name: &str, publish: &str, on_pause: Option<&str>) -> Container 
     Container::run(name, &args)
 }
 
-/// Runs the pooled client against `port`; pauses `c` once its first request is answered,
-/// and unpauses it `unpause_after` later. Returns the client's lines.
-fn pooled_across_a_pause(c: &Container, port: u16, unpause_after: Duration) -> Vec<String> {
+/// Runs the python `script` with `port`, a go-file and `extra`; pauses `c` once the
+/// script has its first answer, lets it go on (the go-file appears) once `paused()` holds,
+/// and unpauses `c` `unpause_after` later. Returns the script's lines.
+fn across_a_pause(
+    script: &str,
+    port: u16,
+    extra: &[&str],
+    c: &Container,
+    paused: impl Fn() -> bool,
+    unpause_after: Duration,
+) -> Vec<String> {
     let go = std::env::temp_dir().join(format!("dpe2e-go-{}-{port}", std::process::id()));
     let _ = std::fs::remove_file(&go);
     let client = Command::new("python3")
-        .args([
-            "-c",
-            POOLED,
-            &port.to_string(),
-            &go.display().to_string(),
-            "8",
-        ])
+        .args(["-c", script, &port.to_string(), &go.display().to_string()])
+        .args(extra)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     // The first request answered, then the pause.
     std::thread::sleep(Duration::from_millis(500));
     sh(&["docker", "pause", &c.name]);
+    wait_until("the pause to be seen", Duration::from_secs(5), &paused);
     std::fs::write(&go, "").unwrap();
     std::thread::sleep(unpause_after);
     sh(&["docker", "unpause", &c.name]);
@@ -72,6 +76,11 @@ fn pooled_across_a_pause(c: &Container, port: u16, unpause_after: Duration) -> V
         .lines()
         .map(String::from)
         .collect()
+}
+
+/// The pooled TCP client across a pause of `c`.
+fn pooled_across_a_pause(c: &Container, port: u16, unpause_after: Duration) -> Vec<String> {
+    across_a_pause(POOLED, port, &["8"], c, || true, unpause_after)
 }
 
 /// Seconds a `second=` line says the second use took.
@@ -256,37 +265,18 @@ fn on_pause_reset_gives_connected_udp_an_error_too() {
             .frontend(&format!("0.0.0.0:{published}/udp"))
             .is_some()
     });
-    let go = std::env::temp_dir().join(format!("dpe2e-go-udp-{}", std::process::id()));
-    let _ = std::fs::remove_file(&go);
-    let client = Command::new("python3")
-        .args([
-            "-c",
-            CONNECTED_UDP,
-            &published.to_string(),
-            &go.display().to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    sh(&["docker", "pause", &backend.name]);
-    wait_until(
-        "the frontend to show paused",
-        Duration::from_secs(5),
+    let lines = across_a_pause(
+        CONNECTED_UDP,
+        published,
+        &[],
+        &backend,
         || {
             agent
                 .frontend(&format!("0.0.0.0:{published}/udp"))
                 .is_some_and(|f| f.paused)
         },
+        Duration::from_secs(3),
     );
-    std::fs::write(&go, "").unwrap();
-    let out = client.wait_with_output().unwrap();
-    let _ = std::fs::remove_file(&go);
-    sh(&["docker", "unpause", &backend.name]);
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(String::from)
-        .collect();
     assert_eq!(lines[0], "first=ok", "{lines:?}");
     assert!(lines[1].starts_with("second=error"), "{lines:?}");
     assert_eq!(lines[2], "new=refused", "{lines:?}");
