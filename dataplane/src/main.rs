@@ -60,7 +60,8 @@ enum Cmd {
         /// maps created by this start (pinned maps keep their size until `uninstall`).
         #[arg(long, default_value_t = dataplane_common::FRONTENDS_MAX)]
         max_frontends: u32,
-        /// Config file (egress defaults and profiles); a missing file means the defaults.
+        /// Config file (egress defaults and profiles, the on-pause default); a missing file
+        /// means the defaults.
         #[arg(long, default_value = dataplane::egress::policy::DEFAULT_CONFIG)]
         config: PathBuf,
         /// Where runtime egress changes are kept across agent restarts.
