@@ -16,7 +16,7 @@ pub(super) fn pause_reset(image: &str, quick: bool, extra: &mut String) -> Resul
     let name = "dpb-pause";
     let _ = sh(&["docker", "rm", "-f", name]);
     // A listener that accepts one connection: the rest wait, established, in its backlog
-    // (what is measured is the clients' side).
+    // (what is measured is the clients' side); it listens again once that one ends.
     sh(&[
         "docker",
         "run",
@@ -28,9 +28,9 @@ pub(super) fn pause_reset(image: &str, quick: bool, extra: &mut String) -> Resul
         "-p",
         &format!("{P_PAUSE}:80"),
         image,
-        "socat",
-        "TCP-LISTEN:80,backlog=4096",
-        "EXEC:cat",
+        "sh",
+        "-c",
+        "while :; do socat TCP-LISTEN:80,backlog=4096,reuseaddr EXEC:cat; done",
     ])?;
     let r = (|| -> Result<String> {
         let agent = Agent::start()?;
@@ -39,6 +39,24 @@ pub(super) fn pause_reset(image: &str, quick: bool, extra: &mut String) -> Resul
         let mut lines = Vec::new();
         for _ in 0..rounds {
             let mut conns = Vec::with_capacity(n);
+            // The listener is back (after the last round's connections ended).
+            let t = Instant::now();
+            while TcpStream::connect(("127.0.0.1", P_PAUSE))
+                .and_then(|mut c| {
+                    c.set_read_timeout(Some(Duration::from_millis(300)))?;
+                    std::io::Write::write_all(&mut c, b"x\n")?;
+                    let mut b = [0u8; 2];
+                    c.read_exact(&mut b)
+                })
+                .is_err()
+            {
+                if t.elapsed() > Duration::from_secs(10) {
+                    bail!("the echo listener did not come back");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // The probe took the one accepted connection: the listener opens again.
+            std::thread::sleep(Duration::from_millis(300));
             for _ in 0..n {
                 conns.push(TcpStream::connect(("127.0.0.1", P_PAUSE))?);
             }
