@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use super::{Agent, P_PAUSE, sh};
 
@@ -58,7 +58,22 @@ pub(super) fn pause_reset(image: &str, quick: bool, extra: &mut String) -> Resul
             // The probe took the one accepted connection: the listener opens again.
             std::thread::sleep(Duration::from_millis(300));
             for _ in 0..n {
-                conns.push(TcpStream::connect(("127.0.0.1", P_PAUSE))?);
+                // A refusal: the listener between two of its lives; tried again.
+                let mut tries = 0;
+                let c = loop {
+                    match TcpStream::connect(("127.0.0.1", P_PAUSE)) {
+                        Ok(c) => break c,
+                        Err(e) if tries < 100 => {
+                            tries += 1;
+                            let _ = e;
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(e) => {
+                            return Err(e).context("connecting to the paused-container bench");
+                        }
+                    }
+                };
+                conns.push(c);
             }
             let before = Agent::status().map_or(0, |s| s.pause_resets.len());
             let t = Instant::now();
