@@ -209,6 +209,7 @@ pub(super) fn extras(
     );
 
     super::egress::egress(image, quick, &mut extra)?;
+    super::pause::pause_reset(image, quick, &mut extra)?;
     stateful_input_cost(image, quick, &mut extra)?;
     cold_starts(image, quick, &mut extra)?;
     Ok(extra)

@@ -15,6 +15,7 @@ mod clients;
 mod containers;
 mod egress;
 mod extras;
+mod pause;
 mod probe;
 mod report;
 mod svg;
@@ -39,6 +40,7 @@ const P_IPERF: u16 = 25201;
 const P_HTTP: u16 = 25280;
 const P_SYNC: u16 = 25290;
 const P_STATEFUL: u16 = 25299;
+const P_PAUSE: u16 = 25298;
 const P_RANGE: u16 = 26000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
