@@ -1,12 +1,25 @@
 //! `bridge-ctl`: asks the dataplane agent what it is doing, over its root-only socket.
 
+mod top;
+
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
-use dataplane_api::{AskError, Egress, EgressChange, Frontend, Status};
+use clap::{CommandFactory, Parser, Subcommand};
+use dataplane_api::{AskError, Egress, EgressChange, Frontend, Status, Versioned};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  done (for `status`: the agent is ready and translating)
+  1  the agent answered, but is not ready (`status`) or refused the request (a malformed
+     egress change, an unknown container)
+  2  no agent could be reached: no socket, a stale socket, or not root
+  64 wrong usage (an unknown flag or command)
+
+With --json every command prints one JSON document: {\"version\": 1, \"kind\": ..., \"data\":
+...}. Within a version fields are only added; see the dataplane-api crate for the types.";
 
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = EXIT_CODES)]
 struct Cli {
     /// The agent's control socket.
     #[arg(long, global = true, default_value = dataplane_api::DEFAULT_SOCKET)]
@@ -24,7 +37,29 @@ enum Cmd {
     /// Exits 0 only when the agent is ready.
     Status,
     /// Published address:port/proto -> container and backend address.
-    Frontends,
+    Frontends {
+        /// Only this container's (name or ID prefix).
+        #[arg(long)]
+        container: Option<String>,
+        /// Only bindings of this published port.
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// A live view: frontends with connection rates, the kernel counters and their rates,
+    /// sync latency. Refreshes until `q` or Ctrl-C.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
+    /// Shell completions for bridge-ctl, printed to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The manual page (roff), printed to stdout.
+    #[command(hide = true)]
+    Man,
     /// Per-container egress policy: what a container may initiate.
     #[command(subcommand)]
     Egress(EgressCmd),
@@ -63,6 +98,30 @@ enum EgressCmd {
 /// Exit code when the agent cannot be reached, distinct from "reached but not ready".
 const EXIT_NO_AGENT: u8 = 2;
 const EXIT_NOT_READY: u8 = 1;
+const EXIT_USAGE: u8 = 64;
+
+fn print_json<T: serde::Serialize>(kind: &str, data: T) {
+    println!(
+        "{}",
+        serde_json::to_string(&Versioned::new(kind, data)).unwrap_or_default()
+    );
+}
+
+/// Whether a frontend passes `--container` (name or ID prefix) and `--port`.
+fn selected(f: &Frontend, container: Option<&str>, port: Option<u16>) -> bool {
+    let by_container = container.is_none_or(|c| {
+        let c = c.trim_start_matches('/');
+        f.container == c || (c.len() >= 3 && f.container_id.starts_with(c))
+    });
+    let by_port = port.is_none_or(|p| {
+        f.frontend
+            .rsplit_once(':')
+            .and_then(|(_, rest)| rest.split('/').next())
+            .and_then(|n| n.parse::<u16>().ok())
+            == Some(p)
+    });
+    by_container && by_port
+}
 
 fn main() -> ExitCode {
     // `bridge-ctl frontends | head` ends quietly, as a Unix filter should, instead of
@@ -71,7 +130,14 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     let failed = |e: &AskError| {
         eprintln!("bridge-ctl: {e}");
         if e.unreachable() {
@@ -84,7 +150,7 @@ fn main() -> ExitCode {
         Cmd::Status => match dataplane_api::status(&cli.socket) {
             Ok(s) => {
                 if cli.json {
-                    println!("{}", serde_json::to_string(&s).unwrap_or_default());
+                    print_json("status", &s);
                 } else {
                     print_status(&s);
                 }
@@ -96,10 +162,11 @@ fn main() -> ExitCode {
             }
             Err(e) => failed(&e),
         },
-        Cmd::Frontends => match dataplane_api::frontends(&cli.socket) {
-            Ok(f) => {
+        Cmd::Frontends { container, port } => match dataplane_api::frontends(&cli.socket) {
+            Ok(mut f) => {
+                f.retain(|f| selected(f, container.as_deref(), port));
                 if cli.json {
-                    println!("{}", serde_json::to_string(&f).unwrap_or_default());
+                    print_json("frontends", &f);
                 } else {
                     print_frontends(&f);
                 }
@@ -107,11 +174,39 @@ fn main() -> ExitCode {
             }
             Err(e) => failed(&e),
         },
-        Cmd::Egress(EgressCmd::Show { container }) => {
-            match dataplane_api::egress_show(&cli.socket, container.as_deref()) {
+        Cmd::Top { interval } => top::run(&cli.socket, interval),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "bridge-ctl",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Cmd::Man => {
+            let man = clap_mangen::Man::new(Cli::command()).section("1");
+            match man.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            }
+        }
+        Cmd::Egress(cmd) => egress(&cli.socket, cli.json, cmd, failed),
+    }
+}
+
+fn egress(
+    socket: &std::path::Path,
+    json: bool,
+    cmd: EgressCmd,
+    failed: impl Fn(&AskError) -> ExitCode,
+) -> ExitCode {
+    match cmd {
+        EgressCmd::Show { container } => {
+            match dataplane_api::egress_show(socket, container.as_deref()) {
                 Ok(list) => {
-                    if cli.json {
-                        println!("{}", serde_json::to_string(&list).unwrap_or_default());
+                    if json {
+                        print_json("egress", &list);
                     } else {
                         for e in &list {
                             print_egress(e);
@@ -122,13 +217,13 @@ fn main() -> ExitCode {
                 Err(e) => failed(&e),
             }
         }
-        Cmd::Egress(EgressCmd::Set {
+        EgressCmd::Set {
             container,
             internet,
             host,
             allow,
             reset,
-        }) => {
+        } => {
             let change = EgressChange {
                 container,
                 reset,
@@ -136,10 +231,10 @@ fn main() -> ExitCode {
                 host,
                 allow,
             };
-            match dataplane_api::egress_set(&cli.socket, change) {
+            match dataplane_api::egress_set(socket, change) {
                 Ok(e) => {
-                    if cli.json {
-                        println!("{}", serde_json::to_string(&e).unwrap_or_default());
+                    if json {
+                        print_json("egress_change", &e);
                     } else {
                         print_egress(&e);
                     }
@@ -208,6 +303,22 @@ fn print_status(s: &Status) {
     println!("containers:   {}", s.containers);
     println!("frontends:    {}", s.frontends);
     println!("local addrs:  {}", s.local_addresses);
+    println!(
+        "metrics:      {}",
+        s.metrics
+            .as_deref()
+            .unwrap_or("off (set [metrics] listen in the config file)")
+    );
+    if !s.config_file.is_empty() {
+        println!(
+            "config:       {} (loaded {})",
+            s.config_file,
+            ago(s.config_loaded_unix_ms)
+        );
+    }
+    if let Some(e) = &s.config_error {
+        println!("config reload rejected, the loaded config stays: {e}");
+    }
     if let Some(why) = &s.translation_off {
         println!("translation:  off, every client takes Docker's own path: {why}");
     }
@@ -238,7 +349,10 @@ fn print_status(s: &Status) {
     }
 }
 
-fn ago(unix_ms: u64) -> String {
+pub(crate) fn ago(unix_ms: u64) -> String {
+    if unix_ms == 0 {
+        return "never".into();
+    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -296,5 +410,48 @@ fn print_frontends(fs: &[Frontend]) {
     line(head);
     for r in &rows {
         line([&r[0], &r[1], &r[2], &r[3], &r[4]]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fe(frontend: &str, container: &str, id: &str) -> Frontend {
+        Frontend {
+            frontend: frontend.into(),
+            container: container.into(),
+            container_id: id.into(),
+            ..Frontend::default()
+        }
+    }
+
+    #[test]
+    fn frontends_are_filtered_by_container_and_port() {
+        let a = fe("0.0.0.0:8080/tcp", "web", "0123456789ab");
+        let b = fe("[::]:53/udp", "dns", "fedcba987654");
+        assert!(selected(&a, None, None));
+        assert!(selected(&a, Some("web"), Some(8080)));
+        assert!(selected(&a, Some("0123"), None));
+        assert!(!selected(&a, Some("01"), None), "too short a prefix");
+        assert!(!selected(&a, Some("dns"), None));
+        assert!(!selected(&a, None, Some(80)));
+        assert!(selected(&b, None, Some(53)));
+        assert!(selected(&b, Some("/dns"), Some(53)));
+    }
+
+    #[test]
+    fn the_cli_is_well_formed_and_usage_errors_are_64() {
+        Cli::command().debug_assert();
+        let e = Cli::try_parse_from(["bridge-ctl", "frontends", "--bogus"])
+            .err()
+            .unwrap();
+        assert!(e.use_stderr());
+        let json =
+            serde_json::to_string(&Versioned::new("frontends", vec![fe("a", "b", "c")])).unwrap();
+        assert!(
+            json.starts_with("{\"version\":1,\"kind\":\"frontends\",\"data\":["),
+            "{json}"
+        );
     }
 }

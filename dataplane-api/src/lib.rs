@@ -164,6 +164,18 @@ pub struct Status {
     /// Docker's `pause` event to its translated sockets destroyed, and how many there were.
     #[serde(default)]
     pub pause_resets: Vec<(u64, usize)>,
+    /// The metrics endpoint's URL (`http://address:port/metrics`), when one is configured.
+    #[serde(default)]
+    pub metrics: Option<String>,
+    /// The config file the agent read (and reads again on `SIGHUP`).
+    #[serde(default)]
+    pub config_file: String,
+    /// Unix time (ms) the config in force was loaded.
+    #[serde(default)]
+    pub config_loaded_unix_ms: u64,
+    /// Why the last reload was rejected (the config loaded before stays in force).
+    #[serde(default)]
+    pub config_error: Option<String>,
 }
 
 /// How many start-to-map latencies [`Status::start_sync_us`] keeps.
@@ -208,6 +220,30 @@ pub struct Frontend {
     /// reset.
     #[serde(default)]
     pub paused: bool,
+}
+
+/// Version of the JSON that `bridge-ctl --json` prints: every document is a [`Versioned`]
+/// envelope. Fields are only ever added within a version; a removal or a change of meaning
+/// makes a new version.
+pub const JSON_VERSION: u32 = 1;
+
+/// `bridge-ctl --json`'s output: `{"version": 1, "kind": "status", "data": ...}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Versioned<T> {
+    pub version: u32,
+    /// `status`, `frontends`, `egress` (a list) or `egress_change` (one).
+    pub kind: String,
+    pub data: T,
+}
+
+impl<T> Versioned<T> {
+    pub fn new(kind: &str, data: T) -> Self {
+        Self {
+            version: JSON_VERSION,
+            kind: kind.to_string(),
+            data,
+        }
+    }
 }
 
 /// The answer to a request the agent could not serve.

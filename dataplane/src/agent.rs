@@ -24,11 +24,11 @@ use crate::{
     bpf::Loaded,
     docker::{self, Effect},
     egress::{self, Egress},
-    hostfw,
+    hostfw, metrics,
     netfilter::NetfilterTask,
     netfilter::changes as nfwatch,
     netfilter::notrack::Notrack,
-    netlink, netns, plan,
+    netlink, netns, notify, plan,
     reconcile::reconcile,
     sockets::Destroyer,
     start::{Inspected, Started, Startup, inspect_all, load_and_list, preflight},
@@ -77,6 +77,68 @@ struct Agent {
     paused: BTreeSet<Service>,
     /// Docker's `pause` events not handled yet: container id to the event's time (ns).
     pause_events: BTreeMap<String, i64>,
+    /// The config in force, and where it is read again from on `SIGHUP`.
+    config: egress::policy::Config,
+    config_path: Option<std::path::PathBuf>,
+    /// What a metrics scrape reads, and the server when one listens.
+    scrape: metrics::Scrape,
+    metrics_server: Option<MetricsServer>,
+}
+
+/// The metrics endpoint: its address, and the task serving it (stopped when dropped).
+struct MetricsServer {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The metrics endpoint at start, and what the status says of the agent from the start.
+async fn start_metrics(
+    opts: &Options,
+    loaded: &Loaded,
+    docker_version: (String, String),
+    shared: &Shared,
+) -> Result<(metrics::Scrape, Option<MetricsServer>), StartError> {
+    let scrape = metrics::Scrape {
+        shared: shared.clone(),
+        kernel: Arc::new(metrics::KernelMaps::of(loaded).map_err(StartError::Kernel)?),
+        egress_table: crate::netfilter::changes::egress_table(&opts.nft_table),
+    };
+    let server = metrics_server(&opts.config, &scrape)
+        .await
+        .map_err(StartError::Environment)?;
+    let s = &mut shared.lock().expect("status lock").status;
+    s.version = env!("CARGO_PKG_VERSION").to_string();
+    (s.docker_version, s.docker_firewall_backend) = docker_version;
+    s.attach_points.clone_from(&loaded.attached);
+    s.metrics = server
+        .as_ref()
+        .map(|m| format!("http://{}/metrics", m.addr));
+    s.config_file = opts
+        .config_path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    s.config_loaded_unix_ms = now_ms();
+    Ok((scrape, server))
+}
+
+/// Starts serving metrics on the config's address, if it names one.
+async fn metrics_server(
+    config: &egress::policy::Config,
+    scrape: &metrics::Scrape,
+) -> Result<Option<MetricsServer>> {
+    let Some(addr) = config.metrics.addr().map_err(|e| anyhow::anyhow!(e))? else {
+        return Ok(None);
+    };
+    let task = metrics::serve(addr, scrape.clone()).await?;
+    info!(url = %format!("http://{addr}/metrics"), "serving metrics");
+    Ok(Some(MetricsServer { addr, task }))
 }
 
 fn now_ms() -> u64 {
@@ -101,12 +163,6 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         fw_snapshot,
     } = load_and_list(&opts, cgroup, host_cookie, &mut startup).await?;
     let shared: Shared = Shared::default();
-    {
-        let s = &mut shared.lock().expect("status lock").status;
-        s.version = env!("CARGO_PKG_VERSION").to_string();
-        (s.docker_version, s.docker_firewall_backend) = docker_version;
-        s.attach_points.clone_from(&loaded.attached);
-    }
     let (api_tx, api_rx) = mpsc::channel(8);
     let _api = api::serve(&opts.api_socket, shared.clone(), api_tx)?;
     let resolver = resolver(&opts.config)?;
@@ -118,6 +174,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     let fw_changes = Arc::default();
     nfwatch::watch(fw_tx, Arc::clone(&fw_changes))?;
     let sockets = Destroyer::new(loaded.translations_fd().map_err(StartError::Kernel)?);
+    let (scrape, metrics_server) = start_metrics(&opts, &loaded, docker_version, &shared).await?;
 
     let mut agent = Agent {
         loaded,
@@ -151,6 +208,10 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         egress_check_at: None,
         paused: BTreeSet::new(),
         pause_events: BTreeMap::new(),
+        config: opts.config.clone(),
+        config_path: opts.config_path.clone(),
+        scrape,
+        metrics_server,
     };
     agent.evaluate_firewall();
     let t = Instant::now();
@@ -174,6 +235,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
             "ready"
         );
     }
+    notify::notify("READY=1\nSTATUS=translating");
 
     let r = agent
         .serve_events(
@@ -212,6 +274,8 @@ impl Agent {
     /// What stays when the agent stops: with pins, everything (the next agent adopts it);
     /// without, nothing.
     async fn stop(mut self, pinned: bool) {
+        notify::notify("STOPPING=1");
+        self.metrics_server = None;
         if pinned {
             info!(
                 "pinned programs, maps and rules stay in place: connections made stay as they are, \
@@ -229,6 +293,82 @@ impl Agent {
         }
     }
 
+    /// `SIGHUP`: reads the config file again and takes it whole, or not at all. A file that
+    /// does not parse or validate (or names a metrics address that cannot be bound) is
+    /// rejected with the line and the reason, and the running config stays.
+    async fn reload(&mut self) {
+        let Some(path) = self.config_path.clone() else {
+            info!("SIGHUP: no config file to reload");
+            return;
+        };
+        notify::notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            notify::monotonic_usec()
+        ));
+        let r = self.try_reload(&path).await;
+        let ok = r.is_ok();
+        metrics::get().config_reload(ok);
+        {
+            let mut st = self.shared.lock().expect("status lock");
+            st.config_rejected = !ok;
+            let s = &mut st.status;
+            match &r {
+                Ok(()) => {
+                    s.config_error = None;
+                    s.config_loaded_unix_ms = now_ms();
+                    s.metrics = self
+                        .metrics_server
+                        .as_ref()
+                        .map(|m| format!("http://{}/metrics", m.addr));
+                }
+                Err(e) => s.config_error = Some(e.clone()),
+            }
+        }
+        match r {
+            Ok(()) => info!(config = %path.display(), "config reloaded"),
+            Err(e) => warn!(error = %e, "config reload rejected: the running config stays"),
+        }
+        notify::notify("READY=1\nSTATUS=translating");
+    }
+
+    async fn try_reload(&mut self, path: &std::path::Path) -> Result<(), String> {
+        let new = egress::policy::Config::load(path)?;
+        if new == self.config {
+            return Ok(());
+        }
+        let resolver = if new.egress.resolver == self.config.egress.resolver {
+            self.resolver.clone()
+        } else {
+            resolver(&new).map_err(|e| e.to_string())?
+        };
+        // A new metrics address is bound before anything changes: if it cannot be, nothing
+        // does.
+        let new_addr = new.metrics.addr()?;
+        let server_changes = new_addr != self.metrics_server.as_ref().map(|m| m.addr);
+        if server_changes {
+            // The old listener goes first: the same port may be named on another address.
+            self.metrics_server = None;
+            match metrics_server(&new, &self.scrape).await {
+                Ok(m) => self.metrics_server = m,
+                Err(e) => {
+                    // Back to the running config's endpoint.
+                    self.metrics_server = metrics_server(&self.config, &self.scrape)
+                        .await
+                        .ok()
+                        .flatten();
+                    return Err(format!("{e:#}"));
+                }
+            }
+        }
+        self.resolver = resolver;
+        self.egress.config = new.clone();
+        self.state.on_pause_default = new.pause.default;
+        self.config = new;
+        // Labels are read again with the new defaults, and every table written.
+        self.full_resync().await;
+        Ok(())
+    }
+
     /// Follows Docker events (from `since`, unix seconds taken before the first list),
     /// netlink and ruleset changes, the resync timer and retries until a signal.
     async fn serve_events(
@@ -241,6 +381,7 @@ impl Agent {
         mut dns_rx: mpsc::Receiver<Lookup>,
     ) -> Result<()> {
         let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+        let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
         let mut resync = tokio::time::interval(resync_interval);
         resync.tick().await;
         let mut counters = tokio::time::interval(Duration::from_millis(250));
@@ -303,6 +444,7 @@ impl Agent {
                     _ = counters.tick() => self.publish_counters(),
                     _ = tokio::signal::ctrl_c() => { info!("interrupted"); return Ok(()); }
                     _ = sigterm.recv() => { info!("terminated"); return Ok(()); }
+                    _ = sighup.recv() => self.reload().await,
                 }
             }
             // Stream lost (dockerd restarting?): what Docker does meanwhile is unseen, so
@@ -329,6 +471,10 @@ impl Agent {
         let mut refresh = BTreeSet::new();
         let mut networks = false;
         for ev in batch {
+            let typ = ev
+                .typ
+                .map_or_else(|| "unknown".to_string(), |t| t.to_string());
+            metrics::get().docker_event(&typ, ev.action.as_deref().unwrap_or(""));
             if ev.action.as_deref() == Some("pause")
                 && let Some(id) = ev.actor.as_ref().and_then(|a| a.id.clone())
             {
@@ -398,6 +544,7 @@ impl Agent {
                 continue;
             }
             let us = u64::try_from((now_ns - t) / 1000).unwrap_or(0);
+            metrics::get().event_to_map(Duration::from_micros(us));
             debug!(container = %id.chars().take(12).collect::<String>(), latency_us = us, "start event synced");
             let s = &mut self.shared.lock().expect("status lock").status;
             if s.start_sync_us.len() >= dataplane_api::SYNC_LATENCIES_KEPT {
@@ -587,7 +734,10 @@ impl Agent {
 
     /// [`Agent::apply`]; on failure, logged and retried after a backoff. Whether it applied.
     fn apply_or_retry(&mut self, after: &str) -> bool {
-        match self.apply() {
+        let t = Instant::now();
+        let r = self.apply();
+        metrics::get().reconcile(t.elapsed(), r.is_ok());
+        match r {
             Ok(()) => {
                 self.backoff.succeeded();
                 self.retry_at = None;
@@ -657,6 +807,7 @@ impl Agent {
         s.container_clients_off = plan.container_clients_off;
         s.host_clients_tracked = plan.host_clients_tracked;
         state.frontends = out.served.rows;
+        state.egress_counters = self.egress.counter_names();
         drop(state);
         self.owners = out.served.owners;
         self.reset_paused();
@@ -699,6 +850,7 @@ impl Agent {
         for e in &errors {
             warn!(error = %e, "resetting the connections of a paused container");
         }
+        metrics::get().pause_resets(n);
         let done_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
@@ -721,6 +873,9 @@ impl Agent {
         self.egress.bridges = self.state.bridges();
         let t = Instant::now();
         let r = self.egress.apply();
+        if !matches!(r, Ok(false)) {
+            metrics::get().netfilter_apply("egress", t.elapsed(), r.is_ok());
+        }
         if let Ok(true) = r {
             debug!(took_us = t.elapsed().as_micros(), "egress table written");
         }
@@ -846,7 +1001,12 @@ impl Agent {
             }
         }
         self.egress.bridges = self.state.bridges();
-        match self.egress.apply() {
+        let applied = Instant::now();
+        let r = self.egress.apply();
+        if !matches!(r, Ok(false)) {
+            metrics::get().netfilter_apply("egress", applied.elapsed(), r.is_ok());
+        }
+        match r {
             Ok(written) => debug!(
                 took_us = t.elapsed().as_micros(),
                 network_inspect_us = inspected_us,

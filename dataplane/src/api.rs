@@ -1,6 +1,7 @@
 //! The control socket `bridge-ctl` talks to: root-only, one request line, one JSON answer.
 
 use std::{
+    collections::BTreeMap,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -28,6 +29,10 @@ pub struct FrontendRow {
 pub struct State {
     pub status: dataplane_api::Status,
     pub frontends: Vec<FrontendRow>,
+    /// Egress drop counters' keys (in the egress table) to their containers' names.
+    pub egress_counters: BTreeMap<String, String>,
+    /// Whether the last config reload was rejected (the running config stayed).
+    pub config_rejected: bool,
 }
 
 pub type Shared = Arc<Mutex<State>>;

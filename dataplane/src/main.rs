@@ -9,12 +9,27 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use dataplane::{agent, api};
 use tracing_subscriber::EnvFilter;
 
+const EXIT_CODES: &str = "\
+Exit codes of `dataplane run` (for supervisors):
+  0  stopped by SIGINT or SIGTERM
+  1  any other failure
+  2  the config file is invalid (the line and the reason are printed)
+  3  another agent is running (or another agent's programs are pinned and attached)
+  4  the environment: no cgroup2 or bpffs mount, not root, a pin directory that is not root's
+  5  the kernel refused to load or attach a program
+  6  Docker's API could not be reached
+`dataplane uninstall`: 0 done, 1 something could not be removed, 3 an agent is running.
+
+Signals: SIGHUP reloads the config file (a file that does not validate is rejected and the
+running config stays); SIGTERM and SIGINT stop the agent (pinned programs stay, translating
+nothing new until an agent runs again).";
+
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -86,6 +101,20 @@ enum Cmd {
         #[arg(long, default_value = "/var/lib/dataplane")]
         state_dir: PathBuf,
     },
+    /// Checks a config file as `run` and `SIGHUP` would, and says what is wrong (line and
+    /// reason). Exits 0 when it is valid, 2 when not.
+    CheckConfig {
+        #[arg(default_value = dataplane::egress::policy::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Shell completions for dataplane, printed to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The manual page (roff), printed to stdout.
+    #[command(hide = true)]
+    Man,
 }
 
 /// Exit codes a supervisor can act on (see also `agent::StartError::exit_code`: 4 the
@@ -125,6 +154,23 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::CheckConfig { config } => check_config(&config),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "dataplane",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Cmd::Man => {
+            let man = clap_mangen::Man::new(Cli::command()).section("8");
+            match man.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            }
+        }
         Cmd::Uninstall {
             pin_dir,
             nft_table,
@@ -146,7 +192,8 @@ fn main() -> ExitCode {
             config,
             state_dir,
         } => {
-            let config = match dataplane::egress::policy::Config::load(&config) {
+            let config_path = config;
+            let config = match dataplane::egress::policy::Config::load(&config_path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("dataplane: config: {e}");
@@ -181,6 +228,7 @@ fn main() -> ExitCode {
                 pin_dir: (!no_pin).then_some(pin_dir),
                 max_frontends,
                 config,
+                config_path: Some(config_path),
                 state_dir: Some(state_dir),
             };
             match rt.block_on(agent::run(opts)) {
@@ -190,6 +238,19 @@ fn main() -> ExitCode {
                     ExitCode::from(e.exit_code())
                 }
             }
+        }
+    }
+}
+
+fn check_config(config: &Path) -> ExitCode {
+    match dataplane::egress::policy::Config::load(config) {
+        Ok(_) => {
+            println!("{}: valid", config.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dataplane: config: {e}");
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct Options {
     pub max_frontends: u32,
     /// The config file's content (egress defaults and profiles).
     pub config: crate::egress::policy::Config,
+    /// Where it was read from (read again on `SIGHUP`); `None`: not reloadable.
+    pub config_path: Option<PathBuf>,
     /// Where runtime egress changes are kept (`None`: nowhere, they last as long as the
     /// process).
     pub state_dir: Option<PathBuf>,

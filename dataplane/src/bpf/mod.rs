@@ -187,6 +187,30 @@ pub fn secure_pin_dir(dir: &Path, create: bool) -> Result<bool> {
 
 mod sys;
 
+pub use sys::count_keys;
+
+/// A short name of this build's map layout (the maps' names and sizes of their keys and
+/// values): two builds with the same id can share pinned maps.
+pub fn layout_id() -> String {
+    let names = MAPS.join(",");
+    format!("{:08x}", dataplane_common::net_id(&names))
+}
+
+/// The map behind a [`Map`] of the kinds the programs use.
+fn map_data(m: &aya::maps::Map) -> Option<&MapData> {
+    use aya::maps::Map as M;
+    match m {
+        M::Array(d)
+        | M::HashMap(d)
+        | M::LruHashMap(d)
+        | M::PerCpuArray(d)
+        | M::PerCpuHashMap(d)
+        | M::SkStorage(d)
+        | M::SockMap(d) => Some(d),
+        _ => None,
+    }
+}
+
 /// Swaps `prog` into the link pinned at `pin` (atomically: no moment without a program) and
 /// says so for the status.
 fn adopt(
@@ -414,6 +438,24 @@ impl Loaded {
                 .context("duplicating the translations map's descriptor")?),
             _ => bail!("the translations map {MAP_SOCK_REV} is missing or not socket storage"),
         }
+    }
+
+    /// A duplicate descriptor of every map of the object, by name (for reading at scrape
+    /// time, beside the agent's own handles).
+    pub fn map_fds(&self) -> Result<Vec<(String, std::os::fd::OwnedFd)>> {
+        let mut out = Vec::new();
+        for (name, m) in self.ebpf.maps() {
+            if let Some(d) = map_data(m) {
+                out.push((
+                    name.to_string(),
+                    d.fd()
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .with_context(|| format!("duplicating the descriptor of {name}"))?,
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// Whether this agent vouches for the maps now.

@@ -119,3 +119,42 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Resul
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
+
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+#[repr(C)]
+struct MapNextKey {
+    map_fd: u32,
+    pad0: u32,
+    key: u64,
+    next_key: u64,
+    pad: [u8; 48],
+}
+
+/// How many keys the hash map `map` holds (walked with `BPF_MAP_GET_NEXT_KEY`; a map
+/// changing meanwhile gives an approximate count).
+pub fn count_keys(map: BorrowedFd<'_>, key_size: u32) -> std::io::Result<u64> {
+    let size = key_size as usize;
+    let mut key = vec![0u8; size];
+    let mut next = vec![0u8; size];
+    let mut n = 0u64;
+    let mut first = true;
+    loop {
+        let mut attr = MapNextKey {
+            map_fd: u32::try_from(map.as_raw_fd()).unwrap_or(u32::MAX),
+            pad0: 0,
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+            pad: [0; 48],
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {
+                n += 1;
+                first = false;
+                std::mem::swap(&mut key, &mut next);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -662,6 +662,21 @@ impl Egress {
         Ok(())
     }
 
+    /// Each known container's drop-counter key (in the table) and name, for the metrics.
+    pub fn counter_names(&self) -> BTreeMap<String, String> {
+        self.containers
+            .iter()
+            .map(|(id, c)| {
+                let name = if c.name.is_empty() {
+                    id.chars().take(12).collect()
+                } else {
+                    c.name.trim_start_matches('/').to_string()
+                };
+                (nft::key_of(id), name)
+            })
+            .collect()
+    }
+
     /// What `bridge-ctl egress show` shows, with the drop counters read from the kernel.
     pub fn views(&self, only: Option<&str>) -> Vec<dataplane_api::Egress> {
         let counters = tokio::task::block_in_place(|| nft::read_back(&self.table))

@@ -363,6 +363,30 @@ pub struct Config {
     pub egress: EgressConfig,
     #[serde(default)]
     pub pause: PauseConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: where Prometheus metrics are served (nowhere by default).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `address:port` to serve `GET /metrics` on, e.g. `127.0.0.1:9477`.
+    pub listen: Option<String>,
+}
+
+impl MetricsConfig {
+    /// The address to listen on, if any.
+    pub fn addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        self.listen
+            .as_deref()
+            .map(|l| {
+                l.parse::<std::net::SocketAddr>().map_err(|_| {
+                    format!("[metrics] listen: not an address:port (like 127.0.0.1:9477): {l:?}")
+                })
+            })
+            .transpose()
+    }
 }
 
 /// Where the agent reads its config by default.
@@ -386,6 +410,7 @@ impl Config {
         if let Some(r) = &c.egress.resolver {
             resolver_addr(r).map_err(|e| format!("[egress] resolver: {e}"))?;
         }
+        c.metrics.addr()?;
         Ok(c)
     }
 

@@ -167,7 +167,12 @@ fn write(nt: &mut Notrack, mut spec: notrack::Spec, force: bool) -> bool {
             .copied()
             .collect();
     }
-    match nt.apply(&spec, force) {
+    let t = std::time::Instant::now();
+    let r = nt.apply(&spec, force);
+    if !matches!(r, Ok(false)) {
+        crate::metrics::get().netfilter_apply("notrack", t.elapsed(), r.is_ok());
+    }
+    match r {
         Ok(applied) => {
             if applied {
                 debug!(

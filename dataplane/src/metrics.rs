@@ -1,0 +1,623 @@
+//! Prometheus metrics, served over HTTP on the address the config file names (off by
+//! default). What the agent's loop observes (Docker events, sync latency, apply durations
+//! and errors) is recorded as it happens in [`Metrics`]; what the kernel counts (the
+//! programs' per-CPU counters, per-frontend connections, map occupancy) and the egress drop
+//! counters are read at scrape time, never copied on a timer.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{Map, MapData, PerCpuArray, PerCpuHashMap};
+use dataplane_common::{STAT_NAMES, STATS_LEN};
+use prometheus_client::{
+    encoding::text::{encode_eof, encode_registry},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+use crate::api::Shared;
+
+type Labels = Vec<(String, String)>;
+
+fn labels<const N: usize>(pairs: [(&str, &str); N]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+        .collect()
+}
+
+/// What the agent records as it works (one per process).
+pub struct Metrics {
+    docker_events: Family<Labels, Counter>,
+    event_to_map: Histogram,
+    reconcile: Histogram,
+    reconcile_errors: Counter,
+    netfilter_apply: Family<Labels, Histogram>,
+    netfilter_errors: Family<Labels, Counter>,
+    config_reloads: Family<Labels, Counter>,
+    pause_resets: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to ~3.3 s.
+    Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+    docker_events: Family::default(),
+    event_to_map: latency_histogram(),
+    reconcile: latency_histogram(),
+    reconcile_errors: Counter::default(),
+    netfilter_apply: Family::new_with_constructor(latency_histogram),
+    netfilter_errors: Family::default(),
+    config_reloads: Family::default(),
+    pause_resets: Counter::default(),
+});
+
+/// The process's metrics.
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+impl Metrics {
+    /// A Docker event seen, by type (`container`, `network`, ...) and action.
+    pub fn docker_event(&self, typ: &str, action: &str) {
+        // Exec events carry the command in the action (`exec_start: sh -c ...`): the verb
+        // only, so label values stay few.
+        let action = action.split(':').next().unwrap_or(action).trim();
+        self.docker_events
+            .get_or_create(&labels([("type", typ), ("action", action)]))
+            .inc();
+    }
+
+    /// A container's `start` event to its frontends in the map.
+    pub fn event_to_map(&self, took: Duration) {
+        self.event_to_map.observe(took.as_secs_f64());
+    }
+
+    /// One reconcile (plan and apply of the maps and rules), and whether it failed.
+    pub fn reconcile(&self, took: Duration, ok: bool) {
+        self.reconcile.observe(took.as_secs_f64());
+        if !ok {
+            self.reconcile_errors.inc();
+        }
+    }
+
+    /// One write of an nftables table of the agent's (`notrack` or `egress`).
+    pub fn netfilter_apply(&self, table: &str, took: Duration, ok: bool) {
+        let l = labels([("table", table)]);
+        self.netfilter_apply
+            .get_or_create(&l)
+            .observe(took.as_secs_f64());
+        // The series exists from the first write, at zero.
+        let errors = self.netfilter_errors.get_or_create(&l);
+        if !ok {
+            errors.inc();
+        }
+    }
+
+    /// A `SIGHUP` reload, taken (`ok`) or rejected (the running config stays).
+    pub fn config_reload(&self, ok: bool) {
+        self.config_reloads
+            .get_or_create(&labels([(
+                "result",
+                if ok { "applied" } else { "rejected" },
+            )]))
+            .inc();
+    }
+
+    /// Translated sockets reset because their container was paused (`on-pause=reset`).
+    pub fn pause_resets(&self, sockets: usize) {
+        self.pause_resets.inc_by(sockets as u64);
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "dataplane_docker_events",
+            "Docker events received, by type and action",
+            self.docker_events.clone(),
+        );
+        r.register_with_unit(
+            "dataplane_event_to_map",
+            "From a container's start event (Docker's timestamp) to its frontends in the map",
+            Unit::Seconds,
+            self.event_to_map.clone(),
+        );
+        r.register_with_unit(
+            "dataplane_reconcile_duration",
+            "Duration of one reconcile: plan, map updates, notrack and egress table writes",
+            Unit::Seconds,
+            self.reconcile.clone(),
+        );
+        r.register(
+            "dataplane_reconcile_errors",
+            "Reconciles that failed (retried with backoff)",
+            self.reconcile_errors.clone(),
+        );
+        r.register_with_unit(
+            "dataplane_netfilter_apply_duration",
+            "Duration of one nftables transaction on a table of the agent's",
+            Unit::Seconds,
+            self.netfilter_apply.clone(),
+        );
+        r.register(
+            "dataplane_netfilter_apply_errors",
+            "nftables transactions of the agent's that failed (retried)",
+            self.netfilter_errors.clone(),
+        );
+        r.register(
+            "dataplane_config_reloads",
+            "Config file reloads on SIGHUP, applied or rejected",
+            self.config_reloads.clone(),
+        );
+        r.register(
+            "dataplane_pause_reset_sockets",
+            "Translated sockets reset because their container was paused (on-pause=reset)",
+            self.pause_resets.clone(),
+        );
+    }
+}
+
+/// Descriptors of the programs' maps, to read at scrape time.
+pub struct KernelMaps {
+    /// Name, descriptor, capacity, key size, and whether it is a hash map (entries can be
+    /// counted).
+    maps: Vec<(String, OwnedFd, u32, u32, bool)>,
+    stats: Option<OwnedFd>,
+    fe_stats: Option<OwnedFd>,
+}
+
+impl KernelMaps {
+    /// Duplicates the descriptors of every map of `loaded`.
+    pub fn of(loaded: &crate::bpf::Loaded) -> Result<Self> {
+        let mut maps = Vec::new();
+        let (mut stats, mut fe_stats) = (None, None);
+        for (name, fd) in loaded.map_fds()? {
+            let data = MapData::from_fd(fd.try_clone().context("duplicating a map descriptor")?)
+                .with_context(|| format!("map {name}"))?;
+            let info = data.info().with_context(|| format!("map {name} info"))?;
+            let hash = matches!(
+                info.map_type(),
+                Ok(aya::maps::MapType::Hash
+                    | aya::maps::MapType::PerCpuHash
+                    | aya::maps::MapType::LruHash)
+            );
+            if name == dataplane_common::MAP_STATS {
+                stats = Some(fd.try_clone()?);
+            }
+            if name == dataplane_common::MAP_FE_STATS {
+                fe_stats = Some(fd.try_clone()?);
+            }
+            maps.push((name, fd, info.max_entries(), info.key_size(), hash));
+        }
+        Ok(Self {
+            maps,
+            stats,
+            fe_stats,
+        })
+    }
+
+    fn stats(&self) -> Vec<u64> {
+        let Some(fd) = &self.stats else {
+            return Vec::new();
+        };
+        let read = || -> Result<Vec<u64>> {
+            let data = MapData::from_fd(fd.try_clone()?)?;
+            let arr: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
+            (0..STATS_LEN)
+                .map(|i| Ok(arr.get(&i, 0)?.iter().sum()))
+                .collect()
+        };
+        read().unwrap_or_default()
+    }
+
+    fn frontend_counters(&self) -> BTreeMap<u32, u64> {
+        let Some(fd) = &self.fe_stats else {
+            return BTreeMap::new();
+        };
+        let read = || -> Result<BTreeMap<u32, u64>> {
+            let data = MapData::from_fd(fd.try_clone()?)?;
+            let m: PerCpuHashMap<MapData, u32, u64> =
+                PerCpuHashMap::try_from(Map::PerCpuHashMap(data))?;
+            let mut out = BTreeMap::new();
+            for r in &m {
+                let (k, v) = r?;
+                out.insert(k, v.iter().sum());
+            }
+            Ok(out)
+        };
+        read().unwrap_or_default()
+    }
+}
+
+/// Everything a scrape reads.
+#[derive(Clone)]
+pub struct Scrape {
+    pub shared: Shared,
+    pub kernel: Arc<KernelMaps>,
+    /// The egress table, whose named counters are the drops per container.
+    pub egress_table: String,
+}
+
+impl Scrape {
+    /// The exposition: `OpenMetrics` text, or (for scrapers that did not ask for it) the
+    /// Prometheus text format 0.0.4.
+    pub async fn render(&self, openmetrics: bool) -> String {
+        let table = self.egress_table.clone();
+        let drops = tokio::task::spawn_blocking(move || {
+            crate::egress::nft::read_back(&table).map(|(_, c)| c)
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+        let kernel = Arc::clone(&self.kernel);
+        let shared = self.shared.clone();
+        let text = tokio::task::spawn_blocking(move || render(&kernel, &shared, &drops))
+            .await
+            .unwrap_or_default();
+        if openmetrics {
+            text
+        } else {
+            to_prometheus_text(&text)
+        }
+    }
+}
+
+fn render(kernel: &KernelMaps, shared: &Shared, drops: &BTreeMap<String, u64>) -> String {
+    let mut r = Registry::default();
+    get().register(&mut r);
+
+    let (frontends, status, egress_names, rejected) = {
+        let st = shared.lock().expect("status lock");
+        (
+            st.frontends.clone(),
+            st.status.clone(),
+            st.egress_counters.clone(),
+            st.config_rejected,
+        )
+    };
+    let build: Family<Labels, Gauge> = Family::default();
+    build
+        .get_or_create(&labels([
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("map_layout", &crate::bpf::layout_id()),
+        ]))
+        .set(1);
+    r.register(
+        "dataplane_build_info",
+        "The agent's version and map layout (always 1)",
+        build,
+    );
+    let ready: Gauge = Gauge::default();
+    ready.set(i64::from(status.ready && status.translation_off.is_none()));
+    r.register(
+        "dataplane_translating",
+        "1 while the agent vouches for the maps and the programs translate",
+        ready,
+    );
+    let config: Gauge = Gauge::default();
+    config.set(i64::from(!rejected));
+    r.register(
+        "dataplane_config_last_reload_successful",
+        "0 when the last config reload was rejected (the running config stays)",
+        config,
+    );
+    let containers: Gauge = Gauge::default();
+    containers.set(i64::try_from(status.containers).unwrap_or(i64::MAX));
+    r.register(
+        "dataplane_containers",
+        "Running containers the agent knows",
+        containers,
+    );
+
+    kernel_counters(&mut r, kernel);
+    frontend_counters(&mut r, kernel, &frontends);
+    map_gauges(&mut r, kernel);
+    egress_drops(&mut r, &egress_names, drops);
+
+    let mut out = String::new();
+    if encode_registry(&mut out, &r).is_err() || encode_eof(&mut out).is_err() {
+        return String::new();
+    }
+    out
+}
+
+/// The programs' counters, summed over CPUs now.
+fn kernel_counters(r: &mut Registry, kernel: &KernelMaps) {
+    let stats = kernel.stats();
+    let stat = |name: &str| {
+        STAT_NAMES
+            .iter()
+            .position(|n| *n == name)
+            .and_then(|i| stats.get(i))
+            .copied()
+            .unwrap_or(0)
+    };
+    let hooks: Family<Labels, Counter> = Family::default();
+    for h in ["connect", "sendmsg", "recvmsg", "getpeername"] {
+        hooks.get_or_create(&labels([("hook", h)])).inc_by(stat(h));
+    }
+    r.register(
+        "dataplane_socket_translations",
+        "Socket operations translated by the kernel programs, by hook",
+        hooks,
+    );
+    let fallbacks: Family<Labels, Counter> = Family::default();
+    for (reason, name) in [
+        ("bound_source", "skipped_bound_source"),
+        ("other_network", "skipped_other_network"),
+        ("v6only", "skipped_v6only"),
+        ("no_agent", "skipped_no_agent"),
+    ] {
+        fallbacks
+            .get_or_create(&labels([("reason", reason)]))
+            .inc_by(stat(name));
+    }
+    r.register(
+        "dataplane_fallbacks",
+        "Sockets that dialled a published port and were left to Docker's own path, by reason",
+        fallbacks,
+    );
+    for (metric, name, help) in [
+        (
+            "dataplane_bind_refusals",
+            "bind_refused",
+            "bind() calls refused because the port is published (port reservation)",
+        ),
+        (
+            "dataplane_socket_storage_full",
+            "sock_storage_full",
+            "Translations not recorded because socket storage was full",
+        ),
+        (
+            "dataplane_paused_refusals",
+            "refused_paused",
+            "connect() calls refused because the container is paused (on-pause=reset)",
+        ),
+    ] {
+        let c: Counter = Counter::default();
+        c.inc_by(stat(name));
+        r.register(metric, help, c);
+    }
+}
+
+fn frontend_counters(r: &mut Registry, kernel: &KernelMaps, frontends: &[crate::api::FrontendRow]) {
+    let per_fe = kernel.frontend_counters();
+    let translated: Family<Labels, Counter> = Family::default();
+    for f in frontends {
+        translated
+            .get_or_create(&labels([
+                ("frontend", &f.view.frontend),
+                ("container", &f.view.container),
+            ]))
+            .inc_by(per_fe.get(&f.id).copied().unwrap_or(0));
+    }
+    r.register(
+        "dataplane_translated_connections",
+        "Sockets translated through each published binding since it was created",
+        translated,
+    );
+}
+
+fn map_gauges(r: &mut Registry, kernel: &KernelMaps) {
+    let entries: Family<Labels, Gauge> = Family::default();
+    let capacity: Family<Labels, Gauge> = Family::default();
+    for (name, fd, max, key_size, hash) in &kernel.maps {
+        let l = labels([("map", name)]);
+        if *max > 0 {
+            capacity.get_or_create(&l).set(i64::from(*max));
+        }
+        if *hash {
+            let n = crate::bpf::count_keys(fd.as_fd(), *key_size).unwrap_or(0);
+            entries
+                .get_or_create(&l)
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+    r.register(
+        "dataplane_map_entries",
+        "Entries in each hash map of the programs",
+        entries,
+    );
+    r.register(
+        "dataplane_map_capacity",
+        "Capacity (max entries) of each map of the programs",
+        capacity,
+    );
+}
+
+fn egress_drops(r: &mut Registry, names: &BTreeMap<String, String>, drops: &BTreeMap<String, u64>) {
+    let egress: Family<Labels, Counter> = Family::default();
+    for (key, name) in names {
+        // Containers whose policy restricts something have a counter.
+        if let Some(n) = drops.get(key) {
+            egress
+                .get_or_create(&labels([("container", name)]))
+                .inc_by(*n);
+        }
+    }
+    r.register(
+        "dataplane_egress_dropped_packets",
+        "Packets a container's egress policy dropped",
+        egress,
+    );
+}
+
+/// `OpenMetrics` text as the Prometheus text format 0.0.4: counter families are named with
+/// their `_total` suffix, `# UNIT` and `# EOF` lines go.
+pub fn to_prometheus_text(om: &str) -> String {
+    let mut out = String::with_capacity(om.len() + 256);
+    let mut help: Option<(&str, &str)> = None;
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            help = Some((name, text));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, typ) = rest.split_once(' ').unwrap_or((rest, ""));
+            let name = if typ == "counter" && !name.ends_with("_total") {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            if let Some((_, text)) = help.take() {
+                let _ = writeln!(out, "# HELP {name} {text}");
+            }
+            let _ = writeln!(out, "# TYPE {name} {typ}");
+            continue;
+        }
+        if let Some((name, text)) = help.take() {
+            let _ = writeln!(out, "# HELP {name} {text}");
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// The longest request head read.
+const MAX_HEAD: usize = 8192;
+
+/// Serves `GET /metrics` on `addr` until the returned task is aborted.
+pub async fn serve(addr: SocketAddr, scrape: Scrape) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("metrics: listening on {addr}"))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let scrape = scrape.clone();
+            tokio::spawn(async move {
+                let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut stream));
+                let Ok(Some(head)) = head.await else {
+                    return;
+                };
+                let (status, ctype, body) = respond(&head, &scrape).await;
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n",
+                    body.len()
+                );
+                let write = async {
+                    stream.write_all(reply.as_bytes()).await?;
+                    stream.write_all(body.as_bytes()).await?;
+                    stream.shutdown().await
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
+            });
+        }
+    }))
+}
+
+async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        if buf.len() >= MAX_HEAD {
+            return None;
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8(buf).ok()
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The answer to one request head: status line, content type, body.
+async fn respond(head: &str, scrape: &Scrape) -> (&'static str, &'static str, String) {
+    let mut lines = head.lines();
+    let request = lines.next().unwrap_or("");
+    let mut parts = request.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let openmetrics = lines.any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("accept") && v.contains("application/openmetrics-text")
+        })
+    });
+    match (method, path.split('?').next().unwrap_or("")) {
+        ("GET", "/metrics") => {
+            let body = scrape.render(openmetrics).await;
+            (
+                "200 OK",
+                if openmetrics {
+                    OPENMETRICS
+                } else {
+                    PROMETHEUS_TEXT
+                },
+                body,
+            )
+        }
+        ("GET", "/") => (
+            "200 OK",
+            "text/plain; charset=utf-8",
+            "dataplane agent: metrics at /metrics\n".into(),
+        ),
+        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain; charset=utf-8", String::new()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            String::new(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_get_their_total_suffix_in_the_prometheus_format() {
+        let om = "# HELP dataplane_fallbacks Left to Docker.\n# TYPE dataplane_fallbacks counter\n\
+                  dataplane_fallbacks_total{reason=\"v6only\"} 2\n\
+                  # HELP dataplane_event_to_map_seconds Latency.\n\
+                  # TYPE dataplane_event_to_map_seconds histogram\n\
+                  # UNIT dataplane_event_to_map_seconds seconds\n\
+                  dataplane_event_to_map_seconds_sum 0.5\n# EOF\n";
+        let text = to_prometheus_text(om);
+        assert!(text.contains("# HELP dataplane_fallbacks_total Left to Docker.\n"));
+        assert!(text.contains("# TYPE dataplane_fallbacks_total counter\n"));
+        assert!(text.contains("dataplane_fallbacks_total{reason=\"v6only\"} 2\n"));
+        assert!(text.contains("# TYPE dataplane_event_to_map_seconds histogram\n"));
+        assert!(!text.contains("# UNIT") && !text.contains("# EOF"));
+    }
+
+    #[test]
+    fn exec_actions_are_labelled_by_their_verb() {
+        let m = get();
+        m.docker_event("container", "exec_start: sh -c echo secret");
+        let mut r = Registry::default();
+        m.register(&mut r);
+        let mut out = String::new();
+        encode_registry(&mut out, &r).unwrap();
+        assert!(out.contains("action=\"exec_start\""), "{out}");
+        assert!(!out.contains("secret"));
+    }
+}
