@@ -445,7 +445,7 @@ impl Loaded {
     pub fn map_fds(&self) -> Result<Vec<(String, std::os::fd::OwnedFd)>> {
         let mut out = Vec::new();
         for (name, m) in self.ebpf.maps() {
-            if let Some(d) = map_data(m) {
+            if let Some(d) = map_data(m).filter(|_| name.starts_with("DP_")) {
                 out.push((
                     name.to_string(),
                     d.fd()
