@@ -1,6 +1,7 @@
 //! `cargo xtask`: the single entry for setup, build, run, test and bench.
 
 mod bench;
+mod deb;
 mod docker;
 mod engines;
 mod setup;
@@ -39,6 +40,14 @@ enum Cmd {
         /// Extra arguments for `dataplane run`.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Build the Debian package (target/deb/dataplane_<version>_<arch>.deb): the agent,
+    /// bridge-ctl, the systemd unit, the config file, man pages and completions.
+    Deb {
+        /// Package the binaries of this commit instead of the working tree (built in a tree
+        /// of its own under target/deb), e.g. to test an upgrade from it.
+        #[arg(long)]
+        rev: Option<String>,
     },
     /// Build the test image (busybox, iperf3, socat, haproxy) as `dataplane-test:latest`
     /// and keep it, for trying things by hand.
@@ -80,6 +89,10 @@ fn main() -> Result<()> {
             setup::setup()?;
             build()?;
             run_agent(engine, &args)
+        }
+        Cmd::Deb { rev } => {
+            setup::setup()?;
+            deb::deb(rev.as_deref()).map(|_| ())
         }
         Cmd::Image => {
             setup::setup()?;

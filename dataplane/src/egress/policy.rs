@@ -397,20 +397,27 @@ impl Config {
     /// parse. An error names the line and the reason.
     pub fn parse(text: &str) -> Result<Self, String> {
         let c: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        // Values that parse as TOML but mean nothing: named with the line they are on.
+        let at = |value: &str, e: String| match line_of(text, value) {
+            Some(n) => format!("line {n}: {e}"),
+            None => e,
+        };
         for a in &c.egress.allow {
             a.parse::<Allow>()
-                .map_err(|e| format!("[egress] allow: {e}"))?;
+                .map_err(|e| at(a, format!("[egress] allow: {e}")))?;
         }
         for (name, p) in &c.egress.profiles {
             for a in p.allow.iter().flatten() {
                 a.parse::<Allow>()
-                    .map_err(|e| format!("[egress.profiles.{name}] allow: {e}"))?;
+                    .map_err(|e| at(a, format!("[egress.profiles.{name}] allow: {e}")))?;
             }
         }
         if let Some(r) = &c.egress.resolver {
-            resolver_addr(r).map_err(|e| format!("[egress] resolver: {e}"))?;
+            resolver_addr(r).map_err(|e| at(r, format!("[egress] resolver: {e}")))?;
         }
-        c.metrics.addr()?;
+        if let Err(e) = c.metrics.addr() {
+            return Err(at(c.metrics.listen.as_deref().unwrap_or_default(), e));
+        }
         Ok(c)
     }
 
@@ -428,6 +435,14 @@ impl Config {
     pub fn default_closed(&self) -> bool {
         self.egress.internet == Some(false) || self.egress.host == Some(false)
     }
+}
+
+/// The first line (1-based) where `value` appears as a quoted string.
+fn line_of(text: &str, value: &str) -> Option<usize> {
+    let quoted = [format!("\"{value}\""), format!("'{value}'")];
+    text.lines()
+        .position(|l| quoted.iter().any(|q| l.contains(q.as_str())))
+        .map(|i| i + 1)
 }
 
 /// `IP` or `IP:port` / `[IPv6]:port` (port 53 by default).
@@ -678,7 +693,11 @@ mod tests {
     fn config_errors_name_the_line() {
         let e =
             Config::parse("[egress]\ninternet = false\nallow = [\"10.0.0.0/40\"]\n").unwrap_err();
-        assert!(e.contains("10.0.0.0/40"), "{e}");
+        assert!(e.contains("10.0.0.0/40") && e.starts_with("line 3:"), "{e}");
+        let e = Config::parse("[metrics]\nlisten = \"localhost\"\n").unwrap_err();
+        assert!(e.starts_with("line 2: [metrics] listen"), "{e}");
+        let c = Config::parse("[metrics]\nlisten = \"[::1]:9477\"\n").unwrap();
+        assert_eq!(c.metrics.addr().unwrap().unwrap().port(), 9477);
         let e = Config::parse("[egress]\ninternet = \"no\"\n").unwrap_err();
         assert!(e.contains("line 2"), "{e}");
         let e = Config::parse("[egress]\nintrenet = false\n").unwrap_err();
