@@ -14,15 +14,24 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
 /// Kernel names of the maps. A new layout gets a new name (the `_vN` suffix) so an
-/// upgrade can tell old pinned maps from new ones.
-pub const MAP_FRONTENDS: &str = "DP_FE_V2";
-pub const MAP_LOCAL_ADDRS: &str = "DP_LOCAL_V1";
+/// upgrade can tell old pinned maps from new ones. (The hash maps' V3/V2 layouts are
+/// allocated on demand, [`BPF_F_NO_PREALLOC`]; the one before preallocated every entry.)
+pub const MAP_FRONTENDS: &str = "DP_FE_V3";
+pub const MAP_LOCAL_ADDRS: &str = "DP_LOCAL_V2";
 pub const MAP_CONFIG: &str = "DP_CFG_V1";
 pub const MAP_STATS: &str = "DP_STATS_V2";
 pub const MAP_SOCK_REV: &str = "DP_SKREV_V1";
-pub const MAP_PORTS: &str = "DP_PORTS_V1";
-pub const MAP_FE_STATS: &str = "DP_FESTATS_V1";
-pub const MAP_PEER_NETS: &str = "DP_PEERNET_V1";
+pub const MAP_PORTS: &str = "DP_PORTS_V2";
+pub const MAP_FE_STATS: &str = "DP_FESTATS_V2";
+pub const MAP_PEER_NETS: &str = "DP_PEERNET_V2";
+/// Earlier names of maps whose content the agent cannot rebuild from Docker (counters):
+/// carried over into the current map when an upgrade finds them pinned. Every other map
+/// is filled from Docker's state before the programs translate.
+pub const MAP_MIGRATIONS: &[(&str, &str)] = &[("DP_FESTATS_V1", MAP_FE_STATS)];
+
+/// `BPF_F_NO_PREALLOC`: a hash map whose entries are allocated as they are added, so an
+/// idle host pays for the entries it uses, not the capacity.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
 pub const MAP_SOCK_OPT: &str = "DP_SKOPT_V1";
 /// The running agent's own socket (a `SOCKMAP` of one entry, never pinned): the kernel
 /// empties it when the agent's process ends, however it ends, and the programs translate

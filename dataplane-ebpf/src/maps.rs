@@ -7,32 +7,36 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, SockMap},
 };
 use dataplane_common::{
-    Backend, Config, FRONTENDS_MAX, FrontendKey, LOCAL_ADDRS_MAX, LocalAddr, PEER_NETS_MAX,
-    PeerNet, PeerNetKey, PortFamilies, PortKey, STATS_LEN, SockOpt, SockRev,
+    BPF_F_NO_PREALLOC, Backend, Config, FRONTENDS_MAX, FrontendKey, LOCAL_ADDRS_MAX, LocalAddr,
+    PEER_NETS_MAX, PeerNet, PeerNetKey, PortFamilies, PortKey, STATS_LEN, SockOpt, SockRev,
 };
 
 /// Published address:port/proto -> container. Written only by the agent.
-#[map(name = "DP_FE_V2")]
-pub static FRONTENDS: HashMap<FrontendKey, Backend> = HashMap::with_max_entries(FRONTENDS_MAX, 0);
+#[map(name = "DP_FE_V3")]
+pub static FRONTENDS: HashMap<FrontendKey, Backend> =
+    HashMap::with_max_entries(FRONTENDS_MAX, BPF_F_NO_PREALLOC);
 
 /// Addresses that count as this host: host interface addresses and bridge gateways.
-#[map(name = "DP_LOCAL_V1")]
+#[map(name = "DP_LOCAL_V2")]
 pub static LOCAL_ADDRS: HashMap<[u8; 16], LocalAddr> =
-    HashMap::with_max_entries(LOCAL_ADDRS_MAX, 0);
+    HashMap::with_max_entries(LOCAL_ADDRS_MAX, BPF_F_NO_PREALLOC);
 
 /// Published port/proto -> the families it is published on; `bind()` leaves them to Docker.
-#[map(name = "DP_PORTS_V1")]
-pub static PORTS: HashMap<PortKey, PortFamilies> = HashMap::with_max_entries(FRONTENDS_MAX, 0);
+#[map(name = "DP_PORTS_V2")]
+pub static PORTS: HashMap<PortKey, PortFamilies> =
+    HashMap::with_max_entries(FRONTENDS_MAX, BPF_F_NO_PREALLOC);
 
 /// Frontend id -> sockets translated through it, per CPU. The agent creates and removes
 /// the entries with the frontends; the programs only count into existing ones.
-#[map(name = "DP_FESTATS_V1")]
-pub static FE_STATS: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(FRONTENDS_MAX, 0);
+#[map(name = "DP_FESTATS_V2")]
+pub static FE_STATS: PerCpuHashMap<u32, u64> =
+    PerCpuHashMap::with_max_entries(FRONTENDS_MAX, BPF_F_NO_PREALLOC);
 
 /// (container network namespace, Docker network) pairs: which container clients may be
 /// translated to backends on which network. Written only by the agent.
-#[map(name = "DP_PEERNET_V1")]
-pub static PEER_NETS: HashMap<PeerNetKey, PeerNet> = HashMap::with_max_entries(PEER_NETS_MAX, 0);
+#[map(name = "DP_PEERNET_V2")]
+pub static PEER_NETS: HashMap<PeerNetKey, PeerNet> =
+    HashMap::with_max_entries(PEER_NETS_MAX, BPF_F_NO_PREALLOC);
 
 /// Options the `setsockopt` hook recorded per socket; lives and dies with the socket.
 #[btf_map(name = "DP_SKOPT_V1")]

@@ -164,13 +164,10 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Cmd::Man => {
-            let man = clap_mangen::Man::new(Cli::command()).section("8");
-            match man.render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(_) => ExitCode::FAILURE,
-            }
-        }
+        Cmd::Man => match man_page(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        },
         Cmd::Uninstall {
             pin_dir,
             nft_table,
@@ -337,4 +334,30 @@ fn lock(path: &std::path::Path) -> Result<nix::fcntl::Flock<File>> {
             path.display()
         )
     })
+}
+
+/// The manual page: the command's own, then one per subcommand (`dataplane-<sub>`), in one
+/// roff document, so `man dataplane` says everything `--help` does.
+fn man_page(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    clap_mangen::Man::new(cmd.clone())
+        .section("8")
+        .render(out)?;
+    subcommand_pages(&cmd, "dataplane", out)
+}
+
+fn subcommand_pages(
+    cmd: &clap::Command,
+    prefix: &str,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("{prefix}-{}", sub.get_name());
+        clap_mangen::Man::new(sub.clone().name(name.clone()))
+            .section("8")
+            .render(out)?;
+        subcommand_pages(sub, &name, out)?;
+    }
+    Ok(())
 }

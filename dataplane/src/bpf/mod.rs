@@ -87,6 +87,44 @@ fn remove_stale_map_pins(dir: &Path) -> Vec<String> {
     removed
 }
 
+/// Carries the content of pinned maps of an earlier layout ([`MAP_MIGRATIONS`]) into this
+/// build's maps: per-CPU counters keyed by frontend id, summed into what the new map has.
+/// Returns each old map carried over and how many entries it had.
+fn migrate_maps(dir: &Path, ebpf: &mut Ebpf) -> Vec<(String, usize)> {
+    let mut done = Vec::new();
+    for (old, new) in dataplane_common::MAP_MIGRATIONS {
+        let pin = dir.join(old);
+        if !pin.exists() || MAPS.contains(old) {
+            continue;
+        }
+        let r = (|| -> Result<usize> {
+            let data = MapData::from_pin(&pin)?;
+            let from: PerCpuHashMap<MapData, u32, u64> =
+                PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data))?;
+            let mut to: PerCpuHashMap<&mut MapData, u32, u64> =
+                PerCpuHashMap::try_from(ebpf.map_mut(new).context("migration target")?)?;
+            let mut n = 0;
+            for entry in &from {
+                let (k, v) = entry?;
+                let sum: Vec<u64> = match to.get(&k, 0) {
+                    Ok(have) => v.iter().zip(have.iter()).map(|(a, b)| a + b).collect(),
+                    Err(_) => v.iter().copied().collect(),
+                };
+                to.insert(k, PerCpuValues::try_from(sum)?, 0)?;
+                n += 1;
+            }
+            Ok(n)
+        })();
+        match r {
+            Ok(n) => done.push(((*old).to_string(), n)),
+            Err(e) => {
+                tracing::warn!(map = %old, error = %format!("{e:#}"), "could not carry an earlier map's counters over");
+            }
+        }
+    }
+    done
+}
+
 /// Where the agent pins its maps and links by default.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/dataplane";
 
@@ -393,6 +431,9 @@ impl Loaded {
             attached.push(format!("{name}@{}", cgroup.display()));
         }
         if let Some(dir) = pin_dir {
+            for (old, n) in migrate_maps(dir, &mut ebpf) {
+                tracing::info!(map = %old, entries = n, "carried the counters of an earlier map layout over");
+            }
             for name in remove_stale_map_pins(dir) {
                 tracing::info!(map = %name, "removed the pin of an earlier map layout");
             }
