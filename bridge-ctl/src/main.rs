@@ -410,6 +410,32 @@ fn print_frontends(fs: &[Frontend]) {
     }
 }
 
+/// The manual page: the command's own, then one per subcommand (`bridge-ctl-<sub>`), in one
+/// roff document, so `man bridge-ctl` says everything `--help` does.
+fn man_page(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    clap_mangen::Man::new(cmd.clone())
+        .section("1")
+        .render(out)?;
+    subcommand_pages(&cmd, "bridge-ctl", out)
+}
+
+fn subcommand_pages(
+    cmd: &clap::Command,
+    prefix: &str,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("{prefix}-{}", sub.get_name());
+        clap_mangen::Man::new(sub.clone().name(name.clone()))
+            .section("1")
+            .render(out)?;
+        subcommand_pages(sub, &name, out)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,30 +477,4 @@ mod tests {
             "{json}"
         );
     }
-}
-
-/// The manual page: the command's own, then one per subcommand (`bridge-ctl-<sub>`), in one
-/// roff document, so `man bridge-ctl` says everything `--help` does.
-fn man_page(out: &mut dyn std::io::Write) -> std::io::Result<()> {
-    let mut cmd = Cli::command().disable_help_subcommand(true);
-    cmd.build();
-    clap_mangen::Man::new(cmd.clone())
-        .section("1")
-        .render(out)?;
-    subcommand_pages(&cmd, "bridge-ctl", out)
-}
-
-fn subcommand_pages(
-    cmd: &clap::Command,
-    prefix: &str,
-    out: &mut dyn std::io::Write,
-) -> std::io::Result<()> {
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-        let name = format!("{prefix}-{}", sub.get_name());
-        clap_mangen::Man::new(sub.clone().name(name.clone()))
-            .section("1")
-            .render(out)?;
-        subcommand_pages(sub, &name, out)?;
-    }
-    Ok(())
 }

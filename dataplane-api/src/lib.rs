@@ -142,7 +142,7 @@ pub struct Status {
     pub local_addresses: usize,
     /// Counters of the kernel programs by name ([`STAT_NAMES`]).
     pub counters: BTreeMap<String, u64>,
-    /// Unix time (ms) the counters were read (every 250 ms).
+    /// Unix time (ms) the counters were read (when the status was asked for).
     pub counters_unix_ms: u64,
     /// Bindings that could not be applied, and why.
     pub errors: Vec<String>,

@@ -112,7 +112,9 @@ async fn start_metrics(
     let server = metrics_server(&opts.config, &scrape)
         .await
         .map_err(StartError::Environment)?;
-    let s = &mut shared.lock().expect("status lock").status;
+    let mut st = shared.lock().expect("status lock");
+    st.kernel = Some(Arc::clone(&scrape.kernel));
+    let s = &mut st.status;
     s.version = env!("CARGO_PKG_VERSION").to_string();
     (s.docker_version, s.docker_firewall_backend) = docker_version;
     s.attach_points.clone_from(&loaded.attached);
@@ -141,7 +143,7 @@ async fn metrics_server(
     Ok(Some(MetricsServer { addr, task }))
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -384,7 +386,6 @@ impl Agent {
         let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
         let mut resync = tokio::time::interval(resync_interval);
         resync.tick().await;
-        let mut counters = tokio::time::interval(Duration::from_millis(250));
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut events = Box::pin(docker::events(&self.docker, since));
@@ -441,7 +442,6 @@ impl Agent {
                         self.apply_or_retry("retry");
                     }
                     _ = resync.tick() => self.full_resync().await,
-                    _ = counters.tick() => self.publish_counters(),
                     _ = tokio::signal::ctrl_c() => { info!("interrupted"); return Ok(()); }
                     _ = sigterm.recv() => { info!("terminated"); return Ok(()); }
                     _ = sighup.recv() => self.reload().await,

@@ -33,6 +33,8 @@ pub struct State {
     pub egress_counters: BTreeMap<String, String>,
     /// Whether the last config reload was rejected (the running config stayed).
     pub config_rejected: bool,
+    /// The programs' maps, read when asked (counters are never stale).
+    pub kernel: Option<Arc<crate::metrics::KernelMaps>>,
 }
 
 pub type Shared = Arc<Mutex<State>>;
@@ -114,18 +116,46 @@ pub fn serve(
 }
 
 fn answer(line: &str, shared: &Shared) -> String {
-    let st = shared.lock().expect("status lock");
-    let text = match Request::parse(line) {
-        Ok(Request::Status) => serde_json::to_string(&st.status),
-        Ok(Request::Frontends) => {
-            let views: Vec<&dataplane_api::Frontend> =
-                st.frontends.iter().map(|f| &f.view).collect();
+    let (status, frontends, kernel) = {
+        let st = shared.lock().expect("status lock");
+        match Request::parse(line) {
+            Ok(Request::Status) => (Some(st.status.clone()), None, st.kernel.clone()),
+            Ok(Request::Frontends) => (None, Some(st.frontends.clone()), st.kernel.clone()),
+            _ => (None, None, None),
+        }
+    };
+    let text = match (status, frontends) {
+        (Some(mut s), _) => {
+            // The counters as the kernel has them now.
+            if let Some(k) = &kernel {
+                s.counters = dataplane_common::STAT_NAMES
+                    .iter()
+                    .zip(k.stats())
+                    .map(|(n, v)| ((*n).to_string(), v))
+                    .collect();
+                s.counters_unix_ms = crate::agent::now_ms();
+            }
+            serde_json::to_string(&s)
+        }
+        (None, Some(rows)) => {
+            let per = kernel.map(|k| k.frontend_counters());
+            let views: Vec<dataplane_api::Frontend> = rows
+                .into_iter()
+                .map(|mut f| {
+                    if let Some(c) = per.as_ref().and_then(|p| p.get(&f.id)) {
+                        f.view.connections = *c;
+                    }
+                    f.view
+                })
+                .collect();
             serde_json::to_string(&views)
         }
-        Ok(Request::EgressShow(_) | Request::EgressSet(_)) => serde_json::to_string(&ErrorReply {
-            error: "not served here".into(),
-        }),
-        Err(error) => serde_json::to_string(&ErrorReply { error }),
+        (None, None) => match Request::parse(line) {
+            Err(error) => serde_json::to_string(&ErrorReply { error }),
+            Ok(_) => serde_json::to_string(&ErrorReply {
+                error: "not served here".into(),
+            }),
+        },
     };
     text.unwrap_or_else(|e| {
         serde_json::to_string(&ErrorReply {

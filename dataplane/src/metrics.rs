@@ -175,6 +175,7 @@ impl Metrics {
 }
 
 /// Descriptors of the programs' maps, to read at scrape time.
+#[derive(Debug)]
 pub struct KernelMaps {
     /// Name, descriptor, capacity, key size, and whether it is a hash map (entries can be
     /// counted).
@@ -213,7 +214,8 @@ impl KernelMaps {
         })
     }
 
-    fn stats(&self) -> Vec<u64> {
+    /// The programs' counters summed over CPUs, by `STAT_*` index (empty if unreadable).
+    pub fn stats(&self) -> Vec<u64> {
         let Some(fd) = &self.stats else {
             return Vec::new();
         };
@@ -227,7 +229,8 @@ impl KernelMaps {
         read().unwrap_or_default()
     }
 
-    fn frontend_counters(&self) -> BTreeMap<u32, u64> {
+    /// Each frontend id's translated sockets, summed over CPUs.
+    pub fn frontend_counters(&self) -> BTreeMap<u32, u64> {
         let Some(fd) = &self.fe_stats else {
             return BTreeMap::new();
         };
