@@ -5,6 +5,10 @@
 mod common;
 #[path = "e2e_docker/egress.rs"]
 mod egress;
+#[path = "e2e_docker/operate.rs"]
+mod operate;
+#[path = "e2e_docker/package.rs"]
+mod package;
 #[path = "e2e_docker/pause.rs"]
 mod pause;
 
@@ -124,6 +128,11 @@ impl Agent {
         });
     }
 
+    /// The agent's process id.
+    fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("the agent runs").0.id()
+    }
+
     /// `kill -9`: nothing of the agent's gets a chance to clean up.
     fn kill9(&mut self) {
         if let Some(mut p) = self.proc.take() {
@@ -168,8 +177,8 @@ impl Agent {
         self.frontends().into_iter().find(|f| f.frontend == key)
     }
 
-    /// A kernel counter (`STAT_*`) as the agent last published it (every 250 ms): wait for
-    /// a change with [`Agent::counter_reaches`], or [`Agent::settled_counter`] before
+    /// A kernel counter (`STAT_*`), read from the kernel when the status is asked for: wait
+    /// for a change with [`Agent::counter_reaches`], or [`Agent::settled_counter`] before
     /// asserting none.
     fn counter(&self, index: u32) -> u64 {
         self.status().counter(index)

@@ -219,6 +219,7 @@ fn test(engine: Engine, no_lint: bool, only: &[String]) -> Result<()> {
     }
     if want("e2e") {
         println!("== end-to-end tests (real Docker engine, the agent, curl)");
+        let packages = test_packages();
         let engine = docker::TestEngine::start(engine)?;
         let image = docker::TestImage::build()?;
         let skipped =
@@ -228,7 +229,8 @@ fn test(engine: Engine, no_lint: bool, only: &[String]) -> Result<()> {
             .envs(engine.env()?)
             .env("DATAPLANE_TEST_IMAGE", &image.name)
             .env("DATAPLANE_TEST_SKIPPED", &skipped)
-            .env("DATAPLANE_BIN_DIR", project_root().join("target/release")));
+            .env("DATAPLANE_BIN_DIR", project_root().join("target/release"))
+            .envs(packages));
         drop(image);
         drop(engine);
         if let Ok(text) = std::fs::read_to_string(&skipped) {
@@ -241,6 +243,25 @@ fn test(engine: Engine, no_lint: bool, only: &[String]) -> Result<()> {
     }
     println!("xtask: all requested test layers passed");
     Ok(())
+}
+
+/// The build the package test upgrades from: the last commit before the map layout
+/// changed (hash maps allocated on demand).
+const PREVIOUS_RELEASE: &str = "963301e8c3d14a4aab8af5fdeb8b3942539a687e";
+
+/// This tree's package and the previous release's, for the package test (which is skipped,
+/// and says so, when one cannot be built: a shallow clone lacks the previous commit).
+fn test_packages() -> Vec<(&'static str, PathBuf)> {
+    let mut env = Vec::new();
+    match deb::deb(None) {
+        Ok(p) => env.push(("DATAPLANE_TEST_DEB", p)),
+        Err(e) => println!("xtask: no package of this tree: {e:#}"),
+    }
+    match deb::deb(Some(PREVIOUS_RELEASE)) {
+        Ok(p) => env.push(("DATAPLANE_TEST_DEB_PREVIOUS", p)),
+        Err(e) => println!("xtask: no package of the previous release: {e:#}"),
+    }
+    env
 }
 
 /// `cargo test` of one privileged test file: release build (the programs load faster),

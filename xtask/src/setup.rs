@@ -28,6 +28,14 @@ pub const PACKAGES: &[&str] = &[
     "socat",
     "haproxy",
     "dnsmasq-base",
+    // Packaging and operating: dpkg-shlibdeps, lintian, `promtool check metrics`,
+    // `bridge-ctl top` under tmux, `systemd-analyze verify` (man pages it checks).
+    "dpkg-dev",
+    "lintian",
+    "prometheus",
+    "tmux",
+    "man-db",
+    "systemd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
