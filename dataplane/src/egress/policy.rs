@@ -690,6 +690,24 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_file_is_the_defaults_and_every_example_in_it_is_valid() {
+        let shipped = include_str!("../../../packaging/dataplane.toml");
+        assert_eq!(Config::parse(shipped).unwrap(), Config::default());
+        // Uncommenting every example setting (and its section) gives a valid file.
+        let examples: String = shipped
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| {
+                l.starts_with('[') || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::parse(&examples).unwrap_or_else(|e| panic!("{e}\n{examples}"));
+        assert!(c.metrics.listen.is_some() && c.egress.resolver.is_some());
+        assert!(c.egress.profiles.contains_key("ci"));
+    }
+
+    #[test]
     fn config_errors_name_the_line() {
         let e =
             Config::parse("[egress]\ninternet = false\nallow = [\"10.0.0.0/40\"]\n").unwrap_err();

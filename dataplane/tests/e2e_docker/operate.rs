@@ -351,9 +351,6 @@ fn bridge_ctl_top_shows_frontends_and_rates_live() {
     assert!(screen.contains("KERNEL COUNTER"), "{screen}");
     assert!(screen.contains(&web.name), "{screen}");
     // Connections show up in the frontend's row, with a rate while they come.
-    for _ in 0..5 {
-        assert!(get(p).contains("dataplane test backend"));
-    }
     let row = |screen: &str| {
         screen
             .lines()
@@ -361,11 +358,18 @@ fn bridge_ctl_top_shows_frontends_and_rates_live() {
             .map(str::to_string)
             .unwrap_or_default()
     };
-    wait_until("the connections in top", Duration::from_secs(10), || {
-        row(&session.capture())
+    let connections = |screen: &str| -> Option<u64> {
+        row(screen)
             .split_whitespace()
             .nth(3)
-            .is_some_and(|n| n == "5")
+            .and_then(|n| n.parse().ok())
+    };
+    let before = connections(&screen).expect("a connections column");
+    for _ in 0..5 {
+        assert!(get(p).contains("dataplane test backend"));
+    }
+    wait_until("the connections in top", Duration::from_secs(10), || {
+        connections(&session.capture()) == Some(before + 5)
     });
     let mut saw_rate = false;
     for _ in 0..40 {
