@@ -5,7 +5,7 @@ mod top;
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{CommandFactory, Parser, Subcommand};
-use dataplane_api::{AskError, Egress, EgressChange, Frontend, Status, Versioned};
+use dataplane_api::{AskError, Egress, EgressChange, Frontend, Status, Versioned, VersionedList};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -15,8 +15,9 @@ Exit codes:
   2  no agent could be reached: no socket, a stale socket, or not root
   64 wrong usage (an unknown flag or command)
 
-With --json every command prints one JSON document: {\"version\": 1, \"kind\": ..., \"data\":
-...}. Within a version fields are only added; see the dataplane-api crate for the types.";
+With --json every command prints one JSON object with \"api_version\" (1) and \"kind\" beside its
+fields (status, egress set) or beside \"items\" (frontends, egress show). Within a version
+fields are only added; see the dataplane-api crate for the types.";
 
 #[derive(Parser)]
 #[command(version, about, after_help = EXIT_CODES)]
@@ -107,6 +108,13 @@ fn print_json<T: serde::Serialize>(kind: &str, data: T) {
     );
 }
 
+fn print_json_list<T: serde::Serialize>(kind: &str, items: Vec<T>) {
+    println!(
+        "{}",
+        serde_json::to_string(&VersionedList::new(kind, items)).unwrap_or_default()
+    );
+}
+
 /// Whether a frontend passes `--container` (name or ID prefix) and `--port`.
 fn selected(f: &Frontend, container: Option<&str>, port: Option<u16>) -> bool {
     let by_container = container.is_none_or(|c| {
@@ -166,7 +174,7 @@ fn main() -> ExitCode {
             Ok(mut f) => {
                 f.retain(|f| selected(f, container.as_deref(), port));
                 if cli.json {
-                    print_json("frontends", &f);
+                    print_json_list("frontends", f);
                 } else {
                     print_frontends(&f);
                 }
@@ -203,7 +211,7 @@ fn egress(
             match dataplane_api::egress_show(socket, container.as_deref()) {
                 Ok(list) => {
                     if json {
-                        print_json("egress", &list);
+                        print_json_list("egress", list);
                     } else {
                         for e in &list {
                             print_egress(e);
@@ -231,7 +239,7 @@ fn egress(
             match dataplane_api::egress_set(socket, change) {
                 Ok(e) => {
                     if json {
-                        print_json("egress_change", &e);
+                        print_json("egress", &e);
                     } else {
                         print_egress(&e);
                     }
@@ -470,11 +478,23 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.use_stderr());
-        let json =
-            serde_json::to_string(&Versioned::new("frontends", vec![fe("a", "b", "c")])).unwrap();
+        let json = serde_json::to_string(&VersionedList::new("frontends", vec![fe("a", "b", "c")]))
+            .unwrap();
         assert!(
-            json.starts_with("{\"version\":1,\"kind\":\"frontends\",\"data\":["),
+            json.starts_with("{\"api_version\":1,\"kind\":\"frontends\",\"items\":["),
             "{json}"
         );
+        let st = Status {
+            metrics: Some("http://127.0.0.1:9477/metrics".into()),
+            ..Status::default()
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&Versioned::new("status", &st)).unwrap())
+                .unwrap();
+        assert_eq!(v["api_version"], 1);
+        assert_eq!(v["kind"], "status");
+        assert_eq!(v["metrics"], "http://127.0.0.1:9477/metrics");
+        let back: Versioned<Status> = serde_json::from_value(v).unwrap();
+        assert_eq!(back.data, st);
     }
 }

@@ -222,26 +222,48 @@ pub struct Frontend {
     pub paused: bool,
 }
 
-/// Version of the JSON that `bridge-ctl --json` prints: every document is a [`Versioned`]
-/// envelope. Fields are only ever added within a version; a removal or a change of meaning
-/// makes a new version.
+/// Version of the JSON that `bridge-ctl --json` prints: one object per command, with
+/// `api_version` and `kind` beside the fields ([`Versioned`]), or beside `items` for lists
+/// ([`VersionedList`]). Within a version fields are only ever added; a removal or a change
+/// of meaning makes a new version.
 pub const JSON_VERSION: u32 = 1;
 
-/// `bridge-ctl --json`'s output: `{"version": 1, "kind": "status", "data": ...}`.
+/// One object as `bridge-ctl --json` prints it: `{"api_version": 1, "kind": "status", ...}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Versioned<T> {
-    pub version: u32,
-    /// `status`, `frontends`, `egress` (a list) or `egress_change` (one).
+    pub api_version: u32,
+    /// `status` or `egress`.
     pub kind: String,
+    #[serde(flatten)]
     pub data: T,
 }
 
 impl<T> Versioned<T> {
     pub fn new(kind: &str, data: T) -> Self {
         Self {
-            version: JSON_VERSION,
+            api_version: JSON_VERSION,
             kind: kind.to_string(),
             data,
+        }
+    }
+}
+
+/// A list as `bridge-ctl --json` prints it: `{"api_version": 1, "kind": "frontends", "items":
+/// [...]}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionedList<T> {
+    pub api_version: u32,
+    /// `frontends` or `egress`.
+    pub kind: String,
+    pub items: Vec<T>,
+}
+
+impl<T> VersionedList<T> {
+    pub fn new(kind: &str, items: Vec<T>) -> Self {
+        Self {
+            api_version: JSON_VERSION,
+            kind: kind.to_string(),
+            items,
         }
     }
 }

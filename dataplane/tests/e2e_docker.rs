@@ -438,13 +438,13 @@ fn containers_started_and_stopped_under_a_running_agent() {
     // bridge-ctl's own JSON is the protocol's type.
     let json = agent.ctl(&["frontends", "--json"]);
     assert!(json.status.success());
-    let listed: dataplane_api::Versioned<Vec<Frontend>> =
+    let listed: dataplane_api::VersionedList<Frontend> =
         serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(
-        (listed.version, listed.kind.as_str()),
+        (listed.api_version, listed.kind.as_str()),
         (dataplane_api::JSON_VERSION, "frontends")
     );
-    assert_eq!(listed.data, agent.frontends());
+    assert_eq!(listed.items, agent.frontends());
 }
 
 #[test]
