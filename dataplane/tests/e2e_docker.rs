@@ -312,6 +312,16 @@ impl Drop for Container {
     }
 }
 
+/// `GET /` from `127.0.0.1:port`: the whole response.
+fn http_get(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
 /// httpd on 80 (serving the image's /www), with `docker run` options `opts`.
 fn httpd_with(name: &str, opts: &[&str]) -> Container {
     let img = image();

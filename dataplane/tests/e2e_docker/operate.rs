@@ -59,15 +59,6 @@ fn promtool_accepts(body: &str) {
     );
 }
 
-fn get(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
-}
-
 #[test]
 #[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
 #[allow(
@@ -120,7 +111,7 @@ fn metrics_follow_real_traffic_and_promtool_accepts_them() {
         )
     };
     for _ in 0..n {
-        assert!(get(p).contains("dataplane test backend"));
+        assert!(http_get(p).contains("dataplane test backend"));
     }
     // Read from the kernel at the scrape: no waiting for a copy.
     let (head, after) = scrape(&addr, false);
@@ -292,7 +283,7 @@ fn a_config_reload_is_taken_whole_or_rejected_with_the_line() {
     );
     assert!(TcpStream::connect(("127.0.0.1", m1)).is_err());
     // Translation went on throughout.
-    assert!(get(p).contains("dataplane test backend"));
+    assert!(http_get(p).contains("dataplane test backend"));
     drop(web);
 }
 
@@ -366,14 +357,14 @@ fn bridge_ctl_top_shows_frontends_and_rates_live() {
     };
     let before = connections(&screen).expect("a connections column");
     for _ in 0..5 {
-        assert!(get(p).contains("dataplane test backend"));
+        assert!(http_get(p).contains("dataplane test backend"));
     }
     wait_until("the connections in top", Duration::from_secs(10), || {
         connections(&session.capture()) == Some(before + 5)
     });
     let mut saw_rate = false;
     for _ in 0..40 {
-        let _ = get(p);
+        let _ = http_get(p);
         let r = row(&session.capture());
         if r.split_whitespace()
             .nth(2)

@@ -385,20 +385,11 @@ fn the_package_installs_upgrades_without_a_failed_connection_and_removes_cleanly
     let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
     assert_ne!(kernel_peer(&s), format!("{}:80", web.ip()));
     drop(s);
-    assert!(get_page(p).contains("dataplane test backend"));
+    assert!(http_get(p).contains("dataplane test backend"));
 
     dpkg(&["-P", "dataplane"]);
     for gone in ["/etc/dataplane", "/var/lib/dataplane"] {
         assert!(!Path::new(gone).exists(), "{gone} left after purge");
     }
     assert!(!installed());
-}
-
-fn get_page(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
 }
