@@ -135,13 +135,15 @@ fn metrics_follow_real_traffic_and_promtool_accepts_them() {
         assert!(after.contains(name), "{name} missing:\n{after}");
     }
     assert!(sample(&after, "dataplane_event_to_map_seconds_count", &[]) >= 1);
-    assert!(
+    // Both containers' start events (the second may still be on its way to the agent).
+    wait_until("two start events counted", Duration::from_secs(10), || {
+        let (_, body) = scrape(&addr, false);
         sample(
-            &after,
+            &body,
             "dataplane_docker_events_total",
-            &["type=\"container\"", "action=\"start\""]
+            &["type=\"container\"", "action=\"start\""],
         ) >= 2
-    );
+    });
     assert!(sample(&after, "dataplane_map_entries", &["map=\"DP_FE_V3\""]) >= 2);
     assert_eq!(
         sample(&after, "dataplane_map_capacity", &["map=\"DP_FE_V3\""]),
