@@ -83,6 +83,8 @@ struct Agent {
     /// What a metrics scrape reads, and the server when one listens.
     scrape: metrics::Scrape,
     metrics_server: Option<MetricsServer>,
+    /// `SIGHUP`, taken over from the start (its default action would end the process).
+    sighup: Option<tokio::signal::unix::Signal>,
 }
 
 /// The metrics endpoint: its address, and the task serving it (stopped when dropped).
@@ -143,6 +145,12 @@ async fn metrics_server(
     Ok(Some(MetricsServer { addr, task }))
 }
 
+fn unix_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -151,10 +159,11 @@ pub(crate) fn now_ms() -> u64 {
 
 pub async fn run(opts: Options) -> Result<(), StartError> {
     let mut startup = Startup::new();
+    // A reload asked for during the start is served once the agent is ready.
+    let sighup = tokio::signal::unix::signal(SignalKind::hangup())
+        .map_err(|e| StartError::Environment(e.into()))?;
     // Before Docker is first asked anything: the events stream starts from here.
-    let events_since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0));
+    let events_since = unix_secs();
     let (cgroup, host_cookie) = preflight(&opts)?;
     let Started {
         loaded,
@@ -214,6 +223,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         config_path: opts.config_path.clone(),
         scrape,
         metrics_server,
+        sighup: Some(sighup),
     };
     agent.evaluate_firewall();
     let t = Instant::now();
@@ -227,17 +237,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     let t = Instant::now();
     agent.loaded.vouch().map_err(StartError::Kernel)?;
     startup.record("ready", t.elapsed());
-    {
-        let s = &mut agent.shared.lock().expect("status lock").status;
-        s.ready = true;
-        s.startup = startup.phases;
-        info!(
-            took_ms = startup.start.elapsed().as_secs_f64() * 1e3,
-            frontends = s.frontends,
-            "ready"
-        );
-    }
-    notify::notify("READY=1\nSTATUS=translating");
+    agent.ready(startup);
 
     let r = agent
         .serve_events(
@@ -273,6 +273,19 @@ fn resolver(config: &egress::policy::Config) -> Result<Option<egress::dns::Resol
 }
 
 impl Agent {
+    /// Says so: in the status, the log, and to systemd.
+    fn ready(&self, startup: Startup) {
+        let s = &mut self.shared.lock().expect("status lock").status;
+        s.ready = true;
+        s.startup = startup.phases;
+        info!(
+            took_ms = startup.start.elapsed().as_secs_f64() * 1e3,
+            frontends = s.frontends,
+            "ready"
+        );
+        notify::notify("READY=1\nSTATUS=translating");
+    }
+
     /// What stays when the agent stops: with pins, everything (the next agent adopts it);
     /// without, nothing.
     async fn stop(mut self, pinned: bool) {
@@ -383,7 +396,10 @@ impl Agent {
         mut dns_rx: mpsc::Receiver<Lookup>,
     ) -> Result<()> {
         let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-        let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
+        let mut sighup = match self.sighup.take() {
+            Some(s) => s,
+            None => tokio::signal::unix::signal(SignalKind::hangup())?,
+        };
         let mut resync = tokio::time::interval(resync_interval);
         resync.tick().await;
         let mut backoff = Duration::from_millis(100);
