@@ -16,6 +16,8 @@ use crate::{engines::Engine, util::output};
 const SOCKET: &str = "/var/run/docker.sock";
 const LOG: &str = "/var/log/dataplane-dockerd.log";
 const PIDFILE: &str = "/run/dataplane-dockerd.pid";
+/// The configuration file of the engine the bench starts (instead of the operator's).
+const BENCH_CONFIG: &str = "/run/dataplane-bench-dockerd/daemon.json";
 
 /// Whether an engine answers on the default socket.
 pub fn engine_up() -> bool {
@@ -308,10 +310,13 @@ fn terminate_engine(pid: u32) {
 /// (Re)starts xtask's own dockerd of `engine` with the userland proxy on or off, detached,
 /// and waits until it answers. Containers with `--restart always` come back with it.
 pub fn restart_engine(engine: Engine, userland_proxy: bool) -> Result<()> {
-    let conf = fs::read_to_string("/etc/docker/daemon.json").unwrap_or_default();
-    if conf.contains("userland-proxy") {
-        bail!("/etc/docker/daemon.json sets userland-proxy: the bench needs to switch it itself");
+    // The engine's own configuration: the operator's /etc/docker/daemon.json (which may set
+    // the userland proxy, as the README suggests) is neither read nor touched.
+    let conf = std::path::Path::new(BENCH_CONFIG);
+    if let Some(dir) = conf.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    fs::write(conf, "{}\n").with_context(|| format!("writing {BENCH_CONFIG}"))?;
     stop_owned_engine();
     if engine_up() {
         bail!("a Docker engine that xtask did not start answers on {SOCKET}");
@@ -329,6 +334,8 @@ pub fn restart_engine(engine: Engine, userland_proxy: bool) -> Result<()> {
         .args([
             "--fork",
             "dockerd",
+            "--config-file",
+            BENCH_CONFIG,
             &format!("--userland-proxy={userland_proxy}"),
         ])
         .args(dockerd_args(engine))

@@ -134,3 +134,25 @@ pub(super) fn churn(path: Path, host: &str, port: u16, n: usize, conc: usize) ->
         time_wait_per_conn: per(tw0, tw1),
     })
 }
+
+/// Runs `f` with this thread (and so the clients it starts) on CPU `cpu`, when given.
+pub(super) fn pinned<T>(cpu: Option<&str>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let Some(cpu) = cpu.and_then(|c| c.parse::<usize>().ok()) else {
+        return f();
+    };
+    // SAFETY: cpu_set_t is plain data; sched_{get,set}affinity on the calling thread with
+    // a set of the right size.
+    unsafe {
+        let mut saved: libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        let had = libc::sched_getaffinity(0, size, &raw mut saved) == 0;
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut one);
+        libc::sched_setaffinity(0, size, &raw const one);
+        let r = f();
+        if had {
+            libc::sched_setaffinity(0, size, &raw const saved);
+        }
+        r
+    }
+}

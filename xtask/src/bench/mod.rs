@@ -15,6 +15,7 @@ mod clients;
 mod containers;
 mod egress;
 mod extras;
+mod paired;
 mod pause;
 mod probe;
 mod report;
@@ -220,6 +221,16 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
     )
 }
 
+/// The local paths against direct, paired round by round, with intervals (userland proxy
+/// off).
+fn paired_section(env: &mut Env, engine: crate::engines::Engine, names: &[&str]) -> Result<String> {
+    docker::restart_engine(engine, false)?;
+    wait_running(names)?;
+    env.srv_ip = ip_of("dpb-srv")?;
+    env.http_ip = ip_of("dpb-http")?;
+    paired::paired(env, if env.quick { 5 } else { 9 })
+}
+
 pub fn bench(quick: bool, engine: crate::engines::Engine) -> Result<()> {
     crate::util::require_root("cargo xtask bench")?;
     crate::util::become_subreaper();
@@ -284,7 +295,7 @@ pub fn bench(quick: bool, engine: crate::engines::Engine) -> Result<()> {
                 let before = std::cell::Cell::new(Agent::connects());
                 env.measure(Variant::Dataplane, &|| {
                     none()?;
-                    // The agent publishes its counters every 250 ms.
+                    // The counters are read from the kernel when asked.
                     let t = Instant::now();
                     let mut now = Agent::connects();
                     while now <= before.get() && t.elapsed() < Duration::from_secs(2) {
@@ -308,7 +319,8 @@ pub fn bench(quick: bool, engine: crate::engines::Engine) -> Result<()> {
             }
         }
     }
-    let extra = extras(&image.name, quick, &names, engine)?;
+    let paired = paired_section(&mut env, engine, &names)?;
+    let extra = paired + &extras(&image.name, quick, &names, engine)?;
     for n in names {
         let _ = sh(&["docker", "rm", "-f", n]);
     }
