@@ -19,11 +19,17 @@ pub(super) struct Agent {
 }
 
 pub(super) const AGENT_SOCKET: &str = "/run/dataplane-bench/ctl.sock";
+/// Where the bench's agent serves its metrics.
+pub(super) const METRICS: &str = "127.0.0.1:25296";
 
 impl Agent {
     pub(super) fn start() -> Result<Self> {
         let log = PathBuf::from("/run/dataplane-bench/agent.log");
         fs::create_dir_all("/run/dataplane-bench")?;
+        fs::write(
+            "/run/dataplane-bench/dataplane.toml",
+            format!("[metrics]\nlisten = \"{METRICS}\"\n"),
+        )?;
         let f = fs::File::create(&log)?;
         let child = Command::new(project_root().join("target/release/dataplane"))
             .args(["run", "--no-pin", "--socket", AGENT_SOCKET])
@@ -72,6 +78,17 @@ impl Agent {
     pub(super) fn has_frontend(key: &str) -> bool {
         dataplane_api::frontends(std::path::Path::new(AGENT_SOCKET))
             .is_ok_and(|fs| fs.iter().any(|f| f.frontend == key))
+    }
+
+    /// How long one metrics scrape takes (the whole exposition read), and its size.
+    pub(super) fn scrape() -> Result<(Duration, usize)> {
+        use std::io::{Read, Write};
+        let t = Instant::now();
+        let mut s = std::net::TcpStream::connect(METRICS).context("connecting to the metrics")?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut body = Vec::new();
+        s.read_to_end(&mut body)?;
+        Ok((t.elapsed(), body.len()))
     }
 
     pub(super) fn pid(&self) -> u32 {

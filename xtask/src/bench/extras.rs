@@ -29,6 +29,7 @@ pub(super) fn per_port(
     );
     let procs0 = docker_proxy_pids().len();
     let agent_rss0 = with_agent.map_or(0, |a| rss_kib(a.pid()));
+    let maps0 = map_memory_kib();
     let t = Instant::now();
     sh(&[
         "docker",
@@ -47,6 +48,23 @@ pub(super) fn per_port(
     let pids = docker_proxy_pids();
     let proxy_rss: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
     let agent_rss1 = with_agent.map_or(0, |a| rss_kib(a.pid()));
+    // What an operator's tools pay with this many bindings: a metrics scrape, the
+    // frontends list.
+    let tools = if with_agent.is_some() {
+        let (took, bytes) = Agent::scrape()?;
+        let t = Instant::now();
+        let listed = dataplane_api::frontends(std::path::Path::new(super::AGENT_SOCKET))
+            .map_or(0, |f| f.len());
+        format!(
+            ", maps {:+} KiB; scrape {:.1} ms ({} KiB), frontends list {:.1} ms ({listed})",
+            i64::try_from(map_memory_kib()).unwrap_or(0) - i64::try_from(maps0).unwrap_or(0),
+            took.as_secs_f64() * 1e3,
+            bytes / 1024,
+            t.elapsed().as_secs_f64() * 1e3
+        )
+    } else {
+        String::new()
+    };
     let t = Instant::now();
     sh(&["docker", "stop", "-t", "0", "dpb-ports"])?;
     let stop_s = t.elapsed().as_secs_f64();
@@ -54,7 +72,7 @@ pub(super) fn per_port(
     let procs = pids.len().saturating_sub(procs0);
     let mem = if with_agent.is_some() {
         format!(
-            "agent RSS {:+} KiB",
+            "agent RSS {:+} KiB{tools}",
             i64::try_from(agent_rss1).unwrap_or(0) - i64::try_from(agent_rss0).unwrap_or(0)
         )
     } else if proxy_rss == 0 {
@@ -162,7 +180,9 @@ pub(super) fn extras(
     }
     let _ = writeln!(
         extra,
-        "\nMaps of the agent (fixed, preallocated): {} KiB.",
+        "\nMaps of the agent (bpftool's memlock; the hash maps allocate entries as they are \
+         added, so a published port costs what `maps` says above): {} KiB fixed, with the \
+         bench's own 3 containers published.",
         map_memory_kib()
     );
 
