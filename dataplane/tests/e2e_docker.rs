@@ -312,6 +312,14 @@ impl Drop for Container {
     }
 }
 
+/// How many of the agent's attach points it adopted from pinned links.
+fn adopted(st: &Status) -> usize {
+    st.attach_points
+        .iter()
+        .filter(|a| a.ends_with("(adopted)"))
+        .count()
+}
+
 /// `GET /` from `127.0.0.1:port`: the whole response.
 fn http_get(port: u16) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -924,14 +932,7 @@ fn agent_kill_9_keeps_traffic_flowing_restart_adopts_uninstall_removes_all() {
     // Docker says now.
     agent.spawn();
     let st = agent.status();
-    assert_eq!(
-        st.attach_points
-            .iter()
-            .filter(|a| a.ends_with("(adopted)"))
-            .count(),
-        dataplane::bpf::SOCK_HOOKS.len() + 1,
-        "{st:?}"
-    );
+    assert_eq!(adopted(&st), dataplane::bpf::SOCK_HOOKS.len() + 1, "{st:?}");
     assert!(st.counter(STAT_SKIP_NO_AGENT) >= 2, "{st:?}");
     let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
     assert_eq!(kernel_peer(&s), format!("{}:5201", srv.ip()));

@@ -313,10 +313,7 @@ fn the_package_installs_upgrades_without_a_failed_connection_and_removes_cleanly
     assert_ne!(st.version, old_version, "{st:?}");
     assert_eq!(st.version, env!("CARGO_PKG_VERSION"));
     assert_eq!(
-        st.attach_points
-            .iter()
-            .filter(|a| a.ends_with("(adopted)"))
-            .count(),
+        adopted(&st),
         dataplane::bpf::SOCK_HOOKS.len() + 1,
         "the new agent adopts the pinned links: {st:?}"
     );
