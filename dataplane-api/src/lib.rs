@@ -164,6 +164,12 @@ pub struct Status {
     /// Docker's `pause` event to its translated sockets destroyed, and how many there were.
     #[serde(default)]
     pub pause_resets: Vec<(u64, usize)>,
+    /// For each of the latest starts whose frontends were written before Docker's `start`
+    /// event (at its `network connect`, from the bindings it was created with): how many
+    /// microseconds before that event (negative: after it). Starts written from the start
+    /// event are in [`Status::start_sync_us`].
+    #[serde(default)]
+    pub early_lead_us: Vec<i64>,
     /// The metrics endpoint's URL (`http://address:port/metrics`), when one is configured.
     #[serde(default)]
     pub metrics: Option<String>,

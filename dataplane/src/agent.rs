@@ -85,6 +85,13 @@ struct Agent {
     metrics_server: Option<MetricsServer>,
     /// `SIGHUP`, taken over from the start (its default action would end the process).
     sighup: Option<tokio::signal::unix::Signal>,
+    /// Containers created and not started yet, as inspected then (for their frontends at
+    /// `network connect`, before Docker's start completes), arriving through `early_tx`.
+    early: BTreeMap<String, bollard::models::ContainerInspectResponse>,
+    early_tx: mpsc::Sender<(String, bollard::models::ContainerInspectResponse)>,
+    early_rx: Option<mpsc::Receiver<(String, bollard::models::ContainerInspectResponse)>>,
+    /// When containers' early frontends were written, until their start event.
+    early_written: BTreeMap<String, SystemTime>,
 }
 
 /// The metrics endpoint: its address, and the task serving it (stopped when dropped).
@@ -186,6 +193,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     nfwatch::watch(fw_tx, Arc::clone(&fw_changes))?;
     let sockets = Destroyer::new(loaded.translations_fd().map_err(StartError::Kernel)?);
     let (scrape, metrics_server) = start_metrics(&opts, &loaded, docker_version, &shared).await?;
+    let (early_tx, early_rx) = mpsc::channel(64);
 
     let mut agent = Agent {
         loaded,
@@ -224,6 +232,10 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         scrape,
         metrics_server,
         sighup: Some(sighup),
+        early: BTreeMap::new(),
+        early_tx,
+        early_rx: Some(early_rx),
+        early_written: BTreeMap::new(),
     };
     agent.evaluate_firewall();
     let t = Instant::now();
@@ -400,6 +412,7 @@ impl Agent {
             Some(s) => s,
             None => tokio::signal::unix::signal(SignalKind::hangup())?,
         };
+        let mut early_rx = self.early_rx.take().unwrap_or_else(|| mpsc::channel(1).1);
         let mut resync = tokio::time::interval(resync_interval);
         resync.tick().await;
         let mut backoff = Duration::from_millis(100);
@@ -411,6 +424,9 @@ impl Agent {
                 let gate_at = self.egress.gate_expires();
                 let check_at = self.egress_check_at;
                 tokio::select! {
+                    Some((id, c)) = early_rx.recv() => {
+                        self.early.insert(id, c);
+                    }
                     Some((req, reply)) = api_rx.recv() => {
                         let answer = self.on_request(req).await;
                         let _ = reply.send(answer);
@@ -484,6 +500,8 @@ impl Agent {
     async fn on_events(&mut self, batch: &[bollard::models::EventMessage]) {
         // Egress first: a container being started is policed before its process runs.
         self.egress_events(batch).await;
+        // Then its frontends, from what it was created with, before Docker's start ends.
+        self.early_events(batch).await;
         let mut refresh = BTreeSet::new();
         let mut networks = false;
         for ev in batch {
@@ -541,8 +559,88 @@ impl Agent {
         }
     }
 
+    /// Containers created: inspected now, in the background (their bindings, for their
+    /// frontends at `network connect`). Containers Docker connects to a network while
+    /// starting them: frontends from that inspect and their address on the network, written
+    /// at once (the container's own inspect waits until Docker has started it).
+    async fn early_events(&mut self, batch: &[bollard::models::EventMessage]) {
+        use bollard::models::EventMessageTypeEnum as T;
+        let mut connects = Vec::new();
+        let mut done = Vec::new();
+        for ev in batch {
+            let Some(actor) = ev.actor.as_ref() else {
+                continue;
+            };
+            let action = ev.action.as_deref().unwrap_or("");
+            match (ev.typ, action) {
+                (Some(T::CONTAINER), "create") => {
+                    if let Some(id) = actor.id.clone() {
+                        let (docker, tx) = (self.docker.clone(), self.early_tx.clone());
+                        tokio::spawn(async move {
+                            // Answered at once unless the start has begun (then it waits for
+                            // the start, and the start event serves).
+                            if let Ok(Some(c)) = docker::inspect(&docker, &id).await
+                                && c.state.as_ref().and_then(|s| s.status)
+                                    == Some(bollard::models::ContainerStateStatusEnum::CREATED)
+                            {
+                                let _ = tx.send((id, c)).await;
+                            }
+                        });
+                    }
+                }
+                (Some(T::NETWORK), "connect") => {
+                    if let (Some(net), Some(id)) = (
+                        actor.id.clone(),
+                        actor.attributes.as_ref().and_then(|a| a.get("container")),
+                    ) && self.early.contains_key(id)
+                    {
+                        connects.push((net, id.clone()));
+                    }
+                }
+                (Some(T::CONTAINER), "start" | "die" | "destroy") => {
+                    if let Some(id) = actor.id.clone() {
+                        done.push((id, action == "start"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut written = Vec::new();
+        for (net, id) in connects {
+            let Some(info) = self.state.networks.get(&net).cloned() else {
+                continue;
+            };
+            let addrs = match docker::addresses_on(&self.docker, &net, &id).await {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(error = %format!("{e:#}"), "no early frontends: the network's answer");
+                    continue;
+                }
+            };
+            if let Some(c) = self.early.get(&id)
+                && self.state.early(&id, c, &info, &addrs)
+            {
+                written.push(id);
+            }
+        }
+        if !written.is_empty() && self.apply_or_retry("early frontends") {
+            for id in written {
+                debug!(container = %id.chars().take(12).collect::<String>(), "frontends written before the start completed");
+                self.early_written.insert(id, self.frontends_written);
+            }
+        }
+        for (id, started) in done {
+            self.early.remove(&id);
+            // The start event reads the time written (`record_start_latencies`); a
+            // container that died first keeps none.
+            if !started {
+                self.early_written.remove(&id);
+            }
+        }
+    }
+
     /// How long each start event took to become a frontend in the map (in `status`).
-    fn record_start_latencies(&self, batch: &[bollard::models::EventMessage]) {
+    fn record_start_latencies(&mut self, batch: &[bollard::models::EventMessage]) {
         let now_ns = self
             .frontends_written
             .duration_since(UNIX_EPOCH)
@@ -557,6 +655,20 @@ impl Agent {
                 continue;
             };
             if !self.state.containers.contains_key(id) {
+                continue;
+            }
+            if let Some(at) = self.early_written.remove(id) {
+                // Written before the start event: how long before.
+                let at_ns = at
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+                let lead_us = (t - at_ns) / 1000;
+                debug!(container = %id.chars().take(12).collect::<String>(), lead_us, "frontends were in the map before the start event");
+                let s = &mut self.shared.lock().expect("status lock").status;
+                if s.early_lead_us.len() >= dataplane_api::SYNC_LATENCIES_KEPT {
+                    s.early_lead_us.remove(0);
+                }
+                s.early_lead_us.push(lead_us);
                 continue;
             }
             let us = u64::try_from((now_ns - t) / 1000).unwrap_or(0);

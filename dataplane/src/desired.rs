@@ -426,6 +426,114 @@ pub fn frontends_of(
     out
 }
 
+/// Frontends of a container Docker is starting, written before its start completes (and
+/// so, usually, before its process runs): from the bindings it was created with
+/// (`HostConfig.PortBindings`, from an inspect taken while it was still only created) and
+/// its addresses on the network Docker has just connected it to (`network connect`).
+///
+/// Only the plain case, where those say exactly what Docker will publish: the container's
+/// one network is `net` (a Docker `bridge` network), every binding names its host port
+/// (not a range, not "any"), and the family's gateway mode is NAT. Anything else gives
+/// nothing, and the container's frontends come from its inspect after the start, as
+/// always; that inspect replaces these in any case.
+pub fn early_frontends(
+    c: &ContainerInspectResponse,
+    net: &crate::docker::NetInfo,
+    on_net_addrs: &[IpAddr],
+) -> Vec<Frontend> {
+    let mut out = Vec::new();
+    let Some(hc) = c.host_config.as_ref() else {
+        return out;
+    };
+    let mode = hc.network_mode.as_deref().unwrap_or("default");
+    let on_net = match mode {
+        "default" | "bridge" => net.name == "bridge",
+        "host" | "none" => false,
+        m if m.starts_with("container:") => false,
+        m => net.name == m || net.id == m || (m.len() >= 12 && net.id.starts_with(m)),
+    };
+    let one_network = c
+        .network_settings
+        .as_ref()
+        .and_then(|n| n.networks.as_ref())
+        .is_none_or(|n| n.len() <= 1);
+    if !on_net || !one_network || net.bridge.is_none() {
+        return out;
+    }
+    let backend4 = on_net_addrs.iter().find_map(|a| match a {
+        IpAddr::V4(v4) => Some(v4_mapped(v4.octets())),
+        IpAddr::V6(_) => None,
+    });
+    let backend6 = on_net_addrs.iter().find_map(|a| match a {
+        IpAddr::V6(v6) => Some(v6.octets()),
+        IpAddr::V4(_) => None,
+    });
+    if backend4.is_none() && backend6.is_none() {
+        return out;
+    }
+    let id = c.id.clone().unwrap_or_default();
+    let name = c
+        .name
+        .as_deref()
+        .unwrap_or_default()
+        .trim_start_matches('/')
+        .to_string();
+    let Some(bindings) = hc.port_bindings.as_ref() else {
+        return out;
+    };
+    let mut port_keys: Vec<&String> = bindings.keys().collect();
+    port_keys.sort();
+    for port_key in port_keys {
+        let Some(list) = bindings[port_key].as_ref() else {
+            continue;
+        };
+        let Some((cport, proto)) = port_key
+            .split_once('/')
+            .and_then(|(p, proto)| Some((p.parse::<u16>().ok()?, proto_of(proto)?)))
+        else {
+            continue;
+        };
+        for b in list {
+            let Ok(hport) = b.host_port.as_deref().unwrap_or("").parse::<u16>() else {
+                // Any port, or a range: Docker picks it at the start.
+                return Vec::new();
+            };
+            if hport == 0 {
+                return Vec::new();
+            }
+            // "" (every address) is both families; an explicit wildcard its own.
+            let Ok(paddrs) = published_addrs(b.host_ip.as_deref().unwrap_or(""), false) else {
+                return Vec::new();
+            };
+            for addr in paddrs {
+                let v4 = is_v4_mapped(&addr);
+                if (v4 && !net.nat4) || (!v4 && !net.nat6) {
+                    continue;
+                }
+                let key = FrontendKey::new(addr, hport, proto);
+                let f = Frontend {
+                    key,
+                    backend: Backend {
+                        addr4: backend4.unwrap_or([0; 16]),
+                        addr6: backend6.unwrap_or([0; 16]),
+                        port_be: cport.to_be(),
+                        flags: 0,
+                        id: frontend_id(&key),
+                        net: net_id(&net.id),
+                        pad: 0,
+                    },
+                    container_id: id.clone(),
+                    container_name: name.clone(),
+                };
+                if !out.iter().any(|o: &Frontend| o.key == f.key) {
+                    out.push(f);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Two containers claiming one published address:port/proto (Docker refuses this, so it
 /// only happens with stale data): the first by container id wins, the other is reported.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -778,6 +886,106 @@ mod tests {
         assert!(port_in("8000-8010", 8005));
         assert!(!port_in("8000-8010", 8011));
         assert!(!port_in("x-y", 1));
+    }
+
+    fn created(network_mode: &str, bindings: &serde_json::Value) -> ContainerInspectResponse {
+        serde_json::from_value(serde_json::json!({
+            "Id": "0123456789abcdef",
+            "Name": "/web",
+            "State": {"Status": "created", "Running": false},
+            "HostConfig": {"NetworkMode": network_mode, "PortBindings": bindings},
+            "NetworkSettings": {"Networks": {"bridge": {}}}
+        }))
+        .unwrap()
+    }
+
+    fn bridge_net(name: &str, nat4: bool, nat6: bool) -> crate::docker::NetInfo {
+        crate::docker::NetInfo {
+            id: format!("{name}-id-0123456789"),
+            name: name.into(),
+            bridge: Some("docker0".into()),
+            peers_direct: true,
+            nat4,
+            nat6,
+        }
+    }
+
+    #[test]
+    fn early_frontends_only_where_the_creation_says_what_docker_publishes() {
+        let addrs: Vec<IpAddr> = vec!["172.17.0.5".parse().unwrap()];
+        let net = bridge_net("bridge", true, true);
+        let c = created(
+            "default",
+            &serde_json::json!({
+                "80/tcp": [{"HostIp": "", "HostPort": "8080"}],
+                "53/udp": [{"HostIp": "127.0.0.1", "HostPort": "5353"}]
+            }),
+        );
+        let fs = early_frontends(&c, &net, &addrs);
+        assert_eq!(
+            keys(&fs),
+            vec!["0.0.0.0:8080/tcp", "127.0.0.1:5353/udp", "[::]:8080/tcp"]
+        );
+        assert!(fs.iter().all(|f| f.backend.net == net_id(&net.id)
+            && f.container_name == "web"
+            && f.backend.addr4 == v4_mapped([172, 17, 0, 5])));
+        // An explicit family wildcard is that family only.
+        let c = created(
+            "bridge",
+            &serde_json::json!({"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}]}),
+        );
+        assert_eq!(
+            keys(&early_frontends(&c, &net, &addrs)),
+            vec!["0.0.0.0:8080/tcp"]
+        );
+        // A family Docker routes without NAT publishes nothing.
+        let routed6 = bridge_net("bridge", true, false);
+        let c = created(
+            "default",
+            &serde_json::json!({"80/tcp": [{"HostIp": "", "HostPort": "8080"}]}),
+        );
+        assert_eq!(
+            keys(&early_frontends(&c, &routed6, &addrs)),
+            vec!["0.0.0.0:8080/tcp"]
+        );
+        // Docker picks the port at the start: nothing early.
+        for port in ["", "0", "8000-8010"] {
+            let c = created(
+                "default",
+                &serde_json::json!({"80/tcp": [{"HostIp": "", "HostPort": port}]}),
+            );
+            assert!(early_frontends(&c, &net, &addrs).is_empty(), "{port}");
+        }
+        // Another network than the one connected, the host's, or no address: nothing.
+        let c = created(
+            "mynet",
+            &serde_json::json!({"80/tcp": [{"HostIp": "", "HostPort": "8080"}]}),
+        );
+        assert!(early_frontends(&c, &net, &addrs).is_empty());
+        assert_eq!(
+            early_frontends(&c, &bridge_net("mynet", true, true), &addrs).len(),
+            2
+        );
+        let c = created(
+            "host",
+            &serde_json::json!({"80/tcp": [{"HostIp": "", "HostPort": "8080"}]}),
+        );
+        assert!(early_frontends(&c, &net, &addrs).is_empty());
+        let c = created(
+            "default",
+            &serde_json::json!({"80/tcp": [{"HostIp": "", "HostPort": "8080"}]}),
+        );
+        assert!(early_frontends(&c, &net, &[]).is_empty());
+        // Two networks: which one Docker publishes through is decided at the start.
+        let mut two = c.clone();
+        two.network_settings
+            .as_mut()
+            .unwrap()
+            .networks
+            .as_mut()
+            .unwrap()
+            .insert("other".into(), bollard::models::EndpointSettings::default());
+        assert!(early_frontends(&two, &net, &addrs).is_empty());
     }
 
     #[test]

@@ -102,6 +102,39 @@ impl State {
         (errs, new_ns)
     }
 
+    /// Frontends of container `id` before Docker's start completes (see
+    /// [`desired::early_frontends`]: `c` is its inspect as created, `addrs` its addresses on
+    /// `net`, which Docker has just connected it to). Nothing replaces what an inspect said,
+    /// and a port another container publishes is left out (Docker refuses the second).
+    /// Whether any frontend was added; the inspect after the start replaces them.
+    pub fn early(
+        &mut self,
+        id: &str,
+        c: &bollard::models::ContainerInspectResponse,
+        net: &NetInfo,
+        addrs: &[IpAddr],
+    ) -> bool {
+        if self.containers.contains_key(id) {
+            return false;
+        }
+        let held: BTreeSet<(u16, u8)> = self
+            .containers
+            .values()
+            .flatten()
+            .map(|f| (f.key.port(), f.key.proto))
+            .collect();
+        let mut fs = desired::early_frontends(c, net, addrs);
+        fs.retain(|f| !held.contains(&(f.key.port(), f.key.proto)));
+        if fs.is_empty() {
+            return false;
+        }
+        let mut errs = Vec::new();
+        let on_pause = desired::on_pause_of(c, self.on_pause_default, &mut errs);
+        desired::mark_pause(&mut fs, on_pause, false);
+        self.containers.insert(id.to_string(), fs);
+        true
+    }
+
     /// Records the network namespace cookie read for container `id`.
     pub fn set_cookie(&mut self, id: &str, cookie: u64) {
         if let Some(e) = self.peers.get_mut(id) {
@@ -141,5 +174,50 @@ impl State {
             .values()
             .filter_map(|n| n.bridge.clone())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn created(id: &str, port: &str) -> ContainerInspectResponse {
+        serde_json::from_value(serde_json::json!({
+            "Id": id,
+            "Name": format!("/{id}"),
+            "State": {"Status": "created"},
+            "HostConfig": {"NetworkMode": "default",
+                           "PortBindings": {"80/tcp": [{"HostIp": "", "HostPort": port}]}},
+            "Config": {"Labels": {"dataplane.on-pause": "reset"}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn early_frontends_never_take_a_port_or_replace_an_inspect() {
+        let net = NetInfo {
+            id: "n1".into(),
+            name: "bridge".into(),
+            bridge: Some("docker0".into()),
+            peers_direct: true,
+            nat4: true,
+            nat6: true,
+        };
+        let ip: Vec<IpAddr> = vec!["172.17.0.2".parse().unwrap()];
+        let mut st = State::default();
+        assert!(st.early("a", &created("a", "8080"), &net, &ip));
+        assert_eq!(st.containers["a"].len(), 2);
+        assert!(
+            st.containers["a"]
+                .iter()
+                .all(|f| f.backend.flags & dataplane_common::BACKEND_F_RESET_ON_PAUSE != 0),
+            "the on-pause label applies"
+        );
+        // Another container asking for the same port: Docker will refuse its start.
+        assert!(!st.early("b", &created("b", "8080"), &net, &ip));
+        assert!(!st.containers.contains_key("b"));
+        // Known already (inspected): left as the inspect said.
+        assert!(!st.early("a", &created("a", "9090"), &net, &ip));
+        assert_eq!(st.containers["a"][0].key.port(), 8080);
     }
 }

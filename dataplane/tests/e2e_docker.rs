@@ -3,6 +3,8 @@
 //! the image (`DATAPLANE_TEST_IMAGE`) and the binaries (`DATAPLANE_BIN_DIR`).
 
 mod common;
+#[path = "e2e_docker/early.rs"]
+mod early;
 #[path = "e2e_docker/egress.rs"]
 mod egress;
 #[path = "e2e_docker/operate.rs"]
