@@ -234,6 +234,20 @@ fn header(s: &Status, interval: Duration) -> String {
     };
     #[allow(clippy::cast_precision_loss, reason = "latencies for display")]
     let ms = |us: u64| us as f64 / 1e3;
+    if !s.early_lead_us.is_empty() {
+        let n = s.early_lead_us.len();
+        let mut leads: Vec<u64> = s.early_lead_us[n.saturating_sub(100)..]
+            .iter()
+            .map(|l| u64::try_from(*l).unwrap_or(0))
+            .collect();
+        leads.sort_unstable();
+        let _ = writeln!(
+            out,
+            "frontends before the start event (written at network connect, last {}): lead p50 {:.1} ms",
+            leads.len(),
+            ms(percentile(&leads, 0.5))
+        );
+    }
     if recent.is_empty() {
         let _ = writeln!(out, "sync latency (start event -> map): no starts seen yet");
     } else {

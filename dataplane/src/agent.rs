@@ -663,6 +663,8 @@ impl Agent {
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
                 let lead_us = (t - at_ns) / 1000;
+                metrics::get()
+                    .early_lead(Duration::from_micros(u64::try_from(lead_us).unwrap_or(0)));
                 debug!(container = %id.chars().take(12).collect::<String>(), lead_us, "frontends were in the map before the start event");
                 let s = &mut self.shared.lock().expect("status lock").status;
                 if s.early_lead_us.len() >= dataplane_api::SYNC_LATENCIES_KEPT {

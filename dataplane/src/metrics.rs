@@ -46,6 +46,7 @@ fn labels<const N: usize>(pairs: [(&str, &str); N]) -> Labels {
 pub struct Metrics {
     docker_events: Family<Labels, Counter>,
     event_to_map: Histogram,
+    early_lead: Histogram,
     reconcile: Histogram,
     reconcile_errors: Counter,
     netfilter_apply: Family<Labels, Histogram>,
@@ -62,6 +63,7 @@ fn latency_histogram() -> Histogram {
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     docker_events: Family::default(),
     event_to_map: latency_histogram(),
+    early_lead: latency_histogram(),
     reconcile: latency_histogram(),
     reconcile_errors: Counter::default(),
     netfilter_apply: Family::new_with_constructor(latency_histogram),
@@ -89,6 +91,12 @@ impl Metrics {
     /// A container's `start` event to its frontends in the map.
     pub fn event_to_map(&self, took: Duration) {
         self.event_to_map.observe(took.as_secs_f64());
+    }
+
+    /// A container's frontends were in the map this long before its `start` event (written
+    /// at `network connect`).
+    pub fn early_lead(&self, lead: Duration) {
+        self.early_lead.observe(lead.as_secs_f64());
     }
 
     /// One reconcile (plan and apply of the maps and rules), and whether it failed.
@@ -138,6 +146,13 @@ impl Metrics {
             "From a container's start event (Docker's timestamp) to its frontends in the map",
             Unit::Seconds,
             self.event_to_map.clone(),
+        );
+        r.register_with_unit(
+            "dataplane_frontend_lead",
+            "How long before a container's start event its frontends were in the map \
+             (written when Docker connected it to its network)",
+            Unit::Seconds,
+            self.early_lead.clone(),
         );
         r.register_with_unit(
             "dataplane_reconcile_duration",
