@@ -114,7 +114,13 @@ fn on_pause_reset_fails_pooled_and_new_connections_at_once() {
         resets.iter().any(|(us, n)| *n >= 1 && *us < 1_000_000),
         "{resets:?}"
     );
-    // Unpaused: new connections are translated again at once.
+    // Unpaused: once the agent has Docker's event (milliseconds after `docker unpause`
+    // returns), new connections are translated again at once.
+    wait_until("the unpause to be seen", Duration::from_secs(2), || {
+        agent
+            .frontend(&format!("0.0.0.0:{published}/tcp"))
+            .is_some_and(|f| !f.paused)
+    });
     let started = Instant::now();
     let mut stream = TcpStream::connect(("127.0.0.1", published)).unwrap();
     stream.write_all(b"again\n").unwrap();
