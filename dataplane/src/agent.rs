@@ -35,6 +35,10 @@ use crate::{
     state::State,
 };
 
+/// A container Docker connected to a network (`network connect`): the network, the
+/// container, its addresses there (from the network's inspect).
+type Connected = (String, String, Vec<std::net::IpAddr>);
+
 /// A host name's lookup: its addresses and when to look again, or why it failed.
 type Lookup = (
     String,
@@ -499,9 +503,9 @@ impl Agent {
 
     async fn on_events(&mut self, batch: &[bollard::models::EventMessage]) {
         // Egress first: a container being started is policed before its process runs.
-        self.egress_events(batch).await;
+        let connected = self.egress_events(batch).await;
         // Then its frontends, from what it was created with, before Docker's start ends.
-        self.early_events(batch).await;
+        self.early_events(batch, &connected);
         let mut refresh = BTreeSet::new();
         let mut networks = false;
         for ev in batch {
@@ -561,11 +565,11 @@ impl Agent {
 
     /// Containers created: inspected now, in the background (their bindings, for their
     /// frontends at `network connect`). Containers Docker connects to a network while
-    /// starting them: frontends from that inspect and their address on the network, written
-    /// at once (the container's own inspect waits until Docker has started it).
-    async fn early_events(&mut self, batch: &[bollard::models::EventMessage]) {
+    /// starting them (`connected`, with their address there, read once for egress and this):
+    /// frontends from that inspect and that address, written at once (the container's own
+    /// inspect waits until Docker has started it).
+    fn early_events(&mut self, batch: &[bollard::models::EventMessage], connected: &[Connected]) {
         use bollard::models::EventMessageTypeEnum as T;
-        let mut connects = Vec::new();
         let mut done = Vec::new();
         for ev in batch {
             let Some(actor) = ev.actor.as_ref() else {
@@ -588,15 +592,6 @@ impl Agent {
                         });
                     }
                 }
-                (Some(T::NETWORK), "connect") => {
-                    if let (Some(net), Some(id)) = (
-                        actor.id.clone(),
-                        actor.attributes.as_ref().and_then(|a| a.get("container")),
-                    ) && self.early.contains_key(id)
-                    {
-                        connects.push((net, id.clone()));
-                    }
-                }
                 (Some(T::CONTAINER), "start" | "die" | "destroy") => {
                     if let Some(id) = actor.id.clone() {
                         done.push((id, action == "start"));
@@ -606,21 +601,13 @@ impl Agent {
             }
         }
         let mut written = Vec::new();
-        for (net, id) in connects {
-            let Some(info) = self.state.networks.get(&net).cloned() else {
+        for (net, id, addrs) in connected {
+            let (Some(info), Some(c)) = (self.state.networks.get(net), self.early.get(id)) else {
                 continue;
             };
-            let addrs = match docker::addresses_on(&self.docker, &net, &id).await {
-                Ok(a) => a,
-                Err(e) => {
-                    debug!(error = %format!("{e:#}"), "no early frontends: the network's answer");
-                    continue;
-                }
-            };
-            if let Some(c) = self.early.get(&id)
-                && self.state.early(&id, c, &info, &addrs)
-            {
-                written.push(id);
+            let info = info.clone();
+            if self.state.early(id, c, &info, addrs) {
+                written.push(id.clone());
             }
         }
         if !written.is_empty() && self.apply_or_retry("early frontends") {
@@ -1082,8 +1069,9 @@ impl Agent {
 
     /// What the events mean for egress: labels at `create`; at `network connect`, the
     /// container's address on that network (asked of the network: the container's own
-    /// inspect waits until Docker has started it), and its policy written at once.
-    async fn egress_events(&mut self, batch: &[bollard::models::EventMessage]) {
+    /// inspect waits until Docker has started it), and its policy written at once. Returns
+    /// the connects read (also those of containers with early frontends to write).
+    async fn egress_events(&mut self, batch: &[bollard::models::EventMessage]) -> Vec<Connected> {
         use bollard::models::EventMessageTypeEnum as T;
         let mut connects = Vec::new();
         for ev in batch {
@@ -1104,7 +1092,7 @@ impl Agent {
                 }
                 (Some(T::NETWORK), "connect") => {
                     if let (Some(net), Some(id)) = (&actor.id, attrs.get("container"))
-                        && self.egress.knows(id)
+                        && (self.egress.knows(id) || self.early.contains_key(id))
                     {
                         connects.push((net.clone(), id.clone()));
                     }
@@ -1113,7 +1101,7 @@ impl Agent {
             }
         }
         if connects.is_empty() {
-            return;
+            return Vec::new();
         }
         let t = Instant::now();
         let docker = &self.docker;
@@ -1122,13 +1110,24 @@ impl Agent {
         }))
         .await;
         let inspected_us = t.elapsed().as_micros();
+        let mut connected = Vec::new();
         for (net, id, r) in found {
             match r {
-                Ok(addrs) => self.egress.connected(id, net, addrs),
+                Ok(addrs) => connected.push((net.clone(), id.clone(), addrs)),
                 Err(e) => {
                     warn!(error = %format!("{e:#}"), "reading a new endpoint's address failed");
                 }
             }
+        }
+        let mut policed = false;
+        for (net, id, addrs) in &connected {
+            if self.egress.knows(id) {
+                self.egress.connected(id, net, addrs.clone());
+                policed = true;
+            }
+        }
+        if !policed {
+            return connected;
         }
         self.egress.bridges = self.state.bridges();
         let applied = Instant::now();
@@ -1146,6 +1145,7 @@ impl Agent {
             Err(e) => warn!(error = %format!("{e:#}"), "writing the egress table failed; retrying"),
         }
         self.lookup_due();
+        connected
     }
 
     /// An egress request from `bridge-ctl`, answered as JSON text.
