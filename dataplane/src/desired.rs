@@ -317,6 +317,44 @@ fn requested_any_address(requested: &[bollard::models::PortBinding], port: u16) 
     })
 }
 
+/// A container's ID and name (without Docker's leading `/`).
+fn identity(c: &ContainerInspectResponse) -> (String, String) {
+    let name = c.name.as_deref().unwrap_or_default();
+    (
+        c.id.clone().unwrap_or_default(),
+        name.trim_start_matches('/').to_string(),
+    )
+}
+
+/// Adds the frontend `key` -> the container's `addrs` (IPv4-mapped, IPv6) at `cport` on
+/// network `net` ([`net_id`], 0 unknown), unless `out` has that key already.
+fn push_frontend(
+    out: &mut Vec<Frontend>,
+    key: FrontendKey,
+    addrs: (Addr, Addr),
+    cport: u16,
+    net: u32,
+    (id, name): (&str, &str),
+) {
+    if out.iter().any(|o| o.key == key) {
+        return;
+    }
+    out.push(Frontend {
+        key,
+        backend: Backend {
+            addr4: addrs.0,
+            addr6: addrs.1,
+            port_be: cport.to_be(),
+            flags: 0,
+            id: frontend_id(&key),
+            net,
+            pad: 0,
+        },
+        container_id: id.to_string(),
+        container_name: name.to_string(),
+    });
+}
+
 /// Frontends of one container, through the endpoint its default `routes` name (see
 /// [`DefaultRoutes`]). Bindings that cannot be understood are reported in `errors` and
 /// skipped; the rest apply.
@@ -329,13 +367,7 @@ pub fn frontends_of(
     if !is_live(c) {
         return out;
     }
-    let id = c.id.clone().unwrap_or_default();
-    let name = c
-        .name
-        .as_deref()
-        .unwrap_or_default()
-        .trim_start_matches('/')
-        .to_string();
+    let (id, name) = identity(c);
     let Some(ports) = c.network_settings.as_ref().and_then(|n| n.ports.as_ref()) else {
         return out;
     };
@@ -401,25 +433,9 @@ pub fn frontends_of(
                 if (addr == WILDCARD4 && unpublished4) || (addr == WILDCARD6 && unpublished6) {
                     continue;
                 }
+                let net = if net.is_empty() { 0 } else { net_id(net) };
                 let key = FrontendKey::new(addr, hport, proto);
-                let backend = Backend {
-                    addr4: *addr4,
-                    addr6: *addr6,
-                    port_be: cport.to_be(),
-                    flags: 0,
-                    id: frontend_id(&key),
-                    net: if net.is_empty() { 0 } else { net_id(net) },
-                    pad: 0,
-                };
-                let f = Frontend {
-                    key,
-                    backend,
-                    container_id: id.clone(),
-                    container_name: name.clone(),
-                };
-                if !out.iter().any(|o: &Frontend| o.key == f.key) {
-                    out.push(f);
-                }
+                push_frontend(&mut out, key, (*addr4, *addr6), cport, net, (&id, &name));
             }
         }
     }
@@ -471,13 +487,7 @@ pub fn early_frontends(
     if backend4.is_none() && backend6.is_none() {
         return out;
     }
-    let id = c.id.clone().unwrap_or_default();
-    let name = c
-        .name
-        .as_deref()
-        .unwrap_or_default()
-        .trim_start_matches('/')
-        .to_string();
+    let (id, name) = identity(c);
     let Some(bindings) = hc.port_bindings.as_ref() else {
         return out;
     };
@@ -511,23 +521,8 @@ pub fn early_frontends(
                     continue;
                 }
                 let key = FrontendKey::new(addr, hport, proto);
-                let f = Frontend {
-                    key,
-                    backend: Backend {
-                        addr4: backend4.unwrap_or([0; 16]),
-                        addr6: backend6.unwrap_or([0; 16]),
-                        port_be: cport.to_be(),
-                        flags: 0,
-                        id: frontend_id(&key),
-                        net: net_id(&net.id),
-                        pad: 0,
-                    },
-                    container_id: id.clone(),
-                    container_name: name.clone(),
-                };
-                if !out.iter().any(|o: &Frontend| o.key == f.key) {
-                    out.push(f);
-                }
+                let addrs = (backend4.unwrap_or([0; 16]), backend6.unwrap_or([0; 16]));
+                push_frontend(&mut out, key, addrs, cport, net_id(&net.id), (&id, &name));
             }
         }
     }
