@@ -96,7 +96,19 @@ struct Agent {
     early_rx: Option<mpsc::Receiver<(String, bollard::models::ContainerInspectResponse)>>,
     /// When containers' early frontends were written, until their start event.
     early_written: BTreeMap<String, SystemTime>,
+    /// The last inspect of each container (left for the next start, see [`crate::cache`]).
+    inspected: BTreeMap<String, bollard::models::ContainerInspectResponse>,
+    cache_path: Option<std::path::PathBuf>,
+    /// The egress table is written after the maps, once (the first sync: a restart
+    /// translates again without waiting for it; the table in the kernel stays meanwhile).
+    defer_egress: bool,
+    /// A full resync is due as soon as events are served (the start took inspects from the
+    /// last agent's cache).
+    resync_now: bool,
 }
+
+/// The file, beside the control socket, where a stopping agent leaves its inspects.
+pub const CACHE_FILE: &str = "containers.json";
 
 /// The metrics endpoint: its address, and the task serving it (stopped when dropped).
 struct MetricsServer {
@@ -114,7 +126,7 @@ impl Drop for MetricsServer {
 async fn start_metrics(
     opts: &Options,
     loaded: &Loaded,
-    docker_version: (String, String),
+    docker_version: String,
     shared: &Shared,
 ) -> Result<(metrics::Scrape, Option<MetricsServer>), StartError> {
     let scrape = metrics::Scrape {
@@ -129,7 +141,7 @@ async fn start_metrics(
     st.kernel = Some(Arc::clone(&scrape.kernel));
     let s = &mut st.status;
     s.version = env!("CARGO_PKG_VERSION").to_string();
-    (s.docker_version, s.docker_firewall_backend) = docker_version;
+    s.docker_version = docker_version;
     s.attach_points.clone_from(&loaded.attached);
     s.metrics = server
         .as_ref()
@@ -182,7 +194,9 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         inspected,
         networks,
         docker_version,
-        fw_snapshot,
+        fw,
+        listed,
+        cached,
     } = load_and_list(&opts, cgroup, host_cookie, &mut startup).await?;
     let shared: Shared = Shared::default();
     let (api_tx, api_rx) = mpsc::channel(8);
@@ -194,7 +208,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     netlink::watch(nl_tx)?;
     let (fw_tx, fw_rx) = mpsc::channel(1);
     let fw_changes = Arc::default();
-    nfwatch::watch(fw_tx, Arc::clone(&fw_changes))?;
+    nfwatch::watch(fw_tx.clone(), Arc::clone(&fw_changes))?;
     let sockets = Destroyer::new(loaded.translations_fd().map_err(StartError::Kernel)?);
     let (scrape, metrics_server) = start_metrics(&opts, &loaded, docker_version, &shared).await?;
     let (early_tx, early_rx) = mpsc::channel(64);
@@ -215,7 +229,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         host_netns_cookie: host_cookie,
         frontends_written: SystemTime::now(),
         force_notrack: true,
-        fw_snapshot,
+        fw_snapshot: hostfw::Snapshot::default(),
         fw_changes,
         nft_table: opts.nft_table.clone(),
         pending_cookies: Vec::new(),
@@ -240,20 +254,16 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         early_tx,
         early_rx: Some(early_rx),
         early_written: BTreeMap::new(),
+        inspected: BTreeMap::new(),
+        cache_path: opts.cache_path.clone(),
+        defer_egress: true,
+        resync_now: false,
     };
-    agent.evaluate_firewall();
-    let t = Instant::now();
-    agent.sync_local_addrs().await?;
-    agent.ingest(inspected)?;
-    agent.learn_all().await;
-    agent.resolve_pending();
-    agent.apply()?;
-    startup.record("first_sync", t.elapsed());
-    // The maps now hold what Docker says: from here on the programs translate.
-    let t = Instant::now();
-    agent.loaded.vouch().map_err(StartError::Kernel)?;
-    startup.record("ready", t.elapsed());
-    agent.ready(startup);
+    let fw_later = agent
+        .first_sync(fw, fw_tx, inspected, listed, startup)
+        .await?;
+    agent.after_ready(fw_later, cached).await;
+    agent.resync_now = cached > 0;
 
     let r = agent
         .serve_events(
@@ -290,6 +300,77 @@ fn resolver(config: &egress::policy::Config) -> Result<Option<egress::dns::Resol
 
 impl Agent {
     /// Says so: in the status, the log, and to systemd.
+    /// The first sync: the firewall as the start found it, local addresses, the containers,
+    /// the maps; then the agent vouches. Returns where to ask for the ruleset to be read
+    /// when the start took the last agent's evaluation of it.
+    async fn first_sync(
+        &mut self,
+        fw: crate::start::Firewall,
+        fw_tx: mpsc::Sender<()>,
+        inspected: crate::start::Inspected,
+        listed: Vec<docker::Named>,
+        mut startup: Startup,
+    ) -> Result<Option<mpsc::Sender<()>>, StartError> {
+        let fw_later = match fw {
+            crate::start::Firewall::Read(snapshot) => {
+                self.fw_snapshot = snapshot;
+                self.evaluate_firewall();
+                None
+            }
+            crate::start::Firewall::Known(known) => {
+                self.state.firewall = known;
+                Some(fw_tx)
+            }
+        };
+        let t = Instant::now();
+        self.sync_local_addrs().await?;
+        startup.record("sync_local_addrs", t.elapsed());
+        let t = Instant::now();
+        self.ingest(inspected)?;
+        startup.record("ingest", t.elapsed());
+        let t = Instant::now();
+        self.learn(listed);
+        startup.record("learn", t.elapsed());
+        let t = Instant::now();
+        self.resolve_pending();
+        startup.record("netns_cookies", t.elapsed());
+        let t = Instant::now();
+        self.apply()?;
+        startup.record("first_apply", t.elapsed());
+        // The maps now hold what Docker says: from here on the programs translate.
+        let t = Instant::now();
+        self.loaded.vouch().map_err(StartError::Kernel)?;
+        startup.record("ready", t.elapsed());
+        self.ready(startup);
+        Ok(fw_later)
+    }
+
+    /// What the start left for after ready: the ruleset read (if the start took the last
+    /// agent's evaluation of it), Docker's firewall backend (`info` costs Docker more than
+    /// the rest), the egress table.
+    async fn after_ready(&mut self, fw_later: Option<mpsc::Sender<()>>, cached: usize) {
+        if cached > 0 {
+            info!(
+                containers = cached,
+                "took the last agent's inspects of containers unchanged since; a full resync follows"
+            );
+        }
+        if let Some(tx) = fw_later {
+            let _ = tx.try_send(());
+        }
+        if let Ok(info) = self.docker.info().await {
+            self.shared
+                .lock()
+                .expect("status lock")
+                .status
+                .docker_firewall_backend = crate::engine::firewall_backend(&info);
+        }
+        if let Err(e) = self.apply_egress() {
+            warn!(error = %format!("{e:#}"), "writing the egress table failed; retrying");
+            self.retry_at = Some(Instant::now() + self.backoff.failed());
+        }
+    }
+
     fn ready(&self, startup: Startup) {
         let s = &mut self.shared.lock().expect("status lock").status;
         s.ready = true;
@@ -307,6 +388,16 @@ impl Agent {
     async fn stop(mut self, pinned: bool) {
         notify::notify("STOPPING=1");
         self.metrics_server = None;
+        if let Some(path) = &self.cache_path {
+            match crate::cache::save(path, &self.inspected, &self.state.firewall) {
+                Ok(n) => {
+                    debug!(containers = n, path = %path.display(), "inspects left for the next start");
+                }
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "could not leave the inspects for the next start");
+                }
+            }
+        }
         if pinned {
             info!(
                 "pinned programs, maps and rules stay in place: connections made stay as they are, \
@@ -419,6 +510,9 @@ impl Agent {
         let mut early_rx = self.early_rx.take().unwrap_or_else(|| mpsc::channel(1).1);
         let mut resync = tokio::time::interval(resync_interval);
         resync.tick().await;
+        if self.resync_now {
+            resync.reset_immediately();
+        }
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut events = Box::pin(docker::events(&self.docker, since));
@@ -679,6 +773,7 @@ impl Agent {
                 .collect();
             self.state.retain(&live);
             self.egress.retain(&live);
+            self.inspected.retain(|id, _| live.contains(id));
             if !self.loaded.vouching() {
                 // Events were lost: the egress table is written whole again.
                 self.egress.force();
@@ -733,6 +828,14 @@ impl Agent {
                 .and_then(netns::default_routes);
             self.egress.inspected(&id, c.as_ref());
             let (errors, new_ns) = self.state.ingest(&id, c.as_ref(), routes.as_ref());
+            match c {
+                Some(c) => {
+                    self.inspected.insert(id.clone(), c);
+                }
+                None => {
+                    self.inspected.remove(&id);
+                }
+            }
             for e in &errors {
                 warn!(error = %e, "binding skipped");
             }
@@ -876,9 +979,14 @@ impl Agent {
             bindv6only: std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only")
                 .is_ok_and(|s| s.trim() == "1"),
         };
-        // The egress table first (a policy never waits for the maps), then the plan, which
-        // leaves containers denied the host to Docker's path.
-        let egress = self.apply_egress();
+        // The egress table first (a policy never waits for the maps, except at the first
+        // sync: see `defer_egress`), then the plan, which leaves containers denied the host
+        // to Docker's path.
+        let egress = if std::mem::take(&mut self.defer_egress) {
+            Ok(())
+        } else {
+            self.apply_egress()
+        };
         self.state.host_denied = self.egress.host_denied();
         let plan = plan::plan(&self.state, &env);
         for c in &plan.conflicts {
@@ -1051,20 +1159,16 @@ impl Agent {
 
     /// Every container's labels (created, stopped: not running), so its policy is ready at
     /// its next `network connect`; runtime changes of containers that no longer exist go.
-    async fn learn_all(&mut self) {
-        match docker::all(&self.docker).await {
-            Ok(list) => {
-                let ids = list.iter().map(|(id, _, _)| id.clone()).collect();
-                for (id, name, labels) in list {
-                    if !self.egress.knows(&id) {
-                        self.egress
-                            .created(&id, &name, labels.into_iter().collect(), false);
-                    }
-                }
-                self.egress.sweep_runtime(&ids);
+    /// Every container's egress policy ready (from its labels), whenever it starts.
+    fn learn(&mut self, list: Vec<docker::Named>) {
+        let ids = list.iter().map(|(id, _, _)| id.clone()).collect();
+        for (id, name, labels) in list {
+            if !self.egress.knows(&id) {
+                self.egress
+                    .created(&id, &name, labels.into_iter().collect(), false);
             }
-            Err(e) => warn!(error = %format!("{e:#}"), "listing containers failed"),
         }
+        self.egress.sweep_runtime(&ids);
     }
 
     /// What the events mean for egress: labels at `create`; at `network connect`, the

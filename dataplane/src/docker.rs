@@ -4,25 +4,102 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 use bollard::{
-    API_DEFAULT_VERSION, Docker,
+    API_DEFAULT_VERSION, ClientVersion, Docker,
     models::Network,
     models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum},
     query_parameters::{EventsOptions, ListContainersOptions},
 };
 
-/// Connects to the engine's Unix socket and agrees on an API version it speaks.
-pub async fn connect(socket: &str) -> Result<Docker> {
+/// Connects to the engine's Unix socket and agrees on an API version it speaks. Returns the
+/// engine's version too (from `/_ping`'s `Server` header: a ping costs Docker far less than
+/// `/version`, which asks containerd and the runtimes).
+pub async fn connect(socket: &str) -> Result<(Docker, String)> {
     if !std::path::Path::new(socket).exists() {
         anyhow::bail!(
             "no Docker socket at {socket}: is dockerd running? (`cargo xtask run` starts one)"
         );
     }
-    let docker = Docker::connect_with_unix(socket, 30, API_DEFAULT_VERSION)
+    let ping = ping(socket)
+        .await
+        .with_context(|| format!("talking to Docker at {socket} (permission denied needs root)"))?;
+    let default = (
+        API_DEFAULT_VERSION.major_version,
+        API_DEFAULT_VERSION.minor_version,
+    );
+    let (major_version, minor_version) = ping.api.filter(|v| *v < default).unwrap_or(default);
+    let version = ClientVersion {
+        major_version,
+        minor_version,
+    };
+    let docker = Docker::connect_with_unix(socket, 30, &version)
         .with_context(|| format!("connecting to Docker at {socket}"))?;
-    docker
+    if ping.api.is_some() {
+        return Ok((docker, ping.engine));
+    }
+    // No API version in the ping's answer: agreed the long way.
+    let docker = docker
         .negotiate_version()
         .await
-        .with_context(|| format!("talking to Docker at {socket} (permission denied needs root)"))
+        .with_context(|| format!("talking to Docker at {socket}"))?;
+    let engine = docker
+        .version()
+        .await
+        .ok()
+        .and_then(|v| v.version)
+        .unwrap_or_default();
+    Ok((docker, engine))
+}
+
+/// What `/_ping` says: the API version, and the engine's version.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Ping {
+    pub api: Option<(usize, usize)>,
+    pub engine: String,
+}
+
+async fn ping(socket: &str) -> std::io::Result<Ping> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(socket).await?;
+    s.write_all(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+        .await?;
+    let mut head = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        s.take(16 * 1024).read_to_end(&mut head),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("no answer to /_ping"))??;
+    let text = String::from_utf8_lossy(&head);
+    if !text.starts_with("HTTP/1.") || text.split_whitespace().nth(1) != Some("200") {
+        return Err(std::io::Error::other(format!(
+            "unexpected answer to /_ping: {}",
+            text.lines().next().unwrap_or("")
+        )));
+    }
+    Ok(parse_ping(&text))
+}
+
+/// Reads `API-Version: 1.41` and `Server: Docker/20.10.24+dfsg1 (linux)` from a ping's head.
+pub fn parse_ping(head: &str) -> Ping {
+    let header = |name: &str| {
+        head.lines().take_while(|l| !l.is_empty()).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    let api = header("API-Version").and_then(|v| {
+        let (a, b) = v.split_once('.')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    });
+    let engine = header("Server")
+        .and_then(|v| {
+            v.strip_prefix("Docker/")
+                .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
+        })
+        .unwrap_or_default();
+    Ping { api, engine }
 }
 
 /// Containers in any of `statuses` (every one with none), as Docker lists them.
@@ -90,12 +167,23 @@ pub fn endpoint_addresses(v4: Option<&str>, v6: Option<&str>) -> Vec<std::net::I
         .collect()
 }
 
-/// Every container, running or not: its id, name and labels (from the list, no inspect),
-/// so a policy is ready whenever one starts.
-pub async fn all(docker: &Docker) -> Result<Vec<(String, String, HashMap<String, String>)>> {
-    Ok(list(docker, &[])
-        .await?
-        .into_iter()
+/// A container's id, name and labels.
+pub type Named = (String, String, HashMap<String, String>);
+
+/// Every container, running or not, as Docker lists it.
+pub async fn list_all(docker: &Docker) -> Result<Vec<bollard::models::ContainerSummary>> {
+    list(docker, &[]).await
+}
+
+/// Whether a listed container runs (paused ones too).
+pub fn is_running(c: &bollard::models::ContainerSummary) -> bool {
+    use bollard::models::ContainerSummaryStateEnum as S;
+    matches!(c.state, Some(S::RUNNING | S::PAUSED))
+}
+
+/// Id, name and labels of listed containers.
+pub fn named(list: Vec<bollard::models::ContainerSummary>) -> Vec<Named> {
+    list.into_iter()
         .filter_map(|c| {
             let name = c
                 .names
@@ -103,7 +191,7 @@ pub async fn all(docker: &Docker) -> Result<Vec<(String, String, HashMap<String,
                 .unwrap_or_default();
             Some((c.id?, name, c.labels.unwrap_or_default()))
         })
-        .collect())
+        .collect()
 }
 
 /// A Docker network as the agent needs it: which host interface is its bridge, and whether
@@ -231,6 +319,21 @@ pub fn effect(ev: &EventMessage) -> Effect {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ping_gives_api_and_engine_versions() {
+        let head = "HTTP/1.0 200 OK\r\nApi-Version: 1.41\r\nServer: Docker/20.10.24+dfsg1 (linux)\r\n\r\nOK";
+        assert_eq!(
+            super::parse_ping(head),
+            super::Ping {
+                api: Some((1, 41)),
+                engine: "20.10.24+dfsg1".into()
+            }
+        );
+        let none = super::parse_ping("HTTP/1.0 200 OK\r\n\r\nServer: Docker/1 (x)");
+        assert_eq!(none.api, None);
+        assert_eq!(none.engine, "", "headers end at the blank line");
+    }
+
     use bollard::models::EventActor;
 
     use super::*;

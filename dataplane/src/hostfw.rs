@@ -21,7 +21,7 @@ use serde_json::Value;
 use crate::netfilter::changes::{ChainId, Changes, is_own_table};
 
 /// What was found; `None` fields mean nothing in the way.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HostFirewall {
     /// Where a stateful `INPUT` policy was found.
     pub stateful_input: Option<String>,
@@ -99,7 +99,8 @@ impl Snapshot {
     }
 }
 
-fn legacy_filter_in_use() -> bool {
+/// Whether legacy iptables filter tables exist (then the ruleset is more than nftables).
+pub fn legacy_filter_in_use() -> bool {
     ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"]
         .iter()
         .any(|p| std::fs::read_to_string(p).is_ok_and(|s| s.lines().any(|l| l == "filter")))

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod apply;
 pub mod bpf;
+pub mod cache;
 pub mod desired;
 pub mod docker;
 pub mod egress;

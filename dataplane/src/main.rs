@@ -217,6 +217,7 @@ fn main() -> ExitCode {
             };
             let opts = agent::Options {
                 docker_socket,
+                cache_path: Some(socket.with_file_name(agent::CACHE_FILE)),
                 api_socket: socket,
                 cgroup,
                 resync_interval: Duration::from_secs(resync_interval.max(1)),
@@ -298,6 +299,7 @@ fn uninstall(
         println!("removed iptables chain {fwd_chain} and its DOCKER-USER jump");
     }
     let _ = std::fs::remove_file(socket);
+    let _ = std::fs::remove_file(socket.with_file_name(agent::CACHE_FILE));
     let changes = state_dir.join("egress");
     if changes.exists() {
         match std::fs::remove_dir_all(&changes) {

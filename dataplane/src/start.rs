@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -22,6 +22,9 @@ use crate::{
 
 pub struct Options {
     pub docker_socket: String,
+    /// Where a stopping agent leaves what it knew of the containers for the next start
+    /// ([`crate::cache`]); `None`: nowhere.
+    pub cache_path: Option<PathBuf>,
     pub api_socket: PathBuf,
     pub cgroup: Option<PathBuf>,
     pub resync_interval: Duration,
@@ -130,6 +133,15 @@ impl StartError {
     }
 }
 
+/// The host's firewall at the start.
+pub enum Firewall {
+    /// The ruleset, as read.
+    Read(hostfw::Snapshot),
+    /// What the last agent found it to do, at the same ruleset generation: the ruleset is
+    /// to be read after the start.
+    Known(hostfw::HostFirewall),
+}
+
 /// What the start-up finds, overlapped: the programs loaded, Docker's state, the host's
 /// ruleset.
 pub struct Started {
@@ -137,9 +149,73 @@ pub struct Started {
     pub docker: Docker,
     pub inspected: Inspected,
     pub networks: HashMap<String, NetInfo>,
-    /// Docker's version, and its firewall backend.
-    pub docker_version: (String, String),
-    pub fw_snapshot: hostfw::Snapshot,
+    /// Docker's version.
+    pub docker_version: String,
+    pub fw: Firewall,
+    /// Every container, running or not: id, name, labels.
+    pub listed: Vec<docker::Named>,
+    /// How many of `inspected` came from the last agent's cache.
+    pub cached: usize,
+}
+
+/// What Docker says at the start.
+struct DockerState {
+    docker: Docker,
+    inspected: Inspected,
+    networks: HashMap<String, NetInfo>,
+    version: String,
+    listed: Vec<docker::Named>,
+    /// How many inspects came from the last agent's cache.
+    cached: usize,
+}
+
+/// Connects to Docker, lists containers and networks, and inspects the running containers
+/// the last agent's cache (`left`) does not vouch for.
+async fn docker_state(socket: &str, left: &mut crate::cache::Left) -> Result<DockerState> {
+    let t = Instant::now();
+    let (docker, version) = docker::connect(socket).await?;
+    debug!(took_us = t.elapsed().as_micros(), "connected to Docker");
+    let (listed, networks) = tokio::join!(docker::list_all(&docker), docker::networks(&docker));
+    let listed = listed?;
+    debug!(
+        took_us = t.elapsed().as_micros(),
+        "listed containers and networks"
+    );
+    let running: Vec<(String, String)> = listed
+        .iter()
+        .filter(|c| docker::is_running(c))
+        .filter_map(|c| Some((c.id.clone()?, crate::cache::of_summary(c))))
+        .collect();
+    // What the last agent knew and still holds is not asked again.
+    let cached = left.containers(&running);
+    let ask = running
+        .into_iter()
+        .map(|(id, _)| id)
+        .filter(|id| !cached.contains_key(id));
+    let mut inspected = inspect_all(&docker, ask).await;
+    let n = cached.len();
+    inspected.extend(cached.into_iter().map(|(id, c)| (id, Ok(Some(c)))));
+    Ok(DockerState {
+        docker,
+        inspected,
+        networks: networks?,
+        version,
+        listed: docker::named(listed),
+        cached: n,
+    })
+}
+
+/// This build's programs pinned and attached: taken as they are (a restart); otherwise
+/// loaded, and attached or swapped in.
+fn load(cgroup: &Path, pin_dir: Option<&Path>, max_frontends: u32) -> Result<Loaded> {
+    if let Some(l) = pin_dir
+        .map(|d| Loaded::reuse_pinned(d, cgroup))
+        .transpose()?
+        .flatten()
+    {
+        return Ok(l);
+    }
+    Loaded::load_and_attach_sized(cgroup, pin_dir, max_frontends)
 }
 
 /// Loads and attaches the programs, asks Docker for its containers and networks, and reads
@@ -159,33 +235,38 @@ pub async fn load_and_list(
         }
         e
     };
+    // What the last agent left: inspects, and the firewall's evaluation if the ruleset has
+    // not changed since (then `nft` is not waited for: it lists the ruleset after ready).
+    let mut left = opts
+        .cache_path
+        .as_deref()
+        .map(crate::cache::take)
+        .unwrap_or_default();
+    let fw_known = left.firewall();
     // Loading and Docker's first answer are independent: overlap them.
-    let docker_fut = async {
-        let d = docker::connect(&opts.docker_socket).await?;
-        let ids = docker::running_ids(&d).await?;
-        let (inspected, networks) = tokio::join!(inspect_all(&d, ids), docker::networks(&d));
-        let (version, info) = tokio::join!(d.version(), d.info());
-        let version = version.ok().and_then(|v| v.version).unwrap_or_default();
-        let firewall = info
-            .map(|i| crate::engine::firewall_backend(&i))
-            .unwrap_or_default();
-        anyhow::Ok((d, inspected, networks?, (version, firewall)))
-    };
+    let docker_fut = docker_state(&opts.docker_socket, &mut left);
     // An earlier version's DOCKER-USER chain goes; then the host's ruleset is read.
     let fwd_chain = opts.fwd_chain.clone();
     let own_table = opts.nft_table.clone();
+    let read_fw = fw_known.is_none();
     let fw_fut = tokio::task::spawn_blocking(move || {
-        if crate::netfilter::legacy::remove_legacy(&fwd_chain) {
-            info!(chain = %fwd_chain, "removed the DOCKER-USER chain of an earlier version");
-        }
-        hostfw::capture(&own_table)
+        read_fw.then(|| {
+            let t = Instant::now();
+            if crate::netfilter::legacy::remove_legacy(&fwd_chain) {
+                info!(chain = %fwd_chain, "removed the DOCKER-USER chain of an earlier version");
+            }
+            let legacy = t.elapsed();
+            (hostfw::capture(&own_table), legacy, t.elapsed())
+        })
     });
     let pin_dir = opts.pin_dir.clone();
     let max_frontends = opts.max_frontends;
     let load_fut = tokio::task::spawn_blocking(move || {
         let t = Instant::now();
-        let r = Loaded::load_and_attach_sized(&cgroup, pin_dir.as_deref(), max_frontends);
-        (r, t.elapsed())
+        (
+            load(&cgroup, pin_dir.as_deref(), max_frontends),
+            t.elapsed(),
+        )
     });
     let (docker_res, load_res, fw_res) = tokio::join!(
         async {
@@ -196,15 +277,36 @@ pub async fn load_and_list(
         fw_fut
     );
     let (docker_res, docker_took) = docker_res;
-    let fw_snapshot = fw_res.context("firewall task")?;
+    let fw = match fw_res.context("firewall task")? {
+        Some((snapshot, legacy_took, fw_took)) => {
+            startup.record("legacy_chain_check", legacy_took);
+            startup.record("ruleset_read", fw_took);
+            Firewall::Read(snapshot)
+        }
+        None => Firewall::Known(fw_known.unwrap_or_default()),
+    };
     let (load_res, load_took) = load_res.context("load task")?;
     let mut loaded = match load_res {
         Ok(l) => l,
         Err(e) => return Err(undo(StartError::Kernel(e))),
     };
-    startup.record("load_attach", load_took);
+    startup.record(
+        if loaded.reused {
+            "reuse_pinned"
+        } else {
+            "load_attach"
+        },
+        load_took,
+    );
     startup.record("docker_list_inspect", docker_took);
-    let (docker, inspected, networks, docker_version) = match docker_res {
+    let DockerState {
+        docker,
+        inspected,
+        networks,
+        version: docker_version,
+        listed,
+        cached,
+    } = match docker_res {
         Ok(d) => d,
         Err(e) => {
             drop(loaded);
@@ -226,7 +328,9 @@ pub async fn load_and_list(
         inspected,
         networks,
         docker_version,
-        fw_snapshot,
+        fw,
+        listed,
+        cached,
     })
 }
 

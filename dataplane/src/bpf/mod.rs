@@ -48,8 +48,10 @@ pub const SOCK_HOOKS: &[&str] = &[
 /// every socket they see has its options recorded from then on.
 pub const SOCKOPT_HOOK: &str = "dp_setsockopt";
 
-/// Every map, pinned under the pin directory by its kernel name when pinning is on.
+/// Every map, pinned under the pin directory by its kernel name when pinning is on (the
+/// agent map too, so a restart of the same build can take everything as it is pinned).
 pub const MAPS: &[&str] = &[
+    MAP_AGENT,
     MAP_FRONTENDS,
     MAP_LOCAL_ADDRS,
     MAP_CONFIG,
@@ -61,11 +63,55 @@ pub const MAPS: &[&str] = &[
     MAP_SOCK_OPT,
 ];
 
+/// Every hook, by program name.
+fn hooks() -> impl Iterator<Item = &'static str> {
+    std::iter::once(SOCKOPT_HOOK).chain(SOCK_HOOKS.iter().copied())
+}
+
 /// Whether programs of an agent are pinned (and so attached) under `dir`.
 pub fn has_pinned_links(dir: &Path) -> bool {
-    std::iter::once(SOCKOPT_HOOK)
-        .chain(SOCK_HOOKS.iter().copied())
-        .any(|name| dir.join(format!("link_{name}")).exists())
+    hooks().any(|name| dir.join(format!("link_{name}")).exists())
+}
+
+/// This build's programs, named: a hash (64-bit FNV-1a) of the embedded object.
+pub fn build_id() -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in OBJECT {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// What marks the pinned links as carrying this build's programs, every one of them: pinned
+/// after the last swap, removed before the first.
+const MARKER_PREFIX: &str = "build_";
+
+fn marker_path(dir: &Path) -> PathBuf {
+    dir.join(format!("{MARKER_PREFIX}{}", build_id()))
+}
+
+/// Removes the build markers under `dir`: from here until [`pin_marker`] the links may carry
+/// programs of more than one build.
+fn remove_markers(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(MARKER_PREFIX) {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing the build marker {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Says that every pinned link under `dir` carries this build's programs.
+fn pin_marker(dir: &Path) -> Result<()> {
+    let path = marker_path(dir);
+    let fd = sys::marker_create("dp_build").context("creating the build marker")?;
+    sys::obj_pin(fd.as_fd(), &path)
+        .with_context(|| format!("pinning the build marker at {}", path.display()))
 }
 
 /// Removes pinned maps of ours (`DP_*`) whose name is not in [`MAPS`]: an earlier layout,
@@ -131,9 +177,17 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/dataplane";
 /// The programs loaded and attached. Without a pin directory, dropping it detaches them;
 /// with one, maps and links stay pinned and keep working without the agent.
 pub struct Loaded {
-    ebpf: Ebpf,
+    /// The object this start loaded (it holds unpinned links: dropping it detaches them);
+    /// `None` when the pinned programs of this build were taken as they were.
+    ebpf: Option<Ebpf>,
+    /// Every map of [`MAPS`], by name.
+    maps: BTreeMap<&'static str, aya::maps::Map>,
+    pin_dir: Option<PathBuf>,
     /// `<program>@<cgroup>` and how it got there (attached, or adopted from a pin).
     pub attached: Vec<String>,
+    /// Whether this start found this very build's programs pinned and attached, and took
+    /// them as they were: nothing loaded, nothing verified, nothing swapped.
+    pub reused: bool,
     /// The socket in the agent map while this agent vouches for the maps' content (see
     /// [`Loaded::vouch`]); it closes with the process, however the process ends.
     vouching: Option<std::net::UdpSocket>,
@@ -329,6 +383,37 @@ pub fn netns_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
+/// Loads the `setsockopt` hook and attaches it to `cg` (or swaps it into its pinned link).
+fn attach_sockopt(
+    ebpf: &mut Ebpf,
+    cg: &File,
+    cgroup: &Path,
+    pin_dir: Option<&Path>,
+    own_links: &mut Vec<std::os::fd::OwnedFd>,
+) -> Result<String> {
+    let name = SOCKOPT_HOOK;
+    let prog: &mut CgroupSockopt = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {name} is not a cgroup sockopt program"))?;
+    prog.load()
+        .with_context(|| format!("loading {name} (the verifier refused it)"))?;
+    let link_pin = pin_dir.map(|d| d.join(format!("link_{name}")));
+    if let Some(pin) = link_pin.as_ref().filter(|p| p.exists()) {
+        return adopt(pin, prog.fd()?.as_fd(), name, cgroup);
+    }
+    let prog_fd = prog.fd()?;
+    let link = sys::link_create(prog_fd.as_fd(), cg.as_fd(), sys::ATTACH_CGROUP_SETSOCKOPT)
+        .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+    if let Some(pin) = link_pin {
+        sys::obj_pin(link.as_fd(), &pin)
+            .with_context(|| format!("pinning {name} at {}", pin.display()))?;
+    }
+    own_links.push(link);
+    Ok(format!("{name}@{}", cgroup.display()))
+}
+
 impl Loaded {
     /// Loads every program and attaches the socket hooks to `cgroup`. On any failure
     /// nothing new stays attached (what was attached is dropped with the object).
@@ -371,35 +456,20 @@ impl Loaded {
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the eBPF object (is this a kernel with BTF and BPF enabled?)")?;
+        if let Some(dir) = pin_dir {
+            remove_markers(dir)?;
+        }
         let cg =
             File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let mut attached = Vec::new();
         let mut own_links = Vec::new();
-        {
-            let name = SOCKOPT_HOOK;
-            let prog: &mut CgroupSockopt = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the eBPF object"))?
-                .try_into()
-                .with_context(|| format!("program {name} is not a cgroup sockopt program"))?;
-            prog.load()
-                .with_context(|| format!("loading {name} (the verifier refused it)"))?;
-            let link_pin = pin_dir.map(|d| d.join(format!("link_{name}")));
-            if let Some(pin) = link_pin.as_ref().filter(|p| p.exists()) {
-                attached.push(adopt(pin, prog.fd()?.as_fd(), name, cgroup)?);
-            } else {
-                let prog_fd = prog.fd()?;
-                let link =
-                    sys::link_create(prog_fd.as_fd(), cg.as_fd(), sys::ATTACH_CGROUP_SETSOCKOPT)
-                        .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
-                if let Some(pin) = link_pin {
-                    sys::obj_pin(link.as_fd(), &pin)
-                        .with_context(|| format!("pinning {name} at {}", pin.display()))?;
-                }
-                own_links.push(link);
-                attached.push(format!("{name}@{}", cgroup.display()));
-            }
-        }
+        attached.push(attach_sockopt(
+            &mut ebpf,
+            &cg,
+            cgroup,
+            pin_dir,
+            &mut own_links,
+        )?);
         for name in SOCK_HOOKS {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -437,13 +507,69 @@ impl Loaded {
             for name in remove_stale_map_pins(dir) {
                 tracing::info!(map = %name, "removed the pin of an earlier map layout");
             }
+            pin_marker(dir)?;
+        }
+        let mut maps = BTreeMap::new();
+        for name in MAPS {
+            let m = ebpf
+                .take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))?;
+            maps.insert(*name, m);
         }
         Ok(Self {
-            ebpf,
+            ebpf: Some(ebpf),
+            maps,
+            pin_dir: pin_dir.map(Path::to_path_buf),
             attached,
+            reused: false,
             vouching: None,
             _own_links: own_links,
         })
+    }
+
+    /// Takes this build's programs as they are pinned under `dir` and attached: no load, no
+    /// verifier, no swap. Only when this build's marker is there (pinned after the last
+    /// link carried its programs) and every link and map is pinned; `None` otherwise (then
+    /// [`Loaded::load_and_attach_sized`] loads and swaps).
+    pub fn reuse_pinned(dir: &Path, cgroup: &Path) -> Result<Option<Self>> {
+        if OBJECT.is_empty() || !secure_pin_dir(dir, false)? || !marker_path(dir).exists() {
+            return Ok(None);
+        }
+        if !hooks().all(|n| dir.join(format!("link_{n}")).exists())
+            || !MAPS.iter().all(|m| dir.join(m).exists())
+        {
+            return Ok(None);
+        }
+        let mut maps = BTreeMap::new();
+        for name in MAPS {
+            let pin = dir.join(name);
+            let data = MapData::from_pin(&pin)
+                .with_context(|| format!("opening the pinned map {}", pin.display()))?;
+            maps.insert(*name, aya::maps::Map::from_map_data(data)?);
+        }
+        Ok(Some(Self {
+            ebpf: None,
+            maps,
+            pin_dir: Some(dir.to_path_buf()),
+            attached: hooks()
+                .map(|n| format!("{n}@{} (pinned, this build)", cgroup.display()))
+                .collect(),
+            reused: true,
+            vouching: None,
+            _own_links: Vec::new(),
+        }))
+    }
+
+    fn map(&self, name: &str) -> Result<&aya::maps::Map> {
+        self.maps
+            .get(name)
+            .with_context(|| format!("map {name} missing"))
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.maps
+            .get_mut(name)
+            .with_context(|| format!("map {name} missing"))
     }
 
     /// From now on the programs translate (and reserve published ports): the maps hold what
@@ -460,8 +586,7 @@ impl Loaded {
         let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))
             .or_else(|_| std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)))
             .context("binding the agent's own socket on loopback")?;
-        let mut map: SockMap<&mut MapData> =
-            SockMap::try_from(self.ebpf.map_mut(MAP_AGENT).context("agent map")?)?;
+        let mut map: SockMap<&mut MapData> = SockMap::try_from(self.map_mut(MAP_AGENT)?)?;
         map.set(0, &sock, 0)
             .context("putting the agent's socket in the agent map")?;
         self.vouching = Some(sock);
@@ -471,7 +596,7 @@ impl Loaded {
     /// A descriptor of the socket-storage map where the programs record each translated
     /// socket's backend (for `sock_diag`, see [`crate::sockets`]).
     pub fn translations_fd(&self) -> Result<std::os::fd::OwnedFd> {
-        match self.ebpf.map(MAP_SOCK_REV) {
+        match self.maps.get(MAP_SOCK_REV) {
             Some(aya::maps::Map::SkStorage(m)) => Ok(m
                 .fd()
                 .as_fd()
@@ -485,8 +610,8 @@ impl Loaded {
     /// time, beside the agent's own handles).
     pub fn map_fds(&self) -> Result<Vec<(String, std::os::fd::OwnedFd)>> {
         let mut out = Vec::new();
-        for (name, m) in self.ebpf.maps() {
-            if let Some(d) = map_data(m).filter(|_| name.starts_with("DP_")) {
+        for (name, m) in &self.maps {
+            if let Some(d) = map_data(m) {
                 out.push((
                     name.to_string(),
                     d.fd()
@@ -511,38 +636,28 @@ impl Loaded {
     }
 
     pub fn peer_nets(&mut self) -> Result<BpfHash<'_, PeerNetKey, PeerNet>> {
-        let map = self
-            .ebpf
-            .map_mut(MAP_PEER_NETS)
-            .context("peer-networks map")?;
+        let map = self.map_mut(MAP_PEER_NETS)?;
         Ok(BpfHash(HashMap::try_from(map)?))
     }
 
     pub fn set_config(&mut self, cfg: Config) -> Result<()> {
-        let mut arr: Array<&mut MapData, Config> =
-            Array::try_from(self.ebpf.map_mut(MAP_CONFIG).context("config map")?)?;
+        let mut arr: Array<&mut MapData, Config> = Array::try_from(self.map_mut(MAP_CONFIG)?)?;
         arr.set(0, cfg, 0).context("writing the config map")?;
         Ok(())
     }
 
     pub fn frontends_map(&mut self) -> Result<BpfHash<'_, FrontendKey, Backend>> {
-        let map = self.ebpf.map_mut(MAP_FRONTENDS).context("frontends map")?;
+        let map = self.map_mut(MAP_FRONTENDS)?;
         Ok(BpfHash(HashMap::try_from(map)?))
     }
 
     pub fn local_addrs(&mut self) -> Result<BpfHash<'_, Addr, LocalAddr>> {
-        let map = self
-            .ebpf
-            .map_mut(MAP_LOCAL_ADDRS)
-            .context("local-address map")?;
+        let map = self.map_mut(MAP_LOCAL_ADDRS)?;
         Ok(BpfHash(HashMap::try_from(map)?))
     }
 
     pub fn ports_map(&mut self) -> Result<BpfHash<'_, PortKey, PortFamilies>> {
-        let map = self
-            .ebpf
-            .map_mut(MAP_PORTS)
-            .context("published-ports map")?;
+        let map = self.map_mut(MAP_PORTS)?;
         Ok(BpfHash(HashMap::try_from(map)?))
     }
 
@@ -550,8 +665,19 @@ impl Loaded {
     /// (`BPF_PROG_TEST_RUN`), against the maps as they are. Returns the program's return
     /// value (1 translated, 0 not) and its answer.
     pub fn test_xlate(&mut self, req: &TestRequest) -> Result<(u32, TestAnswer)> {
+        if self.ebpf.is_none() {
+            // Programs taken as pinned: load the object once more, its maps the pinned ones.
+            let dir = self.pin_dir.clone().context("no pin directory")?;
+            let mut loader = EbpfLoader::new();
+            for name in MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+            self.ebpf = Some(loader.load(OBJECT).context("loading the eBPF object")?);
+        }
         let prog: &mut SchedClassifier = self
             .ebpf
+            .as_mut()
+            .context("no eBPF object")?
             .program_mut("dp_test_xlate")
             .context("program dp_test_xlate missing")?
             .try_into()?;
@@ -588,10 +714,7 @@ impl Loaded {
         &mut self,
         ids: &std::collections::BTreeSet<u32>,
     ) -> Result<BTreeMap<u32, u64>> {
-        let map = self
-            .ebpf
-            .map_mut(MAP_FE_STATS)
-            .context("frontend stats map")?;
+        let map = self.map_mut(MAP_FE_STATS)?;
         let mut m: PerCpuHashMap<&mut MapData, u32, u64> = PerCpuHashMap::try_from(map)?;
         let have: std::collections::BTreeSet<u32> = m.keys().collect::<Result<_, _>>()?;
         for id in &have {
@@ -612,8 +735,7 @@ impl Loaded {
 
     /// The stats counters summed over CPUs, indexed by `STAT_*`.
     pub fn stats(&self) -> Result<Vec<u64>> {
-        let arr: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.ebpf.map(MAP_STATS).context("stats map")?)?;
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(MAP_STATS)?)?;
         (0..STATS_LEN)
             .map(|i| Ok(arr.get(&i, 0)?.iter().sum()))
             .collect()

@@ -1,7 +1,7 @@
 //! The raw `bpf(2)` commands aya 0.14 keeps to itself, each needed here: `BPF_OBJ_GET` and
 //! `BPF_OBJ_PIN` of links it did not make, `BPF_LINK_UPDATE` (swapping a program into a
 //! pinned cgroup link atomically, for restarts), `BPF_LINK_CREATE` of the cgroup sockopt
-//! link as a pinnable link.
+//! link as a pinnable link, `BPF_MAP_CREATE` of the build marker.
 
 use std::{
     ffi::CString,
@@ -9,6 +9,7 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -157,4 +158,42 @@ pub fn count_keys(map: BorrowedFd<'_>, key_size: u32) -> std::io::Result<u64> {
             Err(e) => return Err(e),
         }
     }
+}
+
+#[repr(C)]
+struct MapCreate {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+    pad: [u8; 44],
+}
+
+/// A one-slot array map named `name` (at most 15 bytes): pinned, an object whose path says
+/// something (the build marker), costing a page of kernel memory.
+pub fn marker_create(name: &str) -> std::io::Result<OwnedFd> {
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let mut map_name = [0u8; 16];
+    for (d, s) in map_name.iter_mut().zip(name.bytes().take(15)) {
+        *d = s;
+    }
+    let mut attr = MapCreate {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+        map_flags: 0,
+        inner_map_fd: 0,
+        numa_node: 0,
+        map_name,
+        pad: [0; 44],
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    let fd = i32::try_from(fd).map_err(|_| std::io::Error::other("fd out of range"))?;
+    // SAFETY: the kernel just handed us this descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -183,6 +183,55 @@ fn parse_one(kind: u16, body: &[u8], into: &mut Changes) {
     }
 }
 
+/// The nftables ruleset's generation: the kernel counts every committed transaction, so an
+/// unchanged number means an unchanged ruleset (iptables-nft's rules included; legacy
+/// iptables tables are not nftables and not counted).
+pub fn generation() -> Result<u32> {
+    const NFT_MSG_GETGEN: u16 = 16;
+    const NFTA_GEN_ID: u16 = 1;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkNetFilter,
+    )
+    .context("opening a netfilter netlink socket")?;
+    let mut req = Vec::with_capacity(NLMSG_HDRLEN + NFGENMSG_LEN);
+    let len = u32::try_from(NLMSG_HDRLEN + NFGENMSG_LEN).expect("small");
+    req.extend(len.to_ne_bytes());
+    req.extend(((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
+    req.extend(
+        u16::try_from(libc::NLM_F_REQUEST)
+            .unwrap_or(1)
+            .to_ne_bytes(),
+    );
+    req.extend(1u32.to_ne_bytes());
+    req.extend(0u32.to_ne_bytes());
+    req.extend([0u8, 0, 0, 0]); // AF_UNSPEC, NFNETLINK_V0, resource 0
+    nix::sys::socket::sendto(
+        fd.as_raw_fd(),
+        &req,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )
+    .context("asking for the ruleset generation")?;
+    let mut buf = vec![0u8; 4096];
+    let n = nix::sys::socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())
+        .context("reading the ruleset generation")?;
+    let b = &buf[..n];
+    anyhow::ensure!(
+        b.len() >= NLMSG_HDRLEN + NFGENMSG_LEN
+            && u16::from_ne_bytes([b[4], b[5]]) == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN,
+        "no generation in the kernel's answer"
+    );
+    let end = (u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize).min(b.len());
+    attrs(&b[NLMSG_HDRLEN + NFGENMSG_LEN..end])
+        .into_iter()
+        .find(|(k, d)| *k == NFTA_GEN_ID && d.len() == 4)
+        .map(|(_, d)| u32::from_be_bytes([d[0], d[1], d[2], d[3]]))
+        .context("no generation in the kernel's answer")
+}
+
 /// Sends a tick on `tx` (coalesced) whenever the ruleset changes, with what changed merged
 /// into `changes`. Runs on a thread of its own for the agent's lifetime.
 pub fn watch(tx: mpsc::Sender<()>, changes: Arc<Mutex<Changes>>) -> Result<()> {

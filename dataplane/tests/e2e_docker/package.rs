@@ -343,8 +343,9 @@ fn the_package_installs_upgrades_without_a_failed_connection_and_removes_cleanly
         assert!(pins.iter().any(|p| p == m), "{m} not pinned: {pins:?}");
     }
     assert!(
-        pins.iter()
-            .all(|p| p.starts_with("link_") || dataplane::bpf::MAPS.contains(&p.as_str())),
+        pins.iter().all(|p| p.starts_with("link_")
+            || p.starts_with("build_")
+            || dataplane::bpf::MAPS.contains(&p.as_str())),
         "pins of the earlier layout left: {pins:?}"
     );
 
