@@ -315,10 +315,20 @@ impl Drop for Container {
 }
 
 /// How many of the agent's attach points it adopted from pinned links.
+/// Hooks whose pinned links got this agent's programs swapped in (another build's were
+/// there).
 fn adopted(st: &Status) -> usize {
     st.attach_points
         .iter()
         .filter(|a| a.ends_with("(adopted)"))
+        .count()
+}
+
+/// Hooks taken as they were pinned: this build's programs, nothing loaded.
+fn reused(st: &Status) -> usize {
+    st.attach_points
+        .iter()
+        .filter(|a| a.ends_with("(pinned, this build)"))
         .count()
 }
 
@@ -930,11 +940,17 @@ fn agent_kill_9_keeps_traffic_flowing_restart_adopts_uninstall_removes_all() {
         String::from_utf8_lossy(&out.stdout)
     );
     let squatter = while_no_agent_runs(&net, web, &cli, &via_gw, q);
-    // A new agent adopts the pinned links and swaps its programs in, and vouches for what
-    // Docker says now.
+    // A new agent of the same build takes the pinned links and programs as they are
+    // (nothing loaded), and vouches for what Docker says now.
     agent.spawn();
     let st = agent.status();
-    assert_eq!(adopted(&st), dataplane::bpf::SOCK_HOOKS.len() + 1, "{st:?}");
+    assert_eq!(reused(&st), dataplane::bpf::SOCK_HOOKS.len() + 1, "{st:?}");
+    assert!(
+        st.startup.iter().any(|p| p.name == "reuse_pinned")
+            && !st.startup.iter().any(|p| p.name == "load_attach"),
+        "{:?}",
+        st.startup
+    );
     assert!(st.counter(STAT_SKIP_NO_AGENT) >= 2, "{st:?}");
     let s = TcpStream::connect(("127.0.0.1", p)).unwrap();
     assert_eq!(kernel_peer(&s), format!("{}:5201", srv.ip()));
