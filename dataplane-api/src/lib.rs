@@ -170,6 +170,11 @@ pub struct Status {
     /// event are in [`Status::start_sync_us`].
     #[serde(default)]
     pub early_lead_us: Vec<i64>,
+    /// For each of the latest containers whose frontends went into the map (early, or from
+    /// the start event): its id and the unix time in microseconds they first did, oldest
+    /// first (to compare with when the container's process started).
+    #[serde(default)]
+    pub frontends_written_us: Vec<(String, u64)>,
     /// The metrics endpoint's URL (`http://address:port/metrics`), when one is configured.
     #[serde(default)]
     pub metrics: Option<String>,

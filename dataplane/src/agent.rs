@@ -102,6 +102,8 @@ struct Agent {
     /// The egress table is written after the maps, once (the first sync: a restart
     /// translates again without waiting for it; the table in the kernel stays meanwhile).
     defer_egress: bool,
+    /// Docker's data root (from `info`), where it keeps each container's configuration.
+    docker_root: Option<std::path::PathBuf>,
     /// A full resync is due as soon as events are served (the start took inspects from the
     /// last agent's cache).
     resync_now: bool,
@@ -258,6 +260,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         cache_path: opts.cache_path.clone(),
         defer_egress: true,
         resync_now: false,
+        docker_root: None,
     };
     let fw_later = agent
         .first_sync(fw, fw_tx, inspected, listed, startup)
@@ -359,6 +362,7 @@ impl Agent {
             let _ = tx.try_send(());
         }
         if let Ok(info) = self.docker.info().await {
+            self.docker_root = info.docker_root_dir.as_ref().map(std::path::PathBuf::from);
             self.shared
                 .lock()
                 .expect("status lock")
@@ -696,6 +700,16 @@ impl Agent {
         }
         let mut written = Vec::new();
         for (net, id, addrs) in connected {
+            // The create-time inspect not back yet: Docker's own files say the same.
+            if !self.early.contains_key(id)
+                && !self.state.containers.contains_key(id)
+                && let Some(c) = self
+                    .docker_root
+                    .as_deref()
+                    .and_then(|root| docker::created_on_disk(root, id))
+            {
+                self.early.insert(id.clone(), c);
+            }
             let (Some(info), Some(c)) = (self.state.networks.get(net), self.early.get(id)) else {
                 continue;
             };
@@ -707,6 +721,7 @@ impl Agent {
         if !written.is_empty() && self.apply_or_retry("early frontends") {
             for id in written {
                 debug!(container = %id.chars().take(12).collect::<String>(), "frontends written before the start completed");
+                self.note_written(&id);
                 self.early_written.insert(id, self.frontends_written);
             }
         }
@@ -721,6 +736,19 @@ impl Agent {
     }
 
     /// How long each start event took to become a frontend in the map (in `status`).
+    /// Records when container `id`'s frontends went into the map (the last write's time).
+    fn note_written(&self, id: &str) {
+        let at = self
+            .frontends_written
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let s = &mut self.shared.lock().expect("status lock").status;
+        if s.frontends_written_us.len() >= dataplane_api::SYNC_LATENCIES_KEPT {
+            s.frontends_written_us.remove(0);
+        }
+        s.frontends_written_us.push((id.to_string(), at));
+    }
+
     fn record_start_latencies(&mut self, batch: &[bollard::models::EventMessage]) {
         let now_ns = self
             .frontends_written
@@ -755,6 +783,7 @@ impl Agent {
                 continue;
             }
             let us = u64::try_from((now_ns - t) / 1000).unwrap_or(0);
+            self.note_written(id);
             metrics::get().event_to_map(Duration::from_micros(us));
             debug!(container = %id.chars().take(12).collect::<String>(), latency_us = us, "start event synced");
             let s = &mut self.shared.lock().expect("status lock").status;

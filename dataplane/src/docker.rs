@@ -194,6 +194,58 @@ pub fn named(list: Vec<bollard::models::ContainerSummary>) -> Vec<Named> {
         .collect()
 }
 
+/// A container Docker has created and not started yet, as it keeps it on disk
+/// (`<root>/containers/<id>/config.v2.json` and `hostconfig.json`, written at the create):
+/// what early frontends need (id, name, labels, networks, port bindings, network mode) when
+/// the create-time inspect has not answered yet (`docker run` starts the container right
+/// after creating it, and an inspect then waits for the start). `None` when the files are not
+/// there (Docker's root not visible here), not of that container, or it already runs.
+pub fn created_on_disk(root: &std::path::Path, id: &str) -> Option<ContainerInspectResponse> {
+    if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let dir = root.join("containers").join(id);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.v2.json")).ok()?).ok()?;
+    let host: bollard::models::HostConfig =
+        serde_json::from_slice(&std::fs::read(dir.join("hostconfig.json")).ok()?).ok()?;
+    if config.get("ID")?.as_str()? != id || config.pointer("/State/Running")?.as_bool()? {
+        return None;
+    }
+    let labels = config
+        .pointer("/Config/Labels")
+        .and_then(|l| serde_json::from_value::<HashMap<String, String>>(l.clone()).ok());
+    let networks = config
+        .pointer("/NetworkSettings/Networks")
+        .and_then(serde_json::Value::as_object)
+        .map(|n| {
+            n.keys()
+                .map(|k| (k.clone(), bollard::models::EndpointSettings::default()))
+                .collect()
+        });
+    Some(ContainerInspectResponse {
+        id: Some(id.to_string()),
+        name: config
+            .get("Name")
+            .and_then(|n| n.as_str())
+            .map(String::from),
+        config: Some(bollard::models::ContainerConfig {
+            labels,
+            ..Default::default()
+        }),
+        host_config: Some(host),
+        network_settings: Some(bollard::models::NetworkSettings {
+            networks,
+            ..Default::default()
+        }),
+        state: Some(bollard::models::ContainerState {
+            status: Some(bollard::models::ContainerStateStatusEnum::CREATED),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
 /// A Docker network as the agent needs it: which host interface is its bridge, and whether
 /// Docker lets its containers reach published ports straight through that bridge.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -319,6 +371,50 @@ pub fn effect(ev: &EventMessage) -> Effect {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_created_container_is_read_from_dockers_files() {
+        let root = std::env::temp_dir().join(format!("dp-docker-root-{}", std::process::id()));
+        let id = "07ed91b021f427542fc6f3854295a6e968635423cdc941c1bacdd1de19010604";
+        let dir = root.join("containers").join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = |running: bool| {
+            format!(
+                r#"{{"ID":"{id}","Name":"/web","State":{{"Running":{running}}},
+                "Config":{{"Labels":{{"dataplane.on-pause":"reset"}}}},
+                "NetworkSettings":{{"Networks":{{"bridge":{{"IPAddress":""}}}}}}}}"#
+            )
+        };
+        std::fs::write(dir.join("config.v2.json"), config(false)).unwrap();
+        std::fs::write(
+            dir.join("hostconfig.json"),
+            r#"{"NetworkMode":"bridge","PortBindings":{"80/tcp":[{"HostIp":"","HostPort":"8080"}]}}"#,
+        )
+        .unwrap();
+        let c = super::created_on_disk(&root, id).unwrap();
+        assert_eq!(c.name.as_deref(), Some("/web"));
+        let hc = c.host_config.unwrap();
+        assert_eq!(hc.network_mode.as_deref(), Some("bridge"));
+        let b = &hc.port_bindings.unwrap()["80/tcp"].clone().unwrap()[0];
+        assert_eq!(b.host_port.as_deref(), Some("8080"));
+        assert_eq!(
+            c.config.unwrap().labels.unwrap()["dataplane.on-pause"],
+            "reset"
+        );
+        assert!(
+            c.network_settings
+                .unwrap()
+                .networks
+                .unwrap()
+                .contains_key("bridge")
+        );
+        // Running already, another container's files, or a name that is not an id: nothing.
+        std::fs::write(dir.join("config.v2.json"), config(true)).unwrap();
+        assert!(super::created_on_disk(&root, id).is_none());
+        assert!(super::created_on_disk(&root, &id.replace('0', "1")).is_none());
+        assert!(super::created_on_disk(&root, "../../etc").is_none());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn ping_gives_api_and_engine_versions() {
         let head = "HTTP/1.0 200 OK\r\nApi-Version: 1.41\r\nServer: Docker/20.10.24+dfsg1 (linux)\r\n\r\nOK";

@@ -215,6 +215,8 @@ pub(super) fn extras(
     #[allow(clippy::cast_precision_loss, reason = "microseconds")]
     let mut leads: Vec<f64> = status.early_lead_us.iter().map(|us| *us as f64).collect();
     leads.sort_by(f64::total_cmp);
+    let mut first = String::new();
+    ready_before_process(image, starts, &mut first)?;
     drop(agent);
     let mut sorted = lat.clone();
     sorted.sort_by(f64::total_cmp);
@@ -231,12 +233,98 @@ pub(super) fn extras(
         pct(0.5),
         pct(0.99)
     );
+    extra.push_str(&first);
 
     super::egress::egress(image, quick, &mut extra)?;
     super::pause::pause_reset(image, quick, &mut extra)?;
     stateful_input_cost(image, quick, &mut extra)?;
     cold_starts(image, quick, &mut extra)?;
     Ok(extra)
+}
+
+/// The unix time in microseconds `busybox adjtimex` printed (`time.tv_usec` holds
+/// nanoseconds when the status has `STA_NANO`, 0x2000).
+fn adjtimex_unix_us(out: &str) -> Option<i64> {
+    let field = |name: &str| {
+        out.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim().trim_start_matches("-o").trim() == name)
+                .then(|| v.split_whitespace().next()?.parse::<i64>().ok())?
+        })
+    };
+    let (sec, sub, status) = (
+        field("time.tv_sec")?,
+        field("time.tv_usec")?,
+        field("status")?,
+    );
+    let us = if status & 0x2000 != 0 {
+        sub / 1000
+    } else {
+        sub
+    };
+    Some(sec * 1_000_000 + us)
+}
+
+/// Frontends in the map relative to the container's process start: each container's first
+/// process (`busybox adjtimex`, the container's PID 1) prints the time it started; the agent
+/// says when the container's frontends first went into the map.
+fn ready_before_process(image: &str, starts: u16, extra: &mut String) -> Result<()> {
+    let mut started = Vec::new();
+    for i in 0..starts {
+        let name = format!("dpb-first-{i}");
+        let id = sh(&[
+            "docker",
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "-p",
+            &format!("{}:80", P_SYNC + (i % 5)),
+            "--entrypoint",
+            "/bin/busybox",
+            image,
+            "adjtimex",
+        ])?;
+        let _ = sh(&["docker", "wait", &name]);
+        let at = adjtimex_unix_us(&sh(&["docker", "logs", &name])?);
+        sh(&["docker", "rm", "-f", &name])?;
+        started.push((id.trim().to_string(), at));
+    }
+    let written: std::collections::BTreeMap<String, u64> = Agent::status()
+        .unwrap_or_default()
+        .frontends_written_us
+        .into_iter()
+        .collect();
+    #[allow(clippy::cast_precision_loss, reason = "microseconds")]
+    let mut rel: Vec<f64> = started
+        .iter()
+        .filter_map(|(id, at)| {
+            let w = i64::try_from(*written.get(id)?).ok()?;
+            Some((w - (*at)?) as f64 / 1000.0)
+        })
+        .collect();
+    rel.sort_by(f64::total_cmp);
+    let before = rel.iter().filter(|ms| **ms < 0.0).count();
+    let pct = |p: f64| testkit::percentile(&rel, p).unwrap_or(f64::NAN);
+    let _ = writeln!(
+        extra,
+        "\nFrontends in the map relative to the container's process start (its PID 1, `busybox \
+         adjtimex`, prints the time; negative: before), {starts} `docker run -d`: {before} of \
+         {starts} before ({:.1}%); p50 {:.2} ms, p99 {:.2} ms, latest {:.2} ms{}.",
+        f64::from(u32::try_from(before).unwrap_or(0)) * 100.0 / f64::from(starts),
+        pct(0.5),
+        pct(0.99),
+        rel.last().copied().unwrap_or(f64::NAN),
+        if rel.len() < usize::from(starts) {
+            format!(
+                "; {} never written (the container had exited before its start event was handled)",
+                usize::from(starts) - rel.len()
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
 }
 
 /// Conntrack entries whose original destination is `addr:80/tcp`.
@@ -348,4 +436,16 @@ pub(super) fn stateful_input_cost(image: &str, quick: bool, extra: &mut String) 
          their replies pass the policy). Container clients stay untracked either way."
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn adjtimex_time_in_nanoseconds_or_microseconds() {
+        let out = "    status:       8256 (UNSYNC)\n    time.tv_sec:  1796200343\n    time.tv_usec: 167731262\n";
+        assert_eq!(super::adjtimex_unix_us(out), Some(1_796_200_343_167_731));
+        let us = "    status:       64 (UNSYNC)\n    time.tv_sec:  10\n    time.tv_usec: 5\n";
+        assert_eq!(super::adjtimex_unix_us(us), Some(10_000_005));
+        assert_eq!(super::adjtimex_unix_us("nothing"), None);
+    }
 }
