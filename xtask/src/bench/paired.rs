@@ -240,8 +240,96 @@ pub(super) fn paired(env: &Env, rounds: usize) -> Result<String> {
             &ratios,
         );
     }
+    notrack_table(env, rounds, cpu, &mut md)?;
     drop(place);
     Ok(md)
+}
+
+/// What the agent's notrack table costs per packet, alone (no agent, no hooks): a copy of a
+/// running agent's table loaded or not, iperf3 -P4 from the host straight to the container,
+/// (1) to a port that is in none of its sets (an unpublished `iperf3 -s` on 5202 in the same
+/// container: the rules are evaluated on every packet, both directions, and match nothing)
+/// and (2) to the published server's own port (in its sets: the table untracks the flow, so
+/// conntrack's cost goes away and the rules' cost stays).
+fn notrack_table(env: &Env, rounds: usize, cpu: Option<&str>, md: &mut String) -> Result<()> {
+    const TABLE: &str = "dataplane_bench";
+    let copy = {
+        let _agent = Agent::start()?;
+        sh(&["nft", "list", "table", "inet", TABLE])?
+    };
+    let file = "/run/dataplane-bench/notrack-copy.nft";
+    std::fs::write(file, &copy)?;
+    sh(&[
+        "docker",
+        "exec",
+        "-d",
+        "dpb-srv",
+        "sh",
+        "-c",
+        "echo $$ > /tmp/second.pid; exec iperf3 -s -p 5202",
+    ])?;
+    let loaded = std::cell::Cell::new(false);
+    let set = |on: bool| -> Result<()> {
+        if on != loaded.get() {
+            if on {
+                sh(&["nft", "-f", file])?;
+            } else {
+                sh(&["nft", "delete", "table", "inet", TABLE])?;
+            }
+            loaded.set(on);
+        }
+        Ok(())
+    };
+    let run = |port: u16| {
+        super::clients::pinned(cpu, || {
+            iperf(
+                Path::Localhost,
+                &env.srv_ip,
+                port,
+                4,
+                false,
+                false,
+                if env.quick { 2 } else { 3 },
+            )
+            .map(|r| r.0)
+        })
+    };
+    let r = (|| -> Result<()> {
+        for (what, port) in [
+            ("a port in none of its sets", 5202),
+            ("the published server's port (untracked by it)", 5201),
+        ] {
+            println!("bench: paired, notrack table, {what}");
+            let ratios = pairs(
+                rounds,
+                || {
+                    set(false)?;
+                    run(port)
+                },
+                || {
+                    set(true)?;
+                    run(port)
+                },
+            )?;
+            row(
+                md,
+                &format!("direct with the notrack table / without (no agent), to {what}"),
+                Metric::Tcp4.name(),
+                &ratios,
+            );
+        }
+        Ok(())
+    })();
+    let _ = set(false);
+    let _ = sh(&[
+        "docker",
+        "exec",
+        "dpb-srv",
+        "sh",
+        "-c",
+        "kill $(cat /tmp/second.pid)",
+    ]);
+    r
 }
 
 #[cfg(test)]
