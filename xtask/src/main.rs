@@ -61,6 +61,10 @@ enum Cmd {
         /// The Docker engine to measure with: the host's, or Debian's 20.10, 26.1 or 28.5.
         #[arg(long, value_enum, default_value = "host")]
         engine: Engine,
+        /// Skip the interleaved rounds over the paths (for work on the later sections: the
+        /// paired comparisons, per-port cost, sync, egress, pause, start times).
+        #[arg(long)]
+        skip_paths: bool,
     },
     /// Every test layer: lint, unit, netns integration, end-to-end with Docker.
     Test {
@@ -101,10 +105,14 @@ fn main() -> Result<()> {
             std::mem::forget(image);
             Ok(())
         }
-        Cmd::Bench { quick, engine } => {
+        Cmd::Bench {
+            quick,
+            engine,
+            skip_paths,
+        } => {
             setup::setup()?;
             build()?;
-            bench::bench(quick, engine)
+            bench::bench(quick, engine, skip_paths)
         }
         Cmd::Test {
             engine,

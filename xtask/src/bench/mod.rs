@@ -231,7 +231,7 @@ fn paired_section(env: &mut Env, engine: crate::engines::Engine, names: &[&str])
     paired::paired(env, if env.quick { 5 } else { 9 })
 }
 
-pub fn bench(quick: bool, engine: crate::engines::Engine) -> Result<()> {
+pub fn bench(quick: bool, engine: crate::engines::Engine, skip_paths: bool) -> Result<()> {
     crate::util::require_root("cargo xtask bench")?;
     crate::util::become_subreaper();
     let started = Instant::now();
@@ -263,7 +263,7 @@ pub fn bench(quick: bool, engine: crate::engines::Engine) -> Result<()> {
         proxy_cpu: BTreeMap::new(),
     };
     let names = ["dpb-srv", "dpb-http", "dpb-client"];
-    for round in 0..rounds {
+    for round in 0..if skip_paths { 0 } else { rounds } {
         for proxy_mode in [true, false] {
             println!(
                 "bench: round {}/{rounds}, userland-proxy {proxy_mode}",

@@ -255,7 +255,17 @@ fn notrack_table(env: &Env, rounds: usize, cpu: Option<&str>, md: &mut String) -
     const TABLE: &str = "dataplane_bench";
     let copy = {
         let _agent = Agent::start()?;
-        sh(&["nft", "list", "table", "inet", TABLE])?
+        // The agent writes its table right after it is ready.
+        let t = std::time::Instant::now();
+        loop {
+            match sh(&["nft", "list", "table", "inet", TABLE]) {
+                Ok(c) if c.contains("backends4") => break c,
+                _ if t.elapsed() > std::time::Duration::from_secs(10) => {
+                    anyhow::bail!("the agent's notrack table did not appear")
+                }
+                _ => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        }
     };
     let file = "/run/dataplane-bench/notrack-copy.nft";
     std::fs::write(file, &copy)?;
