@@ -89,6 +89,9 @@ struct Agent {
     metrics_server: Option<MetricsServer>,
     /// `SIGHUP`, taken over from the start (its default action would end the process).
     sighup: Option<tokio::signal::unix::Signal>,
+    /// `SIGTERM`, likewise: one during the start stops the agent as any other (its default
+    /// action would end the process before it leaves anything for the next start).
+    sigterm: Option<tokio::signal::unix::Signal>,
     /// Containers created and not started yet, as inspected then (for their frontends at
     /// `network connect`, before Docker's start completes), arriving through `early_tx`.
     early: BTreeMap<String, bollard::models::ContainerInspectResponse>,
@@ -107,6 +110,21 @@ struct Agent {
     /// A full resync is due as soon as events are served (the start took inspects from the
     /// last agent's cache).
     resync_now: bool,
+}
+
+/// Leaves the inspects and the firewall's evaluation for the next start ([`crate::cache`]).
+fn leave_cache(
+    path: Option<&std::path::Path>,
+    inspected: &BTreeMap<String, bollard::models::ContainerInspectResponse>,
+    firewall: &hostfw::HostFirewall,
+) {
+    let Some(path) = path else { return };
+    match crate::cache::save(path, inspected, firewall) {
+        Ok(n) => debug!(containers = n, path = %path.display(), "inspects left for the next start"),
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "could not leave the inspects for the next start");
+        }
+    }
 }
 
 /// The file, beside the control socket, where a stopping agent leaves its inspects.
@@ -184,13 +202,11 @@ pub(crate) fn now_ms() -> u64 {
 
 pub async fn run(opts: Options) -> Result<(), StartError> {
     let mut startup = Startup::new();
-    // A reload asked for during the start is served once the agent is ready.
-    let sighup = tokio::signal::unix::signal(SignalKind::hangup())
-        .map_err(|e| StartError::Environment(e.into()))?;
+    let (mut sigterm, sighup) = signals()?;
     // Before Docker is first asked anything: the events stream starts from here.
     let events_since = unix_secs();
     let (cgroup, host_cookie) = preflight(&opts)?;
-    let Started {
+    let Some(Started {
         loaded,
         docker,
         inspected,
@@ -199,7 +215,10 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         fw,
         listed,
         cached,
-    } = load_and_list(&opts, cgroup, host_cookie, &mut startup).await?;
+    }) = start_or_stop(&opts, cgroup, host_cookie, &mut startup, &mut sigterm).await?
+    else {
+        return Ok(());
+    };
     let shared: Shared = Shared::default();
     let (api_tx, api_rx) = mpsc::channel(8);
     let _api = api::serve(&opts.api_socket, shared.clone(), api_tx)?;
@@ -252,6 +271,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         scrape,
         metrics_server,
         sighup: Some(sighup),
+        sigterm: Some(sigterm),
         early: BTreeMap::new(),
         early_tx,
         early_rx: Some(early_rx),
@@ -281,6 +301,33 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         .map_err(StartError::Other);
     agent.stop(opts.pin_dir.is_some()).await;
     r
+}
+
+/// [`load_and_list`], unless asked to stop meanwhile (waiting for Docker or the kernel):
+/// then `None`, and nothing is serving yet.
+async fn start_or_stop(
+    opts: &Options,
+    cgroup: std::path::PathBuf,
+    host_cookie: u64,
+    startup: &mut Startup,
+    sigterm: &mut tokio::signal::unix::Signal,
+) -> Result<Option<Started>, StartError> {
+    tokio::select! {
+        r = load_and_list(opts, cgroup, host_cookie, startup) => r.map(Some),
+        _ = sigterm.recv() => {
+            info!("terminated during the start");
+            Ok(None)
+        }
+    }
+}
+
+/// `SIGTERM` and `SIGHUP`, taken from the start on: a reload asked for during the start is
+/// served once ready, and a stop asked for while waiting for Docker or the kernel ends the
+/// start, one asked for later is served like any other (their default actions would end
+/// the process before it leaves anything for the next start).
+fn signals() -> Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal), StartError> {
+    let sig = |k| tokio::signal::unix::signal(k).map_err(|e| StartError::Environment(e.into()));
+    Ok((sig(SignalKind::terminate())?, sig(SignalKind::hangup())?))
 }
 
 /// The resolver allow-list names are looked up with: the config's, or the host's.
@@ -392,23 +439,26 @@ impl Agent {
     async fn stop(mut self, pinned: bool) {
         notify::notify("STOPPING=1");
         self.metrics_server = None;
-        if let Some(path) = &self.cache_path {
-            match crate::cache::save(path, &self.inspected, &self.state.firewall) {
-                Ok(n) => {
-                    debug!(containers = n, path = %path.display(), "inspects left for the next start");
-                }
-                Err(e) => {
-                    warn!(error = %format!("{e:#}"), "could not leave the inspects for the next start");
-                }
-            }
-        }
         if pinned {
+            // The table writes asked for land first: the ruleset generation left for the
+            // next start is the one they leave.
+            self.netfilter.close().await;
+            leave_cache(
+                self.cache_path.as_deref(),
+                &self.inspected,
+                &self.state.firewall,
+            );
             info!(
                 "pinned programs, maps and rules stay in place: connections made stay as they are, \
                  new ones take Docker's own path until an agent runs again, egress policies stay \
                  enforced; `dataplane uninstall` removes them"
             );
         } else {
+            leave_cache(
+                self.cache_path.as_deref(),
+                &self.inspected,
+                &self.state.firewall,
+            );
             // Nothing outlives the agent: the programs detach when `loaded` drops, and the
             // notrack rules must go with them, or Docker's own NAT path would lose conntrack
             // for local clients.
@@ -506,7 +556,10 @@ impl Agent {
         mut api_rx: mpsc::Receiver<api::Forwarded>,
         mut dns_rx: mpsc::Receiver<Lookup>,
     ) -> Result<()> {
-        let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+        let mut sigterm = match self.sigterm.take() {
+            Some(s) => s,
+            None => tokio::signal::unix::signal(SignalKind::terminate())?,
+        };
         let mut sighup = match self.sighup.take() {
             Some(s) => s,
             None => tokio::signal::unix::signal(SignalKind::hangup())?,

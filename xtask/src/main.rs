@@ -61,10 +61,11 @@ enum Cmd {
         /// The Docker engine to measure with: the host's, or Debian's 20.10, 26.1 or 28.5.
         #[arg(long, value_enum, default_value = "host")]
         engine: Engine,
-        /// Skip the interleaved rounds over the paths (for work on the later sections: the
-        /// paired comparisons, per-port cost, sync, egress, pause, start times).
-        #[arg(long)]
-        skip_paths: bool,
+        /// Run one section only (for work on it): the paired comparisons, the extras
+        /// (per-port cost, sync, egress, pause, stateful INPUT, start times), or the start
+        /// times alone. The report then holds that section only.
+        #[arg(long, value_enum)]
+        only: Option<bench::Section>,
     },
     /// Every test layer: lint, unit, netns integration, end-to-end with Docker.
     Test {
@@ -108,11 +109,11 @@ fn main() -> Result<()> {
         Cmd::Bench {
             quick,
             engine,
-            skip_paths,
+            only,
         } => {
             setup::setup()?;
             build()?;
-            bench::bench(quick, engine, skip_paths)
+            bench::bench(quick, engine, only)
         }
         Cmd::Test {
             engine,

@@ -88,6 +88,15 @@ impl NetfilterTask {
         Self { tx, task }
     }
 
+    /// No more updates: waits for what was asked to be written (the table stays, for the
+    /// next agent; when the agent stops with its programs pinned).
+    pub async fn close(self) {
+        drop(self.tx);
+        if let Err(e) = self.task.await {
+            warn!(error = %e, "the nftables writer failed");
+        }
+    }
+
     /// No more updates: waits for the one running, then removes the table (when the agent
     /// stops and its programs detach).
     pub async fn close_and_remove(self) {

@@ -143,6 +143,7 @@ impl Timed {
     /// 0: milliseconds from the exec to that exit, as an operator would time it.
     fn start() -> Result<(std::process::Child, f64)> {
         let root = crate::util::project_root().join("target/release");
+        std::fs::create_dir_all("/run/dataplane-bench")?;
         std::fs::write("/run/dataplane-bench/empty.toml", "")?;
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -231,7 +231,38 @@ fn paired_section(env: &mut Env, engine: crate::engines::Engine, names: &[&str])
     paired::paired(env, if env.quick { 5 } else { 9 })
 }
 
-pub fn bench(quick: bool, engine: crate::engines::Engine, skip_paths: bool) -> Result<()> {
+/// The sections after the interleaved rounds, or the one asked for.
+fn later_sections(
+    env: &mut Env,
+    image: &str,
+    engine: crate::engines::Engine,
+    names: &[&str],
+    only: Option<Section>,
+) -> Result<String> {
+    let mut extra = String::new();
+    if matches!(only, None | Some(Section::Paired)) {
+        extra += &paired_section(env, engine, names)?;
+    }
+    if matches!(only, None | Some(Section::Extras)) {
+        extra += &extras(image, env.quick, names, engine)?;
+    }
+    if only == Some(Section::Starts) {
+        docker::restart_engine(engine, false)?;
+        wait_running(names)?;
+        extras::cold_starts(image, env.quick, &mut extra)?;
+    }
+    Ok(extra)
+}
+
+/// A section of the bench that can run alone (`--only`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Section {
+    Paired,
+    Extras,
+    Starts,
+}
+
+pub fn bench(quick: bool, engine: crate::engines::Engine, only: Option<Section>) -> Result<()> {
     crate::util::require_root("cargo xtask bench")?;
     crate::util::become_subreaper();
     let started = Instant::now();
@@ -263,7 +294,7 @@ pub fn bench(quick: bool, engine: crate::engines::Engine, skip_paths: bool) -> R
         proxy_cpu: BTreeMap::new(),
     };
     let names = ["dpb-srv", "dpb-http", "dpb-client"];
-    for round in 0..if skip_paths { 0 } else { rounds } {
+    for round in 0..if only.is_some() { 0 } else { rounds } {
         for proxy_mode in [true, false] {
             println!(
                 "bench: round {}/{rounds}, userland-proxy {proxy_mode}",
@@ -319,8 +350,7 @@ pub fn bench(quick: bool, engine: crate::engines::Engine, skip_paths: bool) -> R
             }
         }
     }
-    let paired = paired_section(&mut env, engine, &names)?;
-    let extra = paired + &extras(&image.name, quick, &names, engine)?;
+    let extra = later_sections(&mut env, &image.name, engine, &names, only)?;
     for n in names {
         let _ = sh(&["docker", "rm", "-f", n]);
     }
