@@ -380,6 +380,18 @@ mod tests {
         let first_notrack = pre.iter().position(|r| r.contains("notrack")).unwrap();
         let natreplies = pre.iter().position(|r| r.contains("@natreplies4")).unwrap();
         assert!(natreplies < first_notrack);
+        // Before the notrack rules, a packet that neither comes from a backend's port nor
+        // goes to one leaves the chain (each rule after needs one of the two).
+        let gate = pre
+            .iter()
+            .position(|r| r.matches("\"!=\"").count() == 2 && r.contains("\"return\""))
+            .unwrap();
+        assert!(pre[gate].contains("@backends4"), "{}", pre[gate]);
+        assert!(pre[gate + 1].contains("@backends6"), "{}", pre[gate + 1]);
+        assert!(natreplies < gate && gate < first_notrack);
+        for r in &pre[gate + 2..] {
+            assert!(r.contains("@backends"), "{r}");
+        }
         // Every prerouting notrack rule names a peer, or a host socket connected to the
         // backend: never any client.
         for r in pre.iter().filter(|r| r.contains("notrack")) {
