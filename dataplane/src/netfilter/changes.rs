@@ -183,19 +183,24 @@ fn parse_one(kind: u16, body: &[u8], into: &mut Changes) {
     }
 }
 
+/// A netfilter netlink socket.
+fn nfnl_socket() -> Result<std::os::fd::OwnedFd> {
+    socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkNetFilter,
+    )
+    .context("opening a netfilter netlink socket")
+}
+
 /// The nftables ruleset's generation: the kernel counts every committed transaction, so an
 /// unchanged number means an unchanged ruleset (iptables-nft's rules included; legacy
 /// iptables tables are not nftables and not counted).
 pub fn generation() -> Result<u32> {
     const NFT_MSG_GETGEN: u16 = 16;
     const NFTA_GEN_ID: u16 = 1;
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkNetFilter,
-    )
-    .context("opening a netfilter netlink socket")?;
+    let fd = nfnl_socket()?;
     let mut req = Vec::with_capacity(NLMSG_HDRLEN + NFGENMSG_LEN);
     let len = u32::try_from(NLMSG_HDRLEN + NFGENMSG_LEN).expect("small");
     req.extend(len.to_ne_bytes());
@@ -235,13 +240,7 @@ pub fn generation() -> Result<u32> {
 /// Sends a tick on `tx` (coalesced) whenever the ruleset changes, with what changed merged
 /// into `changes`. Runs on a thread of its own for the agent's lifetime.
 pub fn watch(tx: mpsc::Sender<()>, changes: Arc<Mutex<Changes>>) -> Result<()> {
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkNetFilter,
-    )
-    .context("opening a netfilter netlink socket")?;
+    let fd = nfnl_socket()?;
     bind(
         fd.as_raw_fd(),
         &NetlinkAddr::new(0, 1 << (NFNLGRP_NFTABLES - 1)),
