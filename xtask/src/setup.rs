@@ -28,6 +28,8 @@ pub const PACKAGES: &[&str] = &[
     "socat",
     "haproxy",
     "dnsmasq-base",
+    // The bench's CPU profile (`perf record -a`).
+    "linux-perf",
     // Packaging and operating: dpkg-shlibdeps, lintian, `promtool check metrics`,
     // `bridge-ctl top` under tmux, `systemd-analyze verify` (man pages it checks).
     "dpkg-dev",

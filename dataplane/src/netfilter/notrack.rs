@@ -363,56 +363,98 @@ mod tests {
     fn which_packets_are_untracked() {
         let cmds = json(&spec(false));
         let pre = rules_of(&cmds, "prerouting");
-        // A peer's connection through Docker's NAT is recorded before any notrack rule, and
-        // only backends' replies to it stay tracked.
+        // A packet whose ports are neither a backend's nor a published one (most of what
+        // the host receives) leaves after the first rule: every rule after needs one.
         assert!(
-            pre[0].contains("\"update\"") && pre[0].contains("@natclients4"),
+            pre[0].matches("@ports").count() == 2 && pre[0].contains("\"accept\""),
             "{}",
             pre[0]
         );
-        assert!(pre[0].contains("@published"), "{}", pre[0]);
+        let ports = elements_of(&cmds, "ports").unwrap();
+        assert_eq!(ports, "[80,5353,8080]");
         assert!(
-            pre[1].contains("@backends4") && pre[1].contains("@natclients4"),
+            pre[1].contains("ipv4") && pre[1].contains("pre4"),
             "{}",
             pre[1]
         );
-        assert!(pre[1].contains("\"return\""), "{}", pre[1]);
-        let first_notrack = pre.iter().position(|r| r.contains("notrack")).unwrap();
-        let natreplies = pre.iter().position(|r| r.contains("@natreplies4")).unwrap();
-        assert!(natreplies < first_notrack);
-        // Before the notrack rules, a packet that neither comes from a backend's port nor
-        // goes to one leaves the chain (each rule after needs one of the two).
-        let gate = pre
-            .iter()
-            .position(|r| r.matches("\"!=\"").count() == 2 && r.contains("\"return\""))
-            .unwrap();
-        assert!(pre[gate].contains("@backends4"), "{}", pre[gate]);
-        assert!(pre[gate + 1].contains("@backends6"), "{}", pre[gate + 1]);
-        assert!(natreplies < gate && gate < first_notrack);
-        for r in &pre[gate + 2..] {
-            assert!(r.contains("@backends"), "{r}");
+        assert!(
+            pre[2].contains("ipv6") && pre[2].contains("pre6"),
+            "{}",
+            pre[2]
+        );
+        assert!(!pre.iter().any(|r| r.contains("notrack")));
+        let pre4 = rules_of(&cmds, "pre4");
+        // A peer's connection through Docker's NAT is recorded before anything else.
+        assert!(
+            pre4[0].contains("\"update\"") && pre4[0].contains("@natclients4"),
+            "{}",
+            pre4[0]
+        );
+        assert!(pre4[0].contains("@published") && pre4[0].contains("@peers4"));
+        assert!(pre4[1].contains("@backends4") && pre4[1].contains("from_backend4"));
+        assert!(pre4[2].contains("@peers4") && pre4[2].contains("notrack"));
+        // From a backend: to a host address only the host-socket rules; replies that
+        // Docker's NAT carries stay tracked, before the peers' notrack rule.
+        let fb = rules_of(&cmds, "from_backend4");
+        assert!(
+            fb[0].contains("@hosts4") && fb[0].contains("to_host4"),
+            "{}",
+            fb[0]
+        );
+        let natclients = fb.iter().position(|r| r.contains("@natclients4")).unwrap();
+        let natreplies = fb.iter().position(|r| r.contains("@natreplies4")).unwrap();
+        let notrack = fb.iter().position(|r| r.contains("notrack")).unwrap();
+        assert!(natclients < notrack && natreplies < notrack);
+        assert!(fb[notrack].contains("@peers4"), "{}", fb[notrack]);
+        let to_host = rules_of(&cmds, "to_host4");
+        assert_eq!(to_host.len(), 2);
+        assert!(to_host[0].contains("wildcard") && to_host[0].contains("notrack"));
+        // Every notrack rule names a peer or a host socket connected to the backend (or
+        // is the host's own packet to a backend): never any other client.
+        for chain in ["pre4", "pre6", "from_backend4", "from_backend6"] {
+            for r in rules_of(&cmds, chain)
+                .iter()
+                .filter(|r| r.contains("notrack"))
+            {
+                assert!(r.contains("@peers"), "{chain}: {r}");
+            }
         }
-        // Every prerouting notrack rule names a peer, or a host socket connected to the
-        // backend: never any client.
-        for r in pre.iter().filter(|r| r.contains("notrack")) {
-            assert!(r.contains("@peers") || r.contains("\"socket\""), "{r}");
-        }
-        assert!(pre.iter().any(|r| r.contains("wildcard")));
         let out = rules_of(&cmds, "output");
         assert_eq!(out.len(), 2);
         assert!(out[0].contains("@backends4") && out[0].contains("notrack"));
-        assert_eq!(expected_shape(&spec(false))["chain prerouting"], pre.len());
+        assert!(out[0].contains("@ports"));
+        let shape = expected_shape(&spec(false));
+        for chain in ["prerouting", "pre4", "from_backend6", "to_host6", "output"] {
+            assert_eq!(
+                shape[&format!("chain {chain}")],
+                rules_of(&cmds, chain).len(),
+                "{chain}"
+            );
+        }
     }
 
     #[test]
     fn a_stateful_input_policy_keeps_host_clients_tracked() {
         let cmds = json(&spec(true));
-        let pre = rules_of(&cmds, "prerouting");
-        assert!(!pre.iter().any(|r| r.contains("\"socket\"")));
+        let all: Vec<String> = [
+            "prerouting",
+            "pre4",
+            "pre6",
+            "from_backend4",
+            "from_backend6",
+        ]
+        .into_iter()
+        .flat_map(|c| rules_of(&cmds, c))
+        .collect();
+        assert!(!all.iter().any(|r| r.contains("\"socket\"")));
+        assert!(rules_of(&cmds, "to_host4").is_empty());
         assert!(rules_of(&cmds, "output").is_empty());
+        // A backend's packet to the host ends the table's evaluation: tracked.
+        let fb = rules_of(&cmds, "from_backend4");
+        assert!(fb[0].contains("@hosts4") && fb[0].contains("\"accept\""));
         // Container clients stay untracked: their packets are forwarded, not INPUT.
         assert!(
-            pre.iter()
+            all.iter()
                 .any(|r| r.contains("@peers4") && r.contains("notrack"))
         );
     }

@@ -47,7 +47,8 @@ pub(crate) const NAT_CLIENT_TIMEOUT_S: u32 = 600;
 pub(crate) const NAT_CLIENTS_MAX: u32 = 65_536;
 
 /// The sets the agent fills (flushed and refilled at each update).
-pub(crate) const FILLED: [&str; 9] = [
+pub(crate) const FILLED: [&str; 10] = [
+    "ports",
     "published",
     "backends4",
     "backends6",
@@ -65,8 +66,7 @@ pub(crate) mod nf {
 
     use nftables::{
         expr::{
-            Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, SetItem, Socket,
-            SocketAttr,
+            Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Socket, SocketAttr,
         },
         stmt::{self, Match, Operator, Statement},
     };
@@ -83,6 +83,12 @@ pub(crate) mod nf {
     pub fn l4proto() -> Expression<'static> {
         Expression::Named(NamedExpression::Meta(Meta {
             key: MetaKey::L4proto,
+        }))
+    }
+
+    pub fn nfproto() -> Expression<'static> {
+        Expression::Named(NamedExpression::Meta(Meta {
+            key: MetaKey::Nfproto,
         }))
     }
 
@@ -115,17 +121,6 @@ pub(crate) mod nf {
             right,
             op: Operator::EQ,
         })
-    }
-
-    /// `meta l4proto { tcp, udp }`.
-    pub fn tcp_or_udp() -> Statement<'static> {
-        is(
-            l4proto(),
-            Expression::Named(NamedExpression::Set(vec![
-                SetItem::Element(Expression::String("tcp".into())),
-                SetItem::Element(Expression::String("udp".into())),
-            ])),
-        )
     }
 
     /// `socket <attr> 0`.
@@ -184,7 +179,20 @@ pub(crate) fn sets(spec: &Spec) -> Vec<(&'static str, Vec<SetType>, Vec<Expressi
         .iter()
         .map(|(proto, port)| nf::concat(vec![n(u16::from(*proto)), n(*port)]))
         .collect();
+    // Every port a rule after the first of `prerouting` looks for: backends' and published
+    // ones (a bitmap: one bit test per lookup).
+    let ports: BTreeSet<u16> = spec
+        .backends
+        .iter()
+        .map(|b| b.port)
+        .chain(spec.published.iter().map(|(_, port)| *port))
+        .collect();
     vec![
+        (
+            "ports",
+            vec![InetService],
+            ports.into_iter().map(n).collect(),
+        ),
         ("published", vec![InetProto, InetService], published),
         ("backends4", vec![Ipv4Addr, InetProto, InetService], b4),
         ("backends6", vec![Ipv6Addr, InetProto, InetService], b6),
@@ -205,131 +213,205 @@ pub(crate) fn sets(spec: &Spec) -> Vec<(&'static str, Vec<SetType>, Vec<Expressi
     ]
 }
 
-/// Every `prerouting` rule after these needs the packet to come from a backend's port or go
-/// to one: a packet that does neither (most of what the host receives) leaves the chain
-/// after two lookups instead of going through each rule's.
-fn backend_gate() -> Vec<Vec<Statement<'static>>> {
-    use nf::{concat, field, l4proto, not_in_set};
-    [("ip", "4"), ("ip6", "6")]
-        .into_iter()
-        .map(|(ip, n)| {
-            vec![
-                not_in_set(
-                    concat(vec![field(ip, "saddr"), l4proto(), field("th", "sport")]),
-                    &format!("backends{n}"),
-                ),
-                not_in_set(
-                    concat(vec![field(ip, "daddr"), l4proto(), field("th", "dport")]),
-                    &format!("backends{n}"),
-                ),
-                Statement::Return(None),
-            ]
-        })
-        .collect()
+/// One chain of the table: its name, its hook (`None`: a regular chain, reached by
+/// `jump`/`goto`) and its rules in order.
+pub(crate) struct ChainRules {
+    pub name: &'static str,
+    pub hook: Option<NfHook>,
+    pub rules: Vec<Vec<Statement<'static>>>,
 }
 
-/// The rules of the `prerouting` and `output` chains, in order.
-pub(crate) fn rules(spec: &Spec) -> (Vec<Vec<Statement<'static>>>, Vec<Vec<Statement<'static>>>) {
-    use nf::{concat, field, in_set, l4proto, tcp_or_udp};
-    let mut pre = Vec::new();
+fn jump(chain: &str) -> Statement<'static> {
+    Statement::Jump(nftables::stmt::JumpTarget {
+        target: chain.to_string().into(),
+    })
+}
+
+fn goto(chain: &str) -> Statement<'static> {
+    Statement::Goto(nftables::stmt::JumpTarget {
+        target: chain.to_string().into(),
+    })
+}
+
+fn accept() -> Statement<'static> {
+    Statement::Accept(None)
+}
+
+/// The chains of the table, base chains first, and their rules.
+///
+/// Every packet the host receives goes through `prerouting`, so it is built for the
+/// packets that match nothing (most of them): one rule with two bitmap lookups (neither
+/// port is a backend's or a published one: every rule after needs one of the two) ends it.
+/// The rest is split by family and by direction, so a packet evaluates only the rules that
+/// can apply to it:
+/// - `pre4`/`pre6`: a peer dialling a host address on a published port (Docker's NAT path)
+///   has its client port recorded; a packet from a backend's port goes on to
+///   `from_backend`; a peer's packet to a backend is untracked.
+/// - `from_backend`: replies to a host socket connected straight to the backend
+///   (`to_host`); replies that Docker's NAT carries stay tracked (recorded client ports,
+///   connections made before the agent knew them); replies to a peer are untracked.
+///
+/// `accept` ends the table's evaluation (its chains' policy is accept too); Docker's and
+/// the operator's chains still see every packet.
+pub(crate) fn chains(spec: &Spec) -> Vec<ChainRules> {
+    use nf::{concat, field, l4proto, not_in_set};
+    let th = |f: &'static str| field("th", f);
+    let mut out = vec![
+        ChainRules {
+            name: "prerouting",
+            hook: Some(NfHook::Prerouting),
+            rules: vec![
+                vec![
+                    not_in_set(th("dport"), "ports"),
+                    not_in_set(th("sport"), "ports"),
+                    accept(),
+                ],
+                vec![
+                    nf::is(nf::nfproto(), Expression::String("ipv4".into())),
+                    goto("pre4"),
+                ],
+                vec![
+                    nf::is(nf::nfproto(), Expression::String("ipv6".into())),
+                    goto("pre6"),
+                ],
+            ],
+        },
+        ChainRules {
+            name: "output",
+            hook: Some(NfHook::Output),
+            rules: Vec::new(),
+        },
+    ];
     for (ip, n) in [("ip", "4"), ("ip6", "6")] {
-        let src = || field(ip, "saddr");
         let dst = || field(ip, "daddr");
-        // A peer dialling the host on a published port (Docker's NAT path: a client the
-        // programs left to Docker, or any while no agent runs) has its client port recorded,
-        // so the replies of that connection stay tracked and their NAT is undone.
-        // (The published port first: it rules out most packets with one lookup.)
-        pre.push(vec![
-            tcp_or_udp(),
-            in_set(concat(vec![l4proto(), field("th", "dport")]), "published"),
-            in_set(src(), &format!("peers{n}")),
-            in_set(dst(), &format!("hosts{n}")),
-            nf::update(
-                &format!("natclients{n}"),
-                concat(vec![src(), l4proto(), field("th", "sport")]),
-            ),
-        ]);
-        pre.push(vec![
-            tcp_or_udp(),
-            in_set(
-                concat(vec![src(), l4proto(), field("th", "sport")]),
-                &format!("backends{n}"),
-            ),
-            in_set(
-                concat(vec![dst(), l4proto(), field("th", "dport")]),
-                &format!("natclients{n}"),
-            ),
-            Statement::Return(None),
-        ]);
-        // Replies that Docker's NAT carried before the table knew them.
-        pre.push(vec![
-            in_set(
-                concat(vec![
-                    src(),
-                    l4proto(),
-                    field("th", "sport"),
-                    dst(),
-                    field("th", "dport"),
-                ]),
-                &format!("natreplies{n}"),
-            ),
-            Statement::Return(None),
-        ]);
-    }
-    pre.extend(backend_gate());
-    for (ip, n) in [("ip", "4"), ("ip6", "6")] {
-        let src = || field(ip, "saddr");
-        let dst = || field(ip, "daddr");
-        // Container clients and backends, both ways (bridged through the host).
-        pre.push(vec![
-            in_set(src(), &format!("peers{n}")),
-            in_set(
-                concat(vec![dst(), l4proto(), field("th", "dport")]),
-                &format!("backends{n}"),
-            ),
-            Statement::Notrack,
-        ]);
-        pre.push(vec![
-            in_set(dst(), &format!("peers{n}")),
-            in_set(
-                concat(vec![src(), l4proto(), field("th", "sport")]),
-                &format!("backends{n}"),
-            ),
-            Statement::Notrack,
-        ]);
+        let set = |name: &str| format!("{name}{n}");
         if !spec.track_host_clients {
-            // Replies to a host socket connected straight to the backend (TCP: not a
-            // wildcard listener; UDP: a socket bound there).
-            for (proto, attr) in [
-                ("tcp", SocketAttr::Wildcard),
-                ("udp", SocketAttr::Transparent),
-            ] {
-                pre.push(vec![
-                    nf::is(l4proto(), Expression::String(proto.into())),
-                    in_set(dst(), &format!("hosts{n}")),
-                    in_set(
-                        concat(vec![src(), l4proto(), field("th", "sport")]),
-                        &format!("backends{n}"),
-                    ),
-                    nf::socket_not(attr),
-                    Statement::Notrack,
-                ]);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    if !spec.track_host_clients {
-        for (ip, n) in [("ip", "4"), ("ip6", "6")] {
-            out.push(vec![
-                in_set(
-                    concat(vec![field(ip, "daddr"), l4proto(), field("th", "dport")]),
-                    &format!("backends{n}"),
+            // The host's packets to a backend's port; replies are matched in `to_host`.
+            out[1].rules.push(vec![
+                nf::in_set(th("dport"), "ports"),
+                nf::in_set(
+                    concat(vec![dst(), l4proto(), th("dport")]),
+                    &set("backends"),
                 ),
                 Statement::Notrack,
             ]);
         }
+        out.extend(family_chains(spec, ip, n));
     }
-    (pre, out)
+    out
+}
+
+/// `pre`, `from_backend` and `to_host` for one family (`ip`, suffix `n`).
+fn family_chains(spec: &Spec, ip: &'static str, n: &str) -> Vec<ChainRules> {
+    use nf::{concat, field, in_set, l4proto};
+    let th = |f: &'static str| field("th", f);
+    let src = || field(ip, "saddr");
+    let dst = || field(ip, "daddr");
+    let set = |name: &str| format!("{name}{n}");
+    let name = |c: &str| -> &'static str {
+        match (c, n) {
+            ("pre", "4") => "pre4",
+            ("pre", _) => "pre6",
+            ("from_backend", "4") => "from_backend4",
+            ("from_backend", _) => "from_backend6",
+            ("to_host", "4") => "to_host4",
+            _ => "to_host6",
+        }
+    };
+    let pre = vec![
+        // A peer dialling the host on a published port (Docker's NAT path: a client the
+        // programs left to Docker, or any while no agent runs) has its client port
+        // recorded, so the replies of that connection stay tracked and their NAT is undone.
+        // (The published port first: it rules out most packets with one lookup.)
+        vec![
+            in_set(concat(vec![l4proto(), th("dport")]), "published"),
+            in_set(dst(), &set("hosts")),
+            in_set(src(), &set("peers")),
+            nf::update(
+                &set("natclients"),
+                concat(vec![src(), l4proto(), th("sport")]),
+            ),
+        ],
+        vec![
+            in_set(
+                concat(vec![src(), l4proto(), th("sport")]),
+                &set("backends"),
+            ),
+            jump(name("from_backend")),
+        ],
+        // Container clients to backends (bridged through the host).
+        vec![
+            in_set(src(), &set("peers")),
+            in_set(
+                concat(vec![dst(), l4proto(), th("dport")]),
+                &set("backends"),
+            ),
+            Statement::Notrack,
+            accept(),
+        ],
+    ];
+    let from_backend = vec![
+        // A host address is never a peer, a recorded NAT client or a NAT reply's client.
+        vec![
+            in_set(dst(), &set("hosts")),
+            if spec.track_host_clients {
+                accept()
+            } else {
+                goto(name("to_host"))
+            },
+        ],
+        vec![
+            in_set(
+                concat(vec![dst(), l4proto(), th("dport")]),
+                &set("natclients"),
+            ),
+            accept(),
+        ],
+        // Replies that Docker's NAT carried before the table knew them.
+        vec![
+            in_set(
+                concat(vec![src(), l4proto(), th("sport"), dst(), th("dport")]),
+                &set("natreplies"),
+            ),
+            accept(),
+        ],
+        vec![in_set(dst(), &set("peers")), Statement::Notrack, accept()],
+    ];
+    let mut chains = vec![
+        ChainRules {
+            name: name("pre"),
+            hook: None,
+            rules: pre,
+        },
+        ChainRules {
+            name: name("from_backend"),
+            hook: None,
+            rules: from_backend,
+        },
+    ];
+    if !spec.track_host_clients {
+        // Replies to a host socket connected straight to the backend (TCP: not a wildcard
+        // listener; UDP: a socket bound there).
+        chains.push(ChainRules {
+            name: name("to_host"),
+            hook: None,
+            rules: [
+                ("tcp", SocketAttr::Wildcard),
+                ("udp", SocketAttr::Transparent),
+            ]
+            .into_iter()
+            .map(|(proto, attr)| {
+                vec![
+                    nf::is(l4proto(), Expression::String(proto.into())),
+                    nf::socket_not(attr),
+                    Statement::Notrack,
+                    accept(),
+                ]
+            })
+            .collect(),
+        });
+    }
+    chains
 }
 
 pub(crate) fn table(t: &str) -> Table<'static> {
@@ -361,19 +443,16 @@ pub(crate) fn set_of(t: &str, name: &str, types: Vec<SetType>) -> Set<'static> {
     }
 }
 
-pub(crate) fn chain_of(t: &str, hook: NfHook) -> Chain<'static> {
+pub(crate) fn chain_of(t: &str, name: &str, hook: Option<NfHook>) -> Chain<'static> {
+    let base = hook.is_some();
     Chain {
         family: NfFamily::INet,
         table: t.to_string().into(),
-        name: match hook {
-            NfHook::Output => "output",
-            _ => "prerouting",
-        }
-        .into(),
-        _type: Some(NfChainType::Filter),
-        hook: Some(hook),
-        prio: Some(-300),
-        policy: Some(NfChainPolicy::Accept),
+        name: name.to_string().into(),
+        _type: base.then_some(NfChainType::Filter),
+        hook,
+        prio: base.then_some(-300),
+        policy: base.then_some(NfChainPolicy::Accept),
         ..Chain::default()
     }
 }
@@ -408,9 +487,12 @@ pub fn batch(t: &str, spec: &Spec, new_table: bool) -> Batch<'static> {
         s.size = Some(NAT_CLIENTS_MAX);
         b.add(NfListObject::Set(Box::new(s)));
     }
-    for hook in [NfHook::Prerouting, NfHook::Output] {
-        b.add(NfListObject::Chain(chain_of(t, hook)));
-        b.add_cmd(NfCmd::Flush(FlushObject::Chain(chain_of(t, hook))));
+    let chains = chains(spec);
+    for c in &chains {
+        b.add(NfListObject::Chain(chain_of(t, c.name, c.hook)));
+        b.add_cmd(NfCmd::Flush(FlushObject::Chain(chain_of(
+            t, c.name, c.hook,
+        ))));
     }
     for (name, types, items) in sets {
         b.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(set_of(
@@ -425,13 +507,12 @@ pub fn batch(t: &str, spec: &Spec, new_table: bool) -> Batch<'static> {
             }));
         }
     }
-    let (pre, out) = rules(spec);
-    for (chain, rules) in [("prerouting", pre), ("output", out)] {
-        for expr in rules {
+    for c in chains {
+        for expr in c.rules {
             b.add(NfListObject::Rule(Rule {
                 family: NfFamily::INet,
                 table: t.to_string().into(),
-                chain: chain.into(),
+                chain: c.name.into(),
                 expr: expr.into(),
                 handle: None,
                 index: None,
@@ -476,10 +557,9 @@ pub(crate) fn shape_of(ruleset: &Nftables<'_>) -> BTreeMap<String, usize> {
 /// What [`shape_of`] reads back when `spec` is in place.
 pub(crate) fn expected_shape(spec: &Spec) -> BTreeMap<String, usize> {
     let mut shape = BTreeMap::new();
-    let (pre, out) = rules(spec);
-    for (chain, n) in [("prerouting", pre.len()), ("output", out.len())] {
-        if n > 0 {
-            shape.insert(format!("chain {chain}"), n);
+    for c in chains(spec) {
+        if !c.rules.is_empty() {
+            shape.insert(format!("chain {}", c.name), c.rules.len());
         }
     }
     for (name, _, items) in sets(spec) {

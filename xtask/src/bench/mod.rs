@@ -18,6 +18,7 @@ mod extras;
 mod paired;
 mod pause;
 mod probe;
+mod profile;
 mod report;
 mod svg;
 
@@ -228,7 +229,9 @@ fn paired_section(env: &mut Env, engine: crate::engines::Engine, names: &[&str])
     wait_running(names)?;
     env.srv_ip = ip_of("dpb-srv")?;
     env.http_ip = ip_of("dpb-http")?;
-    paired::paired(env, if env.quick { 5 } else { 9 })
+    let mut md = paired::paired(env, if env.quick { 5 } else { 9 })?;
+    md += &profile::profile(env)?;
+    Ok(md)
 }
 
 /// The sections after the interleaved rounds, or the one asked for.
