@@ -448,6 +448,11 @@ mod tests {
         .collect();
         assert!(!all.iter().any(|r| r.contains("\"socket\"")));
         assert!(rules_of(&cmds, "to_host4").is_empty());
+        // Declared all the same, so that turning tracking off again flushes it.
+        assert!(
+            cmds.iter()
+                .any(|c| c["flush"]["chain"]["name"] == "to_host4")
+        );
         assert!(rules_of(&cmds, "output").is_empty());
         // A backend's packet to the host ends the table's evaluation: tracked.
         let fb = rules_of(&cmds, "from_backend4");

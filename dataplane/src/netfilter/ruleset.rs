@@ -389,28 +389,32 @@ fn family_chains(spec: &Spec, ip: &'static str, n: &str) -> Vec<ChainRules> {
             rules: from_backend,
         },
     ];
-    if !spec.track_host_clients {
-        // Replies to a host socket connected straight to the backend (TCP: not a wildcard
-        // listener; UDP: a socket bound there).
-        chains.push(ChainRules {
-            name: name("to_host"),
-            hook: None,
-            rules: [
-                ("tcp", SocketAttr::Wildcard),
-                ("udp", SocketAttr::Transparent),
+    // Replies to a host socket connected straight to the backend (TCP: not a wildcard
+    // listener; UDP: a socket bound there). Declared (empty) while host clients are
+    // tracked too, so that a change either way flushes it.
+    let to_host = if spec.track_host_clients {
+        Vec::new()
+    } else {
+        [
+            ("tcp", SocketAttr::Wildcard),
+            ("udp", SocketAttr::Transparent),
+        ]
+        .into_iter()
+        .map(|(proto, attr)| {
+            vec![
+                nf::is(l4proto(), Expression::String(proto.into())),
+                nf::socket_not(attr),
+                Statement::Notrack,
+                accept(),
             ]
-            .into_iter()
-            .map(|(proto, attr)| {
-                vec![
-                    nf::is(l4proto(), Expression::String(proto.into())),
-                    nf::socket_not(attr),
-                    Statement::Notrack,
-                    accept(),
-                ]
-            })
-            .collect(),
-        });
-    }
+        })
+        .collect()
+    };
+    chains.push(ChainRules {
+        name: name("to_host"),
+        hook: None,
+        rules: to_host,
+    });
     chains
 }
 
