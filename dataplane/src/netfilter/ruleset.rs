@@ -301,6 +301,29 @@ pub(crate) fn chains(spec: &Spec) -> Vec<ChainRules> {
     out
 }
 
+/// Replies to a host socket connected straight to the backend (TCP: not a wildcard
+/// listener; UDP: a socket bound there). None while host clients are tracked (the chain is
+/// declared all the same, so that a change either way flushes it).
+fn to_host(spec: &Spec) -> Vec<Vec<Statement<'static>>> {
+    if spec.track_host_clients {
+        return Vec::new();
+    }
+    [
+        ("tcp", SocketAttr::Wildcard),
+        ("udp", SocketAttr::Transparent),
+    ]
+    .into_iter()
+    .map(|(proto, attr)| {
+        vec![
+            nf::is(nf::l4proto(), Expression::String(proto.into())),
+            nf::socket_not(attr),
+            Statement::Notrack,
+            accept(),
+        ]
+    })
+    .collect()
+}
+
 /// `pre`, `from_backend` and `to_host` for one family (`ip`, suffix `n`).
 fn family_chains(spec: &Spec, ip: &'static str, n: &str) -> Vec<ChainRules> {
     use nf::{concat, field, in_set, l4proto};
@@ -389,31 +412,10 @@ fn family_chains(spec: &Spec, ip: &'static str, n: &str) -> Vec<ChainRules> {
             rules: from_backend,
         },
     ];
-    // Replies to a host socket connected straight to the backend (TCP: not a wildcard
-    // listener; UDP: a socket bound there). Declared (empty) while host clients are
-    // tracked too, so that a change either way flushes it.
-    let to_host = if spec.track_host_clients {
-        Vec::new()
-    } else {
-        [
-            ("tcp", SocketAttr::Wildcard),
-            ("udp", SocketAttr::Transparent),
-        ]
-        .into_iter()
-        .map(|(proto, attr)| {
-            vec![
-                nf::is(l4proto(), Expression::String(proto.into())),
-                nf::socket_not(attr),
-                Statement::Notrack,
-                accept(),
-            ]
-        })
-        .collect()
-    };
     chains.push(ChainRules {
         name: name("to_host"),
         hook: None,
-        rules: to_host,
+        rules: to_host(spec),
     });
     chains
 }
