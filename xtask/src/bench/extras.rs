@@ -150,7 +150,7 @@ impl Timed {
             .append(true)
             .open("/run/dataplane-bench/timed.log")?;
         let t = Instant::now();
-        let child = Command::new(root.join("dataplane"))
+        let mut child = Command::new(root.join("dataplane"))
             .args(Self::args("run"))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -169,6 +169,9 @@ impl Timed {
                 return Ok((child, t.elapsed().as_secs_f64() * 1e3));
             }
             if t.elapsed() > Duration::from_secs(30) {
+                // Not left running: the caller uninstalls the pins.
+                let _ = child.kill();
+                let _ = child.wait();
                 bail!("the agent did not become ready; see /run/dataplane-bench/timed.log");
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -200,6 +203,44 @@ impl Timed {
     }
 }
 
+/// The timings of [`cold_starts`] for one number of running containers.
+fn timings(rounds: usize, label: &str, extra: &mut String) -> Result<()> {
+    let (mut first, mut restart, mut killed) = (Vec::new(), Vec::new(), Vec::new());
+    Timed::uninstall();
+    for _ in 0..rounds {
+        let (c, ms) = Timed::start()?;
+        first.push(ms);
+        Timed::stop(c);
+        Timed::uninstall();
+    }
+    let (c, _) = Timed::start()?;
+    Timed::stop(c);
+    for _ in 0..rounds {
+        let (c, ms) = Timed::start()?;
+        restart.push(ms);
+        Timed::stop(c);
+    }
+    for _ in 0..rounds {
+        let (c, ms) = Timed::start()?;
+        Timed::kill(c);
+        killed.push(ms);
+    }
+    let (c, ms) = Timed::start()?;
+    killed.push(ms);
+    killed.remove(0);
+    Timed::stop(c);
+    Timed::uninstall();
+    for (what, v) in [
+        ("first start (no pins)", &first),
+        ("restart (SIGTERM, then start)", &restart),
+        ("restart after `kill -9`", &killed),
+    ] {
+        let (m, lo, hi) = stats(v);
+        let _ = writeln!(extra, "| {label} | {what} | {m:.1} | {lo:.1} | {hi:.1} |");
+    }
+    Ok(())
+}
+
 /// First start (no pins: everything loaded and attached), restart of the same build (pins
 /// in place: SIGTERM then start, and `kill -9` then start), as an operator times them (exec
 /// of `dataplane run` to `bridge-ctl status` exiting 0), with the bench's 3 containers and
@@ -207,40 +248,12 @@ impl Timed {
 pub(super) fn cold_starts(image: &str, quick: bool, extra: &mut String) -> Result<()> {
     let rounds = 5;
     let measure = |label: &str, extra: &mut String| -> Result<()> {
-        let (mut first, mut restart, mut killed) = (Vec::new(), Vec::new(), Vec::new());
-        Timed::uninstall();
-        for _ in 0..rounds {
-            let (c, ms) = Timed::start()?;
-            first.push(ms);
-            Timed::stop(c);
+        let r = timings(rounds, label, extra);
+        if r.is_err() {
+            // A start that failed midway leaves no agent (see `Timed::start`) but its pins.
             Timed::uninstall();
         }
-        let (c, _) = Timed::start()?;
-        Timed::stop(c);
-        for _ in 0..rounds {
-            let (c, ms) = Timed::start()?;
-            restart.push(ms);
-            Timed::stop(c);
-        }
-        for _ in 0..rounds {
-            let (c, ms) = Timed::start()?;
-            Timed::kill(c);
-            killed.push(ms);
-        }
-        let (c, ms) = Timed::start()?;
-        killed.push(ms);
-        killed.remove(0);
-        Timed::stop(c);
-        Timed::uninstall();
-        for (what, v) in [
-            ("first start (no pins)", &first),
-            ("restart (SIGTERM, then start)", &restart),
-            ("restart after `kill -9`", &killed),
-        ] {
-            let (m, lo, hi) = stats(v);
-            let _ = writeln!(extra, "| {label} | {what} | {m:.1} | {lo:.1} | {hi:.1} |");
-        }
-        Ok(())
+        r
     };
     let _ = writeln!(
         extra,
