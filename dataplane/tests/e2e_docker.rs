@@ -143,6 +143,11 @@ impl Agent {
         }
     }
 
+    /// SIGTERM, as systemd stops it: with pins, everything stays for the next agent.
+    fn terminate(&mut self) {
+        drop(self.proc.take());
+    }
+
     fn uninstall(&mut self) -> std::process::Output {
         if let Some(p) = self.proc.take() {
             drop(p);
@@ -976,6 +981,67 @@ fn agent_kill_9_keeps_traffic_flowing_restart_adopts_uninstall_removes_all() {
         assert_ne!(kernel_peer(&s), format!("{}:5201", srv.ip()));
     }
     drop(squatter);
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn a_restart_takes_the_last_agents_inspects_only_for_containers_that_did_not_change() {
+    let (p, q, r, m) = (port(17), port(18), port(19), port(20));
+    let sub = format!("10.214.{}", std::process::id() % 250);
+    let net = Network::create_with("cache", &[&format!("--subnet={sub}.0/24")]);
+    let with_ip = |name: &str, ip: &str, publish: &str| {
+        httpd_with(name, &["--network", &net.0, "--ip", ip, "-p", publish])
+    };
+    let same = with_ip("cache-same", &format!("{sub}.10"), &format!("{p}:80"));
+    let replaced = with_ip("cache-old", &format!("{sub}.11"), &format!("{q}:80"));
+    let restarted = with_ip("cache-restarted", &format!("{sub}.12"), &format!("{r}:80"));
+    let moved = with_ip("cache-moved", &format!("{sub}.13"), &format!("{m}:80"));
+    let peer = |port: u16| kernel_peer(&TcpStream::connect(("127.0.0.1", port)).unwrap());
+    let mut agent = Agent::start("cache");
+    for (port, c) in [(p, &same), (q, &replaced), (r, &restarted), (m, &moved)] {
+        wait_http("the frontend", port, Duration::from_secs(10));
+        assert_eq!(peer(port), format!("{}:80", c.ip()));
+    }
+    // A graceful stop leaves the inspects for the next start (its own file, not others').
+    agent.terminate();
+    let file = agent.dir.join("containers.json");
+    assert!(file.exists(), "no {}", file.display());
+    // While no agent runs: one container replaced by another on a new address, one
+    // restarted (a new network namespace), one given a new address on its network (a new
+    // endpoint, same container and namespace).
+    drop(replaced);
+    let new = with_ip("cache-new", &format!("{sub}.21"), &format!("{q}:80"));
+    sh(&["docker", "restart", "-t", "0", &restarted.name]);
+    sh(&["docker", "network", "disconnect", &net.0, &moved.name]);
+    let ip = format!("{sub}.23");
+    sh(&[
+        "docker",
+        "network",
+        "connect",
+        "--ip",
+        &ip,
+        &net.0,
+        &moved.name,
+    ]);
+    agent.spawn();
+    // Only the container that did not change was taken from the file.
+    let log = agent.log();
+    let took = log
+        .lines()
+        .find(|l| l.contains("took the last agent's inspects"))
+        .unwrap_or_else(|| panic!("the restart did not use the file: {log}"));
+    assert!(took.contains("containers=1"), "{took}");
+    assert!(!file.exists(), "the file is read once and removed");
+    // Every frontend is where Docker says it is now.
+    assert_eq!(peer(p), format!("{}:80", same.ip()));
+    assert_eq!(peer(q), format!("{}:80", new.ip()));
+    assert_eq!(peer(r), format!("{}:80", restarted.ip()));
+    assert_eq!(peer(m), format!("{ip}:80"));
+    for port in [p, q, r, m] {
+        assert!(curl(&format!("http://127.0.0.1:{port}/")).contains("dataplane test backend"));
+    }
+    let out = agent.uninstall();
+    assert!(out.status.success());
 }
 
 #[test]
