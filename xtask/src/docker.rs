@@ -231,6 +231,25 @@ impl TestImage {
         Ok(Self { name })
     }
 
+    /// The image's root filesystem as a tar file (for `docker import` where the image
+    /// cannot be built: in a VM).
+    pub fn write_rootfs_tar(out: &Path) -> Result<()> {
+        let root = std::env::temp_dir().join(format!("dataplane-rootfs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let r = Self::populate(&root).and_then(|()| {
+            crate::util::run(
+                Command::new("tar")
+                    .arg("-C")
+                    .arg(&root)
+                    .arg("-cf")
+                    .arg(out)
+                    .arg("."),
+            )
+        });
+        let _ = fs::remove_dir_all(&root);
+        r
+    }
+
     fn populate(root: &Path) -> Result<()> {
         for d in ["bin", "tmp", "www", "etc"] {
             fs::create_dir_all(root.join(d))?;

@@ -134,7 +134,7 @@ impl Engine {
 }
 
 /// apt options that use only `dir` and `sources`: nothing of the system's apt state changes.
-fn apt_opts(dir: &Path, sources: &Path) -> Vec<String> {
+pub fn apt_opts(dir: &Path, sources: &Path) -> Vec<String> {
     vec![
         format!("-oDir::Etc::SourceList={}", sources.display()),
         "-oDir::Etc::SourceParts=/nonexistent".into(),

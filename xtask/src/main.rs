@@ -4,6 +4,7 @@ mod bench;
 mod deb;
 mod docker;
 mod engines;
+mod kernels;
 mod setup;
 mod util;
 
@@ -79,6 +80,11 @@ enum Cmd {
         /// Only these layers (unit, integration, e2e); default all.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Run the kernel-dependent layers (netns integration, an end-to-end smoke) in a
+        /// VM booting Debian's 6.1 or 6.12 kernel instead of on the host's (fetched once
+        /// into target/kernels; software emulation: minutes).
+        #[arg(long, value_enum)]
+        kernel: Option<kernels::Kernel>,
     },
 }
 
@@ -119,6 +125,17 @@ fn main() -> Result<()> {
             engine,
             no_lint,
             only,
+            kernel: Some(kernel),
+        } => {
+            util::become_subreaper();
+            setup::setup()?;
+            test_in_vm(kernel, engine, no_lint, &only)
+        }
+        Cmd::Test {
+            engine,
+            no_lint,
+            only,
+            kernel: None,
         } => {
             util::become_subreaper();
             setup::setup()?;
@@ -252,6 +269,83 @@ fn test(engine: Engine, no_lint: bool, only: &[String]) -> Result<()> {
     }
     println!("xtask: all requested test layers passed");
     Ok(())
+}
+
+/// The kernel-dependent layers in a VM booting `kernel`: the netns integration tests (the
+/// same binary as on the host) and, unless `only` leaves it out, the end-to-end smoke.
+fn test_in_vm(
+    kernel: kernels::Kernel,
+    engine: Engine,
+    no_lint: bool,
+    only: &[String],
+) -> Result<()> {
+    let want = |layer: &str| only.is_empty() || only.iter().any(|o| o == layer);
+    util::require_root("the tests in a VM")?;
+    if engine != Engine::Host {
+        bail!("--kernel runs the host's Debian Docker engine in the VM; --engine does not apply");
+    }
+    build()?;
+    if !no_lint {
+        lint()?;
+    }
+    if want("integration") {
+        println!(
+            "== integration tests in a VM with Debian's {} kernel",
+            kernel.tag()
+        );
+        let bin = test_binary("netns")?;
+        let script = format!(
+            "echo \"kernel: $(uname -r)\"; mount -t bpf bpf /sys/fs/bpf 2>/dev/null; \
+             DATAPLANE_EBPF_OBJECT={obj} {bin} --ignored --test-threads=1 --color=never",
+            obj = ebpf_object().display(),
+            bin = bin.display()
+        );
+        kernels::run_in_vm(kernel, &script, std::time::Duration::from_mins(30))?;
+    }
+    if want("e2e") {
+        println!(
+            "== end-to-end smoke in a VM with Debian's {} kernel",
+            kernel.tag()
+        );
+        let dir = project_root().join("target/vm");
+        std::fs::create_dir_all(&dir)?;
+        docker::TestImage::write_rootfs_tar(&dir.join("rootfs.tar"))?;
+        let script = "echo \"kernel: $(uname -r)\"; bash xtask/src/vm-smoke.sh";
+        kernels::run_in_vm(kernel, script, std::time::Duration::from_mins(30))?;
+    }
+    println!(
+        "xtask: the requested layers passed in the {} VM",
+        kernel.tag()
+    );
+    Ok(())
+}
+
+/// The path of the release test binary `name` of the dataplane crate (built if needed).
+fn test_binary(name: &str) -> Result<PathBuf> {
+    let out = util::cargo()
+        .args([
+            "test",
+            "--release",
+            "--package",
+            "dataplane",
+            "--test",
+            name,
+            "--no-run",
+            "--message-format=json",
+        ])
+        .env("DATAPLANE_EBPF_OBJECT", ebpf_object())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("building the test binary")?;
+    if !out.status.success() {
+        bail!("building the {name} test binary failed");
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"]["name"] == name)
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("no executable for the {name} tests"))
 }
 
 /// The build the package test upgrades from: the last commit before the map layout

@@ -30,6 +30,10 @@ pub const PACKAGES: &[&str] = &[
     "dnsmasq-base",
     // The bench's CPU profile (`perf record -a`).
     "linux-perf",
+    // Other kernels in VMs (`cargo xtask test --kernel`: virtme-ng from PyPI in a venv).
+    "qemu-system-x86",
+    "python3-venv",
+    "kmod",
     // Packaging and operating: dpkg-shlibdeps, lintian, `promtool check metrics`,
     // `bridge-ctl top` under tmux, `systemd-analyze verify` (man pages it checks).
     "dpkg-dev",
