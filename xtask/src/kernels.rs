@@ -112,7 +112,13 @@ impl Kernel {
             .and_then(|n| n.strip_prefix("vmlinuz-"))
             .context("a vmlinuz-<version> name")?
             .to_string();
-        run(Command::new("depmod").arg("-b").arg(&tmp).arg(&version))
+        // Trixie's packages hold the modules under /usr (merged /usr).
+        let base = if tmp.join("lib/modules").exists() {
+            tmp.clone()
+        } else {
+            tmp.join("usr")
+        };
+        run(Command::new("depmod").arg("-b").arg(&base).arg(&version))
             .context("depmod for the unpacked modules")?;
         let _ = fs::remove_dir_all(&root);
         fs::rename(&tmp, &root)?;
@@ -181,14 +187,15 @@ pub fn run_in_vm(kernel: Kernel, script: &str, timeout: Duration) -> Result<()> 
         std::env::var("PATH").unwrap_or_default()
     );
     // `--verbose`: the console is where the script's output shows when the VM has no
-    // script I/O port (its kernel messages too, from warnings up).
+    // script I/O port (its kernel messages too, from warnings up). AppArmor off: Debian's
+    // kernels enable it, and Docker then wants the host's `apparmor_parser`.
     let mut child = Command::new(&vng)
         .arg("--run")
         .arg(&img)
         .args([
             "--verbose",
             "--append",
-            "loglevel=4",
+            "loglevel=4 apparmor=0",
             "--disable-kvm",
             "--cpus",
             "2",

@@ -21,8 +21,8 @@ ip link set dpvm0 up
 
 step "starting dockerd (userland proxy off)"
 dockerd --userland-proxy=false --pidfile /run/vm-dockerd.pid >/tmp/vm-dockerd.log 2>&1 &
-for _ in $(seq 300); do docker info >/dev/null 2>&1 && break; sleep 1; done
-docker info >/dev/null 2>&1 || { tail -n 30 /tmp/vm-dockerd.log; fail "dockerd did not start"; }
+for _ in $(seq 300); do timeout 20 docker version >/dev/null 2>&1 && break; sleep 1; done
+timeout 20 docker version >/dev/null 2>&1 || { tail -n 30 /tmp/vm-dockerd.log; fail "dockerd did not start"; }
 docker version --format 'smoke: docker {{.Server.Version}}'
 docker import target/vm/rootfs.tar dataplane-test:latest >/dev/null
 docker run -d --name web -p $PORT:80 dataplane-test:latest httpd -f -p 80 -h /www >/dev/null
@@ -53,11 +53,16 @@ step "starting the agent"
 start_agent
 $BIN/bridge-ctl status | sed -n '1,6p'
 check_paths
+stop_agent() {
+    kill -TERM "$(cat /run/vm-agent.pid)"
+    while kill -0 "$(cat /run/vm-agent.pid)" 2>/dev/null; do sleep 0.2; done
+}
 step "restarting the agent (SIGTERM, pins stay)"
-kill -TERM "$(cat /run/vm-agent.pid)"
-while kill -0 "$(cat /run/vm-agent.pid)" 2>/dev/null; do sleep 0.2; done
+stop_agent
 start_agent
+grep -q "reuse_pinned" <($BIN/bridge-ctl --json status) || fail "the restart did not take the pinned programs"
 check_paths
+stop_agent
 $BIN/dataplane uninstall >/dev/null
 docker rm -f web >/dev/null
 kill "$(cat /run/vm-dockerd.pid)"
