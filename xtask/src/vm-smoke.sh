@@ -21,7 +21,10 @@ ip link set dpvm0 up
 
 step "starting dockerd (userland proxy off)"
 dockerd --userland-proxy=false --pidfile /run/vm-dockerd.pid >/tmp/vm-dockerd.log 2>&1 &
-for _ in $(seq 300); do timeout 20 docker version >/dev/null 2>&1 && break; sleep 1; done
+until timeout 20 docker version >/dev/null 2>&1; do
+    [ "$SECONDS" -lt 400 ] || break
+    sleep 1
+done
 timeout 20 docker version >/dev/null 2>&1 || { tail -n 30 /tmp/vm-dockerd.log; fail "dockerd did not start"; }
 docker version --format 'smoke: docker {{.Server.Version}}'
 docker import target/vm/rootfs.tar dataplane-test:latest >/dev/null
