@@ -269,15 +269,7 @@ fn notrack_table(env: &Env, rounds: usize, cpu: Option<&str>, md: &mut String) -
     };
     let file = "/run/dataplane-bench/notrack-copy.nft";
     std::fs::write(file, &copy)?;
-    sh(&[
-        "docker",
-        "exec",
-        "-d",
-        "dpb-srv",
-        "sh",
-        "-c",
-        "echo $$ > /tmp/second.pid; exec iperf3 -s -p 5202",
-    ])?;
+    let _server = ExtraServer::start(5202)?;
     let loaded = std::cell::Cell::new(false);
     let set = |on: bool| -> Result<()> {
         if on != loaded.get() {
@@ -331,15 +323,39 @@ fn notrack_table(env: &Env, rounds: usize, cpu: Option<&str>, md: &mut String) -
         Ok(())
     })();
     let _ = set(false);
-    let _ = sh(&[
-        "docker",
-        "exec",
-        "dpb-srv",
-        "sh",
-        "-c",
-        "kill $(cat /tmp/second.pid)",
-    ]);
     r
+}
+
+/// A second `iperf3 -s` in the bench's server container, on a port nothing publishes;
+/// stopped on drop.
+pub(super) struct ExtraServer(u16);
+
+impl ExtraServer {
+    pub(super) fn start(port: u16) -> Result<Self> {
+        sh(&[
+            "docker",
+            "exec",
+            "-d",
+            "dpb-srv",
+            "sh",
+            "-c",
+            &format!("echo $$ > /tmp/iperf-{port}.pid; exec iperf3 -s -p {port}"),
+        ])?;
+        Ok(Self(port))
+    }
+}
+
+impl Drop for ExtraServer {
+    fn drop(&mut self) {
+        let _ = sh(&[
+            "docker",
+            "exec",
+            "dpb-srv",
+            "sh",
+            "-c",
+            &format!("kill $(cat /tmp/iperf-{}.pid)", self.0),
+        ]);
+    }
 }
 
 #[cfg(test)]

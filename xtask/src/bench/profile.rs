@@ -94,15 +94,7 @@ pub(super) fn profile(env: &Env) -> Result<String> {
             "16".into(),
         ]
     };
-    sh(&[
-        "docker",
-        "exec",
-        "-d",
-        "dpb-srv",
-        "sh",
-        "-c",
-        "echo $$ > /tmp/third.pid; exec iperf3 -s -p 5203",
-    ])?;
+    let _server = super::paired::ExtraServer::start(5203)?;
     let runs: Vec<(&str, Vec<String>)> = vec![
         (
             "iperf3 -P4, host -> container, unpublished port",
@@ -156,14 +148,6 @@ pub(super) fn profile(env: &Env) -> Result<String> {
         }
         Ok(())
     })();
-    let _ = sh(&[
-        "docker",
-        "exec",
-        "dpb-srv",
-        "sh",
-        "-c",
-        "kill $(cat /tmp/third.pid)",
-    ]);
     r?;
     Ok(md)
 }
