@@ -216,7 +216,7 @@ pub(crate) fn sets(spec: &Spec) -> Vec<(&'static str, Vec<SetType>, Vec<Expressi
 /// One chain of the table: its name, its hook (`None`: a regular chain, reached by
 /// `jump`/`goto`) and its rules in order.
 pub(crate) struct ChainRules {
-    pub name: &'static str,
+    pub name: String,
     pub hook: Option<NfHook>,
     pub rules: Vec<Vec<Statement<'static>>>,
 }
@@ -258,7 +258,7 @@ pub(crate) fn chains(spec: &Spec) -> Vec<ChainRules> {
     let th = |f: &'static str| field("th", f);
     let mut out = vec![
         ChainRules {
-            name: "prerouting",
+            name: "prerouting".into(),
             hook: Some(NfHook::Prerouting),
             rules: vec![
                 vec![
@@ -277,7 +277,7 @@ pub(crate) fn chains(spec: &Spec) -> Vec<ChainRules> {
             ],
         },
         ChainRules {
-            name: "output",
+            name: "output".into(),
             hook: Some(NfHook::Output),
             rules: Vec::new(),
         },
@@ -330,17 +330,8 @@ fn family_chains(spec: &Spec, ip: &'static str, n: &str) -> Vec<ChainRules> {
     let th = |f: &'static str| field("th", f);
     let src = || field(ip, "saddr");
     let dst = || field(ip, "daddr");
-    let set = |name: &str| format!("{name}{n}");
-    let name = |c: &str| -> &'static str {
-        match (c, n) {
-            ("pre", "4") => "pre4",
-            ("pre", _) => "pre6",
-            ("from_backend", "4") => "from_backend4",
-            ("from_backend", _) => "from_backend6",
-            ("to_host", "4") => "to_host4",
-            _ => "to_host6",
-        }
-    };
+    // A set's or chain's name for this family (`backends` -> `backends4`).
+    let of = |base: &str| format!("{base}{n}");
     let pre = vec![
         // A peer dialling the host on a published port (Docker's NAT path: a client the
         // programs left to Docker, or any while no agent runs) has its client port
@@ -348,27 +339,21 @@ fn family_chains(spec: &Spec, ip: &'static str, n: &str) -> Vec<ChainRules> {
         // (The published port first: it rules out most packets with one lookup.)
         vec![
             in_set(concat(vec![l4proto(), th("dport")]), "published"),
-            in_set(dst(), &set("hosts")),
-            in_set(src(), &set("peers")),
+            in_set(dst(), &of("hosts")),
+            in_set(src(), &of("peers")),
             nf::update(
-                &set("natclients"),
+                &of("natclients"),
                 concat(vec![src(), l4proto(), th("sport")]),
             ),
         ],
         vec![
-            in_set(
-                concat(vec![src(), l4proto(), th("sport")]),
-                &set("backends"),
-            ),
-            jump(name("from_backend")),
+            in_set(concat(vec![src(), l4proto(), th("sport")]), &of("backends")),
+            jump(&of("from_backend")),
         ],
         // Container clients to backends (bridged through the host).
         vec![
-            in_set(src(), &set("peers")),
-            in_set(
-                concat(vec![dst(), l4proto(), th("dport")]),
-                &set("backends"),
-            ),
+            in_set(src(), &of("peers")),
+            in_set(concat(vec![dst(), l4proto(), th("dport")]), &of("backends")),
             Statement::Notrack,
             accept(),
         ],
@@ -376,17 +361,17 @@ fn family_chains(spec: &Spec, ip: &'static str, n: &str) -> Vec<ChainRules> {
     let from_backend = vec![
         // A host address is never a peer, a recorded NAT client or a NAT reply's client.
         vec![
-            in_set(dst(), &set("hosts")),
+            in_set(dst(), &of("hosts")),
             if spec.track_host_clients {
                 accept()
             } else {
-                goto(name("to_host"))
+                goto(&of("to_host"))
             },
         ],
         vec![
             in_set(
                 concat(vec![dst(), l4proto(), th("dport")]),
-                &set("natclients"),
+                &of("natclients"),
             ),
             accept(),
         ],
@@ -394,26 +379,26 @@ fn family_chains(spec: &Spec, ip: &'static str, n: &str) -> Vec<ChainRules> {
         vec![
             in_set(
                 concat(vec![src(), l4proto(), th("sport"), dst(), th("dport")]),
-                &set("natreplies"),
+                &of("natreplies"),
             ),
             accept(),
         ],
-        vec![in_set(dst(), &set("peers")), Statement::Notrack, accept()],
+        vec![in_set(dst(), &of("peers")), Statement::Notrack, accept()],
     ];
     let mut chains = vec![
         ChainRules {
-            name: name("pre"),
+            name: of("pre"),
             hook: None,
             rules: pre,
         },
         ChainRules {
-            name: name("from_backend"),
+            name: of("from_backend"),
             hook: None,
             rules: from_backend,
         },
     ];
     chains.push(ChainRules {
-        name: name("to_host"),
+        name: of("to_host"),
         hook: None,
         rules: to_host(spec),
     });
@@ -495,9 +480,9 @@ pub fn batch(t: &str, spec: &Spec, new_table: bool) -> Batch<'static> {
     }
     let chains = chains(spec);
     for c in &chains {
-        b.add(NfListObject::Chain(chain_of(t, c.name, c.hook)));
+        b.add(NfListObject::Chain(chain_of(t, &c.name, c.hook)));
         b.add_cmd(NfCmd::Flush(FlushObject::Chain(chain_of(
-            t, c.name, c.hook,
+            t, &c.name, c.hook,
         ))));
     }
     for (name, types, items) in sets {
@@ -518,7 +503,7 @@ pub fn batch(t: &str, spec: &Spec, new_table: bool) -> Batch<'static> {
             b.add(NfListObject::Rule(Rule {
                 family: NfFamily::INet,
                 table: t.to_string().into(),
-                chain: c.name.into(),
+                chain: c.name.clone().into(),
                 expr: expr.into(),
                 handle: None,
                 index: None,
