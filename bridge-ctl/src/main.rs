@@ -338,6 +338,21 @@ fn print_status(s: &Status) {
         Some(why) => println!("host clients: translated, tracked by conntrack: {why}"),
         None => println!("host clients: translated, untracked"),
     }
+    if !s.kernel.is_empty() {
+        let degraded: Vec<_> = s.features.iter().filter(|f| f.state != "active").collect();
+        println!(
+            "kernel:       {} ({} of {} features active)",
+            s.kernel,
+            s.features.len() - degraded.len(),
+            s.features.len()
+        );
+        for f in degraded {
+            println!(
+                "  {}: {} (needs {}): {}",
+                f.state, f.name, f.since, f.effect
+            );
+        }
+    }
     println!("attached:");
     for a in &s.attach_points {
         println!("  {a}");

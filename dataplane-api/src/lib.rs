@@ -187,6 +187,24 @@ pub struct Status {
     /// Why the last reload was rejected (the config loaded before stays in force).
     #[serde(default)]
     pub config_error: Option<String>,
+    /// The kernel's release (`uname -r`).
+    #[serde(default)]
+    pub kernel: String,
+    /// Each kernel feature the agent uses, and whether it is active.
+    #[serde(default)]
+    pub features: Vec<FeatureState>,
+}
+
+/// A kernel feature the agent uses, as probed at its start.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureState {
+    pub name: String,
+    /// The Linux version (or build option) it needs.
+    pub since: String,
+    /// `active`, or `degraded` (the agent runs without it, see `effect`).
+    pub state: String,
+    /// What is lost while it is degraded.
+    pub effect: String,
 }
 
 /// How many start-to-map latencies [`Status::start_sync_us`] keeps.

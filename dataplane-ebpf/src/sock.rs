@@ -114,22 +114,35 @@ fn bind_verdict(ctx: &SockAddrContext, dst: &Addr) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn dp_connect4(ctx: SockAddrContext) -> i32 {
-    xlate4(&ctx, STAT_CONNECT)
+    xlate4(&ctx, STAT_CONNECT, true)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn dp_connect6(ctx: SockAddrContext) -> i32 {
-    xlate6(&ctx, STAT_CONNECT)
+    xlate6(&ctx, STAT_CONNECT, true)
+}
+
+/// `dp_connect4` for kernels without `bpf_set_retval` (before 5.18): a refused `connect()`
+/// fails with the hooks' own `EPERM`.
+#[cgroup_sock_addr(connect4)]
+pub fn dp_connect4_eperm(ctx: SockAddrContext) -> i32 {
+    xlate4(&ctx, STAT_CONNECT, false)
+}
+
+/// `dp_connect6` for kernels without `bpf_set_retval`, as `dp_connect4_eperm`.
+#[cgroup_sock_addr(connect6)]
+pub fn dp_connect6_eperm(ctx: SockAddrContext) -> i32 {
+    xlate6(&ctx, STAT_CONNECT, false)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn dp_sendmsg4(ctx: SockAddrContext) -> i32 {
-    xlate4(&ctx, STAT_SENDMSG)
+    xlate4(&ctx, STAT_SENDMSG, false)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn dp_sendmsg6(ctx: SockAddrContext) -> i32 {
-    xlate6(&ctx, STAT_SENDMSG)
+    xlate6(&ctx, STAT_SENDMSG, false)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -441,23 +454,27 @@ fn try_xlate4(ctx: &SockAddrContext, stat: u32) -> Result<(Addr, u16, Target), R
     Ok((dst, port_be, t))
 }
 
-/// Refuses a `connect()` to a paused backend that asked for it: `ECONNREFUSED` at once.
+/// Refuses a `connect()` to a paused backend that asked for it: `ECONNREFUSED` at once
+/// (`EPERM` without `set_errno`: the kernel lacks `bpf_set_retval`, and the programs of
+/// that kind must not call it).
 #[inline(always)]
-fn refuse_paused(t: &Target, stat: u32) -> bool {
+fn refuse_paused(t: &Target, stat: u32, set_errno: bool) -> bool {
     if !refuses(t, stat == STAT_CONNECT) {
         return false;
     }
     count(STAT_REFUSED_PAUSED);
-    // SAFETY: sets the syscall's error for a refused connect; no memory is touched.
-    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    if set_errno {
+        // SAFETY: sets the syscall's error for a refused connect; no memory is touched.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+    }
     true
 }
 
 /// Translates an IPv4 socket's destination; the hook's verdict.
 #[inline(always)]
-fn xlate4(ctx: &SockAddrContext, stat: u32) -> i32 {
+fn xlate4(ctx: &SockAddrContext, stat: u32, set_errno: bool) -> i32 {
     match try_xlate4(ctx, stat) {
-        Ok((_, _, t)) if refuse_paused(&t, stat) => REFUSE,
+        Ok((_, _, t)) if refuse_paused(&t, stat, set_errno) => REFUSE,
         Ok((dst, port_be, t)) => {
             remember(ctx, &dst, port_be, &t);
             set4(ctx, v4_part(&t.addr), t.port_be);
@@ -506,9 +523,9 @@ fn try_xlate6(ctx: &SockAddrContext, stat: u32) -> Result<(Addr, u16, Target), R
 
 /// Translates an IPv6 socket's destination; the hook's verdict.
 #[inline(always)]
-fn xlate6(ctx: &SockAddrContext, stat: u32) -> i32 {
+fn xlate6(ctx: &SockAddrContext, stat: u32, set_errno: bool) -> i32 {
     match try_xlate6(ctx, stat) {
-        Ok((_, _, t)) if refuse_paused(&t, stat) => REFUSE,
+        Ok((_, _, t)) if refuse_paused(&t, stat, set_errno) => REFUSE,
         Ok((dst, port_be, t)) => {
             remember(ctx, &dst, port_be, &t);
             set6(ctx, &t.addr, t.port_be);

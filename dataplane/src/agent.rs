@@ -24,6 +24,7 @@ use crate::{
     bpf::Loaded,
     docker::{self, Effect},
     egress::{self, Egress},
+    features::{Feature, Features},
     hostfw, metrics,
     netfilter::NetfilterTask,
     netfilter::changes as nfwatch,
@@ -163,6 +164,8 @@ async fn start_metrics(
     s.version = env!("CARGO_PKG_VERSION").to_string();
     s.docker_version = docker_version;
     s.attach_points.clone_from(&loaded.attached);
+    s.kernel.clone_from(&loaded.features.kernel);
+    s.features = loaded.features.states();
     s.metrics = server
         .as_ref()
         .map(|m| format!("http://{}/metrics", m.addr));
@@ -200,12 +203,21 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// What ends the translated sockets of removed backends (where the kernel can).
+fn destroyer(loaded: &crate::bpf::Loaded) -> Result<Destroyer, StartError> {
+    Ok(Destroyer::new(
+        loaded.translations_fd().map_err(StartError::Kernel)?,
+        loaded.features.has(Feature::SockDestroy),
+    ))
+}
+
 pub async fn run(opts: Options) -> Result<(), StartError> {
     let mut startup = Startup::new();
     let (mut sigterm, sighup) = signals()?;
     // Before Docker is first asked anything: the events stream starts from here.
     let events_since = unix_secs();
-    let (cgroup, host_cookie) = preflight(&opts)?;
+    let checked = preflight(&opts)?;
+    let host_cookie = checked.1;
     let Some(Started {
         loaded,
         docker,
@@ -215,7 +227,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         fw,
         listed,
         cached,
-    }) = start_or_stop(&opts, cgroup, host_cookie, &mut startup, &mut sigterm).await?
+    }) = start_or_stop(&opts, checked, &mut startup, &mut sigterm).await?
     else {
         return Ok(());
     };
@@ -230,7 +242,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     let (fw_tx, fw_rx) = mpsc::channel(1);
     let fw_changes = Arc::default();
     nfwatch::watch(fw_tx.clone(), Arc::clone(&fw_changes))?;
-    let sockets = Destroyer::new(loaded.translations_fd().map_err(StartError::Kernel)?);
+    let sockets = destroyer(&loaded)?;
     let (scrape, metrics_server) = start_metrics(&opts, &loaded, docker_version, &shared).await?;
     let (early_tx, early_rx) = mpsc::channel(64);
 
@@ -307,13 +319,12 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
 /// then `None`, and nothing is serving yet.
 async fn start_or_stop(
     opts: &Options,
-    cgroup: std::path::PathBuf,
-    host_cookie: u64,
+    (cgroup, host_cookie, features): (std::path::PathBuf, u64, Features),
     startup: &mut Startup,
     sigterm: &mut tokio::signal::unix::Signal,
 ) -> Result<Option<Started>, StartError> {
     tokio::select! {
-        r = load_and_list(opts, cgroup, host_cookie, startup) => r.map(Some),
+        r = load_and_list(opts, cgroup, host_cookie, features, startup) => r.map(Some),
         _ = sigterm.recv() => {
             info!("terminated during the start");
             Ok(None)

@@ -10,6 +10,7 @@ pub mod desired;
 pub mod docker;
 pub mod egress;
 pub mod engine;
+pub mod features;
 pub mod hostfw;
 pub mod metrics;
 pub mod netfilter;

@@ -107,6 +107,10 @@ enum Cmd {
         #[arg(default_value = dataplane::egress::policy::DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Probes the running kernel for every feature the agent uses (as `run` does at its
+    /// start) and lists each: active, degraded (what is lost), or missing. Exits 0 when the
+    /// agent can run here, 5 when a feature it needs is missing. Needs root.
+    Features,
     /// Shell completions for dataplane, printed to stdout.
     Completions {
         #[arg(value_enum)]
@@ -122,6 +126,7 @@ enum Cmd {
 const EXIT_FAILURE: u8 = 1;
 const EXIT_ALREADY_RUNNING: u8 = 3;
 const EXIT_CONFIG: u8 = 2;
+const EXIT_KERNEL: u8 = 5;
 
 /// One agent per host, whatever its flags (socket, pin directory, `--no-pin`): it holds this
 /// lock for its lifetime; `uninstall` takes it too.
@@ -155,6 +160,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::CheckConfig { config } => check_config(&config),
+        Cmd::Features => features(),
         Cmd::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -236,6 +242,24 @@ fn main() -> ExitCode {
                     ExitCode::from(e.exit_code())
                 }
             }
+        }
+    }
+}
+
+fn features() -> ExitCode {
+    let f = dataplane::features::Features::probe();
+    println!("kernel: {}", f.kernel);
+    for s in f.states() {
+        println!("{:<9} {} (needs {})", s.state, s.name, s.since);
+        if !s.effect.is_empty() {
+            println!("          {}", s.effect);
+        }
+    }
+    match f.check() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dataplane: {e:#}");
+            ExitCode::from(EXIT_KERNEL)
         }
     }
 }

@@ -315,6 +315,21 @@ impl Diag {
     }
 }
 
+/// Whether the kernel destroys sockets on request (`CONFIG_INET_DIAG_DESTROY`): asked to
+/// destroy a TCP socket that cannot exist (every address and port zero), it answers
+/// `ENOENT` when it can, `EOPNOTSUPP` when it was built without.
+pub fn destroy_supported() -> io::Result<bool> {
+    let mut d = Diag::open()?;
+    d.send(AF_INET, PROTO_TCP, Op::Destroy(SockId([0; ID_LEN])))?;
+    match d.replies(&mut Vec::new()) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
+        Err(e) => Err(e),
+        // Nothing matched yet nothing failed: it would have destroyed one.
+        Ok(()) => Ok(true),
+    }
+}
+
 /// Destroys the translated sockets connected to a backend in `gone`: in this (the host's)
 /// network namespace, then in each of `namespaces` (containers' that may hold translated
 /// sockets), entered by one short-lived thread so no thread of the agent's runtime ever
@@ -363,11 +378,14 @@ pub fn destroy_translated(
 pub struct Destroyer {
     /// The translations' socket-storage map.
     map_fd: OwnedFd,
+    /// Whether the kernel destroys sockets (`CONFIG_INET_DIAG_DESTROY`); without, nothing
+    /// is searched (the start said so: a degraded feature).
+    enabled: bool,
 }
 
 impl Destroyer {
-    pub const fn new(map_fd: OwnedFd) -> Self {
-        Self { map_fd }
+    pub const fn new(map_fd: OwnedFd, enabled: bool) -> Self {
+        Self { map_fd, enabled }
     }
 
     /// Destroys the translated sockets connected to `backends` now (in the host and in
@@ -377,6 +395,9 @@ impl Destroyer {
         backends: &[Service],
         namespaces: Vec<PathBuf>,
     ) -> (usize, Vec<String>) {
+        if !self.enabled {
+            return (0, Vec::new());
+        }
         match self.map_fd.try_clone() {
             Ok(fd) => destroy_translated(backends, fd, namespaces),
             Err(e) => (0, vec![e.to_string()]),
@@ -386,6 +407,13 @@ impl Destroyer {
 
 impl crate::apply::Sockets for Destroyer {
     fn destroy(&self, gone: Vec<Service>, namespaces: Vec<PathBuf>) {
+        if !self.enabled {
+            tracing::debug!(
+                backends = gone.len(),
+                "sockets of removed backends stay: the kernel cannot destroy sockets"
+            );
+            return;
+        }
         let map_fd = match self.map_fd.try_clone() {
             Ok(fd) => fd,
             Err(e) => {

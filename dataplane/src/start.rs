@@ -17,6 +17,7 @@ use tracing::{debug, info};
 use crate::{
     bpf::{self, Loaded},
     docker::{self, NetInfo},
+    features::Features,
     hostfw,
 };
 
@@ -207,15 +208,20 @@ async fn docker_state(socket: &str, left: &mut crate::cache::Left) -> Result<Doc
 
 /// This build's programs pinned and attached: taken as they are (a restart); otherwise
 /// loaded, and attached or swapped in.
-fn load(cgroup: &Path, pin_dir: Option<&Path>, max_frontends: u32) -> Result<Loaded> {
+fn load(
+    cgroup: &Path,
+    pin_dir: Option<&Path>,
+    max_frontends: u32,
+    features: &Features,
+) -> Result<Loaded> {
     if let Some(l) = pin_dir
-        .map(|d| Loaded::reuse_pinned(d, cgroup))
+        .map(|d| Loaded::reuse_pinned(d, cgroup, features))
         .transpose()?
         .flatten()
     {
         return Ok(l);
     }
-    Loaded::load_and_attach_sized(cgroup, pin_dir, max_frontends)
+    Loaded::load_and_attach_sized(cgroup, pin_dir, max_frontends, features)
 }
 
 /// Loads and attaches the programs, asks Docker for its containers and networks, and reads
@@ -226,6 +232,7 @@ pub async fn load_and_list(
     opts: &Options,
     cgroup: PathBuf,
     host_cookie: u64,
+    features: Features,
     startup: &mut Startup,
 ) -> Result<Started, StartError> {
     let fresh_pins = opts.pin_dir.as_ref().filter(|d| !d.exists()).cloned();
@@ -264,7 +271,7 @@ pub async fn load_and_list(
     let load_fut = tokio::task::spawn_blocking(move || {
         let t = Instant::now();
         (
-            load(&cgroup, pin_dir.as_deref(), max_frontends),
+            load(&cgroup, pin_dir.as_deref(), max_frontends, &features),
             t.elapsed(),
         )
     });
@@ -334,10 +341,15 @@ pub async fn load_and_list(
     })
 }
 
-/// What must hold before anything is loaded: the cgroup, the host namespace cookie, a pin
-/// directory that is the agent's own, no other agent's pinned programs beside an unpinned
-/// start.
-pub fn preflight(opts: &Options) -> Result<(PathBuf, u64), StartError> {
+/// What must hold before anything is loaded: the kernel's features, the cgroup, the host
+/// namespace cookie, a pin directory that is the agent's own, no other agent's pinned
+/// programs beside an unpinned start.
+pub fn preflight(opts: &Options) -> Result<(PathBuf, u64, Features), StartError> {
+    let t = Instant::now();
+    let features = Features::probe();
+    features.log();
+    tracing::debug!(took_us = t.elapsed().as_micros(), "features probed");
+    features.check().map_err(StartError::Environment)?;
     let cgroup = match &opts.cgroup {
         Some(p) => p.clone(),
         None => bpf::cgroup2_mount().map_err(StartError::Environment)?,
@@ -361,5 +373,5 @@ pub fn preflight(opts: &Options) -> Result<(PathBuf, u64), StartError> {
             bpf::DEFAULT_PIN_DIR
         )));
     }
-    Ok((cgroup, host_cookie))
+    Ok((cgroup, host_cookie, features))
 }

@@ -12,15 +12,16 @@ use std::{
 
 use common::{Cgroup, NetNs, PY_CLIENT, Veth};
 use dataplane::{
-    bpf::{self, Loaded},
+    bpf::{self, Loaded, sys},
     desired::{addr_to_ip, ip_to_addr, ports_of},
+    features::{Feature, Features},
     netfilter::notrack::{Notrack, Spec},
     reconcile::KvStore,
 };
 use dataplane_common::{
-    Backend, CFG_F_PEERS, CFG_F_RESERVE_PORTS, Config, FrontendKey, LOCAL_HOST, LocalAddr,
-    PROTO_TCP, PROTO_UDP, PeerNet, PeerNetKey, TEST_F_HOST_NETNS, TEST_F_SOCK6, TestRequest,
-    WILDCARD4, WILDCARD6,
+    BACKEND_F_PAUSED, Backend, CFG_F_PEERS, CFG_F_RESERVE_PORTS, Config, FRONTENDS_MAX,
+    FrontendKey, LOCAL_HOST, LocalAddr, PROTO_TCP, PROTO_UDP, PeerNet, PeerNetKey,
+    TEST_F_HOST_NETNS, TEST_F_SOCK6, TestRequest, WILDCARD4, WILDCARD6,
 };
 
 /// A made-up network namespace cookie standing for a container's.
@@ -68,6 +69,11 @@ fn serve(ns: &NetNs, ip: &str) {
 const NET: u32 = 5;
 
 fn lab(test: u32) -> Lab {
+    lab_with(test, &Features::probe())
+}
+
+/// [`lab`], with the programs for a kernel with `features`.
+fn lab_with(test: u32, features: &Features) -> Lab {
     let id = (std::process::id() % 10_000) * 10 + test;
     let net = 1 + ((std::process::id() * 10 + test) % 250);
     let host_ip = format!("10.200.{net}.1");
@@ -81,7 +87,8 @@ fn lab(test: u32) -> Lab {
     );
     serve(&ns, &backend_ip);
     let cg = Cgroup::new(&format!("dataplane-it-{id}"));
-    let mut loaded = Loaded::load_and_attach(&cg.path, None).expect("load and attach");
+    let mut loaded = Loaded::load_and_attach_sized(&cg.path, None, FRONTENDS_MAX, features)
+        .expect("load and attach");
     loaded
         .set_config(Config {
             host_netns_cookie: bpf::netns_cookie().unwrap(),
@@ -382,6 +389,65 @@ fn bind_of_a_published_port_is_refused_in_the_host_namespace_only() {
     assert_eq!(bind(c, "0.0.0.0", 18080), "bound");
     let stats = lab.loaded.stats().unwrap();
     assert_eq!(stats[dataplane_common::STAT_BIND_REFUSED as usize], 3);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn the_probes_tell_what_the_kernel_lacks_from_what_it_has() {
+    const SOCK_ADDR: u32 = 18;
+    const CONNECT4: u32 = 10;
+    // Helpers: one every socket hook has, one no kernel has.
+    assert!(sys::probe_helper(SOCK_ADDR, CONNECT4, 15).unwrap());
+    assert!(!sys::probe_helper(SOCK_ADDR, CONNECT4, 9999).unwrap());
+    // bpf_skb_store_bytes is for packet programs only.
+    assert!(!sys::probe_helper(SOCK_ADDR, CONNECT4, 9).unwrap());
+    assert!(sys::probe_attach_type(SOCK_ADDR, CONNECT4).unwrap());
+    assert!(!sys::probe_attach_type(SOCK_ADDR, 250).unwrap());
+    let f = Features::probe();
+    f.check()
+        .expect("the kernel the tests run on has what the agent needs");
+    println!("{}: {:?}", f.kernel, f.states());
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn without_bpf_set_retval_nothing_is_reserved_and_a_paused_backend_refuses_with_eperm() {
+    let mut lab = lab_with(7, &Features::probe().without(&[Feature::SetRetval]));
+    assert!(
+        !lab.loaded.attached.iter().any(|a| a.starts_with("dp_bind")),
+        "{:?}",
+        lab.loaded.attached
+    );
+    let h = lab.host_ip.clone();
+    let bind = |mut c: Command| {
+        let out = c
+            .args([
+                "-c",
+                "import socket\ns = socket.socket()\ntry:\n  s.bind(('127.0.0.1', 18080)); print('bound')\n\
+                 except OSError as e:\n  print(e.errno)\n",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(bind(lab.cg.command("python3")), "bound");
+    assert_eq!(
+        client(lab.cg.command("python3"), "tcp", "127.0.0.1", 18080),
+        format!("ok backend {h} 127.0.0.1 18080")
+    );
+    let mut fe = lab.loaded.frontends_map().unwrap();
+    let key = FrontendKey::new(WILDCARD4, 18080, PROTO_TCP);
+    let mut b = fe.entries().unwrap()[&key];
+    b.flags |= BACKEND_F_PAUSED;
+    fe.put(&key, &b).unwrap();
+    // Refused at once, with the hooks' own error (EPERM) where ECONNREFUSED cannot be set.
+    assert_eq!(
+        client(lab.cg.command("python3"), "tcp", "127.0.0.1", 18080),
+        "error 1"
+    );
+    let stats = lab.loaded.stats().unwrap();
+    assert_eq!(stats[dataplane_common::STAT_REFUSED_PAUSED as usize], 1);
+    assert_eq!(stats[dataplane_common::STAT_BIND_REFUSED as usize], 0);
 }
 
 #[test]

@@ -21,6 +21,10 @@ use crate::util::{project_root, run};
 /// A kernel to test on in a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kernel {
+    /// Debian 11 (bullseye): 5.10, older than several features the agent uses; it starts
+    /// with those degraded.
+    #[value(name = "5.10")]
+    V5_10,
     /// Debian 12 (bookworm): 6.1.
     #[value(name = "6.1")]
     V6_1,
@@ -35,6 +39,7 @@ const VIRTME_NG: &str = "virtme-ng==1.42";
 impl Kernel {
     pub const fn tag(self) -> &'static str {
         match self {
+            Self::V5_10 => "5.10",
             Self::V6_1 => "6.1",
             Self::V6_12 => "6.12",
         }
@@ -43,6 +48,10 @@ impl Kernel {
     /// The apt sources its package comes from (the point releases and security updates).
     const fn sources(self) -> &'static str {
         match self {
+            Self::V5_10 => {
+                "deb http://deb.debian.org/debian bullseye main\n\
+                 deb http://deb.debian.org/debian-security bullseye-security main\n"
+            }
             Self::V6_1 => {
                 "deb http://deb.debian.org/debian bookworm main\n\
                  deb http://deb.debian.org/debian-security bookworm-security main\n"

@@ -81,7 +81,7 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Run the kernel-dependent layers (netns integration, an end-to-end smoke) in a
-        /// VM booting Debian's 6.1 or 6.12 kernel instead of on the host's (fetched once
+        /// VM booting Debian's 5.10, 6.1 or 6.12 kernel instead of on the host's (fetched once
         /// into target/kernels; software emulation: minutes).
         #[arg(long, value_enum)]
         kernel: Option<kernels::Kernel>,

@@ -23,7 +23,10 @@ use dataplane_common::{
     TEST_REQ_OFFSET, TestAnswer, TestRequest,
 };
 
-use crate::reconcile::KvStore;
+use crate::{
+    features::{Feature, Features},
+    reconcile::KvStore,
+};
 
 /// The compiled eBPF object, embedded at build time (see `build.rs`). Empty when the agent
 /// was built without the BPF toolchain.
@@ -68,6 +71,30 @@ fn hooks() -> impl Iterator<Item = &'static str> {
     std::iter::once(SOCKOPT_HOOK).chain(SOCK_HOOKS.iter().copied())
 }
 
+/// The socket hooks attached on a kernel with `features`, as `(hook, program)` in attach
+/// order: a hook's link is pinned by the hook's name, whichever program it carries. Without
+/// `bpf_set_retval` the programs that call it cannot load: no `bind` hooks (no port
+/// reservation), and `connect` programs that refuse with the hooks' own `EPERM`.
+pub fn sock_programs(features: &Features) -> Vec<(&'static str, &'static str)> {
+    let retval = features.has(Feature::SetRetval);
+    SOCK_HOOKS
+        .iter()
+        .filter_map(|&h| match h {
+            "dp_bind4" | "dp_bind6" if !retval => None,
+            "dp_connect4" if !retval => Some((h, "dp_connect4_eperm")),
+            "dp_connect6" if !retval => Some((h, "dp_connect6_eperm")),
+            _ => Some((h, h)),
+        })
+        .collect()
+}
+
+/// Every hook attached on a kernel with `features`.
+fn attached_hooks(features: &Features) -> Vec<&'static str> {
+    std::iter::once(SOCKOPT_HOOK)
+        .chain(sock_programs(features).into_iter().map(|(h, _)| h))
+        .collect()
+}
+
 /// Whether programs of an agent are pinned (and so attached) under `dir`.
 pub fn has_pinned_links(dir: &Path) -> bool {
     hooks().any(|name| dir.join(format!("link_{name}")).exists())
@@ -87,8 +114,14 @@ pub fn build_id() -> String {
 /// after the last swap, removed before the first.
 const MARKER_PREFIX: &str = "build_";
 
-fn marker_path(dir: &Path) -> PathBuf {
-    dir.join(format!("{MARKER_PREFIX}{}", build_id()))
+fn marker_path(dir: &Path, features: &Features) -> PathBuf {
+    // The programs differ where the kernel lacks `bpf_set_retval`.
+    let variant = if features.has(Feature::SetRetval) {
+        ""
+    } else {
+        "_eperm"
+    };
+    dir.join(format!("{MARKER_PREFIX}{}{variant}", build_id()))
 }
 
 /// Removes the build markers under `dir`: from here until [`pin_marker`] the links may carry
@@ -107,11 +140,21 @@ fn remove_markers(dir: &Path) -> Result<()> {
 }
 
 /// Says that every pinned link under `dir` carries this build's programs.
-fn pin_marker(dir: &Path) -> Result<()> {
-    let path = marker_path(dir);
+fn pin_marker(dir: &Path, features: &Features) -> Result<()> {
+    let path = marker_path(dir, features);
     let fd = sys::marker_create("dp_build").context("creating the build marker")?;
     sys::obj_pin(fd.as_fd(), &path)
         .with_context(|| format!("pinning the build marker at {}", path.display()))
+}
+
+/// Removes the pinned links of hooks a kernel with `features` does without (an agent
+/// pinned them before): unpinned, they detach.
+fn remove_unused_link_pins(dir: &Path, features: &Features) -> Vec<&'static str> {
+    let wanted = attached_hooks(features);
+    hooks()
+        .filter(|h| !wanted.contains(h))
+        .filter(|h| std::fs::remove_file(dir.join(format!("link_{h}"))).is_ok())
+        .collect()
 }
 
 /// Removes pinned maps of ours (`DP_*`) whose name is not in [`MAPS`]: an earlier layout,
@@ -188,6 +231,8 @@ pub struct Loaded {
     /// Whether this start found this very build's programs pinned and attached, and took
     /// them as they were: nothing loaded, nothing verified, nothing swapped.
     pub reused: bool,
+    /// What the kernel offers (the programs were chosen for it).
+    pub features: Features,
     /// The socket in the agent map while this agent vouches for the maps' content (see
     /// [`Loaded::vouch`]); it closes with the process, however the process ends.
     vouching: Option<std::net::UdpSocket>,
@@ -277,7 +322,7 @@ pub fn secure_pin_dir(dir: &Path, create: bool) -> Result<bool> {
     Ok(true)
 }
 
-mod sys;
+pub mod sys;
 
 pub use sys::count_keys;
 
@@ -422,15 +467,17 @@ impl Loaded {
     /// keeps serving), links pinned there get the new programs swapped in atomically
     /// (`BPF_LINK_UPDATE`), and what is new is pinned, so it all outlives the agent.
     pub fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Self> {
-        Self::load_and_attach_sized(cgroup, pin_dir, FRONTENDS_MAX)
+        Self::load_and_attach_sized(cgroup, pin_dir, FRONTENDS_MAX, &Features::probe())
     }
 
     /// As [`Loaded::load_and_attach`], with room for `max_frontends` published bindings in
-    /// maps created now (a pinned map keeps the size it was created with).
+    /// maps created now (a pinned map keeps the size it was created with), and the programs
+    /// for a kernel with `features` ([`sock_programs`]).
     pub fn load_and_attach_sized(
         cgroup: &Path,
         pin_dir: Option<&Path>,
         max_frontends: u32,
+        features: &Features,
     ) -> Result<Self> {
         if OBJECT.is_empty() {
             bail!(
@@ -470,7 +517,7 @@ impl Loaded {
             pin_dir,
             &mut own_links,
         )?);
-        for name in SOCK_HOOKS {
+        for (hook, name) in sock_programs(features) {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?
@@ -478,7 +525,7 @@ impl Loaded {
                 .with_context(|| format!("program {name} is not a cgroup sock_addr program"))?;
             prog.load()
                 .with_context(|| format!("loading {name} (the verifier refused it)"))?;
-            let link_pin = pin_dir.map(|d| d.join(format!("link_{name}")));
+            let link_pin = pin_dir.map(|d| d.join(format!("link_{hook}")));
             if let Some(pin) = link_pin.as_ref().filter(|p| p.exists()) {
                 attached.push(adopt(pin, prog.fd()?.as_fd(), name, cgroup)?);
                 continue;
@@ -507,7 +554,10 @@ impl Loaded {
             for name in remove_stale_map_pins(dir) {
                 tracing::info!(map = %name, "removed the pin of an earlier map layout");
             }
-            pin_marker(dir)?;
+            for hook in remove_unused_link_pins(dir, features) {
+                tracing::info!(hook, "detached a hook this kernel's programs do without");
+            }
+            pin_marker(dir, features)?;
         }
         let mut maps = BTreeMap::new();
         for name in MAPS {
@@ -522,6 +572,7 @@ impl Loaded {
             pin_dir: pin_dir.map(Path::to_path_buf),
             attached,
             reused: false,
+            features: features.clone(),
             vouching: None,
             _own_links: own_links,
         })
@@ -531,11 +582,13 @@ impl Loaded {
     /// verifier, no swap. Only when this build's marker is there (pinned after the last
     /// link carried its programs) and every link and map is pinned; `None` otherwise (then
     /// [`Loaded::load_and_attach_sized`] loads and swaps).
-    pub fn reuse_pinned(dir: &Path, cgroup: &Path) -> Result<Option<Self>> {
-        if OBJECT.is_empty() || !secure_pin_dir(dir, false)? || !marker_path(dir).exists() {
+    pub fn reuse_pinned(dir: &Path, cgroup: &Path, features: &Features) -> Result<Option<Self>> {
+        if OBJECT.is_empty() || !secure_pin_dir(dir, false)? || !marker_path(dir, features).exists()
+        {
             return Ok(None);
         }
-        if !hooks().all(|n| dir.join(format!("link_{n}")).exists())
+        let wanted = attached_hooks(features);
+        if !hooks().all(|n| dir.join(format!("link_{n}")).exists() == wanted.contains(&n))
             || !MAPS.iter().all(|m| dir.join(m).exists())
         {
             return Ok(None);
@@ -551,10 +604,12 @@ impl Loaded {
             ebpf: None,
             maps,
             pin_dir: Some(dir.to_path_buf()),
-            attached: hooks()
+            attached: wanted
+                .iter()
                 .map(|n| format!("{n}@{} (pinned, this build)", cgroup.display()))
                 .collect(),
             reused: true,
+            features: features.clone(),
             vouching: None,
             _own_links: Vec::new(),
         }))
@@ -764,6 +819,60 @@ impl<K: aya::Pod + Ord + Clone, V: aya::Pod> KvStore<K, V> for BpfHash<'_, K, V>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether program `name` of the embedded object calls helper `id` (itself, or any
+    /// function it may call).
+    fn calls_helper(obj: &aya_obj::Object, name: &str, id: i32) -> bool {
+        let prog = &obj.programs[name];
+        let own = &obj.functions[&prog.function_key()];
+        let calls = |f: &aya_obj::Function| {
+            f.instructions
+                .iter()
+                .any(|i| i.code == 0x85 && i.src_reg() == 0 && i.imm == id)
+        };
+        let bpf_to_bpf = own
+            .instructions
+            .iter()
+            .any(|i| i.code == 0x85 && i.src_reg() == 1);
+        // A called function is no program's entry; which one is called is not followed.
+        let entries: Vec<_> = obj
+            .programs
+            .values()
+            .map(aya_obj::Program::function_key)
+            .collect();
+        calls(own)
+            || (bpf_to_bpf
+                && obj
+                    .functions
+                    .iter()
+                    .any(|(k, f)| !entries.contains(k) && calls(f)))
+    }
+
+    #[test]
+    fn the_programs_for_kernels_without_set_retval_never_call_it() {
+        const SET_RETVAL: i32 = 187;
+        assert!(!OBJECT.is_empty(), "built without the eBPF object");
+        let obj = aya_obj::Object::parse(OBJECT).expect("the embedded object parses");
+        let old = Features::all("5.15").without(&[Feature::SetRetval]);
+        let programs = sock_programs(&old);
+        assert!(!programs.iter().any(|(h, _)| h.starts_with("dp_bind")));
+        assert!(programs.contains(&("dp_connect4", "dp_connect4_eperm")));
+        for (_, p) in &programs {
+            assert!(
+                !calls_helper(&obj, p, SET_RETVAL),
+                "{p} calls bpf_set_retval"
+            );
+        }
+        assert!(!calls_helper(&obj, SOCKOPT_HOOK, SET_RETVAL));
+        // The full set does (so the check above can tell).
+        for p in ["dp_bind4", "dp_bind6", "dp_connect4", "dp_connect6"] {
+            assert!(calls_helper(&obj, p, SET_RETVAL), "{p}");
+        }
+        assert_eq!(
+            sock_programs(&Features::all("6.18")).len(),
+            SOCK_HOOKS.len()
+        );
+    }
 
     #[test]
     fn finds_cgroup2_on_hybrid_and_pure_hosts() {

@@ -197,3 +197,135 @@ pub fn marker_create(name: &str) -> std::io::Result<OwnedFd> {
     // SAFETY: the kernel just handed us this descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+
+#[repr(C)]
+struct ProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+    pad: [u8; 56],
+}
+
+/// One eBPF instruction, encoded.
+const fn insn(code: u8, regs: u8, imm: i32) -> u64 {
+    (code as u64) | ((regs as u64) << 8) | ((imm.cast_unsigned() as u64) << 32)
+}
+/// `r0 = 1`.
+const MOV_R0_1: u64 = insn(0xb7, 0, 1);
+/// `call <imm>`.
+const fn call(helper: i32) -> u64 {
+    insn(0x85, 0, helper)
+}
+/// `exit`.
+const EXIT: u64 = insn(0x95, 0, 0);
+
+/// What loading a probe program said.
+pub enum Loaded {
+    Ok,
+    /// Refused, with the errno and the verifier's log.
+    Refused(std::io::Error, String),
+}
+
+/// Loads (and at once closes) a program of `prog_type` expecting `attach_type`, made of
+/// `insns`, with the verifier's log.
+fn probe_load(prog_type: u32, attach_type: u32, insns: &[u64]) -> Loaded {
+    let license = c"GPL";
+    let mut log = vec![0u8; 16 * 1024];
+    let mut attr = ProgLoad {
+        prog_type,
+        insn_cnt: u32::try_from(insns.len()).unwrap_or(0),
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: u32::try_from(log.len()).unwrap_or(0),
+        log_buf: log.as_mut_ptr() as u64,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: [0; 16],
+        prog_ifindex: 0,
+        expected_attach_type: attach_type,
+        pad: [0; 56],
+    };
+    match bpf(BPF_PROG_LOAD, &mut attr) {
+        Ok(fd) => {
+            if let Ok(fd) = i32::try_from(fd) {
+                // SAFETY: the kernel just handed us this descriptor; closed at once.
+                drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+            Loaded::Ok
+        }
+        Err(e) => {
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            Loaded::Refused(e, String::from_utf8_lossy(&log[..end]).into_owned())
+        }
+    }
+}
+
+/// Whether a program of `prog_type` may be loaded for `attach_type` (`Err`: the probe
+/// itself failed, as without the privilege to load programs).
+pub fn probe_attach_type(prog_type: u32, attach_type: u32) -> std::io::Result<bool> {
+    match probe_load(prog_type, attach_type, &[MOV_R0_1, EXIT]) {
+        Loaded::Ok => Ok(true),
+        Loaded::Refused(e, _) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Loaded::Refused(e, _) => Err(e),
+    }
+}
+
+/// Whether programs of `prog_type` for `attach_type` may call `helper`: the verifier names
+/// a helper the program may not call before it looks at anything else (the probe's other mistakes, its
+/// arguments, its return value, come after and say the helper is there).
+pub fn probe_helper(prog_type: u32, attach_type: u32, helper: i32) -> std::io::Result<bool> {
+    match probe_load(prog_type, attach_type, &[call(helper), EXIT]) {
+        // "unknown func" up to 6.x, "program of this type cannot use helper" since; "invalid
+        // func" for an id beyond the kernel's last.
+        Loaded::Refused(_, log)
+            if log.contains("unknown func")
+                || log.contains("cannot use helper")
+                || log.contains("invalid func") =>
+        {
+            Ok(false)
+        }
+        // No word from the verifier: refused before it ran (no privilege, say).
+        Loaded::Refused(e, log) if log.is_empty() => Err(e),
+        Loaded::Ok | Loaded::Refused(..) => Ok(true),
+    }
+}
+
+/// Whether the kernel knows the `bpf(2)` command `cmd` taking a descriptor first: asked
+/// with descriptor -1, a known command answers `EBADF`, an unknown one `EINVAL`.
+fn probe_fd_command(cmd: libc::c_long) -> std::io::Result<bool> {
+    let mut attr = LinkUpdate {
+        link_fd: u32::MAX,
+        new_prog_fd: 0,
+        flags: 0,
+        old_prog_fd: 0,
+        pad: [0; 48],
+    };
+    match bpf(cmd, &mut attr) {
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+        Ok(_) => Ok(true),
+    }
+}
+
+/// `BPF_LINK_CREATE` (Linux 5.7).
+pub fn probe_link_create() -> std::io::Result<bool> {
+    probe_fd_command(BPF_LINK_CREATE)
+}
+
+/// `BPF_LINK_UPDATE` (Linux 5.7).
+pub fn probe_link_update() -> std::io::Result<bool> {
+    probe_fd_command(BPF_LINK_UPDATE)
+}
