@@ -118,14 +118,14 @@ pub const SPECS: &[Spec] = &[
     Spec {
         feature: Feature::SocketStorage,
         name: "socket storage in socket hooks (bpf_sk_storage_get)",
-        since: "Linux 5.3 (setsockopt), 5.10 (connect)",
+        since: "Linux 5.3 (setsockopt), 5.10 or older (connect)",
         used_for: "recording each translation for getpeername and the socket reset",
         without: Without::Refuse,
     },
     Spec {
         feature: Feature::CallerHelpers,
         name: "bpf_get_current_uid_gid/comm in socket hooks",
-        since: "Linux 5.10",
+        since: "Linux 5.10 or older",
         used_for: "never refusing Docker's own bind of a published port",
         without: Without::Refuse,
     },

@@ -349,7 +349,7 @@ pub fn preflight(opts: &Options) -> Result<(PathBuf, u64, Features), StartError>
     let features = Features::probe();
     features.log();
     tracing::debug!(took_us = t.elapsed().as_micros(), "features probed");
-    features.check().map_err(StartError::Environment)?;
+    features.check().map_err(StartError::Kernel)?;
     let cgroup = match &opts.cgroup {
         Some(p) => p.clone(),
         None => bpf::cgroup2_mount().map_err(StartError::Environment)?,

@@ -55,6 +55,14 @@ check_paths() {
 step "starting the agent"
 start_agent
 $BIN/bridge-ctl status | sed -n '1,6p'
+$BIN/bridge-ctl --json status | python3 -c '
+import json, os, sys
+s = json.load(sys.stdin)
+assert s["kernel"] == os.uname().release, s["kernel"]
+off = [f["name"] for f in s["features"] if f["state"] != "active"]
+assert s["features"] and not off, off
+print("smoke: kernel", s["kernel"], "with all", len(s["features"]), "features active")
+' || fail "bridge-ctl status does not show this kernel with every feature active"
 check_paths
 stop_agent() {
     kill -TERM "$(cat /run/vm-agent.pid)"
