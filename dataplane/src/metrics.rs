@@ -323,6 +323,20 @@ fn render(kernel: &KernelMaps, shared: &Shared, drops: &BTreeMap<String, u64>) -
         "The agent's version and map layout (always 1)",
         build,
     );
+    let features: Family<Labels, Gauge> = Family::default();
+    for f in &status.features {
+        features
+            .get_or_create(&labels([
+                ("feature", f.name.as_str()),
+                ("kernel", &status.kernel),
+            ]))
+            .set(i64::from(f.state == "active"));
+    }
+    r.register(
+        "dataplane_kernel_feature",
+        "1 for each kernel feature the agent uses that the kernel has, 0 where it runs degraded",
+        features,
+    );
     let ready: Gauge = Gauge::default();
     ready.set(i64::from(status.ready && status.translation_off.is_none()));
     r.register(

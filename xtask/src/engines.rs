@@ -4,15 +4,11 @@
 //! Each runs with its own data root and exec root, its binaries first in `PATH`, the host's
 //! `runc`.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{fs, path::PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
-use crate::util::{project_root, run};
+use crate::{apt::PrivateApt, util::project_root};
 
 /// An engine to test against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -93,37 +89,17 @@ impl Engine {
             return Ok(root);
         }
         let base = root.parent().expect("a root has a parent").to_path_buf();
-        let apt = base.join("apt");
-        for d in ["lists/partial", "cache/archives/partial", "debs"] {
-            fs::create_dir_all(apt.join(d))?;
-        }
-        let sources = apt.join("sources.list");
-        fs::write(
-            &sources,
-            format!("deb http://deb.debian.org/debian {suite} main\n"),
-        )?;
-        let opts = apt_opts(&apt, &sources);
         println!(
             "xtask: fetching Docker from Debian {suite} (once; cached in {})",
             base.display()
         );
-        run(Command::new("apt-get").args(&opts).args(["-q", "update"]))
-            .with_context(|| format!("apt-get update for Debian {suite}"))?;
-        run(Command::new("apt-get")
-            .args(&opts)
-            .args(["-q", "download", "docker.io", "containerd", "docker-cli"])
-            .current_dir(apt.join("debs")))
-        .with_context(|| format!("downloading docker.io, containerd, docker-cli from {suite}"))?;
+        let apt = PrivateApt::update(
+            &base.join("apt"),
+            &format!("deb http://deb.debian.org/debian {suite} main\n"),
+            &format!("Debian {suite}"),
+        )?;
         let tmp = base.join("root.partial");
-        let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir_all(&tmp)?;
-        for deb in fs::read_dir(apt.join("debs"))? {
-            let deb = deb?.path();
-            if deb.extension().is_some_and(|e| e == "deb") {
-                run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))
-                    .with_context(|| format!("unpacking {}", deb.display()))?;
-            }
-        }
+        apt.download_and_unpack(&["docker.io", "containerd", "docker-cli"], &tmp)?;
         if !tmp.join("usr/sbin/dockerd").exists() {
             bail!("no dockerd in the packages from Debian {suite}");
         }
@@ -133,35 +109,17 @@ impl Engine {
     }
 }
 
-/// apt options that use only `dir` and `sources`: nothing of the system's apt state changes.
-pub fn apt_opts(dir: &Path, sources: &Path) -> Vec<String> {
-    vec![
-        format!("-oDir::Etc::SourceList={}", sources.display()),
-        "-oDir::Etc::SourceParts=/nonexistent".into(),
-        format!("-oDir::State::Lists={}", dir.join("lists").display()),
-        format!("-oDir::Cache={}", dir.join("cache").display()),
-        "-oAPT::Get::List-Cleanup=0".into(),
-        "-oAcquire::Languages=none".into(),
-    ]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn engines_keep_their_state_apart_and_apt_stays_private() {
+    fn engines_keep_their_state_apart() {
         assert_eq!(Engine::Host.data_root(), None);
         assert_eq!(
             Engine::V28.data_root().as_deref(),
             Some("/var/lib/dataplane-docker-28")
         );
         assert_ne!(Engine::V26.exec_root(), Engine::V28.exec_root());
-        let o = apt_opts(Path::new("/x"), Path::new("/x/s.list"));
-        assert!(
-            o.iter()
-                .any(|a| a == "-oDir::Etc::SourceParts=/nonexistent")
-        );
-        assert!(o.iter().all(|a| !a.contains("/etc/apt")));
     }
 }

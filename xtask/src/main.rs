@@ -1,5 +1,6 @@
 //! `cargo xtask`: the single entry for setup, build, run, test and bench.
 
+mod apt;
 mod bench;
 mod deb;
 mod docker;

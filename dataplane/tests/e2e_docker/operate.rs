@@ -152,6 +152,16 @@ fn metrics_follow_real_traffic_and_promtool_accepts_them() {
         ) >= 2
     });
     assert!(sample(&after, "dataplane_map_entries", &["map=\"DP_FE_V3\""]) >= 2);
+    // This kernel has every feature the agent uses.
+    assert_eq!(
+        sample(
+            &after,
+            "dataplane_kernel_feature",
+            &["feature=\"bpf_set_retval\""]
+        ),
+        1,
+        "{after}"
+    );
     assert_eq!(
         sample(&after, "dataplane_map_capacity", &["map=\"DP_FE_V3\""]),
         u64::from(dataplane_common::FRONTENDS_MAX)
