@@ -5,6 +5,7 @@
 //! the kernel and userspace agree on every byte. Byte order is stated per field.
 #![no_std]
 
+pub mod pkt;
 pub mod stats;
 pub mod xlate;
 
@@ -335,6 +336,9 @@ mod pod {
     unsafe impl aya::Pod for super::PeerNetKey {}
     unsafe impl aya::Pod for super::PeerNet {}
     unsafe impl aya::Pod for super::SockOpt {}
+    unsafe impl aya::Pod for super::pkt::PktEndpoint {}
+    unsafe impl aya::Pod for super::pkt::FlowKey {}
+    unsafe impl aya::Pod for super::pkt::Flow {}
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 
 mod maps;
 mod sock;
+mod tc;
 mod test_xlate;
 
 #[cfg(not(test))]

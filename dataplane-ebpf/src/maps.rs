@@ -4,11 +4,12 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::generated::{bpf_map_lookup_elem, bpf_sk_release},
     macros::{btf_map, map},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, SockMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockMap},
 };
 use dataplane_common::{
     BPF_F_NO_PREALLOC, Backend, Config, FRONTENDS_MAX, FrontendKey, LOCAL_ADDRS_MAX, LocalAddr,
     PEER_NETS_MAX, PeerNet, PeerNetKey, PortFamilies, PortKey, STATS_LEN, SockOpt, SockRev,
+    pkt::{Flow, FlowKey, PKT_ALLOW_MAX, PKT_EP_MAX, PktEndpoint},
 };
 
 /// Published address:port/proto -> container. Written only by the agent.
@@ -96,3 +97,20 @@ pub fn count(index: u32) {
         unsafe { *p += 1 };
     }
 }
+
+/// Packet layer: container address -> its host-side veth and MACs. Written only by the
+/// agent.
+#[map(name = "DP_PKTEP_V1")]
+pub static PKT_EP: HashMap<[u8; 16], PktEndpoint> =
+    HashMap::with_max_entries(PKT_EP_MAX, BPF_F_NO_PREALLOC);
+
+/// Packet layer: translated flows by their reply tuple. The forward program creates them
+/// (at a TCP SYN or a UDP datagram), both programs refresh them, the agent ages them out.
+/// Sized at load.
+#[map(name = "DP_FLOWS_V1")]
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(1, 0);
+
+/// Packet layer: client prefixes that may be translated. Written only by the agent.
+#[map(name = "DP_PKTALLOW_V1")]
+pub static PKT_ALLOW: LpmTrie<[u8; 16], u8> =
+    LpmTrie::with_max_entries(PKT_ALLOW_MAX, BPF_F_NO_PREALLOC);

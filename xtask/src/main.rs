@@ -243,6 +243,8 @@ fn test(engine: Engine, no_lint: bool, only: &[String]) -> Result<()> {
     if want("integration") {
         println!("== integration tests (network namespaces, a child cgroup, real programs)");
         run(&mut privileged_tests("netns"))?;
+        println!("== packet programs on synthetic frames (BPF_PROG_TEST_RUN)");
+        run(&mut privileged_tests("packets"))?;
     }
     if want("e2e") {
         println!("== end-to-end tests (real Docker engine, the agent, curl)");
@@ -303,12 +305,16 @@ fn test_in_vm(
             kernel.tag()
         );
         let bin = test_binary("netns")?;
+        let packets = test_binary("packets")?;
         let script = format!(
             "echo \"kernel: $(uname -r)\"; mount -t bpf bpf /sys/fs/bpf 2>/dev/null; \
              target/release/dataplane features; \
-             DATAPLANE_EBPF_OBJECT={obj} {bin} --ignored --test-threads=1 --color=never",
+             export DATAPLANE_EBPF_OBJECT={obj}; \
+             {bin} --ignored --test-threads=1 --color=never && \
+             {packets} --ignored --test-threads=1 --color=never",
             obj = ebpf_object().display(),
-            bin = bin.display()
+            bin = bin.display(),
+            packets = packets.display()
         );
         kernels::run_in_vm(kernel, &script, std::time::Duration::from_mins(30))?;
     }

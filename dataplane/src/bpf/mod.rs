@@ -322,6 +322,7 @@ pub fn secure_pin_dir(dir: &Path, create: bool) -> Result<bool> {
     Ok(true)
 }
 
+pub mod pkt;
 pub mod sys;
 
 pub use sys::count_keys;
@@ -489,6 +490,9 @@ impl Loaded {
         for map in [MAP_FRONTENDS, MAP_PORTS, MAP_FE_STATS] {
             loader.map_max_entries(map, max_frontends.max(1));
         }
+        // The packet layer is not attached by the agent yet: its flow map (an LRU map, all
+        // preallocated) takes no room.
+        loader.map_max_entries(dataplane_common::pkt::MAP_FLOWS, 1);
         let map_paths: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => {
                 check_bpffs(dir)?;

@@ -1,0 +1,118 @@
+//! The packet layer's programs ([`PacketPrograms`]): loaded from the same object as the
+//! socket hooks, with maps of their own instance, and run on synthetic packets with
+//! `BPF_PROG_TEST_RUN`. Nothing here attaches them to an interface yet.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, SockMap, lpm_trie::Key},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use dataplane_common::{
+    Addr, Backend, FrontendKey, LocalAddr, MAP_AGENT, MAP_FRONTENDS, MAP_LOCAL_ADDRS,
+    pkt::{Flow, FlowKey, MAP_FLOWS, MAP_PKT_ALLOW, MAP_PKT_EP, PktEndpoint},
+};
+
+use super::{BpfHash, OBJECT};
+
+/// The forward program (TC ingress of a host uplink) and the reply program (TC ingress of a
+/// container's host-side veth).
+pub const FORWARD: &str = "dp_tc_uplink_in";
+pub const REPLY: &str = "dp_tc_veth_in";
+
+/// The packet programs and their maps, loaded, attached nowhere.
+pub struct PacketPrograms {
+    ebpf: Ebpf,
+    vouching: Option<std::net::UdpSocket>,
+}
+
+impl PacketPrograms {
+    /// Loads the object with room for `flows` flows, and both programs.
+    pub fn load(flows: u32) -> Result<Self> {
+        if OBJECT.is_empty() {
+            bail!("this binary was built without its eBPF object");
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_FLOWS, flows.max(1))
+            .load(OBJECT)
+            .context("loading the eBPF object")?;
+        for name in [FORWARD, REPLY] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("loading {name} (the verifier refused it)"))?;
+        }
+        Ok(Self {
+            ebpf,
+            vouching: None,
+        })
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .with_context(|| format!("map {name} missing from the eBPF object"))
+    }
+
+    /// From now on the programs translate (as while an agent runs).
+    pub fn vouch(&mut self) -> Result<()> {
+        let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+            .context("binding a socket on loopback")?;
+        let mut map: SockMap<&mut MapData> = SockMap::try_from(self.map_mut(MAP_AGENT)?)?;
+        map.set(0, &sock, 0)?;
+        self.vouching = Some(sock);
+        Ok(())
+    }
+
+    pub fn frontends(&mut self) -> Result<BpfHash<'_, FrontendKey, Backend>> {
+        Ok(BpfHash(HashMap::try_from(self.map_mut(MAP_FRONTENDS)?)?))
+    }
+
+    pub fn local_addrs(&mut self) -> Result<BpfHash<'_, Addr, LocalAddr>> {
+        Ok(BpfHash(HashMap::try_from(self.map_mut(MAP_LOCAL_ADDRS)?)?))
+    }
+
+    pub fn endpoints(&mut self) -> Result<BpfHash<'_, Addr, PktEndpoint>> {
+        Ok(BpfHash(HashMap::try_from(self.map_mut(MAP_PKT_EP)?)?))
+    }
+
+    /// Allows clients in `addr/prefix_len` (an [`Addr`]: IPv4 v4-mapped, its prefix length
+    /// plus 96).
+    pub fn allow(&mut self, addr: Addr, prefix_len: u32) -> Result<()> {
+        let mut trie: LpmTrie<&mut MapData, Addr, u8> =
+            LpmTrie::try_from(self.map_mut(MAP_PKT_ALLOW)?)?;
+        trie.insert(&Key::new(prefix_len, addr), 1, 0)?;
+        Ok(())
+    }
+
+    /// Every flow the programs recorded.
+    pub fn flows(&mut self) -> Result<BTreeMap<FlowKey, Flow>> {
+        let map: HashMap<&mut MapData, FlowKey, Flow> =
+            HashMap::try_from(self.map_mut(MAP_FLOWS)?)?;
+        Ok(map.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Runs `program` on `packet` (an Ethernet frame): its verdict and the frame as the
+    /// program left it.
+    pub fn run(&mut self, program: &str, packet: &[u8]) -> Result<(i32, Vec<u8>)> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program)
+            .with_context(|| format!("program {program} missing"))?
+            .try_into()?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {program}"))?;
+        out.truncate(r.data_size_out as usize);
+        Ok((i32::try_from(r.return_value).unwrap_or(-1), out))
+    }
+}

@@ -1,0 +1,373 @@
+//! Integration: the packet layer's TC programs run on synthetic frames with
+//! `BPF_PROG_TEST_RUN` (nothing attached anywhere). Every rewrite is checked against a
+//! software recomputation of the IPv4 and transport checksums. Root only: `cargo xtask
+//! test` runs these with `--ignored --test-threads=1`.
+
+use std::net::Ipv4Addr;
+
+use dataplane::{
+    bpf::pkt::{FORWARD, PacketPrograms, REPLY},
+    reconcile::KvStore,
+};
+use dataplane_common::{
+    Backend, FrontendKey, LOCAL_HOST, LocalAddr, PROTO_TCP, PROTO_UDP, WILDCARD4,
+    pkt::{FlowKey, PktEndpoint, TC_ACT_OK, TC_ACT_REDIRECT},
+    v4_mapped,
+};
+
+const HOST: [u8; 4] = [192, 0, 2, 10];
+const CLIENT: [u8; 4] = [198, 51, 100, 7];
+const CTR: [u8; 4] = [172, 31, 0, 2];
+const CTR_MAC: [u8; 6] = [2, 0x42, 0xac, 0x1f, 0, 2];
+const BR_MAC: [u8; 6] = [2, 0x42, 0x11, 0x22, 0x33, 0x44];
+const VETH: u32 = 4242;
+
+fn sum16(data: &[u8], mut acc: u32) -> u32 {
+    for c in data.chunks(2) {
+        acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !u16::try_from(acc).expect("folded to 16 bits")
+}
+
+/// The transport checksum of an IPv4 packet (`ip`: from the IP header on), as it should be.
+fn l4_csum(ip: &[u8], proto: u8) -> u16 {
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let l4 = &ip[ihl..];
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&ip[12..20]);
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&u16::try_from(l4.len()).unwrap().to_be_bytes());
+    let mut zeroed = l4.to_vec();
+    let at = if proto == PROTO_TCP { 16 } else { 6 };
+    zeroed[at] = 0;
+    zeroed[at + 1] = 0;
+    let c = fold(sum16(&zeroed, sum16(&pseudo, 0)));
+    if proto == PROTO_UDP && c == 0 {
+        0xffff
+    } else {
+        c
+    }
+}
+
+fn ip_csum(ip: &[u8]) -> u16 {
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let mut h = ip[..ihl].to_vec();
+    h[10] = 0;
+    h[11] = 0;
+    fold(sum16(&h, 0))
+}
+
+struct Frame {
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    tcp_flags: u8,
+    ttl: u8,
+    udp_no_csum: bool,
+}
+
+impl Frame {
+    fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> Self {
+        Self {
+            src,
+            dst,
+            sport,
+            dport,
+            proto: PROTO_TCP,
+            tcp_flags: flags,
+            ttl: 64,
+            udp_no_csum: false,
+        }
+    }
+
+    fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Self {
+        Self {
+            proto: PROTO_UDP,
+            tcp_flags: 0,
+            ..Self::tcp(src, sport, dst, dport, 0)
+        }
+    }
+
+    /// An Ethernet frame with valid checksums and a payload.
+    fn bytes(&self) -> Vec<u8> {
+        let payload = b"dataplane packet layer test payload, odd length!";
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&self.sport.to_be_bytes());
+        l4.extend_from_slice(&self.dport.to_be_bytes());
+        if self.proto == PROTO_TCP {
+            l4.extend_from_slice(&1000u32.to_be_bytes());
+            l4.extend_from_slice(&0u32.to_be_bytes());
+            l4.extend_from_slice(&[0x50, self.tcp_flags, 0xff, 0xff, 0, 0, 0, 0]);
+        } else {
+            let len = u16::try_from(8 + payload.len()).unwrap();
+            l4.extend_from_slice(&len.to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+        }
+        l4.extend_from_slice(payload);
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&u16::try_from(20 + l4.len()).unwrap().to_be_bytes());
+        ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, self.ttl, self.proto, 0, 0]);
+        ip.extend_from_slice(&self.src);
+        ip.extend_from_slice(&self.dst);
+        ip.extend_from_slice(&l4);
+        let c = ip_csum(&ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        if !self.udp_no_csum {
+            let c = l4_csum(&ip, self.proto);
+            let at = 20 + if self.proto == PROTO_TCP { 16 } else { 6 };
+            ip[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        let mut f = vec![0xaa; 6];
+        f.extend_from_slice(&[0xbb; 6]);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(&ip);
+        f
+    }
+}
+
+/// What a frame says, once its checksums are verified.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    dmac: [u8; 6],
+    smac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    ttl: u8,
+}
+
+fn seen(f: &[u8]) -> Seen {
+    let ip = &f[14..];
+    let proto = ip[9];
+    assert_eq!(
+        u16::from_be_bytes([ip[10], ip[11]]),
+        ip_csum(ip),
+        "IPv4 header checksum"
+    );
+    let at = 20 + if proto == PROTO_TCP { 16 } else { 6 };
+    let have = u16::from_be_bytes([ip[at], ip[at + 1]]);
+    if !(proto == PROTO_UDP && have == 0) {
+        assert_eq!(have, l4_csum(ip, proto), "transport checksum");
+    }
+    Seen {
+        dmac: f[0..6].try_into().unwrap(),
+        smac: f[6..12].try_into().unwrap(),
+        src: Ipv4Addr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap()),
+        dst: Ipv4Addr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap()),
+        sport: u16::from_be_bytes([ip[20], ip[21]]),
+        dport: u16::from_be_bytes([ip[22], ip[23]]),
+        ttl: ip[8],
+    }
+}
+
+/// The programs with one published port (`HOST:8080/tcp` and `*:5353/udp` to the
+/// container's 80 and 53), the container's endpoint, and clients in 198.51.100.0/24
+/// allowed.
+fn programs() -> PacketPrograms {
+    let mut p = PacketPrograms::load(1024).expect("load the packet programs");
+    let backend = |port: u16, id| Backend {
+        addr4: v4_mapped(CTR),
+        addr6: [0; 16],
+        port_be: port.to_be(),
+        flags: 0,
+        id,
+        net: 1,
+        pad: 0,
+    };
+    let mut fe = p.frontends().unwrap();
+    fe.put(
+        &FrontendKey::new(v4_mapped(HOST), 8080, PROTO_TCP),
+        &backend(80, 1),
+    )
+    .unwrap();
+    fe.put(
+        &FrontendKey::new(WILDCARD4, 5353, PROTO_UDP),
+        &backend(53, 2),
+    )
+    .unwrap();
+    p.local_addrs()
+        .unwrap()
+        .put(&v4_mapped(HOST), &LocalAddr { kind: LOCAL_HOST })
+        .unwrap();
+    p.endpoints()
+        .unwrap()
+        .put(
+            &v4_mapped(CTR),
+            &PktEndpoint {
+                ifindex: VETH,
+                mac: CTR_MAC,
+                gw_mac: BR_MAC,
+            },
+        )
+        .unwrap();
+    p.allow(v4_mapped([198, 51, 100, 0]), 96 + 24).unwrap();
+    p.vouch().unwrap();
+    p
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN: u8 = 0x01;
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn a_tcp_flow_is_translated_both_ways_with_valid_checksums() {
+    let mut p = programs();
+    let (rc, out) = p
+        .run(FORWARD, &Frame::tcp(CLIENT, 40000, HOST, 8080, SYN).bytes())
+        .unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(
+        seen(&out),
+        Seen {
+            dmac: CTR_MAC,
+            smac: BR_MAC,
+            src: Ipv4Addr::from(CLIENT),
+            dst: Ipv4Addr::from(CTR),
+            sport: 40000,
+            dport: 80,
+            ttl: 63,
+        }
+    );
+    let flows = p.flows().unwrap();
+    let key = FlowKey {
+        ctr: v4_mapped(CTR),
+        client: v4_mapped(CLIENT),
+        ctr_port_be: 80u16.to_be(),
+        client_port_be: 40000u16.to_be(),
+        proto: PROTO_TCP,
+        pad: [0; 3],
+    };
+    let flow = flows
+        .get(&key)
+        .expect("the flow is recorded by its reply tuple");
+    assert_eq!(flow.front, v4_mapped(HOST));
+    assert_eq!(u16::from_be(flow.front_port_be), 8080);
+    // The container's SYN-ACK goes back as from the dialled address and port.
+    let (rc, out) = p
+        .run(
+            REPLY,
+            &Frame::tcp(CTR, 80, CLIENT, 40000, SYN | ACK).bytes(),
+        )
+        .unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let back = seen(&out);
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport, back.ttl),
+        (
+            Ipv4Addr::from(HOST),
+            8080,
+            Ipv4Addr::from(CLIENT),
+            40000,
+            63
+        )
+    );
+    // The rest of the connection follows the flow; a FIN marks it closing.
+    let (rc, out) = p
+        .run(
+            FORWARD,
+            &Frame::tcp(CLIENT, 40000, HOST, 8080, ACK | FIN).bytes(),
+        )
+        .unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(seen(&out).dport, 80);
+    assert_eq!(p.flows().unwrap()[&key].flags, 1);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn udp_with_and_without_a_checksum_through_a_wildcard_frontend() {
+    let mut p = programs();
+    let (rc, out) = p
+        .run(FORWARD, &Frame::udp(CLIENT, 5000, HOST, 5353).bytes())
+        .unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let s = seen(&out);
+    assert_eq!((s.dst, s.dport), (Ipv4Addr::from(CTR), 53));
+    let (rc, out) = p
+        .run(REPLY, &Frame::udp(CTR, 53, CLIENT, 5000).bytes())
+        .unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let s = seen(&out);
+    assert_eq!((s.src, s.sport), (Ipv4Addr::from(HOST), 5353));
+    // A datagram without a checksum stays without one.
+    let mut f = Frame::udp(CLIENT, 5001, HOST, 5353);
+    f.udp_no_csum = true;
+    let (rc, out) = p.run(FORWARD, &f.bytes()).unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(&out[14 + 26..14 + 28], &[0, 0]);
+    assert_eq!(seen(&out).dport, 53);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn what_the_programs_do_not_know_is_left_to_dockers_path_untouched() {
+    let mut p = programs();
+    let untouched = |p: &mut PacketPrograms, prog: &str, f: &Frame| {
+        let input = f.bytes();
+        let (rc, out) = p.run(prog, &input).unwrap();
+        assert_eq!(rc, TC_ACT_OK);
+        assert_eq!(out, input, "a packet left alone is not changed");
+    };
+    // A TCP packet of a connection the programs did not see start (Docker's DNAT has it).
+    untouched(&mut p, FORWARD, &Frame::tcp(CLIENT, 40001, HOST, 8080, ACK));
+    // A client outside the allow-list.
+    untouched(
+        &mut p,
+        FORWARD,
+        &Frame::tcp([203, 0, 113, 9], 40002, HOST, 8080, SYN),
+    );
+    // An unpublished port, a published port on another protocol, an address that is not
+    // the host's.
+    untouched(&mut p, FORWARD, &Frame::tcp(CLIENT, 40003, HOST, 8081, SYN));
+    untouched(&mut p, FORWARD, &Frame::udp(CLIENT, 40004, HOST, 8080));
+    untouched(
+        &mut p,
+        FORWARD,
+        &Frame::tcp(CLIENT, 40005, [192, 0, 2, 99], 8080, SYN),
+    );
+    // A spent TTL is the stack's to answer.
+    let mut f = Frame::tcp(CLIENT, 40006, HOST, 8080, SYN);
+    f.ttl = 1;
+    untouched(&mut p, FORWARD, &f);
+    // A reply of no recorded flow.
+    untouched(
+        &mut p,
+        REPLY,
+        &Frame::tcp(CTR, 80, CLIENT, 40007, SYN | ACK),
+    );
+    assert!(p.flows().unwrap().is_empty());
+    // Without an agent vouching for the maps, nothing is translated.
+    let mut fresh = PacketPrograms::load(16).unwrap();
+    fresh
+        .frontends()
+        .unwrap()
+        .put(
+            &FrontendKey::new(v4_mapped(HOST), 8080, PROTO_TCP),
+            &Backend {
+                addr4: v4_mapped(CTR),
+                addr6: [0; 16],
+                port_be: 80u16.to_be(),
+                flags: 0,
+                id: 1,
+                net: 1,
+                pad: 0,
+            },
+        )
+        .unwrap();
+    untouched(
+        &mut fresh,
+        FORWARD,
+        &Frame::tcp(CLIENT, 40008, HOST, 8080, SYN),
+    );
+}
