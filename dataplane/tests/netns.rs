@@ -4,13 +4,9 @@
 
 mod common;
 
-use std::{
-    io::{BufRead, BufReader, Write},
-    net::{IpAddr, TcpListener, UdpSocket},
-    process::Command,
-};
+use std::{io::Write, net::IpAddr, process::Command};
 
-use common::{Cgroup, NetNs, PY_CLIENT, Veth};
+use common::{Cgroup, NetNs, PY_CLIENT, Veth, serve};
 use dataplane::{
     bpf::{self, Loaded, sys},
     desired::{addr_to_ip, ip_to_addr, ports_of},
@@ -35,34 +31,6 @@ struct Lab {
     ns: NetNs,
     host_ip: String,
     backend_ip: String,
-}
-
-/// Backend servers in the namespace answer `backend <client address>`.
-fn serve(ns: &NetNs, ip: &str) {
-    let tcp_addr = format!("{ip}:8080");
-    let udp_addr = format!("{ip}:8081");
-    let (tcp, udp) = ns.run(move || {
-        (
-            TcpListener::bind(&tcp_addr).unwrap(),
-            UdpSocket::bind(&udp_addr).unwrap(),
-        )
-    });
-    std::thread::spawn(move || {
-        for s in tcp.incoming() {
-            let Ok(mut s) = s else { continue };
-            let peer = s.peer_addr().unwrap();
-            let mut line = String::new();
-            let _ = BufReader::new(&s).read_line(&mut line);
-            // One write: the client reads one segment.
-            let _ = s.write_all(format!("backend {}\n", peer.ip()).as_bytes());
-        }
-    });
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 100];
-        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
-            let _ = udp.send_to(format!("backend {}", peer.ip()).as_bytes(), peer);
-        }
-    });
 }
 
 /// The network id the lab's backend is on.

@@ -3,7 +3,11 @@
 //! software recomputation of the IPv4 and transport checksums. Root only: `cargo xtask
 //! test` runs these with `--ignored --test-threads=1`.
 
-use std::net::Ipv4Addr;
+mod common;
+
+use std::{net::Ipv4Addr, process::Command};
+
+use common::{NetNs, PY_CLIENT, Veth, cmd, serve, sh};
 
 use dataplane::{
     bpf::pkt::{FORWARD, PacketPrograms, REPLY},
@@ -370,4 +374,234 @@ fn what_the_programs_do_not_know_is_left_to_dockers_path_untouched() {
         FORWARD,
         &Frame::tcp(CLIENT, 40008, HOST, 8080, SYN),
     );
+}
+
+/// Links a test made, deleted on drop (a veth's peer goes with it).
+struct Links(Vec<String>);
+
+impl Drop for Links {
+    fn drop(&mut self) {
+        for l in &self.0 {
+            let _ = cmd(&["ip", "link", "del", l]);
+        }
+    }
+}
+
+/// An nftables table that makes the host's namespace track every connection it sees (as
+/// Docker's rules do); deleted on drop.
+struct Tracking(String);
+
+impl Tracking {
+    fn new(name: &str) -> Self {
+        let script = format!(
+            "table inet {name} {{ chain pre {{ type filter hook prerouting priority 0; ct state new counter; }}; \
+             chain out {{ type filter hook output priority 0; ct state new counter; }}; }}"
+        );
+        sh(&["nft", &script]);
+        Self(name.into())
+    }
+}
+
+impl Drop for Tracking {
+    fn drop(&mut self) {
+        let _ = cmd(&["nft", "delete", "table", "inet", &self.0]);
+    }
+}
+
+fn mac(ns: Option<&NetNs>, ifname: &str) -> [u8; 6] {
+    let mut c = vec!["ip", "-o", "link", "show", ifname];
+    if let Some(ns) = ns {
+        c.splice(0..0, ["ip", "netns", "exec", ns.name.as_str()]);
+    }
+    let out = sh(&c);
+    let text = out
+        .split("link/ether ")
+        .nth(1)
+        .expect("an Ethernet address")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let b: Vec<u8> = text
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    b.try_into().unwrap()
+}
+
+fn ifindex(ifname: &str) -> u32 {
+    std::fs::read_to_string(format!("/sys/class/net/{ifname}/ifindex"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Entries of the host's connection tracking with `addr` as source or destination.
+fn tracked(addr: &str) -> usize {
+    ["-s", "-d"]
+        .iter()
+        .map(|dir| {
+            let out = cmd(&["conntrack", "-L", dir, addr]);
+            String::from_utf8_lossy(&out.stdout).lines().count()
+        })
+        .sum()
+}
+
+fn client(ns: &NetNs, kind: &str, host: &str, port: u16) -> String {
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.name, "python3", "-c", PY_CLIENT, kind, host,
+        ])
+        .arg(port.to_string())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// An outside client behind a veth that is the host's uplink (the host is 198.51.100.1,
+/// the client 198.51.100.7), and a container on a bridge laid out as Docker does (the
+/// bridge 172.31.250.1, the container 172.31.250.2); all removed on drop.
+struct Wire {
+    up: String,
+    vh: String,
+    br: String,
+    _links: Links,
+    _up: Veth,
+    outside: NetNs,
+    ctr: NetNs,
+}
+
+fn wire() -> Wire {
+    let id = std::process::id() % 10_000;
+    // The client, behind a veth that is the host's uplink (the host is 198.51.100.1).
+    let outside = NetNs::new(&format!("dppc-{id}"));
+    let up = format!("dpup{id}");
+    let up_veth = Veth::new(&outside, &up, "198.51.100.1/24", "198.51.100.7/24");
+    sh(&[
+        "ip",
+        "-n",
+        &outside.name,
+        "route",
+        "add",
+        "default",
+        "via",
+        "198.51.100.1",
+    ]);
+    // A bridge and a container on it, laid out as Docker does.
+    let ctr = NetNs::new(&format!("dppk-{id}"));
+    let (br, vh) = (format!("dpbr{id}"), format!("dpvh{id}"));
+    let links = Links(vec![vh.clone(), br.clone()]);
+    sh(&["ip", "link", "add", &br, "type", "bridge"]);
+    sh(&["ip", "addr", "add", "172.31.250.1/24", "dev", &br]);
+    sh(&["ip", "link", "set", &br, "up"]);
+    sh(&[
+        "ip", "link", "add", &vh, "type", "veth", "peer", "name", "eth0", "netns", &ctr.name,
+    ]);
+    sh(&["ip", "link", "set", &vh, "master", &br, "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        &ctr.name,
+        "addr",
+        "add",
+        "172.31.250.2/24",
+        "dev",
+        "eth0",
+    ]);
+    sh(&["ip", "-n", &ctr.name, "link", "set", "eth0", "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        &ctr.name,
+        "route",
+        "add",
+        "default",
+        "via",
+        "172.31.250.1",
+    ]);
+    Wire {
+        up,
+        vh,
+        br,
+        _links: links,
+        _up: up_veth,
+        outside,
+        ctr,
+    }
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn an_outside_client_reaches_the_container_through_the_programs_untracked() {
+    let w = wire();
+    let (outside, ctr, up, vh, br) = (&w.outside, &w.ctr, &w.up, &w.vh, &w.br);
+    serve(ctr, "172.31.250.2");
+    let _tracking = Tracking::new(&format!("dpp_track_{}", std::process::id()));
+    // Nothing on the host serves the ports: without the programs the client is refused,
+    // and the host tracks its attempts (a refused TCP attempt's entry goes at once, a UDP
+    // one stays for its timeout).
+    assert_eq!(client(outside, "tcp", "198.51.100.1", 18080), "error 111");
+    assert_eq!(client(outside, "udpc", "198.51.100.1", 18081), "error 111");
+    let tracked_before = tracked("198.51.100.7");
+    assert!(tracked_before >= 1, "the host does not track connections");
+
+    let mut p = PacketPrograms::load(1024).unwrap();
+    let ctr_addr = v4_mapped([172, 31, 250, 2]);
+    let backend = |port: u16| Backend {
+        addr4: ctr_addr,
+        addr6: [0; 16],
+        port_be: port.to_be(),
+        flags: 0,
+        id: u32::from(port),
+        net: 1,
+        pad: 0,
+    };
+    let host = v4_mapped([198, 51, 100, 1]);
+    let mut fe = p.frontends().unwrap();
+    fe.put(&FrontendKey::new(host, 18080, PROTO_TCP), &backend(8080))
+        .unwrap();
+    fe.put(
+        &FrontendKey::new(WILDCARD4, 18081, PROTO_UDP),
+        &backend(8081),
+    )
+    .unwrap();
+    p.local_addrs()
+        .unwrap()
+        .put(&host, &LocalAddr { kind: LOCAL_HOST })
+        .unwrap();
+    p.endpoints()
+        .unwrap()
+        .put(
+            &ctr_addr,
+            &PktEndpoint {
+                ifindex: ifindex(vh),
+                mac: mac(Some(ctr), "eth0"),
+                gw_mac: mac(None, br),
+            },
+        )
+        .unwrap();
+    p.allow(v4_mapped([198, 51, 100, 0]), 96 + 24).unwrap();
+    p.vouch().unwrap();
+    p.attach(FORWARD, up).unwrap();
+    p.attach(REPLY, vh).unwrap();
+
+    // The backend sees the client's own address; the client sees the address it dialled.
+    for _ in 0..3 {
+        assert_eq!(
+            client(outside, "tcp", "198.51.100.1", 18080),
+            "ok backend 198.51.100.7 198.51.100.1 18080"
+        );
+        assert_eq!(
+            client(outside, "udpc", "198.51.100.1", 18081),
+            "ok backend 198.51.100.7 198.51.100.1 18081"
+        );
+    }
+    assert_eq!(p.flows().unwrap().len(), 6);
+    // No netfilter hook of the host saw them: nothing new is tracked.
+    assert!(tracked("198.51.100.7") <= tracked_before);
+    assert_eq!(tracked("172.31.250.2"), 0);
+    // Once no agent vouches, new connections are Docker's (here: refused by the host).
+    drop(p);
+    assert_eq!(client(outside, "tcp", "198.51.100.1", 18080), "error 111");
 }

@@ -116,3 +116,25 @@ impl PacketPrograms {
         Ok((i32::try_from(r.return_value).unwrap_or(-1), out))
     }
 }
+
+impl PacketPrograms {
+    /// Attaches `program` to the ingress of `iface` (TCX from Linux 6.6, a `clsact` qdisc's
+    /// filter before), for as long as `self` lives.
+    pub fn attach(&mut self, program: &str, iface: &str) -> Result<()> {
+        // aya attaches with TCX from 6.6 on, by the same reading of the version.
+        let tcx = aya::util::KernelVersion::current()
+            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+        if !tcx {
+            // Already there is fine.
+            let _ = aya::programs::tc::qdisc_add_clsact(iface);
+        }
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program)
+            .with_context(|| format!("program {program} missing"))?
+            .try_into()?;
+        prog.attach(iface, aya::programs::TcAttachType::Ingress)
+            .with_context(|| format!("attaching {program} to {iface}"))?;
+        Ok(())
+    }
+}

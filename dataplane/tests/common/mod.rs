@@ -217,3 +217,32 @@ try:
 except OSError as e:
     print('error', e.errno)
 ";
+
+/// Backend servers in the namespace answer `backend <client address>`.
+pub fn serve(ns: &NetNs, ip: &str) {
+    use std::io::BufRead;
+    let tcp_addr = format!("{ip}:8080");
+    let udp_addr = format!("{ip}:8081");
+    let (tcp, udp) = ns.run(move || {
+        (
+            std::net::TcpListener::bind(&tcp_addr).unwrap(),
+            std::net::UdpSocket::bind(&udp_addr).unwrap(),
+        )
+    });
+    std::thread::spawn(move || {
+        for s in tcp.incoming() {
+            let Ok(mut s) = s else { continue };
+            let peer = s.peer_addr().unwrap();
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(&s).read_line(&mut line);
+            // One write: the client reads one segment.
+            let _ = s.write_all(format!("backend {}\n", peer.ip()).as_bytes());
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 100];
+        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(format!("backend {}", peer.ip()).as_bytes(), peer);
+        }
+    });
+}
