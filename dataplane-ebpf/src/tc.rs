@@ -2,7 +2,7 @@
 //! straight into the container without netfilter (so without DNAT and without a conntrack
 //! entry), and the container's replies sent back as from `host_ip:port`.
 //!
-//! - `dp_tc_uplink_in` (TC ingress of a host uplink): an IPv4 TCP or UDP packet from an
+//! - `dp_tc_uplink_in` (TC ingress of a host uplink): a TCP or UDP packet from an
 //!   allowed client to a frontend on a host address, while an agent vouches for the maps,
 //!   whose backend has a known endpoint: the flow is recorded (at a TCP SYN or any UDP
 //!   datagram; a TCP packet of a flow the programs did not see start is Docker's), the
@@ -13,53 +13,63 @@
 //!   out of the interface the client's packets came in on (route and neighbour resolved
 //!   by the kernel).
 //!
-//! Anything else (other protocols, fragments, IPv6 for now, a flow the programs do not
-//! know) goes on untouched: Docker's own path serves it.
+//! Anything else (other protocols, IPv4 fragments, IPv6 extension headers, an IPv6 client
+//! of an IPv4-only container, a flow the programs do not know) goes on untouched:
+//! Docker's own path serves it.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_redirect_neigh, bpf_redirect_peer},
+        generated::{bpf_csum_diff, bpf_redirect_neigh, bpf_redirect_peer},
     },
     macros::classifier,
     maps::lpm_trie::Key,
     programs::TcContext,
 };
 use dataplane_common::{
-    Addr, PROTO_TCP, PROTO_UDP,
+    Addr, PROTO_TCP, PROTO_UDP, is_v4_mapped,
     pkt::{FLOW_F_CLOSING, Flow, FlowKey, TC_ACT_OK},
     v4_mapped, v4_part,
-    xlate::{frontend_for, target_v4},
+    xlate::{frontend_for, target_v4, target_v6},
 };
 
 use crate::maps::{FLOWS, FRONTENDS, LOCAL_ADDRS, PKT_ALLOW, PKT_EP, agent_running};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const IP_TTL: usize = ETH_HLEN + 8;
 const IP_CSUM: usize = ETH_HLEN + 10;
 const IP_SRC: usize = ETH_HLEN + 12;
 const IP_DST: usize = ETH_HLEN + 16;
+const IP6_NEXT: usize = ETH_HLEN + 6;
+const IP6_HOPS: usize = ETH_HLEN + 7;
+const IP6_SRC: usize = ETH_HLEN + 8;
+const IP6_DST: usize = ETH_HLEN + 24;
+const IP6_HLEN: usize = 40;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
-/// What the programs read of an IPv4 TCP or UDP packet.
-struct Pkt4 {
-    src: [u8; 4],
-    dst: [u8; 4],
+/// What the programs read of an IPv4 or IPv6 TCP or UDP packet.
+struct Pkt {
+    v6: bool,
+    /// IPv4 addresses v4-mapped.
+    src: Addr,
+    dst: Addr,
     proto: u8,
     /// Offset of the transport header.
     l4: usize,
     sport_be: u16,
     dport_be: u16,
     tcp_flags: u8,
+    /// TTL or hop limit.
     ttl: u8,
 }
 
-impl Pkt4 {
+impl Pkt {
     /// Offset of the transport checksum.
     const fn csum(&self) -> usize {
         if self.proto == PROTO_TCP {
@@ -74,12 +84,30 @@ impl Pkt4 {
     }
 }
 
-/// An unfragmented IPv4 TCP or UDP packet behind an Ethernet header.
+/// The transport part of a packet whose transport header starts at `l4`.
 #[inline(always)]
-fn parse4(ctx: &TcContext) -> Option<Pkt4> {
-    if u16::from_be(ctx.load::<u16>(12).ok()?) != ETH_P_IP {
-        return None;
+fn ports(ctx: &TcContext, proto: u8, l4: usize) -> Option<(u16, u16, u8)> {
+    let flags = if proto == PROTO_TCP {
+        ctx.load(l4 + 13).ok()?
+    } else {
+        0
+    };
+    Some((ctx.load(l4).ok()?, ctx.load(l4 + 2).ok()?, flags))
+}
+
+/// An unfragmented IPv4, or an IPv6 packet without extension headers, carrying TCP or
+/// UDP behind an Ethernet header.
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Pkt> {
+    match u16::from_be(ctx.load::<u16>(12).ok()?) {
+        ETH_P_IP => parse4(ctx),
+        ETH_P_IPV6 => parse6(ctx),
+        _ => None,
     }
+}
+
+#[inline(always)]
+fn parse4(ctx: &TcContext) -> Option<Pkt> {
     let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
     let ihl = usize::from(vihl & 0x0f) * 4;
     if vihl >> 4 != 4 || ihl < 20 {
@@ -94,65 +122,131 @@ fn parse4(ctx: &TcContext) -> Option<Pkt4> {
         return None;
     }
     let l4 = ETH_HLEN + ihl;
-    Some(Pkt4 {
-        src: ctx.load(IP_SRC).ok()?,
-        dst: ctx.load(IP_DST).ok()?,
+    let (sport_be, dport_be, tcp_flags) = ports(ctx, proto, l4)?;
+    Some(Pkt {
+        v6: false,
+        src: v4_mapped(ctx.load(IP_SRC).ok()?),
+        dst: v4_mapped(ctx.load(IP_DST).ok()?),
         proto,
         l4,
-        sport_be: ctx.load(l4).ok()?,
-        dport_be: ctx.load(l4 + 2).ok()?,
-        tcp_flags: if proto == PROTO_TCP {
-            ctx.load(l4 + 13).ok()?
-        } else {
-            0
-        },
+        sport_be,
+        dport_be,
+        tcp_flags,
         ttl: ctx.load(IP_TTL).ok()?,
     })
 }
 
-/// Rewrites the address at `addr_off` (source or destination) and the port at `port_off`,
-/// with the IP and transport checksums, and decrements the TTL (as forwarding would).
-/// `None` when the TTL is spent (the stack answers that) or the packet cannot be written.
 #[inline(always)]
-fn rewrite4(
-    ctx: &TcContext,
-    p: &Pkt4,
-    (addr_off, old, new): (usize, [u8; 4], [u8; 4]),
-    (port_off, old_port_be, new_port_be): (usize, u16, u16),
-) -> Option<()> {
-    let ttl_proto: u16 = ctx.load(IP_TTL).ok()?;
-    let ttl = ttl_proto.to_ne_bytes()[0];
-    if ttl <= 1 {
+fn parse6(ctx: &TcContext) -> Option<Pkt> {
+    let ver: u8 = ctx.load(ETH_HLEN).ok()?;
+    if ver >> 4 != 6 {
         return None;
     }
-    let new_ttl_proto = u16::from_ne_bytes([ttl - 1, p.proto]);
-    let (old_a, new_a) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
-    // A UDP datagram without a checksum stays without one.
+    // Extension headers (fragments among them): Docker's path.
+    let proto: u8 = ctx.load(IP6_NEXT).ok()?;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    let l4 = ETH_HLEN + IP6_HLEN;
+    let (sport_be, dport_be, tcp_flags) = ports(ctx, proto, l4)?;
+    Some(Pkt {
+        v6: true,
+        src: ctx.load(IP6_SRC).ok()?,
+        dst: ctx.load(IP6_DST).ok()?,
+        proto,
+        l4,
+        sport_be,
+        dport_be,
+        tcp_flags,
+        ttl: ctx.load(IP6_HOPS).ok()?,
+    })
+}
+
+/// Which end of the packet a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Src,
+    Dst,
+}
+
+/// Rewrites the address and port of `end` to `addr`:`port_be` with the checksums, and
+/// decrements the TTL or hop limit (as forwarding would). `None` when the TTL is spent
+/// (the stack answers that) or the packet cannot be written.
+#[inline(always)]
+fn rewrite(ctx: &TcContext, p: &Pkt, end: End, addr: &Addr, port_be: u16) -> Option<()> {
+    if p.ttl <= 1 {
+        return None;
+    }
+    let (old, old_port_be, port_off) = match end {
+        End::Src => (p.src, p.sport_be, p.l4),
+        End::Dst => (p.dst, p.dport_be, p.l4 + 2),
+    };
     let udp = p.proto == PROTO_UDP;
+    let mangled = if udp {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    if p.v6 {
+        let mut from = words(&old);
+        let mut to = words(addr);
+        // SAFETY: both buffers are 16 bytes on this stack.
+        let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+        ctx.l4_csum_replace(
+            p.csum(),
+            0,
+            diff.cast_unsigned(),
+            u64::from(BPF_F_PSEUDO_HDR) | mangled,
+        )
+        .ok()?;
+        ctx.l4_csum_replace(
+            p.csum(),
+            u64::from(old_port_be),
+            u64::from(port_be),
+            mangled | 2,
+        )
+        .ok()?;
+        let off = if end == End::Src { IP6_SRC } else { IP6_DST };
+        ctx.store(off, addr, 0).ok()?;
+        ctx.store(port_off, &port_be, 0).ok()?;
+        return ctx.store(IP6_HOPS, &(p.ttl - 1), 0).ok();
+    }
+    let (old4, new4) = (v4_part(&old), v4_part(addr));
+    let (old_a, new_a) = (u32::from_ne_bytes(old4), u32::from_ne_bytes(new4));
+    // A UDP datagram without a checksum stays without one.
     if !udp || ctx.load::<u16>(p.csum()).ok()? != 0 {
-        let mangled = if udp {
-            u64::from(BPF_F_MARK_MANGLED_0)
-        } else {
-            0
-        };
         let pseudo = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
         ctx.l4_csum_replace(p.csum(), u64::from(old_a), u64::from(new_a), pseudo)
             .ok()?;
         ctx.l4_csum_replace(
             p.csum(),
             u64::from(old_port_be),
-            u64::from(new_port_be),
+            u64::from(port_be),
             mangled | 2,
         )
         .ok()?;
     }
+    let ttl_proto = u16::from_ne_bytes([p.ttl, p.proto]);
+    let new_ttl_proto = u16::from_ne_bytes([p.ttl - 1, p.proto]);
     ctx.l3_csum_replace(IP_CSUM, u64::from(old_a), u64::from(new_a), 4)
         .ok()?;
     ctx.l3_csum_replace(IP_CSUM, u64::from(ttl_proto), u64::from(new_ttl_proto), 2)
         .ok()?;
-    ctx.store(addr_off, &new, 0).ok()?;
-    ctx.store(port_off, &new_port_be, 0).ok()?;
+    let off = if end == End::Src { IP_SRC } else { IP_DST };
+    ctx.store(off, &new4, 0).ok()?;
+    ctx.store(port_off, &port_be, 0).ok()?;
     ctx.store(IP_TTL, &new_ttl_proto, 0).ok()
+}
+
+/// An address as the four 32-bit words `bpf_csum_diff` reads.
+#[inline(always)]
+fn words(a: &Addr) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
 }
 
 /// Whether the client may be translated (the operator's allow-list).
@@ -170,7 +264,7 @@ fn ifindex(ctx: &TcContext) -> u32 {
 
 /// Records (or refreshes) the flow of a client packet; `None`: not one to translate.
 #[inline(always)]
-fn track(ctx: &TcContext, p: &Pkt4, key: &FlowKey, front: &Addr) -> Option<()> {
+fn track(ctx: &TcContext, p: &Pkt, key: &FlowKey, front: &Addr) -> Option<()> {
     // SAFETY: reads the clock.
     let now = unsafe { bpf_ktime_get_ns() };
     let starts = p.proto == PROTO_UDP || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -209,18 +303,13 @@ pub fn dp_tc_uplink_in(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn forward(ctx: &TcContext) -> Option<i32> {
-    let p = parse4(ctx)?;
+    let p = parse(ctx)?;
     // A spent TTL is the stack's to answer (ICMP time exceeded), before any flow exists.
-    if p.ttl <= 1 {
-        return None;
-    }
-    let client = v4_mapped(p.src);
-    let front = v4_mapped(p.dst);
-    if !allowed(&client) {
+    if p.ttl <= 1 || !allowed(&p.src) {
         return None;
     }
     let b = frontend_for(
-        &front,
+        &p.dst,
         p.dport_be,
         p.proto,
         false,
@@ -232,7 +321,13 @@ fn forward(ctx: &TcContext) -> Option<i32> {
         |_| true,
     )
     .ok()?;
-    let t = target_v4(&b)?;
+    let t = if p.v6 {
+        // An IPv6 client of an IPv4-only container needs a proxy (Docker's), not a
+        // rewrite.
+        target_v6(&p.dst, &b).filter(|t| !is_v4_mapped(&t.addr))?
+    } else {
+        target_v4(&b)?
+    };
     // SAFETY: entries are written whole by the agent.
     let ep = unsafe { PKT_EP.get(t.addr) }.copied()?;
     if !agent_running() {
@@ -240,19 +335,14 @@ fn forward(ctx: &TcContext) -> Option<i32> {
     }
     let key = FlowKey {
         ctr: t.addr,
-        client,
+        client: p.src,
         ctr_port_be: t.port_be,
         client_port_be: p.sport_be,
         proto: p.proto,
         pad: [0; 3],
     };
-    track(ctx, &p, &key, &front)?;
-    rewrite4(
-        ctx,
-        &p,
-        (IP_DST, p.dst, v4_part(&t.addr)),
-        (p.l4 + 2, p.dport_be, t.port_be),
-    )?;
+    track(ctx, &p, &key, &p.dst)?;
+    rewrite(ctx, &p, End::Dst, &t.addr, t.port_be)?;
     ctx.store(0, &ep.mac, 0).ok()?;
     ctx.store(6, &ep.gw_mac, 0).ok()?;
     // SAFETY: only sets where the packet goes once the program returns.
@@ -267,10 +357,10 @@ pub fn dp_tc_veth_in(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn reply(ctx: &TcContext) -> Option<i32> {
-    let p = parse4(ctx)?;
+    let p = parse(ctx)?;
     let key = FlowKey {
-        ctr: v4_mapped(p.src),
-        client: v4_mapped(p.dst),
+        ctr: p.src,
+        client: p.dst,
         ctr_port_be: p.sport_be,
         client_port_be: p.dport_be,
         proto: p.proto,
@@ -284,13 +374,8 @@ fn reply(ctx: &TcContext) -> Option<i32> {
     if p.closing() {
         f.flags |= FLOW_F_CLOSING;
     }
-    let (front, front_port_be, out) = (v4_part(&f.front), f.front_port_be, f.in_ifindex);
-    rewrite4(
-        ctx,
-        &p,
-        (IP_SRC, p.src, front),
-        (p.l4, p.sport_be, front_port_be),
-    )?;
+    let (front, front_port_be, out) = (f.front, f.front_port_be, f.in_ifindex);
+    rewrite(ctx, &p, End::Src, &front, front_port_be)?;
     // SAFETY: only sets where the packet goes once the program returns; the kernel
     // resolves the route and the neighbour.
     let r = unsafe { bpf_redirect_neigh(out, core::ptr::null_mut(), 0, 0) };

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::{net::Ipv4Addr, process::Command};
+use std::{net::IpAddr, process::Command};
 
 use common::{NetNs, PY_CLIENT, Veth, cmd, serve, sh};
 
@@ -14,7 +14,7 @@ use dataplane::{
     reconcile::KvStore,
 };
 use dataplane_common::{
-    Backend, FrontendKey, LOCAL_HOST, LocalAddr, PROTO_TCP, PROTO_UDP, WILDCARD4,
+    Backend, FrontendKey, LOCAL_HOST, LocalAddr, PROTO_TCP, PROTO_UDP, WILDCARD4, WILDCARD6,
     pkt::{FlowKey, PktEndpoint, TC_ACT_OK, TC_ACT_REDIRECT},
     v4_mapped,
 };
@@ -25,6 +25,11 @@ const CTR: [u8; 4] = [172, 31, 0, 2];
 const CTR_MAC: [u8; 6] = [2, 0x42, 0xac, 0x1f, 0, 2];
 const BR_MAC: [u8; 6] = [2, 0x42, 0x11, 0x22, 0x33, 0x44];
 const VETH: u32 = 4242;
+const HOST6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+const CLIENT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+const CTR6: [u8; 16] = [0xfd, 0, 0, 0xd0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 
 fn sum16(data: &[u8], mut acc: u32) -> u32 {
     for c in data.chunks(2) {
@@ -40,7 +45,22 @@ fn fold(mut acc: u32) -> u16 {
     !u16::try_from(acc).expect("folded to 16 bits")
 }
 
-/// The transport checksum of an IPv4 packet (`ip`: from the IP header on), as it should be.
+/// The transport checksum over `pseudo` (the pseudo-header) and the transport part `l4`
+/// (its checksum field taken as zero), as it should be.
+fn l4_sum(pseudo: &[u8], l4: &[u8], proto: u8) -> u16 {
+    let mut zeroed = l4.to_vec();
+    let at = if proto == PROTO_TCP { 16 } else { 6 };
+    zeroed[at] = 0;
+    zeroed[at + 1] = 0;
+    let c = fold(sum16(&zeroed, sum16(pseudo, 0)));
+    if proto == PROTO_UDP && c == 0 {
+        0xffff
+    } else {
+        c
+    }
+}
+
+/// The transport checksum of an IPv4 packet (`ip`: from the IP header on).
 fn l4_csum(ip: &[u8], proto: u8) -> u16 {
     let ihl = usize::from(ip[0] & 0x0f) * 4;
     let l4 = &ip[ihl..];
@@ -48,16 +68,17 @@ fn l4_csum(ip: &[u8], proto: u8) -> u16 {
     pseudo.extend_from_slice(&ip[12..20]);
     pseudo.extend_from_slice(&[0, proto]);
     pseudo.extend_from_slice(&u16::try_from(l4.len()).unwrap().to_be_bytes());
-    let mut zeroed = l4.to_vec();
-    let at = if proto == PROTO_TCP { 16 } else { 6 };
-    zeroed[at] = 0;
-    zeroed[at + 1] = 0;
-    let c = fold(sum16(&zeroed, sum16(&pseudo, 0)));
-    if proto == PROTO_UDP && c == 0 {
-        0xffff
-    } else {
-        c
-    }
+    l4_sum(&pseudo, l4, proto)
+}
+
+/// The transport checksum of an IPv6 packet without extension headers.
+fn l4_csum6(ip: &[u8], proto: u8) -> u16 {
+    let l4 = &ip[40..];
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&ip[8..40]);
+    pseudo.extend_from_slice(&u32::try_from(l4.len()).unwrap().to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, proto]);
+    l4_sum(&pseudo, l4, proto)
 }
 
 fn ip_csum(ip: &[u8]) -> u16 {
@@ -69,8 +90,9 @@ fn ip_csum(ip: &[u8]) -> u16 {
 }
 
 struct Frame {
-    src: [u8; 4],
-    dst: [u8; 4],
+    /// 4 bytes (IPv4) or 16 (IPv6).
+    src: Vec<u8>,
+    dst: Vec<u8>,
     sport: u16,
     dport: u16,
     proto: u8,
@@ -80,10 +102,16 @@ struct Frame {
 }
 
 impl Frame {
-    fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> Self {
+    fn tcp(
+        src: impl AsRef<[u8]>,
+        sport: u16,
+        dst: impl AsRef<[u8]>,
+        dport: u16,
+        flags: u8,
+    ) -> Self {
         Self {
-            src,
-            dst,
+            src: src.as_ref().to_vec(),
+            dst: dst.as_ref().to_vec(),
             sport,
             dport,
             proto: PROTO_TCP,
@@ -93,7 +121,7 @@ impl Frame {
         }
     }
 
-    fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Self {
+    fn udp(src: impl AsRef<[u8]>, sport: u16, dst: impl AsRef<[u8]>, dport: u16) -> Self {
         Self {
             proto: PROTO_UDP,
             tcp_flags: 0,
@@ -117,6 +145,9 @@ impl Frame {
             l4.extend_from_slice(&[0, 0]);
         }
         l4.extend_from_slice(payload);
+        if self.src.len() == 16 {
+            return self.bytes6(&l4);
+        }
         let mut ip = vec![0x45, 0];
         ip.extend_from_slice(&u16::try_from(20 + l4.len()).unwrap().to_be_bytes());
         ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, self.ttl, self.proto, 0, 0]);
@@ -130,12 +161,29 @@ impl Frame {
             let at = 20 + if self.proto == PROTO_TCP { 16 } else { 6 };
             ip[at..at + 2].copy_from_slice(&c.to_be_bytes());
         }
-        let mut f = vec![0xaa; 6];
-        f.extend_from_slice(&[0xbb; 6]);
-        f.extend_from_slice(&[0x08, 0x00]);
-        f.extend_from_slice(&ip);
-        f
+        ether(0x0800, &ip)
     }
+
+    fn bytes6(&self, l4: &[u8]) -> Vec<u8> {
+        let mut ip = vec![0x60, 0, 0, 0];
+        ip.extend_from_slice(&u16::try_from(l4.len()).unwrap().to_be_bytes());
+        ip.extend_from_slice(&[self.proto, self.ttl]);
+        ip.extend_from_slice(&self.src);
+        ip.extend_from_slice(&self.dst);
+        ip.extend_from_slice(l4);
+        let c = l4_csum6(&ip, self.proto);
+        let at = 40 + if self.proto == PROTO_TCP { 16 } else { 6 };
+        ip[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        ether(0x86dd, &ip)
+    }
+}
+
+fn ether(ethertype: u16, ip: &[u8]) -> Vec<u8> {
+    let mut f = vec![0xaa; 6];
+    f.extend_from_slice(&[0xbb; 6]);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(ip);
+    f
 }
 
 /// What a frame says, once its checksums are verified.
@@ -143,8 +191,8 @@ impl Frame {
 struct Seen {
     dmac: [u8; 6],
     smac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    src: IpAddr,
+    dst: IpAddr,
     sport: u16,
     dport: u16,
     ttl: u8,
@@ -152,25 +200,42 @@ struct Seen {
 
 fn seen(f: &[u8]) -> Seen {
     let ip = &f[14..];
-    let proto = ip[9];
-    assert_eq!(
-        u16::from_be_bytes([ip[10], ip[11]]),
-        ip_csum(ip),
-        "IPv4 header checksum"
-    );
-    let at = 20 + if proto == PROTO_TCP { 16 } else { 6 };
+    let v6 = u16::from_be_bytes([f[12], f[13]]) == 0x86dd;
+    let (proto, l4, csum) = if v6 {
+        (ip[6], 40, l4_csum6(ip, ip[6]))
+    } else {
+        assert_eq!(
+            u16::from_be_bytes([ip[10], ip[11]]),
+            ip_csum(ip),
+            "IPv4 header checksum"
+        );
+        (ip[9], 20, l4_csum(ip, ip[9]))
+    };
+    let at = l4 + if proto == PROTO_TCP { 16 } else { 6 };
     let have = u16::from_be_bytes([ip[at], ip[at + 1]]);
-    if !(proto == PROTO_UDP && have == 0) {
-        assert_eq!(have, l4_csum(ip, proto), "transport checksum");
+    if v6 || !(proto == PROTO_UDP && have == 0) {
+        assert_eq!(have, csum, "transport checksum");
     }
+    let addr = |r: std::ops::Range<usize>| {
+        if v6 {
+            IpAddr::from(<[u8; 16]>::try_from(&ip[r]).unwrap())
+        } else {
+            IpAddr::from(<[u8; 4]>::try_from(&ip[r]).unwrap())
+        }
+    };
+    let (src, dst) = if v6 {
+        (addr(8..24), addr(24..40))
+    } else {
+        (addr(12..16), addr(16..20))
+    };
     Seen {
         dmac: f[0..6].try_into().unwrap(),
         smac: f[6..12].try_into().unwrap(),
-        src: Ipv4Addr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap()),
-        dst: Ipv4Addr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap()),
-        sport: u16::from_be_bytes([ip[20], ip[21]]),
-        dport: u16::from_be_bytes([ip[22], ip[23]]),
-        ttl: ip[8],
+        src,
+        dst,
+        sport: u16::from_be_bytes([ip[l4], ip[l4 + 1]]),
+        dport: u16::from_be_bytes([ip[l4 + 2], ip[l4 + 3]]),
+        ttl: ip[if v6 { 7 } else { 8 }],
     }
 }
 
@@ -181,40 +246,53 @@ fn programs() -> PacketPrograms {
     let mut p = PacketPrograms::load(1024).expect("load the packet programs");
     let backend = |port: u16, id| Backend {
         addr4: v4_mapped(CTR),
-        addr6: [0; 16],
+        addr6: CTR6,
         port_be: port.to_be(),
         flags: 0,
         id,
         net: 1,
         pad: 0,
     };
+    // An IPv4-only container published on IPv6 too (as Docker does with docker-proxy).
+    let v4_only = Backend {
+        addr6: [0; 16],
+        ..backend(80, 5)
+    };
     let mut fe = p.frontends().unwrap();
-    fe.put(
-        &FrontendKey::new(v4_mapped(HOST), 8080, PROTO_TCP),
-        &backend(80, 1),
-    )
-    .unwrap();
-    fe.put(
-        &FrontendKey::new(WILDCARD4, 5353, PROTO_UDP),
-        &backend(53, 2),
-    )
-    .unwrap();
-    p.local_addrs()
-        .unwrap()
-        .put(&v4_mapped(HOST), &LocalAddr { kind: LOCAL_HOST })
-        .unwrap();
-    p.endpoints()
-        .unwrap()
-        .put(
-            &v4_mapped(CTR),
-            &PktEndpoint {
-                ifindex: VETH,
-                mac: CTR_MAC,
-                gw_mac: BR_MAC,
-            },
-        )
-        .unwrap();
+    for (addr, port, proto, b) in [
+        (v4_mapped(HOST), 8080, PROTO_TCP, backend(80, 1)),
+        (WILDCARD4, 5353, PROTO_UDP, backend(53, 2)),
+        (HOST6, 8080, PROTO_TCP, backend(80, 3)),
+        (WILDCARD6, 5353, PROTO_UDP, backend(53, 4)),
+        (HOST6, 9090, PROTO_TCP, v4_only),
+    ] {
+        fe.put(&FrontendKey::new(addr, port, proto), &b).unwrap();
+    }
+    for host in [v4_mapped(HOST), HOST6] {
+        p.local_addrs()
+            .unwrap()
+            .put(&host, &LocalAddr { kind: LOCAL_HOST })
+            .unwrap();
+    }
+    for ctr in [v4_mapped(CTR), CTR6] {
+        p.endpoints()
+            .unwrap()
+            .put(
+                &ctr,
+                &PktEndpoint {
+                    ifindex: VETH,
+                    mac: CTR_MAC,
+                    gw_mac: BR_MAC,
+                },
+            )
+            .unwrap();
+    }
     p.allow(v4_mapped([198, 51, 100, 0]), 96 + 24).unwrap();
+    p.allow(
+        [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        48,
+    )
+    .unwrap();
     p.vouch().unwrap();
     p
 }
@@ -236,8 +314,8 @@ fn a_tcp_flow_is_translated_both_ways_with_valid_checksums() {
         Seen {
             dmac: CTR_MAC,
             smac: BR_MAC,
-            src: Ipv4Addr::from(CLIENT),
-            dst: Ipv4Addr::from(CTR),
+            src: IpAddr::from(CLIENT),
+            dst: IpAddr::from(CTR),
             sport: 40000,
             dport: 80,
             ttl: 63,
@@ -268,13 +346,7 @@ fn a_tcp_flow_is_translated_both_ways_with_valid_checksums() {
     let back = seen(&out);
     assert_eq!(
         (back.src, back.sport, back.dst, back.dport, back.ttl),
-        (
-            Ipv4Addr::from(HOST),
-            8080,
-            Ipv4Addr::from(CLIENT),
-            40000,
-            63
-        )
+        (IpAddr::from(HOST), 8080, IpAddr::from(CLIENT), 40000, 63)
     );
     // The rest of the connection follows the flow; a FIN marks it closing.
     let (rc, out) = p
@@ -290,6 +362,40 @@ fn a_tcp_flow_is_translated_both_ways_with_valid_checksums() {
 
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn ipv6_flows_are_translated_both_ways_and_an_ipv4_only_backend_is_left_to_docker() {
+    let mut p = programs();
+    for (proto, port, ctr_port) in [(PROTO_TCP, 8080, 80), (PROTO_UDP, 5353, 53)] {
+        let frame = |src: [u8; 16], sport, dst: [u8; 16], dport| {
+            if proto == PROTO_TCP {
+                let flags = if src == CLIENT6 { SYN } else { SYN | ACK };
+                Frame::tcp(src, sport, dst, dport, flags)
+            } else {
+                Frame::udp(src, sport, dst, dport)
+            }
+        };
+        let (rc, out) = p
+            .run(FORWARD, &frame(CLIENT6, 41000, HOST6, port).bytes())
+            .unwrap();
+        assert_eq!(rc, TC_ACT_REDIRECT, "{proto}");
+        let s = seen(&out);
+        assert_eq!(
+            (s.dst, s.dport, s.ttl, s.dmac),
+            (IpAddr::from(CTR6), ctr_port, 63, CTR_MAC)
+        );
+        let (rc, out) = p
+            .run(REPLY, &frame(CTR6, ctr_port, CLIENT6, 41000).bytes())
+            .unwrap();
+        assert_eq!(rc, TC_ACT_REDIRECT, "{proto}");
+        let s = seen(&out);
+        assert_eq!((s.src, s.sport), (IpAddr::from(HOST6), port));
+    }
+    let input = Frame::tcp(CLIENT6, 41001, HOST6, 9090, SYN).bytes();
+    let (rc, out) = p.run(FORWARD, &input).unwrap();
+    assert_eq!((rc, out), (TC_ACT_OK, input));
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
 fn udp_with_and_without_a_checksum_through_a_wildcard_frontend() {
     let mut p = programs();
     let (rc, out) = p
@@ -297,13 +403,13 @@ fn udp_with_and_without_a_checksum_through_a_wildcard_frontend() {
         .unwrap();
     assert_eq!(rc, TC_ACT_REDIRECT);
     let s = seen(&out);
-    assert_eq!((s.dst, s.dport), (Ipv4Addr::from(CTR), 53));
+    assert_eq!((s.dst, s.dport), (IpAddr::from(CTR), 53));
     let (rc, out) = p
         .run(REPLY, &Frame::udp(CTR, 53, CLIENT, 5000).bytes())
         .unwrap();
     assert_eq!(rc, TC_ACT_REDIRECT);
     let s = seen(&out);
-    assert_eq!((s.src, s.sport), (Ipv4Addr::from(HOST), 5353));
+    assert_eq!((s.src, s.sport), (IpAddr::from(HOST), 5353));
     // A datagram without a checksum stays without one.
     let mut f = Frame::udp(CLIENT, 5001, HOST, 5353);
     f.udp_no_csum = true;
