@@ -10,7 +10,7 @@ use std::{net::IpAddr, process::Command};
 use common::{NetNs, PY_CLIENT, Veth, cmd, serve, sh};
 
 use dataplane::{
-    bpf::pkt::{FORWARD, PacketPrograms, REPLY},
+    bpf::pkt::{FORWARD, PacketPrograms, REPLY, Timeouts, monotonic_ns},
     reconcile::KvStore,
 };
 use dataplane_common::{
@@ -358,6 +358,15 @@ fn a_tcp_flow_is_translated_both_ways_with_valid_checksums() {
     assert_eq!(rc, TC_ACT_REDIRECT);
     assert_eq!(seen(&out).dport, 80);
     assert_eq!(p.flows().unwrap()[&key].flags, 1);
+    // Aged by the agent's clock (the programs'): a closing flow goes after 10 s idle.
+    let t = Timeouts::default();
+    let now = monotonic_ns();
+    assert_eq!(p.age_flows(now, &t).unwrap(), 0);
+    assert_eq!(p.age_flows(now + 11_000_000_000, &t).unwrap(), 1);
+    assert!(p.flows().unwrap().is_empty());
+    // Its next packet is no longer translated: Docker's path.
+    let input = Frame::tcp(CLIENT, 40000, HOST, 8080, ACK).bytes();
+    assert_eq!(p.run(FORWARD, &input).unwrap(), (TC_ACT_OK, input));
 }
 
 #[test]

@@ -138,3 +138,97 @@ impl PacketPrograms {
         Ok(())
     }
 }
+
+/// How long a flow may go without a packet before the agent removes it (the programs
+/// then leave its packets to Docker's path), as Cilium's defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp: std::time::Duration,
+    /// After a FIN or RST.
+    pub tcp_closing: std::time::Duration,
+    pub udp: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp: std::time::Duration::from_hours(6),
+            tcp_closing: std::time::Duration::from_secs(10),
+            udp: std::time::Duration::from_mins(1),
+        }
+    }
+}
+
+/// Whether `flow` (of `proto`) has been idle past its timeout at `now_ns`
+/// (`CLOCK_MONOTONIC`, as `bpf_ktime_get_ns`).
+pub fn expired(key: &FlowKey, flow: &Flow, now_ns: u64, t: &Timeouts) -> bool {
+    let limit = if key.proto == dataplane_common::PROTO_UDP {
+        t.udp
+    } else if flow.flags & dataplane_common::pkt::FLOW_F_CLOSING != 0 {
+        t.tcp_closing
+    } else {
+        t.tcp
+    };
+    let limit = u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX);
+    now_ns.saturating_sub(flow.last_seen_ns) > limit
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the programs' clock.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    })
+}
+
+impl PacketPrograms {
+    /// Removes the flows idle past their timeout at `now_ns`; returns how many.
+    pub fn age_flows(&mut self, now_ns: u64, t: &Timeouts) -> Result<usize> {
+        let mut map: HashMap<&mut MapData, FlowKey, Flow> =
+            HashMap::try_from(self.map_mut(MAP_FLOWS)?)?;
+        let old: Vec<FlowKey> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, f)| expired(k, f, now_ns, t))
+            .map(|(k, _)| k)
+            .collect();
+        let mut n = 0;
+        for k in &old {
+            // Gone meanwhile (evicted, or aged by another) is fine.
+            if map.remove(k).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_age_by_protocol_and_state() {
+        let t = Timeouts::default();
+        let key = |proto| FlowKey {
+            proto,
+            ..FlowKey::default()
+        };
+        let flow = |flags| Flow {
+            flags,
+            last_seen_ns: 1_000_000_000,
+            ..Flow::default()
+        };
+        let at = |secs: u64| 1_000_000_000 + secs * 1_000_000_000;
+        let tcp = key(dataplane_common::PROTO_TCP);
+        let udp = key(dataplane_common::PROTO_UDP);
+        assert!(!expired(&tcp, &flow(0), at(3600), &t));
+        assert!(expired(&tcp, &flow(0), at(6 * 3600 + 1), &t));
+        assert!(!expired(&tcp, &flow(1), at(9), &t));
+        assert!(expired(&tcp, &flow(1), at(11), &t));
+        assert!(!expired(&udp, &flow(0), at(59), &t));
+        assert!(expired(&udp, &flow(0), at(61), &t));
+        // A flow seen after `now` was read is not old.
+        assert!(!expired(&tcp, &flow(1), 0, &t));
+    }
+}
