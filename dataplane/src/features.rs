@@ -227,8 +227,23 @@ impl Features {
         self.found.get(&f) == Some(&Found::Present)
     }
 
+    /// Whether a probe was refused for want of privilege (`EPERM`): then nothing is known
+    /// of the kernel, only that this process may not load programs.
+    pub fn denied(&self) -> bool {
+        self.found
+            .values()
+            .any(|f| matches!(f, Found::Unknown(e) if e.contains("Operation not permitted")))
+    }
+
     /// Refuses, naming every missing feature the agent cannot do without.
     pub fn check(&self) -> anyhow::Result<()> {
+        if self.denied() {
+            anyhow::bail!(
+                "probing the kernel's features was not permitted (EPERM): the agent loads \
+                 BPF programs and must run as root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); \
+                 nothing was changed"
+            );
+        }
         let missing: Vec<String> = SPECS
             .iter()
             .filter(|s| s.without == Without::Refuse && !self.has(s.feature))
@@ -257,11 +272,11 @@ impl Features {
         SPECS
             .iter()
             .map(|s| {
-                let present = self.has(s.feature);
-                let (state, effect) = match (present, s.without) {
-                    (true, _) => ("active", String::new()),
-                    (false, Without::Degrade(lost)) => ("degraded", lost.to_string()),
-                    (false, Without::Refuse) => ("missing", "the agent cannot run".to_string()),
+                let (state, effect) = match (self.found.get(&s.feature), s.without) {
+                    (Some(Found::Present), _) => ("active", String::new()),
+                    (Some(Found::Unknown(e)), _) => ("unknown", format!("the probe failed: {e}")),
+                    (_, Without::Degrade(lost)) => ("degraded", lost.to_string()),
+                    (_, Without::Refuse) => ("missing", "the agent cannot run".to_string()),
                 };
                 dataplane_api::FeatureState {
                     name: s.name.to_string(),
@@ -365,19 +380,39 @@ mod tests {
     }
 
     #[test]
+    fn probes_without_privilege_say_so_instead_of_blaming_the_kernel() {
+        let mut found: BTreeMap<Feature, Found> =
+            SPECS.iter().map(|s| (s.feature, Found::Present)).collect();
+        for f in [Feature::SockAddrHooks, Feature::SetRetval] {
+            found.insert(
+                f,
+                Found::Unknown("Operation not permitted (os error 1)".into()),
+            );
+        }
+        let f = Features::from_found("6.18", found);
+        assert!(f.denied());
+        let e = f.check().unwrap_err().to_string();
+        assert!(e.contains("must run as root"), "{e}");
+        assert!(!e.contains("lacks"), "{e}");
+        let states = f.states();
+        let st = states.iter().find(|s| s.name == "bpf_set_retval").unwrap();
+        assert_eq!(st.state, "unknown");
+    }
+
+    #[test]
     fn a_probe_that_failed_refuses_with_its_error() {
         let mut found: BTreeMap<Feature, Found> =
             SPECS.iter().map(|s| (s.feature, Found::Present)).collect();
         found.insert(
             Feature::CgroupLinks,
-            Found::Unknown("Operation not permitted".into()),
+            Found::Unknown("Bad address (os error 14)".into()),
         );
         let e = Features::from_found("6.1", found)
             .check()
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("the probe failed: Operation not permitted"),
+            e.contains("the probe failed: Bad address"),
             "{e}"
         );
     }

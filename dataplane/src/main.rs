@@ -109,7 +109,7 @@ enum Cmd {
     },
     /// Probes the running kernel for every feature the agent uses (as `run` does at its
     /// start) and lists each: active, degraded (what is lost), or missing. Exits 0 when the
-    /// agent can run here, 5 when a feature it needs is missing. Needs root.
+    /// agent can run here, 5 when a feature it needs is missing, 4 when not run as root.
     Features,
     /// Shell completions for dataplane, printed to stdout.
     Completions {
@@ -126,6 +126,7 @@ enum Cmd {
 const EXIT_FAILURE: u8 = 1;
 const EXIT_ALREADY_RUNNING: u8 = 3;
 const EXIT_CONFIG: u8 = 2;
+const EXIT_ENV: u8 = 4;
 const EXIT_KERNEL: u8 = 5;
 
 /// One agent per host, whatever its flags (socket, pin directory, `--no-pin`): it holds this
@@ -259,7 +260,7 @@ fn features() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dataplane: {e:#}");
-            ExitCode::from(EXIT_KERNEL)
+            ExitCode::from(if f.denied() { EXIT_ENV } else { EXIT_KERNEL })
         }
     }
 }

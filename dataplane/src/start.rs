@@ -349,7 +349,11 @@ pub fn preflight(opts: &Options) -> Result<(PathBuf, u64, Features), StartError>
     let features = Features::probe();
     features.log();
     tracing::debug!(took_us = t.elapsed().as_micros(), "features probed");
-    features.check().map_err(StartError::Kernel)?;
+    features.check().map_err(if features.denied() {
+        StartError::Environment
+    } else {
+        StartError::Kernel
+    })?;
     let cgroup = match &opts.cgroup {
         Some(p) => p.clone(),
         None => bpf::cgroup2_mount().map_err(StartError::Environment)?,
