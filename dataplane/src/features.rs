@@ -411,10 +411,7 @@ mod tests {
             .check()
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("the probe failed: Bad address"),
-            "{e}"
-        );
+        assert!(e.contains("the probe failed: Bad address"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod desired;
 pub mod docker;
 pub mod egress;
+pub mod endpoint;
 pub mod engine;
 pub mod features;
 pub mod hostfw;

@@ -685,17 +685,24 @@ fn an_outside_client_reaches_the_container_through_the_programs_untracked() {
         .unwrap()
         .put(&host, &LocalAddr { kind: LOCAL_HOST })
         .unwrap();
-    p.endpoints()
+    // Where to deliver, as the agent finds it: from inside the container's namespace, and
+    // the bridge's MAC from the host's.
+    let ep = tokio::runtime::Runtime::new()
         .unwrap()
-        .put(
-            &ctr_addr,
-            &PktEndpoint {
-                ifindex: ifindex(vh),
-                mac: mac(Some(ctr), "eth0"),
-                gw_mac: mac(None, br),
-            },
-        )
+        .block_on(dataplane::endpoint::of(
+            &ctr.path(),
+            "172.31.250.2".parse().unwrap(),
+        ))
         .unwrap();
+    assert_eq!(
+        ep,
+        PktEndpoint {
+            ifindex: ifindex(vh),
+            mac: mac(Some(ctr), "eth0"),
+            gw_mac: mac(None, br),
+        }
+    );
+    p.endpoints().unwrap().put(&ctr_addr, &ep).unwrap();
     p.allow(v4_mapped([198, 51, 100, 0]), 96 + 24).unwrap();
     p.vouch().unwrap();
     p.attach(FORWARD, up).unwrap();

@@ -1,0 +1,119 @@
+//! Where the packet layer delivers to a container ([`PktEndpoint`]): the host-side veth of
+//! the container's interface that holds an address, that interface's MAC (both read from
+//! inside the container's network namespace, by one short-lived thread: no thread of the
+//! agent's runtime ever leaves the host's), and the MAC of the bridge the veth is on.
+
+use std::{collections::HashMap, net::IpAddr, path::Path};
+
+use anyhow::{Context, Result, bail};
+use dataplane_common::pkt::PktEndpoint;
+use futures_util::TryStreamExt;
+use rtnetlink::{
+    Handle,
+    packet_route::{address::AddressAttribute, link::LinkAttribute},
+};
+
+/// What a link dump says of one interface.
+#[derive(Clone, Debug, Default)]
+struct Link {
+    mac: Option<[u8; 6]>,
+    /// `IFLA_LINK`: a veth's peer index (in the peer's namespace).
+    peer: Option<u32>,
+    /// `IFLA_MASTER`: the bridge it is a port of.
+    master: Option<u32>,
+}
+
+async fn links(handle: &Handle) -> Result<HashMap<u32, Link>> {
+    let mut out = HashMap::new();
+    let mut dump = handle.link().get().execute();
+    while let Some(l) = dump.try_next().await.context("netlink link dump")? {
+        let mut link = Link::default();
+        for attr in &l.attributes {
+            match attr {
+                LinkAttribute::Address(a) => link.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
+                LinkAttribute::Link(i) => link.peer = Some(*i),
+                LinkAttribute::Controller(i) => link.master = Some(*i),
+                _ => {}
+            }
+        }
+        out.insert(l.header.index, link);
+    }
+    Ok(out)
+}
+
+/// The index of the interface holding `addr`.
+async fn index_of(handle: &Handle, addr: IpAddr) -> Result<Option<u32>> {
+    let mut dump = handle.address().get().execute();
+    while let Some(m) = dump.try_next().await.context("netlink address dump")? {
+        let has = m.attributes.iter().any(|a| {
+            matches!(a, AddressAttribute::Address(ip) | AddressAttribute::Local(ip) if *ip == addr)
+        });
+        if has {
+            return Ok(Some(m.header.index));
+        }
+    }
+    Ok(None)
+}
+
+/// Runs `f` with an rtnetlink handle of the calling thread's namespace.
+async fn with_handle<T>(f: impl AsyncFnOnce(&Handle) -> Result<T>) -> Result<T> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("netlink socket")?;
+    let task = tokio::spawn(conn);
+    let r = f(&handle).await;
+    task.abort();
+    r
+}
+
+/// The interface in the namespace at `netns` holding `addr`: its MAC and its veth peer's
+/// index in the host.
+fn inside(netns: &Path, addr: IpAddr) -> Result<([u8; 6], u32)> {
+    let netns = netns.to_path_buf();
+    let run = move || -> Result<([u8; 6], u32)> {
+        let f =
+            std::fs::File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {}", netns.display()))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(with_handle(async |h: &Handle| {
+            let Some(index) = index_of(h, addr).await? else {
+                bail!("no interface holds {addr}");
+            };
+            let link = links(h).await?.remove(&index).unwrap_or_default();
+            match (link.mac, link.peer) {
+                (Some(mac), Some(peer)) if peer != index => Ok((mac, peer)),
+                _ => bail!("the interface holding {addr} is not a veth"),
+            }
+        }))
+    };
+    std::thread::Builder::new()
+        .name("endpoint".into())
+        .spawn(run)
+        .context("spawning a thread")?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread panicked"))?
+}
+
+/// Where to deliver to `addr` in the namespace at `netns` (a container's), its veth's peer
+/// being a port of a bridge in the calling thread's namespace (the host's).
+pub async fn of(netns: &Path, addr: IpAddr) -> Result<PktEndpoint> {
+    let path = netns.to_path_buf();
+    let (mac, ifindex) = tokio::task::spawn_blocking(move || inside(&path, addr))
+        .await
+        .context("the endpoint task")??;
+    let host = with_handle(async |h: &Handle| links(h).await).await?;
+    let bridge = host
+        .get(&ifindex)
+        .and_then(|l| l.master)
+        .with_context(|| format!("the host-side veth {ifindex} of {addr} is on no bridge"))?;
+    let gw_mac = host
+        .get(&bridge)
+        .and_then(|l| l.mac)
+        .with_context(|| format!("bridge {bridge} has no MAC"))?;
+    Ok(PktEndpoint {
+        ifindex,
+        mac,
+        gw_mac,
+    })
+}
