@@ -28,13 +28,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    Addr, PROTO_TCP, PROTO_UDP, is_v4_mapped,
+    Addr, PROTO_TCP, PROTO_UDP, PortKey, is_v4_mapped,
     pkt::{FLOW_F_CLOSING, Flow, FlowKey, TC_ACT_OK},
     v4_mapped, v4_part,
     xlate::{frontend_for, target_v4, target_v6},
 };
 
-use crate::maps::{FLOWS, FRONTENDS, LOCAL_ADDRS, PKT_ALLOW, PKT_EP, agent_running};
+use crate::maps::{FLOWS, FRONTENDS, LOCAL_ADDRS, PKT_ALLOW, PKT_EP, PORTS, agent_running};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -304,6 +304,13 @@ pub fn dp_tc_uplink_in(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn forward(ctx: &TcContext) -> Option<i32> {
     let p = parse(ctx)?;
+    // Traffic to a port nothing publishes (nearly all of it) pays this one lookup.
+    let port = PortKey {
+        port_be: p.dport_be,
+        proto: p.proto,
+        pad: 0,
+    };
+    PORTS.get_ptr(port)?;
     // A spent TTL is the stack's to answer (ICMP time exceeded), before any flow exists.
     if p.ttl <= 1 || !allowed(&p.src) {
         return None;

@@ -243,6 +243,13 @@ fn seen(f: &[u8]) -> Seen {
 /// container's 80 and 53), the container's endpoint, and clients in 198.51.100.0/24
 /// allowed.
 fn programs() -> PacketPrograms {
+    let mut p = unvouched();
+    p.vouch().unwrap();
+    p
+}
+
+/// [`programs`], with no agent vouching for the maps.
+fn unvouched() -> PacketPrograms {
     let mut p = PacketPrograms::load(1024).expect("load the packet programs");
     let backend = |port: u16, id| Backend {
         addr4: v4_mapped(CTR),
@@ -268,6 +275,7 @@ fn programs() -> PacketPrograms {
     ] {
         fe.put(&FrontendKey::new(addr, port, proto), &b).unwrap();
     }
+    p.sync_ports().unwrap();
     for host in [v4_mapped(HOST), HOST6] {
         p.local_addrs()
             .unwrap()
@@ -293,7 +301,6 @@ fn programs() -> PacketPrograms {
         48,
     )
     .unwrap();
-    p.vouch().unwrap();
     p
 }
 
@@ -467,23 +474,7 @@ fn what_the_programs_do_not_know_is_left_to_dockers_path_untouched() {
     );
     assert!(p.flows().unwrap().is_empty());
     // Without an agent vouching for the maps, nothing is translated.
-    let mut fresh = PacketPrograms::load(16).unwrap();
-    fresh
-        .frontends()
-        .unwrap()
-        .put(
-            &FrontendKey::new(v4_mapped(HOST), 8080, PROTO_TCP),
-            &Backend {
-                addr4: v4_mapped(CTR),
-                addr6: [0; 16],
-                port_be: 80u16.to_be(),
-                flags: 0,
-                id: 1,
-                net: 1,
-                pad: 0,
-            },
-        )
-        .unwrap();
+    let mut fresh = unvouched();
     untouched(
         &mut fresh,
         FORWARD,
@@ -704,6 +695,7 @@ fn an_outside_client_reaches_the_container_through_the_programs_untracked() {
     );
     p.endpoints().unwrap().put(&ctr_addr, &ep).unwrap();
     p.allow(v4_mapped([198, 51, 100, 0]), 96 + 24).unwrap();
+    p.sync_ports().unwrap();
     p.vouch().unwrap();
     p.attach(FORWARD, up).unwrap();
     p.attach(REPLY, vh).unwrap();

@@ -11,11 +11,13 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use dataplane_common::{
-    Addr, Backend, FrontendKey, LocalAddr, MAP_AGENT, MAP_FRONTENDS, MAP_LOCAL_ADDRS,
+    Addr, Backend, FrontendKey, LocalAddr, MAP_AGENT, MAP_FRONTENDS, MAP_LOCAL_ADDRS, MAP_PORTS,
+    PortFamilies, PortKey,
     pkt::{Flow, FlowKey, MAP_FLOWS, MAP_PKT_ALLOW, MAP_PKT_EP, PktEndpoint},
 };
 
 use super::{BpfHash, OBJECT};
+use crate::reconcile::KvStore;
 
 /// The forward program (TC ingress of a host uplink) and the reply program (TC ingress of a
 /// container's host-side veth).
@@ -70,6 +72,18 @@ impl PacketPrograms {
 
     pub fn frontends(&mut self) -> Result<BpfHash<'_, FrontendKey, Backend>> {
         Ok(BpfHash(HashMap::try_from(self.map_mut(MAP_FRONTENDS)?)?))
+    }
+
+    /// Writes the published ports of the frontends as they are now (as the agent keeps
+    /// them: [`crate::desired::ports_of`]).
+    pub fn sync_ports(&mut self) -> Result<()> {
+        let keys: Vec<FrontendKey> = self.frontends()?.entries()?.into_keys().collect();
+        let mut ports: BpfHash<'_, PortKey, PortFamilies> =
+            BpfHash(HashMap::try_from(self.map_mut(MAP_PORTS)?)?);
+        for (k, v) in crate::desired::ports_of(keys.iter()) {
+            ports.put(&k, &v)?;
+        }
+        Ok(())
     }
 
     pub fn local_addrs(&mut self) -> Result<BpfHash<'_, Addr, LocalAddr>> {
