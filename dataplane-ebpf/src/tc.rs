@@ -23,8 +23,8 @@ use aya_ebpf::{
         bpf_ktime_get_ns,
         generated::{bpf_csum_diff, bpf_redirect_neigh, bpf_redirect_peer},
     },
-    macros::classifier,
-    maps::lpm_trie::Key,
+    macros::{classifier, map},
+    maps::{PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
 use dataplane_common::{
@@ -54,7 +54,7 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// What the programs read of an IPv4 or IPv6 TCP or UDP packet.
-struct Pkt {
+pub struct Pkt {
     v6: bool,
     /// IPv4 addresses v4-mapped.
     src: Addr,
@@ -95,19 +95,28 @@ fn ports(ctx: &TcContext, proto: u8, l4: usize) -> Option<(u16, u16, u8)> {
     Some((ctx.load(l4).ok()?, ctx.load(l4 + 2).ok()?, flags))
 }
 
+/// Where a packet's parsed fields live while a program runs: per CPU (a program runs to
+/// its end on one CPU), not on the 512-byte stack, which the rest of the work needs.
+#[map(name = "DP_PKTSCRATCH")]
+static SCRATCH: PerCpuArray<Pkt> = PerCpuArray::with_max_entries(1, 0);
+
 /// An unfragmented IPv4, or an IPv6 packet without extension headers, carrying TCP or
 /// UDP behind an Ethernet header.
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<Pkt> {
+fn parse(ctx: &TcContext) -> Option<&'static Pkt> {
+    let p = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's one entry, used by this program run only.
+    let p = unsafe { &mut *p };
     match u16::from_be(ctx.load::<u16>(12).ok()?) {
-        ETH_P_IP => parse4(ctx),
-        ETH_P_IPV6 => parse6(ctx),
-        _ => None,
+        ETH_P_IP => parse4(ctx, p)?,
+        ETH_P_IPV6 => parse6(ctx, p)?,
+        _ => return None,
     }
+    Some(p)
 }
 
 #[inline(always)]
-fn parse4(ctx: &TcContext) -> Option<Pkt> {
+fn parse4(ctx: &TcContext, p: &mut Pkt) -> Option<()> {
     let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
     let ihl = usize::from(vihl & 0x0f) * 4;
     if vihl >> 4 != 4 || ihl < 20 {
@@ -121,23 +130,18 @@ fn parse4(ctx: &TcContext) -> Option<Pkt> {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
-    let l4 = ETH_HLEN + ihl;
-    let (sport_be, dport_be, tcp_flags) = ports(ctx, proto, l4)?;
-    Some(Pkt {
-        v6: false,
-        src: v4_mapped(ctx.load(IP_SRC).ok()?),
-        dst: v4_mapped(ctx.load(IP_DST).ok()?),
-        proto,
-        l4,
-        sport_be,
-        dport_be,
-        tcp_flags,
-        ttl: ctx.load(IP_TTL).ok()?,
-    })
+    p.l4 = ETH_HLEN + ihl;
+    (p.sport_be, p.dport_be, p.tcp_flags) = ports(ctx, proto, p.l4)?;
+    p.v6 = false;
+    p.src = v4_mapped(ctx.load(IP_SRC).ok()?);
+    p.dst = v4_mapped(ctx.load(IP_DST).ok()?);
+    p.proto = proto;
+    p.ttl = ctx.load(IP_TTL).ok()?;
+    Some(())
 }
 
 #[inline(always)]
-fn parse6(ctx: &TcContext) -> Option<Pkt> {
+fn parse6(ctx: &TcContext, p: &mut Pkt) -> Option<()> {
     let ver: u8 = ctx.load(ETH_HLEN).ok()?;
     if ver >> 4 != 6 {
         return None;
@@ -147,19 +151,14 @@ fn parse6(ctx: &TcContext) -> Option<Pkt> {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
-    let l4 = ETH_HLEN + IP6_HLEN;
-    let (sport_be, dport_be, tcp_flags) = ports(ctx, proto, l4)?;
-    Some(Pkt {
-        v6: true,
-        src: ctx.load(IP6_SRC).ok()?,
-        dst: ctx.load(IP6_DST).ok()?,
-        proto,
-        l4,
-        sport_be,
-        dport_be,
-        tcp_flags,
-        ttl: ctx.load(IP6_HOPS).ok()?,
-    })
+    p.l4 = ETH_HLEN + IP6_HLEN;
+    (p.sport_be, p.dport_be, p.tcp_flags) = ports(ctx, proto, p.l4)?;
+    p.v6 = true;
+    p.src = ctx.load(IP6_SRC).ok()?;
+    p.dst = ctx.load(IP6_DST).ok()?;
+    p.proto = proto;
+    p.ttl = ctx.load(IP6_HOPS).ok()?;
+    Some(())
 }
 
 /// Which end of the packet a rewrite changes.
@@ -178,8 +177,8 @@ fn rewrite(ctx: &TcContext, p: &Pkt, end: End, addr: &Addr, port_be: u16) -> Opt
         return None;
     }
     let (old, old_port_be, port_off) = match end {
-        End::Src => (p.src, p.sport_be, p.l4),
-        End::Dst => (p.dst, p.dport_be, p.l4 + 2),
+        End::Src => (&p.src, p.sport_be, p.l4),
+        End::Dst => (&p.dst, p.dport_be, p.l4 + 2),
     };
     let udp = p.proto == PROTO_UDP;
     let mangled = if udp {
@@ -188,10 +187,16 @@ fn rewrite(ctx: &TcContext, p: &Pkt, end: End, addr: &Addr, port_be: u16) -> Opt
         0
     };
     if p.v6 {
-        let mut from = words(&old);
-        let mut to = words(addr);
-        // SAFETY: both buffers are 16 bytes on this stack.
-        let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+        // SAFETY: both are 16 bytes; the helper only reads them.
+        let diff = unsafe {
+            bpf_csum_diff(
+                old.as_ptr().cast_mut().cast(),
+                16,
+                addr.as_ptr().cast_mut().cast(),
+                16,
+                0,
+            )
+        };
         ctx.l4_csum_replace(
             p.csum(),
             0,
@@ -211,7 +216,7 @@ fn rewrite(ctx: &TcContext, p: &Pkt, end: End, addr: &Addr, port_be: u16) -> Opt
         ctx.store(port_off, &port_be, 0).ok()?;
         return ctx.store(IP6_HOPS, &(p.ttl - 1), 0).ok();
     }
-    let (old4, new4) = (v4_part(&old), v4_part(addr));
+    let (old4, new4) = (v4_part(old), v4_part(addr));
     let (old_a, new_a) = (u32::from_ne_bytes(old4), u32::from_ne_bytes(new4));
     // A UDP datagram without a checksum stays without one.
     if !udp || ctx.load::<u16>(p.csum()).ok()? != 0 {
@@ -236,17 +241,6 @@ fn rewrite(ctx: &TcContext, p: &Pkt, end: End, addr: &Addr, port_be: u16) -> Opt
     ctx.store(off, &new4, 0).ok()?;
     ctx.store(port_off, &port_be, 0).ok()?;
     ctx.store(IP_TTL, &new_ttl_proto, 0).ok()
-}
-
-/// An address as the four 32-bit words `bpf_csum_diff` reads.
-#[inline(always)]
-fn words(a: &Addr) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
 }
 
 /// Whether the client may be translated (the operator's allow-list).
@@ -336,7 +330,7 @@ fn forward(ctx: &TcContext) -> Option<i32> {
         target_v4(&b)?
     };
     // SAFETY: entries are written whole by the agent.
-    let ep = unsafe { PKT_EP.get(t.addr) }.copied()?;
+    let ep = unsafe { PKT_EP.get(t.addr) }?;
     if !agent_running() {
         return None;
     }
@@ -348,8 +342,8 @@ fn forward(ctx: &TcContext) -> Option<i32> {
         proto: p.proto,
         pad: [0; 3],
     };
-    track(ctx, &p, &key, &p.dst)?;
-    rewrite(ctx, &p, End::Dst, &t.addr, t.port_be)?;
+    track(ctx, p, &key, &p.dst)?;
+    rewrite(ctx, p, End::Dst, &t.addr, t.port_be)?;
     ctx.store(0, &ep.mac, 0).ok()?;
     ctx.store(6, &ep.gw_mac, 0).ok()?;
     // SAFETY: only sets where the packet goes once the program returns.
@@ -382,7 +376,7 @@ fn reply(ctx: &TcContext) -> Option<i32> {
         f.flags |= FLOW_F_CLOSING;
     }
     let (front, front_port_be, out) = (f.front, f.front_port_be, f.in_ifindex);
-    rewrite(ctx, &p, End::Src, &front, front_port_be)?;
+    rewrite(ctx, p, End::Src, &front, front_port_be)?;
     // SAFETY: only sets where the packet goes once the program returns; the kernel
     // resolves the route and the neighbour.
     let r = unsafe { bpf_redirect_neigh(out, core::ptr::null_mut(), 0, 0) };

@@ -333,18 +333,20 @@ fn xlate_decision_runs_in_the_kernel() {
     assert_eq!(addr, b);
 }
 
+/// `bind()` of a TCP socket to `addr`:`port` by `c` (python3): `bound`, or the errno.
+fn bind(mut c: Command, addr: &str, port: u16) -> String {
+    let script = format!(
+        "import socket\ns = socket.socket()\ntry:\n  s.bind(('{addr}', {port})); print('bound')\n\
+         except OSError as e:\n  print(e.errno)\n"
+    );
+    let out = c.args(["-c", &script]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
 fn bind_of_a_published_port_is_refused_in_the_host_namespace_only() {
     let lab = lab(4);
-    let bind = |mut c: Command, addr: &str, port: u16| {
-        let script = format!(
-            "import socket\ns = socket.socket()\ntry:\n  s.bind(('{addr}', {port})); print('bound')\n\
-             except OSError as e:\n  print(e.errno)\n"
-        );
-        let out = c.args(["-c", &script]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
     assert_eq!(bind(lab.cg.command("python3"), "0.0.0.0", 18080), "98");
     assert_eq!(bind(lab.cg.command("python3"), "127.0.0.1", 18080), "98");
     assert_eq!(bind(lab.cg.command("python3"), &lab.host_ip, 18080), "98");
@@ -387,18 +389,7 @@ fn without_bpf_set_retval_nothing_is_reserved_and_a_paused_backend_refuses_with_
         lab.loaded.attached
     );
     let h = lab.host_ip.clone();
-    let bind = |mut c: Command| {
-        let out = c
-            .args([
-                "-c",
-                "import socket\ns = socket.socket()\ntry:\n  s.bind(('127.0.0.1', 18080)); print('bound')\n\
-                 except OSError as e:\n  print(e.errno)\n",
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    assert_eq!(bind(lab.cg.command("python3")), "bound");
+    assert_eq!(bind(lab.cg.command("python3"), "127.0.0.1", 18080), "bound");
     assert_eq!(
         client(lab.cg.command("python3"), "tcp", "127.0.0.1", 18080),
         format!("ok backend {h} 127.0.0.1 18080")
@@ -423,17 +414,6 @@ fn without_bpf_set_retval_nothing_is_reserved_and_a_paused_backend_refuses_with_
 fn without_a_running_agent_nothing_is_translated_or_reserved() {
     let mut lab = lab(6);
     let h = lab.host_ip.clone();
-    let bind = |mut c: Command| {
-        let out = c
-            .args([
-                "-c",
-                "import socket\ns = socket.socket()\ntry:\n  s.bind(('127.0.0.1', 18080)); print('bound')\n\
-                 except OSError as e:\n  print(e.errno)\n",
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
     assert_eq!(
         client(lab.cg.command("python3"), "tcp", "127.0.0.1", 18080),
         format!("ok backend {h} 127.0.0.1 18080")
@@ -450,7 +430,7 @@ fn without_a_running_agent_nothing_is_translated_or_reserved() {
         client(lab.cg.command("python3"), "udpc", "127.0.0.1", 18081),
         "error 111"
     );
-    assert_eq!(bind(lab.cg.command("python3")), "bound");
+    assert_eq!(bind(lab.cg.command("python3"), "127.0.0.1", 18080), "bound");
     let stats = lab.loaded.stats().unwrap();
     assert!(
         stats[dataplane_common::STAT_SKIP_NO_AGENT as usize] >= 3,

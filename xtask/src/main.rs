@@ -243,7 +243,7 @@ fn test(engine: Engine, no_lint: bool, only: &[String]) -> Result<()> {
     if want("integration") {
         println!("== integration tests (network namespaces, a child cgroup, real programs)");
         run(&mut privileged_tests("netns"))?;
-        println!("== packet programs on synthetic frames (BPF_PROG_TEST_RUN)");
+        println!("== packet programs (synthetic frames with BPF_PROG_TEST_RUN, real traffic)");
         run(&mut privileged_tests("packets"))?;
     }
     if want("e2e") {
