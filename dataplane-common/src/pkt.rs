@@ -51,6 +51,28 @@ pub struct FlowKey {
     pub pad: [u8; 3],
 }
 
+impl FlowKey {
+    /// The key of the flow between the container's `ctr`:`ctr_port_be` and the client's
+    /// `client`:`client_port_be` over `proto`.
+    #[inline(always)]
+    pub const fn new(
+        ctr: Addr,
+        client: Addr,
+        ctr_port_be: u16,
+        client_port_be: u16,
+        proto: u8,
+    ) -> Self {
+        Self {
+            ctr,
+            client,
+            ctr_port_be,
+            client_port_be,
+            proto,
+            pad: [0; 3],
+        }
+    }
+}
+
 /// What the reply program needs to send a flow's replies back as the client expects them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -334,14 +334,7 @@ fn forward(ctx: &TcContext) -> Option<i32> {
     if !agent_running() {
         return None;
     }
-    let key = FlowKey {
-        ctr: t.addr,
-        client: p.src,
-        ctr_port_be: t.port_be,
-        client_port_be: p.sport_be,
-        proto: p.proto,
-        pad: [0; 3],
-    };
+    let key = FlowKey::new(t.addr, p.src, t.port_be, p.sport_be, p.proto);
     track(ctx, p, &key, &p.dst)?;
     rewrite(ctx, p, End::Dst, &t.addr, t.port_be)?;
     ctx.store(0, &ep.mac, 0).ok()?;
@@ -359,14 +352,7 @@ pub fn dp_tc_veth_in(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn reply(ctx: &TcContext) -> Option<i32> {
     let p = parse(ctx)?;
-    let key = FlowKey {
-        ctr: p.src,
-        client: p.dst,
-        ctr_port_be: p.sport_be,
-        client_port_be: p.dport_be,
-        proto: p.proto,
-        pad: [0; 3],
-    };
+    let key = FlowKey::new(p.src, p.dst, p.sport_be, p.dport_be, p.proto);
     let f = FLOWS.get_ptr_mut(key)?;
     // SAFETY: a value pointer of this map, valid for the program's run.
     let f = unsafe { &mut *f };

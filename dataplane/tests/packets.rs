@@ -329,14 +329,13 @@ fn a_tcp_flow_is_translated_both_ways_with_valid_checksums() {
         }
     );
     let flows = p.flows().unwrap();
-    let key = FlowKey {
-        ctr: v4_mapped(CTR),
-        client: v4_mapped(CLIENT),
-        ctr_port_be: 80u16.to_be(),
-        client_port_be: 40000u16.to_be(),
-        proto: PROTO_TCP,
-        pad: [0; 3],
-    };
+    let key = FlowKey::new(
+        v4_mapped(CTR),
+        v4_mapped(CLIENT),
+        80u16.to_be(),
+        40000u16.to_be(),
+        PROTO_TCP,
+    );
     let flow = flows
         .get(&key)
         .expect("the flow is recorded by its reply tuple");
