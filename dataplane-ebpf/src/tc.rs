@@ -204,33 +204,26 @@ fn rewrite(ctx: &TcContext, p: &Pkt, end: End, addr: &Addr, port_be: u16) -> Opt
             u64::from(BPF_F_PSEUDO_HDR) | mangled,
         )
         .ok()?;
-        ctx.l4_csum_replace(
-            p.csum(),
-            u64::from(old_port_be),
-            u64::from(port_be),
-            mangled | 2,
-        )
-        .ok()?;
+        rewrite_port(ctx, p, (port_off, old_port_be, port_be), Some(mangled))?;
         let off = if end == End::Src { IP6_SRC } else { IP6_DST };
         ctx.store(off, addr, 0).ok()?;
-        ctx.store(port_off, &port_be, 0).ok()?;
         return ctx.store(IP6_HOPS, &(p.ttl - 1), 0).ok();
     }
     let (old4, new4) = (v4_part(old), v4_part(addr));
     let (old_a, new_a) = (u32::from_ne_bytes(old4), u32::from_ne_bytes(new4));
     // A UDP datagram without a checksum stays without one.
-    if !udp || ctx.load::<u16>(p.csum()).ok()? != 0 {
+    let csum = !udp || ctx.load::<u16>(p.csum()).ok()? != 0;
+    if csum {
         let pseudo = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
         ctx.l4_csum_replace(p.csum(), u64::from(old_a), u64::from(new_a), pseudo)
             .ok()?;
-        ctx.l4_csum_replace(
-            p.csum(),
-            u64::from(old_port_be),
-            u64::from(port_be),
-            mangled | 2,
-        )
-        .ok()?;
     }
+    rewrite_port(
+        ctx,
+        p,
+        (port_off, old_port_be, port_be),
+        csum.then_some(mangled),
+    )?;
     let ttl_proto = u16::from_ne_bytes([p.ttl, p.proto]);
     let new_ttl_proto = u16::from_ne_bytes([p.ttl - 1, p.proto]);
     ctx.l3_csum_replace(IP_CSUM, u64::from(old_a), u64::from(new_a), 4)
@@ -239,8 +232,28 @@ fn rewrite(ctx: &TcContext, p: &Pkt, end: End, addr: &Addr, port_be: u16) -> Opt
         .ok()?;
     let off = if end == End::Src { IP_SRC } else { IP_DST };
     ctx.store(off, &new4, 0).ok()?;
-    ctx.store(port_off, &port_be, 0).ok()?;
     ctx.store(IP_TTL, &new_ttl_proto, 0).ok()
+}
+
+/// Writes the port at `port_off` (from `old_port_be` to `port_be`), with its share of the
+/// transport checksum unless `csum_flags` is `None` (a UDP datagram without one).
+#[inline(always)]
+fn rewrite_port(
+    ctx: &TcContext,
+    p: &Pkt,
+    (port_off, old_port_be, port_be): (usize, u16, u16),
+    csum_flags: Option<u64>,
+) -> Option<()> {
+    if let Some(flags) = csum_flags {
+        ctx.l4_csum_replace(
+            p.csum(),
+            u64::from(old_port_be),
+            u64::from(port_be),
+            flags | 2,
+        )
+        .ok()?;
+    }
+    ctx.store(port_off, &port_be, 0).ok()
 }
 
 /// Whether the client may be translated (the operator's allow-list).
