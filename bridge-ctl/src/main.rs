@@ -338,6 +338,7 @@ fn print_status(s: &Status) {
         Some(why) => println!("host clients: translated, tracked by conntrack: {why}"),
         None => println!("host clients: translated, untracked"),
     }
+    print_packet_layer(s);
     if !s.kernel.is_empty() {
         let degraded: Vec<_> = s.features.iter().filter(|f| f.state != "active").collect();
         println!(
@@ -365,6 +366,37 @@ fn print_status(s: &Status) {
         println!("errors:");
         for e in &s.errors {
             println!("  {e}");
+        }
+    }
+}
+
+fn print_packet_layer(s: &Status) {
+    match &s.packet_layer {
+        None => println!("external clients: Docker's DNAT (packet layer off)"),
+        Some(p) if p.standing_back.is_some() => println!(
+            "external clients: Docker's DNAT (the packet layer stands back: the host's \
+             firewall has rules for forwarded traffic, at {})",
+            p.standing_back.as_deref().unwrap_or_default()
+        ),
+        Some(p) => {
+            println!(
+                "external clients: translated on {} ({}), for {}; their packets skip the \
+                 host's firewall rules",
+                if p.uplinks.is_empty() {
+                    "no interface yet".to_string()
+                } else {
+                    p.uplinks.join(", ")
+                },
+                p.attach,
+                p.allow.join(", ")
+            );
+            println!(
+                "  {} container addresses, {} container veths, {} of {} flows",
+                p.endpoints, p.container_veths, p.flows, p.flow_capacity
+            );
+            for e in &p.errors {
+                println!("  not attached: {e}");
+            }
         }
     }
 }

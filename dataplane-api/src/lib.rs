@@ -193,6 +193,34 @@ pub struct Status {
     /// Each kernel feature the agent uses, and whether it is active.
     #[serde(default)]
     pub features: Vec<FeatureState>,
+    /// The packet layer (external clients translated on the host's interfaces), when it is
+    /// on; off, external clients take Docker's DNAT.
+    #[serde(default)]
+    pub packet_layer: Option<PacketStatus>,
+}
+
+/// The packet layer, as `status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PacketStatus {
+    /// Interfaces whose ingress carries the forward program.
+    pub uplinks: Vec<String>,
+    /// Containers' host-side veths carrying the reply program.
+    pub container_veths: usize,
+    /// Container addresses the forward program delivers to.
+    pub endpoints: usize,
+    /// Flows in the flow map, as last counted, and its room.
+    pub flows: usize,
+    pub flow_capacity: u32,
+    /// Client prefixes translated (others keep Docker's DNAT).
+    pub allow: Vec<String>,
+    /// How the programs attach: `tcx` (Linux 6.6+) or `clsact`.
+    pub attach: String,
+    /// Interfaces that could not be attached, and why.
+    pub errors: Vec<String>,
+    /// Why no client is translated now: the host's firewall has rules that external
+    /// clients' traffic to containers may meet (their packets would skip them).
+    #[serde(default)]
+    pub standing_back: Option<String>,
 }
 
 /// A kernel feature the agent uses, as probed at its start.

@@ -17,8 +17,10 @@ pub const PKT_EP_MAX: u32 = 16_384;
 /// Capacity of [`MAP_PKT_ALLOW`].
 pub const PKT_ALLOW_MAX: u32 = 1_024;
 
-/// `TC_ACT_OK`: the packet goes on as if no program had seen it.
-pub const TC_ACT_OK: i32 = 0;
+/// `TC_ACT_UNSPEC` (TCX's `TCX_NEXT`): not the program's packet; the next program on the
+/// interface sees it, then the stack, as if this one had not. (`TC_ACT_OK` would end the
+/// interface's programs there: one attached after ours would never see the packet.)
+pub const TC_ACT_UNSPEC: i32 = -1;
 /// `TC_ACT_REDIRECT`: a redirect helper took the packet.
 pub const TC_ACT_REDIRECT: i32 = 7;
 

@@ -29,7 +29,7 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     Addr, PROTO_TCP, PROTO_UDP, PortKey, is_v4_mapped,
-    pkt::{FLOW_F_CLOSING, Flow, FlowKey, TC_ACT_OK},
+    pkt::{FLOW_F_CLOSING, Flow, FlowKey, TC_ACT_UNSPEC},
     v4_mapped, v4_part,
     xlate::{frontend_for, target_v4, target_v6},
 };
@@ -305,7 +305,7 @@ fn track(ctx: &TcContext, p: &Pkt, key: &FlowKey, front: &Addr) -> Option<()> {
 
 #[classifier]
 pub fn dp_tc_uplink_in(ctx: TcContext) -> i32 {
-    forward(&ctx).unwrap_or(TC_ACT_OK)
+    forward(&ctx).unwrap_or(TC_ACT_UNSPEC)
 }
 
 #[inline(always)]
@@ -344,10 +344,12 @@ fn forward(ctx: &TcContext) -> Option<i32> {
     };
     // SAFETY: entries are written whole by the agent.
     let ep = unsafe { PKT_EP.get(t.addr) }?;
-    if !agent_running() {
+    let key = FlowKey::new(t.addr, p.src, t.port_be, p.sport_be, p.proto);
+    // Without an agent vouching for the maps no flow starts; flows that did continue (as
+    // connections the socket layer made do).
+    if !agent_running() && FLOWS.get_ptr(key).is_none() {
         return None;
     }
-    let key = FlowKey::new(t.addr, p.src, t.port_be, p.sport_be, p.proto);
     track(ctx, p, &key, &p.dst)?;
     rewrite(ctx, p, End::Dst, &t.addr, t.port_be)?;
     ctx.store(0, &ep.mac, 0).ok()?;
@@ -359,7 +361,7 @@ fn forward(ctx: &TcContext) -> Option<i32> {
 
 #[classifier]
 pub fn dp_tc_veth_in(ctx: TcContext) -> i32 {
-    reply(&ctx).unwrap_or(TC_ACT_OK)
+    reply(&ctx).unwrap_or(TC_ACT_UNSPEC)
 }
 
 #[inline(always)]

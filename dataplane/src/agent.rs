@@ -111,6 +111,35 @@ struct Agent {
     /// A full resync is due as soon as events are served (the start took inspects from the
     /// last agent's cache).
     resync_now: bool,
+    packet: PacketSide,
+}
+
+/// The packet layer in the agent's loop.
+struct PacketSide {
+    /// The layer, when it is on.
+    layer: Option<crate::packet::Layer>,
+    /// Its flags (taken again with the config at a reload).
+    flags: crate::packet::Flags,
+    /// Its endpoints and links are to be synced (after an apply).
+    dirty: bool,
+    /// Flows in the flow map, as last counted.
+    flows: usize,
+}
+
+impl PacketSide {
+    fn new(opts: &Options, loaded: &Loaded) -> Result<Self, StartError> {
+        let layer = opts
+            .packet()
+            .map_err(|e| StartError::Environment(anyhow::anyhow!(e)))?
+            .filter(|_| loaded.packet_layer())
+            .map(|s| crate::packet::Layer::new(s, opts.pin_dir.clone()));
+        Ok(Self {
+            layer,
+            flags: opts.packet_flags.clone(),
+            dirty: true,
+            flows: 0,
+        })
+    }
 }
 
 /// Leaves the inspects and the firewall's evaluation for the next start ([`crate::cache`]).
@@ -211,6 +240,9 @@ fn destroyer(loaded: &crate::bpf::Loaded) -> Result<Destroyer, StartError> {
     ))
 }
 
+/// How often the packet layer's idle flows are removed.
+const FLOWS_GC_INTERVAL: Duration = Duration::from_secs(10);
+
 pub async fn run(opts: Options) -> Result<(), StartError> {
     let mut startup = Startup::new();
     let (mut sigterm, sighup) = signals()?;
@@ -236,15 +268,14 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     let _api = api::serve(&opts.api_socket, shared.clone(), api_tx)?;
     let resolver = resolver(&opts.config)?;
     let (dns_tx, dns_rx) = mpsc::channel(64);
-    let nl = netlink::connect()?;
-    let (nl_tx, nl_rx) = mpsc::channel(1);
-    netlink::watch(nl_tx)?;
+    let (nl, nl_rx) = netlink::connect_and_watch()?;
     let (fw_tx, fw_rx) = mpsc::channel(1);
     let fw_changes = Arc::default();
     nfwatch::watch(fw_tx.clone(), Arc::clone(&fw_changes))?;
     let sockets = destroyer(&loaded)?;
     let (scrape, metrics_server) = start_metrics(&opts, &loaded, docker_version, &shared).await?;
     let (early_tx, early_rx) = mpsc::channel(64);
+    let packet = PacketSide::new(&opts, &loaded)?;
 
     let mut agent = Agent {
         loaded,
@@ -293,6 +324,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         defer_egress: true,
         resync_now: false,
         docker_root: None,
+        packet,
     };
     let fw_later = agent
         .first_sync(fw, fw_tx, inspected, listed, startup)
@@ -431,6 +463,7 @@ impl Agent {
             warn!(error = %format!("{e:#}"), "writing the egress table failed; retrying");
             self.retry_at = Some(Instant::now() + self.backoff.failed());
         }
+        self.sync_packets().await;
     }
 
     fn ready(&self, startup: Startup) {
@@ -547,12 +580,37 @@ impl Agent {
                 }
             }
         }
+        self.reload_packet(&new)?;
         self.resolver = resolver;
         self.egress.config = new.clone();
         self.state.on_pause_default = new.pause.default;
         self.config = new;
         // Labels are read again with the new defaults, and every table written.
         self.full_resync().await;
+        Ok(())
+    }
+
+    /// The packet layer's part of a reload: its allow-list and uplinks change now; turning
+    /// it on or off, or another flow map size, at the next start (said so).
+    fn reload_packet(&mut self, new: &egress::policy::Config) -> Result<(), String> {
+        let settings = crate::packet::settings(&new.packet_layer, &self.packet.flags)?;
+        match (&mut self.packet.layer, settings) {
+            (Some(layer), Some(s)) => {
+                if s.flows != layer.settings.flows {
+                    warn!(
+                        flows = s.flows,
+                        "a new flow map size takes effect at the agent's next start"
+                    );
+                }
+                layer.settings.allow = s.allow;
+                layer.settings.interfaces = s.interfaces;
+                self.packet.dirty = true;
+            }
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => {
+                warn!("turning the packet layer on or off takes effect at the agent's next start");
+            }
+        }
         Ok(())
     }
 
@@ -582,9 +640,13 @@ impl Agent {
             resync.reset_immediately();
         }
         let mut backoff = Duration::from_millis(100);
+        let mut flows_gc = tokio::time::interval(FLOWS_GC_INTERVAL);
         loop {
             let mut events = Box::pin(docker::events(&self.docker, since));
             loop {
+                if self.packet.dirty {
+                    self.sync_packets().await;
+                }
                 let retry_at = self.retry_at.unwrap_or_else(Instant::now);
                 let lookup_at = self.egress.next_lookup();
                 let gate_at = self.egress.gate_expires();
@@ -640,6 +702,7 @@ impl Agent {
                         self.apply_or_retry("retry");
                     }
                     _ = resync.tick() => self.full_resync().await,
+                    _ = flows_gc.tick(), if self.packet.layer.is_some() => self.age_flows(),
                     _ = tokio::signal::ctrl_c() => { info!("interrupted"); return Ok(()); }
                     _ = sigterm.recv() => { info!("terminated"); return Ok(()); }
                     _ = sighup.recv() => self.reload().await,
@@ -984,6 +1047,11 @@ impl Agent {
             } else {
                 info!("no stateful INPUT policy: host clients' connections are untracked");
             }
+            if self.packet.layer.is_some()
+                && let Some(w) = &fw.external_rules
+            {
+                info!(where_ = %w, "operator forwarding rules: external clients take Docker's DNAT");
+            }
             if let Some(w) = &fw.forward_rules {
                 info!(where_ = %w, "operator forwarding rules: container clients take Docker's own path");
             } else {
@@ -1020,6 +1088,62 @@ impl Agent {
         self.evaluate_firewall();
         if before != self.state.firewall {
             self.apply_or_retry("ruleset change");
+        }
+    }
+
+    /// The packet layer after an apply: its allow-list, where each served container is
+    /// delivered to, and the programs on the uplinks and the containers' veths.
+    async fn sync_packets(&mut self) {
+        self.packet.dirty = false;
+        let Some(layer) = self.packet.layer.as_mut() else {
+            return;
+        };
+        let mut want = BTreeMap::new();
+        for (svc, id) in &self.owners {
+            if let Some(netns) = self.state.netns_path(id) {
+                want.insert(
+                    svc.addr,
+                    crate::packet::Wanted {
+                        container: id.clone(),
+                        netns,
+                    },
+                );
+            }
+        }
+        layer.stand_back(self.state.firewall.external_rules.clone());
+        if let Err(e) = layer.sync_allow(&mut self.loaded) {
+            warn!(error = %format!("{e:#}"), "writing the packet layer's allow-list failed");
+        }
+        if let Err(e) = layer.sync_endpoints(&mut self.loaded, &want).await {
+            warn!(error = %format!("{e:#}"), "writing the packet layer's endpoints failed");
+        }
+        let uplinks = crate::packet::uplinks(
+            &self.state.host_addrs,
+            &self.state.bridges(),
+            layer.settings.interfaces.as_deref(),
+        );
+        layer.sync_links(&mut self.loaded, &uplinks);
+        let status = layer.status(self.packet.flows);
+        self.shared.lock().expect("status lock").status.packet_layer = Some(status);
+    }
+
+    /// Removes the packet layer's idle flows, and counts the rest for `status`; endpoints
+    /// that could not be read are asked for again once due.
+    fn age_flows(&mut self) {
+        let Some(layer) = self.packet.layer.as_ref() else {
+            return;
+        };
+        if layer.next_retry().is_some_and(|t| t <= Instant::now()) {
+            self.packet.dirty = true;
+        }
+        match layer.age_flows(&mut self.loaded) {
+            Ok(n) => {
+                self.packet.flows = n;
+                if let Some(p) = &mut self.shared.lock().expect("status lock").status.packet_layer {
+                    p.flows = n;
+                }
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "aging the packet layer's flows failed"),
         }
     }
 
@@ -1128,6 +1252,7 @@ impl Agent {
         state.egress_counters = self.egress.counter_names();
         drop(state);
         self.owners = out.served.owners;
+        self.packet.dirty = self.packet.layer.is_some();
         self.reset_paused();
         self.publish_counters();
         egress

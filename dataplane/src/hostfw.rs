@@ -27,6 +27,11 @@ pub struct HostFirewall {
     pub stateful_input: Option<String>,
     /// Where operator rules that may concern container traffic were found.
     pub forward_rules: Option<String>,
+    /// Where operator rules that may concern external clients' traffic to containers were
+    /// found (as `forward_rules`, rules tied to a non-Docker interface included): the
+    /// packet layer, whose packets skip them, stands back while there are any.
+    #[serde(default)]
+    pub external_rules: Option<String>,
 }
 
 /// The live ruleset, as read (blocking: runs `nft` and, where legacy tables are in use,
@@ -94,6 +99,7 @@ impl Snapshot {
             let l = from_iptables_save(text, bridges, tool);
             fw.stateful_input = fw.stateful_input.or(l.stateful_input);
             fw.forward_rules = fw.forward_rules.or(l.forward_rules);
+            fw.external_rules = fw.external_rules.or(l.external_rules);
         }
         fw
     }
@@ -201,7 +207,8 @@ pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> 
                     let (f, t, n) = &cid;
                     return HostFirewall {
                         stateful_input: Some(format!("{f} {t} {n}: policy drop")),
-                        forward_rules: forward_rules_nft(items, bridges, own_table),
+                        forward_rules: forward_rules_nft(items, Some(bridges), own_table),
+                        external_rules: forward_rules_nft(items, None, own_table),
                     };
                 }
                 input_bases.push(cid);
@@ -236,7 +243,8 @@ pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> 
     }
     HostFirewall {
         stateful_input: stateful,
-        forward_rules: forward_rules_nft(items, bridges, own_table),
+        forward_rules: forward_rules_nft(items, Some(bridges), own_table),
+        external_rules: forward_rules_nft(items, None, own_table),
     }
 }
 
@@ -258,10 +266,12 @@ fn tied_to_other_interface(exprs: &[Value], bridges: &BTreeSet<String>) -> bool 
 /// Operator rules that may concern container traffic: in `DOCKER-USER`, or drop/reject
 /// rules in a forward base chain of the operator's (iptables `FORWARD` rules that are not
 /// Docker's jumps, or a table of the operator's own, as with Docker 29's nftables backend,
-/// which has no `DOCKER-USER`).
+/// which has no `DOCKER-USER`). With Docker's `bridges`, rules tied to another interface
+/// do not count (traffic between containers never matches them); without, every rule does
+/// (external clients' traffic may).
 fn forward_rules_nft(
     items: &[Value],
-    bridges: &BTreeSet<String>,
+    bridges: Option<&BTreeSet<String>>,
     own_table: &str,
 ) -> Option<String> {
     if let Some(w) = docker_user_nft(items, bridges) {
@@ -282,7 +292,7 @@ fn forward_rules_nft(
         let exprs = r["expr"].as_array().map_or(&[][..], Vec::as_slice);
         let text = r["expr"].to_string().to_ascii_lowercase();
         let drops = text.contains("\"drop\"") || text.contains("\"reject\"");
-        if !drops || tied_to_other_interface(exprs, bridges) {
+        if !drops || bridges.is_some_and(|b| tied_to_other_interface(exprs, b)) {
             continue;
         }
         let (f, t, c) = &id;
@@ -295,7 +305,7 @@ fn forward_rules_nft(
 }
 
 /// The first rule of a `DOCKER-USER` chain that may concern container traffic.
-fn docker_user_nft(items: &[Value], bridges: &BTreeSet<String>) -> Option<String> {
+fn docker_user_nft(items: &[Value], bridges: Option<&BTreeSet<String>>) -> Option<String> {
     for it in items {
         let Some(r) = it.get("rule") else { continue };
         if r["chain"] != "DOCKER-USER" {
@@ -305,10 +315,7 @@ fn docker_user_nft(items: &[Value], bridges: &BTreeSet<String>) -> Option<String
         let only_return = exprs
             .iter()
             .all(|e| e.get("counter").is_some() || e.get("return").is_some());
-        if only_return {
-            continue;
-        }
-        if tied_to_other_interface(exprs, bridges) {
+        if only_return || bridges.is_some_and(|b| tied_to_other_interface(exprs, b)) {
             continue;
         }
         return Some(format!(
@@ -368,25 +375,34 @@ pub fn from_iptables_save(text: &str, bridges: &BTreeSet<String>, tool: &str) ->
                 && !bridges.contains(w[1])
         })
     };
+    fw.forward_rules = legacy_forward_rules(&rules, tool, other_iface);
+    fw.external_rules = legacy_forward_rules(&rules, tool, |_| false);
+    fw
+}
+
+/// The first rule of `DOCKER-USER`, then the first drop in `FORWARD` itself (Docker's jumps
+/// and accepts are not drops; an operator's drop is), that `exempt` does not exempt.
+fn legacy_forward_rules(
+    rules: &BTreeMap<&str, Vec<Vec<&str>>>,
+    tool: &str,
+    exempt: impl Fn(&[&str]) -> bool,
+) -> Option<String> {
     for r in rules.get("DOCKER-USER").into_iter().flatten() {
-        if r.as_slice() == ["-j", "RETURN"] || other_iface(r) {
+        if r.as_slice() == ["-j", "RETURN"] || exempt(r) {
             continue;
         }
-        fw.forward_rules = Some(format!("{tool} DOCKER-USER: {}", r.join(" ")));
-        return fw;
+        return Some(format!("{tool} DOCKER-USER: {}", r.join(" ")));
     }
-    // FORWARD itself: Docker's jumps and accepts are not drops; an operator's drop is.
     for r in rules.get("FORWARD").into_iter().flatten() {
         let target = r
             .iter()
             .position(|w| *w == "-j" || *w == "-g")
             .and_then(|i| r.get(i + 1));
-        if matches!(target, Some(&"DROP" | &"REJECT")) && !other_iface(r) {
-            fw.forward_rules = Some(format!("{tool} FORWARD: {}", r.join(" ")));
-            return fw;
+        if matches!(target, Some(&"DROP" | &"REJECT")) && !exempt(r) {
+            return Some(format!("{tool} FORWARD: {}", r.join(" ")));
         }
     }
-    fw
+    None
 }
 
 #[cfg(test)]
@@ -517,10 +533,10 @@ mod tests {
             rule("ip", "filter", "DOCKER-USER",
                  &json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "eth0"}}, {"drop": null}])),
         ]});
-        assert_eq!(
-            from_nft_json(&v, &bridges(), "dataplane").forward_rules,
-            None
-        );
+        let fw = from_nft_json(&v, &bridges(), "dataplane");
+        assert_eq!(fw.forward_rules, None);
+        // External clients' packets come in on eth0: the packet layer must step aside.
+        assert!(fw.external_rules.unwrap().contains("DOCKER-USER"));
         let v = json!({"nftables": [
             rule("ip", "filter", "DOCKER-USER",
                  &json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "docker0"}}, {"drop": null}])),
@@ -577,7 +593,12 @@ mod tests {
         let fw = from_iptables_save(text, &bridges(), "iptables-legacy");
         assert!(fw.stateful_input.unwrap().contains("ufw-in"));
         assert_eq!(fw.forward_rules, None);
+        assert!(fw.external_rules.unwrap().contains("-i eth0 -j DROP"));
         let text = "-P INPUT ACCEPT\n-A FORWARD -j DOCKER-USER\n-A FORWARD -i eth1 -j DROP\n";
+        let fw = from_iptables_save(text, &bridges(), "iptables-legacy");
+        assert_eq!(fw.forward_rules, None);
+        assert!(fw.external_rules.unwrap().contains("FORWARD"));
+        let text = "-P INPUT ACCEPT\n-A FORWARD -j DOCKER-USER\n-A DOCKER-USER -j RETURN\n";
         assert_eq!(
             from_iptables_save(text, &bridges(), "iptables-legacy"),
             HostFirewall::default()

@@ -82,6 +82,20 @@ enum Cmd {
         /// Where runtime egress changes are kept across agent restarts.
         #[arg(long, default_value = "/var/lib/dataplane")]
         state_dir: PathBuf,
+        /// Translate external clients' packets to published ports on the host's interfaces
+        /// (no DNAT, no conntrack), for the clients --packet-allow names. Their packets skip
+        /// the host's iptables/nftables rules: see the README's security model. Also
+        /// `[packet_layer] enabled` in the config file.
+        #[arg(long)]
+        packet_layer: bool,
+        /// A client prefix the packet layer translates (repeatable; added to the config
+        /// file's `[packet_layer] allow`); every other client keeps Docker's DNAT.
+        #[arg(long, value_name = "PREFIX")]
+        packet_allow: Vec<String>,
+        /// Flows the packet layer's flow map holds (default 65536); beyond that, the least
+        /// recently used flows are dropped from it and continue on Docker's path.
+        #[arg(long, value_name = "N")]
+        packet_flows: Option<u32>,
     },
     /// Remove everything the agent installed: pinned links (detaching the programs) and
     /// maps, the nftables table, the iptables chain. Run it with the agent stopped.
@@ -195,31 +209,21 @@ fn main() -> ExitCode {
             max_frontends,
             config,
             state_dir,
+            packet_layer,
+            packet_allow,
+            packet_flows,
         } => {
             let config_path = config;
-            let config = match dataplane::egress::policy::Config::load(&config_path) {
+            let packet_flags = dataplane::packet::Flags {
+                on: packet_layer,
+                allow: packet_allow,
+                flows: packet_flows,
+            };
+            let config = match run_config(&config_path, &packet_flags) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("dataplane: config: {e}");
+                    eprintln!("dataplane: {e}");
                     return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let _lock = match lock(Path::new(LOCK)) {
-                Ok(l) => l,
-                Err(e) => {
-                    eprintln!("dataplane: {e:#}");
-                    return ExitCode::from(EXIT_ALREADY_RUNNING);
-                }
-            };
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("dataplane: starting the runtime: {e}");
-                    return ExitCode::from(EXIT_FAILURE);
                 }
             };
             let opts = agent::Options {
@@ -235,16 +239,51 @@ fn main() -> ExitCode {
                 config,
                 config_path: Some(config_path),
                 state_dir: Some(state_dir),
+                packet_flags,
             };
-            match rt.block_on(agent::run(opts)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("dataplane: {e}");
-                    ExitCode::from(e.exit_code())
-                }
-            }
+            run_agent(opts)
         }
     }
+}
+
+/// Runs the agent, holding the one-agent lock, until it ends.
+fn run_agent(opts: agent::Options) -> ExitCode {
+    let _lock = match lock(Path::new(LOCK)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("dataplane: {e:#}");
+            return ExitCode::from(EXIT_ALREADY_RUNNING);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dataplane: starting the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match rt.block_on(agent::run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dataplane: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// The config file `run` starts with, checked with the packet layer's flags.
+fn run_config(
+    path: &Path,
+    packet: &dataplane::packet::Flags,
+) -> Result<dataplane::egress::policy::Config, String> {
+    let config =
+        dataplane::egress::policy::Config::load(path).map_err(|e| format!("config: {e}"))?;
+    dataplane::packet::settings(&config.packet_layer, packet)?;
+    Ok(config)
 }
 
 fn features() -> ExitCode {
@@ -304,6 +343,9 @@ fn uninstall(
             eprintln!("dataplane: {e:#}");
             failed = true;
         }
+    }
+    for f in dataplane::packet::remove_filters() {
+        println!("removed the packet layer's filter {f}");
     }
     match dataplane::netfilter::notrack::Notrack::new(nft_table).remove() {
         Ok(()) => println!("removed nftables table inet {nft_table}"),

@@ -91,6 +91,14 @@ pub fn connect() -> Result<Handle> {
     Ok(handle)
 }
 
+/// A netlink connection for dumps, and ticks whenever a link or address changes.
+pub fn connect_and_watch() -> Result<(Handle, mpsc::Receiver<()>)> {
+    let handle = connect()?;
+    let (tx, rx) = mpsc::channel(1);
+    watch(tx)?;
+    Ok((handle, rx))
+}
+
 /// Sends a tick on `tx` whenever a link or address changes.
 pub fn watch(tx: mpsc::Sender<()>) -> Result<()> {
     let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[

@@ -46,6 +46,21 @@ pub struct Options {
     /// Where runtime egress changes are kept (`None`: nowhere, they last as long as the
     /// process).
     pub state_dir: Option<PathBuf>,
+    /// The packet layer's flags (taken with the config file's `[packet_layer]`).
+    pub packet_flags: crate::packet::Flags,
+}
+
+impl Options {
+    /// The packet layer's settings from the config and the flags (`None`: off).
+    pub fn packet(&self) -> Result<Option<crate::packet::Settings>, String> {
+        crate::packet::settings(&self.config.packet_layer, &self.packet_flags)
+    }
+
+    /// Room for published bindings, and for the packet layer's flows when it is on.
+    fn sizes(&self) -> (u32, Option<u32>) {
+        let flows = self.packet().ok().flatten().map(|s| s.flows);
+        (self.max_frontends, flows)
+    }
 }
 
 /// The phases of the start, timed: logged at debug level and reported in `status`.
@@ -208,20 +223,22 @@ async fn docker_state(socket: &str, left: &mut crate::cache::Left) -> Result<Doc
 
 /// This build's programs pinned and attached: taken as they are (a restart); otherwise
 /// loaded, and attached or swapped in.
+/// `(max_frontends, packet_flows)`: room for published bindings, and for the packet
+/// layer's flows when it is on.
 fn load(
     cgroup: &Path,
     pin_dir: Option<&Path>,
-    max_frontends: u32,
+    (max_frontends, packet_flows): (u32, Option<u32>),
     features: &Features,
 ) -> Result<Loaded> {
     if let Some(l) = pin_dir
-        .map(|d| Loaded::reuse_pinned(d, cgroup, features))
+        .map(|d| Loaded::reuse_pinned(d, cgroup, features, packet_flows))
         .transpose()?
         .flatten()
     {
         return Ok(l);
     }
-    Loaded::load_and_attach_sized(cgroup, pin_dir, max_frontends, features)
+    Loaded::load_and_attach_sized(cgroup, pin_dir, max_frontends, features, packet_flows)
 }
 
 /// Loads and attaches the programs, asks Docker for its containers and networks, and reads
@@ -267,11 +284,11 @@ pub async fn load_and_list(
         })
     });
     let pin_dir = opts.pin_dir.clone();
-    let max_frontends = opts.max_frontends;
+    let sizes = opts.sizes();
     let load_fut = tokio::task::spawn_blocking(move || {
         let t = Instant::now();
         (
-            load(&cgroup, pin_dir.as_deref(), max_frontends, &features),
+            load(&cgroup, pin_dir.as_deref(), sizes, &features),
             t.elapsed(),
         )
     });

@@ -55,7 +55,7 @@ fn lab_with(test: u32, features: &Features) -> Lab {
     );
     serve(&ns, &backend_ip);
     let cg = Cgroup::new(&format!("dataplane-it-{id}"));
-    let mut loaded = Loaded::load_and_attach_sized(&cg.path, None, FRONTENDS_MAX, features)
+    let mut loaded = Loaded::load_and_attach_sized(&cg.path, None, FRONTENDS_MAX, features, None)
         .expect("load and attach");
     loaded
         .set_config(Config {

@@ -15,7 +15,7 @@ use dataplane::{
 };
 use dataplane_common::{
     Backend, FrontendKey, LOCAL_HOST, LocalAddr, PROTO_TCP, PROTO_UDP, WILDCARD4, WILDCARD6,
-    pkt::{FlowKey, PktEndpoint, TC_ACT_OK, TC_ACT_REDIRECT},
+    pkt::{FlowKey, PktEndpoint, TC_ACT_REDIRECT, TC_ACT_UNSPEC},
     v4_mapped,
 };
 
@@ -372,7 +372,7 @@ fn a_tcp_flow_is_translated_both_ways_with_valid_checksums() {
     assert!(p.flows().unwrap().is_empty());
     // Its next packet is no longer translated: Docker's path.
     let input = Frame::tcp(CLIENT, 40000, HOST, 8080, ACK).bytes();
-    assert_eq!(p.run(FORWARD, &input).unwrap(), (TC_ACT_OK, input));
+    assert_eq!(p.run(FORWARD, &input).unwrap(), (TC_ACT_UNSPEC, input));
 }
 
 #[test]
@@ -406,7 +406,7 @@ fn ipv6_flows_are_translated_both_ways_and_an_ipv4_only_backend_is_left_to_docke
     }
     let input = Frame::tcp(CLIENT6, 41001, HOST6, 9090, SYN).bytes();
     let (rc, out) = p.run(FORWARD, &input).unwrap();
-    assert_eq!((rc, out), (TC_ACT_OK, input));
+    assert_eq!((rc, out), (TC_ACT_UNSPEC, input));
 }
 
 #[test]
@@ -441,7 +441,7 @@ fn what_the_programs_do_not_know_is_left_to_dockers_path_untouched() {
     let untouched = |p: &mut PacketPrograms, prog: &str, f: &Frame| {
         let input = f.bytes();
         let (rc, out) = p.run(prog, &input).unwrap();
-        assert_eq!(rc, TC_ACT_OK);
+        assert_eq!(rc, TC_ACT_UNSPEC);
         assert_eq!(out, input, "a packet left alone is not changed");
     };
     // A TCP packet of a connection the programs did not see start (Docker's DNAT has it).

@@ -64,6 +64,9 @@ pub const MAPS: &[&str] = &[
     MAP_FE_STATS,
     MAP_PEER_NETS,
     MAP_SOCK_OPT,
+    dataplane_common::pkt::MAP_PKT_EP,
+    dataplane_common::pkt::MAP_FLOWS,
+    dataplane_common::pkt::MAP_PKT_ALLOW,
 ];
 
 /// Every hook, by program name.
@@ -114,14 +117,16 @@ pub fn build_id() -> String {
 /// after the last swap, removed before the first.
 const MARKER_PREFIX: &str = "build_";
 
-fn marker_path(dir: &Path, features: &Features) -> PathBuf {
+fn marker_path(dir: &Path, features: &Features, packet: Option<u32>) -> PathBuf {
     // The programs differ where the kernel lacks `bpf_set_retval`.
     let variant = if features.has(Feature::SetRetval) {
         ""
     } else {
         "_eperm"
     };
-    dir.join(format!("{MARKER_PREFIX}{}{variant}", build_id()))
+    // With the packet layer, its programs are pinned too, and the flow map has its size.
+    let packet = packet.map(|n| format!("_pkt{n}")).unwrap_or_default();
+    dir.join(format!("{MARKER_PREFIX}{}{variant}{packet}", build_id()))
 }
 
 /// Removes the build markers under `dir`: from here until [`pin_marker`] the links may carry
@@ -140,8 +145,8 @@ fn remove_markers(dir: &Path) -> Result<()> {
 }
 
 /// Says that every pinned link under `dir` carries this build's programs.
-fn pin_marker(dir: &Path, features: &Features) -> Result<()> {
-    let path = marker_path(dir, features);
+fn pin_marker(dir: &Path, features: &Features, packet: Option<u32>) -> Result<()> {
+    let path = marker_path(dir, features, packet);
     let fd = sys::marker_create("dp_build").context("creating the build marker")?;
     sys::obj_pin(fd.as_fd(), &path)
         .with_context(|| format!("pinning the build marker at {}", path.display()))
@@ -236,6 +241,8 @@ pub struct Loaded {
     /// The socket in the agent map while this agent vouches for the maps' content (see
     /// [`Loaded::vouch`]); it closes with the process, however the process ends.
     vouching: Option<std::net::UdpSocket>,
+    /// The packet layer's programs, when it is on.
+    packet: Option<pkt::Programs>,
     /// Links made outside aya (dropped last: they detach then, unless pinned).
     _own_links: Vec<std::os::fd::OwnedFd>,
 }
@@ -335,6 +342,39 @@ pub fn layout_id() -> String {
 }
 
 /// The map behind a [`Map`] of the kinds the programs use.
+/// After the socket hooks are attached: what earlier layouts left under the pin directory
+/// is carried over or removed, the packet layer's programs are loaded (or an earlier agent's
+/// unpinned when it is off), and the build marker says the pins carry this build.
+fn finish_load(
+    ebpf: &mut Ebpf,
+    pin_dir: Option<&Path>,
+    features: &Features,
+    packet_flows: Option<u32>,
+) -> Result<()> {
+    if let Some(dir) = pin_dir {
+        for (old, n) in migrate_maps(dir, ebpf) {
+            tracing::info!(map = %old, entries = n, "carried the counters of an earlier map layout over");
+        }
+        for name in remove_stale_map_pins(dir) {
+            tracing::info!(map = %name, "removed the pin of an earlier map layout");
+        }
+        for hook in remove_unused_link_pins(dir, features) {
+            tracing::info!(hook, "detached a hook this kernel's programs do without");
+        }
+    }
+    if packet_flows.is_some() {
+        pkt::load_programs(ebpf, pin_dir)?;
+    } else if let Some(dir) = pin_dir {
+        for pin in pkt::remove_pins(dir) {
+            tracing::info!(pin = %pin, "packet layer off: removed the pin of an earlier agent's");
+        }
+    }
+    if let Some(dir) = pin_dir {
+        pin_marker(dir, features, packet_flows)?;
+    }
+    Ok(())
+}
+
 fn map_data(m: &aya::maps::Map) -> Option<&MapData> {
     use aya::maps::Map as M;
     match m {
@@ -468,17 +508,21 @@ impl Loaded {
     /// keeps serving), links pinned there get the new programs swapped in atomically
     /// (`BPF_LINK_UPDATE`), and what is new is pinned, so it all outlives the agent.
     pub fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Self> {
-        Self::load_and_attach_sized(cgroup, pin_dir, FRONTENDS_MAX, &Features::probe())
+        Self::load_and_attach_sized(cgroup, pin_dir, FRONTENDS_MAX, &Features::probe(), None)
     }
 
     /// As [`Loaded::load_and_attach`], with room for `max_frontends` published bindings in
     /// maps created now (a pinned map keeps the size it was created with), and the programs
-    /// for a kernel with `features` ([`sock_programs`]).
+    /// for a kernel with `features` ([`sock_programs`]). With `packet_flows`, the packet
+    /// layer's programs are loaded too (and pinned, attached nowhere yet: see
+    /// [`crate::packet`]) with room for that many flows; without, pinned ones of an earlier
+    /// agent are removed (which detaches them where they were linked).
     pub fn load_and_attach_sized(
         cgroup: &Path,
         pin_dir: Option<&Path>,
         max_frontends: u32,
         features: &Features,
+        packet_flows: Option<u32>,
     ) -> Result<Self> {
         if OBJECT.is_empty() {
             bail!(
@@ -490,13 +534,14 @@ impl Loaded {
         for map in [MAP_FRONTENDS, MAP_PORTS, MAP_FE_STATS] {
             loader.map_max_entries(map, max_frontends.max(1));
         }
-        // The packet layer is not attached by the agent yet: its flow map (an LRU map, all
-        // preallocated) takes no room.
-        loader.map_max_entries(dataplane_common::pkt::MAP_FLOWS, 1);
+        // Without the packet layer its flow map (an LRU map, all preallocated) takes no room.
+        let flows = packet_flows.unwrap_or(1).max(1);
+        loader.map_max_entries(dataplane_common::pkt::MAP_FLOWS, flows);
         let map_paths: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => {
                 check_bpffs(dir)?;
                 secure_pin_dir(dir, true)?;
+                pkt::resize_flows(dir, flows)?;
                 MAPS.iter().map(|m| (*m, dir.join(m))).collect()
             }
             None => Vec::new(),
@@ -551,18 +596,7 @@ impl Loaded {
             }
             attached.push(format!("{name}@{}", cgroup.display()));
         }
-        if let Some(dir) = pin_dir {
-            for (old, n) in migrate_maps(dir, &mut ebpf) {
-                tracing::info!(map = %old, entries = n, "carried the counters of an earlier map layout over");
-            }
-            for name in remove_stale_map_pins(dir) {
-                tracing::info!(map = %name, "removed the pin of an earlier map layout");
-            }
-            for hook in remove_unused_link_pins(dir, features) {
-                tracing::info!(hook, "detached a hook this kernel's programs do without");
-            }
-            pin_marker(dir, features)?;
-        }
+        finish_load(&mut ebpf, pin_dir, features, packet_flows)?;
         let mut maps = BTreeMap::new();
         for name in MAPS {
             let m = ebpf
@@ -578,6 +612,7 @@ impl Loaded {
             reused: false,
             features: features.clone(),
             vouching: None,
+            packet: packet_flows.map(|_| pkt::Programs::Loaded),
             _own_links: own_links,
         })
     }
@@ -586,11 +621,25 @@ impl Loaded {
     /// verifier, no swap. Only when this build's marker is there (pinned after the last
     /// link carried its programs) and every link and map is pinned; `None` otherwise (then
     /// [`Loaded::load_and_attach_sized`] loads and swaps).
-    pub fn reuse_pinned(dir: &Path, cgroup: &Path, features: &Features) -> Result<Option<Self>> {
-        if OBJECT.is_empty() || !secure_pin_dir(dir, false)? || !marker_path(dir, features).exists()
+    pub fn reuse_pinned(
+        dir: &Path,
+        cgroup: &Path,
+        features: &Features,
+        packet_flows: Option<u32>,
+    ) -> Result<Option<Self>> {
+        if OBJECT.is_empty()
+            || !secure_pin_dir(dir, false)?
+            || !marker_path(dir, features, packet_flows).exists()
         {
             return Ok(None);
         }
+        let packet = match packet_flows {
+            Some(_) => match pkt::from_pins(dir)? {
+                Some(p) => Some(p),
+                None => return Ok(None),
+            },
+            None => None,
+        };
         let wanted = attached_hooks(features);
         if !hooks().all(|n| dir.join(format!("link_{n}")).exists() == wanted.contains(&n))
             || !MAPS.iter().all(|m| dir.join(m).exists())
@@ -615,6 +664,7 @@ impl Loaded {
             reused: true,
             features: features.clone(),
             vouching: None,
+            packet,
             _own_links: Vec::new(),
         }))
     }
@@ -692,6 +742,55 @@ impl Loaded {
     pub fn withdraw(&mut self) {
         // Closing the socket empties the map's slot.
         self.vouching = None;
+    }
+
+    /// The packet layer's program `name` ([`pkt::FORWARD`] or [`pkt::REPLY`]), when it is on.
+    pub fn tc_program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        match &mut self.packet {
+            None => bail!("the packet layer is off"),
+            Some(pkt::Programs::Loaded) => self
+                .ebpf
+                .as_mut()
+                .and_then(|e| e.program_mut(name))
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()
+                .with_context(|| format!("program {name} is not a TC program")),
+            Some(pkt::Programs::Pinned(progs)) => match name {
+                pkt::FORWARD => Ok(&mut progs[0]),
+                pkt::REPLY => Ok(&mut progs[1]),
+                _ => bail!("no packet program {name}"),
+            },
+        }
+    }
+
+    /// Whether the packet layer's programs are loaded.
+    pub fn packet_layer(&self) -> bool {
+        self.packet.is_some()
+    }
+
+    pub fn pkt_endpoints(
+        &mut self,
+    ) -> Result<BpfHash<'_, Addr, dataplane_common::pkt::PktEndpoint>> {
+        Ok(BpfHash(HashMap::try_from(
+            self.map_mut(dataplane_common::pkt::MAP_PKT_EP)?,
+        )?))
+    }
+
+    /// The packet layer's client allow-list.
+    pub fn pkt_allow(&mut self) -> Result<aya::maps::LpmTrie<&mut MapData, Addr, u8>> {
+        Ok(aya::maps::LpmTrie::try_from(
+            self.map_mut(dataplane_common::pkt::MAP_PKT_ALLOW)?,
+        )?)
+    }
+
+    /// The packet layer's flows.
+    pub fn pkt_flows(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, dataplane_common::pkt::FlowKey, dataplane_common::pkt::Flow>>
+    {
+        Ok(HashMap::try_from(
+            self.map_mut(dataplane_common::pkt::MAP_FLOWS)?,
+        )?)
     }
 
     pub fn peer_nets(&mut self) -> Result<BpfHash<'_, PeerNetKey, PeerNet>> {

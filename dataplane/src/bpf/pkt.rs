@@ -2,7 +2,10 @@
 //! socket hooks, with maps of their own instance, and run on synthetic packets with
 //! `BPF_PROG_TEST_RUN`. Nothing here attaches them to an interface yet.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -23,6 +26,97 @@ use crate::reconcile::KvStore;
 /// container's host-side veth).
 pub const FORWARD: &str = "dp_tc_uplink_in";
 pub const REPLY: &str = "dp_tc_veth_in";
+
+/// The agent's packet programs: in the object it loaded, or opened from their pins (a
+/// restart that took this build's programs as they were).
+pub enum Programs {
+    Loaded,
+    Pinned(Box<[SchedClassifier; 2]>),
+}
+
+/// Where program `name` is pinned under the pin directory.
+fn prog_pin(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("prog_{name}"))
+}
+
+/// What pins of the packet layer start with: its programs, and its links
+/// (`link_tc_<ifindex>_<program>`, see [`crate::packet`]).
+pub const LINK_PREFIX: &str = "link_tc_";
+
+/// Removes the pinned flow map under `dir` when it was made for another number of flows
+/// than `flows` (a pinned map keeps its size): the flows it held go to Docker's path.
+pub fn resize_flows(dir: &Path, flows: u32) -> Result<()> {
+    let pin = dir.join(MAP_FLOWS);
+    if !pin.exists() {
+        return Ok(());
+    }
+    let have = MapData::from_pin(&pin)
+        .and_then(|m| m.info())
+        .map(|i| i.max_entries())
+        .with_context(|| format!("reading the pinned map {}", pin.display()))?;
+    if have != flows {
+        std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+        tracing::info!(
+            from = have,
+            to = flows,
+            "flow map resized: flows it held continue on Docker's path"
+        );
+    }
+    Ok(())
+}
+
+/// Loads both packet programs in `ebpf` (so they share its maps) and, with `pin_dir`, pins
+/// them (replacing earlier pins) for a restart of the same build to take.
+pub fn load_programs(ebpf: &mut Ebpf, pin_dir: Option<&Path>) -> Result<()> {
+    for name in [FORWARD, REPLY] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("loading {name} (the verifier refused it)"))?;
+        if let Some(dir) = pin_dir {
+            let pin = prog_pin(dir, name);
+            let _ = std::fs::remove_file(&pin);
+            prog.pin(&pin)
+                .with_context(|| format!("pinning {name} at {}", pin.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// This build's packet programs as pinned under `dir`; `None` when one is not.
+pub fn from_pins(dir: &Path) -> Result<Option<Programs>> {
+    let (f, r) = (prog_pin(dir, FORWARD), prog_pin(dir, REPLY));
+    if !f.exists() || !r.exists() {
+        return Ok(None);
+    }
+    let open =
+        |p: &Path| SchedClassifier::from_pin(p).with_context(|| format!("opening {}", p.display()));
+    Ok(Some(Programs::Pinned(Box::new([open(&f)?, open(&r)?]))))
+}
+
+/// Removes every pin of the packet layer under `dir` (its links first: unpinned, they
+/// detach). Returns what it removed.
+pub fn remove_pins(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.starts_with(LINK_PREFIX)
+                || n == &format!("prog_{FORWARD}")
+                || n == &format!("prog_{REPLY}")
+        })
+        .collect();
+    names.sort_by_key(|n| !n.starts_with(LINK_PREFIX));
+    names
+        .into_iter()
+        .filter(|n| std::fs::remove_file(dir.join(n)).is_ok())
+        .collect()
+}
 
 /// The packet programs and their maps, loaded, attached nowhere.
 pub struct PacketPrograms {
@@ -127,7 +221,7 @@ impl PacketPrograms {
             })
             .with_context(|| format!("BPF_PROG_TEST_RUN of {program}"))?;
         out.truncate(r.data_size_out as usize);
-        Ok((i32::try_from(r.return_value).unwrap_or(-1), out))
+        Ok((i32::from_ne_bytes(r.return_value.to_ne_bytes()), out))
     }
 }
 

@@ -365,6 +365,25 @@ pub struct Config {
     pub pause: PauseConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub packet_layer: PacketConfig,
+}
+
+/// `[packet_layer]`: external clients translated on the host's interfaces (off by default).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PacketConfig {
+    /// As `dataplane run --packet-layer`.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Client prefixes translated (`192.0.2.0/24`, `2001:db8::/32`, an address alone);
+    /// every other client keeps Docker's DNAT.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// The uplinks by name (default: every interface with an address that is not Docker's).
+    pub interfaces: Option<Vec<String>>,
+    /// Room in the flow map (applies at the agent's start).
+    pub flows: Option<u32>,
 }
 
 /// `[metrics]`: where Prometheus metrics are served (nowhere by default).
@@ -414,6 +433,13 @@ impl Config {
         }
         if let Some(r) = &c.egress.resolver {
             resolver_addr(r).map_err(|e| at(r, format!("[egress] resolver: {e}")))?;
+        }
+        for a in &c.packet_layer.allow {
+            a.parse::<crate::packet::Prefix>()
+                .map_err(|e| at(a, format!("[packet_layer] allow: {e}")))?;
+        }
+        if c.packet_layer.flows == Some(0) {
+            return Err("[packet_layer] flows: must be at least 1".to_string());
         }
         if let Err(e) = c.metrics.addr() {
             return Err(at(c.metrics.listen.as_deref().unwrap_or_default(), e));
