@@ -2329,3 +2329,194 @@ fn a_full_frontends_map_leaves_the_rest_to_docker_and_says_so() {
         assert!(curl(&format!("http://127.0.0.1:{port}/")).contains("dataplane test backend"));
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The packet layer (`--packet-layer`): external clients translated on the host's uplink.
+
+/// A config turning the packet layer on for `allow`, on the uplink `iface` only (the
+/// tests' own veth: the host's real interfaces carry nothing of theirs).
+fn packet_config(iface: &str, allow: &str) -> String {
+    format!("[packet_layer]\nenabled = true\nallow = [\"{allow}\"]\ninterfaces = [\"{iface}\"]\n")
+}
+
+/// Conntrack entries whose original source is `addr`.
+fn tracked_from(addr: &str) -> usize {
+    let out = cmd(&["conntrack", "-L", "-s", addr]);
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// A client in `ext` that connects to `host:port`, then (once `go` exists) sends a request
+/// and says what came back: `reset`, `closed`, `data`, or `timeout` after 10 s.
+const PY_HOLD: &str = r"
+import os, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+print('connected', flush=True)
+while not os.path.exists(sys.argv[3]): time.sleep(0.05)
+s.settimeout(10)
+try:
+    s.sendall(b'GET / HTTP/1.0\r\n\r\n')
+    d = s.recv(100)
+    print('data' if d else 'closed')
+except socket.timeout:
+    print('timeout')
+except OSError:
+    print('reset')
+";
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn external_clients_reach_containers_through_the_packet_layer_untracked() {
+    let (p, u, q) = (port(56), port(57), port(58));
+    let web = backend("pkt", &[&format!("{p}:80"), &format!("{u}:5353/udp")]);
+    let img = image();
+    let perf = Container::run(
+        "pkt-perf",
+        &["-p", &format!("{q}:5201"), &img, "iperf3", "-s"],
+    );
+    let ext = ExtClient::new(0);
+    let other = ExtClient::new(1);
+    let mut agent = Agent::start_configured(
+        "pkt",
+        &packet_config(&ext.host_if, &format!("{}/32", ext.ip)),
+        &[],
+    );
+    wait_until(
+        "the packet layer on the uplink",
+        Duration::from_secs(10),
+        || {
+            agent.status().packet_layer.is_some_and(|s| {
+                s.uplinks == [ext.host_if.clone()] && s.endpoints >= 2 && s.container_veths >= 2
+            })
+        },
+    );
+    let status = String::from_utf8_lossy(&agent.ctl(&["status"]).stdout).into_owned();
+    assert!(
+        status.contains(&format!("external clients: translated on {}", ext.host_if)),
+        "{status}"
+    );
+    // TCP and UDP, the client's own address seen by the backend, nothing tracked.
+    let _ = cmd(&["conntrack", "-D", "-s", &ext.ip]);
+    let url = format!("http://{}:{p}/cgi-bin/ip", ext.host_ip);
+    let seen = ext
+        .curl(&url)
+        .expect("the external client through the packet layer");
+    assert_eq!(plain(seen.split_whitespace().next().unwrap()), ext.ip);
+    let udp = ext.udp(&ext.host_ip, u);
+    assert!(udp.starts_with(&format!("ok backend {}", ext.ip)), "{udp}");
+    assert!(udp.ends_with(&format!("{} {u}", ext.host_ip)), "{udp}");
+    assert_eq!(
+        tracked_from(&ext.ip),
+        0,
+        "the packet layer's flows were tracked"
+    );
+    // A client outside the allow-list keeps Docker's DNAT (tracked): the test can tell.
+    let other_url = format!("http://{}:{p}/cgi-bin/ip", other.host_ip);
+    assert!(other.curl(&other_url).is_some());
+    assert!(
+        tracked_from(&other.ip) >= 1,
+        "Docker's DNAT tracks nothing here"
+    );
+
+    // A transfer goes on through the agent's kill -9 and restart: links and maps pinned.
+    perf.wait_iperf3();
+    let mut all = vec!["ip", "netns", "exec", &ext.ns.name];
+    let q_s = q.to_string();
+    all.extend_from_slice(&[
+        "timeout",
+        "30",
+        "iperf3",
+        "-c",
+        &ext.host_ip,
+        "-p",
+        &q_s,
+        "-t",
+        "6",
+        "-J",
+    ]);
+    let child = Command::new(all[0])
+        .args(&all[1..])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    agent.kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    agent.spawn();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "iperf3 failed through the restart");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let intervals = report["intervals"].as_array().unwrap();
+    assert!(intervals.len() >= 5);
+    for i in intervals {
+        let bits = i["sum"]["bits_per_second"].as_f64().unwrap();
+        assert!(
+            bits > 1e8,
+            "the transfer stalled: {bits} bit/s in an interval"
+        );
+    }
+    assert_eq!(tracked_from(&ext.ip), 0);
+
+    // A container that goes mid-connection: the client gets an error, not a hang.
+    let flag = agent.dir.join("go");
+    let mut hold = Command::new("ip")
+        .args(["netns", "exec", &ext.ns.name, "python3", "-c", PY_HOLD])
+        .args([&ext.host_ip, &p.to_string(), &flag.display().to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut stdout = std::io::BufReader::new(hold.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+    drop(web);
+    std::fs::write(&flag, "").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let _ = hold.wait();
+    assert!(
+        line.trim() == "reset" || line.trim() == "closed",
+        "the client of a removed container got {line:?}"
+    );
+    drop(perf);
+}
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn the_packet_layer_stands_back_for_an_operators_forwarding_rules() {
+    let p = port(59);
+    let _web = backend("pktfw", &[&format!("{p}:80")]);
+    let ext = ExtClient::new(0);
+    let agent = Agent::start_configured("pktfw", &packet_config(&ext.host_if, "0.0.0.0/0"), &[]);
+    let url = format!("http://{}:{p}/cgi-bin/ip", ext.host_ip);
+    wait_until("the packet layer to serve", Duration::from_secs(10), || {
+        let _ = cmd(&["conntrack", "-D", "-s", &ext.ip]);
+        ext.curl(&url).is_some() && tracked_from(&ext.ip) == 0
+    });
+    // The operator drops what comes in on the uplink: the packets the programs would
+    // translate skip that rule, so the layer stands back and Docker's path applies it.
+    let drop_ext = IptRule::insert("DOCKER-USER", &["-i", &ext.host_if, "-j", "DROP"]);
+    wait_until(
+        "the packet layer to stand back",
+        Duration::from_secs(10),
+        || {
+            agent
+                .status()
+                .packet_layer
+                .is_some_and(|s| s.standing_back.is_some())
+        },
+    );
+    assert_eq!(
+        ext.curl(&url),
+        None,
+        "TCP reached the container past DOCKER-USER"
+    );
+    drop(drop_ext);
+    wait_until(
+        "the packet layer to translate again",
+        Duration::from_secs(10),
+        || {
+            let _ = cmd(&["conntrack", "-D", "-s", &ext.ip]);
+            ext.curl(&url).is_some() && tracked_from(&ext.ip) == 0
+        },
+    );
+}
