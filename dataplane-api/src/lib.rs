@@ -208,8 +208,12 @@ pub struct PacketStatus {
     pub container_veths: usize,
     /// Container addresses the forward program delivers to.
     pub endpoints: usize,
-    /// Flows in the flow map, as last counted, and its room.
+    /// Flows in the flow map, as last counted (every 10 s, when idle flows are aged), and
+    /// its room.
     pub flows: usize,
+    /// Unix time (ms) the flows were counted.
+    #[serde(default)]
+    pub flows_counted_unix_ms: u64,
     pub flow_capacity: u32,
     /// Client prefixes translated (others keep Docker's DNAT).
     pub allow: Vec<String>,

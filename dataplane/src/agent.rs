@@ -1123,8 +1123,11 @@ impl Agent {
             layer.settings.interfaces.as_deref(),
         );
         layer.sync_links(&mut self.loaded, &uplinks);
-        let status = layer.status(self.packet.flows);
-        self.shared.lock().expect("status lock").status.packet_layer = Some(status);
+        let mut status = layer.status(self.packet.flows);
+        let mut shared = self.shared.lock().expect("status lock");
+        let before = shared.status.packet_layer.as_ref();
+        status.flows_counted_unix_ms = before.map_or(0, |p| p.flows_counted_unix_ms);
+        shared.status.packet_layer = Some(status);
     }
 
     /// Removes the packet layer's idle flows, and counts the rest for `status`; endpoints
@@ -1141,6 +1144,7 @@ impl Agent {
                 self.packet.flows = n;
                 if let Some(p) = &mut self.shared.lock().expect("status lock").status.packet_layer {
                     p.flows = n;
+                    p.flows_counted_unix_ms = now_ms();
                 }
             }
             Err(e) => warn!(error = %format!("{e:#}"), "aging the packet layer's flows failed"),

@@ -559,6 +559,7 @@ impl Layer {
             container_veths: veths,
             endpoints: self.endpoints.len(),
             flows,
+            flows_counted_unix_ms: 0,
             flow_capacity: self.settings.flows,
             allow: self
                 .settings

@@ -2456,8 +2456,15 @@ fn external_clients_reach_containers_through_the_packet_layer_untracked() {
     }
     assert_eq!(tracked_from(&ext.ip), 0);
 
+    removed_mid_connection(&ext, p, web, &agent.dir);
+    drop(perf);
+}
+
+/// A client of `web` (through the packet layer, at `ext`'s host address and port `p`)
+/// whose container goes mid-connection gets an error, not a hang.
+fn removed_mid_connection(ext: &ExtClient, p: u16, web: Container, dir: &std::path::Path) {
     // A container that goes mid-connection: the client gets an error, not a hang.
-    let flag = agent.dir.join("go");
+    let flag = dir.join("go");
     let mut hold = Command::new("ip")
         .args(["netns", "exec", &ext.ns.name, "python3", "-c", PY_HOLD])
         .args([&ext.host_ip, &p.to_string(), &flag.display().to_string()])
@@ -2477,7 +2484,6 @@ fn external_clients_reach_containers_through_the_packet_layer_untracked() {
         line.trim() == "reset" || line.trim() == "closed",
         "the client of a removed container got {line:?}"
     );
-    drop(perf);
 }
 
 #[test]

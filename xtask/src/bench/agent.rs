@@ -24,11 +24,16 @@ pub(super) const METRICS: &str = "127.0.0.1:25296";
 
 impl Agent {
     pub(super) fn start() -> Result<Self> {
+        Self::start_with("")
+    }
+
+    /// An agent whose config file has `config` after its metrics endpoint.
+    pub(super) fn start_with(config: &str) -> Result<Self> {
         let log = PathBuf::from("/run/dataplane-bench/agent.log");
         fs::create_dir_all("/run/dataplane-bench")?;
         fs::write(
             "/run/dataplane-bench/dataplane.toml",
-            format!("[metrics]\nlisten = \"{METRICS}\"\n"),
+            format!("[metrics]\nlisten = \"{METRICS}\"\n{config}"),
         )?;
         let f = fs::File::create(&log)?;
         let child = Command::new(project_root().join("target/release/dataplane"))

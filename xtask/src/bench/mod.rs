@@ -14,6 +14,7 @@ mod agent;
 mod clients;
 mod containers;
 mod egress;
+mod external;
 mod extras;
 mod paired;
 mod pause;
@@ -246,6 +247,13 @@ fn later_sections(
     if matches!(only, None | Some(Section::Paired)) {
         extra += &paired_section(env, engine, names)?;
     }
+    if matches!(only, None | Some(Section::External)) {
+        docker::restart_engine(engine, false)?;
+        wait_running(names)?;
+        env.srv_ip = ip_of("dpb-srv")?;
+        env.http_ip = ip_of("dpb-http")?;
+        extra += &external::external(env, if env.quick { 3 } else { 5 })?;
+    }
     if matches!(only, None | Some(Section::Extras)) {
         extra += &extras(image, env.quick, names, engine)?;
     }
@@ -261,6 +269,8 @@ fn later_sections(
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum Section {
     Paired,
+    /// External clients: the packet layer against Docker's DNAT and direct routing.
+    External,
     Extras,
     Starts,
 }

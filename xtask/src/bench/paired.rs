@@ -56,13 +56,13 @@ pub(super) fn verdict(mean: f64, half: f64) -> String {
 
 /// Where the bench's clients and servers run: the client on CPU 0, the servers on CPU 1
 /// (two CPUs or more); undone on drop.
-struct Placement {
+pub(super) struct Placement {
     pinned: bool,
     all: String,
 }
 
 impl Placement {
-    fn pin() -> Self {
+    pub(super) fn pin() -> Self {
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let all = format!("0-{}", cpus.saturating_sub(1));
         if cpus < 2 {
@@ -82,7 +82,7 @@ impl Placement {
     }
 
     /// The command prefix that puts a host client on its CPU.
-    fn client(&self) -> Option<&'static str> {
+    pub(super) fn client(&self) -> Option<&'static str> {
         self.pinned.then_some("0")
     }
 }
@@ -144,7 +144,7 @@ fn measure(env: &Env, path: Path, metric: Metric, direct: bool, cpu: Option<&str
 
 /// Runs `a` and `b` (closures measuring one configuration each) for `rounds` rounds after
 /// a warm-up, alternating which goes first; returns the ratios b/a per round.
-fn pairs(
+pub(super) fn pairs(
     rounds: usize,
     mut a: impl FnMut() -> Result<f64>,
     mut b: impl FnMut() -> Result<f64>,
@@ -165,7 +165,7 @@ fn pairs(
     Ok(ratios)
 }
 
-fn row(md: &mut String, what: &str, metric: &str, ratios: &[f64]) {
+pub(super) fn row(md: &mut String, what: &str, metric: &str, ratios: &[f64]) {
     let (m, h) = mean_ci(ratios);
     let _ = writeln!(
         md,

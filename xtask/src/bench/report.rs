@@ -111,7 +111,6 @@ pub(super) fn write_report(env: &Env, extra: &str, took: Duration, quick: bool) 
         );
     }
     md.push_str(extra);
-    md.push_str("\nThe external-client path (a client in its own network namespace to `<host_ip>:P`) needs the packet layer, which is not built yet: not measured.\n");
     fs::write(dir.join("latest.md"), &md)?;
     fs::write(dir.join("latest.svg"), svg(&chart))?;
     println!("{md}");

@@ -4,6 +4,8 @@
 //! `dp-churn HOST PORT N C`
 //! `dp-churn --wait-usable HOST PORT TIMEOUT_MS`: tries until a request gets an answer,
 //! prints the Unix time (ns) when it did.
+//! `dp-churn --for SECS HOST PORT C`: as many connections as C threads make in SECS
+//! seconds (each waits up to 5 s for its answer).
 
 use std::{
     io::{Read, Write},
@@ -48,8 +50,20 @@ fn main() {
         }
         std::process::exit(1);
     }
+    let (deadline, args) = if args.first().map(String::as_str) == Some("--for") {
+        let secs: u64 = args.get(1).and_then(|s| s.parse().ok()).expect("SECS");
+        let mut rest = args[2..].to_vec();
+        // N: unbounded; the deadline ends the run.
+        rest.insert(2, usize::MAX.to_string());
+        (Some(Instant::now() + Duration::from_secs(secs)), rest)
+    } else {
+        (None, args)
+    };
     let [host, port, total, threads] = &args[..] else {
-        eprintln!("usage: dp-churn HOST PORT N C | dp-churn --wait-usable HOST PORT TIMEOUT_MS");
+        eprintln!(
+            "usage: dp-churn HOST PORT N C | dp-churn --for SECS HOST PORT C | \
+             dp-churn --wait-usable HOST PORT TIMEOUT_MS"
+        );
         std::process::exit(2);
     };
     let addr = (host.as_str(), port.parse::<u16>().expect("port"))
@@ -64,9 +78,12 @@ fn main() {
         .map(|i| {
             let per = total / threads + usize::from(i < total % threads);
             std::thread::spawn(move || {
-                let mut lat = Vec::with_capacity(per);
+                let mut lat = Vec::with_capacity(per.min(1 << 20));
                 let mut errors = 0u64;
                 for _ in 0..per {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        break;
+                    }
                     let began = Instant::now();
                     match request(&addr, Duration::from_secs(5)) {
                         Ok(()) => {
