@@ -21,7 +21,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_csum_diff, bpf_redirect_neigh, bpf_redirect_peer},
+        generated::{bpf_check_mtu, bpf_csum_diff, bpf_redirect_neigh, bpf_redirect_peer},
     },
     macros::{classifier, map},
     maps::{PerCpuArray, lpm_trie::Key},
@@ -282,6 +282,10 @@ fn track(ctx: &TcContext, p: &Pkt, key: &FlowKey, front: &Addr) -> Option<()> {
             f.last_seen_ns = now;
             if p.closing() {
                 f.flags |= FLOW_F_CLOSING;
+            } else if starts && p.proto == PROTO_TCP {
+                // The client's new connection on the tuple of one that closed.
+                f.flags = 0;
+                f.in_ifindex = ifindex(ctx);
             }
             return Some(());
         }
@@ -311,6 +315,20 @@ pub fn dp_tc_uplink_in(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn forward(ctx: &TcContext) -> Option<i32> {
     let p = parse(ctx)?;
+    let r = translate(ctx, p);
+    if r.is_none() && p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        // A connection the programs do not translate (routed to a container's own
+        // address, say) whose replies would carry the reply tuple of a translated flow
+        // the client had (the same client port: a client reuses it once that one
+        // closed, or for another destination): that flow's entry goes, or its replies
+        // would be rewritten. One lookup per new connection, none per packet.
+        let _ = FLOWS.remove(FlowKey::new(p.dst, p.src, p.dport_be, p.sport_be, p.proto));
+    }
+    r
+}
+
+#[inline(always)]
+fn translate(ctx: &TcContext, p: &Pkt) -> Option<i32> {
     // Traffic to a port nothing publishes (nearly all of it) pays this one lookup.
     let port = PortKey {
         port_be: p.dport_be,
@@ -344,6 +362,13 @@ fn forward(ctx: &TcContext) -> Option<i32> {
     };
     // SAFETY: entries are written whole by the agent.
     let ep = unsafe { PKT_EP.get(t.addr) }?;
+    // A packet too big for the container's link would be dropped by the redirect: the
+    // stack's path answers it (fragmentation needed, or fragments).
+    let mut mtu: u32 = 0;
+    // SAFETY: the context's skb, and a u32 the helper writes the MTU to.
+    if unsafe { bpf_check_mtu(ctx.skb.skb.cast(), ep.ifindex, &raw mut mtu, 0, 0) } != 0 {
+        return None;
+    }
     let key = FlowKey::new(t.addr, p.src, t.port_be, p.sport_be, p.proto);
     // Without an agent vouching for the maps no flow starts; flows that did continue (as
     // connections the socket layer made do).

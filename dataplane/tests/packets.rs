@@ -24,7 +24,9 @@ const CLIENT: [u8; 4] = [198, 51, 100, 7];
 const CTR: [u8; 4] = [172, 31, 0, 2];
 const CTR_MAC: [u8; 6] = [2, 0x42, 0xac, 0x1f, 0, 2];
 const BR_MAC: [u8; 6] = [2, 0x42, 0x11, 0x22, 0x33, 0x44];
-const VETH: u32 = 4242;
+/// The container's host-side veth in the synthetic tests: loopback, an interface that
+/// exists (the programs check the packet against its MTU).
+const VETH: u32 = 1;
 const HOST6: [u8; 16] = [
     0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
 ];
@@ -99,6 +101,8 @@ struct Frame {
     tcp_flags: u8,
     ttl: u8,
     udp_no_csum: bool,
+    /// Zero bytes after the payload.
+    pad: usize,
 }
 
 impl Frame {
@@ -118,6 +122,7 @@ impl Frame {
             tcp_flags: flags,
             ttl: 64,
             udp_no_csum: false,
+            pad: 0,
         }
     }
 
@@ -131,7 +136,8 @@ impl Frame {
 
     /// An Ethernet frame with valid checksums and a payload.
     fn bytes(&self) -> Vec<u8> {
-        let payload = b"dataplane packet layer test payload, odd length!";
+        let mut payload = b"dataplane packet layer test payload, odd length!".to_vec();
+        payload.resize(payload.len() + self.pad, 0);
         let mut l4 = Vec::new();
         l4.extend_from_slice(&self.sport.to_be_bytes());
         l4.extend_from_slice(&self.dport.to_be_bytes());
@@ -144,7 +150,7 @@ impl Frame {
             l4.extend_from_slice(&len.to_be_bytes());
             l4.extend_from_slice(&[0, 0]);
         }
-        l4.extend_from_slice(payload);
+        l4.extend_from_slice(&payload);
         if self.src.len() == 16 {
             return self.bytes6(&l4);
         }
@@ -482,6 +488,76 @@ fn what_the_programs_do_not_know_is_left_to_dockers_path_untouched() {
 }
 
 /// Links a test made, deleted on drop (a veth's peer goes with it).
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn a_direct_connection_on_a_translated_flows_tuple_takes_its_place() {
+    let mut p = programs();
+    let (rc, _) = p
+        .run(FORWARD, &Frame::tcp(CLIENT, 40100, HOST, 8080, SYN).bytes())
+        .unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(p.flows().unwrap().len(), 1);
+    // The same client port, routed to the container's own address: not translated, and
+    // the translated flow's entry goes, so this connection's replies are left alone.
+    let direct = Frame::tcp(CLIENT, 40100, CTR, 80, SYN).bytes();
+    assert_eq!(p.run(FORWARD, &direct).unwrap(), (TC_ACT_UNSPEC, direct));
+    assert!(p.flows().unwrap().is_empty());
+    let reply = Frame::tcp(CTR, 80, CLIENT, 40100, SYN | ACK).bytes();
+    assert_eq!(p.run(REPLY, &reply).unwrap(), (TC_ACT_UNSPEC, reply));
+    // Packets of a direct connection that are not its SYN cost no flow lookup, and touch
+    // nothing.
+    let (rc, _) = p
+        .run(FORWARD, &Frame::tcp(CLIENT, 40101, HOST, 8080, SYN).bytes())
+        .unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let ack = Frame::tcp(CLIENT, 40101, CTR, 80, ACK).bytes();
+    assert_eq!(p.run(FORWARD, &ack).unwrap(), (TC_ACT_UNSPEC, ack));
+    assert_eq!(p.flows().unwrap().len(), 1);
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn a_packet_too_big_for_the_containers_link_is_left_to_the_stack() {
+    let mut p = programs();
+    let name = format!("dpmtu{}", std::process::id() % 100_000);
+    let _links = Links(vec![name.clone()]);
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        &name,
+        "mtu",
+        "1280",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &format!("{name}p"),
+    ]);
+    p.endpoints()
+        .unwrap()
+        .put(
+            &v4_mapped(CTR),
+            &PktEndpoint {
+                ifindex: ifindex(&name),
+                mac: CTR_MAC,
+                gw_mac: BR_MAC,
+            },
+        )
+        .unwrap();
+    // 1400 bytes of IP: the redirect would drop it; the stack answers (fragmentation
+    // needed) through Docker's path. No flow starts.
+    let mut big = Frame::udp(CLIENT, 5001, HOST, 5353);
+    big.pad = 1400 - 20 - 8 - 48;
+    let input = big.bytes();
+    assert_eq!(p.run(FORWARD, &input).unwrap(), (TC_ACT_UNSPEC, input));
+    assert!(p.flows().unwrap().is_empty());
+    // What fits goes through.
+    big.pad = 1280 - 20 - 8 - 48;
+    let (rc, _) = p.run(FORWARD, &big.bytes()).unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+}
+
 struct Links(Vec<String>);
 
 impl Drop for Links {
