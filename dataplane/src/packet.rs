@@ -204,6 +204,8 @@ pub struct Layer {
     /// `(ifindex, program)` to how it is attached.
     attached: BTreeMap<(u32, &'static str), Attachment>,
     endpoints: BTreeMap<IpAddr, Endpoint>,
+    /// The endpoint map as last written (`None`: to be read back and diffed).
+    written: Option<BTreeMap<Addr, PktEndpoint>>,
     /// Addresses whose endpoint could not be read, and when to try again.
     retry: BTreeMap<IpAddr, Instant>,
     /// Interfaces that could not be attached (name: why), as last tried.
@@ -269,6 +271,7 @@ impl Layer {
             tcx,
             attached,
             endpoints: BTreeMap::new(),
+            written: None,
             retry: BTreeMap::new(),
             errors: BTreeMap::new(),
             timeouts: Timeouts::default(),
@@ -362,7 +365,12 @@ impl Layer {
             .iter()
             .map(|(ip, e)| (ip_to_addr(*ip), e.ep))
             .collect();
-        reconcile(&mut loaded.pkt_endpoints()?, &map).context("updating the endpoint map")?;
+        // Read back and diffed only when it changed (an apply comes with every event).
+        if self.written.as_ref() != Some(&map) {
+            self.written = None;
+            reconcile(&mut loaded.pkt_endpoints()?, &map).context("updating the endpoint map")?;
+            self.written = Some(map);
+        }
         Ok(())
     }
 
