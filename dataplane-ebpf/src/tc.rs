@@ -13,6 +13,11 @@
 //!   out of the interface the client's packets came in on (route and neighbour resolved
 //!   by the kernel).
 //!
+//!   An ICMP or ICMPv6 error about a recorded flow's reply (fragmentation needed, packet
+//!   too big, unreachable, time exceeded), sent by a router toward the client, is
+//!   translated for the container too (its destination and the quoted packet's source),
+//!   so path MTU discovery works.
+//!
 //! Anything else (other protocols, IPv4 fragments, IPv6 extension headers, an IPv6 client
 //! of an IPv4-only container, a flow the programs do not know) goes on untouched:
 //! Docker's own path serves it.
@@ -53,9 +58,20 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
-/// What the programs read of an IPv4 or IPv6 TCP or UDP packet.
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMP6: u8 = 58;
+
+/// What the programs read of an IPv4 or IPv6 TCP or UDP packet, or of an ICMP error about
+/// one (then as the client's packet the error is about would read: its source the client,
+/// its destination the dialled address and port).
 pub struct Pkt {
     v6: bool,
+    /// An ICMP error (destination unreachable, fragmentation needed or packet too big,
+    /// time exceeded) about a packet from a published port to a client: `inner` is the
+    /// offset of the IP header it quotes, `inner_l4` of that packet's transport header.
+    icmp: bool,
+    inner: usize,
+    inner_l4: usize,
     /// IPv4 addresses v4-mapped.
     src: Addr,
     dst: Addr,
@@ -127,16 +143,54 @@ fn parse4(ctx: &TcContext, p: &mut Pkt) -> Option<()> {
         return None;
     }
     let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+    p.l4 = ETH_HLEN + ihl;
+    p.v6 = false;
+    p.ttl = ctx.load(IP_TTL).ok()?;
+    if proto == PROTO_ICMP {
+        return parse_icmp4(ctx, p);
+    }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
-    p.l4 = ETH_HLEN + ihl;
+    p.icmp = false;
     (p.sport_be, p.dport_be, p.tcp_flags) = ports(ctx, proto, p.l4)?;
-    p.v6 = false;
     p.src = v4_mapped(ctx.load(IP_SRC).ok()?);
     p.dst = v4_mapped(ctx.load(IP_DST).ok()?);
     p.proto = proto;
-    p.ttl = ctx.load(IP_TTL).ok()?;
+    Some(())
+}
+
+/// An ICMP error (type 3, destination unreachable, fragmentation needed among them; type
+/// 11, time exceeded) sent to the address a TCP or UDP packet came from: read as that
+/// packet's reverse (its destination the client).
+#[inline(always)]
+fn parse_icmp4(ctx: &TcContext, p: &mut Pkt) -> Option<()> {
+    let kind: u8 = ctx.load(p.l4).ok()?;
+    if kind != 3 && kind != 11 {
+        return None;
+    }
+    p.inner = p.l4 + 8;
+    let vihl: u8 = ctx.load(p.inner).ok()?;
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    let proto: u8 = ctx.load(p.inner + 9).ok()?;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    p.inner_l4 = p.inner + ihl;
+    let (from_be, to_be, _) = ports(ctx, PROTO_UDP, p.inner_l4)?;
+    let from: [u8; 4] = ctx.load(p.inner + 12).ok()?;
+    // Sent to the address the quoted packet came from.
+    if ctx.load::<[u8; 4]>(IP_DST).ok()? != from {
+        return None;
+    }
+    p.icmp = true;
+    p.src = v4_mapped(ctx.load(p.inner + 16).ok()?);
+    p.dst = v4_mapped(from);
+    (p.sport_be, p.dport_be, p.tcp_flags) = (to_be, from_be, 0);
+    p.proto = proto;
     Some(())
 }
 
@@ -148,16 +202,50 @@ fn parse6(ctx: &TcContext, p: &mut Pkt) -> Option<()> {
     }
     // Extension headers (fragments among them): Docker's path.
     let proto: u8 = ctx.load(IP6_NEXT).ok()?;
+    p.l4 = ETH_HLEN + IP6_HLEN;
+    p.v6 = true;
+    p.ttl = ctx.load(IP6_HOPS).ok()?;
+    if proto == PROTO_ICMP6 {
+        return parse_icmp6(ctx, p);
+    }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
-    p.l4 = ETH_HLEN + IP6_HLEN;
+    p.icmp = false;
     (p.sport_be, p.dport_be, p.tcp_flags) = ports(ctx, proto, p.l4)?;
-    p.v6 = true;
     p.src = ctx.load(IP6_SRC).ok()?;
     p.dst = ctx.load(IP6_DST).ok()?;
     p.proto = proto;
-    p.ttl = ctx.load(IP6_HOPS).ok()?;
+    Some(())
+}
+
+/// An ICMPv6 error (type 1, destination unreachable; 2, packet too big; 3, time exceeded)
+/// about a TCP or UDP packet without extension headers, as [`parse_icmp4`].
+#[inline(always)]
+fn parse_icmp6(ctx: &TcContext, p: &mut Pkt) -> Option<()> {
+    let kind: u8 = ctx.load(p.l4).ok()?;
+    if !(1..=3).contains(&kind) {
+        return None;
+    }
+    p.inner = p.l4 + 8;
+    if ctx.load::<u8>(p.inner).ok()? >> 4 != 6 {
+        return None;
+    }
+    let proto: u8 = ctx.load(p.inner + 6).ok()?;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    p.inner_l4 = p.inner + IP6_HLEN;
+    let (from_be, to_be, _) = ports(ctx, PROTO_UDP, p.inner_l4)?;
+    p.dst = ctx.load(p.inner + 8).ok()?;
+    let sent_to: Addr = ctx.load(IP6_DST).ok()?;
+    if sent_to != p.dst {
+        return None;
+    }
+    p.icmp = true;
+    p.src = ctx.load(p.inner + 24).ok()?;
+    (p.sport_be, p.dport_be, p.tcp_flags) = (to_be, from_be, 0);
+    p.proto = proto;
     Some(())
 }
 
@@ -232,6 +320,66 @@ fn rewrite(ctx: &TcContext, p: &Pkt, end: End, addr: &Addr, port_be: u16) -> Opt
         .ok()?;
     let off = if end == End::Src { IP_SRC } else { IP_DST };
     ctx.store(off, &new4, 0).ok()?;
+    ctx.store(IP_TTL, &new_ttl_proto, 0).ok()
+}
+
+/// Rewrites an ICMP error about a translated flow's reply (parsed as the packet it quotes
+/// would read reversed: `p.dst` the dialled address) for the container: its destination,
+/// and the quoted packet's source address and port, become the container's `addr` and
+/// `port_be`, with the checksums: the IPv4 header's and the quoted one's, the ICMP
+/// message's (ICMPv6's with its pseudo-header). The quoted transport checksum is left as
+/// it is (a receiver does not check it in an error). TTL or hop limit decremented.
+#[inline(always)]
+fn rewrite_icmp(ctx: &TcContext, p: &Pkt, addr: &Addr, port_be: u16) -> Option<()> {
+    if p.ttl <= 1 {
+        return None;
+    }
+    let icsum = p.l4 + 2;
+    let (old_port, new_port) = (u64::from(p.dport_be), u64::from(port_be));
+    if p.v6 {
+        // SAFETY: both are 16 bytes; the helper only reads them.
+        let diff = unsafe {
+            bpf_csum_diff(
+                p.dst.as_ptr().cast_mut().cast(),
+                16,
+                addr.as_ptr().cast_mut().cast(),
+                16,
+                0,
+            )
+        }
+        .cast_unsigned();
+        // The destination, in ICMPv6's pseudo-header; the quoted source, in the message.
+        ctx.l4_csum_replace(icsum, 0, diff, u64::from(BPF_F_PSEUDO_HDR))
+            .ok()?;
+        ctx.l4_csum_replace(icsum, 0, diff, 0).ok()?;
+        ctx.l4_csum_replace(icsum, old_port, new_port, 2).ok()?;
+        ctx.store(p.inner_l4, &port_be, 0).ok()?;
+        ctx.store(p.inner + 8, addr, 0).ok()?;
+        ctx.store(IP6_DST, addr, 0).ok()?;
+        return ctx.store(IP6_HOPS, &(p.ttl - 1), 0).ok();
+    }
+    let (old4, new4) = (v4_part(&p.dst), v4_part(addr));
+    let (old_a, new_a) = (
+        u64::from(u32::from_ne_bytes(old4)),
+        u64::from(u32::from_ne_bytes(new4)),
+    );
+    // The quoted header's source and checksum are data of the ICMP message.
+    let quoted_csum = p.inner + 10;
+    let before: u16 = ctx.load(quoted_csum).ok()?;
+    ctx.l3_csum_replace(quoted_csum, old_a, new_a, 4).ok()?;
+    let after: u16 = ctx.load(quoted_csum).ok()?;
+    ctx.l4_csum_replace(icsum, u64::from(before), u64::from(after), 2)
+        .ok()?;
+    ctx.l4_csum_replace(icsum, old_a, new_a, 4).ok()?;
+    ctx.store(p.inner + 12, &new4, 0).ok()?;
+    ctx.l4_csum_replace(icsum, old_port, new_port, 2).ok()?;
+    ctx.store(p.inner_l4, &port_be, 0).ok()?;
+    let ttl_proto = u16::from_ne_bytes([p.ttl, PROTO_ICMP]);
+    let new_ttl_proto = u16::from_ne_bytes([p.ttl - 1, PROTO_ICMP]);
+    ctx.l3_csum_replace(IP_CSUM, old_a, new_a, 4).ok()?;
+    ctx.l3_csum_replace(IP_CSUM, u64::from(ttl_proto), u64::from(new_ttl_proto), 2)
+        .ok()?;
+    ctx.store(IP_DST, &new4, 0).ok()?;
     ctx.store(IP_TTL, &new_ttl_proto, 0).ok()
 }
 
@@ -375,8 +523,19 @@ fn translate(ctx: &TcContext, p: &Pkt) -> Option<i32> {
     if !agent_running() && FLOWS.get_ptr(key).is_none() {
         return None;
     }
-    track(ctx, p, &key, &p.dst)?;
-    rewrite(ctx, p, End::Dst, &t.addr, t.port_be)?;
+    if p.icmp {
+        // An error about a flow's reply: only for a flow there is.
+        let f = FLOWS.get_ptr(key)?;
+        // SAFETY: a value pointer of this map, valid for the program's run.
+        let f = unsafe { &*f };
+        if f.front != p.dst || f.front_port_be != p.dport_be {
+            return None;
+        }
+        rewrite_icmp(ctx, p, &t.addr, t.port_be)?;
+    } else {
+        track(ctx, p, &key, &p.dst)?;
+        rewrite(ctx, p, End::Dst, &t.addr, t.port_be)?;
+    }
     ctx.store(0, &ep.mac, 0).ok()?;
     ctx.store(6, &ep.gw_mac, 0).ok()?;
     // SAFETY: only sets where the packet goes once the program returns.

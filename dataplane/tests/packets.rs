@@ -558,6 +558,154 @@ fn a_packet_too_big_for_the_containers_link_is_left_to_the_stack() {
     assert_eq!(rc, TC_ACT_REDIRECT);
 }
 
+/// An ICMP error (`kind`, `code`, then `word`: the next-hop MTU of fragmentation needed)
+/// from `router` to `to`, quoting `quoted` (an IPv4 packet's start), with valid checksums.
+fn icmp4(
+    router: [u8; 4],
+    to: [u8; 4],
+    (kind, code, word): (u8, u8, u32),
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut msg = vec![kind, code, 0, 0];
+    msg.extend_from_slice(&word.to_be_bytes());
+    msg.extend_from_slice(quoted);
+    let c = fold(sum16(&msg, 0));
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&u16::try_from(20 + msg.len()).unwrap().to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&router);
+    ip.extend_from_slice(&to);
+    ip.extend_from_slice(&msg);
+    let c = ip_csum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    ether(0x0800, &ip)
+}
+
+/// An ICMPv6 error from `router` to `to`, quoting `quoted`, with a valid checksum.
+fn icmp6(
+    router: [u8; 16],
+    to: [u8; 16],
+    (kind, code, word): (u8, u8, u32),
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut msg = vec![kind, code, 0, 0];
+    msg.extend_from_slice(&word.to_be_bytes());
+    msg.extend_from_slice(quoted);
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&u16::try_from(msg.len()).unwrap().to_be_bytes());
+    ip.extend_from_slice(&[58, 64]);
+    ip.extend_from_slice(&router);
+    ip.extend_from_slice(&to);
+    ip.extend_from_slice(&msg);
+    let c = icmp6_sum(&ip);
+    ip[42..44].copy_from_slice(&c.to_be_bytes());
+    ether(0x86dd, &ip)
+}
+
+/// The ICMPv6 checksum of `ip` (an IPv6 packet carrying ICMPv6), as it should be.
+fn icmp6_sum(ip: &[u8]) -> u16 {
+    let mut msg = ip[40..].to_vec();
+    msg[2] = 0;
+    msg[3] = 0;
+    let mut pseudo = ip[8..40].to_vec();
+    pseudo.extend_from_slice(&u32::try_from(msg.len()).unwrap().to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    fold(sum16(&msg, sum16(&pseudo, 0)))
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn icmp_errors_about_a_flows_replies_reach_the_container_translated() {
+    let mut p = programs();
+    let router = [203, 0, 113, 1];
+    // A router on the way to the client says the container's reply was too big.
+    let reply = Frame::tcp(HOST, 8080, CLIENT, 40300, ACK).bytes();
+    let quoted = &reply[14..14 + 20 + 8];
+    let error = icmp4(router, HOST, (3, 4, 1400), quoted);
+    // No flow yet: Docker's path.
+    assert_eq!(
+        p.run(FORWARD, &error).unwrap(),
+        (TC_ACT_UNSPEC, error.clone())
+    );
+    let (rc, _) = p
+        .run(FORWARD, &Frame::tcp(CLIENT, 40300, HOST, 8080, SYN).bytes())
+        .unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let (rc, out) = p.run(FORWARD, &error).unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(out[..12], [CTR_MAC, BR_MAC].concat());
+    let ip = &out[14..];
+    assert_eq!(
+        u16::from_be_bytes([ip[10], ip[11]]),
+        ip_csum(ip),
+        "IPv4 header checksum"
+    );
+    assert_eq!(
+        (&ip[12..16], &ip[16..20], ip[8]),
+        (&router[..], &CTR[..], 63)
+    );
+    let msg = &ip[20..];
+    assert_eq!(fold(sum16(msg, 0)), 0, "ICMP checksum");
+    assert_eq!(&msg[..8], &[3, 4, msg[2], msg[3], 0, 0, 0x05, 0x78]);
+    let inner = &msg[8..];
+    assert_eq!(
+        u16::from_be_bytes([inner[10], inner[11]]),
+        ip_csum(inner),
+        "quoted IPv4 header checksum"
+    );
+    // The quoted packet is now the container's reply as it sent it.
+    assert_eq!((&inner[12..16], &inner[16..20]), (&CTR[..], &CLIENT[..]));
+    assert_eq!(
+        (
+            u16::from_be_bytes([inner[20], inner[21]]),
+            u16::from_be_bytes([inner[22], inner[23]])
+        ),
+        (80, 40300)
+    );
+    // An error quoting another client port is no flow's: untouched.
+    let other = Frame::tcp(HOST, 8080, CLIENT, 40301, ACK).bytes();
+    let stray = icmp4(router, HOST, (3, 4, 1400), &other[14..14 + 28]);
+    assert_eq!(p.run(FORWARD, &stray).unwrap(), (TC_ACT_UNSPEC, stray));
+}
+
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn icmpv6_packet_too_big_about_a_flows_replies_reaches_the_container_translated() {
+    let mut p = programs();
+    let router = [0x20, 0x01, 0x0d, 0xb8, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let (rc, _) = p
+        .run(
+            FORWARD,
+            &Frame::tcp(CLIENT6, 41300, HOST6, 8080, SYN).bytes(),
+        )
+        .unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let reply = Frame::tcp(HOST6, 8080, CLIENT6, 41300, ACK).bytes();
+    let error = icmp6(router, HOST6, (2, 0, 1280), &reply[14..14 + 40 + 8]);
+    let (rc, out) = p.run(FORWARD, &error).unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let ip = &out[14..];
+    assert_eq!(
+        (&ip[8..24], &ip[24..40], ip[7]),
+        (&router[..], &CTR6[..], 63)
+    );
+    assert_eq!(
+        u16::from_be_bytes([ip[42], ip[43]]),
+        icmp6_sum(ip),
+        "ICMPv6 checksum"
+    );
+    let inner = &ip[48..];
+    assert_eq!((&inner[8..24], &inner[24..40]), (&CTR6[..], &CLIENT6[..]));
+    assert_eq!(
+        (
+            u16::from_be_bytes([inner[40], inner[41]]),
+            u16::from_be_bytes([inner[42], inner[43]])
+        ),
+        (80, 41300)
+    );
+}
+
 struct Links(Vec<String>);
 
 impl Drop for Links {

@@ -730,6 +730,7 @@ mod tests {
         let c = Config::parse(&examples).unwrap_or_else(|e| panic!("{e}\n{examples}"));
         assert!(c.metrics.listen.is_some() && c.egress.resolver.is_some());
         assert!(c.egress.profiles.contains_key("ci"));
+        assert!(c.packet_layer.enabled && c.packet_layer.allow.len() == 2);
     }
 
     #[test]
