@@ -14,7 +14,7 @@ use dataplane::{
     reconcile::KvStore,
 };
 use dataplane_common::{
-    Backend, FrontendKey, LOCAL_HOST, LocalAddr, PROTO_TCP, PROTO_UDP, WILDCARD4, WILDCARD6,
+    Addr, Backend, FrontendKey, LOCAL_HOST, LocalAddr, PROTO_TCP, PROTO_UDP, WILDCARD4, WILDCARD6,
     pkt::{FlowKey, PktEndpoint, TC_ACT_REDIRECT, TC_ACT_UNSPEC},
     v4_mapped,
 };
@@ -768,10 +768,11 @@ fn ifindex(ifname: &str) -> u32 {
 
 /// Entries of the host's connection tracking with `addr` as source or destination.
 fn tracked(addr: &str) -> usize {
+    let family = if addr.contains(':') { "ipv6" } else { "ipv4" };
     ["-s", "-d"]
         .iter()
         .map(|dir| {
-            let out = cmd(&["conntrack", "-L", dir, addr]);
+            let out = cmd(&["conntrack", "-L", "-f", family, dir, addr]);
             String::from_utf8_lossy(&out.stdout).lines().count()
         })
         .sum()
@@ -849,6 +850,38 @@ fn wire() -> Wire {
         "via",
         "172.31.250.1",
     ]);
+    // IPv6 beside it (no duplicate address detection: usable at once).
+    let (o, c, peer) = (outside.name.as_str(), ctr.name.as_str(), format!("{up}p"));
+    for args in [
+        &["addr", "add", "2001:db8:77::1/64", "dev", &up, "nodad"][..],
+        &[
+            "-n",
+            o,
+            "addr",
+            "add",
+            "2001:db8:77::7/64",
+            "dev",
+            &peer,
+            "nodad",
+        ],
+        &["-n", o, "route", "add", "default", "via", "2001:db8:77::1"],
+        &["addr", "add", "fd00:77::1/64", "dev", &br, "nodad"],
+        &[
+            "-n",
+            c,
+            "addr",
+            "add",
+            "fd00:77::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+        &["-n", c, "route", "add", "default", "via", "fd00:77::1"],
+    ] {
+        let mut a = vec!["ip"];
+        a.extend_from_slice(args);
+        sh(&a);
+    }
     Wire {
         up,
         vh,
@@ -860,12 +893,31 @@ fn wire() -> Wire {
     }
 }
 
+/// Where to deliver each of the container's `addrs`, as the agent finds it (from inside the
+/// container's namespace, the bridge's MAC from the host's), checked and written.
+fn deliver_to(p: &mut PacketPrograms, ctr: &NetNs, vh: &str, br: &str, addrs: [(Addr, &str); 2]) {
+    let want = PktEndpoint {
+        ifindex: ifindex(vh),
+        mac: mac(Some(ctr), "eth0"),
+        gw_mac: mac(None, br),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (addr, text) in addrs {
+        let ep = rt
+            .block_on(dataplane::endpoint::of(&ctr.path(), text.parse().unwrap()))
+            .unwrap();
+        assert_eq!(ep, want, "{text}");
+        p.endpoints().unwrap().put(&addr, &ep).unwrap();
+    }
+}
+
 #[test]
 #[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
 fn an_outside_client_reaches_the_container_through_the_programs_untracked() {
     let w = wire();
     let (outside, ctr, up, vh, br) = (&w.outside, &w.ctr, &w.up, &w.vh, &w.br);
     serve(ctr, "172.31.250.2");
+    serve(ctr, "[fd00:77::2]");
     let _tracking = Tracking::new(&format!("dpp_track_{}", std::process::id()));
     // Nothing on the host serves the ports: without the programs the client is refused,
     // and the host tracks its attempts (a refused TCP attempt's entry goes at once, a UDP
@@ -875,11 +927,24 @@ fn an_outside_client_reaches_the_container_through_the_programs_untracked() {
     let tracked_before = tracked("198.51.100.7");
     assert!(tracked_before >= 1, "the host does not track connections");
 
+    assert_eq!(client(outside, "tcp", "2001:db8:77::1", 18080), "error 111");
+    assert_eq!(
+        client(outside, "udpc", "2001:db8:77::1", 18081),
+        "error 111"
+    );
+    let v6_before = tracked("2001:db8:77::7");
+    assert!(v6_before >= 1, "the host does not track IPv6 connections");
+
     let mut p = PacketPrograms::load(1024).unwrap();
     let ctr_addr = v4_mapped([172, 31, 250, 2]);
+    let ctr6: Addr = "fd00:77::2".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let host6: Addr = "2001:db8:77::1"
+        .parse::<std::net::Ipv6Addr>()
+        .unwrap()
+        .octets();
     let backend = |port: u16| Backend {
         addr4: ctr_addr,
-        addr6: [0; 16],
+        addr6: ctr6,
         port_be: port.to_be(),
         flags: 0,
         id: u32::from(port),
@@ -899,25 +964,26 @@ fn an_outside_client_reaches_the_container_through_the_programs_untracked() {
         .unwrap()
         .put(&host, &LocalAddr { kind: LOCAL_HOST })
         .unwrap();
-    // Where to deliver, as the agent finds it: from inside the container's namespace, and
-    // the bridge's MAC from the host's.
-    let ep = tokio::runtime::Runtime::new()
+    p.local_addrs()
         .unwrap()
-        .block_on(dataplane::endpoint::of(
-            &ctr.path(),
-            "172.31.250.2".parse().unwrap(),
-        ))
+        .put(&host6, &LocalAddr { kind: LOCAL_HOST })
         .unwrap();
-    assert_eq!(
-        ep,
-        PktEndpoint {
-            ifindex: ifindex(vh),
-            mac: mac(Some(ctr), "eth0"),
-            gw_mac: mac(None, br),
-        }
+    p.frontends()
+        .unwrap()
+        .put(
+            &FrontendKey::new(WILDCARD6, 18080, PROTO_TCP),
+            &backend(8080),
+        )
+        .unwrap();
+    deliver_to(
+        &mut p,
+        ctr,
+        vh,
+        br,
+        [(ctr_addr, "172.31.250.2"), (ctr6, "fd00:77::2")],
     );
-    p.endpoints().unwrap().put(&ctr_addr, &ep).unwrap();
     p.allow(v4_mapped([198, 51, 100, 0]), 96 + 24).unwrap();
+    p.allow(host6, 64).unwrap();
     p.sync_ports().unwrap();
     p.vouch().unwrap();
     p.attach(FORWARD, up).unwrap();
@@ -935,9 +1001,19 @@ fn an_outside_client_reaches_the_container_through_the_programs_untracked() {
         );
     }
     assert_eq!(p.flows().unwrap().len(), 6);
+    // And over IPv6.
+    for _ in 0..3 {
+        assert_eq!(
+            client(outside, "tcp", "2001:db8:77::1", 18080),
+            "ok backend 2001:db8:77::7 2001:db8:77::1 18080"
+        );
+    }
+    assert_eq!(p.flows().unwrap().len(), 9);
     // No netfilter hook of the host saw them: nothing new is tracked.
     assert!(tracked("198.51.100.7") <= tracked_before);
+    assert!(tracked("2001:db8:77::7") <= v6_before);
     assert_eq!(tracked("172.31.250.2"), 0);
+    assert_eq!(tracked("fd00:77::2"), 0);
     // Once no agent vouches, new connections are Docker's (here: refused by the host).
     drop(p);
     assert_eq!(client(outside, "tcp", "198.51.100.1", 18080), "error 111");
