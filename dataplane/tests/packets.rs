@@ -558,6 +558,15 @@ fn a_packet_too_big_for_the_containers_link_is_left_to_the_stack() {
     assert_eq!(rc, TC_ACT_REDIRECT);
 }
 
+/// An ICMP or ICMPv6 error message: `kind`, `code`, a zero checksum, `word` (the
+/// next-hop MTU of fragmentation needed, the MTU of packet too big), then `quoted`.
+fn icmp_message((kind, code, word): (u8, u8, u32), quoted: &[u8]) -> Vec<u8> {
+    let mut msg = vec![kind, code, 0, 0];
+    msg.extend_from_slice(&word.to_be_bytes());
+    msg.extend_from_slice(quoted);
+    msg
+}
+
 /// An ICMP error (`kind`, `code`, then `word`: the next-hop MTU of fragmentation needed)
 /// from `router` to `to`, quoting `quoted` (an IPv4 packet's start), with valid checksums.
 fn icmp4(
@@ -566,9 +575,7 @@ fn icmp4(
     (kind, code, word): (u8, u8, u32),
     quoted: &[u8],
 ) -> Vec<u8> {
-    let mut msg = vec![kind, code, 0, 0];
-    msg.extend_from_slice(&word.to_be_bytes());
-    msg.extend_from_slice(quoted);
+    let mut msg = icmp_message((kind, code, word), quoted);
     let c = fold(sum16(&msg, 0));
     msg[2..4].copy_from_slice(&c.to_be_bytes());
     let mut ip = vec![0x45, 0];
@@ -589,9 +596,7 @@ fn icmp6(
     (kind, code, word): (u8, u8, u32),
     quoted: &[u8],
 ) -> Vec<u8> {
-    let mut msg = vec![kind, code, 0, 0];
-    msg.extend_from_slice(&word.to_be_bytes());
-    msg.extend_from_slice(quoted);
+    let msg = icmp_message((kind, code, word), quoted);
     let mut ip = vec![0x60, 0, 0, 0];
     ip.extend_from_slice(&u16::try_from(msg.len()).unwrap().to_be_bytes());
     ip.extend_from_slice(&[58, 64]);

@@ -134,14 +134,7 @@ impl PacketPrograms {
             .map_max_entries(MAP_FLOWS, flows.max(1))
             .load(OBJECT)
             .context("loading the eBPF object")?;
-        for name in [FORWARD, REPLY] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the eBPF object"))?
-                .try_into()?;
-            prog.load()
-                .with_context(|| format!("loading {name} (the verifier refused it)"))?;
-        }
+        load_programs(&mut ebpf, None)?;
         Ok(Self {
             ebpf,
             vouching: None,

@@ -69,10 +69,15 @@ pub(super) fn iperf(
     } else {
         args
     };
+    run_iperf(&args).with_context(|| format!("iperf3 to {host}:{port}"))
+}
+
+/// Runs the iperf3 client command `args`: Gbit/s received (and loss % for UDP).
+pub(super) fn run_iperf(args: &[String]) -> Result<(f64, f64)> {
     // The iperf3 server takes one test at a time; a retry covers a server still finishing.
     let mut last = String::new();
     for _ in 0..3 {
-        match run_json(&args) {
+        match run_json(args) {
             Ok(text) => {
                 let report = testkit::IperfReport::parse(text.as_bytes()).ok();
                 if let Some((bps, loss)) = report
@@ -87,7 +92,7 @@ pub(super) fn iperf(
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    bail!("iperf3 to {host}:{port} failed: {last}")
+    bail!("failed: {last}")
 }
 
 pub(super) struct Churn {

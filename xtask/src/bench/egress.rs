@@ -26,29 +26,7 @@ impl Remote {
     fn new() -> Result<Self> {
         drop(Self);
         let r = Self;
-        sh(&["ip", "netns", "add", REMOTE_NS])?;
-        sh(&[
-            "ip", "link", "add", REMOTE_IF, "type", "veth", "peer", "name", "eth0", "netns",
-            REMOTE_NS,
-        ])?;
-        sh(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{REMOTE_HOST}/24"),
-            "dev",
-            REMOTE_IF,
-        ])?;
-        sh(&["ip", "link", "set", REMOTE_IF, "up"])?;
-        let ns = |args: &[&str]| {
-            let mut a = vec!["ip", "-n", REMOTE_NS];
-            a.extend_from_slice(args);
-            sh(&a)
-        };
-        ns(&["addr", "add", &format!("{REMOTE}/24"), "dev", "eth0"])?;
-        ns(&["link", "set", "eth0", "up"])?;
-        ns(&["link", "set", "lo", "up"])?;
-        ns(&["route", "add", "default", "via", REMOTE_HOST])?;
+        super::probe::namespace_behind_veth(REMOTE_NS, (REMOTE_IF, "eth0"), REMOTE_HOST, REMOTE)?;
         sh(&[
             "ip", "netns", "exec", REMOTE_NS, "iperf3", "-s", "-D", "-B", REMOTE,
         ])?;

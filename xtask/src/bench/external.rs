@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use super::{
     Env, P_HTTP, P_IPERF,
     agent::Agent,
-    clients::{iperf_args, pinned, run_json},
+    clients::{iperf_args, pinned, run_iperf, run_json},
     conntrack_count,
     paired::{Placement, pairs, row},
     project_root, sh,
@@ -73,28 +73,7 @@ impl Outside {
     fn create() -> Result<Self> {
         drop(Self);
         let o = Self;
-        sh(&["ip", "netns", "add", NS])?;
-        sh(&[
-            "ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", "dpbx1", "netns", NS,
-        ])?;
-        sh(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{HOST_IP}/24"),
-            "dev",
-            HOST_IF,
-        ])?;
-        sh(&["ip", "link", "set", HOST_IF, "up"])?;
-        let inside = |args: &[&str]| {
-            let mut a = vec!["ip", "-n", NS];
-            a.extend_from_slice(args);
-            sh(&a)
-        };
-        inside(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "dpbx1"])?;
-        inside(&["link", "set", "dpbx1", "up"])?;
-        inside(&["link", "set", "lo", "up"])?;
-        inside(&["route", "add", "default", "via", HOST_IP])?;
+        super::probe::namespace_behind_veth(NS, (HOST_IF, "dpbx1"), HOST_IP, CLIENT_IP)?;
         Ok(o)
     }
 }
@@ -151,23 +130,9 @@ fn ext_iperf(
     secs: u32,
 ) -> Result<f64> {
     let args = in_ns(&iperf_args(host, port, streams, reverse, udp, secs));
-    let mut last = String::new();
-    for _ in 0..3 {
-        match run_json(&args) {
-            Ok(text) => {
-                if let Some(bps) = testkit::IperfReport::parse(text.as_bytes())
-                    .ok()
-                    .and_then(|r| r.received_bps())
-                {
-                    return Ok(bps / 1e9);
-                }
-                last = text.chars().take(300).collect();
-            }
-            Err(e) => last = format!("{e:#}"),
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    bail!("iperf3 from {NS} to {host}:{port} failed: {last}")
+    run_iperf(&args)
+        .map(|r| r.0)
+        .with_context(|| format!("iperf3 from {NS} to {host}:{port}"))
 }
 
 /// dp-churn from the namespace (`--for SECS` when `secs` is given, else `n` connections).

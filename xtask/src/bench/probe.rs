@@ -11,6 +11,39 @@ pub(super) fn sh(args: &[&str]) -> Result<String> {
     output(Command::new(args[0]).args(&args[1..]))
 }
 
+/// A network namespace `ns` behind the veth `host_if` (its peer `peer` inside), the host at
+/// `gateway`/24 on it and the namespace at `inside_ip`/24, its default route through the host.
+pub(super) fn namespace_behind_veth(
+    ns: &str,
+    (host_if, peer): (&str, &str),
+    gateway: &str,
+    inside_ip: &str,
+) -> Result<()> {
+    sh(&["ip", "netns", "add", ns])?;
+    sh(&[
+        "ip", "link", "add", host_if, "type", "veth", "peer", "name", peer, "netns", ns,
+    ])?;
+    sh(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{gateway}/24"),
+        "dev",
+        host_if,
+    ])?;
+    sh(&["ip", "link", "set", host_if, "up"])?;
+    let inside = |args: &[&str]| {
+        let mut a = vec!["ip", "-n", ns];
+        a.extend_from_slice(args);
+        sh(&a)
+    };
+    inside(&["addr", "add", &format!("{inside_ip}/24"), "dev", peer])?;
+    inside(&["link", "set", peer, "up"])?;
+    inside(&["link", "set", "lo", "up"])?;
+    inside(&["route", "add", "default", "via", gateway])?;
+    Ok(())
+}
+
 pub(super) fn inspect(name: &str, fmt: &str) -> Result<String> {
     Ok(sh(&["docker", "inspect", "-f", fmt, name])?
         .trim()
