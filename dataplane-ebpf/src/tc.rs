@@ -16,7 +16,8 @@
 //!   An ICMP or ICMPv6 error about a recorded flow's reply (fragmentation needed, packet
 //!   too big, unreachable, time exceeded), sent by a router toward the client, is
 //!   translated for the container too (its destination and the quoted packet's source),
-//!   so path MTU discovery works.
+//!   so path MTU discovery works; and the container's own errors about a client's packet
+//!   (a UDP port unreachable) for the client.
 //!
 //! Anything else (other protocols, IPv4 fragments, IPv6 extension headers, an IPv6 client
 //! of an IPv4-only container, a flow the programs do not know) goes on untouched:
@@ -323,24 +324,35 @@ fn rewrite(ctx: &TcContext, p: &Pkt, end: End, addr: &Addr, port_be: u16) -> Opt
     ctx.store(IP_TTL, &new_ttl_proto, 0).ok()
 }
 
-/// Rewrites an ICMP error about a translated flow's reply (parsed as the packet it quotes
-/// would read reversed: `p.dst` the dialled address) for the container: its destination,
-/// and the quoted packet's source address and port, become the container's `addr` and
-/// `port_be`, with the checksums: the IPv4 header's and the quoted one's, the ICMP
-/// message's (ICMPv6's with its pseudo-header). The quoted transport checksum is left as
-/// it is (a receiver does not check it in an error). TTL or hop limit decremented.
+/// Rewrites an ICMP error about a translated flow's packet, parsed as the packet it quotes
+/// would read reversed. `End::Dst`: an error from a router toward the client about a
+/// reply, for the container: its destination (the dialled address), and the quoted
+/// packet's source address and port, become the container's `addr` and `port_be`.
+/// `End::Src`: an error from the container about a client's packet, for the client: its
+/// source, and the quoted packet's destination, become the dialled `addr` and `port_be`.
+/// With the checksums: the IPv4 header's and the quoted one's, the ICMP message's
+/// (ICMPv6's with its pseudo-header). The quoted transport checksum is left as it is (a
+/// receiver does not check it in an error). TTL or hop limit decremented.
 #[inline(always)]
-fn rewrite_icmp(ctx: &TcContext, p: &Pkt, addr: &Addr, port_be: u16) -> Option<()> {
+fn rewrite_icmp(ctx: &TcContext, p: &Pkt, end: End, addr: &Addr, port_be: u16) -> Option<()> {
     if p.ttl <= 1 {
         return None;
     }
     let icsum = p.l4 + 2;
-    let (old_port, new_port) = (u64::from(p.dport_be), u64::from(port_be));
+    let (old, old_port_be) = match end {
+        End::Dst => (&p.dst, p.dport_be),
+        End::Src => (&p.src, p.sport_be),
+    };
+    let (old_port, new_port) = (u64::from(old_port_be), u64::from(port_be));
+    let quoted_port = match end {
+        End::Dst => p.inner_l4,
+        End::Src => p.inner_l4 + 2,
+    };
     if p.v6 {
         // SAFETY: both are 16 bytes; the helper only reads them.
         let diff = unsafe {
             bpf_csum_diff(
-                p.dst.as_ptr().cast_mut().cast(),
+                old.as_ptr().cast_mut().cast(),
                 16,
                 addr.as_ptr().cast_mut().cast(),
                 16,
@@ -348,22 +360,30 @@ fn rewrite_icmp(ctx: &TcContext, p: &Pkt, addr: &Addr, port_be: u16) -> Option<(
             )
         }
         .cast_unsigned();
-        // The destination, in ICMPv6's pseudo-header; the quoted source, in the message.
+        // The outer address, in ICMPv6's pseudo-header; the quoted one, in the message.
         ctx.l4_csum_replace(icsum, 0, diff, u64::from(BPF_F_PSEUDO_HDR))
             .ok()?;
         ctx.l4_csum_replace(icsum, 0, diff, 0).ok()?;
         ctx.l4_csum_replace(icsum, old_port, new_port, 2).ok()?;
-        ctx.store(p.inner_l4, &port_be, 0).ok()?;
-        ctx.store(p.inner + 8, addr, 0).ok()?;
-        ctx.store(IP6_DST, addr, 0).ok()?;
+        ctx.store(quoted_port, &port_be, 0).ok()?;
+        let (outer, quoted) = match end {
+            End::Dst => (IP6_DST, p.inner + 8),
+            End::Src => (IP6_SRC, p.inner + 24),
+        };
+        ctx.store(quoted, addr, 0).ok()?;
+        ctx.store(outer, addr, 0).ok()?;
         return ctx.store(IP6_HOPS, &(p.ttl - 1), 0).ok();
     }
-    let (old4, new4) = (v4_part(&p.dst), v4_part(addr));
+    let (old4, new4) = (v4_part(old), v4_part(addr));
     let (old_a, new_a) = (
         u64::from(u32::from_ne_bytes(old4)),
         u64::from(u32::from_ne_bytes(new4)),
     );
-    // The quoted header's source and checksum are data of the ICMP message.
+    let (outer, quoted) = match end {
+        End::Dst => (IP_DST, p.inner + 12),
+        End::Src => (IP_SRC, p.inner + 16),
+    };
+    // The quoted header's address and checksum are data of the ICMP message.
     let quoted_csum = p.inner + 10;
     let before: u16 = ctx.load(quoted_csum).ok()?;
     ctx.l3_csum_replace(quoted_csum, old_a, new_a, 4).ok()?;
@@ -371,15 +391,15 @@ fn rewrite_icmp(ctx: &TcContext, p: &Pkt, addr: &Addr, port_be: u16) -> Option<(
     ctx.l4_csum_replace(icsum, u64::from(before), u64::from(after), 2)
         .ok()?;
     ctx.l4_csum_replace(icsum, old_a, new_a, 4).ok()?;
-    ctx.store(p.inner + 12, &new4, 0).ok()?;
+    ctx.store(quoted, &new4, 0).ok()?;
     ctx.l4_csum_replace(icsum, old_port, new_port, 2).ok()?;
-    ctx.store(p.inner_l4, &port_be, 0).ok()?;
+    ctx.store(quoted_port, &port_be, 0).ok()?;
     let ttl_proto = u16::from_ne_bytes([p.ttl, PROTO_ICMP]);
     let new_ttl_proto = u16::from_ne_bytes([p.ttl - 1, PROTO_ICMP]);
     ctx.l3_csum_replace(IP_CSUM, old_a, new_a, 4).ok()?;
     ctx.l3_csum_replace(IP_CSUM, u64::from(ttl_proto), u64::from(new_ttl_proto), 2)
         .ok()?;
-    ctx.store(IP_DST, &new4, 0).ok()?;
+    ctx.store(outer, &new4, 0).ok()?;
     ctx.store(IP_TTL, &new_ttl_proto, 0).ok()
 }
 
@@ -531,7 +551,7 @@ fn translate(ctx: &TcContext, p: &Pkt) -> Option<i32> {
         if f.front != p.dst || f.front_port_be != p.dport_be {
             return None;
         }
-        rewrite_icmp(ctx, p, &t.addr, t.port_be)?;
+        rewrite_icmp(ctx, p, End::Dst, &t.addr, t.port_be)?;
     } else {
         track(ctx, p, &key, &p.dst)?;
         rewrite(ctx, p, End::Dst, &t.addr, t.port_be)?;
@@ -561,7 +581,12 @@ fn reply(ctx: &TcContext) -> Option<i32> {
         f.flags |= FLOW_F_CLOSING;
     }
     let (front, front_port_be, out) = (f.front, f.front_port_be, f.in_ifindex);
-    rewrite(ctx, p, End::Src, &front, front_port_be)?;
+    if p.icmp {
+        // The container's error about a client's packet (a UDP port unreachable, say).
+        rewrite_icmp(ctx, p, End::Src, &front, front_port_be)?;
+    } else {
+        rewrite(ctx, p, End::Src, &front, front_port_be)?;
+    }
     // SAFETY: only sets where the packet goes once the program returns; the kernel
     // resolves the route and the neighbour.
     let r = unsafe { bpf_redirect_neigh(out, core::ptr::null_mut(), 0, 0) };

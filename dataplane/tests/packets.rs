@@ -711,6 +711,58 @@ fn icmpv6_packet_too_big_about_a_flows_replies_reaches_the_container_translated(
     );
 }
 
+#[test]
+#[ignore = "needs root and a BPF-capable kernel: run by `cargo xtask test`"]
+fn the_containers_port_unreachable_reaches_the_client_as_from_the_dialled_port() {
+    let mut p = programs();
+    let (rc, _) = p
+        .run(FORWARD, &Frame::udp(CLIENT, 5002, HOST, 5353).bytes())
+        .unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    // The container has nothing on its port 53: it says so about the datagram it got.
+    let got = Frame::udp(CLIENT, 5002, CTR, 53).bytes();
+    let error = icmp4(CTR, CLIENT, (3, 3, 0), &got[14..14 + 28]);
+    let (rc, out) = p.run(REPLY, &error).unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let ip = &out[14..];
+    assert_eq!(
+        u16::from_be_bytes([ip[10], ip[11]]),
+        ip_csum(ip),
+        "IPv4 header checksum"
+    );
+    assert_eq!((&ip[12..16], &ip[16..20]), (&HOST[..], &CLIENT[..]));
+    let msg = &ip[20..];
+    assert_eq!(fold(sum16(msg, 0)), 0, "ICMP checksum");
+    let inner = &msg[8..];
+    assert_eq!(
+        u16::from_be_bytes([inner[10], inner[11]]),
+        ip_csum(inner),
+        "quoted IPv4 header checksum"
+    );
+    // The quoted datagram is the client's as it sent it: to the dialled address and port.
+    assert_eq!((&inner[12..16], &inner[16..20]), (&CLIENT[..], &HOST[..]));
+    assert_eq!(u16::from_be_bytes([inner[22], inner[23]]), 5353);
+    // And over IPv6.
+    let (rc, _) = p
+        .run(FORWARD, &Frame::udp(CLIENT6, 5003, HOST6, 5353).bytes())
+        .unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let got = Frame::udp(CLIENT6, 5003, CTR6, 53).bytes();
+    let error = icmp6(CTR6, CLIENT6, (1, 4, 0), &got[14..14 + 48]);
+    let (rc, out) = p.run(REPLY, &error).unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let ip = &out[14..];
+    assert_eq!((&ip[8..24], &ip[24..40]), (&HOST6[..], &CLIENT6[..]));
+    assert_eq!(
+        u16::from_be_bytes([ip[42], ip[43]]),
+        icmp6_sum(ip),
+        "ICMPv6 checksum"
+    );
+    let inner = &ip[48..];
+    assert_eq!((&inner[8..24], &inner[24..40]), (&CLIENT6[..], &HOST6[..]));
+    assert_eq!(u16::from_be_bytes([inner[42], inner[43]]), 5353);
+}
+
 struct Links(Vec<String>);
 
 impl Drop for Links {
@@ -965,6 +1017,12 @@ fn an_outside_client_reaches_the_container_through_the_programs_untracked() {
         &backend(8081),
     )
     .unwrap();
+    // Nothing listens on the container's 8082: its port unreachable must reach the client.
+    fe.put(
+        &FrontendKey::new(WILDCARD4, 18082, PROTO_UDP),
+        &backend(8082),
+    )
+    .unwrap();
     p.local_addrs()
         .unwrap()
         .put(&host, &LocalAddr { kind: LOCAL_HOST })
@@ -1006,6 +1064,7 @@ fn an_outside_client_reaches_the_container_through_the_programs_untracked() {
         );
     }
     assert_eq!(p.flows().unwrap().len(), 6);
+    assert_eq!(client(outside, "udpc", "198.51.100.1", 18082), "error 111");
     // And over IPv6.
     for _ in 0..3 {
         assert_eq!(
@@ -1013,7 +1072,7 @@ fn an_outside_client_reaches_the_container_through_the_programs_untracked() {
             "ok backend 2001:db8:77::7 2001:db8:77::1 18080"
         );
     }
-    assert_eq!(p.flows().unwrap().len(), 9);
+    assert_eq!(p.flows().unwrap().len(), 10);
     // No netfilter hook of the host saw them: nothing new is tracked.
     assert!(tracked("198.51.100.7") <= tracked_before);
     assert!(tracked("2001:db8:77::7") <= v6_before);
