@@ -338,6 +338,7 @@ fn print_status(s: &Status) {
         Some(why) => println!("host clients: translated, tracked by conntrack: {why}"),
         None => println!("host clients: translated, untracked"),
     }
+    print_mode(s);
     print_packet_layer(s);
     if !s.kernel.is_empty() {
         let degraded: Vec<_> = s.features.iter().filter(|f| f.state != "active").collect();
@@ -370,11 +371,42 @@ fn print_status(s: &Status) {
     }
 }
 
+fn print_mode(s: &Status) {
+    match &s.own_firewall {
+        Some(f) => {
+            println!(
+                "mode:         own-firewall (Docker's iptables rules off; the agent's table inet {} publishes, masquerades and isolates)",
+                f.table
+            );
+            println!(
+                "  {} networks, {} published bindings, {} operator rules (chain operator), written {}",
+                f.networks,
+                f.published,
+                f.operator_rules,
+                ago(f.written_unix_ms)
+            );
+            if let Some(e) = &f.error {
+                println!("  last write failed (the table stays as it was): {e}");
+            }
+        }
+        None if s.mode.is_empty() => {}
+        None => println!("mode:         {} (Docker's own rules publish, masquerade and isolate)", s.mode),
+    }
+    if let Some(w) = &s.docker_settings_warning {
+        println!("  warning: {w}");
+    }
+}
+
 fn print_packet_layer(s: &Status) {
+    let dnat = if s.own_firewall.is_some() {
+        "the agent's DNAT"
+    } else {
+        "Docker's DNAT"
+    };
     match &s.packet_layer {
-        None => println!("external clients: Docker's DNAT (packet layer off)"),
+        None => println!("external clients: {dnat} (packet layer off)"),
         Some(p) if p.standing_back.is_some() => println!(
-            "external clients: Docker's DNAT (the packet layer stands back: the host's \
+            "external clients: {dnat} (the packet layer stands back: the host's \
              firewall has rules for forwarded traffic, at {})",
             p.standing_back.as_deref().unwrap_or_default()
         ),

@@ -197,6 +197,35 @@ pub struct Status {
     /// on; off, external clients take Docker's DNAT.
     #[serde(default)]
     pub packet_layer: Option<PacketStatus>,
+    /// Which firewall publishes, masquerades and isolates: `docker` (Docker's own rules,
+    /// the default mode) or `own-firewall` (the agent's table, Docker's rules off).
+    #[serde(default)]
+    pub mode: String,
+    /// The own-firewall mode's table, when that mode is active.
+    #[serde(default)]
+    pub own_firewall: Option<OwnFirewallStatus>,
+    /// A warning about Docker's settings (its rules off while the agent runs in the
+    /// default mode, or a daemon that changed them since the agent started).
+    #[serde(default)]
+    pub docker_settings_warning: Option<String>,
+}
+
+/// The own-firewall mode's table, as `status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnFirewallStatus {
+    /// `inet <table>`.
+    pub table: String,
+    /// Bridge networks it writes rules for, and published bindings it holds.
+    pub networks: usize,
+    pub published: usize,
+    /// Rules in the operator's chain (`operator`), evaluated before the agent's.
+    pub operator_rules: usize,
+    /// Docker's iptables leftovers removed at this agent's start.
+    pub removed_leftovers: usize,
+    /// Why the last write failed, when it did (the table in the kernel stays as it was).
+    pub error: Option<String>,
+    /// Unix time (ms) of the last write.
+    pub written_unix_ms: u64,
 }
 
 /// The packet layer, as `status` shows it.

@@ -112,6 +112,16 @@ struct Agent {
     /// last agent's cache).
     resync_now: bool,
     packet: PacketSide,
+    /// The own-firewall mode's table, when that mode is on.
+    own_fw: Option<OwnSide>,
+    docker_socket: String,
+}
+
+/// The own-firewall mode in the agent's loop.
+struct OwnSide {
+    fw: crate::ownfw::Firewall,
+    /// Docker's iptables leftovers removed at the start.
+    removed: usize,
 }
 
 /// The packet layer in the agent's loop.
@@ -259,6 +269,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         fw,
         listed,
         cached,
+        docker_settings,
     }) = start_or_stop(&opts, checked, &mut startup, &mut sigterm).await?
     else {
         return Ok(());
@@ -276,6 +287,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     let (scrape, metrics_server) = start_metrics(&opts, &loaded, docker_version, &shared).await?;
     let (early_tx, early_rx) = mpsc::channel(64);
     let packet = PacketSide::new(&opts, &loaded)?;
+    let own_fw = own_side(&opts, &shared, docker_settings.as_ref()).await;
 
     let mut agent = Agent {
         loaded,
@@ -325,6 +337,8 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         resync_now: false,
         docker_root: None,
         packet,
+        own_fw,
+        docker_socket: opts.docker_socket.clone(),
     };
     let fw_later = agent
         .first_sync(fw, fw_tx, inspected, listed, startup)
@@ -345,6 +359,51 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         .map_err(StartError::Other);
     agent.stop(opts.pin_dir.is_some()).await;
     r
+}
+
+/// The own-firewall mode at the start (Docker's settings already checked): Docker's iptables
+/// leftovers go, and `status` says which mode is active; in the default mode, a warning
+/// when Docker's rules are off.
+async fn own_side(
+    opts: &Options,
+    shared: &Shared,
+    settings: Result<&crate::ownfw::docker_conf::Settings, &String>,
+) -> Option<OwnSide> {
+    let mut st = shared.lock().expect("status lock");
+    if !opts.own_firewall {
+        st.status.mode = "docker".into();
+        if let Ok(s) = settings
+            && !s.iptables
+        {
+            let w = format!(
+                "Docker's iptables rules are off ({}): nothing publishes ports to external \
+                 clients, masquerades or isolates networks; run the agent with --own-firewall",
+                s.source
+            );
+            warn!("{w}");
+            st.status.docker_settings_warning = Some(w);
+        }
+        return None;
+    }
+    st.status.mode = "own-firewall".into();
+    drop(st);
+    let removed = tokio::task::spawn_blocking(crate::ownfw::leftovers::remove)
+        .await
+        .unwrap_or_default();
+    for r in &removed {
+        info!(done = %r, "removed Docker's iptables leftover (its rules are off)");
+    }
+    if crate::ownfw::leftovers::forward_policy_drops() {
+        warn!(
+            "the iptables FORWARD policy is DROP: containers' traffic beyond their bridge is \
+             dropped before the agent's table sees it (accept it for Docker's bridges, or set \
+             the policy to ACCEPT)"
+        );
+    }
+    Some(OwnSide {
+        fw: crate::ownfw::Firewall::new(&opts.nft_table),
+        removed: removed.len(),
+    })
 }
 
 /// [`load_and_list`], unless asked to stop meanwhile (waiting for Docker or the kernel):
@@ -509,6 +568,11 @@ impl Agent {
             self.netfilter.close_and_remove().await;
             if let Err(e) = self.egress.remove() {
                 warn!(error = %format!("{e:#}"), "removing the egress table failed");
+            }
+            if self.own_fw.is_some()
+                && let Err(e) = crate::ownfw::remove(&self.nft_table)
+            {
+                warn!(error = %format!("{e:#}"), "removing the own-firewall table failed");
             }
         }
     }
@@ -934,6 +998,10 @@ impl Agent {
                 // Events were lost: the egress table is written whole again.
                 self.egress.force();
             }
+            self.check_docker_settings();
+            if let Some(o) = &mut self.own_fw {
+                o.fw.force();
+            }
             self.state.networks = docker::networks(&self.docker).await?;
             let table = self.nft_table.clone();
             self.fw_snapshot = tokio::task::spawn_blocking(move || hostfw::capture(&table)).await?;
@@ -1038,9 +1106,21 @@ impl Agent {
 
     /// What the last ruleset snapshot means, logged when it changes.
     fn evaluate_firewall(&mut self) {
-        let fw = self
+        let mut fw = self
             .fw_snapshot
             .evaluate(&self.state.bridges(), &self.nft_table);
+        // In the own-firewall mode, the operator's chain is where `DOCKER-USER` was: rules
+        // there concern container and external clients' forwarded traffic alike.
+        if self.own_fw.is_some()
+            && let Some(n) = crate::ownfw::operator_rules(&self.nft_table).filter(|n| *n > 0)
+        {
+            let at = format!("inet {}_fw operator ({n} rules)", self.nft_table);
+            fw.forward_rules.get_or_insert_with(|| at.clone());
+            fw.external_rules.get_or_insert(at);
+            if let Some(o) = self.shared.lock().expect("status lock").status.own_firewall.as_mut() {
+                o.operator_rules = n;
+            }
+        }
         if fw != self.state.firewall {
             if let Some(w) = &fw.stateful_input {
                 info!(where_ = %w, "stateful INPUT policy: host clients' connections stay tracked");
@@ -1072,8 +1152,11 @@ impl Agent {
         if changes.touches_table("inet", self.egress.table()) && self.egress_check_at.is_none() {
             self.egress_check_at = Some(Instant::now() + Duration::from_secs(1));
         }
+        // The own-firewall table: the operator's chain may have changed.
+        let own_changed = self.own_fw.is_some()
+            && changes.touches_table("inet", &format!("{}_fw", self.nft_table));
         // Docker's own per-container rules change nothing the evaluation reads.
-        if !self.fw_snapshot.concerned_by(&changes) {
+        if !own_changed && !self.fw_snapshot.concerned_by(&changes) {
             return;
         }
         let table = self.nft_table.clone();
@@ -1208,6 +1291,7 @@ impl Agent {
         } else {
             self.apply_egress()
         };
+        let egress = egress.and(self.apply_own_firewall());
         self.state.host_denied = self.egress.host_denied();
         let plan = plan::plan(&self.state, &env);
         for c in &plan.conflicts {
@@ -1260,6 +1344,62 @@ impl Agent {
         self.reset_paused();
         self.publish_counters();
         egress
+    }
+
+    /// The own-firewall mode's table, written when what it holds changed.
+    fn apply_own_firewall(&mut self) -> Result<()> {
+        let Some(own) = self.own_fw.as_mut() else {
+            return Ok(());
+        };
+        let spec = crate::ownfw::Spec::new(
+            self.state.networks.values(),
+            crate::ownfw::published(&self.state.containers),
+        );
+        let r = own.fw.apply(spec);
+        let operator = crate::ownfw::operator_rules(&self.nft_table).unwrap_or(0);
+        let (networks, published) = own.fw.counts();
+        let mut st = self.shared.lock().expect("status lock");
+        let prev = st.status.own_firewall.take().unwrap_or_default();
+        st.status.own_firewall = Some(dataplane_api::OwnFirewallStatus {
+            table: own.fw.table(),
+            networks,
+            published,
+            operator_rules: operator,
+            removed_leftovers: own.removed,
+            error: r.as_ref().err().map(|e| format!("{e:#}")),
+            written_unix_ms: match &r {
+                Ok(true) => now_ms(),
+                _ => prev.written_unix_ms,
+            },
+        });
+        drop(st);
+        if let Ok(true) = r {
+            debug!(networks, published, "own-firewall table written");
+        }
+        r.map(|_| ())
+    }
+
+    /// Docker's settings read again (a restarted daemon may have changed them): a
+    /// disagreement with the mode is logged and shown by `status`.
+    fn check_docker_settings(&mut self) {
+        let own = self.own_fw.is_some();
+        let w = match crate::ownfw::docker_conf::of_daemon(&self.docker_socket) {
+            Err(_) => return,
+            Ok(s) if own => crate::ownfw::docker_conf::check(true, &s).err(),
+            Ok(s) if !s.iptables => Some(format!(
+                "Docker's iptables rules are off ({}): nothing publishes ports to external \
+                 clients, masquerades or isolates networks; run the agent with --own-firewall",
+                s.source
+            )),
+            Ok(_) => None,
+        };
+        let mut st = self.shared.lock().expect("status lock");
+        if w != st.status.docker_settings_warning {
+            if let Some(w) = &w {
+                warn!("{w}");
+            }
+            st.status.docker_settings_warning = w;
+        }
     }
 
     /// Destroys the translated sockets of containers just paused that asked for it

@@ -902,6 +902,7 @@ mod tests {
             peers_direct: true,
             nat4,
             nat6,
+            fw: crate::docker::FwInfo::default(),
         }
     }
 

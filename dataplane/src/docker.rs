@@ -261,6 +261,23 @@ pub struct NetInfo {
     /// mode, see `engine`).
     pub nat4: bool,
     pub nat6: bool,
+    /// What the own-firewall mode's rules need of it.
+    pub fw: FwInfo,
+}
+
+/// A bridge network's settings as Docker's rules apply them (the own-firewall mode).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FwInfo {
+    /// Its subnets (address, prefix length).
+    pub subnets: Vec<(std::net::IpAddr, u8)>,
+    pub internal: bool,
+    /// `com.docker.network.bridge.enable_icc` (default on).
+    pub icc: bool,
+    /// `com.docker.network.bridge.enable_ip_masquerade` (default on).
+    pub masquerade: bool,
+    /// The gateway modes' options as given (`None`: the default, `nat`).
+    pub gw4: Option<String>,
+    pub gw6: Option<String>,
 }
 
 impl NetInfo {
@@ -281,6 +298,27 @@ impl NetInfo {
             .is_none_or(|v| v != "false");
         let internal = n.internal.unwrap_or(false);
         let (nat4, nat6) = crate::engine::nat_families(&opts);
+        let subnets = n
+            .ipam
+            .as_ref()
+            .and_then(|i| i.config.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| {
+                let (a, l) = c.subnet.as_deref()?.split_once('/')?;
+                Some((a.parse().ok()?, l.parse().ok()?))
+            })
+            .collect();
+        let fw = FwInfo {
+            subnets,
+            internal,
+            icc,
+            masquerade: opts
+                .get("com.docker.network.bridge.enable_ip_masquerade")
+                .is_none_or(|v| v != "false"),
+            gw4: opts.get(crate::engine::GATEWAY_MODE_V4).cloned(),
+            gw6: opts.get(crate::engine::GATEWAY_MODE_V6).cloned(),
+        };
         Some(Self {
             id,
             name,
@@ -288,6 +326,7 @@ impl NetInfo {
             peers_direct: is_bridge && icc && !internal,
             nat4,
             nat6,
+            fw,
         })
     }
 }

@@ -18,6 +18,7 @@ pub mod netfilter;
 pub mod netlink;
 pub mod netns;
 pub mod notify;
+pub mod ownfw;
 pub mod packet;
 pub mod plan;
 pub mod reconcile;

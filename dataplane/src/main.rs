@@ -22,6 +22,7 @@ Exit codes of `dataplane run` (for supervisors):
   4  the environment: no cgroup2 or bpffs mount, not root, a pin directory that is not root's
   5  the kernel refused to load or attach a program
   6  Docker's API could not be reached
+  7  --own-firewall, and Docker's settings disagree (its iptables rules or userland proxy on)
 `dataplane uninstall`: 0 done, 1 something could not be removed, 3 an agent is running.
 
 Signals: SIGHUP reloads the config file (a file that does not validate is rejected and the
@@ -96,6 +97,26 @@ enum Cmd {
         /// recently used flows are dropped from it and continue on Docker's path.
         #[arg(long, value_name = "N")]
         packet_flows: Option<u32>,
+        /// The own-firewall mode: Docker runs with its iptables rules off (`dataplane
+        /// docker-config`) and the agent publishes ports, masquerades and isolates networks
+        /// from its own nftables table (`inet <nft-table>_fw`, with the chain `operator` for
+        /// the operator's own rules). Also `[own_firewall] enabled` in the config file.
+        #[arg(long)]
+        own_firewall: bool,
+    },
+    /// Shows the daemon.json change the own-firewall mode needs ("iptables", "ip6tables" and
+    /// "userland-proxy" false); --apply writes it (keeping the file as it was), --undo puts
+    /// the file back. Docker must be restarted for either to take effect.
+    DockerConfig {
+        /// Docker's config file.
+        #[arg(long, default_value = dataplane::ownfw::docker_conf::DEFAULT_DAEMON_JSON)]
+        file: PathBuf,
+        /// Write the change (the file before it is kept as <file>.before-dataplane).
+        #[arg(long, conflicts_with = "undo")]
+        apply: bool,
+        /// Put back the file as it was before --apply.
+        #[arg(long)]
+        undo: bool,
     },
     /// Remove everything the agent installed: pinned links (detaching the programs) and
     /// maps, the nftables table, the iptables chain. Run it with the agent stopped.
@@ -197,6 +218,18 @@ fn main() -> ExitCode {
             config: _,
             state_dir,
         } => uninstall(&pin_dir, &nft_table, &fwd_chain, &socket, &state_dir),
+        Cmd::DockerConfig { file, apply, undo } => {
+            match dataplane::ownfw::daemon_json::run(&file, apply, undo) {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dataplane docker-config: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
         Cmd::Run {
             docker_socket,
             socket,
@@ -212,6 +245,7 @@ fn main() -> ExitCode {
             packet_layer,
             packet_allow,
             packet_flows,
+            own_firewall,
         } => {
             let config_path = config;
             let packet_flags = dataplane::packet::Flags {
@@ -226,7 +260,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            let own_firewall = own_firewall || config.own_firewall.enabled;
             let opts = agent::Options {
+                own_firewall,
                 docker_socket,
                 cache_path: Some(socket.with_file_name(agent::CACHE_FILE)),
                 api_socket: socket,
@@ -357,6 +393,13 @@ fn uninstall(
     let egress_table = dataplane::netfilter::changes::egress_table(nft_table);
     match dataplane::egress::nft::run(dataplane::egress::nft::delete_batch(&egress_table)) {
         Ok(()) => println!("removed nftables table inet {egress_table} (egress policies)"),
+        Err(e) => {
+            eprintln!("dataplane: {e:#}");
+            failed = true;
+        }
+    }
+    match dataplane::ownfw::remove(nft_table) {
+        Ok(()) => println!("removed nftables table inet {nft_table}_fw (own-firewall mode), if it was there"),
         Err(e) => {
             eprintln!("dataplane: {e:#}");
             failed = true;

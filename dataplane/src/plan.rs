@@ -293,6 +293,7 @@ mod tests {
                 peers_direct: true,
                 nat4: true,
                 nat6: true,
+                fw: crate::docker::FwInfo::default(),
             },
         );
         let peer = |ip: &str, cookie| {

@@ -48,6 +48,8 @@ pub struct Options {
     pub state_dir: Option<PathBuf>,
     /// The packet layer's flags (taken with the config file's `[packet_layer]`).
     pub packet_flags: crate::packet::Flags,
+    /// `--own-firewall` (or the config file's `[own_firewall] enabled`).
+    pub own_firewall: bool,
 }
 
 impl Options {
@@ -132,6 +134,9 @@ pub enum StartError {
     /// Another agent's programs are installed.
     #[error("{0:#}")]
     AlreadyInstalled(anyhow::Error),
+    /// The own-firewall mode and Docker's settings disagree.
+    #[error("{0:#}")]
+    Mode(anyhow::Error),
     /// Anything else.
     #[error("{0:#}")]
     Other(#[from] anyhow::Error),
@@ -145,6 +150,7 @@ impl StartError {
             Self::Environment(_) => 4,
             Self::Kernel(_) => 5,
             Self::Docker(_) => 6,
+            Self::Mode(_) => 7,
         }
     }
 }
@@ -172,6 +178,8 @@ pub struct Started {
     pub listed: Vec<docker::Named>,
     /// How many of `inspected` came from the last agent's cache.
     pub cached: usize,
+    /// Docker's firewall settings, or why they could not be read.
+    pub docker_settings: Result<crate::ownfw::docker_conf::Settings, String>,
 }
 
 /// What Docker says at the start.
@@ -183,6 +191,7 @@ struct DockerState {
     listed: Vec<docker::Named>,
     /// How many inspects came from the last agent's cache.
     cached: usize,
+    settings: Result<crate::ownfw::docker_conf::Settings, String>,
 }
 
 /// Connects to Docker, lists containers and networks, and inspects the running containers
@@ -190,6 +199,7 @@ struct DockerState {
 async fn docker_state(socket: &str, left: &mut crate::cache::Left) -> Result<DockerState> {
     let t = Instant::now();
     let (docker, version) = docker::connect(socket).await?;
+    let settings = crate::ownfw::docker_conf::of_daemon(socket);
     debug!(took_us = t.elapsed().as_micros(), "connected to Docker");
     let (listed, networks) = tokio::join!(docker::list_all(&docker), docker::networks(&docker));
     let listed = listed?;
@@ -218,6 +228,7 @@ async fn docker_state(socket: &str, left: &mut crate::cache::Left) -> Result<Doc
         version,
         listed: docker::named(listed),
         cached: n,
+        settings,
     })
 }
 
@@ -330,6 +341,7 @@ pub async fn load_and_list(
         version: docker_version,
         listed,
         cached,
+        settings,
     } = match docker_res {
         Ok(d) => d,
         Err(e) => {
@@ -337,6 +349,18 @@ pub async fn load_and_list(
             return Err(undo(StartError::Docker(e)));
         }
     };
+    if opts.own_firewall {
+        let checked = settings
+            .as_ref()
+            .map_err(|e| {
+                format!("--own-firewall: cannot tell whether Docker's iptables rules are off: {e}")
+            })
+            .and_then(|s| crate::ownfw::docker_conf::check(true, s));
+        if let Err(e) = checked {
+            drop(loaded);
+            return Err(undo(StartError::Mode(anyhow::anyhow!(e))));
+        }
+    }
     // Container clients stay off until the first sync has read the host's ruleset.
     if let Err(e) = loaded.set_config(Config {
         host_netns_cookie: host_cookie,
@@ -355,6 +379,7 @@ pub async fn load_and_list(
         fw,
         listed,
         cached,
+        docker_settings: settings,
     })
 }
 

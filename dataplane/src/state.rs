@@ -202,6 +202,7 @@ mod tests {
             peers_direct: true,
             nat4: true,
             nat6: true,
+            fw: crate::docker::FwInfo::default(),
         };
         let ip: Vec<IpAddr> = vec!["172.17.0.2".parse().unwrap()];
         let mut st = State::default();

@@ -9,6 +9,8 @@ mod early;
 mod egress;
 #[path = "e2e_docker/operate.rs"]
 mod operate;
+#[path = "e2e_docker/own_firewall.rs"]
+mod own_firewall;
 #[path = "e2e_docker/package.rs"]
 mod package;
 #[path = "e2e_docker/pause.rs"]
@@ -1392,6 +1394,11 @@ fn dockerd_restart_is_survived_and_resynced() {
 /// the userland proxy as `userland_proxy` says (None: off, unless daemon.json sets it). The
 /// harness stops it, by its pidfile, at the end.
 fn restart_dockerd(pidfile: &str, log: &str, userland_proxy: Option<bool>) {
+    restart_dockerd_with(pidfile, log, userland_proxy, &[]);
+}
+
+/// As [`restart_dockerd`], with `extra` options for dockerd.
+fn restart_dockerd_with(pidfile: &str, log: &str, userland_proxy: Option<bool>, extra: &[&str]) {
     let pid = std::fs::read_to_string(pidfile).unwrap().trim().to_string();
     sh(&["kill", "-TERM", &pid]);
     wait_until("dockerd to exit", Duration::from_secs(30), || {
@@ -1419,6 +1426,7 @@ fn restart_dockerd(pidfile: &str, log: &str, userland_proxy: Option<bool>) {
     if let Ok(extra) = std::env::var("DATAPLANE_TEST_DOCKERD_ARGS") {
         c.args(extra.split_whitespace());
     }
+    c.args(extra);
     let started = c
         .args(["--pidfile", pidfile])
         .stdin(Stdio::null())

@@ -367,6 +367,17 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub packet_layer: PacketConfig,
+    #[serde(default)]
+    pub own_firewall: OwnFirewallConfig,
+}
+
+/// `[own_firewall]`: the agent writes the rules Docker's `iptables` would (off by default).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnFirewallConfig {
+    /// As `dataplane run --own-firewall` (applies at the agent's start).
+    #[serde(default)]
+    pub enabled: bool,
 }
 
 /// `[packet_layer]`: external clients translated on the host's interfaces (off by default).

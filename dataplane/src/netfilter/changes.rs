@@ -93,11 +93,8 @@ pub fn egress_table(own_table: &str) -> String {
 /// Whether `family table` is one of the agent's own tables (the notrack table
 /// `own_table` and its egress table): never an operator's rules.
 pub fn is_own_table(family: &str, table: &str, own_table: &str) -> bool {
-    family == "inet"
-        && (table == own_table
-            || table
-                .strip_prefix(own_table)
-                .is_some_and(|rest| rest == "_egress"))
+    let rest = table.strip_prefix(own_table);
+    family == "inet" && (table == own_table || rest.is_some_and(|r| r == "_egress" || r == "_fw"))
 }
 
 fn family_name(f: u8) -> Option<&'static str> {
