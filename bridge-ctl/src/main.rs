@@ -390,7 +390,10 @@ fn print_mode(s: &Status) {
             }
         }
         None if s.mode.is_empty() => {}
-        None => println!("mode:         {} (Docker's own rules publish, masquerade and isolate)", s.mode),
+        None => println!(
+            "mode:         {} (Docker's own rules publish, masquerade and isolate)",
+            s.mode
+        ),
     }
     if let Some(w) = &s.docker_settings_warning {
         println!("  warning: {w}");

@@ -117,6 +117,15 @@ struct Agent {
     docker_socket: String,
 }
 
+/// What the loop serves besides Docker's events: netlink and ruleset changes, bridge-ctl's
+/// requests, host name lookups.
+type Inputs = (
+    mpsc::Receiver<()>,
+    mpsc::Receiver<()>,
+    mpsc::Receiver<api::Forwarded>,
+    mpsc::Receiver<Lookup>,
+);
+
 /// The own-firewall mode in the agent's loop.
 struct OwnSide {
     fw: crate::ownfw::Firewall,
@@ -346,15 +355,9 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     agent.after_ready(fw_later, cached).await;
     agent.resync_now = cached > 0;
 
+    let inputs = (nl_rx, fw_rx, api_rx, dns_rx);
     let r = agent
-        .serve_events(
-            opts.resync_interval,
-            events_since,
-            nl_rx,
-            fw_rx,
-            api_rx,
-            dns_rx,
-        )
+        .serve_events(opts.resync_interval, events_since, inputs)
         .await
         .map_err(StartError::Other);
     agent.stop(opts.pin_dir.is_some()).await;
@@ -369,24 +372,19 @@ async fn own_side(
     shared: &Shared,
     settings: Result<&crate::ownfw::docker_conf::Settings, &String>,
 ) -> Option<OwnSide> {
-    let mut st = shared.lock().expect("status lock");
     if !opts.own_firewall {
+        let mut st = shared.lock().expect("status lock");
         st.status.mode = "docker".into();
         if let Ok(s) = settings
             && !s.iptables
         {
-            let w = format!(
-                "Docker's iptables rules are off ({}): nothing publishes ports to external \
-                 clients, masquerades or isolates networks; run the agent with --own-firewall",
-                s.source
-            );
+            let w = rules_off_warning(s);
             warn!("{w}");
             st.status.docker_settings_warning = Some(w);
         }
         return None;
     }
-    st.status.mode = "own-firewall".into();
-    drop(st);
+    shared.lock().expect("status lock").status.mode = "own-firewall".into();
     let removed = tokio::task::spawn_blocking(crate::ownfw::leftovers::remove)
         .await
         .unwrap_or_default();
@@ -404,6 +402,15 @@ async fn own_side(
         fw: crate::ownfw::Firewall::new(&opts.nft_table),
         removed: removed.len(),
     })
+}
+
+/// What the default mode says when Docker's rules are off.
+fn rules_off_warning(s: &crate::ownfw::docker_conf::Settings) -> String {
+    format!(
+        "Docker's iptables rules are off ({}): nothing publishes ports to external clients, \
+         masquerades or isolates networks; run the agent with --own-firewall",
+        s.source
+    )
 }
 
 /// [`load_and_list`], unless asked to stop meanwhile (waiting for Docker or the kernel):
@@ -684,11 +691,9 @@ impl Agent {
         &mut self,
         resync_interval: Duration,
         mut since: i64,
-        mut nl_rx: mpsc::Receiver<()>,
-        mut fw_rx: mpsc::Receiver<()>,
-        mut api_rx: mpsc::Receiver<api::Forwarded>,
-        mut dns_rx: mpsc::Receiver<Lookup>,
+        inputs: Inputs,
     ) -> Result<()> {
+        let (mut nl_rx, mut fw_rx, mut api_rx, mut dns_rx) = inputs;
         let mut sigterm = match self.sigterm.take() {
             Some(s) => s,
             None => tokio::signal::unix::signal(SignalKind::terminate())?,
@@ -1117,7 +1122,14 @@ impl Agent {
             let at = format!("inet {}_fw operator ({n} rules)", self.nft_table);
             fw.forward_rules.get_or_insert_with(|| at.clone());
             fw.external_rules.get_or_insert(at);
-            if let Some(o) = self.shared.lock().expect("status lock").status.own_firewall.as_mut() {
+            if let Some(o) = self
+                .shared
+                .lock()
+                .expect("status lock")
+                .status
+                .own_firewall
+                .as_mut()
+            {
                 o.operator_rules = n;
             }
         }
@@ -1386,11 +1398,7 @@ impl Agent {
         let w = match crate::ownfw::docker_conf::of_daemon(&self.docker_socket) {
             Err(_) => return,
             Ok(s) if own => crate::ownfw::docker_conf::check(true, &s).err(),
-            Ok(s) if !s.iptables => Some(format!(
-                "Docker's iptables rules are off ({}): nothing publishes ports to external \
-                 clients, masquerades or isolates networks; run the agent with --own-firewall",
-                s.source
-            )),
+            Ok(s) if !s.iptables => Some(rules_off_warning(&s)),
             Ok(_) => None,
         };
         let mut st = self.shared.lock().expect("status lock");

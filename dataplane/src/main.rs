@@ -399,7 +399,9 @@ fn uninstall(
         }
     }
     match dataplane::ownfw::remove(nft_table) {
-        Ok(()) => println!("removed nftables table inet {nft_table}_fw (own-firewall mode), if it was there"),
+        Ok(()) => println!(
+            "removed nftables table inet {nft_table}_fw (own-firewall mode), if it was there"
+        ),
         Err(e) => {
             eprintln!("dataplane: {e:#}");
             failed = true;

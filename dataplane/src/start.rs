@@ -194,6 +194,44 @@ struct DockerState {
     settings: Result<crate::ownfw::docker_conf::Settings, String>,
 }
 
+/// Removes an earlier version's chain, then reads the host's ruleset (unless `read` is
+/// false: the last agent's evaluation stands); with how long each took.
+fn read_ruleset(
+    opts: &Options,
+    read: bool,
+) -> tokio::task::JoinHandle<Option<(hostfw::Snapshot, Duration, Duration)>> {
+    let fwd_chain = opts.fwd_chain.clone();
+    let own_table = opts.nft_table.clone();
+    tokio::task::spawn_blocking(move || {
+        read.then(|| {
+            let t = Instant::now();
+            if crate::netfilter::legacy::remove_legacy(&fwd_chain) {
+                info!(chain = %fwd_chain, "removed the DOCKER-USER chain of an earlier version");
+            }
+            let legacy = t.elapsed();
+            (hostfw::capture(&own_table), legacy, t.elapsed())
+        })
+    })
+}
+
+/// The own-firewall mode needs Docker's rules off (and says so when they are not, or when
+/// it cannot tell).
+fn check_mode(
+    own_firewall: bool,
+    settings: &Result<crate::ownfw::docker_conf::Settings, String>,
+) -> Result<(), StartError> {
+    if !own_firewall {
+        return Ok(());
+    }
+    settings
+        .as_ref()
+        .map_err(|e| {
+            format!("--own-firewall: cannot tell whether Docker's iptables rules are off: {e}")
+        })
+        .and_then(|s| crate::ownfw::docker_conf::check(true, s))
+        .map_err(|e| StartError::Mode(anyhow::anyhow!(e)))
+}
+
 /// Connects to Docker, lists containers and networks, and inspects the running containers
 /// the last agent's cache (`left`) does not vouch for.
 async fn docker_state(socket: &str, left: &mut crate::cache::Left) -> Result<DockerState> {
@@ -281,19 +319,7 @@ pub async fn load_and_list(
     // Loading and Docker's first answer are independent: overlap them.
     let docker_fut = docker_state(&opts.docker_socket, &mut left);
     // An earlier version's DOCKER-USER chain goes; then the host's ruleset is read.
-    let fwd_chain = opts.fwd_chain.clone();
-    let own_table = opts.nft_table.clone();
-    let read_fw = fw_known.is_none();
-    let fw_fut = tokio::task::spawn_blocking(move || {
-        read_fw.then(|| {
-            let t = Instant::now();
-            if crate::netfilter::legacy::remove_legacy(&fwd_chain) {
-                info!(chain = %fwd_chain, "removed the DOCKER-USER chain of an earlier version");
-            }
-            let legacy = t.elapsed();
-            (hostfw::capture(&own_table), legacy, t.elapsed())
-        })
-    });
+    let fw_fut = read_ruleset(opts, fw_known.is_none());
     let pin_dir = opts.pin_dir.clone();
     let sizes = opts.sizes();
     let load_fut = tokio::task::spawn_blocking(move || {
@@ -342,25 +368,16 @@ pub async fn load_and_list(
         listed,
         cached,
         settings,
-    } = match docker_res {
+    } = match docker_res
+        .map_err(StartError::Docker)
+        .and_then(|d| check_mode(opts.own_firewall, &d.settings).map(|()| d))
+    {
         Ok(d) => d,
         Err(e) => {
             drop(loaded);
-            return Err(undo(StartError::Docker(e)));
+            return Err(undo(e));
         }
     };
-    if opts.own_firewall {
-        let checked = settings
-            .as_ref()
-            .map_err(|e| {
-                format!("--own-firewall: cannot tell whether Docker's iptables rules are off: {e}")
-            })
-            .and_then(|s| crate::ownfw::docker_conf::check(true, s));
-        if let Err(e) = checked {
-            drop(loaded);
-            return Err(undo(StartError::Mode(anyhow::anyhow!(e))));
-        }
-    }
     // Container clients stay off until the first sync has read the host's ruleset.
     if let Err(e) = loaded.set_config(Config {
         host_netns_cookie: host_cookie,

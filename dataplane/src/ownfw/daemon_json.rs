@@ -2,7 +2,10 @@
 //! (`"iptables": false`, `"ip6tables": false`, `"userland-proxy": false`), shown as a diff,
 //! made with `--apply` (the file before it kept beside it), undone with `--undo`.
 
-use std::path::{Path, PathBuf};
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
 
 use serde_json::{Map, Value};
 
@@ -99,7 +102,11 @@ pub fn run(file: &Path, apply: bool, undo: bool) -> Result<String, String> {
     let text = read(file)?;
     let old = parse(text.as_deref()).map_err(|e| format!("{}: {e}", file.display()))?;
     let (new, changes) = with_own_firewall(&old);
-    let mut out = format!("--- {}\n+++ {} (own-firewall mode)\n", file.display(), file.display());
+    let mut out = format!(
+        "--- {}\n+++ {} (own-firewall mode)\n",
+        file.display(),
+        file.display()
+    );
     if changes.is_empty() {
         out.push_str("(no change: Docker is already configured for the own-firewall mode)\n");
         return Ok(out);
@@ -117,11 +124,12 @@ pub fn run(file: &Path, apply: bool, undo: bool) -> Result<String, String> {
             .map_err(|e| format!("{}: {e}", backup.display()))?;
     }
     write_atomic(file, &render(&new))?;
-    out.push_str(&format!(
+    let _ = write!(
+        out,
         "\nWritten; the file before is kept as {} (`dataplane docker-config --undo` puts it \
          back).\n{RESTART}\n",
         backup.display()
-    ));
+    );
     Ok(out)
 }
 
@@ -131,8 +139,10 @@ mod tests {
 
     #[test]
     fn sets_the_three_keys_and_keeps_the_rest() {
-        let old = parse(Some(r#"{"log-level": "info", "iptables": true, "userland-proxy": false}"#))
-            .unwrap();
+        let old = parse(Some(
+            r#"{"log-level": "info", "iptables": true, "userland-proxy": false}"#,
+        ))
+        .unwrap();
         let (new, changes) = with_own_firewall(&old);
         assert_eq!(new["log-level"], "info");
         assert!(KEYS.iter().all(|k| new[*k] == Value::Bool(false)));
@@ -152,9 +162,15 @@ mod tests {
         let f = dir.join("daemon.json");
         // No file at first: apply creates it, undo removes it.
         let shown = run(&f, false, false).unwrap();
-        assert!(shown.contains("+  \"iptables\": false") && !f.exists(), "{shown}");
+        assert!(
+            shown.contains("+  \"iptables\": false") && !f.exists(),
+            "{shown}"
+        );
         run(&f, true, false).unwrap();
-        assert_eq!(parse(std::fs::read_to_string(&f).ok().as_deref()).unwrap()["iptables"], false);
+        assert_eq!(
+            parse(std::fs::read_to_string(&f).ok().as_deref()).unwrap()["iptables"],
+            false
+        );
         run(&f, false, true).unwrap();
         assert!(!f.exists() && !backup_path(&f).exists());
         // A file: kept content restored byte for byte.
@@ -162,7 +178,10 @@ mod tests {
         run(&f, true, false).unwrap();
         run(&f, true, false).unwrap();
         run(&f, false, true).unwrap();
-        assert_eq!(std::fs::read_to_string(&f).unwrap(), "{ \"debug\": true }\n");
+        assert_eq!(
+            std::fs::read_to_string(&f).unwrap(),
+            "{ \"debug\": true }\n"
+        );
         assert!(run(&f, false, true).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -38,7 +38,8 @@ pub fn of_daemon(socket: &str) -> Result<Settings, String> {
         .collect();
     // The config file is read in dockerd's mount namespace: through its root.
     let file = config_file(&args);
-    let in_root = Path::new(&format!("/proc/{pid}/root")).join(file.strip_prefix("/").unwrap_or(&file));
+    let in_root =
+        Path::new(&format!("/proc/{pid}/root")).join(file.strip_prefix("/").unwrap_or(&file));
     let text = match std::fs::File::open(&in_root) {
         Ok(mut f) => {
             let mut s = String::new();
@@ -49,8 +50,7 @@ pub fn of_daemon(socket: &str) -> Result<Settings, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(format!("reading {}: {e}", file.display())),
     };
-    let mut s = parse(&args, text.as_deref())
-        .map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut s = parse(&args, text.as_deref()).map_err(|e| format!("{}: {e}", file.display()))?;
     s.source = format!("dockerd (pid {pid}) and {}", file.display());
     Ok(s)
 }
@@ -133,9 +133,8 @@ pub fn parse(args: &[String], daemon_json: Option<&str>) -> Result<Settings, Str
             Some(v) => Err(format!("\"{k}\": {v} is not true or false")),
         }
     };
-    let pick = |name: &str| -> Result<Option<bool>, String> {
-        Ok(bool_flag(args, name)?.or(key(name)?))
-    };
+    let pick =
+        |name: &str| -> Result<Option<bool>, String> { Ok(bool_flag(args, name)?.or(key(name)?)) };
     Ok(Settings {
         iptables: pick("iptables")?.unwrap_or(true),
         ip6tables: pick("ip6tables")?,
@@ -159,7 +158,8 @@ pub fn check(own_firewall: bool, s: &Settings) -> Result<(), String> {
         wrong.push("\"ip6tables\" is on (it must be false)");
     }
     if s.userland_proxy {
-        wrong.push("\"userland-proxy\" is on (it must be false: docker-proxy would hold the ports)");
+        wrong
+            .push("\"userland-proxy\" is on (it must be false: docker-proxy would hold the ports)");
     }
     if wrong.is_empty() {
         return Ok(());
@@ -208,7 +208,10 @@ mod tests {
 
     #[test]
     fn config_file_flag() {
-        assert_eq!(config_file(&args(&["dockerd"])), PathBuf::from(DEFAULT_DAEMON_JSON));
+        assert_eq!(
+            config_file(&args(&["dockerd"])),
+            PathBuf::from(DEFAULT_DAEMON_JSON)
+        );
         assert_eq!(
             config_file(&args(&["dockerd", "--config-file", "/x/d.json"])),
             PathBuf::from("/x/d.json")
@@ -223,7 +226,10 @@ mod tests {
     fn refusal_names_what_disagrees() {
         let s = parse(&args(&["dockerd"]), None).unwrap();
         let e = check(true, &s).unwrap_err();
-        assert!(e.contains("\"iptables\" is on") && e.contains("userland-proxy"), "{e}");
+        assert!(
+            e.contains("\"iptables\" is on") && e.contains("userland-proxy"),
+            "{e}"
+        );
         assert!(check(false, &s).is_ok());
     }
 }

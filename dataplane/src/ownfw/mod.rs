@@ -194,7 +194,8 @@ impl Spec {
 fn safe_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() < 16
-        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-@:".contains(&b))
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-@:".contains(&b))
 }
 
 fn elements(v: &[String]) -> String {
@@ -275,7 +276,9 @@ fn contents(spec: &Spec) -> BTreeMap<&'static str, Vec<String>> {
     let q = |s: &str| format!("\"{s}\"");
     for (br, n) in &spec.nets {
         m.entry("bridges").or_default().push(q(br));
-        m.entry("same").or_default().push(format!("{} . {}", q(br), q(br)));
+        m.entry("same")
+            .or_default()
+            .push(format!("{} . {}", q(br), q(br)));
         let mut add = |set: &'static str, on: bool| {
             if on {
                 m.entry(set).or_default().push(q(br));
@@ -518,7 +521,9 @@ impl Firewall {
         if spec.nets.values().any(|n| !n.icc)
             && let Err(e) = bridged_traffic_filtered()
         {
-            bail!("a network turns inter-container communication off, and bridged traffic cannot be filtered: {e}");
+            bail!(
+                "a network turns inter-container communication off, and bridged traffic cannot be filtered: {e}"
+            );
         }
         run_script(&script(&self.table, &spec))?;
         self.last = Some(spec);
@@ -563,7 +568,14 @@ pub fn remove(table: &str) -> Result<()> {
 /// How many rules the operator's chain holds (`None`: the table is not there).
 pub fn operator_rules(table: &str) -> Option<usize> {
     let out = Command::new("nft")
-        .args(["-j", "list", "chain", "inet", &format!("{table}_fw"), "operator"])
+        .args([
+            "-j",
+            "list",
+            "chain",
+            "inet",
+            &format!("{table}_fw"),
+            "operator",
+        ])
         .output()
         .ok()
         .filter(|o| o.status.success())?;
@@ -602,7 +614,10 @@ mod tests {
     fn gateway_modes() {
         assert_eq!(Gateway::of(None), Gateway::Nat);
         assert_eq!(Gateway::of(Some("routed")), Gateway::Routed);
-        assert_eq!(Gateway::of(Some("nat-unprotected")), Gateway::NatUnprotected);
+        assert_eq!(
+            Gateway::of(Some("nat-unprotected")),
+            Gateway::NatUnprotected
+        );
         assert_eq!(Gateway::of(Some("isolated")), Gateway::Isolated);
         assert_eq!(Gateway::of(Some("something-new")), Gateway::Isolated);
     }
@@ -653,7 +668,10 @@ mod tests {
         spec.published.insert(p(Some("10.0.0.1"), "172.30.0.3"));
         spec.published.insert(p(Some("fd00::1"), "172.30.0.4"));
         let c = contents(&spec);
-        assert_eq!(c["dnat4_at"], vec!["10.0.0.1 . 17 . 53 : 172.30.0.2 . 5353"]);
+        assert_eq!(
+            c["dnat4_at"],
+            vec!["10.0.0.1 . 17 . 53 : 172.30.0.2 . 5353"]
+        );
         assert!(!c.contains_key("dnat6_at"));
         assert_eq!(c["pub4"].len(), 3);
     }

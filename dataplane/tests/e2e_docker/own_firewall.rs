@@ -140,7 +140,12 @@ fn own_firewall_mode_publishes_masquerades_and_isolates() {
     assert_eq!(code, Some(7), "{err}");
     assert!(err.contains("\"iptables\" is on"), "{err}");
 
-    restart_dockerd_with(&pidfile, &log, None, &["--iptables=false", "--ip6tables=false"]);
+    restart_dockerd_with(
+        &pidfile,
+        &log,
+        None,
+        &["--iptables=false", "--ip6tables=false"],
+    );
     let _restore = RulesOn(&pidfile, &log);
     let p = port(60);
     let a = Network::create("fwa");
@@ -164,7 +169,13 @@ fn own_firewall_mode_publishes_masquerades_and_isolates() {
     // Back to containers that are not masqueraded: the remote routes Docker's subnets to
     // the host, as a router in front of a host with routed networks would.
     sh(&[
-        "ip", "-n", &remote.client.ns.name, "route", "add", &subnet_of(&no_masq), "via",
+        "ip",
+        "-n",
+        &remote.client.ns.name,
+        "route",
+        "add",
+        &subnet_of(&no_masq),
+        "via",
         &remote.client.host_ip,
     ]);
     let agent = Agent::start_with("ownfw", &["--own-firewall"]);
@@ -188,7 +199,10 @@ fn own_firewall_mode_publishes_masquerades_and_isolates() {
     // (The backend's CGI answers `[address] hostname`.)
     assert!(seen.contains(&format!(":{ext}]")), "the backend saw {seen}");
     let seen = fetch(&ca, &remote.client.host_ip, p, "/cgi-bin/ip");
-    assert!(seen.contains(&format!(":{}]", ca.ip())), "the backend saw {seen}");
+    assert!(
+        seen.contains(&format!(":{}]", ca.ip())),
+        "the backend saw {seen}"
+    );
     // Nothing else of the container is reachable from outside.
     let direct = remote.client.curl(&format!("http://{}:80/", web.ip()));
     assert!(direct.is_none(), "reached the container's address directly");
@@ -196,7 +210,11 @@ fn own_firewall_mode_publishes_masquerades_and_isolates() {
     // Masquerade per network, as its option says.
     assert_eq!(remote.seen_from(&ca), remote.client.host_ip);
     assert_eq!(remote.seen_from(&cn1), remote.client.host_ip);
-    assert_eq!(remote.seen_from(&cm), cm.ip(), "no masquerade on this network");
+    assert_eq!(
+        remote.seen_from(&cm),
+        cm.ip(),
+        "no masquerade on this network"
+    );
     // An internal network stays internal; networks stay apart (directly, and through a
     // port published on the host); inter-container communication off holds.
     assert_eq!(remote.seen_from(&ci), "");
@@ -209,18 +227,29 @@ fn own_firewall_mode_publishes_masquerades_and_isolates() {
     sh(&[
         "nft", "add", "rule", "inet", &table, "operator", "ip", "saddr", &ext, "drop",
     ]);
-    wait_until("status to count the operator's rule", Duration::from_secs(5), || {
-        agent.status().own_firewall.is_some_and(|f| f.operator_rules == 1)
-    });
-    assert!(remote
-        .client
-        .curl(&format!("http://{}:{p}/", remote.client.host_ip))
-        .is_none());
+    wait_until(
+        "status to count the operator's rule",
+        Duration::from_secs(5),
+        || {
+            agent
+                .status()
+                .own_firewall
+                .is_some_and(|f| f.operator_rules == 1)
+        },
+    );
+    assert!(
+        remote
+            .client
+            .curl(&format!("http://{}:{p}/", remote.client.host_ip))
+            .is_none()
+    );
     sh(&["nft", "flush", "chain", "inet", &table, "operator"]);
-    assert!(remote
-        .client
-        .curl(&format!("http://{}:{p}/", remote.client.host_ip))
-        .is_some());
+    assert!(
+        remote
+            .client
+            .curl(&format!("http://{}:{p}/", remote.client.host_ip))
+            .is_some()
+    );
 
     // Fail closed: a network created while no agent runs forwards nothing beyond its bridge
     // until an agent has written its rules; then it is served as the others.
@@ -228,8 +257,16 @@ fn own_firewall_mode_publishes_masquerades_and_isolates() {
     agent.terminate();
     let late = Network::create("fwlate");
     let cl = on("fw-late", &late);
-    assert_eq!(remote.seen_from(&cl), "", "a new network forwarded with no agent");
-    assert_eq!(remote.seen_from(&ca), remote.client.host_ip, "a known network stopped");
+    assert_eq!(
+        remote.seen_from(&cl),
+        "",
+        "a new network forwarded with no agent"
+    );
+    assert_eq!(
+        remote.seen_from(&ca),
+        remote.client.host_ip,
+        "a known network stopped"
+    );
     agent.spawn();
     wait_until("the new network's rules", Duration::from_secs(10), || {
         remote.seen_from(&cl) == remote.client.host_ip
