@@ -55,8 +55,9 @@ pub fn dockerd_args(engine: Engine) -> Vec<String> {
 
 /// Starts `engine`'s dockerd with `userland-proxy: false` unless an engine already runs (a
 /// running one must be that engine when a version was asked for). Returns the pid of the
-/// engine it started.
-fn start_dockerd(engine: Engine) -> Result<Option<u32>> {
+/// engine it started. `rules_off`: Docker's iptables rules off (for the agent's
+/// own-firewall mode).
+fn start_dockerd(engine: Engine, rules_off: bool) -> Result<Option<u32>> {
     if engine_up() {
         let running = server_version().unwrap_or_default();
         let wanted = match engine {
@@ -76,6 +77,12 @@ fn start_dockerd(engine: Engine) -> Result<Option<u32>> {
     }
     if !conf.contains("userland-proxy") {
         cmd.arg("--userland-proxy=false");
+    }
+    if rules_off && !conf.contains("\"iptables\"") {
+        cmd.arg("--iptables=false");
+    }
+    if rules_off && !conf.contains("ip6tables") {
+        cmd.arg("--ip6tables=false");
     }
     cmd.args(dockerd_args(engine));
     let log = fs::File::create(LOG).with_context(|| format!("creating {LOG}"))?;
@@ -97,9 +104,10 @@ fn start_dockerd(engine: Engine) -> Result<Option<u32>> {
     Ok(Some(pid))
 }
 
-/// For `cargo xtask run`: an engine runs afterwards. True when this call started it.
-pub fn ensure_running(engine: Engine) -> Result<bool> {
-    Ok(start_dockerd(engine)?.is_some())
+/// For `cargo xtask run`: an engine runs afterwards (one this call starts has its iptables
+/// rules off when `rules_off`). True when this call started it.
+pub fn ensure_running(engine: Engine, rules_off: bool) -> Result<bool> {
+    Ok(start_dockerd(engine, rules_off)?.is_some())
 }
 
 /// An engine for the tests: reused when one runs, else started and stopped on drop.
@@ -110,7 +118,7 @@ pub struct TestEngine {
 
 impl TestEngine {
     pub fn start(engine: Engine) -> Result<Self> {
-        let started = start_dockerd(engine)?;
+        let started = start_dockerd(engine, false)?;
         let version = server_version().unwrap_or_default();
         if started.is_some() {
             println!("xtask: started dockerd {version} for the tests (stopped when they finish)");
@@ -329,6 +337,11 @@ fn terminate_engine(pid: u32) {
 /// (Re)starts xtask's own dockerd of `engine` with the userland proxy on or off, detached,
 /// and waits until it answers. Containers with `--restart always` come back with it.
 pub fn restart_engine(engine: Engine, userland_proxy: bool) -> Result<()> {
+    restart_engine_with(engine, userland_proxy, &[])
+}
+
+/// As [`restart_engine`], with `extra` options for dockerd (`--iptables=false`).
+pub fn restart_engine_with(engine: Engine, userland_proxy: bool, extra: &[&str]) -> Result<()> {
     // The engine's own configuration: the operator's /etc/docker/daemon.json (which may set
     // the userland proxy, as the README suggests) is neither read nor touched.
     let conf = std::path::Path::new(BENCH_CONFIG);
@@ -357,6 +370,7 @@ pub fn restart_engine(engine: Engine, userland_proxy: bool) -> Result<()> {
             BENCH_CONFIG,
             &format!("--userland-proxy={userland_proxy}"),
         ])
+        .args(extra)
         .args(dockerd_args(engine))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

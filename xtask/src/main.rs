@@ -108,7 +108,7 @@ fn main() -> Result<()> {
         }
         Cmd::Image => {
             setup::setup()?;
-            docker::ensure_running(Engine::Host)?;
+            docker::ensure_running(Engine::Host, false)?;
             let image = docker::TestImage::build_named("dataplane-test:latest")?;
             std::mem::forget(image);
             Ok(())
@@ -205,10 +205,12 @@ fn build() -> Result<()> {
 
 fn run_agent(engine: Engine, args: &[String]) -> Result<()> {
     util::require_root("cargo xtask run")?;
-    let started = docker::ensure_running(engine)?;
+    let own_firewall = args.iter().any(|a| a == "--own-firewall");
+    let started = docker::ensure_running(engine, own_firewall)?;
     if started {
         println!(
-            "xtask: started dockerd (userland-proxy off); it keeps running after the agent stops"
+            "xtask: started dockerd (userland-proxy off{}); it keeps running after the agent stops",
+            if own_firewall { ", iptables off" } else { "" }
         );
     }
     let agent = project_root().join("target/release/dataplane");

@@ -18,6 +18,11 @@ pub(super) struct Agent {
     pub(super) log: PathBuf,
 }
 
+/// Whether the bench's agents run in the own-firewall mode (set while Docker runs with its
+/// iptables rules off).
+pub(super) static OWN_FIREWALL: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 pub(super) const AGENT_SOCKET: &str = "/run/dataplane-bench/ctl.sock";
 /// Where the bench's agent serves its metrics.
 pub(super) const METRICS: &str = "127.0.0.1:25296";
@@ -48,6 +53,11 @@ impl Agent {
                 "--state-dir",
                 "/run/dataplane-bench/state",
             ])
+            .args(
+                OWN_FIREWALL
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .then_some("--own-firewall"),
+            )
             .env("RUST_LOG", "info,dataplane=debug")
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)

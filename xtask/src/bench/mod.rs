@@ -16,6 +16,7 @@ mod containers;
 mod egress;
 mod external;
 mod extras;
+mod ownfw;
 mod paired;
 mod pause;
 mod probe;
@@ -257,6 +258,9 @@ fn later_sections(
     if matches!(only, None | Some(Section::Extras)) {
         extra += &extras(image, env.quick, names, engine)?;
     }
+    if matches!(only, None | Some(Section::OwnFirewall)) {
+        extra += &ownfw::own_firewall(env, image, engine, names)?;
+    }
     if only == Some(Section::Starts) {
         docker::restart_engine(engine, false)?;
         wait_running(names)?;
@@ -273,6 +277,9 @@ pub enum Section {
     External,
     Extras,
     Starts,
+    /// The own-firewall mode against Docker's own rules: per-port start/stop cost, start
+    /// latency under contention, local path ratios.
+    OwnFirewall,
 }
 
 pub fn bench(quick: bool, engine: crate::engines::Engine, only: Option<Section>) -> Result<()> {
