@@ -1116,22 +1116,18 @@ impl Agent {
             .evaluate(&self.state.bridges(), &self.nft_table);
         // In the own-firewall mode, the operator's chain is where `DOCKER-USER` was: rules
         // there concern container and external clients' forwarded traffic alike.
-        if self.own_fw.is_some()
-            && let Some(n) = crate::ownfw::operator_rules(&self.nft_table).filter(|n| *n > 0)
-        {
-            let at = format!("inet {}_fw operator ({n} rules)", self.nft_table);
-            fw.forward_rules.get_or_insert_with(|| at.clone());
-            fw.external_rules.get_or_insert(at);
-            if let Some(o) = self
-                .shared
-                .lock()
-                .expect("status lock")
-                .status
-                .own_firewall
-                .as_mut()
-            {
-                o.operator_rules = n;
+        if self.own_fw.is_some() {
+            let n = crate::ownfw::operator_rules(&self.nft_table).unwrap_or(0);
+            if n > 0 {
+                let at = format!("inet {}_fw operator ({n} rules)", self.nft_table);
+                fw.forward_rules.get_or_insert_with(|| at.clone());
+                fw.external_rules.get_or_insert(at);
             }
+            let mut st = self.shared.lock().expect("status lock");
+            st.status
+                .own_firewall
+                .get_or_insert_with(Default::default)
+                .operator_rules = n;
         }
         if fw != self.state.firewall {
             if let Some(w) = &fw.stateful_input {
@@ -1167,8 +1163,16 @@ impl Agent {
         // The own-firewall table: the operator's chain may have changed.
         let own_changed = self.own_fw.is_some()
             && changes.touches_table("inet", &format!("{}_fw", self.nft_table));
-        // Docker's own per-container rules change nothing the evaluation reads.
-        if !own_changed && !self.fw_snapshot.concerned_by(&changes) {
+        // Docker's own per-container rules change nothing the evaluation reads; a write to
+        // the own-firewall table (the agent's, mostly) only if the operator's chain changed.
+        if !self.fw_snapshot.concerned_by(&changes) {
+            if own_changed && self.operator_rules_changed() {
+                let before = self.state.firewall.clone();
+                self.evaluate_firewall();
+                if before != self.state.firewall {
+                    self.apply_or_retry("operator rules");
+                }
+            }
             return;
         }
         let table = self.nft_table.clone();
@@ -1184,6 +1188,13 @@ impl Agent {
         if before != self.state.firewall {
             self.apply_or_retry("ruleset change");
         }
+    }
+
+    /// Whether the operator's chain holds another number of rules than `status` says.
+    fn operator_rules_changed(&self) -> bool {
+        let n = crate::ownfw::operator_rules(&self.nft_table).unwrap_or(0);
+        let st = self.shared.lock().expect("status lock");
+        st.status.own_firewall.as_ref().map(|o| o.operator_rules) != Some(n)
     }
 
     /// The packet layer after an apply: its allow-list, where each served container is
@@ -1368,7 +1379,6 @@ impl Agent {
             crate::ownfw::published(&self.state.containers),
         );
         let r = own.fw.apply(spec);
-        let operator = crate::ownfw::operator_rules(&self.nft_table).unwrap_or(0);
         let (networks, published) = own.fw.counts();
         let mut st = self.shared.lock().expect("status lock");
         let prev = st.status.own_firewall.take().unwrap_or_default();
@@ -1376,7 +1386,8 @@ impl Agent {
             table: own.fw.table(),
             networks,
             published,
-            operator_rules: operator,
+            // Counted when the ruleset changes (`evaluate_firewall`).
+            operator_rules: prev.operator_rules,
             removed_leftovers: own.removed,
             error: r.as_ref().err().map(|e| format!("{e:#}")),
             written_unix_ms: match &r {

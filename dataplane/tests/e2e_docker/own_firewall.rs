@@ -243,6 +243,19 @@ fn own_firewall_mode_publishes_masquerades_and_isolates() {
             .curl(&format!("http://{}:{p}/", remote.client.host_ip))
             .is_none()
     );
+    // Container clients now take the DNAT path, where the chain applies: a container of the
+    // backend's network still gets there (hairpin, masqueraded), another network's does not.
+    wait_until(
+        "container clients on the DNAT path",
+        Duration::from_secs(5),
+        || agent.status().container_clients_off.is_some(),
+    );
+    let seen = fetch(&ca, &remote.client.host_ip, p, "/cgi-bin/ip");
+    assert!(
+        seen.contains('['),
+        "hairpin through the agent's DNAT: {seen:?}"
+    );
+    assert_eq!(fetch(&cb, &remote.client.host_ip, p, "/"), "");
     sh(&["nft", "flush", "chain", "inet", &table, "operator"]);
     assert!(
         remote
@@ -271,8 +284,40 @@ fn own_firewall_mode_publishes_masquerades_and_isolates() {
     wait_until("the new network's rules", Duration::from_secs(10), || {
         remote.seen_from(&cl) == remote.client.host_ip
     });
+    // Docker restarted under the running agent: containers that come back with it are
+    // published again.
+    let p2 = port(62);
+    let back = httpd_with(
+        "fw-back",
+        &[
+            "--network",
+            &a.0,
+            "--restart",
+            "always",
+            "-p",
+            &format!("{p2}:80"),
+        ],
+    );
+    wait_http("the second published port", p2, Duration::from_secs(10));
+    restart_dockerd_with(
+        &pidfile,
+        &log,
+        None,
+        &["--iptables=false", "--ip6tables=false"],
+    );
+    wait_until(
+        "the remote client to reach it again",
+        Duration::from_secs(30),
+        || {
+            remote
+                .client
+                .curl(&format!("http://{}:{p2}/", remote.client.host_ip))
+                .is_some()
+        },
+    );
+    assert_eq!(agent.status().mode, "own-firewall");
     drop(agent);
-    drop((ca, cb, ci, cm, cn1, cn2, cl, web));
+    drop((ca, cb, ci, cm, cn1, cn2, cl, web, back));
 }
 
 /// A container to run clients in on `net`, serving httpd on 80 (nothing published).

@@ -51,41 +51,102 @@ struct Contention {
     starts_s: Vec<f64>,
     failures: usize,
     first_failure: Option<String>,
-    /// Event-to-map latencies (ms) the agent measured meanwhile, and how many starts had
-    /// their frontends written before Docker's start event.
+    /// Event-to-map latencies (ms) the agent measured meanwhile (mostly the probe's: a
+    /// client's container is often removed before the agent handles its start), and how
+    /// many starts had their frontends written before Docker's start event.
     sync_ms: Vec<f64>,
     early: usize,
+    /// CPU seconds the agent used.
+    agent_cpu_s: f64,
 }
 
-/// Each of [`CLIENTS`] threads runs `docker run -d -p P:80` then `docker rm -f` in a loop
-/// for `secs`.
-fn contention(image: &str, secs: u64) -> Contention {
+/// CPU seconds (user and system) process `pid` has used.
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of stat: 12 and 13 after the command.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    #[allow(clippy::cast_precision_loss, reason = "clock ticks")]
+    let s = ticks as f64 / 100.0;
+    s
+}
+
+/// `docker run -d` then `docker rm -f` of container `name` publishing `ports` from `first`,
+/// in a loop until `stop_at`; `linger` between them. Start seconds, and failures.
+fn start_loop(
+    image: &str,
+    name: &str,
+    first: u16,
+    ports: u16,
+    linger: Duration,
+    stop_at: Instant,
+) -> (Vec<f64>, Vec<String>) {
+    let publish = if ports == 1 {
+        format!("{first}:80")
+    } else {
+        format!("{first}-{}:8000-{}", first + ports - 1, 8000 + ports - 1)
+    };
+    let mut starts = Vec::new();
+    let mut failed = Vec::new();
+    let _ = sh(&["docker", "rm", "-f", name]);
+    while Instant::now() < stop_at {
+        let t = Instant::now();
+        let out = Command::new("docker")
+            .args(["run", "-d", "--name", name, "-p", &publish, image])
+            .args(["sleep", "100000"])
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => starts.push(t.elapsed().as_secs_f64()),
+            Ok(o) => failed.push(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+            Err(e) => failed.push(e.to_string()),
+        }
+        std::thread::sleep(linger);
+        let _ = sh(&["docker", "rm", "-f", name]);
+    }
+    (starts, failed)
+}
+
+/// [`CLIENTS`] threads each publishing `ports` ports, for `secs`; beside them a probe that
+/// starts a container every so often and keeps it 1.5 s, so the agent measures its
+/// event-to-map latency under the load.
+fn contention(image: &str, secs: u64, ports: u16, agent_pid: u32) -> Contention {
     let before = Agent::status().unwrap_or_default();
+    let cpu0 = cpu_s(agent_pid);
     let stop_at = Instant::now() + Duration::from_secs(secs);
+    let probe = {
+        let image = image.to_string();
+        std::thread::spawn(move || {
+            start_loop(
+                &image,
+                "dpb-cont-probe",
+                P_CONTENTION - 1,
+                1,
+                Duration::from_millis(1500),
+                stop_at,
+            )
+        })
+    };
     let threads: Vec<_> = (0..CLIENTS)
         .map(|i| {
             let image = image.to_string();
             std::thread::spawn(move || {
-                let name = format!("dpb-cont-{i}");
-                let publish = format!("{}:80", P_CONTENTION + i);
-                let mut starts = Vec::new();
-                let mut failed = Vec::new();
-                let _ = sh(&["docker", "rm", "-f", &name]);
-                while Instant::now() < stop_at {
-                    let t = Instant::now();
-                    let out = Command::new("docker")
-                        .args(["run", "-d", "--name", &name, "-p", &publish, &image])
-                        .args(["sleep", "100000"])
-                        .stdin(Stdio::null())
-                        .output();
-                    match out {
-                        Ok(o) if o.status.success() => starts.push(t.elapsed().as_secs_f64()),
-                        Ok(o) => failed.push(String::from_utf8_lossy(&o.stderr).trim().to_string()),
-                        Err(e) => failed.push(e.to_string()),
-                    }
-                    let _ = sh(&["docker", "rm", "-f", &name]);
-                }
-                (starts, failed)
+                start_loop(
+                    &image,
+                    &format!("dpb-cont-{i}"),
+                    P_CONTENTION + i * 20,
+                    ports,
+                    Duration::ZERO,
+                    stop_at,
+                )
             })
         })
         .collect();
@@ -95,6 +156,7 @@ fn contention(image: &str, secs: u64) -> Contention {
         first_failure: None,
         sync_ms: Vec::new(),
         early: 0,
+        agent_cpu_s: 0.0,
     };
     for t in threads {
         if let Ok((s, f)) = t.join() {
@@ -105,6 +167,8 @@ fn contention(image: &str, secs: u64) -> Contention {
             }
         }
     }
+    let _ = probe.join();
+    c.agent_cpu_s = cpu_s(agent_pid) - cpu0;
     let after = Agent::status().unwrap_or_default();
     // The status keeps the latest 1024 of each: what was added during the run.
     let new_since = |b: usize, a: usize| a.saturating_sub(b.min(a));
@@ -122,6 +186,7 @@ fn contention(image: &str, secs: u64) -> Contention {
 /// One mode's rows: run/stop per port count, and the contention run.
 fn mode_rows(
     image: &str,
+    agent: &Agent,
     quick: bool,
     label: &str,
     ports: &mut String,
@@ -154,31 +219,37 @@ fn mode_rows(
             s / zero.1
         );
     }
-    let secs = if quick { 15 } else { 45 };
-    println!("bench: own-firewall section, {label}, {CLIENTS} clients for {secs} s");
-    let mut c = contention(image, secs);
-    let n = c.starts_s.len();
-    let p = |v: &mut Vec<f64>, q: f64| {
-        v.sort_by(f64::total_cmp);
-        testkit::percentile(v, q).unwrap_or(f64::NAN)
-    };
-    let _ = writeln!(
-        starts,
-        "| {label} | {n} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
-        c.failures,
-        p(&mut c.starts_s, 0.5),
-        p(&mut c.starts_s, 0.99),
-        c.starts_s.last().copied().unwrap_or(f64::NAN),
-        p(&mut c.sync_ms, 0.5),
-        p(&mut c.sync_ms, 0.99),
-        c.early
-    );
-    if let Some(f) = c.first_failure {
+    let secs = if quick { 15 } else { 40 };
+    for ports in [1, 10] {
+        println!(
+            "bench: own-firewall section, {label}, {CLIENTS} clients with {ports} ports for {secs} s"
+        );
+        let mut c = contention(image, secs, ports, agent.pid());
+        let n = c.starts_s.len();
+        let p = |v: &mut Vec<f64>, q: f64| {
+            v.sort_by(f64::total_cmp);
+            testkit::percentile(v, q).unwrap_or(f64::NAN)
+        };
         let _ = writeln!(
             starts,
-            "|  | first failure: {} |||||||",
-            f.replace('|', "/")
+            "| {label} | {ports} | {n} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {} | {} | {:.2} |",
+            c.failures,
+            p(&mut c.starts_s, 0.5),
+            p(&mut c.starts_s, 0.99),
+            c.starts_s.last().copied().unwrap_or(f64::NAN),
+            p(&mut c.sync_ms, 0.5),
+            p(&mut c.sync_ms, 0.99),
+            c.sync_ms.len(),
+            c.early,
+            c.agent_cpu_s
         );
+        if let Some(f) = c.first_failure {
+            let _ = writeln!(
+                starts,
+                "|  | first failure: {} ||||||||||",
+                f.replace('|', "/")
+            );
+        }
     }
     Ok(())
 }
@@ -195,9 +266,10 @@ pub(super) fn own_firewall(
     docker::restart_engine(engine, false)?;
     wait_running(names)?;
     {
-        let _agent = Agent::start()?;
+        let agent = Agent::start()?;
         mode_rows(
             image,
+            &agent,
             env.quick,
             "Docker's rules + agent",
             &mut ports,
@@ -211,12 +283,19 @@ pub(super) fn own_firewall(
         env.srv_ip = ip_of("dpb-srv")?;
         env.http_ip = ip_of("dpb-http")?;
         {
-            let _agent = Agent::start()?;
+            let agent = Agent::start()?;
             let url = format!("http://127.0.0.1:{P_HTTP}/");
             if sh(&["curl", "-sS", "--max-time", "3", "-o", "/dev/null", &url]).is_err() {
                 bail!("own-firewall mode: the published port {P_HTTP} does not answer");
             }
-            mode_rows(image, env.quick, "own-firewall", &mut ports, &mut starts)?;
+            mode_rows(
+                image,
+                &agent,
+                env.quick,
+                "own-firewall",
+                &mut ports,
+                &mut starts,
+            )?;
         }
         super::paired::paired(env, if env.quick { 3 } else { 5 })
     })();
@@ -241,16 +320,19 @@ pub(super) fn own_firewall(
     md += &ports;
     let _ = writeln!(
         md,
-        "\n{CLIENTS} clients at once, each `docker run -d -p P:80` then `docker rm -f` in a \
-         loop; start = `docker run` seconds; event-to-map = the agent's, from Docker's start \
-         event to the frontend in the map (ms), and starts whose frontend was written before \
-         that event (early)\n"
+        "\n{CLIENTS} clients at once, each `docker run -d` publishing 1 or 10 ports then \
+         `docker rm -f`, in a loop; start = `docker run` seconds; event-to-map = the agent's \
+         own measure, from Docker's start event to the frontends in the map (ms; samples: \
+         mostly a probe container started beside them and kept 1.5 s, since a client's \
+         container is often gone before the agent handles its start), early = starts whose \
+         frontends were in the map before Docker's start event; agent CPU = seconds of CPU \
+         the agent used during the run\n"
     );
     let _ = writeln!(
         md,
-        "| mode | starts | failures | start p50 s | p99 s | max s | event-to-map p50 ms | p99 ms | early |"
+        "| mode | ports each | starts | failures | start p50 s | p99 s | max s | event-to-map p50 ms | p99 ms | samples | early | agent CPU s |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     md += &starts;
     let _ = writeln!(md, "\nLocal paths in the own-firewall mode:");
     md += &paired;
