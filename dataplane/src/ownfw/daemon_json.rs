@@ -95,7 +95,7 @@ pub fn run(file: &Path, apply: bool, undo: bool) -> Result<String, String> {
         std::fs::remove_file(&backup).map_err(|e| format!("{}: {e}", backup.display()))?;
         return Ok(format!(
             "restored {} as it was before --apply. Stop the agent's own-firewall mode (run it \
-             without --own-firewall), then restart Docker: its own rules come back with it.",
+             without --own-firewall), then restart Docker: its own rules come back with it.\n",
             file.display()
         ));
     }

@@ -24,6 +24,8 @@ pub struct Settings {
     pub userland_proxy: bool,
     /// Where they were read: the process and its config file.
     pub source: String,
+    /// The config file changed after the daemon started (what it runs with may differ).
+    pub file_changed_since_start: bool,
 }
 
 /// The settings of the daemon answering on `socket`.
@@ -40,8 +42,15 @@ pub fn of_daemon(socket: &str) -> Result<Settings, String> {
     let file = config_file(&args);
     let in_root =
         Path::new(&format!("/proc/{pid}/root")).join(file.strip_prefix("/").unwrap_or(&file));
+    let started = process_start(pid);
+    let mut changed = false;
     let text = match std::fs::File::open(&in_root) {
         Ok(mut f) => {
+            if let (Some(start), Ok(m)) = (started, f.metadata().and_then(|m| m.modified())) {
+                // The boot time is in whole seconds: a file written just before the
+                // daemon started is not taken as changed after it.
+                changed = m > start + std::time::Duration::from_secs(2);
+            }
             let mut s = String::new();
             f.read_to_string(&mut s)
                 .map_err(|e| format!("reading {}: {e}", file.display()))?;
@@ -52,7 +61,34 @@ pub fn of_daemon(socket: &str) -> Result<Settings, String> {
     };
     let mut s = parse(&args, text.as_deref()).map_err(|e| format!("{}: {e}", file.display()))?;
     s.source = format!("dockerd (pid {pid}) and {}", file.display());
+    s.file_changed_since_start = changed;
     Ok(s)
+}
+
+/// When process `pid` started (its start time after boot, plus the boot time).
+fn process_start(pid: u32) -> Option<std::time::SystemTime> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime, in clock ticks): the 20th after the command's closing paren.
+    let ticks: u64 = stat
+        .rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    let btime: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()?
+        .max(1);
+    Some(
+        std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(btime)
+            + std::time::Duration::from_millis(ticks * 1000 / hz),
+    )
 }
 
 /// The pid of the process listening on the Unix socket `path`.
@@ -140,6 +176,7 @@ pub fn parse(args: &[String], daemon_json: Option<&str>) -> Result<Settings, Str
         ip6tables: pick("ip6tables")?,
         userland_proxy: pick("userland-proxy")?.unwrap_or(true),
         source: String::new(),
+        file_changed_since_start: false,
     })
 }
 
@@ -160,6 +197,13 @@ pub fn check(own_firewall: bool, s: &Settings) -> Result<(), String> {
     if s.userland_proxy {
         wrong
             .push("\"userland-proxy\" is on (it must be false: docker-proxy would hold the ports)");
+    }
+    if wrong.is_empty() && s.file_changed_since_start {
+        return Err(format!(
+            "--own-firewall: Docker's config file changed after the daemon started ({}): \
+             restart Docker so that it runs with what the file says, then start the agent",
+            s.source
+        ));
     }
     if wrong.is_empty() {
         return Ok(());

@@ -165,6 +165,19 @@ fn own_firewall_mode_publishes_masquerades_and_isolates() {
         on("fw-m", &no_masq),
     );
     let (cn1, cn2) = (on("fw-n1", &no_icc), on("fw-n2", &no_icc));
+    // An egress policy applies in this mode as in the other.
+    let policed = Container::run(
+        "fw-policed",
+        &[
+            "--network",
+            &a.0,
+            "--label",
+            "dataplane.egress.internet=false",
+            &image(),
+            "sleep",
+            "600",
+        ],
+    );
     let remote = Remote::new(61);
     // Back to containers that are not masqueraded: the remote routes Docker's subnets to
     // the host, as a router in front of a host with routed networks would.
@@ -214,6 +227,11 @@ fn own_firewall_mode_publishes_masquerades_and_isolates() {
         remote.seen_from(&cm),
         cm.ip(),
         "no masquerade on this network"
+    );
+    assert_eq!(
+        remote.seen_from(&policed),
+        "",
+        "the egress policy let it out"
     );
     // An internal network stays internal; networks stay apart (directly, and through a
     // port published on the host); inter-container communication off holds.
@@ -317,7 +335,7 @@ fn own_firewall_mode_publishes_masquerades_and_isolates() {
     );
     assert_eq!(agent.status().mode, "own-firewall");
     drop(agent);
-    drop((ca, cb, ci, cm, cn1, cn2, cl, web, back));
+    drop((ca, cb, ci, cm, cn1, cn2, cl, web, back, policed));
 }
 
 /// A container to run clients in on `net`, serving httpd on 80 (nothing published).

@@ -183,23 +183,16 @@ fn contention(image: &str, secs: u64, ports: u16, agent_pid: u32) -> Contention 
     c
 }
 
-/// One mode's rows: run/stop per port count, and the contention run.
-fn mode_rows(
-    image: &str,
-    agent: &Agent,
-    quick: bool,
-    label: &str,
-    ports: &mut String,
-    starts: &mut String,
-) -> Result<()> {
+/// One mode's run/stop rows, per port count.
+fn port_rows(image: &str, quick: bool, label: &str, ports: &mut String) -> Result<()> {
     let counts: &[u16] = if quick { &[0, 100] } else { &[0, 100, 1000] };
     let mut zero = (f64::NAN, f64::NAN);
     for &n in counts {
         // Docker's rules with 1000 ports take minutes a round: one round there.
-        let rounds = if n >= 1000 && label.starts_with("Docker") {
-            1
+        let rounds = if label.starts_with("Docker's rules") {
+            if n >= 1000 { 1 } else { 3 }
         } else {
-            3
+            5
         };
         let (mut run, mut stop) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
@@ -219,6 +212,19 @@ fn mode_rows(
             s / zero.1
         );
     }
+    Ok(())
+}
+
+/// One mode's rows: run/stop per port count, and the contention runs.
+fn mode_rows(
+    image: &str,
+    agent: &Agent,
+    quick: bool,
+    label: &str,
+    ports: &mut String,
+    starts: &mut String,
+) -> Result<()> {
+    port_rows(image, quick, label, ports)?;
     let secs = if quick { 15 } else { 40 };
     for ports in [1, 10] {
         println!(
@@ -282,6 +288,8 @@ pub(super) fn own_firewall(
         wait_running(names)?;
         env.srv_ip = ip_of("dpb-srv")?;
         env.http_ip = ip_of("dpb-http")?;
+        // What Docker itself costs with its rules off (no agent: nothing is reachable).
+        port_rows(image, env.quick, "Docker, rules off, no agent", &mut ports)?;
         {
             let agent = Agent::start()?;
             let url = format!("http://127.0.0.1:{P_HTTP}/");
