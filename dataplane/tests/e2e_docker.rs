@@ -1440,6 +1440,33 @@ fn restart_dockerd_with(pidfile: &str, log: &str, userland_proxy: Option<bool>, 
     });
 }
 
+/// The harness's engine (its pidfile and log), when a test may restart it with `settings`
+/// changed: only an engine the harness started itself, and only when the operator's
+/// daemon.json sets none of them (dockerd refuses a setting given twice). Otherwise the
+/// test is listed as skipped.
+fn restartable_engine(test: &str, settings: &[&str]) -> Option<(String, String)> {
+    let (Ok(pidfile), Ok(log)) = (
+        std::env::var("DATAPLANE_TEST_DOCKERD_PIDFILE"),
+        std::env::var("DATAPLANE_TEST_DOCKERD_LOG"),
+    ) else {
+        skipped(
+            test,
+            "the Docker engine was not started by the test harness (a running engine is never \
+             restarted)",
+        );
+        return None;
+    };
+    let conf = std::fs::read_to_string("/etc/docker/daemon.json").unwrap_or_default();
+    if let Some(setting) = settings.iter().find(|k| conf.contains(&format!("\"{k}\""))) {
+        skipped(
+            test,
+            &format!("/etc/docker/daemon.json sets {setting} itself"),
+        );
+        return None;
+    }
+    Some((pidfile, log))
+}
+
 /// Restarts the harness's engine with the userland proxy off again when dropped.
 struct ProxyOff<'a>(&'a str, &'a str);
 
@@ -1452,23 +1479,12 @@ impl Drop for ProxyOff<'_> {
 #[test]
 #[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
 fn with_dockers_userland_proxy_on_clients_go_straight_to_the_container() {
-    const NAME: &str = "with_dockers_userland_proxy_on_clients_go_straight_to_the_container";
-    let (Ok(pidfile), Ok(log)) = (
-        std::env::var("DATAPLANE_TEST_DOCKERD_PIDFILE"),
-        std::env::var("DATAPLANE_TEST_DOCKERD_LOG"),
+    let Some((pidfile, log)) = restartable_engine(
+        "with_dockers_userland_proxy_on_clients_go_straight_to_the_container",
+        &["userland-proxy"],
     ) else {
-        skipped(
-            NAME,
-            "the Docker engine was not started by the test harness (a running engine is never \
-             restarted)",
-        );
         return;
     };
-    let conf = std::fs::read_to_string("/etc/docker/daemon.json").unwrap_or_default();
-    if conf.contains("userland-proxy") {
-        skipped(NAME, "/etc/docker/daemon.json sets userland-proxy itself");
-        return;
-    }
     // Docker's default: a docker-proxy per published port and family.
     restart_dockerd(&pidfile, &log, Some(true));
     let _restore = ProxyOff(&pidfile, &log);

@@ -580,8 +580,14 @@ pub(crate) fn run(batch: Batch<'_>) -> Result<()> {
 /// Applies a batch already encoded as nft's JSON, as one transaction.
 pub(crate) fn run_json(value: &serde_json::Value) -> Result<()> {
     let json = serde_json::to_vec(value).context("encoding the batch")?;
+    nft_stdin(&["-j", "-f", "-"], &json)
+        .map_err(|e| anyhow::anyhow!("nft refused the batch (nothing was changed): {e}"))
+}
+
+/// Runs `nft args` with `input` on its standard input; its error output becomes the error.
+pub(crate) fn nft_stdin(args: &[&str], input: &[u8]) -> Result<()> {
     let mut child = Command::new("nft")
-        .args(["-j", "-f", "-"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -591,14 +597,11 @@ pub(crate) fn run_json(value: &serde_json::Value) -> Result<()> {
         .stdin
         .take()
         .expect("piped stdin")
-        .write_all(&json)
+        .write_all(input)
         .context("writing to nft")?;
     let out = child.wait_with_output().context("waiting for nft")?;
     if !out.status.success() {
-        bail!(
-            "nft refused the batch (nothing was changed): {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }

@@ -40,12 +40,11 @@ pub mod leftovers;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    io::Write as _,
     net::IpAddr,
     process::{Command, Stdio},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use crate::docker::NetInfo;
 
@@ -458,27 +457,8 @@ pub fn script(table: &str, spec: &Spec) -> String {
 
 /// Runs an `nft -f` script as one transaction.
 pub fn run_script(script: &str) -> Result<()> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running nft")?;
-    child
-        .stdin
-        .take()
-        .context("nft's stdin")?
-        .write_all(script.as_bytes())
-        .context("writing to nft")?;
-    let out = child.wait_with_output().context("waiting for nft")?;
-    if !out.status.success() {
-        bail!(
-            "nft refused the own-firewall tables: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    crate::netfilter::ruleset::nft_stdin(&["-f", "-"], script.as_bytes())
+        .map_err(|e| anyhow::anyhow!("nft refused the own-firewall tables: {e:#}"))
 }
 
 /// Has bridged traffic meet the `forward` chain (as Docker does where a network turns

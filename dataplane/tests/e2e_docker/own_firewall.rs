@@ -118,23 +118,12 @@ fn own_firewall_agent_exit() -> Option<(Option<i32>, String)> {
 #[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
 #[allow(clippy::too_many_lines)] // one engine restart for the whole mode: every check here
 fn own_firewall_mode_publishes_masquerades_and_isolates() {
-    const NAME: &str = "own_firewall_mode_publishes_masquerades_and_isolates";
-    let (Ok(pidfile), Ok(log)) = (
-        std::env::var("DATAPLANE_TEST_DOCKERD_PIDFILE"),
-        std::env::var("DATAPLANE_TEST_DOCKERD_LOG"),
+    let Some((pidfile, log)) = restartable_engine(
+        "own_firewall_mode_publishes_masquerades_and_isolates",
+        &["iptables", "ip6tables"],
     ) else {
-        skipped(
-            NAME,
-            "the Docker engine was not started by the test harness (a running engine is never \
-             restarted)",
-        );
         return;
     };
-    let conf = std::fs::read_to_string("/etc/docker/daemon.json").unwrap_or_default();
-    if conf.contains("iptables") {
-        skipped(NAME, "/etc/docker/daemon.json sets iptables itself");
-        return;
-    }
     // With Docker's rules on, the mode is refused, saying why, before it changes anything.
     let (code, err) = own_firewall_agent_exit().expect("the agent to refuse, not to run");
     assert_eq!(code, Some(7), "{err}");
