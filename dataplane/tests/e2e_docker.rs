@@ -1351,15 +1351,8 @@ fn a_network_that_publishes_no_nat_gets_no_frontend() {
 #[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
 fn dockerd_restart_is_survived_and_resynced() {
     // Only an engine the harness started itself is restarted.
-    let (Ok(pidfile), Ok(log)) = (
-        std::env::var("DATAPLANE_TEST_DOCKERD_PIDFILE"),
-        std::env::var("DATAPLANE_TEST_DOCKERD_LOG"),
-    ) else {
-        skipped(
-            "dockerd_restart_is_survived_and_resynced",
-            "the Docker engine was not started by the test harness (a running engine is \
-             never restarted)",
-        );
+    let Some((pidfile, log)) = restartable_engine("dockerd_restart_is_survived_and_resynced", &[])
+    else {
         return;
     };
     let p = port(15);
