@@ -1374,10 +1374,11 @@ impl Agent {
         let Some(own) = self.own_fw.as_mut() else {
             return Ok(());
         };
-        let spec = crate::ownfw::Spec::new(
+        let mut spec = crate::ownfw::Spec::new(
             self.state.networks.values(),
             crate::ownfw::published(&self.state.containers),
         );
+        spec.routed = crate::ownfw::routed_ports(self.inspected.values(), &self.state.networks);
         let r = own.fw.apply(spec);
         let (networks, published) = own.fw.counts();
         let mut st = self.shared.lock().expect("status lock");

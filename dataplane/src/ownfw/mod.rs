@@ -104,6 +104,9 @@ pub struct Spec {
     /// Interfaces named `br-*` that are not Docker's bridges (exempt from failing closed).
     pub others: BTreeSet<String>,
     pub published: BTreeSet<Published>,
+    /// Container ports published on networks whose gateway mode is `routed` (address,
+    /// protocol, port): reachable at the container's own address, no host port.
+    pub routed: BTreeSet<(IpAddr, u8, u16)>,
 }
 
 /// The published bindings of every container the agent knows.
@@ -134,6 +137,65 @@ pub fn published<S: std::hash::BuildHasher>(
             to: crate::addr::addr_to_ip(to),
             to_port: u16::from_be(b.port_be),
         });
+    }
+    out
+}
+
+/// The container ports published (`-p`) by containers on networks whose gateway mode is
+/// `routed` for the address's family: Docker publishes no host port there, and the port is
+/// reached at the container's own address.
+pub fn routed_ports<'a, S: std::hash::BuildHasher>(
+    inspected: impl IntoIterator<Item = &'a bollard::models::ContainerInspectResponse>,
+    networks: &std::collections::HashMap<String, NetInfo, S>,
+) -> BTreeSet<(IpAddr, u8, u16)> {
+    let mut out = BTreeSet::new();
+    for c in inspected {
+        let running = c.state.as_ref().and_then(|s| s.running).unwrap_or(false);
+        let Some(bindings) = c
+            .host_config
+            .as_ref()
+            .and_then(|h| h.port_bindings.as_ref())
+        else {
+            continue;
+        };
+        let eps = c
+            .network_settings
+            .as_ref()
+            .and_then(|n| n.networks.as_ref());
+        if !running || bindings.is_empty() {
+            continue;
+        }
+        for ep in eps.into_iter().flat_map(|e| e.values()) {
+            let Some(net) = ep.network_id.as_ref().and_then(|id| networks.get(id)) else {
+                continue;
+            };
+            let addrs = [
+                (ep.ip_address.as_deref(), net.fw.gw4.as_deref()),
+                (ep.global_ipv6_address.as_deref(), net.fw.gw6.as_deref()),
+            ];
+            for (addr, mode) in addrs {
+                let (Some(Ok(ip)), Gateway::Routed) = (
+                    addr.filter(|a| !a.is_empty()).map(str::parse::<IpAddr>),
+                    Gateway::of(mode),
+                ) else {
+                    continue;
+                };
+                for key in bindings.keys() {
+                    let Some((port, proto)) = key.split_once('/') else {
+                        continue;
+                    };
+                    let proto = match proto {
+                        "tcp" => 6,
+                        "udp" => 17,
+                        "sctp" => 132,
+                        _ => continue,
+                    };
+                    if let Ok(port) = port.parse::<u16>() {
+                        out.insert((ip, proto, port));
+                    }
+                }
+            }
+        }
     }
     out
 }
@@ -185,6 +247,7 @@ impl Spec {
             nets,
             others: other_br_interfaces(),
             published,
+            routed: BTreeSet::new(),
         }
     }
 }
@@ -293,7 +356,18 @@ fn contents(spec: &Spec) -> BTreeMap<&'static str, Vec<String>> {
         add("unprotected6", n.gw6 == Gateway::NatUnprotected);
     }
     m.insert("others", spec.others.iter().map(|o| q(o)).collect());
-    let mut seen = BTreeSet::new();
+    for (ip, proto, port) in &spec.routed {
+        let set = if ip.is_ipv4() { "pub4" } else { "pub6" };
+        m.entry(set)
+            .or_default()
+            .push(format!("{} . {proto} . {port}", v6_addr(*ip)));
+    }
+    let mut seen: BTreeSet<(&str, String)> = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("pub"))
+        .flat_map(|(k, v)| v.iter().map(|e| (*k, e.clone())))
+        .map(|(k, e)| (if k == "pub4" { "4" } else { "6" }, e))
+        .collect();
     for p in &spec.published {
         let v4 = p.to.is_ipv4();
         let f = if v4 { "4" } else { "6" };
@@ -654,6 +728,23 @@ mod tests {
         );
         assert!(!c.contains_key("dnat6_at"));
         assert_eq!(c["pub4"].len(), 3);
+    }
+
+    #[test]
+    fn routed_container_ports_are_reachable_at_their_address_only() {
+        let mut spec = Spec::default();
+        spec.routed.insert(("172.30.0.2".parse().unwrap(), 6, 80));
+        spec.published.insert(Published {
+            host: None,
+            proto: 6,
+            port: 8080,
+            to: "172.30.0.2".parse().unwrap(),
+            to_port: 80,
+        });
+        let c = contents(&spec);
+        // One element for both: no duplicate in the set.
+        assert_eq!(c["pub4"], vec!["172.30.0.2 . 6 . 80"]);
+        assert_eq!(c["dnat4_any"].len(), 1);
     }
 
     #[test]

@@ -323,6 +323,9 @@ fn own_firewall_mode_publishes_masquerades_and_isolates() {
         },
     );
     assert_eq!(agent.status().mode, "own-firewall");
+    if engine_major() >= 27 {
+        gateway_modes(&remote);
+    }
     drop(agent);
     drop((ca, cb, ci, cm, cn1, cn2, cl, web, back, policed));
 }
@@ -341,4 +344,75 @@ fn client_container_on(name: &str, net: &Network) -> Container {
             "httpd -p 80 -h /www && exec sleep 600",
         ],
     )
+}
+
+/// Docker 27+'s gateway modes: `routed` (published container ports, at the container's own
+/// address, no masquerade) and `nat-unprotected` (every port at the container's address,
+/// masqueraded out).
+fn gateway_modes(remote: &Remote) {
+    let routed = Network::create_with(
+        "fwr",
+        &["-o", "com.docker.network.bridge.gateway_mode_ipv4=routed"],
+    );
+    let unprotected = Network::create_with(
+        "fwu",
+        &[
+            "-o",
+            "com.docker.network.bridge.gateway_mode_ipv4=nat-unprotected",
+        ],
+    );
+    let two_ports = |name: &str, net: &Network, publish: &str| {
+        Container::run(
+            name,
+            &[
+                "--network",
+                &net.0,
+                "-p",
+                publish,
+                &image(),
+                "sh",
+                "-c",
+                "httpd -p 80 -h /www && exec httpd -f -p 81 -h /www",
+            ],
+        )
+    };
+    let r = two_ports("fw-routed", &routed, "80");
+    let u = two_ports("fw-unprot", &unprotected, &format!("{}:80", port(63)));
+    for net in [&routed, &unprotected] {
+        sh(&[
+            "ip",
+            "-n",
+            &remote.client.ns.name,
+            "route",
+            "add",
+            &subnet_of(net),
+            "via",
+            &remote.client.host_ip,
+        ]);
+    }
+    let at = |c: &Container, port: u16| {
+        remote
+            .client
+            .curl(&format!("http://{}:{port}/cgi-bin/ip", c.ip()))
+    };
+    wait_until(
+        "the routed container's published port",
+        Duration::from_secs(10),
+        || at(&r, 80).is_some(),
+    );
+    let seen = at(&r, 80).unwrap_or_default();
+    assert!(
+        seen.contains(&format!(":{}]", remote.client.ip)),
+        "routed: the backend saw {seen}"
+    );
+    assert!(
+        at(&r, 81).is_none(),
+        "routed: an unpublished port was reached"
+    );
+    assert_eq!(remote.seen_from(&r), r.ip(), "routed: masqueraded");
+    assert!(
+        at(&u, 81).is_some(),
+        "nat-unprotected: a port at the container's address"
+    );
+    assert_eq!(remote.seen_from(&u), remote.client.host_ip);
 }
