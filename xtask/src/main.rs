@@ -39,8 +39,8 @@ enum Cmd {
         /// or 28.5 (fetched once into target/engines).
         #[arg(long, value_enum, default_value = "host")]
         engine: Engine,
-        /// Extra arguments for `dataplane run`.
-        #[arg(trailing_var_arg = true)]
+        /// Extra arguments for `dataplane run` (`cargo xtask run --own-firewall`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Build the Debian package (target/deb/dataplane_<version>_<arch>.deb): the agent,
