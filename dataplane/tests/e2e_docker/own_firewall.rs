@@ -46,6 +46,23 @@ impl Remote {
         }
     }
 
+    /// The remote routes `net`'s subnet to the host (as a router in front of a host with
+    /// routed networks would).
+    fn route_to(&self, net: &Network) {
+        let subnet = subnet_of(net);
+        let via = &self.client.host_ip;
+        sh(&[
+            "ip",
+            "-n",
+            &self.client.ns.name,
+            "route",
+            "add",
+            &subnet,
+            "via",
+            via,
+        ]);
+    }
+
     /// Who the remote sees `c` as (empty: `c` did not get through).
     fn seen_from(&self, c: &Container) -> String {
         c.exec(&format!(
@@ -170,16 +187,7 @@ fn own_firewall_mode_publishes_masquerades_and_isolates() {
     let remote = Remote::new(61);
     // Back to containers that are not masqueraded: the remote routes Docker's subnets to
     // the host, as a router in front of a host with routed networks would.
-    sh(&[
-        "ip",
-        "-n",
-        &remote.client.ns.name,
-        "route",
-        "add",
-        &subnet_of(&no_masq),
-        "via",
-        &remote.client.host_ip,
-    ]);
+    remote.route_to(&no_masq);
     let agent = Agent::start_with("ownfw", &["--own-firewall"]);
     let st = agent.status();
     assert_eq!(st.mode, "own-firewall");
@@ -378,18 +386,8 @@ fn gateway_modes(remote: &Remote) {
     };
     let r = two_ports("fw-routed", &routed, "80");
     let u = two_ports("fw-unprot", &unprotected, &format!("{}:80", port(63)));
-    for net in [&routed, &unprotected] {
-        sh(&[
-            "ip",
-            "-n",
-            &remote.client.ns.name,
-            "route",
-            "add",
-            &subnet_of(net),
-            "via",
-            &remote.client.host_ip,
-        ]);
-    }
+    remote.route_to(&routed);
+    remote.route_to(&unprotected);
     let at = |c: &Container, port: u16| {
         remote
             .client
