@@ -281,7 +281,23 @@ fn print_egress(e: &Egress) {
     if e.runtime_change {
         println!("  runtime change in force (bridge-ctl egress set --reset drops it)");
     }
+    if let Some(why) = &e.not_enforceable {
+        println!("  NOT ENFORCEABLE: {why}");
+    }
+    if let Some(x) = &e.policy_of {
+        println!("  policy:    that of {x} (it shares its network namespace)");
+    }
+    if !e.ports.is_empty() {
+        println!(
+            "  ports:     {} (judged by these bridge ports)",
+            e.ports.join(" ")
+        );
+    }
     println!("  dropped:   {} packets", e.dropped_packets);
+    println!(
+        "  spoofed:   {} packets (a source not its own, dropped)",
+        e.spoofed_packets
+    );
 }
 
 fn print_status(s: &Status) {

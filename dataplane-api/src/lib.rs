@@ -112,6 +112,19 @@ pub struct Egress {
     /// not enforced: it restricts nothing, or it is not running).
     #[serde(default)]
     pub enforced_unix_us: u64,
+    /// Packets dropped at its bridge ports because their source (MAC or address) was not
+    /// its own.
+    #[serde(default)]
+    pub spoofed_packets: u64,
+    /// The host-side veths its frames are judged by.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    /// Why its labels cannot be enforced (`--network host`, macvlan, ipvlan).
+    #[serde(default)]
+    pub not_enforceable: Option<String>,
+    /// `--network container:X`: the container whose policy applies to it.
+    #[serde(default)]
+    pub policy_of: Option<String>,
 }
 
 /// How long one start phase took.

@@ -320,11 +320,17 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         pending_cookies: Vec::new(),
         retry_at: None,
         backoff: Backoff::new(),
-        egress: Egress::new(
-            &crate::netfilter::changes::egress_table(&opts.nft_table),
-            opts.config.clone(),
-            opts.state_dir.clone(),
-        ),
+        egress: {
+            let mut e = Egress::new(
+                &crate::netfilter::changes::egress_table(&opts.nft_table),
+                opts.config.clone(),
+                opts.state_dir.clone(),
+            );
+            if let Ok(s) = docker_settings.as_ref() {
+                e.daemon_dns.clone_from(&s.dns);
+            }
+            e
+        },
         resolver,
         dns_tx,
         egress_check_at: None,
@@ -1157,7 +1163,10 @@ impl Agent {
         }
         // The egress table changed (by the agent itself, mostly): read back within a second
         // (at most once a second), and written whole again if it drifted.
-        if changes.touches_table("inet", self.egress.table()) && self.egress_check_at.is_none() {
+        if (changes.touches_table("inet", self.egress.table())
+            || changes.touches_table("bridge", self.egress.table()))
+            && self.egress_check_at.is_none()
+        {
             self.egress_check_at = Some(Instant::now() + Duration::from_secs(1));
         }
         // The own-firewall table: the operator's chain may have changed.
@@ -1316,6 +1325,7 @@ impl Agent {
         };
         let egress = egress.and(self.apply_own_firewall());
         self.state.host_denied = self.egress.host_denied();
+        self.state.policed = self.egress.policed_addrs();
         let plan = plan::plan(&self.state, &env);
         for c in &plan.conflicts {
             warn!(frontend = %c.frontend, kept = %c.kept, dropped = %c.dropped, "frontend conflict");

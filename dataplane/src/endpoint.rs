@@ -117,3 +117,101 @@ pub async fn of(netns: &Path, addr: IpAddr) -> Result<PktEndpoint> {
         gw_mac,
     })
 }
+
+/// One interface of a container's namespace whose veth peer is a bridge port in the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Port {
+    /// The host-side veth's name.
+    pub host_ifname: String,
+    /// The container-side interface's MAC and addresses, as the kernel has them.
+    pub mac: [u8; 6],
+    pub addrs: Vec<IpAddr>,
+}
+
+/// Every veth of the namespace at `netns`: its MAC, its addresses, its peer's index.
+fn veths_inside(netns: &Path) -> Result<Vec<([u8; 6], Vec<IpAddr>, u32)>> {
+    let netns = netns.to_path_buf();
+    let run = move || -> Result<Vec<([u8; 6], Vec<IpAddr>, u32)>> {
+        let f =
+            std::fs::File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {}", netns.display()))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(with_handle(async |h: &Handle| {
+            let links = links(h).await?;
+            let mut addrs: HashMap<u32, Vec<IpAddr>> = HashMap::new();
+            let mut dump = h.address().get().execute();
+            while let Some(m) = dump.try_next().await.context("netlink address dump")? {
+                for a in &m.attributes {
+                    if let AddressAttribute::Address(ip) = a {
+                        addrs.entry(m.header.index).or_default().push(*ip);
+                    }
+                }
+            }
+            Ok(links
+                .into_iter()
+                .filter_map(|(index, l)| match (l.mac, l.peer) {
+                    (Some(mac), Some(peer)) if peer != index && peer != 0 => {
+                        Some((mac, addrs.remove(&index).unwrap_or_default(), peer))
+                    }
+                    _ => None,
+                })
+                .collect())
+        }))
+    };
+    std::thread::Builder::new()
+        .name("ports".into())
+        .spawn(run)
+        .context("spawning a thread")?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread panicked"))?
+}
+
+/// The bridge ports in the host behind the veths of the namespace at `netns` (a
+/// container's). Blocking: enters the namespace on a thread of its own.
+pub fn ports(netns: &Path) -> Result<Vec<Port>> {
+    let inside = veths_inside(netns)?;
+    if inside.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let host = std::thread::scope(|s| {
+        s.spawn(|| rt.block_on(with_handle(async |h: &Handle| links_named(h).await)))
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread panicked"))
+    })??;
+    Ok(inside
+        .into_iter()
+        .filter_map(|(mac, addrs, peer)| {
+            let (name, master) = host.get(&peer)?;
+            master.is_some().then(|| Port {
+                host_ifname: name.clone(),
+                mac,
+                addrs,
+            })
+        })
+        .collect())
+}
+
+/// Every interface's name and bridge (if it is a port of one).
+async fn links_named(handle: &Handle) -> Result<HashMap<u32, (String, Option<u32>)>> {
+    let mut out = HashMap::new();
+    let mut dump = handle.link().get().execute();
+    while let Some(l) = dump.try_next().await.context("netlink link dump")? {
+        let mut name = String::new();
+        let mut master = None;
+        for attr in &l.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => name.clone_from(n),
+                LinkAttribute::Controller(i) => master = Some(*i),
+                _ => {}
+            }
+        }
+        out.insert(l.header.index, (name, master));
+    }
+    Ok(out)
+}

@@ -279,7 +279,21 @@ impl Scrape {
     pub async fn render(&self, openmetrics: bool) -> String {
         let table = self.egress_table.clone();
         let drops = tokio::task::spawn_blocking(move || {
-            crate::egress::nft::read_back(&table).map(|(_, c)| c)
+            // Drops of the policy (both tables) by key, spoofed frames as `s_<key>`.
+            let mut c = crate::egress::nft::read_back(&table)
+                .map(|(_, c)| c)
+                .unwrap_or_default();
+            for (name, n) in crate::egress::guard::read_back(&table)
+                .map(|(_, c)| c)
+                .unwrap_or_default()
+            {
+                if let Some(k) = name.strip_prefix("l_") {
+                    *c.entry(k.to_string()).or_default() += n;
+                } else {
+                    c.insert(name, n);
+                }
+            }
+            Some(c)
         })
         .await
         .ok()
@@ -489,6 +503,19 @@ fn egress_drops(r: &mut Registry, names: &BTreeMap<String, String>, drops: &BTre
         "dataplane_egress_dropped_packets",
         "Packets a container's egress policy dropped",
         egress,
+    );
+    let spoofed: Family<Labels, Counter> = Family::default();
+    for (key, name) in names {
+        if let Some(n) = drops.get(&crate::egress::guard::spoof_counter(key)) {
+            spoofed
+                .get_or_create(&labels([("container", name)]))
+                .inc_by(*n);
+        }
+    }
+    r.register(
+        "dataplane_egress_spoofed_packets",
+        "Packets from a policed container with a source (MAC or address) not its own, dropped at its bridge port",
+        spoofed,
     );
 }
 

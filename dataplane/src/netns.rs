@@ -47,8 +47,10 @@ fn cookie_at(path: &PathBuf) -> Result<u64> {
 /// `ipv6_route`, read without entering it). None when they cannot be read (the process is
 /// gone).
 pub fn default_routes(pid: i64) -> Option<DefaultRoutes> {
-    let v4 = std::fs::read_to_string(format!("/proc/{pid}/net/route")).ok()?;
-    let v6 = std::fs::read_to_string(format!("/proc/{pid}/net/ipv6_route")).unwrap_or_default();
+    // Bounded: a container with CAP_NET_ADMIN writes its own routes.
+    let read = |p: String| crate::egress::dns::read_bounded(&p);
+    let v4 = read(format!("/proc/{pid}/net/route"))?;
+    let v6 = read(format!("/proc/{pid}/net/ipv6_route")).unwrap_or_default();
     Some(DefaultRoutes {
         v4: default_v4(&v4),
         v6: default_v6(&v6),

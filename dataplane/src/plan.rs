@@ -188,12 +188,19 @@ impl Plan {
 
     /// All that follows from the maps serving `frontends` (a subset of [`Plan::wanted`]).
     pub fn served(&self, frontends: BTreeMap<FrontendKey, Backend>, state: &State) -> Served {
-        let notrack = notrack::Spec::new(
+        let mut notrack = notrack::Spec::new(
             frontends.iter(),
             &state.host_addrs,
             self.peer_addrs.iter().copied(),
             self.host_clients_tracked.is_some(),
         );
+        // A policed container's packets stay tracked, both ways: its egress policy judges
+        // every connection it opens by conntrack state, and an untracked packet of its own
+        // (from its published port, say) would not be judged at all.
+        notrack
+            .backends
+            .retain(|b| !state.policed.contains(&b.addr));
+        notrack.peers.retain(|a| !state.policed.contains(a));
         let mut rows = Vec::new();
         let mut owners = BTreeMap::new();
         for f in self

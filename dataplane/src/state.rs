@@ -34,6 +34,8 @@ pub struct State {
     /// Containers whose egress policy denies them the host and other containers: never
     /// translated as clients.
     pub host_denied: BTreeSet<String>,
+    /// Addresses of containers with an egress policy: none of their packets is untracked.
+    pub policed: BTreeSet<std::net::IpAddr>,
     /// What `dataplane.on-pause` means for a container without the label.
     pub on_pause_default: desired::OnPause,
 }

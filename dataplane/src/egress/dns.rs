@@ -87,18 +87,68 @@ pub fn nameservers(text: &str) -> BTreeSet<IpAddr> {
         .collect()
 }
 
-/// The resolvers a container may always reach: those in its own `resolv.conf` and, for
-/// Docker's embedded resolver (which forwards from the container's namespace), the host's.
-/// Loopback ones are inside the container and never pass the host's hooks.
-pub fn container_resolvers(container_resolv_conf: Option<&str>) -> BTreeSet<IpAddr> {
-    let mut out: BTreeSet<IpAddr> = container_resolv_conf.map(nameservers).unwrap_or_default();
+/// The most of a file the agent reads when a container or anyone else may have written it.
+pub const READ_LIMIT: u64 = 64 * 1024;
+
+/// The first [`READ_LIMIT`] bytes of `path` as text.
+pub fn read_bounded(path: &str) -> Option<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(READ_LIMIT)
+        .read_to_string(&mut text)
+        .ok()?;
+    Some(text)
+}
+
+/// The host's resolvers as Docker reads them: `/etc/resolv.conf`, or systemd-resolved's
+/// upstreams where that file names only its local stub. Loopback ones are left out (Docker
+/// leaves them out of what it gives containers).
+pub fn host_resolvers() -> BTreeSet<IpAddr> {
+    let mut out = BTreeSet::new();
     for path in ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"] {
-        if let Ok(t) = std::fs::read_to_string(path) {
+        if let Some(t) = read_bounded(path) {
             out.extend(nameservers(&t));
         }
     }
     out.retain(|a| !a.is_loopback() && !a.is_unspecified());
     out
+}
+
+/// Docker's fallback when the host names no resolver a container can use.
+const DOCKER_DEFAULT_DNS: [&str; 4] = [
+    "8.8.8.8",
+    "8.8.4.4",
+    "2001:4860:4860::8888",
+    "2001:4860:4860::8844",
+];
+
+/// The resolvers Docker gives a container, as Docker chooses them: its own `--dns`, else
+/// the daemon's `dns`, else the host's, else Docker's defaults. Docker's embedded resolver
+/// (user-defined networks) forwards to the same ones from the container's namespace; on
+/// the default bridge they are what Docker wrote into its `resolv.conf`. Never read from
+/// that file: the container can write it.
+pub fn docker_resolvers(
+    container: &BTreeSet<IpAddr>,
+    daemon: &[IpAddr],
+    host: &BTreeSet<IpAddr>,
+) -> BTreeSet<IpAddr> {
+    let pick: BTreeSet<IpAddr> = if !container.is_empty() {
+        container.clone()
+    } else if !daemon.is_empty() {
+        daemon.iter().copied().collect()
+    } else if !host.is_empty() {
+        host.clone()
+    } else {
+        DOCKER_DEFAULT_DNS
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    };
+    pick.into_iter()
+        .filter(|a| !a.is_loopback() && !a.is_unspecified())
+        .collect()
 }
 
 #[cfg(test)]
@@ -116,6 +166,34 @@ mod tests {
             refresh_after(Duration::from_hours(24)),
             Duration::from_hours(1)
         );
+    }
+
+    #[test]
+    fn resolvers_are_the_ones_docker_gives() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let host: BTreeSet<IpAddr> = [ip("192.0.2.53")].into();
+        let own: BTreeSet<IpAddr> = [ip("198.51.100.1"), ip("127.0.0.1")].into();
+        assert_eq!(
+            docker_resolvers(&own, &[ip("203.0.113.9")], &host),
+            [ip("198.51.100.1")].into()
+        );
+        assert_eq!(
+            docker_resolvers(&BTreeSet::new(), &[ip("203.0.113.9")], &host),
+            [ip("203.0.113.9")].into()
+        );
+        assert_eq!(docker_resolvers(&BTreeSet::new(), &[], &host), host);
+        assert!(docker_resolvers(&BTreeSet::new(), &[], &BTreeSet::new()).contains(&ip("8.8.8.8")));
+    }
+
+    #[test]
+    fn a_huge_file_is_read_only_so_far() {
+        let dir = std::env::temp_dir().join(format!("dp-dns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("resolv.conf");
+        std::fs::write(&p, "nameserver 192.0.2.1\n".repeat(100_000)).unwrap();
+        let t = read_bounded(p.to_str().unwrap()).unwrap();
+        assert_eq!(t.len() as u64, READ_LIMIT);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

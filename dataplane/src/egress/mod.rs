@@ -10,6 +10,7 @@
 //! container is removed.
 
 pub mod dns;
+pub mod guard;
 pub mod nft;
 pub mod policy;
 
@@ -35,8 +36,19 @@ pub struct Container {
     pub runtime: Option<Layer>,
     /// Its addresses per Docker network.
     pub addrs: BTreeMap<String, Vec<IpAddr>>,
-    /// Resolvers from its own `resolv.conf`.
+    /// Resolvers Docker gives it (`--dns`, from its inspect; else the daemon's and the
+    /// host's: see [`dns::docker_resolvers`]).
     pub dns: BTreeSet<IpAddr>,
+    /// Its network namespace (`NetworkSettings.SandboxKey`, or found at `network connect`).
+    pub netns: Option<PathBuf>,
+    /// The bridge ports behind its veths, and the addresses they were found for.
+    pub ports: Vec<crate::endpoint::Port>,
+    pub ports_for: BTreeSet<IpAddr>,
+    /// Why its ports could not be found (its frames are not guarded then).
+    pub ports_error: Option<String>,
+    /// What `--network` says when it cannot be policed here (`host`, a driver other than
+    /// `bridge`), or `container:X`.
+    pub network_mode: Option<String>,
     /// When Docker connected it to a network and it was not running yet.
     pub starting_since: Option<Instant>,
     /// The last error logged for its labels (logged once).
@@ -68,10 +80,6 @@ pub struct Name {
 /// gave, before the start completes (a start that takes longer is resynced).
 const STARTING_GRACE: Duration = Duration::from_mins(2);
 
-/// How long after its `create` (or its stop) a policed container keeps Docker's bridges
-/// gated: the time in which Docker may start it (again, by a restart policy).
-const PENDING: Duration = Duration::from_mins(1);
-
 pub struct Egress {
     table: String,
     pub config: Config,
@@ -84,6 +92,51 @@ pub struct Egress {
     pub bridges: BTreeSet<String>,
     /// Whether bridged traffic is known to pass the IP hooks (`br_netfilter`).
     bridge_netfilter: bool,
+    /// The daemon's own `dns` setting (its command line and config file).
+    pub daemon_dns: Vec<IpAddr>,
+}
+
+/// Where Docker keeps its containers' network namespaces.
+const DOCKER_NETNS: &str = "/var/run/docker/netns";
+
+/// The namespace under Docker's that no other container claims and whose veths hold
+/// `addrs`, with its ports.
+fn find_netns(
+    claimed: &BTreeSet<PathBuf>,
+    addrs: &BTreeSet<IpAddr>,
+) -> Result<(PathBuf, Vec<crate::endpoint::Port>)> {
+    let rd = std::fs::read_dir(DOCKER_NETNS).with_context(|| format!("listing {DOCKER_NETNS}"))?;
+    for e in rd.flatten() {
+        let path = e.path();
+        if claimed.contains(&path) {
+            continue;
+        }
+        let Ok(ports) = crate::endpoint::ports(&path) else {
+            continue;
+        };
+        if ports
+            .iter()
+            .any(|p| p.addrs.iter().any(|a| addrs.contains(a)))
+        {
+            return Ok((path, ports));
+        }
+    }
+    anyhow::bail!("no namespace under {DOCKER_NETNS} holds its addresses")
+}
+
+/// Why a container on network mode `mode` (or networks of `drivers`) cannot be policed
+/// here; `container:X` is kept as it is (X's policy applies).
+fn unenforceable(mode: &str, drivers: &[String]) -> Option<String> {
+    if mode == "host" {
+        return Some("--network host: it shares the host's network namespace".into());
+    }
+    if mode.starts_with("container:") {
+        return Some(mode.to_string());
+    }
+    drivers
+        .iter()
+        .find(|d| !matches!(d.as_str(), "bridge" | "null"))
+        .map(|d| format!("a {d} network: its traffic does not pass the host's bridge"))
 }
 
 /// Makes traffic between containers on one bridge pass the IP netfilter hooks
@@ -130,6 +183,7 @@ impl Egress {
             applied: None,
             bridges: BTreeSet::new(),
             bridge_netfilter: false,
+            daemon_dns: Vec::new(),
         }
     }
 
@@ -274,12 +328,36 @@ impl Egress {
                 entry.starting_since = None;
             }
         }
+        // Never from its resolv.conf: the container can write that file.
         entry.dns = c
-            .resolv_conf_path
+            .host_config
             .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .map(|t| dns::nameservers(&t))
+            .and_then(|h| h.dns.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.split('%').next()?.parse().ok())
+            .collect();
+        entry.netns = c
+            .network_settings
+            .as_ref()
+            .and_then(|n| n.sandbox_key.clone())
+            .filter(|k| !k.is_empty())
+            .map(PathBuf::from);
+        let mode = c
+            .host_config
+            .as_ref()
+            .and_then(|h| h.network_mode.clone())
             .unwrap_or_default();
+        entry.network_mode = unenforceable(&mode, &[]);
+    }
+
+    /// The network drivers of the container's networks that cannot be policed here.
+    pub fn set_drivers(&mut self, id: &str, drivers: &[String]) {
+        if let Some(c) = self.containers.get_mut(id)
+            && c.network_mode.is_none()
+        {
+            c.network_mode = unenforceable("", drivers);
+        }
     }
 
     /// The container was removed: its runtime change goes too.
@@ -315,6 +393,15 @@ impl Egress {
             .iter()
             .filter(|(_, c)| !self.policy(c).host)
             .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Addresses of the containers whose policy restricts anything.
+    pub fn policed_addrs(&self) -> BTreeSet<IpAddr> {
+        self.containers
+            .values()
+            .filter(|c| self.policy(c).restricts())
+            .flat_map(Container::addresses)
             .collect()
     }
 
@@ -428,7 +515,7 @@ impl Egress {
             closed_host: self.config.egress.host == Some(false),
             ..nft::Spec::default()
         };
-        let host_dns = dns::container_resolvers(None);
+        let host_dns = dns::host_resolvers();
         let mut errors = Vec::new();
         let mut admit = spec.closed_internet || spec.closed_host;
         let mut pending = false;
@@ -447,7 +534,9 @@ impl Egress {
             // Its chains exist as long as the container does: a start or a stop only
             // changes the map elements that lead to them.
             admit = true;
-            pending |= addrs.is_empty() && c.pending_since.is_some_and(|t| t.elapsed() < PENDING);
+            // Docker may start it, restart it or connect it to a network at any time: new
+            // senders on its bridges wait until the agent has seen them.
+            pending = true;
             let allow = p
                 .allow
                 .iter()
@@ -461,8 +550,21 @@ impl Egress {
             // A policy that cannot be read allows nothing, DNS included.
             let mut dns = BTreeSet::new();
             if p.error.is_none() {
-                dns.clone_from(&host_dns);
-                dns.extend(c.dns.iter().filter(|a| !a.is_loopback()).copied());
+                dns = dns::docker_resolvers(&c.dns, &self.daemon_dns, &host_dns);
+            }
+            if !c.ports.is_empty() && !addrs.is_empty() {
+                let k = nft::key_of(id);
+                for port in &c.ports {
+                    spec.guard.ports.insert(port.host_ifname.clone(), k.clone());
+                }
+                spec.guard.senders.insert(
+                    k,
+                    guard::Sender {
+                        macs: c.ports.iter().map(|p| p.mac).collect(),
+                        addrs: addrs.clone(),
+                        host: p.host,
+                    },
+                );
             }
             spec.containers.insert(
                 nft::key_of(id),
@@ -489,20 +591,62 @@ impl Egress {
         spec
     }
 
-    /// When the gate opens by itself (the oldest pending container's time runs out).
+    /// When the gate opens by itself: never (it stays while a policed container exists).
     pub fn gate_expires(&self) -> Option<Instant> {
-        self.containers
+        None
+    }
+
+    /// Finds the bridge ports of every policed container whose addresses changed since
+    /// they were last found: in its namespace (from its inspect), or, at `network connect`
+    /// before its inspect answers, in the one of Docker's namespaces that holds its
+    /// addresses.
+    pub fn find_ports(&mut self) {
+        let want: Vec<String> = self
+            .containers
+            .iter()
+            .filter(|(_, c)| {
+                let a = c.addresses();
+                !a.is_empty() && a != c.ports_for && self.policy(c).restricts()
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        if want.is_empty() {
+            return;
+        }
+        let claimed: BTreeSet<PathBuf> = self
+            .containers
             .values()
-            .filter(|c| c.addresses().is_empty())
-            .filter_map(|c| c.pending_since)
-            .map(|t| t + PENDING)
-            .filter(|t| *t > Instant::now())
-            .min()
+            .filter_map(|c| c.netns.clone())
+            .collect();
+        for id in want {
+            let c = self.containers.get_mut(&id).expect("listed above");
+            let addrs = c.addresses();
+            let found = match &c.netns {
+                Some(ns) => crate::endpoint::ports(ns).map(|p| (ns.clone(), p)),
+                None => find_netns(&claimed, &addrs),
+            };
+            match found {
+                Ok((ns, ports)) if !ports.is_empty() => {
+                    c.netns = Some(ns);
+                    c.ports = ports;
+                    c.ports_for = addrs;
+                    c.ports_error = None;
+                }
+                Ok(_) => {
+                    c.ports_error = Some("no bridge port found for its addresses".into());
+                }
+                Err(e) => c.ports_error = Some(format!("{e:#}")),
+            }
+            if let Some(e) = &c.ports_error {
+                warn!(container = %c.name, error = %e, "cannot find a policed container's bridge ports: its frames are judged by address only");
+            }
+        }
     }
 
     /// Writes the table as [`Egress::spec`] says: only what changed, or the whole table in
     /// place the first time (and after a failure). Whether anything was written.
     pub fn apply(&mut self) -> Result<bool> {
+        tokio::task::block_in_place(|| self.find_ports());
         let spec = self.spec();
         if !self.bridge_netfilter && spec.containers.values().any(|c| !c.host) {
             self.bridge_netfilter = enable_bridge_netfilter();
@@ -530,9 +674,14 @@ impl Egress {
             }
         } else {
             {
-                let present = nft::read_back(&self.table)
+                let mut present = nft::read_back(&self.table)
                     .map(|(chains, _)| chains)
                     .unwrap_or_default();
+                present.extend(
+                    guard::read_back(&self.table)
+                        .map(|(chains, _)| chains)
+                        .unwrap_or_default(),
+                );
                 nft::full_batch(&self.table, &spec, &present)
             }
         };
@@ -585,8 +734,20 @@ impl Egress {
                 v
             })
             .collect();
-        let now = tokio::task::block_in_place(|| nft::read_back(&self.table));
-        if now.is_some_and(|(chains, _)| chains == want) {
+        let ports: BTreeSet<String> = applied
+            .guard
+            .senders
+            .keys()
+            .map(|k| format!("p_{k}"))
+            .collect();
+        let (now, now_ports) = tokio::task::block_in_place(|| {
+            (nft::read_back(&self.table), guard::read_back(&self.table))
+        });
+        let ports_ok = match now_ports {
+            Some((chains, _)) => chains == ports,
+            None => ports.is_empty(),
+        };
+        if ports_ok && now.is_some_and(|(chains, _)| chains == want) {
             return false;
         }
         self.applied = None;
@@ -679,9 +840,12 @@ impl Egress {
 
     /// What `bridge-ctl egress show` shows, with the drop counters read from the kernel.
     pub fn views(&self, only: Option<&str>) -> Vec<dataplane_api::Egress> {
-        let counters = tokio::task::block_in_place(|| nft::read_back(&self.table))
-            .map(|(_, c)| c)
-            .unwrap_or_default();
+        let (counters, l2) = tokio::task::block_in_place(|| {
+            (nft::read_back(&self.table), guard::read_back(&self.table))
+        });
+        let counters = counters.map(|(_, c)| c).unwrap_or_default();
+        let l2 = l2.map(|(_, c)| c).unwrap_or_default();
+        let l2_of = |name: String| l2.get(&name).copied().unwrap_or(0);
         let mut out = Vec::new();
         for (id, c) in &self.containers {
             if only.is_some_and(|o| o != id) {
@@ -732,7 +896,19 @@ impl Egress {
                 addresses: c.addresses().iter().map(ToString::to_string).collect(),
                 runtime_change: c.runtime.is_some(),
                 error: p.error.clone(),
-                dropped_packets: counters.get(&nft::key_of(id)).copied().unwrap_or(0),
+                dropped_packets: counters.get(&nft::key_of(id)).copied().unwrap_or(0)
+                    + l2_of(guard::l2_counter(&nft::key_of(id))),
+                spoofed_packets: l2_of(guard::spoof_counter(&nft::key_of(id))),
+                ports: c.ports.iter().map(|p| p.host_ifname.clone()).collect(),
+                not_enforceable: c
+                    .network_mode
+                    .clone()
+                    .filter(|m| !m.starts_with("container:")),
+                policy_of: c
+                    .network_mode
+                    .as_deref()
+                    .and_then(|m| m.strip_prefix("container:"))
+                    .map(str::to_string),
                 enforced_unix_us: c
                     .enforced_at
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
@@ -804,9 +980,9 @@ mod tests {
         let spec = e.spec();
         // Only the policed one gets chains; the unpoliced one is admitted.
         assert_eq!(spec.containers.len(), 1);
-        assert!(
-            spec.gated.is_empty(),
-            "open again once its address is known"
+        assert_eq!(
+            spec.gated, e.bridges,
+            "gated as long as a policed container exists: it may restart or connect anew"
         );
         assert_eq!(spec.admitted.len(), 2);
         let c = &spec.containers["aaaa1111"];

@@ -87,6 +87,8 @@ pub struct Spec {
     pub gated: BTreeSet<String>,
     /// Policed containers by key (a prefix of the container ID).
     pub containers: BTreeMap<String, Chains>,
+    /// Their bridge ports and what may pass them (the `bridge` table of the same name).
+    pub guard: super::guard::Guard,
 }
 
 /// The key a container's chains are named by.
@@ -234,7 +236,11 @@ fn count_and_drop(k: &str) -> [Statement<'static>; 2] {
 
 /// The base chains' rules.
 fn base_rules(spec: &Spec) -> (Vec<Vec<Statement<'static>>>, Vec<Vec<Statement<'static>>>) {
-    let established = || vec![ct_state(&["established", "related", "untracked"]), accept()];
+    let established = || vec![ct_state(&["established", "related"]), accept()];
+    // Untracked: the agent's translated flows, never a policed container's (their packets
+    // are never untracked), and only after the dispatch, so a policed container's packet
+    // is judged whatever its state.
+    let untracked = || vec![ct_state(&["untracked"]), accept()];
     let dispatch = |m4: &str, m6: &str| {
         [("ip", m4), ("ip6", m6)].map(|(ip, m)| {
             vec![Statement::VerdictMap(VerdictMap {
@@ -290,6 +296,7 @@ fn base_rules(spec: &Spec) -> (Vec<Vec<Statement<'static>>>, Vec<Vec<Statement<'
     let mut fwd = vec![established()];
     fwd.extend(gate());
     fwd.extend(dispatch("fwd4", "fwd6"));
+    fwd.push(untracked());
     // IPv6 neighbour discovery to the host is how a container finds its gateway at all.
     let neighbour_discovery = vec![
         is(
@@ -305,6 +312,7 @@ fn base_rules(spec: &Spec) -> (Vec<Vec<Statement<'static>>>, Vec<Vec<Statement<'
     let mut inp = vec![established(), neighbour_discovery];
     inp.extend(gate());
     inp.extend(dispatch("in4", "in6"));
+    inp.push(untracked());
     if spec.closed_host {
         fwd.extend(unadmitted(false));
         inp.extend(unadmitted(false));
@@ -604,6 +612,7 @@ pub fn full_batch(t: &str, spec: &Spec, present: &BTreeSet<String>) -> Batch<'st
     for k in gone_counters {
         b.delete(NfListObject::Counter(counter(t, &counter_name(&k))));
     }
+    super::guard::write(&mut b, t, None, &spec.guard, present);
     b
 }
 
@@ -717,6 +726,7 @@ pub fn delta_batch(t: &str, old: &Spec, new: &Spec) -> Option<Batch<'static>> {
     if !gate_off.is_empty() {
         b.delete(elements(t, "gated", gate_off));
     }
+    super::guard::write(&mut b, t, Some(&old.guard), &new.guard, &BTreeSet::new());
     Some(b)
 }
 
@@ -725,6 +735,7 @@ pub fn delete_batch(t: &str) -> Batch<'static> {
     let mut b = Batch::new();
     b.add(NfListObject::Table(table(t)));
     b.delete(NfListObject::Table(table(t)));
+    super::guard::delete(&mut b, t);
     b
 }
 
@@ -830,6 +841,7 @@ mod tests {
                 ("bbbb".to_string(), chains("172.17.0.3", true, false)),
             ]
             .into(),
+            guard: super::super::guard::Guard::default(),
         }
     }
 
@@ -854,14 +866,16 @@ mod tests {
             .unwrap();
         assert_eq!(map["add"]["map"]["map"], "verdict");
         let rules = rules_of(&cmds, "forward");
-        assert!(rules[0].contains("established") && rules[0].contains("untracked"));
-        // The gate (empty unless a policed container is starting), then the dispatch.
+        assert!(rules[0].contains("established") && !rules[0].contains("untracked"));
+        // The gate (empty unless a policed container exists), then the dispatch, and only
+        // then untracked packets: a policed container's are judged whatever their state.
         assert!(rules[1].contains("@gated") && rules[1].contains("@admitted4"));
         assert!(rules[2].contains("@gated") && rules[2].contains("@admitted6"));
         assert!(rules[3].contains("@fwd4") && rules[4].contains("@fwd6"));
-        assert_eq!(rules.len(), 5, "no closed default");
+        assert!(rules[5].contains("untracked"));
+        assert_eq!(rules.len(), 6, "no closed default");
         let input = rules_of(&cmds, "input");
-        assert_eq!(input.len(), 6);
+        assert_eq!(input.len(), 7);
         assert!(input[1].contains("nd-neighbor-solicit"), "{}", input[1]);
     }
 
@@ -933,7 +947,7 @@ mod tests {
             f.iter()
                 .all(|r| !r.contains("admitted") || r.contains("@bridges") || r.contains("@gated"))
         );
-        assert_eq!(rules_of(&cmds, "input").len(), 6);
+        assert_eq!(rules_of(&cmds, "input").len(), 7);
         sp.closed_host = true;
         let cmds = json(full_batch("t", &sp, &BTreeSet::new()));
         assert!(

@@ -26,6 +26,8 @@ pub struct Settings {
     pub source: String,
     /// The config file changed after the daemon started (what it runs with may differ).
     pub file_changed_since_start: bool,
+    /// `dns`: the resolvers Docker gives containers without `--dns` of their own.
+    pub dns: Vec<std::net::IpAddr>,
 }
 
 /// The settings of the daemon answering on `socket`.
@@ -177,7 +179,32 @@ pub fn parse(args: &[String], daemon_json: Option<&str>) -> Result<Settings, Str
         userland_proxy: pick("userland-proxy")?.unwrap_or(true),
         source: String::new(),
         file_changed_since_start: false,
+        dns: dns_of(args, &json),
     })
+}
+
+/// The daemon's `dns`: every `--dns` flag, else the config file's list.
+fn dns_of(args: &[String], json: &Value) -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let v = match a.strip_prefix("--dns=") {
+            Some(v) => Some(v.to_string()),
+            None if a == "--dns" => it.next().cloned(),
+            None => None,
+        };
+        out.extend(v.and_then(|v| v.parse::<std::net::IpAddr>().ok()));
+    }
+    if out.is_empty() {
+        out = json
+            .get("dns")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str()?.parse().ok())
+            .collect();
+    }
+    out
 }
 
 /// Whether the agent may run in the mode asked for against these settings: the mode

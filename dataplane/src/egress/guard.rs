@@ -1,0 +1,449 @@
+//! The port guard: a policed container's frames judged by the bridge port they come in
+//! on (the host side of its veth, which it cannot change), before anything else sees
+//! them. One `bridge <table>_egress` table, written in the same transaction as the `inet`
+//! one:
+//!
+//! ```text
+//! table bridge dataplane_egress {
+//!   map ports { type ifname : verdict }       # host-side veth -> jump p_<id>
+//!   chain prerouting { hook prerouting priority -300; iifname vmap @ports }
+//!   counter s_<id>                            # spoofed frames
+//!   counter l_<id>                            # link-local and non-IP frames (host=false)
+//!   chain p_<id> {
+//!     ether saddr != <its MACs> drop          # and ARP's sender, IPv4's and IPv6's source:
+//!     arp saddr ether/ip, ip saddr, ip6 saddr # only what Docker gave it
+//!     ip6 from fe80::/10 or :: : neighbour/router discovery and MLD only (host=false)
+//!     anything but IPv4, IPv6 and ARP: dropped (host=false)
+//!   }
+//! }
+//! ```
+//! So the addresses the `inet` table dispatches by are the container's own: whatever it
+//! writes as its source, a packet that passes its port carries an address Docker gave it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use nftables::{
+    batch::Batch,
+    expr::{Expression, Meta, MetaKey, NamedExpression, Prefix, SetItem, Verdict},
+    schema::{Chain, Counter, Element, FlushObject, Map, NfCmd, NfListObject, Rule, SetTypeValue},
+    stmt::{self, JumpTarget, Match, Operator, Statement, VerdictMap},
+    types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
+};
+
+use crate::netfilter::ruleset::nf::field;
+
+/// Before the bridge's own filter chains (-200) and anything an operator hooks there.
+pub const PRIORITY: i32 = -300;
+
+/// What one policed container may send as, and what its policy denies at layer 2.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sender {
+    pub macs: BTreeSet<[u8; 6]>,
+    pub addrs: BTreeSet<IpAddr>,
+    /// Its policy lets it reach the host (link-local and non-IP frames stay allowed).
+    pub host: bool,
+}
+
+/// The whole bridge table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Guard {
+    /// Host-side veth name -> the key of the container behind it.
+    pub ports: BTreeMap<String, String>,
+    pub senders: BTreeMap<String, Sender>,
+}
+
+fn port_chain(k: &str) -> String {
+    format!("p_{k}")
+}
+pub fn spoof_counter(k: &str) -> String {
+    format!("s_{k}")
+}
+pub fn l2_counter(k: &str) -> String {
+    format!("l_{k}")
+}
+
+fn table(t: &str) -> nftables::schema::Table<'static> {
+    nftables::schema::Table {
+        family: NfFamily::Bridge,
+        name: t.to_string().into(),
+        handle: None,
+    }
+}
+
+fn chain(t: &str, name: &str, hook: bool) -> Chain<'static> {
+    Chain {
+        family: NfFamily::Bridge,
+        table: t.to_string().into(),
+        name: name.to_string().into(),
+        _type: hook.then_some(NfChainType::Filter),
+        hook: hook.then_some(NfHook::Prerouting),
+        prio: hook.then_some(PRIORITY),
+        policy: hook.then_some(NfChainPolicy::Accept),
+        ..Chain::default()
+    }
+}
+
+fn ports_map(t: &str) -> Map<'static> {
+    Map {
+        family: NfFamily::Bridge,
+        table: t.to_string().into(),
+        name: "ports".into(),
+        handle: None,
+        set_type: SetTypeValue::Single(nftables::schema::SetType::Ifname),
+        // Spelled `verdict` by `spell_verdict`.
+        map: SetTypeValue::Single(nftables::schema::SetType::Mark),
+        policy: None,
+        flags: None,
+        elem: None,
+        timeout: None,
+        gc_interval: None,
+        size: None,
+        comment: None,
+    }
+}
+
+fn counter(t: &str, name: &str) -> Counter<'static> {
+    Counter {
+        family: NfFamily::Bridge,
+        table: t.to_string().into(),
+        name: name.to_string().into(),
+        handle: None,
+        packets: None,
+        bytes: None,
+    }
+}
+
+fn rule(t: &str, chain: &str, expr: Vec<Statement<'static>>) -> NfListObject<'static> {
+    NfListObject::Rule(Rule {
+        family: NfFamily::Bridge,
+        table: t.to_string().into(),
+        chain: chain.to_string().into(),
+        expr: expr.into(),
+        handle: None,
+        index: None,
+        comment: None,
+    })
+}
+
+fn s(v: impl ToString) -> Expression<'static> {
+    Expression::String(v.to_string().into())
+}
+
+fn mac(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn set_of(items: Vec<Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Set(
+        items.into_iter().map(SetItem::Element).collect(),
+    ))
+}
+
+fn not_in(left: Expression<'static>, items: Vec<Expression<'static>>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right: set_of(items),
+        op: Operator::NEQ,
+    })
+}
+
+fn is(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::EQ,
+    })
+}
+
+fn link_local() -> Expression<'static> {
+    Expression::Named(NamedExpression::Prefix(Prefix {
+        addr: Box::new(s("fe80::")),
+        len: 10,
+    }))
+}
+
+fn count_drop(name: String) -> [Statement<'static>; 2] {
+    [
+        Statement::Counter(stmt::Counter::Named(name.into())),
+        Statement::Drop(None),
+    ]
+}
+
+/// The rules of container `k`'s port chain.
+pub fn sender_rules(k: &str, c: &Sender) -> Vec<Vec<Statement<'static>>> {
+    let spoof = || count_drop(spoof_counter(k)).to_vec();
+    let l2 = || count_drop(l2_counter(k)).to_vec();
+    let with = |mut m: Vec<Statement<'static>>, end: Vec<Statement<'static>>| {
+        m.extend(end);
+        m
+    };
+    let macs: Vec<_> = c.macs.iter().map(|m| s(mac(m))).collect();
+    let v4: Vec<_> = c.addrs.iter().filter(|a| a.is_ipv4()).map(s).collect();
+    let v6: Vec<_> = c.addrs.iter().filter(|a| a.is_ipv6()).map(s).collect();
+    let mut rules = vec![with(
+        vec![not_in(field("ether", "saddr"), macs.clone())],
+        spoof(),
+    )];
+    // ARP: its own MAC and address as the sender (0.0.0.0: a probe for a duplicate).
+    let mut arp_ips = v4.clone();
+    arp_ips.push(s("0.0.0.0"));
+    rules.push(with(
+        vec![not_in(field("arp", "saddr ether"), macs)],
+        spoof(),
+    ));
+    rules.push(with(
+        vec![not_in(field("arp", "saddr ip"), arp_ips)],
+        spoof(),
+    ));
+    // IPv4: only its own source (none at all without an IPv4 address).
+    if v4.is_empty() {
+        rules.push(with(vec![is(field("ether", "type"), s("ip"))], spoof()));
+    } else {
+        rules.push(with(vec![not_in(field("ip", "saddr"), v4)], spoof()));
+    }
+    // IPv6: link-local and unspecified sources for neighbour and router discovery and
+    // multicast listener reports (how a container finds its gateway at all).
+    let discovery = || {
+        set_of(
+            [
+                "nd-router-solicit",
+                "nd-neighbor-solicit",
+                "nd-neighbor-advert",
+                "mld-listener-report",
+                "mld-listener-done",
+                "mld2-listener-report",
+            ]
+            .into_iter()
+            .map(s)
+            .collect(),
+        )
+    };
+    for src in [link_local(), s("::")] {
+        rules.push(vec![
+            is(field("ip6", "saddr"), src),
+            is(field("icmpv6", "type"), discovery()),
+            Statement::Accept(None),
+        ]);
+    }
+    if !c.host {
+        // Anything else from a link-local address reaches only the host and its neighbours
+        // on the bridge: what the policy denies.
+        rules.push(with(vec![is(field("ip6", "saddr"), link_local())], l2()));
+    }
+    let mut own6 = v6;
+    own6.push(link_local());
+    rules.push(with(vec![not_in(field("ip6", "saddr"), own6)], spoof()));
+    if !c.host {
+        rules.push(with(
+            vec![not_in(
+                field("ether", "type"),
+                vec![s("ip"), s("ip6"), s("arp")],
+            )],
+            l2(),
+        ));
+    }
+    rules
+}
+
+fn jump(target: String) -> Expression<'static> {
+    Expression::Verdict(Verdict::Jump(JumpTarget {
+        target: target.into(),
+    }))
+}
+
+/// Adds to `b` what makes the bridge table `t` exactly `new`, `old` being what it holds
+/// (`None`: unknown, written whole; `present`: the port chains it was read back with).
+pub fn write(
+    b: &mut Batch<'static>,
+    t: &str,
+    old: Option<&Guard>,
+    new: &Guard,
+    present: &BTreeSet<String>,
+) {
+    if old == Some(new) {
+        return;
+    }
+    let full = old.is_none();
+    if full {
+        b.add(NfListObject::Table(table(t)));
+        b.add(NfListObject::Map(Box::new(ports_map(t))));
+        b.add(NfListObject::Chain(chain(t, "prerouting", true)));
+        b.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(
+            t,
+            "prerouting",
+            false,
+        ))));
+        b.add(rule(
+            t,
+            "prerouting",
+            vec![Statement::VerdictMap(VerdictMap {
+                key: Expression::Named(NamedExpression::Meta(Meta {
+                    key: MetaKey::Iifname,
+                })),
+                data: s("@ports"),
+            })],
+        ));
+    }
+    // The map first (nothing leads to a chain about to change or go), then the chains.
+    b.add_cmd(NfCmd::Flush(FlushObject::Map(Box::new(ports_map(t)))));
+    let had: BTreeSet<String> = match old {
+        Some(o) => o.senders.keys().map(|k| port_chain(k)).collect(),
+        None => present.clone(),
+    };
+    for (k, c) in &new.senders {
+        let name = port_chain(k);
+        let exists = had.contains(&name);
+        if exists && old.and_then(|o| o.senders.get(k)) == Some(c) {
+            continue;
+        }
+        b.add(NfListObject::Counter(counter(t, &spoof_counter(k))));
+        b.add(NfListObject::Counter(counter(t, &l2_counter(k))));
+        if exists {
+            b.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(t, &name, false))));
+        } else {
+            b.add(NfListObject::Chain(chain(t, &name, false)));
+        }
+        for r in sender_rules(k, c) {
+            b.add(rule(t, &name, r));
+        }
+    }
+    for name in &had {
+        let Some(k) = name.strip_prefix("p_") else {
+            continue;
+        };
+        if new.senders.contains_key(k) {
+            continue;
+        }
+        b.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(t, name, false))));
+        b.delete(NfListObject::Chain(chain(t, name, false)));
+        b.delete(NfListObject::Counter(counter(t, &spoof_counter(k))));
+        b.delete(NfListObject::Counter(counter(t, &l2_counter(k))));
+    }
+    let elems: Vec<Expression<'static>> = new
+        .ports
+        .iter()
+        .filter(|(_, k)| new.senders.contains_key(*k))
+        .map(|(port, k)| Expression::List(vec![s(port), jump(port_chain(k))]))
+        .collect();
+    if !elems.is_empty() {
+        b.add(NfListObject::Element(Element {
+            family: NfFamily::Bridge,
+            table: t.to_string().into(),
+            name: "ports".into(),
+            elem: elems.into(),
+        }));
+    }
+}
+
+/// Adds the deletion of the bridge table `t` to `b`.
+pub fn delete(b: &mut Batch<'static>, t: &str) {
+    b.add(NfListObject::Table(table(t)));
+    b.delete(NfListObject::Table(table(t)));
+}
+
+/// The port chains the bridge table `t` has and its counters (`s_*`, `l_*`) by name;
+/// `None` when it does not exist.
+pub fn read_back(t: &str) -> Option<(BTreeSet<String>, BTreeMap<String, u64>)> {
+    let out = std::process::Command::new("nft")
+        .args(["-j", "list", "table", "bridge", t])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let mut chains = BTreeSet::new();
+    let mut counters = BTreeMap::new();
+    for o in v["nftables"].as_array().into_iter().flatten() {
+        if let Some(name) = o["chain"]["name"].as_str()
+            && name.starts_with("p_")
+        {
+            chains.insert(name.to_string());
+        }
+        if let Some(name) = o["counter"]["name"].as_str() {
+            counters.insert(
+                name.to_string(),
+                o["counter"]["packets"].as_u64().unwrap_or(0),
+            );
+        }
+    }
+    Some((chains, counters))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(b: Batch<'static>) -> String {
+        let mut v = serde_json::to_value(b.to_nftables()).unwrap();
+        super::super::nft::spell_verdict(&mut v);
+        v.to_string()
+    }
+
+    fn sender(host: bool) -> Sender {
+        Sender {
+            macs: [[2, 0x42, 0xac, 0x11, 0, 2]].into(),
+            addrs: ["172.17.0.2".parse().unwrap(), "fd00::2".parse().unwrap()].into(),
+            host,
+        }
+    }
+
+    #[test]
+    fn only_its_own_addresses_pass_its_port() {
+        let r = format!("{:?}", sender_rules("k", &sender(true)));
+        for want in [
+            "02:42:ac:11:00:02",
+            "172.17.0.2",
+            "fd00::2",
+            "saddr ether",
+            "s_k",
+        ] {
+            assert!(r.contains(want), "{want} in {r}");
+        }
+        // A container that may reach the host keeps link-local and non-IP frames.
+        assert!(!r.contains("l_k"));
+        let r = format!("{:?}", sender_rules("k", &sender(false)));
+        assert!(r.contains("l_k"));
+    }
+
+    #[test]
+    fn no_ipv4_address_no_ipv4_at_all() {
+        let mut c = sender(true);
+        c.addrs.retain(IpAddr::is_ipv6);
+        let rules = sender_rules("k", &c);
+        let r = format!("{:?}", rules[3]);
+        assert!(r.contains("\"type\"") && r.contains("\"ip\""), "{r}");
+    }
+
+    #[test]
+    fn a_change_rewrites_only_what_changed_and_removes_what_went() {
+        let mut g = Guard::default();
+        g.ports.insert("veth1".into(), "a".into());
+        g.senders.insert("a".into(), sender(true));
+        let mut b = Batch::new();
+        write(&mut b, "t", None, &g, &BTreeSet::new());
+        let full = json(b);
+        assert!(full.contains("\"prerouting\"") && full.contains("veth1") && full.contains("p_a"));
+        assert!(full.contains("verdict"));
+        let mut g2 = g.clone();
+        g2.senders.remove("a");
+        g2.ports.clear();
+        g2.ports.insert("veth2".into(), "b".into());
+        g2.senders.insert("b".into(), sender(false));
+        let mut b = Batch::new();
+        write(&mut b, "t", Some(&g), &g2, &BTreeSet::new());
+        let d = json(b);
+        assert!(d.contains("\"delete\"") && d.contains("p_a") && d.contains("p_b"));
+        assert!(!d.contains("veth1"));
+        let mut b = Batch::new();
+        write(&mut b, "t", Some(&g2), &g2, &BTreeSet::new());
+        assert_eq!(json(b), json(Batch::new()));
+    }
+}
