@@ -294,10 +294,12 @@ fn print_egress(e: &Egress) {
         );
     }
     println!("  dropped:   {} packets", e.dropped_packets);
-    println!(
-        "  spoofed:   {} packets (a source not its own, dropped)",
-        e.spoofed_packets
-    );
+    if !e.ports.is_empty() || e.spoofed_packets > 0 {
+        println!(
+            "  spoofed:   {} packets (a source not its own, dropped)",
+            e.spoofed_packets
+        );
+    }
 }
 
 fn print_status(s: &Status) {

@@ -297,6 +297,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     let (early_tx, early_rx) = mpsc::channel(64);
     let packet = PacketSide::new(&opts, &loaded)?;
     let own_fw = own_side(&opts, &shared, docker_settings.as_ref()).await;
+    let daemon_dns = docker_settings.map(|s| s.dns).unwrap_or_default();
 
     let mut agent = Agent {
         loaded,
@@ -320,17 +321,12 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         pending_cookies: Vec::new(),
         retry_at: None,
         backoff: Backoff::new(),
-        egress: {
-            let mut e = Egress::new(
-                &crate::netfilter::changes::egress_table(&opts.nft_table),
-                opts.config.clone(),
-                opts.state_dir.clone(),
-            );
-            if let Ok(s) = docker_settings.as_ref() {
-                e.daemon_dns.clone_from(&s.dns);
-            }
-            e
-        },
+        egress: Egress::new(
+            &crate::netfilter::changes::egress_table(&opts.nft_table),
+            opts.config.clone(),
+            opts.state_dir.clone(),
+            daemon_dns,
+        ),
         resolver,
         dns_tx,
         egress_check_at: None,
@@ -564,6 +560,11 @@ impl Agent {
                 &self.inspected,
                 &self.state.firewall,
             );
+            // Containers started while no agent runs are not held back (they are policed
+            // when the next agent starts; only a crash leaves the gate closed).
+            if let Err(e) = self.egress.open_gate() {
+                warn!(error = %format!("{e:#}"), "opening the egress gate failed");
+            }
             info!(
                 "pinned programs, maps and rules stay in place: connections made stay as they are, \
                  new ones take Docker's own path until an agent runs again, egress policies stay \
@@ -724,7 +725,6 @@ impl Agent {
                 }
                 let retry_at = self.retry_at.unwrap_or_else(Instant::now);
                 let lookup_at = self.egress.next_lookup();
-                let gate_at = self.egress.gate_expires();
                 let check_at = self.egress_check_at;
                 tokio::select! {
                     Some((id, c)) = early_rx.recv() => {
@@ -741,9 +741,6 @@ impl Agent {
                     }
                     () = tokio::time::sleep_until(lookup_at.unwrap_or_else(Instant::now).into()), if lookup_at.is_some() => {
                         self.lookup_due();
-                    }
-                    () = tokio::time::sleep_until(gate_at.unwrap_or_else(Instant::now).into()), if gate_at.is_some() => {
-                        self.apply_or_retry("egress gate expired");
                     }
                     () = tokio::time::sleep_until(check_at.unwrap_or_else(Instant::now).into()), if check_at.is_some() => {
                         self.egress_check_at = None;
@@ -1062,6 +1059,21 @@ impl Agent {
                 .filter(|p| *p > 0)
                 .and_then(netns::default_routes);
             self.egress.inspected(&id, c.as_ref());
+            // Networks of a driver other than `bridge` (macvlan, ipvlan): not policed here.
+            let unbridged: Vec<String> = c
+                .as_ref()
+                .and_then(|c| c.network_settings.as_ref())
+                .and_then(|n| n.networks.as_ref())
+                .into_iter()
+                .flatten()
+                .filter_map(|(name, ep)| {
+                    let net = self.state.networks.get(ep.network_id.as_deref()?)?;
+                    net.bridge
+                        .is_none()
+                        .then(|| format!("{name} (not a bridge network)"))
+                })
+                .collect();
+            self.egress.set_drivers(&id, &unbridged);
             let (errors, new_ns) = self.state.ingest(&id, c.as_ref(), routes.as_ref());
             match c {
                 Some(c) => {

@@ -128,10 +128,13 @@ pub struct Port {
     pub addrs: Vec<IpAddr>,
 }
 
-/// Every veth of the namespace at `netns`: its MAC, its addresses, its peer's index.
-fn veths_inside(netns: &Path) -> Result<Vec<([u8; 6], Vec<IpAddr>, u32)>> {
+/// A veth inside a namespace: its MAC, its addresses, its peer's index.
+type Inside = ([u8; 6], Vec<IpAddr>, u32);
+
+/// Every veth of the namespace at `netns`.
+fn veths_inside(netns: &Path) -> Result<Vec<Inside>> {
     let netns = netns.to_path_buf();
-    let run = move || -> Result<Vec<([u8; 6], Vec<IpAddr>, u32)>> {
+    let run = move || -> Result<Vec<Inside>> {
         let f =
             std::fs::File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
@@ -176,14 +179,16 @@ pub fn ports(netns: &Path) -> Result<Vec<Port>> {
     if inside.is_empty() {
         return Ok(Vec::new());
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let host = std::thread::scope(|s| {
-        s.spawn(|| rt.block_on(with_handle(async |h: &Handle| links_named(h).await)))
-            .join()
-            .map_err(|_| anyhow::anyhow!("the thread panicked"))
-    })??;
+        s.spawn(|| -> Result<HashMap<u32, (String, Option<u32>)>> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(with_handle(async |h: &Handle| links_named(h).await))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread panicked"))?
+    })?;
     Ok(inside
         .into_iter()
         .filter_map(|(mac, addrs, peer)| {
@@ -214,4 +219,27 @@ async fn links_named(handle: &Handle) -> Result<HashMap<u32, (String, Option<u32
         out.insert(l.header.index, (name, master));
     }
     Ok(out)
+}
+
+/// Every veth of the host's namespace, with the name of the bridge it is a port of.
+/// Blocking (its own thread and runtime).
+pub fn host_veths() -> Result<Vec<(String, Option<String>)>> {
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<Vec<(String, Option<String>)>> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let links = rt.block_on(with_handle(async |h: &Handle| links_named(h).await))?;
+            Ok(links
+                .values()
+                .filter(|(name, _)| name.starts_with("veth"))
+                .map(|(name, master)| {
+                    let bridge = master.and_then(|m| links.get(&m)).map(|(n, _)| n.clone());
+                    (name.clone(), bridge)
+                })
+                .collect())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread panicked"))?
+    })
 }

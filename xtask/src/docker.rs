@@ -277,6 +277,14 @@ impl TestImage {
                 copy_into(root, &lib)?;
             }
         }
+        // The attacker's tool of the egress tests (built by `cargo xtask build`).
+        let spoof = crate::util::project_root().join("target/release/dp-spoof");
+        if spoof.exists() {
+            fs::copy(&spoof, root.join("bin/dp-spoof")).context("copying dp-spoof")?;
+            for lib in ldd_libs(&spoof)? {
+                copy_into(root, &lib)?;
+            }
+        }
         fs::File::create(root.join("www/index.html"))?.write_all(b"dataplane test backend\n")?;
         fs::create_dir_all(root.join("www/cgi-bin"))?;
         let cgi = root.join("www/cgi-bin/ip");

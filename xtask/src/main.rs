@@ -193,6 +193,8 @@ fn build() -> Result<()> {
         "--bin",
         "dp-churn",
         "--bin",
+        "dp-spoof",
+        "--bin",
         "dataplane",
         "--bin",
         "bridge-ctl",

@@ -6,7 +6,9 @@
 //! ```text
 //! table bridge dataplane_egress {
 //!   map ports { type ifname : verdict }       # host-side veth -> jump p_<id>
-//!   chain prerouting { hook prerouting priority -300; iifname vmap @ports }
+//!   set known { type ifname }                 # every veth the agent has seen
+//!   chain prerouting { hook prerouting priority -300; iifname vmap @ports
+//!     (gated) iifname "veth*" iifname != @known counter name gate drop }
 //!   counter s_<id>                            # spoofed frames
 //!   counter l_<id>                            # link-local and non-IP frames (host=false)
 //!   chain p_<id> {
@@ -50,9 +52,15 @@ pub struct Sender {
 /// The whole bridge table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Guard {
-    /// Host-side veth name -> the key of the container behind it.
+    /// Host-side veth name -> the key of the policed container behind it.
     pub ports: BTreeMap<String, String>,
     pub senders: BTreeMap<String, Sender>,
+    /// A policed container exists (or the host default closes): a veth the agent has not
+    /// seen yet (a container Docker is starting or connecting) sends nothing until it has.
+    pub gated: bool,
+    /// The veths it has seen: every container's (policed or not), and those that are not
+    /// containers' (on other bridges, Docker's own namespaces).
+    pub known: BTreeSet<String>,
 }
 
 fn port_chain(k: &str) -> String {
@@ -84,6 +92,68 @@ fn chain(t: &str, name: &str, hook: bool) -> Chain<'static> {
         policy: hook.then_some(NfChainPolicy::Accept),
         ..Chain::default()
     }
+}
+
+fn known_set(t: &str) -> nftables::schema::Set<'static> {
+    nftables::schema::Set {
+        family: NfFamily::Bridge,
+        table: t.to_string().into(),
+        name: "known".into(),
+        handle: None,
+        set_type: SetTypeValue::Single(nftables::schema::SetType::Ifname),
+        policy: None,
+        flags: None,
+        elem: None,
+        timeout: None,
+        gc_interval: None,
+        size: None,
+        comment: None,
+    }
+}
+
+/// The prerouting chain's rules: the dispatch, then (gated) the veths not seen yet.
+fn prerouting_rules(gated: bool) -> Vec<Vec<Statement<'static>>> {
+    let iifname = || {
+        Expression::Named(NamedExpression::Meta(Meta {
+            key: MetaKey::Iifname,
+        }))
+    };
+    let mut rules = vec![vec![Statement::VerdictMap(VerdictMap {
+        key: iifname(),
+        data: s("@ports"),
+    })]];
+    if gated {
+        // Docker names the host side of a container's veth `veth<7 hex>`.
+        rules.push(vec![
+            is(iifname(), s("veth*")),
+            Statement::Match(Match {
+                left: iifname(),
+                right: s("@known"),
+                op: Operator::NEQ,
+            }),
+            Statement::Counter(stmt::Counter::Named("gate".into())),
+            Statement::Drop(None),
+        ]);
+    }
+    rules
+}
+
+/// A batch that lets every veth through the bridge table `t` (the gate open): what the
+/// agent leaves when it stops, so containers started meanwhile are not held.
+pub fn open_gate(t: &str) -> Batch<'static> {
+    let mut b = Batch::new();
+    b.add(NfListObject::Table(table(t)));
+    b.add(NfListObject::Map(Box::new(ports_map(t))));
+    b.add(NfListObject::Chain(chain(t, "prerouting", true)));
+    b.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(
+        t,
+        "prerouting",
+        false,
+    ))));
+    for r in prerouting_rules(false) {
+        b.add(rule(t, "prerouting", r));
+    }
+    b
 }
 
 fn ports_map(t: &str) -> Map<'static> {
@@ -128,11 +198,15 @@ fn rule(t: &str, chain: &str, expr: Vec<Statement<'static>>) -> NfListObject<'st
     })
 }
 
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "called with references and strings alike"
+)]
 fn s(v: impl ToString) -> Expression<'static> {
     Expression::String(v.to_string().into())
 }
 
-fn mac(m: &[u8; 6]) -> String {
+fn mac(m: [u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -183,7 +257,7 @@ pub fn sender_rules(k: &str, c: &Sender) -> Vec<Vec<Statement<'static>>> {
         m.extend(end);
         m
     };
-    let macs: Vec<_> = c.macs.iter().map(|m| s(mac(m))).collect();
+    let macs: Vec<_> = c.macs.iter().map(|m| s(mac(*m))).collect();
     let v4: Vec<_> = c.addrs.iter().filter(|a| a.is_ipv4()).map(s).collect();
     let v6: Vec<_> = c.addrs.iter().filter(|a| a.is_ipv6()).map(s).collect();
     let mut rules = vec![with(
@@ -273,22 +347,48 @@ pub fn write(
     if full {
         b.add(NfListObject::Table(table(t)));
         b.add(NfListObject::Map(Box::new(ports_map(t))));
+        b.add(NfListObject::Set(Box::new(known_set(t))));
+        b.add(NfListObject::Counter(counter(t, "gate")));
         b.add(NfListObject::Chain(chain(t, "prerouting", true)));
+    }
+    // Seen veths are added before the gate rule can hold them, and go after it has gone.
+    let added: Vec<Expression<'static>> = if let Some(o) = old {
+        new.known.difference(&o.known).map(s).collect()
+    } else {
+        b.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(known_set(t)))));
+        new.known.iter().map(s).collect()
+    };
+    if !added.is_empty() {
+        b.add(NfListObject::Element(Element {
+            family: NfFamily::Bridge,
+            table: t.to_string().into(),
+            name: "known".into(),
+            elem: added.into(),
+        }));
+    }
+    if full || old.is_some_and(|o| o.gated != new.gated) {
         b.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(
             t,
             "prerouting",
             false,
         ))));
-        b.add(rule(
-            t,
-            "prerouting",
-            vec![Statement::VerdictMap(VerdictMap {
-                key: Expression::Named(NamedExpression::Meta(Meta {
-                    key: MetaKey::Iifname,
-                })),
-                data: s("@ports"),
-            })],
-        ));
+        for r in prerouting_rules(new.gated) {
+            b.add(rule(t, "prerouting", r));
+        }
+    }
+    if let Some(o) = old {
+        let gone: Vec<Expression<'static>> = o.known.difference(&new.known).map(s).collect();
+        if !gone.is_empty() {
+            b.delete(NfListObject::Element(Element {
+                family: NfFamily::Bridge,
+                table: t.to_string().into(),
+                name: "known".into(),
+                elem: gone.into(),
+            }));
+        }
+    }
+    if old.is_some_and(|o| (&o.ports, &o.senders) == (&new.ports, &new.senders)) {
+        return;
     }
     // The map first (nothing leads to a chain about to change or go), then the chains.
     b.add_cmd(NfCmd::Flush(FlushObject::Map(Box::new(ports_map(t)))));

@@ -93,7 +93,48 @@ pub struct Egress {
     /// Whether bridged traffic is known to pass the IP hooks (`br_netfilter`).
     bridge_netfilter: bool,
     /// The daemon's own `dns` setting (its command line and config file).
-    pub daemon_dns: Vec<IpAddr>,
+    daemon_dns: Vec<IpAddr>,
+    /// Veths that are no container's: on other bridges than Docker's, or Docker's own
+    /// (its namespaces not named by a sandbox ID: Swarm's ingress, load balancers).
+    outside_ports: BTreeSet<String>,
+}
+
+/// `docker0`, or `br-` and 12 hex digits.
+fn docker_named(bridge: &str) -> bool {
+    bridge == "docker0"
+        || bridge
+            .strip_prefix("br-")
+            .is_some_and(|h| h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Veths of the host that are not a container's (see [`Egress::outside_ports`]).
+fn outside_ports(bridges: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut out: BTreeSet<String> = crate::endpoint::host_veths()
+        .unwrap_or_default()
+        .into_iter()
+        // A veth on no bridge passes no bridge hook; one Docker is setting up may be on
+        // none yet. Bridges named the way Docker names them count as Docker's (a network
+        // the agent has not heard of yet).
+        .filter(|(_, bridge)| {
+            bridge
+                .as_ref()
+                .is_some_and(|b| !bridges.contains(b) && !docker_named(b))
+        })
+        .map(|(name, _)| name)
+        .collect();
+    let sandbox = |n: &str| n.len() == 12 && n.bytes().all(|b| b.is_ascii_hexdigit());
+    for e in std::fs::read_dir(DOCKER_NETNS)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if !sandbox(&e.file_name().to_string_lossy()) {
+            for p in crate::endpoint::ports(&e.path()).unwrap_or_default() {
+                out.insert(p.host_ifname);
+            }
+        }
+    }
+    out
 }
 
 /// Where Docker keeps its containers' network namespaces.
@@ -136,7 +177,7 @@ fn unenforceable(mode: &str, drivers: &[String]) -> Option<String> {
     drivers
         .iter()
         .find(|d| !matches!(d.as_str(), "bridge" | "null"))
-        .map(|d| format!("a {d} network: its traffic does not pass the host's bridge"))
+        .map(|d| format!("network {d}: its traffic does not pass a bridge of the host's"))
 }
 
 /// Makes traffic between containers on one bridge pass the IP netfilter hooks
@@ -173,7 +214,13 @@ fn enable_bridge_netfilter() -> bool {
 }
 
 impl Egress {
-    pub fn new(table: &str, config: Config, state_dir: Option<PathBuf>) -> Self {
+    /// `daemon_dns`: the daemon's `dns` setting.
+    pub fn new(
+        table: &str,
+        config: Config,
+        state_dir: Option<PathBuf>,
+        daemon_dns: Vec<IpAddr>,
+    ) -> Self {
         Self {
             table: table.to_string(),
             config,
@@ -183,7 +230,8 @@ impl Egress {
             applied: None,
             bridges: BTreeSet::new(),
             bridge_netfilter: false,
-            daemon_dns: Vec::new(),
+            daemon_dns,
+            outside_ports: BTreeSet::new(),
         }
     }
 
@@ -326,6 +374,10 @@ impl Egress {
                 }
                 entry.addrs.clear();
                 entry.starting_since = None;
+                // Its next start makes a namespace and veths anew.
+                entry.netns = None;
+                entry.ports.clear();
+                entry.ports_for.clear();
             }
         }
         // Never from its resolv.conf: the container can write that file.
@@ -351,7 +403,7 @@ impl Egress {
         entry.network_mode = unenforceable(&mode, &[]);
     }
 
-    /// The network drivers of the container's networks that cannot be policed here.
+    /// The container's networks that cannot be policed here (not of the `bridge` driver).
     pub fn set_drivers(&mut self, id: &str, drivers: &[String]) {
         if let Some(c) = self.containers.get_mut(id)
             && c.network_mode.is_none()
@@ -378,6 +430,9 @@ impl Egress {
             if !live.contains(id) && !starting {
                 c.addrs.clear();
                 c.starting_since = None;
+                c.netns = None;
+                c.ports.clear();
+                c.ports_for.clear();
             }
         }
     }
@@ -518,10 +573,16 @@ impl Egress {
         let host_dns = dns::host_resolvers();
         let mut errors = Vec::new();
         let mut admit = spec.closed_internet || spec.closed_host;
-        let mut pending = false;
+        spec.guard.gated = self.gating();
+        spec.guard.known.clone_from(&self.outside_ports);
         for (id, c) in &self.containers {
             let addrs = c.addresses();
             spec.admitted.extend(addrs.iter().copied());
+            if !addrs.is_empty() {
+                spec.guard
+                    .known
+                    .extend(c.ports.iter().map(|p| p.host_ifname.clone()));
+            }
             let p = self.policy(c);
             if let Some(e) = &p.error
                 && c.logged_error.as_ref() != Some(e)
@@ -534,9 +595,6 @@ impl Egress {
             // Its chains exist as long as the container does: a start or a stop only
             // changes the map elements that lead to them.
             admit = true;
-            // Docker may start it, restart it or connect it to a network at any time: new
-            // senders on its bridges wait until the agent has seen them.
-            pending = true;
             let allow = p
                 .allow
                 .iter()
@@ -585,15 +643,16 @@ impl Egress {
         if !admit {
             spec.admitted.clear();
         }
-        if pending {
-            spec.gated.clone_from(&self.bridges);
-        }
         spec
     }
 
-    /// When the gate opens by itself: never (it stays while a policed container exists).
-    pub fn gate_expires(&self) -> Option<Instant> {
-        None
+    /// Whether new veths wait until the agent has seen them: while a policed container
+    /// exists (Docker may start it, restart it or connect it to a network at any time,
+    /// however long after its `create`), or the host default closes.
+    pub fn gating(&self) -> bool {
+        self.config.egress.internet == Some(false)
+            || self.config.egress.host == Some(false)
+            || self.containers.values().any(|c| self.policy(c).restricts())
     }
 
     /// Finds the bridge ports of every policed container whose addresses changed since
@@ -601,12 +660,16 @@ impl Egress {
     /// before its inspect answers, in the one of Docker's namespaces that holds its
     /// addresses.
     pub fn find_ports(&mut self) {
+        let gating = self.gating();
+        if gating {
+            self.outside_ports = outside_ports(&self.bridges);
+        }
         let want: Vec<String> = self
             .containers
             .iter()
             .filter(|(_, c)| {
                 let a = c.addresses();
-                !a.is_empty() && a != c.ports_for && self.policy(c).restricts()
+                !a.is_empty() && a != c.ports_for && (gating || self.policy(c).restricts())
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -638,7 +701,7 @@ impl Egress {
                 Err(e) => c.ports_error = Some(format!("{e:#}")),
             }
             if let Some(e) = &c.ports_error {
-                warn!(container = %c.name, error = %e, "cannot find a policed container's bridge ports: its frames are judged by address only");
+                warn!(container = %c.name, error = %e, "cannot find a container's bridge ports: while a policy holds new veths back, its frames wait");
             }
         }
     }
@@ -652,22 +715,6 @@ impl Egress {
             self.bridge_netfilter = enable_bridge_netfilter();
         }
         let batch = if let Some(old) = &self.applied {
-            // A policy coming into force opens the gate too: the policy first, in a
-            // transaction of its own (opening waits for an RCU grace period).
-            if !old.gated.is_empty() && spec.gated.is_empty() && old.containers != spec.containers {
-                let mut first = spec.clone();
-                first.gated.clone_from(&old.gated);
-                if let Some(b) = nft::delta_batch(&self.table, old, &first) {
-                    let r = tokio::task::block_in_place(|| nft::run(b));
-                    if let Err(e) = r {
-                        self.applied = None;
-                        return Err(e).context("writing the egress table");
-                    }
-                    self.mark_enforced(&first);
-                    self.applied = Some(first);
-                }
-            }
-            let old = self.applied.as_ref().expect("set above or before");
             match nft::delta_batch(&self.table, old, &spec) {
                 Some(b) => b,
                 None => return Ok(false),
@@ -757,6 +804,15 @@ impl Egress {
     /// Forget what was applied: the next apply rewrites the table in place (repair).
     pub fn force(&mut self) {
         self.applied = None;
+    }
+
+    /// Lets new veths through while no agent runs (a stop, not a crash).
+    pub fn open_gate(&mut self) -> Result<()> {
+        if self.applied.as_ref().is_none_or(|a| !a.guard.gated) {
+            return Ok(());
+        }
+        self.applied = None;
+        nft::run(guard::open_gate(&self.table))
     }
 
     /// Removes the table.
@@ -899,7 +955,11 @@ impl Egress {
                 dropped_packets: counters.get(&nft::key_of(id)).copied().unwrap_or(0)
                     + l2_of(guard::l2_counter(&nft::key_of(id))),
                 spoofed_packets: l2_of(guard::spoof_counter(&nft::key_of(id))),
-                ports: c.ports.iter().map(|p| p.host_ifname.clone()).collect(),
+                ports: if p.restricts() {
+                    c.ports.iter().map(|p| p.host_ifname.clone()).collect()
+                } else {
+                    Vec::new()
+                },
                 not_enforceable: c
                     .network_mode
                     .clone()
@@ -943,7 +1003,7 @@ mod tests {
     use super::*;
 
     fn egress(config: &str) -> Egress {
-        Egress::new("t", Config::parse(config).unwrap(), None)
+        Egress::new("t", Config::parse(config).unwrap(), None, Vec::new())
     }
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -974,14 +1034,14 @@ mod tests {
         // the bridges are gated until it is.
         let spec = e.spec();
         assert!(spec.containers["aaaa1111"].addrs.is_empty());
-        assert_eq!(spec.gated, e.bridges);
+        assert!(spec.guard.gated);
         e.connected("aaaa1111", "net1", vec![ip("172.18.0.2")]);
         e.connected("bbbb2222", "net1", vec![ip("172.18.0.3")]);
         let spec = e.spec();
         // Only the policed one gets chains; the unpoliced one is admitted.
         assert_eq!(spec.containers.len(), 1);
-        assert_eq!(
-            spec.gated, e.bridges,
+        assert!(
+            spec.guard.gated,
             "gated as long as a policed container exists: it may restart or connect anew"
         );
         assert_eq!(spec.admitted.len(), 2);
@@ -1027,6 +1087,43 @@ mod tests {
         );
         e.destroyed("aaaa1111");
         assert!(e.spec().containers.is_empty(), "removed: its chains go");
+    }
+
+    #[test]
+    fn docker_bridges_by_name_and_what_cannot_be_policed() {
+        assert!(docker_named("docker0") && docker_named("br-0123456789ab"));
+        assert!(!docker_named("br-lan") && !docker_named("lxcbr0"));
+        assert!(unenforceable("host", &[]).is_some_and(|m| m.contains("host")));
+        assert_eq!(
+            unenforceable("container:db", &[]).as_deref(),
+            Some("container:db")
+        );
+        assert!(unenforceable("", &["macvlan".into()]).is_some_and(|m| m.contains("macvlan")));
+        assert_eq!(unenforceable("bridge", &["bridge".into()]), None);
+    }
+
+    #[test]
+    fn gated_while_any_policed_container_exists_and_not_otherwise() {
+        let mut e = egress("");
+        e.created("aaaa", "a", labels(&[]), false);
+        assert!(
+            !e.gating() && !e.spec().guard.gated,
+            "nothing policed: nothing held"
+        );
+        e.created(
+            "bbbb",
+            "b",
+            labels(&[("dataplane.egress.host", "false")]),
+            false,
+        );
+        assert!(
+            e.gating(),
+            "a stopped policed container holds new veths back"
+        );
+        e.destroyed("bbbb");
+        assert!(!e.gating());
+        let closed = egress("[egress]\ninternet = false\n");
+        assert!(closed.gating());
     }
 
     #[test]

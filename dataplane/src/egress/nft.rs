@@ -5,6 +5,9 @@
 //! table inet dataplane_egress {
 //!   set bridges { type ifname }              # Docker's bridges: "internet" is any other
 //!   set admitted4 / admitted6                 # containers the agent has seen (closed default)
+//!   (a policed container's frames pass its bridge port only with its own addresses: the
+//!   `bridge` table of the same name, [`super::guard`]; so the dispatch by address is
+//!   a dispatch by port)
 //!   map fwd4 { ipv4_addr : verdict }          # container address -> jump f_<id>
 //!   map in4  { ipv4_addr : verdict }          # host=false only -> jump i_<id>
 //!   chain forward { hook forward priority -10   # before Docker's filter rules
@@ -82,9 +85,6 @@ pub struct Spec {
     /// Addresses of every container the agent has seen (with a closed default, or while
     /// any container is policed).
     pub admitted: BTreeSet<IpAddr>,
-    /// Bridges on which a new container's first packets wait until the agent has admitted
-    /// it: while a policed container is being started (its address is not known yet).
-    pub gated: BTreeSet<String>,
     /// Policed containers by key (a prefix of the container ID).
     pub containers: BTreeMap<String, Chains>,
     /// Their bridge ports and what may pass them (the `bridge` table of the same name).
@@ -279,22 +279,7 @@ fn base_rules(spec: &Spec) -> (Vec<Vec<Statement<'static>>>, Vec<Vec<Statement<'
         }
         rules
     };
-    // While a policed container starts: nothing from an address the agent has not seen.
-    let gate = || {
-        [("ip", "4"), ("ip6", "6")].map(|(ip, n)| {
-            vec![
-                in_set(meta(MetaKey::Iifname), "gated"),
-                Statement::Match(Match {
-                    left: field(ip, "saddr"),
-                    right: s(format!("@admitted{n}")),
-                    op: Operator::NEQ,
-                }),
-                Statement::Drop(None),
-            ]
-        })
-    };
     let mut fwd = vec![established()];
-    fwd.extend(gate());
     fwd.extend(dispatch("fwd4", "fwd6"));
     fwd.push(untracked());
     // IPv6 neighbour discovery to the host is how a container finds its gateway at all.
@@ -310,7 +295,6 @@ fn base_rules(spec: &Spec) -> (Vec<Vec<Statement<'static>>>, Vec<Vec<Statement<'
         accept(),
     ];
     let mut inp = vec![established(), neighbour_discovery];
-    inp.extend(gate());
     inp.extend(dispatch("in4", "in6"));
     inp.push(untracked());
     if spec.closed_host {
@@ -452,11 +436,6 @@ fn declare(b: &mut Batch<'static>, t: &str) {
     b.add(NfListObject::Table(table(t)));
     b.add(NfListObject::Set(Box::new(set(
         t,
-        "gated",
-        SetType::Ifname,
-    ))));
-    b.add(NfListObject::Set(Box::new(set(
-        t,
         "bridges",
         SetType::Ifname,
     ))));
@@ -541,14 +520,12 @@ pub fn full_batch(t: &str, spec: &Spec, present: &BTreeSet<String>) -> Batch<'st
     }
     for (name, ty) in [
         ("bridges", SetType::Ifname),
-        ("gated", SetType::Ifname),
         ("admitted4", SetType::Ipv4Addr),
         ("admitted6", SetType::Ipv6Addr),
     ] {
         b.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(set(t, name, ty)))));
     }
     fill_set(&mut b, t, "bridges", spec.bridges.iter().map(s).collect());
-    fill_set(&mut b, t, "gated", spec.gated.iter().map(s).collect());
     fill_set(
         &mut b,
         t,
@@ -652,10 +629,6 @@ pub fn delta_batch(t: &str, old: &Spec, new: &Spec) -> Option<Batch<'static>> {
         let name = if v4 { "admitted4" } else { "admitted6" };
         fill_set(&mut b, t, name, admitted_elements(&added, v4));
     }
-    // The gate closes before anything else changes, and opens last.
-    let gate_on: Vec<_> = new.gated.difference(&old.gated).map(s).collect();
-    let gate_off: Vec<_> = old.gated.difference(&new.gated).map(s).collect();
-    fill_set(&mut b, t, "gated", gate_on);
     // Containers that are gone or changed: their elements out first, then chains.
     let mut deleted = Vec::new();
     for (k, o) in &old.containers {
@@ -722,9 +695,6 @@ pub fn delta_batch(t: &str, old: &Spec, new: &Spec) -> Option<Batch<'static>> {
         if !items.is_empty() {
             b.delete(elements(t, name, items));
         }
-    }
-    if !gate_off.is_empty() {
-        b.delete(elements(t, "gated", gate_off));
     }
     super::guard::write(&mut b, t, Some(&old.guard), &new.guard, &BTreeSet::new());
     Some(b)
@@ -835,7 +805,6 @@ mod tests {
             closed_internet: false,
             closed_host: false,
             admitted: BTreeSet::new(),
-            gated: BTreeSet::new(),
             containers: [
                 ("aaaa".to_string(), chains("172.17.0.2", false, true)),
                 ("bbbb".to_string(), chains("172.17.0.3", true, false)),
@@ -867,15 +836,13 @@ mod tests {
         assert_eq!(map["add"]["map"]["map"], "verdict");
         let rules = rules_of(&cmds, "forward");
         assert!(rules[0].contains("established") && !rules[0].contains("untracked"));
-        // The gate (empty unless a policed container exists), then the dispatch, and only
-        // then untracked packets: a policed container's are judged whatever their state.
-        assert!(rules[1].contains("@gated") && rules[1].contains("@admitted4"));
-        assert!(rules[2].contains("@gated") && rules[2].contains("@admitted6"));
-        assert!(rules[3].contains("@fwd4") && rules[4].contains("@fwd6"));
-        assert!(rules[5].contains("untracked"));
-        assert_eq!(rules.len(), 6, "no closed default");
+        // The dispatch, and only then untracked packets: a policed container's are judged
+        // whatever their state.
+        assert!(rules[1].contains("@fwd4") && rules[2].contains("@fwd6"));
+        assert!(rules[3].contains("untracked"));
+        assert_eq!(rules.len(), 4, "no closed default");
         let input = rules_of(&cmds, "input");
-        assert_eq!(input.len(), 7);
+        assert_eq!(input.len(), 5);
         assert!(input[1].contains("nd-neighbor-solicit"), "{}", input[1]);
     }
 
@@ -945,9 +912,9 @@ mod tests {
         );
         assert!(
             f.iter()
-                .all(|r| !r.contains("admitted") || r.contains("@bridges") || r.contains("@gated"))
+                .all(|r| !r.contains("admitted") || r.contains("@bridges"))
         );
-        assert_eq!(rules_of(&cmds, "input").len(), 7);
+        assert_eq!(rules_of(&cmds, "input").len(), 5);
         sp.closed_host = true;
         let cmds = json(full_batch("t", &sp, &BTreeSet::new()));
         assert!(
