@@ -968,7 +968,10 @@ impl Egress {
                     .network_mode
                     .as_deref()
                     .and_then(|m| m.strip_prefix("container:"))
-                    .map(str::to_string),
+                    .map(|x| match self.containers.get(x) {
+                        Some(o) if !o.name.is_empty() => o.name.clone(),
+                        _ => x.to_string(),
+                    }),
                 enforced_unix_us: c
                     .enforced_at
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())

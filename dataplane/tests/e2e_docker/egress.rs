@@ -4,6 +4,9 @@
 
 use super::*;
 
+#[path = "egress_escape.rs"]
+mod escape;
+
 /// The remote side: a namespace behind a veth routed from the host (a non-Docker
 /// interface: "the internet" for containers), web servers on `.2:8080`, `.2:9090` and
 /// `.3:8080`, and `dnsmasq` on `.53` answering `remote.test` and `moving.test`.

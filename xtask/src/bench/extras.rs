@@ -391,7 +391,7 @@ pub(super) fn extras(
 
 /// The unix time in microseconds `busybox adjtimex` printed (`time.tv_usec` holds
 /// nanoseconds when the status has `STA_NANO`, 0x2000).
-fn adjtimex_unix_us(out: &str) -> Option<i64> {
+pub(super) fn adjtimex_unix_us(out: &str) -> Option<i64> {
     let field = |name: &str| {
         out.lines().find_map(|l| {
             let (k, v) = l.split_once(':')?;

@@ -261,6 +261,9 @@ fn later_sections(
     if matches!(only, None | Some(Section::OwnFirewall)) {
         extra += &ownfw::own_firewall(env, image, engine, names)?;
     }
+    if only == Some(Section::Egress) {
+        egress::egress(image, env.quick, &mut extra)?;
+    }
     if only == Some(Section::Starts) {
         docker::restart_engine(engine, false)?;
         wait_running(names)?;
@@ -276,6 +279,8 @@ pub enum Section {
     /// External clients: the packet layer against Docker's DNAT and direct routing.
     External,
     Extras,
+    /// The egress policy's costs alone (part of `extras`).
+    Egress,
     Starts,
     /// The own-firewall mode against Docker's own rules: per-port start/stop cost, start
     /// latency under contention, local path ratios.
