@@ -297,7 +297,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     let (early_tx, early_rx) = mpsc::channel(64);
     let packet = PacketSide::new(&opts, &loaded)?;
     let own_fw = own_side(&opts, &shared, docker_settings.as_ref()).await;
-    let daemon_dns = docker_settings.map(|s| s.dns).unwrap_or_default();
+    let egress = new_egress(&opts, docker_settings.as_ref().ok());
 
     let mut agent = Agent {
         loaded,
@@ -321,12 +321,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         pending_cookies: Vec::new(),
         retry_at: None,
         backoff: Backoff::new(),
-        egress: Egress::new(
-            &crate::netfilter::changes::egress_table(&opts.nft_table),
-            opts.config.clone(),
-            opts.state_dir.clone(),
-            daemon_dns,
-        ),
+        egress,
         resolver,
         dns_tx,
         egress_check_at: None,
@@ -364,6 +359,22 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         .map_err(StartError::Other);
     agent.stop(opts.pin_dir.is_some()).await;
     r
+}
+
+/// The egress side, with what Docker's daemon says of resolvers and where it keeps its
+/// containers' namespaces.
+fn new_egress(opts: &Options, docker: Option<&crate::ownfw::docker_conf::Settings>) -> Egress {
+    let exec_root = docker.map_or_else(
+        || std::path::PathBuf::from(crate::ownfw::docker_conf::DEFAULT_EXEC_ROOT),
+        |s| s.exec_root.clone(),
+    );
+    Egress::new(
+        &crate::netfilter::changes::egress_table(&opts.nft_table),
+        opts.config.clone(),
+        opts.state_dir.clone(),
+        docker.map(|s| s.dns.clone()).unwrap_or_default(),
+        &exec_root,
+    )
 }
 
 /// The own-firewall mode at the start (Docker's settings already checked): Docker's iptables

@@ -172,15 +172,13 @@ fn veths_inside(netns: &Path) -> Result<Vec<Inside>> {
         .map_err(|_| anyhow::anyhow!("the thread panicked"))?
 }
 
-/// The bridge ports in the host behind the veths of the namespace at `netns` (a
-/// container's). Blocking: enters the namespace on a thread of its own.
-pub fn ports(netns: &Path) -> Result<Vec<Port>> {
-    let inside = veths_inside(netns)?;
-    if inside.is_empty() {
-        return Ok(Vec::new());
-    }
-    let host = std::thread::scope(|s| {
-        s.spawn(|| -> Result<HashMap<u32, (String, Option<u32>)>> {
+/// The host's interfaces by index: name and bridge (if a port of one).
+pub type HostLinks = HashMap<u32, (String, Option<u32>)>;
+
+/// The host's interfaces (one link dump). Blocking (its own thread and runtime).
+pub fn host_links() -> Result<HostLinks> {
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<HostLinks> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -188,7 +186,14 @@ pub fn ports(netns: &Path) -> Result<Vec<Port>> {
         })
         .join()
         .map_err(|_| anyhow::anyhow!("the thread panicked"))?
-    })?;
+    })
+}
+
+/// The bridge ports in the host (`host`: its interfaces) behind the veths of the
+/// namespace at `netns` (a container's). Blocking: enters the namespace on a thread of its
+/// own.
+pub fn ports(netns: &Path, host: &HostLinks) -> Result<Vec<Port>> {
+    let inside = veths_inside(netns)?;
     Ok(inside
         .into_iter()
         .filter_map(|(mac, addrs, peer)| {
@@ -203,7 +208,7 @@ pub fn ports(netns: &Path) -> Result<Vec<Port>> {
 }
 
 /// Every interface's name and bridge (if it is a port of one).
-async fn links_named(handle: &Handle) -> Result<HashMap<u32, (String, Option<u32>)>> {
+async fn links_named(handle: &Handle) -> Result<HostLinks> {
     let mut out = HashMap::new();
     let mut dump = handle.link().get().execute();
     while let Some(l) = dump.try_next().await.context("netlink link dump")? {
@@ -221,25 +226,13 @@ async fn links_named(handle: &Handle) -> Result<HashMap<u32, (String, Option<u32
     Ok(out)
 }
 
-/// Every veth of the host's namespace, with the name of the bridge it is a port of.
-/// Blocking (its own thread and runtime).
-pub fn host_veths() -> Result<Vec<(String, Option<String>)>> {
-    std::thread::scope(|s| {
-        s.spawn(|| -> Result<Vec<(String, Option<String>)>> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let links = rt.block_on(with_handle(async |h: &Handle| links_named(h).await))?;
-            Ok(links
-                .values()
-                .filter(|(name, _)| name.starts_with("veth"))
-                .map(|(name, master)| {
-                    let bridge = master.and_then(|m| links.get(&m)).map(|(n, _)| n.clone());
-                    (name.clone(), bridge)
-                })
-                .collect())
+/// Every veth of the host (`host`), with the name of the bridge it is a port of.
+pub fn host_veths(host: &HostLinks) -> Vec<(String, Option<String>)> {
+    host.values()
+        .filter(|(name, _)| name.starts_with("veth"))
+        .map(|(name, master)| {
+            let bridge = master.and_then(|m| host.get(&m)).map(|(n, _)| n.clone());
+            (name.clone(), bridge)
         })
-        .join()
-        .map_err(|_| anyhow::anyhow!("the thread panicked"))?
-    })
+        .collect()
 }

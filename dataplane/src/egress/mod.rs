@@ -94,9 +94,38 @@ pub struct Egress {
     bridge_netfilter: bool,
     /// The daemon's own `dns` setting (its command line and config file).
     daemon_dns: Vec<IpAddr>,
+    /// Where Docker keeps its containers' network namespaces (`<exec-root>/netns`).
+    netns_dir: PathBuf,
     /// Veths that are no container's: on other bridges than Docker's, or Docker's own
     /// (its namespaces not named by a sandbox ID: Swarm's ingress, load balancers).
     outside_ports: BTreeSet<String>,
+}
+
+/// The namespace in `dir` (Docker's) that no other container claims and whose veths hold
+/// `addrs`, with its ports.
+fn find_netns(
+    dir: &std::path::Path,
+    host: &crate::endpoint::HostLinks,
+    claimed: &BTreeSet<PathBuf>,
+    addrs: &BTreeSet<IpAddr>,
+) -> Result<(PathBuf, Vec<crate::endpoint::Port>)> {
+    let rd = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
+    for e in rd.flatten() {
+        let path = e.path();
+        if claimed.contains(&path) {
+            continue;
+        }
+        let Ok(ports) = crate::endpoint::ports(&path, host) else {
+            continue;
+        };
+        if ports
+            .iter()
+            .any(|p| p.addrs.iter().any(|a| addrs.contains(a)))
+        {
+            return Ok((path, ports));
+        }
+    }
+    anyhow::bail!("no namespace under {} holds its addresses", dir.display())
 }
 
 /// `docker0`, or `br-` and 12 hex digits.
@@ -107,10 +136,13 @@ fn docker_named(bridge: &str) -> bool {
             .is_some_and(|h| h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// Veths of the host that are not a container's (see [`Egress::outside_ports`]).
-fn outside_ports(bridges: &BTreeSet<String>) -> BTreeSet<String> {
-    let mut out: BTreeSet<String> = crate::endpoint::host_veths()
-        .unwrap_or_default()
+/// Veths of the host (`host`) that are not a container's (see [`Egress::outside_ports`]).
+fn outside_ports(
+    bridges: &BTreeSet<String>,
+    host: &crate::endpoint::HostLinks,
+    netns_dir: &std::path::Path,
+) -> BTreeSet<String> {
+    let mut out: BTreeSet<String> = crate::endpoint::host_veths(host)
         .into_iter()
         // A veth on no bridge passes no bridge hook; one Docker is setting up may be on
         // none yet. Bridges named the way Docker names them count as Docker's (a network
@@ -123,46 +155,14 @@ fn outside_ports(bridges: &BTreeSet<String>) -> BTreeSet<String> {
         .map(|(name, _)| name)
         .collect();
     let sandbox = |n: &str| n.len() == 12 && n.bytes().all(|b| b.is_ascii_hexdigit());
-    for e in std::fs::read_dir(DOCKER_NETNS)
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
+    for e in std::fs::read_dir(netns_dir).into_iter().flatten().flatten() {
         if !sandbox(&e.file_name().to_string_lossy()) {
-            for p in crate::endpoint::ports(&e.path()).unwrap_or_default() {
+            for p in crate::endpoint::ports(&e.path(), host).unwrap_or_default() {
                 out.insert(p.host_ifname);
             }
         }
     }
     out
-}
-
-/// Where Docker keeps its containers' network namespaces.
-const DOCKER_NETNS: &str = "/var/run/docker/netns";
-
-/// The namespace under Docker's that no other container claims and whose veths hold
-/// `addrs`, with its ports.
-fn find_netns(
-    claimed: &BTreeSet<PathBuf>,
-    addrs: &BTreeSet<IpAddr>,
-) -> Result<(PathBuf, Vec<crate::endpoint::Port>)> {
-    let rd = std::fs::read_dir(DOCKER_NETNS).with_context(|| format!("listing {DOCKER_NETNS}"))?;
-    for e in rd.flatten() {
-        let path = e.path();
-        if claimed.contains(&path) {
-            continue;
-        }
-        let Ok(ports) = crate::endpoint::ports(&path) else {
-            continue;
-        };
-        if ports
-            .iter()
-            .any(|p| p.addrs.iter().any(|a| addrs.contains(a)))
-        {
-            return Ok((path, ports));
-        }
-    }
-    anyhow::bail!("no namespace under {DOCKER_NETNS} holds its addresses")
 }
 
 /// Why a container on network mode `mode` (or networks of `drivers`) cannot be policed
@@ -214,12 +214,13 @@ fn enable_bridge_netfilter() -> bool {
 }
 
 impl Egress {
-    /// `daemon_dns`: the daemon's `dns` setting.
+    /// `daemon_dns`: the daemon's `dns` setting; `exec_root`: its `exec-root`.
     pub fn new(
         table: &str,
         config: Config,
         state_dir: Option<PathBuf>,
         daemon_dns: Vec<IpAddr>,
+        exec_root: &std::path::Path,
     ) -> Self {
         Self {
             table: table.to_string(),
@@ -231,6 +232,7 @@ impl Egress {
             bridges: BTreeSet::new(),
             bridge_netfilter: false,
             daemon_dns,
+            netns_dir: exec_root.join("netns"),
             outside_ports: BTreeSet::new(),
         }
     }
@@ -328,6 +330,8 @@ impl Egress {
     pub fn connected(&mut self, id: &str, net: &str, addrs: Vec<IpAddr>) {
         if let Some(c) = self.containers.get_mut(id) {
             c.addrs.insert(net.to_string(), addrs);
+            // A new endpoint: a new veth, found again.
+            c.ports_for.clear();
             c.starting_since.get_or_insert_with(Instant::now);
             c.pending_since = None;
         }
@@ -389,12 +393,18 @@ impl Egress {
             .flatten()
             .filter_map(|a| a.split('%').next()?.parse().ok())
             .collect();
-        entry.netns = c
+        let netns = c
             .network_settings
             .as_ref()
             .and_then(|n| n.sandbox_key.clone())
             .filter(|k| !k.is_empty())
             .map(PathBuf::from);
+        if netns.is_some() && netns != entry.netns {
+            // Another namespace (found at `network connect`, or an earlier run's): its
+            // veths are found again in Docker's.
+            entry.ports_for.clear();
+            entry.netns = netns;
+        }
         let mode = c
             .host_config
             .as_ref()
@@ -661,9 +671,6 @@ impl Egress {
     /// addresses.
     pub fn find_ports(&mut self) {
         let gating = self.gating();
-        if gating {
-            self.outside_ports = outside_ports(&self.bridges);
-        }
         let want: Vec<String> = self
             .containers
             .iter()
@@ -673,6 +680,19 @@ impl Egress {
             })
             .map(|(id, _)| id.clone())
             .collect();
+        if !gating && want.is_empty() {
+            return;
+        }
+        let host = match crate::endpoint::host_links() {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "cannot list the host's interfaces");
+                return;
+            }
+        };
+        if gating {
+            self.outside_ports = outside_ports(&self.bridges, &host, &self.netns_dir);
+        }
         if want.is_empty() {
             return;
         }
@@ -685,8 +705,8 @@ impl Egress {
             let c = self.containers.get_mut(&id).expect("listed above");
             let addrs = c.addresses();
             let found = match &c.netns {
-                Some(ns) => crate::endpoint::ports(ns).map(|p| (ns.clone(), p)),
-                None => find_netns(&claimed, &addrs),
+                Some(ns) => crate::endpoint::ports(ns, &host).map(|p| (ns.clone(), p)),
+                None => find_netns(&self.netns_dir, &host, &claimed, &addrs),
             };
             match found {
                 Ok((ns, ports)) if !ports.is_empty() => {
@@ -1006,7 +1026,13 @@ mod tests {
     use super::*;
 
     fn egress(config: &str) -> Egress {
-        Egress::new("t", Config::parse(config).unwrap(), None, Vec::new())
+        Egress::new(
+            "t",
+            Config::parse(config).unwrap(),
+            None,
+            Vec::new(),
+            std::path::Path::new("/nonexistent"),
+        )
     }
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -28,7 +28,12 @@ pub struct Settings {
     pub file_changed_since_start: bool,
     /// `dns`: the resolvers Docker gives containers without `--dns` of their own.
     pub dns: Vec<std::net::IpAddr>,
+    /// `exec-root`: where Docker keeps its containers' network namespaces (`netns/`).
+    pub exec_root: PathBuf,
 }
+
+/// Docker's default `exec-root`.
+pub const DEFAULT_EXEC_ROOT: &str = "/var/run/docker";
 
 /// The settings of the daemon answering on `socket`.
 pub fn of_daemon(socket: &str) -> Result<Settings, String> {
@@ -180,7 +185,24 @@ pub fn parse(args: &[String], daemon_json: Option<&str>) -> Result<Settings, Str
         source: String::new(),
         file_changed_since_start: false,
         dns: dns_of(args, &json),
+        exec_root: exec_root_of(args, &json),
     })
+}
+
+/// The daemon's `exec-root`: its flag, else the config file's, else Docker's default.
+fn exec_root_of(args: &[String], json: &Value) -> PathBuf {
+    let mut found = None;
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        if let Some(v) = a.strip_prefix("--exec-root=") {
+            found = Some(v.to_string());
+        } else if a == "--exec-root" {
+            found = it.next().cloned();
+        }
+    }
+    found
+        .or_else(|| json.get("exec-root")?.as_str().map(str::to_string))
+        .map_or_else(|| PathBuf::from(DEFAULT_EXEC_ROOT), PathBuf::from)
 }
 
 /// The daemon's `dns`: every `--dns` flag, else the config file's list.
@@ -248,6 +270,39 @@ pub fn check(own_firewall: bool, s: &Settings) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_and_exec_root_from_flags_then_the_file() {
+        let args: Vec<String> = [
+            "dockerd",
+            "--dns",
+            "192.0.2.1",
+            "--dns=192.0.2.2",
+            "--exec-root",
+            "/run/x",
+        ]
+        .map(String::from)
+        .to_vec();
+        let s = parse(
+            &args,
+            Some(r#"{"dns": ["198.51.100.1"], "exec-root": "/run/y"}"#),
+        )
+        .unwrap();
+        assert_eq!(s.dns.len(), 2);
+        assert_eq!(s.exec_root, PathBuf::from("/run/x"));
+        let s = parse(
+            &["dockerd".to_string()],
+            Some(r#"{"dns": ["198.51.100.1"], "exec-root": "/run/y"}"#),
+        )
+        .unwrap();
+        assert_eq!(
+            s.dns,
+            vec!["198.51.100.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(s.exec_root, PathBuf::from("/run/y"));
+        let s = parse(&["dockerd".to_string()], None).unwrap();
+        assert_eq!(s.exec_root, PathBuf::from(DEFAULT_EXEC_ROOT));
+    }
 
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(ToString::to_string).collect()

@@ -382,7 +382,7 @@ fn every_start_of_a_policed_container_is_policed_however_old_it_is() {
         "-c",
         &format!("{first}; exit 1"),
     ]);
-    wait_until("five restarts", Duration::from_secs(60), || {
+    wait_until("five restarts", Duration::from_mins(1), || {
         sh(&[
             "docker",
             "inspect",
