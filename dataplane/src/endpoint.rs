@@ -128,8 +128,8 @@ pub struct Port {
     pub addrs: Vec<IpAddr>,
 }
 
-/// A veth inside a namespace: its MAC, its addresses, its peer's index.
-type Inside = ([u8; 6], Vec<IpAddr>, u32);
+/// A veth inside a namespace: its MAC, its addresses, its peer's index, its own index.
+type Inside = ([u8; 6], Vec<IpAddr>, u32, u32);
 
 /// Every veth of the namespace at `netns`.
 fn veths_inside(netns: &Path) -> Result<Vec<Inside>> {
@@ -157,7 +157,7 @@ fn veths_inside(netns: &Path) -> Result<Vec<Inside>> {
                 .into_iter()
                 .filter_map(|(index, l)| match (l.mac, l.peer) {
                     (Some(mac), Some(peer)) if peer != index && peer != 0 => {
-                        Some((mac, addrs.remove(&index).unwrap_or_default(), peer))
+                        Some((mac, addrs.remove(&index).unwrap_or_default(), peer, index))
                     }
                     _ => None,
                 })
@@ -172,8 +172,17 @@ fn veths_inside(netns: &Path) -> Result<Vec<Inside>> {
         .map_err(|_| anyhow::anyhow!("the thread panicked"))?
 }
 
-/// The host's interfaces by index: name and bridge (if a port of one).
-pub type HostLinks = HashMap<u32, (String, Option<u32>)>;
+/// A host interface: its name, the bridge it is a port of, its veth peer's index (in the
+/// peer's namespace).
+#[derive(Clone, Debug, Default)]
+pub struct HostLink {
+    pub name: String,
+    pub master: Option<u32>,
+    pub peer: Option<u32>,
+}
+
+/// The host's interfaces by index.
+pub type HostLinks = HashMap<u32, HostLink>;
 
 /// The host's interfaces (one link dump). Blocking (its own thread and runtime).
 pub fn host_links() -> Result<HostLinks> {
@@ -196,10 +205,13 @@ pub fn ports(netns: &Path, host: &HostLinks) -> Result<Vec<Port>> {
     let inside = veths_inside(netns)?;
     Ok(inside
         .into_iter()
-        .filter_map(|(mac, addrs, peer)| {
-            let (name, master) = host.get(&peer)?;
-            master.is_some().then(|| Port {
-                host_ifname: name.clone(),
+        .filter_map(|(mac, addrs, peer, index)| {
+            let h = host.get(&peer)?;
+            // Indexes are per namespace: the host-side veth must name this one as its
+            // peer too (a pair the container made itself, or one into another namespace,
+            // would point at an unrelated host interface).
+            (h.master.is_some() && h.peer == Some(index)).then(|| Port {
+                host_ifname: h.name.clone(),
                 mac,
                 addrs,
             })
@@ -207,21 +219,21 @@ pub fn ports(netns: &Path, host: &HostLinks) -> Result<Vec<Port>> {
         .collect())
 }
 
-/// Every interface's name and bridge (if it is a port of one).
+/// Every interface's name, bridge and veth peer.
 async fn links_named(handle: &Handle) -> Result<HostLinks> {
     let mut out = HashMap::new();
     let mut dump = handle.link().get().execute();
     while let Some(l) = dump.try_next().await.context("netlink link dump")? {
-        let mut name = String::new();
-        let mut master = None;
+        let mut link = HostLink::default();
         for attr in &l.attributes {
             match attr {
-                LinkAttribute::IfName(n) => name.clone_from(n),
-                LinkAttribute::Controller(i) => master = Some(*i),
+                LinkAttribute::IfName(n) => link.name.clone_from(n),
+                LinkAttribute::Controller(i) => link.master = Some(*i),
+                LinkAttribute::Link(i) => link.peer = Some(*i),
                 _ => {}
             }
         }
-        out.insert(l.header.index, (name, master));
+        out.insert(l.header.index, link);
     }
     Ok(out)
 }
@@ -229,10 +241,10 @@ async fn links_named(handle: &Handle) -> Result<HostLinks> {
 /// Every veth of the host (`host`), with the name of the bridge it is a port of.
 pub fn host_veths(host: &HostLinks) -> Vec<(String, Option<String>)> {
     host.values()
-        .filter(|(name, _)| name.starts_with("veth"))
-        .map(|(name, master)| {
-            let bridge = master.and_then(|m| host.get(&m)).map(|(n, _)| n.clone());
-            (name.clone(), bridge)
+        .filter(|l| l.name.starts_with("veth"))
+        .map(|l| {
+            let bridge = l.master.and_then(|m| host.get(&m)).map(|b| b.name.clone());
+            (l.name.clone(), bridge)
         })
         .collect()
 }

@@ -392,7 +392,9 @@ fn uninstall(
     }
     let egress_table = dataplane::netfilter::changes::egress_table(nft_table);
     match dataplane::egress::nft::run(dataplane::egress::nft::delete_batch(&egress_table)) {
-        Ok(()) => println!("removed nftables table inet {egress_table} (egress policies)"),
+        Ok(()) => {
+            println!("removed nftables tables inet and bridge {egress_table} (egress policies)");
+        }
         Err(e) => {
             eprintln!("dataplane: {e:#}");
             failed = true;

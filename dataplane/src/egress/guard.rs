@@ -29,7 +29,10 @@ use std::{
 
 use nftables::{
     batch::Batch,
-    expr::{Expression, Meta, MetaKey, NamedExpression, Prefix, SetItem, Verdict},
+    expr::{
+        Expression, Meta, MetaKey, NamedExpression, Payload, PayloadBase, PayloadRaw, Prefix,
+        SetItem, Verdict,
+    },
     schema::{Chain, Counter, Element, FlushObject, Map, NfCmd, NfListObject, Rule, SetTypeValue},
     stmt::{self, JumpTarget, Match, Operator, Statement, VerdictMap},
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
@@ -45,6 +48,8 @@ pub const PRIORITY: i32 = -300;
 pub struct Sender {
     pub macs: BTreeSet<[u8; 6]>,
     pub addrs: BTreeSet<IpAddr>,
+    /// Its own IPv6 link-local addresses (from its namespace, and derived from its MACs).
+    pub link_local: BTreeSet<std::net::Ipv6Addr>,
     /// Its policy lets it reach the host (link-local and non-IP frames stay allowed).
     pub host: bool,
 }
@@ -249,6 +254,29 @@ fn count_drop(name: String) -> [Statement<'static>; 2] {
     ]
 }
 
+/// The link-local address the kernel derives from `mac` (EUI-64), which a container has
+/// unless it was given another.
+pub fn eui64_link_local(mac: [u8; 6]) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        mac[0] ^ 2,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
+    ])
+}
+
 /// The rules of container `k`'s port chain.
 pub fn sender_rules(k: &str, c: &Sender) -> Vec<Vec<Statement<'static>>> {
     let spoof = || count_drop(spoof_counter(k)).to_vec();
@@ -259,11 +287,29 @@ pub fn sender_rules(k: &str, c: &Sender) -> Vec<Vec<Statement<'static>>> {
     };
     let macs: Vec<_> = c.macs.iter().map(|m| s(mac(*m))).collect();
     let v4: Vec<_> = c.addrs.iter().filter(|a| a.is_ipv4()).map(s).collect();
-    let v6: Vec<_> = c.addrs.iter().filter(|a| a.is_ipv6()).map(s).collect();
+    // Its IPv6 addresses: Docker's, and its own link-local ones.
+    let own6: BTreeSet<std::net::Ipv6Addr> = c
+        .addrs
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        })
+        .chain(c.link_local.iter().copied())
+        .collect();
     let mut rules = vec![with(
         vec![not_in(field("ether", "saddr"), macs.clone())],
         spoof(),
     )];
+    // Tagged frames, whatever they carry: the checks below see only untagged ones (the
+    // host strips a VLAN 0 tag and routes what it holds).
+    rules.push(with(
+        vec![is(
+            field("ether", "type"),
+            set_of(vec![s("8021q"), s("8021ad"), Expression::Number(0x9100)]),
+        )],
+        spoof(),
+    ));
     // ARP: its own MAC and address as the sender (0.0.0.0: a probe for a duplicate).
     let mut arp_ips = v4.clone();
     arp_ips.push(s("0.0.0.0"));
@@ -281,8 +327,24 @@ pub fn sender_rules(k: &str, c: &Sender) -> Vec<Vec<Statement<'static>>> {
     } else {
         rules.push(with(vec![not_in(field("ip", "saddr"), v4)], spoof()));
     }
-    // IPv6: link-local and unspecified sources for neighbour and router discovery and
-    // multicast listener reports (how a container finds its gateway at all).
+    // A neighbour advertisement only for its own addresses (the target, 8 bytes into the
+    // ICMPv6 header): none naming a neighbour's or the gateway's.
+    let target = Expression::Named(NamedExpression::Payload(Payload::PayloadRaw(PayloadRaw {
+        base: PayloadBase::TH,
+        offset: 64,
+        len: 128,
+    })));
+    let mut advert = vec![is(field("icmpv6", "type"), s("nd-neighbor-advert"))];
+    if !own6.is_empty() {
+        let hex = own6
+            .iter()
+            .map(|a| s(format!("0x{:032x}", u128::from(*a))))
+            .collect();
+        advert.push(not_in(target, hex));
+    }
+    rules.push(with(advert, spoof()));
+    // IPv6: its own link-local and the unspecified source for neighbour and router
+    // discovery and multicast listener reports (how a container finds its gateway at all).
     let discovery = || {
         set_of(
             [
@@ -298,21 +360,26 @@ pub fn sender_rules(k: &str, c: &Sender) -> Vec<Vec<Statement<'static>>> {
             .collect(),
         )
     };
-    for src in [link_local(), s("::")] {
-        rules.push(vec![
-            is(field("ip6", "saddr"), src),
-            is(field("icmpv6", "type"), discovery()),
-            Statement::Accept(None),
-        ]);
-    }
+    let mut discovery_from: Vec<_> = c.link_local.iter().map(s).collect();
+    discovery_from.push(s("::"));
+    rules.push(vec![
+        is(field("ip6", "saddr"), set_of(discovery_from)),
+        is(field("icmpv6", "type"), discovery()),
+        Statement::Accept(None),
+    ]);
     if !c.host {
         // Anything else from a link-local address reaches only the host and its neighbours
         // on the bridge: what the policy denies.
         rules.push(with(vec![is(field("ip6", "saddr"), link_local())], l2()));
     }
-    let mut own6 = v6;
-    own6.push(link_local());
-    rules.push(with(vec![not_in(field("ip6", "saddr"), own6)], spoof()));
+    if own6.is_empty() {
+        rules.push(with(vec![is(field("ether", "type"), s("ip6"))], spoof()));
+    } else {
+        rules.push(with(
+            vec![not_in(field("ip6", "saddr"), own6.iter().map(s).collect())],
+            spoof(),
+        ));
+    }
     if !c.host {
         rules.push(with(
             vec![not_in(
@@ -491,6 +558,7 @@ mod tests {
         Sender {
             macs: [[2, 0x42, 0xac, 0x11, 0, 2]].into(),
             addrs: ["172.17.0.2".parse().unwrap(), "fd00::2".parse().unwrap()].into(),
+            link_local: [eui64_link_local([2, 0x42, 0xac, 0x11, 0, 2])].into(),
             host,
         }
     }
@@ -518,8 +586,35 @@ mod tests {
         let mut c = sender(true);
         c.addrs.retain(IpAddr::is_ipv6);
         let rules = sender_rules("k", &c);
-        let r = format!("{:?}", rules[3]);
+        let r = format!("{:?}", rules[4]);
         assert!(r.contains("\"type\"") && r.contains("\"ip\""), "{r}");
+    }
+
+    #[test]
+    fn tagged_frames_and_foreign_advertisements_are_spoofed() {
+        let r = sender_rules("k", &sender(true));
+        let tagged = format!("{:?}", r[1]);
+        assert!(tagged.contains("8021q") && tagged.contains("8021ad") && tagged.contains("s_k"));
+        // A neighbour advertisement's target: its own addresses only, link-local included.
+        let advert = r
+            .iter()
+            .map(|x| format!("{x:?}"))
+            .find(|x| x.contains("nd-neighbor-advert") && x.contains("s_k"))
+            .unwrap();
+        assert!(advert.contains(&format!(
+            "0x{:032x}",
+            u128::from("fd00::2".parse::<std::net::Ipv6Addr>().unwrap())
+        )));
+        assert!(
+            advert.contains("0xfe80000000000000004200fffeac1100") || advert.contains("fe80"),
+            "{advert}"
+        );
+        assert_eq!(
+            eui64_link_local([2, 0x42, 0xac, 0x11, 0, 2]),
+            "fe80::42:acff:fe11:2"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+        );
     }
 
     #[test]

@@ -112,7 +112,7 @@ fn find_netns(
     let rd = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
     for e in rd.flatten() {
         let path = e.path();
-        if claimed.contains(&path) {
+        if claimed.contains(&path) || is_host_netns(&path) {
             continue;
         }
         let Ok(ports) = crate::endpoint::ports(&path, host) else {
@@ -126,6 +126,13 @@ fn find_netns(
         }
     }
     anyhow::bail!("no namespace under {} holds its addresses", dir.display())
+}
+
+/// Whether the namespace file at `path` is the host's (the agent's own) namespace.
+fn is_host_netns(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    id(path).is_none_or(|a| Some(a) == id(std::path::Path::new("/proc/self/ns/net")))
 }
 
 /// `docker0`, or `br-` and 12 hex digits.
@@ -156,7 +163,8 @@ fn outside_ports(
         .collect();
     let sandbox = |n: &str| n.len() == 12 && n.bytes().all(|b| b.is_ascii_hexdigit());
     for e in std::fs::read_dir(netns_dir).into_iter().flatten().flatten() {
-        if !sandbox(&e.file_name().to_string_lossy()) {
+        // Docker's `default` is the host's own namespace: its veths' peers are containers'.
+        if !sandbox(&e.file_name().to_string_lossy()) && !is_host_netns(&e.path()) {
             for p in crate::endpoint::ports(&e.path(), host).unwrap_or_default() {
                 out.insert(p.host_ifname);
             }
@@ -630,6 +638,17 @@ impl Egress {
                     guard::Sender {
                         macs: c.ports.iter().map(|p| p.mac).collect(),
                         addrs: addrs.clone(),
+                        link_local: c
+                            .ports
+                            .iter()
+                            .flat_map(|p| {
+                                let own = p.addrs.iter().filter_map(|a| match a {
+                                    IpAddr::V6(v6) if v6.is_unicast_link_local() => Some(*v6),
+                                    _ => None,
+                                });
+                                own.chain([guard::eui64_link_local(p.mac)])
+                            })
+                            .collect(),
                         host: p.host,
                     },
                 );
@@ -662,7 +681,10 @@ impl Egress {
     pub fn gating(&self) -> bool {
         self.config.egress.internet == Some(false)
             || self.config.egress.host == Some(false)
-            || self.containers.values().any(|c| self.policy(c).restricts())
+            || self
+                .containers
+                .values()
+                .any(|c| c.network_mode.is_none() && self.policy(c).restricts())
     }
 
     /// Finds the bridge ports of every policed container whose addresses changed since
@@ -671,16 +693,7 @@ impl Egress {
     /// addresses.
     pub fn find_ports(&mut self) {
         let gating = self.gating();
-        let want: Vec<String> = self
-            .containers
-            .iter()
-            .filter(|(_, c)| {
-                let a = c.addresses();
-                !a.is_empty() && a != c.ports_for && (gating || self.policy(c).restricts())
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        if !gating && want.is_empty() {
+        if !gating && !self.containers.values().any(|c| self.policy(c).restricts()) {
             return;
         }
         let host = match crate::endpoint::host_links() {
@@ -693,6 +706,22 @@ impl Egress {
         if gating {
             self.outside_ports = outside_ports(&self.bridges, &host, &self.netns_dir);
         }
+        let names: BTreeSet<&str> = host.values().map(|l| l.name.as_str()).collect();
+        // Found again: new addresses, or a veth that went (a restart that kept them).
+        let want: Vec<String> = self
+            .containers
+            .iter()
+            .filter(|(_, c)| {
+                let a = c.addresses();
+                !a.is_empty()
+                    && (a != c.ports_for
+                        || c.ports
+                            .iter()
+                            .any(|p| !names.contains(p.host_ifname.as_str())))
+                    && (gating || self.policy(c).restricts())
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
         if want.is_empty() {
             return;
         }
@@ -708,21 +737,22 @@ impl Egress {
                 Some(ns) => crate::endpoint::ports(ns, &host).map(|p| (ns.clone(), p)),
                 None => find_netns(&self.netns_dir, &host, &claimed, &addrs),
             };
-            match found {
+            let error = match found {
                 Ok((ns, ports)) if !ports.is_empty() => {
                     c.netns = Some(ns);
                     c.ports = ports;
                     c.ports_for = addrs;
-                    c.ports_error = None;
+                    None
                 }
-                Ok(_) => {
-                    c.ports_error = Some("no bridge port found for its addresses".into());
-                }
-                Err(e) => c.ports_error = Some(format!("{e:#}")),
-            }
-            if let Some(e) = &c.ports_error {
+                Ok(_) => Some("no bridge port found for its addresses".to_string()),
+                Err(e) => Some(format!("{e:#}")),
+            };
+            if let Some(e) = &error
+                && c.ports_error.as_ref() != Some(e)
+            {
                 warn!(container = %c.name, error = %e, "cannot find a container's bridge ports: while a policy holds new veths back, its frames wait");
             }
+            c.ports_error = error;
         }
     }
 
@@ -812,7 +842,7 @@ impl Egress {
         });
         let ports_ok = match now_ports {
             Some((chains, _)) => chains == ports,
-            None => ports.is_empty(),
+            None => ports.is_empty() && !applied.guard.gated,
         };
         if ports_ok && now.is_some_and(|(chains, _)| chains == want) {
             return false;
@@ -828,7 +858,7 @@ impl Egress {
 
     /// Lets new veths through while no agent runs (a stop, not a crash).
     pub fn open_gate(&mut self) -> Result<()> {
-        if self.applied.as_ref().is_none_or(|a| !a.guard.gated) {
+        if guard::read_back(&self.table).is_none() {
             return Ok(());
         }
         self.applied = None;

@@ -7,6 +7,8 @@
 //! with the interface's own MAC.
 //! `dp-spoof frame IFACE SRC_MAC DST_MAC SRC DST PORT TEXT`: the whole Ethernet frame,
 //! through a packet socket on `IFACE`.
+//! `dp-spoof qinq ...` (the same arguments): that frame double-tagged (802.1ad, then
+//! 802.1Q, both VLAN 0), which a host strips and routes.
 //! Exits 0 once sent; says why otherwise (exit 1).
 
 use std::net::Ipv4Addr;
@@ -88,7 +90,7 @@ fn send_ip(src: Ipv4Addr, dst: Ipv4Addr, port: u16, text: &str) -> Result<(), St
     Ok(())
 }
 
-fn send_frame(args: &[String]) -> Result<(), String> {
+fn send_frame(args: &[String], tagged: bool) -> Result<(), String> {
     let [iface, smac, dmac, src, dst, port, text] = args else {
         return Err("frame IFACE SRC_MAC DST_MAC SRC DST PORT TEXT".into());
     };
@@ -96,6 +98,9 @@ fn send_frame(args: &[String]) -> Result<(), String> {
     let mut frame = Vec::new();
     frame.extend_from_slice(&mac(dmac)?);
     frame.extend_from_slice(&mac(smac)?);
+    if tagged {
+        frame.extend_from_slice(&[0x88, 0xa8, 0, 0, 0x81, 0x00, 0, 0]);
+    }
     frame.extend_from_slice(&0x0800u16.to_be_bytes());
     frame.extend_from_slice(&datagram(ip(src)?, ip(dst)?, port, text.as_bytes()));
     let name = std::ffi::CString::new(iface.as_str()).map_err(|e| e.to_string())?;
@@ -137,7 +142,8 @@ fn main() {
             let port: u16 = args[3].parse().map_err(|e| format!("{}: {e}", args[3]))?;
             send_ip(ip(&args[1])?, ip(&args[2])?, port, &args[4])
         })(),
-        Some("frame") => send_frame(&args[1..]),
+        Some("frame") => send_frame(&args[1..], false),
+        Some("qinq") => send_frame(&args[1..], true),
         _ => Err(
             "usage: dp-spoof ip SRC DST PORT TEXT | frame IFACE SRC_MAC DST_MAC SRC DST PORT TEXT"
                 .into(),
