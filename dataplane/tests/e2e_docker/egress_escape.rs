@@ -497,3 +497,32 @@ fn labels_the_agent_cannot_enforce_are_shown_so() {
     assert_eq!(e.policy_of.as_deref(), Some(base.name.as_str()), "{e:?}");
     assert_eq!(egress_of(&agent, &base).not_enforceable, None);
 }
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn a_stopped_agent_holds_nothing_back_and_polices_on_its_return() {
+    let remote = Remote::new();
+    let mut agent = Agent::start("escape8");
+    let r2 = remote.ip(2);
+    // A policed container exists: new veths are held until the agent has seen them.
+    let _policed = labelled("escape8-policed", &["dataplane.egress.internet=false"]);
+    // Stopped as systemd stops it: the gate opens, the policies stay.
+    agent.terminate();
+    let late = labelled("escape8-late", &["dataplane.egress.internet=false"]);
+    let open = labelled("escape8-open", &[]);
+    assert!(
+        reaches(&open, &r2, 8080),
+        "an unpoliced container is not held"
+    );
+    assert!(
+        reaches(&late, &r2, 8080),
+        "a labelled one started meanwhile runs unpoliced until the agent returns"
+    );
+    agent.spawn();
+    wait_until(
+        "the late container policed",
+        Duration::from_secs(10),
+        || !reaches(&late, &r2, 8080),
+    );
+    assert!(reaches(&open, &r2, 8080));
+}
