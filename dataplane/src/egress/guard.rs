@@ -29,15 +29,13 @@ use std::{
 
 use nftables::{
     batch::Batch,
-    expr::{
-        Expression, Meta, MetaKey, NamedExpression, Payload, PayloadBase, PayloadRaw, Prefix,
-        SetItem, Verdict,
-    },
-    schema::{Chain, Counter, Element, FlushObject, Map, NfCmd, NfListObject, Rule, SetTypeValue},
-    stmt::{self, JumpTarget, Match, Operator, Statement, VerdictMap},
+    expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadBase, PayloadRaw, Prefix},
+    schema::{Chain, Counter, Element, FlushObject, Map, NfCmd, NfListObject, SetTypeValue},
+    stmt::{self, Match, Operator, Statement, VerdictMap},
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
 
+use super::nft::{anon_set, counter_in, jump, rule_in, s, vmap_in};
 use crate::netfilter::ruleset::nf::field;
 
 /// Before the bridge's own filter chains (-200) and anything an operator hooks there.
@@ -162,53 +160,20 @@ pub fn open_gate(t: &str) -> Batch<'static> {
 }
 
 fn ports_map(t: &str) -> Map<'static> {
-    Map {
-        family: NfFamily::Bridge,
-        table: t.to_string().into(),
-        name: "ports".into(),
-        handle: None,
-        set_type: SetTypeValue::Single(nftables::schema::SetType::Ifname),
-        // Spelled `verdict` by `spell_verdict`.
-        map: SetTypeValue::Single(nftables::schema::SetType::Mark),
-        policy: None,
-        flags: None,
-        elem: None,
-        timeout: None,
-        gc_interval: None,
-        size: None,
-        comment: None,
-    }
+    vmap_in(
+        NfFamily::Bridge,
+        t,
+        "ports",
+        nftables::schema::SetType::Ifname,
+    )
 }
 
 fn counter(t: &str, name: &str) -> Counter<'static> {
-    Counter {
-        family: NfFamily::Bridge,
-        table: t.to_string().into(),
-        name: name.to_string().into(),
-        handle: None,
-        packets: None,
-        bytes: None,
-    }
+    counter_in(NfFamily::Bridge, t, name)
 }
 
 fn rule(t: &str, chain: &str, expr: Vec<Statement<'static>>) -> NfListObject<'static> {
-    NfListObject::Rule(Rule {
-        family: NfFamily::Bridge,
-        table: t.to_string().into(),
-        chain: chain.to_string().into(),
-        expr: expr.into(),
-        handle: None,
-        index: None,
-        comment: None,
-    })
-}
-
-#[expect(
-    clippy::needless_pass_by_value,
-    reason = "called with references and strings alike"
-)]
-fn s(v: impl ToString) -> Expression<'static> {
-    Expression::String(v.to_string().into())
+    rule_in(NfFamily::Bridge, t, chain, expr)
 }
 
 fn mac(m: [u8; 6]) -> String {
@@ -218,16 +183,10 @@ fn mac(m: [u8; 6]) -> String {
         .join(":")
 }
 
-fn set_of(items: Vec<Expression<'static>>) -> Expression<'static> {
-    Expression::Named(NamedExpression::Set(
-        items.into_iter().map(SetItem::Element).collect(),
-    ))
-}
-
 fn not_in(left: Expression<'static>, items: Vec<Expression<'static>>) -> Statement<'static> {
     Statement::Match(Match {
         left,
-        right: set_of(items),
+        right: anon_set(items),
         op: Operator::NEQ,
     })
 }
@@ -306,7 +265,7 @@ pub fn sender_rules(k: &str, c: &Sender) -> Vec<Vec<Statement<'static>>> {
     rules.push(with(
         vec![is(
             field("ether", "type"),
-            set_of(vec![s("8021q"), s("8021ad"), Expression::Number(0x9100)]),
+            anon_set(vec![s("8021q"), s("8021ad"), Expression::Number(0x9100)]),
         )],
         spoof(),
     ));
@@ -346,7 +305,7 @@ pub fn sender_rules(k: &str, c: &Sender) -> Vec<Vec<Statement<'static>>> {
     // IPv6: its own link-local and the unspecified source for neighbour and router
     // discovery and multicast listener reports (how a container finds its gateway at all).
     let discovery = || {
-        set_of(
+        anon_set(
             [
                 "nd-router-solicit",
                 "nd-neighbor-solicit",
@@ -363,7 +322,7 @@ pub fn sender_rules(k: &str, c: &Sender) -> Vec<Vec<Statement<'static>>> {
     let mut discovery_from: Vec<_> = c.link_local.iter().map(s).collect();
     discovery_from.push(s("::"));
     rules.push(vec![
-        is(field("ip6", "saddr"), set_of(discovery_from)),
+        is(field("ip6", "saddr"), anon_set(discovery_from)),
         is(field("icmpv6", "type"), discovery()),
         Statement::Accept(None),
     ]);
@@ -390,12 +349,6 @@ pub fn sender_rules(k: &str, c: &Sender) -> Vec<Vec<Statement<'static>>> {
         ));
     }
     rules
-}
-
-fn jump(target: String) -> Expression<'static> {
-    Expression::Verdict(Verdict::Jump(JumpTarget {
-        target: target.into(),
-    }))
 }
 
 /// Adds to `b` what makes the bridge table `t` exactly `new`, `old` being what it holds

@@ -113,8 +113,13 @@ fn set(t: &str, name: &str, ty: SetType) -> Set<'static> {
 /// A verdict map (written with type `mark`, spelled `verdict` by [`spell_verdict`]: the
 /// crate has no verdict type).
 fn vmap(t: &str, name: &str, ty: SetType) -> Map<'static> {
+    vmap_in(NfFamily::INet, t, name, ty)
+}
+
+/// [`vmap`] in a table of `family`.
+pub(super) fn vmap_in(family: NfFamily, t: &str, name: &str, ty: SetType) -> Map<'static> {
     Map {
-        family: NfFamily::INet,
+        family,
         table: t.to_string().into(),
         name: name.to_string().into(),
         handle: None,
@@ -144,8 +149,13 @@ fn chain(t: &str, name: &str, hook: Option<NfHook>) -> Chain<'static> {
 }
 
 fn counter(t: &str, name: &str) -> Counter<'static> {
+    counter_in(NfFamily::INet, t, name)
+}
+
+/// A named counter in a table of `family`.
+pub(super) fn counter_in(family: NfFamily, t: &str, name: &str) -> Counter<'static> {
     Counter {
-        family: NfFamily::INet,
+        family,
         table: t.to_string().into(),
         name: name.to_string().into(),
         handle: None,
@@ -155,8 +165,18 @@ fn counter(t: &str, name: &str) -> Counter<'static> {
 }
 
 fn rule(t: &str, chain: &str, expr: Vec<Statement<'static>>) -> NfListObject<'static> {
+    rule_in(NfFamily::INet, t, chain, expr)
+}
+
+/// A rule in a table of `family`.
+pub(super) fn rule_in(
+    family: NfFamily,
+    t: &str,
+    chain: &str,
+    expr: Vec<Statement<'static>>,
+) -> NfListObject<'static> {
     NfListObject::Rule(Rule {
-        family: NfFamily::INet,
+        family,
         table: t.to_string().into(),
         chain: chain.to_string().into(),
         expr: expr.into(),
@@ -179,7 +199,7 @@ fn elements(t: &str, name: &str, elem: Vec<Expression<'static>>) -> NfListObject
     clippy::needless_pass_by_value,
     reason = "called with references and strings alike"
 )]
-fn s(v: impl ToString) -> Expression<'static> {
+pub(super) fn s(v: impl ToString) -> Expression<'static> {
     Expression::String(v.to_string().into())
 }
 
@@ -199,13 +219,13 @@ fn net_expr(n: &Net) -> Expression<'static> {
     }
 }
 
-fn anon_set(items: Vec<Expression<'static>>) -> Expression<'static> {
+pub(super) fn anon_set(items: Vec<Expression<'static>>) -> Expression<'static> {
     Expression::Named(NamedExpression::Set(
         items.into_iter().map(SetItem::Element).collect(),
     ))
 }
 
-fn jump(target: String) -> Expression<'static> {
+pub(super) fn jump(target: String) -> Expression<'static> {
     Expression::Verdict(Verdict::Jump(JumpTarget {
         target: target.into(),
     }))
