@@ -64,35 +64,45 @@ async fn with_handle<T>(f: impl AsyncFnOnce(&Handle) -> Result<T>) -> Result<T> 
     r
 }
 
-/// The interface in the namespace at `netns` holding `addr`: its MAC and its veth peer's
-/// index in the host.
-fn inside(netns: &Path, addr: IpAddr) -> Result<([u8; 6], u32)> {
+/// Runs `f` with an rtnetlink handle of the namespace at `netns`, on a short-lived thread
+/// of its own (no thread of the agent's runtime ever leaves the host's namespace).
+fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    name: &str,
+    f: impl AsyncFnOnce(&Handle) -> Result<T> + Send + 'static,
+) -> Result<T> {
     let netns = netns.to_path_buf();
-    let run = move || -> Result<([u8; 6], u32)> {
-        let f =
+    let run = move || -> Result<T> {
+        let file =
             std::fs::File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("entering {}", netns.display()))?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        rt.block_on(with_handle(async |h: &Handle| {
-            let Some(index) = index_of(h, addr).await? else {
-                bail!("no interface holds {addr}");
-            };
-            let link = links(h).await?.remove(&index).unwrap_or_default();
-            match (link.mac, link.peer) {
-                (Some(mac), Some(peer)) if peer != index => Ok((mac, peer)),
-                _ => bail!("the interface holding {addr} is not a veth"),
-            }
-        }))
+        rt.block_on(with_handle(f))
     };
     std::thread::Builder::new()
-        .name("endpoint".into())
+        .name(name.into())
         .spawn(run)
         .context("spawning a thread")?
         .join()
         .map_err(|_| anyhow::anyhow!("the thread panicked"))?
+}
+
+/// The interface in the namespace at `netns` holding `addr`: its MAC and its veth peer's
+/// index in the host.
+fn inside(netns: &Path, addr: IpAddr) -> Result<([u8; 6], u32)> {
+    in_netns(netns, "endpoint", async move |h: &Handle| {
+        let Some(index) = index_of(h, addr).await? else {
+            bail!("no interface holds {addr}");
+        };
+        let link = links(h).await?.remove(&index).unwrap_or_default();
+        match (link.mac, link.peer) {
+            (Some(mac), Some(peer)) if peer != index => Ok((mac, peer)),
+            _ => bail!("the interface holding {addr} is not a veth"),
+        }
+    })
 }
 
 /// Where to deliver to `addr` in the namespace at `netns` (a container's), its veth's peer
@@ -133,43 +143,27 @@ type Inside = ([u8; 6], Vec<IpAddr>, u32, u32);
 
 /// Every veth of the namespace at `netns`.
 fn veths_inside(netns: &Path) -> Result<Vec<Inside>> {
-    let netns = netns.to_path_buf();
-    let run = move || -> Result<Vec<Inside>> {
-        let f =
-            std::fs::File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("entering {}", netns.display()))?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(with_handle(async |h: &Handle| {
-            let links = links(h).await?;
-            let mut addrs: HashMap<u32, Vec<IpAddr>> = HashMap::new();
-            let mut dump = h.address().get().execute();
-            while let Some(m) = dump.try_next().await.context("netlink address dump")? {
-                for a in &m.attributes {
-                    if let AddressAttribute::Address(ip) = a {
-                        addrs.entry(m.header.index).or_default().push(*ip);
-                    }
+    in_netns(netns, "ports", async |h: &Handle| {
+        let links = links(h).await?;
+        let mut addrs: HashMap<u32, Vec<IpAddr>> = HashMap::new();
+        let mut dump = h.address().get().execute();
+        while let Some(m) = dump.try_next().await.context("netlink address dump")? {
+            for a in &m.attributes {
+                if let AddressAttribute::Address(ip) = a {
+                    addrs.entry(m.header.index).or_default().push(*ip);
                 }
             }
-            Ok(links
-                .into_iter()
-                .filter_map(|(index, l)| match (l.mac, l.peer) {
-                    (Some(mac), Some(peer)) if peer != index && peer != 0 => {
-                        Some((mac, addrs.remove(&index).unwrap_or_default(), peer, index))
-                    }
-                    _ => None,
-                })
-                .collect())
-        }))
-    };
-    std::thread::Builder::new()
-        .name("ports".into())
-        .spawn(run)
-        .context("spawning a thread")?
-        .join()
-        .map_err(|_| anyhow::anyhow!("the thread panicked"))?
+        }
+        Ok(links
+            .into_iter()
+            .filter_map(|(index, l)| match (l.mac, l.peer) {
+                (Some(mac), Some(peer)) if peer != index && peer != 0 => {
+                    Some((mac, addrs.remove(&index).unwrap_or_default(), peer, index))
+                }
+                _ => None,
+            })
+            .collect())
+    })
 }
 
 /// A host interface: its name, the bridge it is a port of, its veth peer's index (in the

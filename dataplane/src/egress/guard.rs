@@ -470,15 +470,7 @@ pub fn delete(b: &mut Batch<'static>, t: &str) {
 /// The port chains the bridge table `t` has and its counters (`s_*`, `l_*`) by name;
 /// `None` when it does not exist.
 pub fn read_back(t: &str) -> Option<(BTreeSet<String>, BTreeMap<String, u64>)> {
-    let out = std::process::Command::new("nft")
-        .args(["-j", "list", "table", "bridge", t])
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let v = super::nft::list_json("bridge", t)?;
     let mut chains = BTreeSet::new();
     let mut counters = BTreeMap::new();
     for o in v["nftables"].as_array().into_iter().flatten() {

@@ -756,16 +756,20 @@ pub fn run(batch: Batch<'_>) -> Result<()> {
 /// when the table does not exist. Read as plain JSON: the crate's schema has no verdict
 /// maps.
 pub fn read_back(t: &str) -> Option<(BTreeSet<String>, BTreeMap<String, u64>)> {
+    list_json("inet", t).map(|v| chains_and_counters(&v))
+}
+
+/// `nft -j list table <family> <t>`; `None` when the table does not exist.
+pub(super) fn list_json(family: &str, t: &str) -> Option<serde_json::Value> {
     let out = std::process::Command::new("nft")
-        .args(["-j", "list", "table", "inet", t])
+        .args(["-j", "list", "table", family, t])
         .stderr(std::process::Stdio::null())
         .output()
         .ok()?;
     if !out.status.success() {
         return None;
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(chains_and_counters(&v))
+    serde_json::from_slice(&out.stdout).ok()
 }
 
 fn chains_and_counters(v: &serde_json::Value) -> (BTreeSet<String>, BTreeMap<String, u64>) {
