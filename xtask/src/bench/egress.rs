@@ -151,6 +151,7 @@ fn apply_cost(quick: bool, extra: &mut String) -> Result<()> {
 fn run_to_enforced(image: &str, quick: bool, agent: &Agent, extra: &mut String) -> Result<()> {
     let n = if quick { 20 } else { 100 };
     let (mut run_to, mut lead) = (Vec::new(), Vec::new());
+    let mut leaked = 0;
     for i in 0..n {
         let name = format!("dpb-egress-{i}");
         let t0 = now_us();
@@ -165,13 +166,22 @@ fn run_to_enforced(image: &str, quick: bool, agent: &Agent, extra: &mut String) 
             image,
             "sh",
             "-c",
-            "cat /proc/uptime > /tmp/started; exec sleep 100000",
+            &format!(
+                "cat /proc/uptime > /tmp/started; \
+                 nc -w 1 {REMOTE} 5201 </dev/null 2>/dev/null && echo leaked > /tmp/leaked; \
+                 exec sleep 100000"
+            ),
         ])?;
         let enforced = enforced_us(&name);
         // The container's own first instruction noted the time (the boot clock, 10 ms).
         let started = sh(&["docker", "exec", &name, "cat", "/tmp/started"])
             .ok()
             .and_then(|up| uptime_to_unix_us(&up));
+        // Its first instruction dialled the remote, which its policy closes.
+        std::thread::sleep(Duration::from_millis(1200));
+        if sh(&["docker", "exec", &name, "cat", "/tmp/leaked"]).is_ok() {
+            leaked += 1;
+        }
         sh(&["docker", "rm", "-f", &name])?;
         let (Some(e), Some(s)) = (enforced, started) else {
             bail!(
@@ -190,7 +200,8 @@ fn run_to_enforced(image: &str, quick: bool, agent: &Agent, extra: &mut String) 
         "\n`docker run` of a policed container to its policy in the kernel, {n} runs: p50 {:.1} \
          ms, p99 {:.1} ms. The policy was in place before the container's first instruction \
          ran by p50 {:.1} ms (smallest lead {:.1} ms, to /proc/uptime's 10 ms; negative: the \
-         bridge gate held its first packets until then).",
+         bridge gate held its first packets until then). Each dialled the remote at its first \
+         instruction, which its policy closes: {leaked} of {n} got through.",
         pct(&run_to, 0.5),
         pct(&run_to, 0.99),
         pct(&lead, 0.5),
