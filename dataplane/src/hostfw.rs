@@ -207,8 +207,8 @@ pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> 
                     let (f, t, n) = &cid;
                     return HostFirewall {
                         stateful_input: Some(format!("{f} {t} {n}: policy drop")),
-                        forward_rules: forward_rules_nft(items, Some(bridges), own_table),
-                        external_rules: forward_rules_nft(items, None, own_table),
+                        forward_rules: forward_rules_nft(items, bridges, true, own_table),
+                        external_rules: forward_rules_nft(items, bridges, false, own_table),
                     };
                 }
                 input_bases.push(cid);
@@ -243,8 +243,8 @@ pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> 
     }
     HostFirewall {
         stateful_input: stateful,
-        forward_rules: forward_rules_nft(items, Some(bridges), own_table),
-        external_rules: forward_rules_nft(items, None, own_table),
+        forward_rules: forward_rules_nft(items, bridges, true, own_table),
+        external_rules: forward_rules_nft(items, bridges, false, own_table),
     }
 }
 
@@ -263,17 +263,49 @@ fn tied_to_other_interface(exprs: &[Value], bridges: &BTreeSet<String>) -> bool 
     })
 }
 
+/// Docker's own rule for a network with inter-container communication off (`enable_icc`
+/// false, and Swarm's `docker_gwbridge`): `iifname B oifname B drop` for one of its
+/// bridges, in `FORWARD` itself (Docker 20.10 to 27). It only concerns traffic within that
+/// network, which the agent leaves to Docker there anyway.
+fn dockers_icc_drop(exprs: &[Value], bridges: &BTreeSet<String>) -> bool {
+    let mut names = BTreeSet::new();
+    let mut keys = BTreeSet::new();
+    let mut drop = false;
+    for e in exprs {
+        if e.get("counter").is_some() {
+            continue;
+        }
+        if e.get("drop").is_some() {
+            drop = true;
+            continue;
+        }
+        let m = &e["match"];
+        let key = m["left"]["meta"]["key"].as_str().unwrap_or("");
+        match (key, m["op"].as_str(), m["right"].as_str()) {
+            ("iifname" | "oifname", Some("=="), Some(name)) => {
+                keys.insert(key);
+                names.insert(name);
+            }
+            _ => return false,
+        }
+    }
+    drop && keys.len() == 2 && names.len() == 1 && names.iter().all(|n| bridges.contains(*n))
+}
+
 /// Operator rules that may concern container traffic: in `DOCKER-USER`, or drop/reject
 /// rules in a forward base chain of the operator's (iptables `FORWARD` rules that are not
-/// Docker's jumps, or a table of the operator's own, as with Docker 29's nftables backend,
-/// which has no `DOCKER-USER`). With Docker's `bridges`, rules tied to another interface
-/// do not count (traffic between containers never matches them); without, every rule does
-/// (external clients' traffic may).
+/// Docker's jumps or Docker's own drops, or a table of the operator's own, as with Docker
+/// 29's nftables backend, which has no `DOCKER-USER`). With `between` (container clients),
+/// rules tied to another interface than Docker's `bridges` do not count (traffic between
+/// containers never matches them); without, every rule does (external clients' traffic
+/// may).
 fn forward_rules_nft(
     items: &[Value],
-    bridges: Option<&BTreeSet<String>>,
+    docker_bridges: &BTreeSet<String>,
+    between: bool,
     own_table: &str,
 ) -> Option<String> {
+    let bridges = between.then_some(docker_bridges);
     if let Some(w) = docker_user_nft(items, bridges) {
         return Some(w);
     }
@@ -292,7 +324,10 @@ fn forward_rules_nft(
         let exprs = r["expr"].as_array().map_or(&[][..], Vec::as_slice);
         let text = r["expr"].to_string().to_ascii_lowercase();
         let drops = text.contains("\"drop\"") || text.contains("\"reject\"");
-        if !drops || bridges.is_some_and(|b| tied_to_other_interface(exprs, b)) {
+        if !drops
+            || bridges.is_some_and(|b| tied_to_other_interface(exprs, b))
+            || dockers_icc_drop(exprs, docker_bridges)
+        {
             continue;
         }
         let (f, t, c) = &id;
@@ -375,8 +410,10 @@ pub fn from_iptables_save(text: &str, bridges: &BTreeSet<String>, tool: &str) ->
                 && !bridges.contains(w[1])
         })
     };
-    fw.forward_rules = legacy_forward_rules(&rules, tool, other_iface);
-    fw.external_rules = legacy_forward_rules(&rules, tool, |_| false);
+    // Docker's own drop for a network with inter-container communication off.
+    let icc = |r: &[&str]| matches!(r, ["-i", a, "-o", b, "-j", "DROP"] if a == b && bridges.contains(*a));
+    fw.forward_rules = legacy_forward_rules(&rules, tool, |r| other_iface(r) || icc(r));
+    fw.external_rules = legacy_forward_rules(&rules, tool, icc);
     fw
 }
 
@@ -576,6 +613,28 @@ mod tests {
             from_nft_json(&docker, &bridges(), "dataplane").forward_rules,
             None
         );
+        // Docker's own drop for a network with inter-container communication off (and
+        // Swarm's docker_gwbridge): Docker's, not an operator's, for either kind of client.
+        let icc = |b: &str| {
+            rule(
+                "ip",
+                "filter",
+                "FORWARD",
+                &json!([
+                    {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": b}},
+                    {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": b}},
+                    {"counter": {"packets": 0, "bytes": 0}},
+                    {"drop": null}
+                ]),
+            )
+        };
+        let hardened = json!({"nftables": [base("ip", "filter", "FORWARD"), icc("docker0")]});
+        let fw = from_nft_json(&hardened, &bridges(), "dataplane");
+        assert_eq!((fw.forward_rules, fw.external_rules), (None, None));
+        // The same shape for an interface that is not Docker's is an operator's.
+        let other = json!({"nftables": [base("ip", "filter", "FORWARD"), icc("br-lan")]});
+        let fw = from_nft_json(&other, &bridges(), "dataplane");
+        assert!(fw.external_rules.is_some());
         // An operator's own table (Docker 29 has no DOCKER-USER).
         let own = json!({"nftables": [
             base("inet", "operator", "fwd"),
@@ -606,6 +665,18 @@ mod tests {
         let text = "-P INPUT ACCEPT\n-A FORWARD -s 172.17.0.5/32 -j DROP\n";
         let fw = from_iptables_save(text, &bridges(), "iptables-legacy");
         assert!(fw.forward_rules.unwrap().contains("FORWARD"));
+        let text = "-P INPUT ACCEPT\n-A FORWARD -i docker0 -o docker0 -j DROP\n";
+        assert_eq!(
+            from_iptables_save(text, &bridges(), "iptables-legacy"),
+            HostFirewall::default(),
+            "Docker's own drop for a network with ICC off"
+        );
+        let text = "-P INPUT ACCEPT\n-A FORWARD -i docker0 -o br-0123456789ab -j DROP\n";
+        assert!(
+            from_iptables_save(text, &bridges(), "iptables-legacy")
+                .forward_rules
+                .is_some()
+        );
         let text = "-P INPUT ACCEPT\n-A DOCKER-USER ! -i eth0 -j DROP\n";
         let fw = from_iptables_save(text, &bridges(), "iptables-legacy");
         assert_eq!(fw.stateful_input, None);

@@ -2543,3 +2543,57 @@ fn the_packet_layer_stands_back_for_an_operators_forwarding_rules() {
         },
     );
 }
+
+#[test]
+#[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
+fn a_network_with_icc_off_is_dockers_own_rule_not_an_operators() {
+    let p = port(25);
+    // Docker writes `FORWARD -i br-X -o br-X -j DROP` for it (20.10 to 27).
+    let hardened = Network::create_with(
+        "icc-off",
+        &["-o", "com.docker.network.bridge.enable_icc=false"],
+    );
+    let img = image();
+    let a = Container::run(
+        "icc-a",
+        &[
+            "--network",
+            &hardened.0,
+            &img,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    );
+    let b = Container::run("icc-b", &["--network", &hardened.0, &img, "sleep", "600"]);
+    let web = backend("icc-web", &[&format!("{p}:80")]);
+    let other = client_container("icc-client");
+    let agent = Agent::start("icc");
+    let st = agent.status();
+    assert_eq!(
+        st.container_clients_off, None,
+        "Docker's own drop for the hardened network taken for an operator's"
+    );
+    // Hairpin on the default bridge: translated, not tracked.
+    let gw = gateway_of(&web);
+    let cip = web.ip();
+    let before = tracked_to("tcp", &cip, 80);
+    let hairpin = other.exec(&format!(
+        "for i in $(seq 200); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc {gw} {p} >/dev/null || exit 1; done; echo done"
+    ));
+    assert_eq!(hairpin, "done");
+    let after = tracked_to("tcp", &cip, 80);
+    assert!(
+        after <= before + 10,
+        "conntrack grew from {before} to {after}"
+    );
+    // The hardened network itself stays isolated, as Docker made it.
+    let inside = b.exec(&format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {} 80 | head -c 8",
+        a.ip()
+    ));
+    assert!(!inside.starts_with("HTTP/1."), "ICC off: {inside}");
+}
