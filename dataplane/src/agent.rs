@@ -737,6 +737,7 @@ impl Agent {
                 let retry_at = self.retry_at.unwrap_or_else(Instant::now);
                 let lookup_at = self.egress.next_lookup();
                 let check_at = self.egress_check_at;
+                let ports_at = self.egress.ports_retry_at();
                 tokio::select! {
                     Some((id, c)) = early_rx.recv() => {
                         self.early.insert(id, c);
@@ -752,6 +753,9 @@ impl Agent {
                     }
                     () = tokio::time::sleep_until(lookup_at.unwrap_or_else(Instant::now).into()), if lookup_at.is_some() => {
                         self.lookup_due();
+                    }
+                    () = tokio::time::sleep_until(ports_at.unwrap_or_else(Instant::now).into()), if ports_at.is_some() => {
+                        self.apply_or_retry("egress: a new container's veths");
                     }
                     () = tokio::time::sleep_until(check_at.unwrap_or_else(Instant::now).into()), if check_at.is_some() => {
                         self.egress_check_at = None;

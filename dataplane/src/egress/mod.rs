@@ -44,8 +44,11 @@ pub struct Container {
     /// The bridge ports behind its veths, and the addresses they were found for.
     pub ports: Vec<crate::endpoint::Port>,
     pub ports_for: BTreeSet<IpAddr>,
-    /// Why its ports could not be found (its frames are not guarded then).
+    /// Why its ports could not be found (its frames are not guarded then), and since when
+    /// they are looked for (at `network connect` Docker may not have moved its veth into
+    /// its namespace yet).
     pub ports_error: Option<String>,
+    pub ports_missing_since: Option<Instant>,
     /// What `--network` says when it cannot be policed here (`host`, a driver other than
     /// `bridge`), or `container:X`.
     pub network_mode: Option<String>,
@@ -79,6 +82,10 @@ pub struct Name {
 /// How long a container Docker is starting keeps the addresses its `network connect`
 /// gave, before the start completes (a start that takes longer is resynced).
 const STARTING_GRACE: Duration = Duration::from_mins(2);
+
+/// How long the veths of a container Docker connected are looked for before the agent
+/// waits for its next event (its start).
+const PORTS_LOOKUP: Duration = Duration::from_secs(2);
 
 pub struct Egress {
     table: String,
@@ -340,6 +347,7 @@ impl Egress {
             c.addrs.insert(net.to_string(), addrs);
             // A new endpoint: a new veth, found again.
             c.ports_for.clear();
+            c.ports_missing_since = None;
             c.starting_since.get_or_insert_with(Instant::now);
             c.pending_since = None;
         }
@@ -675,6 +683,19 @@ impl Egress {
         spec
     }
 
+    /// When to look again for the veths of a container Docker is still setting up: every
+    /// few milliseconds for [`PORTS_LOOKUP`] after the first try (its frames wait meanwhile
+    /// while the gate holds).
+    pub fn ports_retry_at(&self) -> Option<Instant> {
+        self.containers
+            .values()
+            .filter(|c| !c.addresses().is_empty())
+            .filter_map(|c| c.ports_missing_since)
+            .filter(|t| t.elapsed() < PORTS_LOOKUP)
+            .map(|_| Instant::now() + Duration::from_millis(5))
+            .min()
+    }
+
     /// Whether new veths wait until the agent has seen them: while a policed container
     /// exists (Docker may start it, restart it or connect it to a network at any time,
     /// however long after its `create`), or the host default closes.
@@ -747,12 +768,75 @@ impl Egress {
                 Ok(_) => Some("no bridge port found for its addresses".to_string()),
                 Err(e) => Some(format!("{e:#}")),
             };
+            c.ports_missing_since = match &error {
+                None => None,
+                Some(_) => Some(c.ports_missing_since.unwrap_or_else(Instant::now)),
+            };
+            // Looked for again shortly (see `ports_retry_at`): said only once given up.
+            let given_up = c
+                .ports_missing_since
+                .is_some_and(|t| t.elapsed() >= PORTS_LOOKUP);
             if let Some(e) = &error
+                && given_up
                 && c.ports_error.as_ref() != Some(e)
             {
                 warn!(container = %c.name, error = %e, "cannot find a container's bridge ports: while a policy holds new veths back, its frames wait");
             }
-            c.ports_error = error;
+            if error.is_none() || given_up {
+                c.ports_error = error;
+            }
+        }
+        self.early_ports(&host);
+    }
+
+    /// An unpoliced container Docker has connected but not started: its veth pair is still
+    /// all in the host (Docker moves one end into its namespace at the start, and its
+    /// process runs right after). When exactly one such container waits and exactly one
+    /// such pair is on a Docker bridge, that pair is its own: its veth is let through at
+    /// once instead of at its start. A policed container's never is (its frames wait for
+    /// its port's chain).
+    fn early_ports(&mut self, host: &crate::endpoint::HostLinks) {
+        let waiting: Vec<String> = self
+            .containers
+            .iter()
+            .filter(|(_, c)| {
+                c.ports.is_empty()
+                    && c.ports_missing_since.is_some()
+                    && !c.addresses().is_empty()
+                    && !self.policy(c).restricts()
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        let [id] = waiting.as_slice() else {
+            return;
+        };
+        let attributed: BTreeSet<&str> = self
+            .containers
+            .values()
+            .flat_map(|c| c.ports.iter().map(|p| p.host_ifname.as_str()))
+            .collect();
+        let pairs: Vec<&str> = host
+            .iter()
+            .filter(|(index, l)| {
+                l.name.starts_with("veth")
+                    && !attributed.contains(l.name.as_str())
+                    && l.master
+                        .and_then(|m| host.get(&m))
+                        .is_some_and(|b| self.bridges.contains(&b.name) || docker_named(&b.name))
+                    && l.peer
+                        .and_then(|p| host.get(&p))
+                        .is_some_and(|peer| peer.peer == Some(**index) && peer.master.is_none())
+            })
+            .map(|(_, l)| l.name.as_str())
+            .collect();
+        if let [name] = pairs.as_slice() {
+            let name = (*name).to_string();
+            let c = self.containers.get_mut(id).expect("listed above");
+            c.ports = vec![crate::endpoint::Port {
+                host_ifname: name,
+                mac: [0; 6],
+                addrs: Vec::new(),
+            }];
         }
     }
 
