@@ -271,8 +271,12 @@ fn gate_delay(image: &str, quick: bool, extra: &mut String) -> Result<()> {
     let slow = |v: &[f64]| v.iter().filter(|ms| **ms > 500.0).count();
     let _ = writeln!(
         extra,
-        "
-The gate's cost to unpoliced containers: the first connection at a container's first          instruction (to a closed port of the remote: one round trip), {n} `docker run --rm`          each. No policed container: p50 {:.1} ms, max {:.1} ms, {} of {n} retried (> 500          ms). A policed container restarted in a loop meanwhile ({restarted} restarts): p50          {:.1} ms, max {:.1} ms, {} of {n} retried (TCP's 1 s retransmission: its veth was          held until the agent had seen it).",
+        "\nThe gate's cost to unpoliced containers: the first connection at a container's \
+         first instruction (to a closed port of the remote: one round trip), {n} `docker run \
+         --rm` each. No policed container: p50 {:.1} ms, max {:.1} ms, {} of {n} retried (> \
+         500 ms). A policed container restarted in a loop meanwhile ({restarted} restarts): \
+         p50 {:.1} ms, max {:.1} ms, {} of {n} retried (TCP's 1 s retransmission: its veth \
+         was held until the agent had seen it).",
         testkit::percentile(&without, 0.5).unwrap_or(f64::NAN),
         without.last().copied().unwrap_or(f64::NAN),
         slow(&without),
