@@ -30,7 +30,7 @@ use std::{
 use nftables::{
     batch::Batch,
     expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadBase, PayloadRaw, Prefix},
-    schema::{Chain, Counter, Element, FlushObject, Map, NfCmd, NfListObject, SetTypeValue},
+    schema::{Chain, Counter, Element, FlushObject, Map, NfCmd, NfListObject},
     stmt::{self, Match, Operator, Statement, VerdictMap},
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
@@ -100,17 +100,7 @@ fn chain(t: &str, name: &str, hook: bool) -> Chain<'static> {
 fn known_set(t: &str) -> nftables::schema::Set<'static> {
     nftables::schema::Set {
         family: NfFamily::Bridge,
-        table: t.to_string().into(),
-        name: "known".into(),
-        handle: None,
-        set_type: SetTypeValue::Single(nftables::schema::SetType::Ifname),
-        policy: None,
-        flags: None,
-        elem: None,
-        timeout: None,
-        gc_interval: None,
-        size: None,
-        comment: None,
+        ..crate::netfilter::ruleset::set_of(t, "known", vec![nftables::schema::SetType::Ifname])
     }
 }
 
