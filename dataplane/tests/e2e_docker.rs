@@ -2548,12 +2548,16 @@ fn the_packet_layer_stands_back_for_an_operators_forwarding_rules() {
 #[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
 fn a_network_with_icc_off_is_dockers_own_rule_not_an_operators() {
     let p = port(25);
-    // Docker writes `FORWARD -i br-X -o br-X -j DROP` for it (20.10 to 27).
+    // Docker writes `FORWARD -i br-X -o br-X -j DROP` for it (20.10 to 27; 28 and 29 in
+    // `DOCKER-FORWARD`, or in their `ip docker-bridges` table with nftables), and drops for
+    // an internal network's traffic out of its subnet.
     let hardened = Network::create_with(
         "icc-off",
         &["-o", "com.docker.network.bridge.enable_icc=false"],
     );
+    let internal = Network::create_with("internal", &["--internal"]);
     let img = image();
+    let shut_in = Container::run("icc-int", &["--network", &internal.0, &img, "sleep", "600"]);
     let a = Container::run(
         "icc-a",
         &[
@@ -2596,4 +2600,16 @@ fn a_network_with_icc_off_is_dockers_own_rule_not_an_operators() {
         a.ip()
     ));
     assert!(!inside.starts_with("HTTP/1."), "ICC off: {inside}");
+    // The internal network's container reaches nothing outside it, the published port
+    // through its own gateway included, as without the agent.
+    let out = shut_in.exec(&format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {} {p} | head -c 8",
+        gateway_of(&shut_in)
+    ));
+    assert!(!out.starts_with("HTTP/1."), "internal network left: {out}");
+    assert_eq!(
+        agent.status().container_clients_off,
+        None,
+        "Docker's rules for an internal network taken for an operator's"
+    );
 }

@@ -49,6 +49,7 @@ pub fn dockerd_args(engine: Engine) -> Vec<String> {
     if let (Some(data), Some(exec)) = (engine.data_root(), engine.exec_root()) {
         args.extend(["--data-root".into(), data, "--exec-root".into(), exec]);
     }
+    args.extend(engine.daemon_options().iter().map(ToString::to_string));
     args.extend(["--pidfile".into(), PIDFILE.into()]);
     args
 }
@@ -60,15 +61,12 @@ pub fn dockerd_args(engine: Engine) -> Vec<String> {
 fn start_dockerd(engine: Engine, rules_off: bool) -> Result<Option<u32>> {
     if engine_up() {
         let running = server_version().unwrap_or_default();
-        let wanted = match engine {
-            Engine::Host => None,
-            e => Some(format!("{}.", e.tag())),
-        };
-        if let Some(w) = wanted.filter(|w| !running.starts_with(w.as_str())) {
+        if let Some(w) = engine.version_prefix().filter(|w| !running.starts_with(w)) {
             bail!("Docker {running} already answers on {SOCKET}; stop it to test against {w}x");
         }
         return Ok(None);
     }
+    remove_stale_docker_tables();
     // A flag that daemon.json also sets makes dockerd refuse to start: respect the file.
     let conf = fs::read_to_string("/etc/docker/daemon.json").unwrap_or_default();
     let mut cmd = Command::new("dockerd");
@@ -102,6 +100,27 @@ fn start_dockerd(engine: Engine, rules_off: bool) -> Result<Option<u32>> {
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(Some(pid))
+}
+
+/// Docker 29's nftables backend leaves its tables when its daemon stops; an engine started
+/// afterwards (another version, or 29 with iptables) would meet their masquerade and drops
+/// for addresses it now gives out. With no engine running they are nobody's: removed before
+/// an engine starts (29 with nftables writes its own again).
+fn remove_stale_docker_tables() {
+    for family in ["ip", "ip6"] {
+        let exists = Command::new("nft")
+            .args(["list", "table", family, "docker-bridges"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if exists {
+            println!("xtask: removing {family} docker-bridges, left by a stopped Docker 29");
+            let _ = Command::new("nft")
+                .args(["delete", "table", family, "docker-bridges"])
+                .status();
+        }
+    }
 }
 
 /// For `cargo xtask run`: an engine runs afterwards (one this call starts has its iptables
@@ -361,6 +380,7 @@ pub fn restart_engine_with(engine: Engine, userland_proxy: bool, extra: &[&str])
     if engine_up() {
         bail!("a Docker engine that xtask did not start answers on {SOCKET}");
     }
+    remove_stale_docker_tables();
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -6,6 +6,7 @@ mod deb;
 mod docker;
 mod engines;
 mod kernels;
+mod leftovers;
 mod setup;
 mod util;
 
@@ -35,8 +36,9 @@ enum Cmd {
     Build,
     /// Set up, build, make sure a Docker engine runs, and run the agent in the foreground.
     Run {
-        /// The Docker engine to start when none runs: the host's, or Debian's 20.10, 26.1
-        /// or 28.5 (fetched once into target/engines).
+        /// The Docker engine to start when none runs: the host's, Debian's 20.10, 26.1
+        /// or 28.5 (fetched once into target/engines), or 29.7 (`29`: iptables backend;
+        /// `29-nft`: nftables backend; built once from ../shared/engines).
         #[arg(long, value_enum, default_value = "host")]
         engine: Engine,
         /// Extra arguments for `dataplane run` (`cargo xtask run --own-firewall`).
@@ -51,6 +53,12 @@ enum Cmd {
         #[arg(long)]
         rev: Option<String>,
     },
+    /// Fetch or build a Docker engine into target/engines (the other commands do it when
+    /// first needed): Debian's 26.1 or 28.5, or 29.7 built from ../shared/engines.
+    Engine {
+        #[arg(value_enum)]
+        engine: Engine,
+    },
     /// Build the test image (busybox, iperf3, socat, haproxy) as `dataplane-test:latest`
     /// and keep it, for trying things by hand.
     Image,
@@ -60,7 +68,9 @@ enum Cmd {
         /// A few minutes instead of about half an hour: fewer metrics, shorter runs.
         #[arg(long)]
         quick: bool,
-        /// The Docker engine to measure with: the host's, or Debian's 20.10, 26.1 or 28.5.
+        /// The Docker engine to measure with: the host's, Debian's 20.10, 26.1 or
+        /// 28.5, or 29.7 (`29`: iptables backend; `29-nft`: nftables backend; built once from
+        /// ../shared/engines).
         #[arg(long, value_enum, default_value = "host")]
         engine: Engine,
         /// Run one section only (for work on it): the paired comparisons, the extras
@@ -71,8 +81,9 @@ enum Cmd {
     },
     /// Every test layer: lint, unit, netns integration, end-to-end with Docker.
     Test {
-        /// The Docker engine for the end-to-end tests: the host's (or the running one), or
-        /// Debian's 20.10, 26.1 or 28.5 (fetched once into target/engines).
+        /// The Docker engine for the end-to-end tests: the host's (or the running one),
+        /// Debian's 20.10, 26.1 or 28.5 (fetched once into target/engines), or 29.7 (`29`:
+        /// iptables backend; `29-nft`: nftables backend; built once from ../shared/engines).
         #[arg(long, value_enum, default_value = "host")]
         engine: Engine,
         /// Skip `cargo fmt --check` and clippy.
@@ -105,6 +116,12 @@ fn main() -> Result<()> {
         Cmd::Deb { rev } => {
             setup::setup()?;
             deb::deb(rev.as_deref()).map(|_| ())
+        }
+        Cmd::Engine { engine } => {
+            setup::setup()?;
+            engine
+                .fetch()
+                .map(|root| println!("xtask: {}", root.display()))
         }
         Cmd::Image => {
             setup::setup()?;
@@ -216,7 +233,7 @@ fn run_agent(engine: Engine, args: &[String]) -> Result<()> {
         );
     }
     let agent = project_root().join("target/release/dataplane");
-    let mut cmd = Command::new(agent);
+    let mut cmd = Command::new(&agent);
     cmd.arg("run").args(args);
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
@@ -224,21 +241,65 @@ fn run_agent(engine: Engine, args: &[String]) -> Result<()> {
     // Ctrl-C reaches the agent (same process group); wait for it to detach and exit.
     util::ignore_sigint();
     let status = cmd.status().context("starting the agent")?;
+    // A foreground trial leaves nothing behind: its pins, tables and runtime egress changes
+    // go, and the host is back on Docker's own path (the package's service keeps them
+    // across restarts instead).
+    println!("xtask: removing what the agent left (`dataplane uninstall`)");
+    let removed = util::run(
+        Command::new(&agent)
+            .arg("uninstall")
+            .args(uninstall_args(args)),
+    );
     if !status.success() && status.code() != Some(130) {
         bail!("the agent exited with {status}");
     }
-    Ok(())
+    removed
+}
+
+/// The options of `dataplane run` that `dataplane uninstall` takes too (where the state
+/// is), with their values.
+fn uninstall_args(args: &[String]) -> Vec<String> {
+    const SHARED: &[&str] = &[
+        "--pin-dir",
+        "--nft-table",
+        "--fwd-chain",
+        "--socket",
+        "--config",
+        "--state-dir",
+    ];
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let flag = a.split('=').next().unwrap_or(a);
+        if !SHARED.contains(&flag) {
+            continue;
+        }
+        out.push(a.clone());
+        if !a.contains('=')
+            && let Some(v) = it.next()
+        {
+            out.push(v.clone());
+        }
+    }
+    out
 }
 
 fn test(engine: Engine, no_lint: bool, only: &[String]) -> Result<()> {
     let want = |layer: &str| only.is_empty() || only.iter().any(|o| o == layer);
+    if want("e2e") && util::is_root() {
+        // Before minutes of building: an agent of the host's own would change what the
+        // end-to-end tests see.
+        leftovers::refuse_beside_an_agent()?;
+    }
     build()?;
     if !no_lint {
         lint()?;
     }
     if want("unit") {
         println!("== unit tests (no root, no kernel)");
-        run(util::cargo().args(["test", "--workspace", "--exclude", "dataplane-ebpf"]))?;
+        run(util::cargo()
+            .args(["test", "--workspace", "--exclude", "dataplane-ebpf"])
+            .env("DATAPLANE_REQUIRE_EBPF_OBJECT", "1"))?;
     }
     let privileged = want("integration") || want("e2e");
     if privileged {
@@ -444,4 +505,27 @@ fn lint() -> Result<()> {
         bail!("clippy found warnings in dataplane-ebpf");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uninstall_takes_where_the_state_is_and_nothing_else() {
+        let args: Vec<String> = [
+            "--own-firewall",
+            "--nft-table",
+            "mine",
+            "--pin-dir=/sys/fs/bpf/x",
+            "--packet-allow",
+            "10.0.0.0/8",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            uninstall_args(&args),
+            ["--nft-table", "mine", "--pin-dir=/sys/fs/bpf/x"]
+        );
+    }
 }

@@ -24,6 +24,10 @@ pub const PACKAGES: &[&str] = &[
     "curl",
     "docker.io",
     "busybox-static",
+    // Docker 29 from source (`--engine 29`): runc links libseccomp.
+    "libseccomp-dev",
+    "pkg-config",
+    "xz-utils",
     "python3",
     "socat",
     "haproxy",
