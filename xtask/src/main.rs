@@ -41,6 +41,9 @@ enum Cmd {
         /// `29-nft`: nftables backend; built once from ../shared/engines).
         #[arg(long, value_enum, default_value = "host")]
         engine: Engine,
+        /// Run the binaries already built (no setup, no build).
+        #[arg(long)]
+        no_build: bool,
         /// Extra arguments for `dataplane run` (`cargo xtask run --own-firewall`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -108,9 +111,15 @@ fn main() -> Result<()> {
             setup::setup()?;
             build()
         }
-        Cmd::Run { engine, args } => {
-            setup::setup()?;
-            build()?;
+        Cmd::Run {
+            engine,
+            no_build,
+            args,
+        } => {
+            if !no_build {
+                setup::setup()?;
+                build()?;
+            }
             run_agent(engine, &args)
         }
         Cmd::Deb { rev } => {
@@ -324,6 +333,7 @@ fn test(engine: Engine, no_lint: bool, only: &[String]) -> Result<()> {
             .env("DATAPLANE_TEST_IMAGE", &image.name)
             .env("DATAPLANE_TEST_SKIPPED", &skipped)
             .env("DATAPLANE_BIN_DIR", project_root().join("target/release"))
+            .env("DATAPLANE_XTASK", std::env::current_exe()?)
             .envs(packages));
         drop(image);
         drop(engine);

@@ -213,7 +213,7 @@ fn a_host_denied_container_reaches_nothing_over_link_local() {
     let open_ll = link_local("eth0", Some(&open));
     let get = |c: &Container, addr: &str, port: u16| {
         c.exec(&format!(
-            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | socat -T2 - 'TCP6:[{addr}%eth0]:{port}' 2>/dev/null | head -c 8"
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | socat -T2 - 'TCP6:[{addr}%eth0]:{port},connect-timeout=2' 2>/dev/null | head -c 8"
         ))
         .starts_with("HTTP/1.")
     };

@@ -2,6 +2,8 @@
 //! config reload on `SIGHUP` taken whole or rejected, and `bridge-ctl top` in a terminal
 //! (tmux).
 
+use std::os::unix::process::CommandExt;
+
 use super::*;
 
 /// `GET /metrics` from `addr`: the response head and body.
@@ -399,4 +401,141 @@ fn bridge_ctl_top_shows_frontends_and_rates_live() {
     // `q` quits and gives the terminal back.
     sh(&["tmux", "send-keys", "-t", &session.0, "q"]);
     wait_until("top to quit", Duration::from_secs(5), || !session.alive());
+}
+
+/// The agent's default state (`dataplane run` with no flags): what `cargo xtask run` uses.
+fn default_state_left() -> Vec<String> {
+    let mut left = Vec::new();
+    if std::path::Path::new("/sys/fs/bpf/dataplane").exists() {
+        left.push("/sys/fs/bpf/dataplane".to_string());
+    }
+    let tables = sh(&["nft", "list", "tables"]);
+    for l in tables.lines() {
+        let name = l.split_whitespace().nth(2).unwrap_or("");
+        if ["dataplane", "dataplane_egress", "dataplane_fw"].contains(&name) {
+            left.push(l.to_string());
+        }
+    }
+    left
+}
+
+/// `cargo xtask test` beside another agent (`DATAPLANE_XTASK`: the harness's own binary):
+/// its output and whether it refused.
+fn harness_beside(what: &str) -> String {
+    let xtask = std::env::var("DATAPLANE_XTASK").expect("run by `cargo xtask test`");
+    // Bounded: a harness that did not refuse would run the whole layer (and this test).
+    let out = Command::new("timeout")
+        .args([
+            "-s",
+            "KILL",
+            "120",
+            &xtask,
+            "test",
+            "--only",
+            "e2e",
+            "--no-lint",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "the harness ran beside {what}: {text}"
+    );
+    text
+}
+
+/// The README's two commands in either order: `cargo xtask run` (its agent with the
+/// defaults, Ctrl-C) leaves nothing that `cargo xtask test` would meet; the harness refuses,
+/// saying what to run, beside a running agent and beside a stopped one's pins and tables.
+#[test]
+#[ignore = "needs root and Docker; run by `cargo xtask test`"]
+fn the_readmes_two_commands_in_either_order() {
+    assert_eq!(
+        default_state_left(),
+        Vec::<String>::new(),
+        "state before the test"
+    );
+    let p = port(26);
+    let web = httpd("sequence", &format!("{p}:80"));
+    let xtask = std::env::var("DATAPLANE_XTASK").expect("run by `cargo xtask test`");
+    // `cargo xtask run` as a user runs it (the binaries the harness built), in a process
+    // group of its own so that Ctrl-C reaches it and the agent as a terminal's would.
+    let mut run = Command::new(&xtask)
+        .args(["run", "--no-build"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let ready = || {
+        Command::new(bin("bridge-ctl"))
+            .arg("status")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    wait_until(
+        "the agent of `cargo xtask run`",
+        Duration::from_mins(1),
+        ready,
+    );
+    assert!(http_get(p).contains("dataplane test backend"));
+    let running = harness_beside("a running agent");
+    assert!(
+        running.contains("an agent runs on this host") && running.contains("Ctrl-C"),
+        "{running}"
+    );
+    // Ctrl-C: the agent stops, xtask removes what it left.
+    let pgid = i32::try_from(run.id()).unwrap();
+    // SAFETY: signalling the process group this test started.
+    unsafe { libc::kill(-pgid, libc::SIGINT) };
+    let status = run.wait().unwrap();
+    let mut err = String::new();
+    run.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(
+        status.success(),
+        "cargo xtask run after Ctrl-C: {status}: {err}"
+    );
+    assert_eq!(
+        default_state_left(),
+        Vec::<String>::new(),
+        "left by xtask run"
+    );
+    assert!(
+        http_get(p).contains("dataplane test backend"),
+        "Docker's path"
+    );
+    // A stopped agent that keeps its state (the package's service, or `dataplane run` by
+    // hand, stopped): refused, with the command that removes it.
+    let mut agent = Command::new(bin("dataplane"))
+        .arg("run")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the hand-run agent", Duration::from_mins(1), ready);
+    // SAFETY: signalling the agent this test started.
+    unsafe { libc::kill(i32::try_from(agent.id()).unwrap(), libc::SIGTERM) };
+    agent.wait().unwrap();
+    let left = default_state_left();
+    let stopped = harness_beside("a stopped agent's state");
+    let _ = Command::new(bin("dataplane")).arg("uninstall").output();
+    assert!(!left.is_empty(), "a stopped agent keeps its pins");
+    assert!(
+        stopped.contains("dataplane uninstall") && stopped.contains("/sys/fs/bpf/dataplane"),
+        "{stopped}"
+    );
+    assert_eq!(
+        default_state_left(),
+        Vec::<String>::new(),
+        "after uninstall"
+    );
+    drop(web);
 }

@@ -21,6 +21,7 @@ mod paired;
 mod pause;
 mod probe;
 mod profile;
+mod publish;
 mod report;
 mod svg;
 
@@ -264,6 +265,9 @@ fn later_sections(
     if only == Some(Section::Egress) {
         egress::egress(image, env.quick, &mut extra)?;
     }
+    if only == Some(Section::Publish) {
+        extra += &publish::publish_section(image, engine, env.quick)?;
+    }
     if only == Some(Section::Starts) {
         docker::restart_engine(engine, false)?;
         wait_running(names)?;
@@ -285,6 +289,9 @@ pub enum Section {
     /// The own-firewall mode against Docker's own rules: per-port start/stop cost, start
     /// latency under contention, local path ratios.
     OwnFirewall,
+    /// `docker run` of a container with 32 published ports while 0, 50 and 100 such run:
+    /// Docker's own rules against the own-firewall mode (for Docker 29's nftables backend).
+    Publish,
 }
 
 pub fn bench(quick: bool, engine: crate::engines::Engine, only: Option<Section>) -> Result<()> {
