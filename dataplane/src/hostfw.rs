@@ -644,6 +644,58 @@ mod tests {
         assert!(fw.forward_rules.unwrap().contains("inet operator fwd"));
     }
 
+    /// Docker's own rulesets as each engine writes them (`nft -j list ruleset` with Docker
+    /// alone: a network with ICC off, an internal network, a plain one; the fixtures'
+    /// README says how they were taken): nothing in them is an operator's.
+    #[test]
+    fn dockers_own_rules_on_every_engine_are_not_an_operators() {
+        for (engine, text) in [
+            (
+                "20.10",
+                include_str!("../tests/fixtures/ruleset-20.10.json"),
+            ),
+            ("28.5", include_str!("../tests/fixtures/ruleset-28.5.json")),
+            (
+                "29 iptables",
+                include_str!("../tests/fixtures/ruleset-29-iptables.json"),
+            ),
+            (
+                "29 nftables",
+                include_str!("../tests/fixtures/ruleset-29-nft.json"),
+            ),
+        ] {
+            let v: Value = serde_json::from_str(text).expect("a ruleset");
+            // Docker's bridges: every interface its rules name.
+            let mut bridges = BTreeSet::new();
+            let mut find = |s: &str| {
+                if s == "docker0" || s.starts_with("br-") {
+                    bridges.insert(s.to_string());
+                }
+            };
+            fn walk(v: &Value, f: &mut impl FnMut(&str)) {
+                match v {
+                    Value::String(s) => f(s),
+                    Value::Array(a) => a.iter().for_each(|x| walk(x, f)),
+                    Value::Object(o) => o.values().for_each(|x| walk(x, f)),
+                    _ => {}
+                }
+            }
+            walk(&v, &mut find);
+            assert!(bridges.len() >= 4, "{engine}: {bridges:?}");
+            let fw = from_nft_json(&v, &bridges, "dataplane");
+            assert_eq!(fw, HostFirewall::default(), "{engine}");
+            // The same ruleset with one operator drop added is an operator's.
+            let mut with = v.clone();
+            with["nftables"].as_array_mut().unwrap().extend([
+                json!({"table": {"family": "inet", "name": "operator"}}),
+                json!({"chain": {"family": "inet", "table": "operator", "name": "fwd", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}}),
+                rule("inet", "operator", "fwd", &json!([{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "172.17.0.5"}}, {"drop": null}])),
+            ]);
+            let fw = from_nft_json(&with, &bridges, "dataplane");
+            assert!(fw.forward_rules.is_some(), "{engine}");
+        }
+    }
+
     #[test]
     fn legacy_iptables_text() {
         let text = "-P INPUT ACCEPT\n-P FORWARD DROP\n-N DOCKER-USER\n-N ufw-in\n\

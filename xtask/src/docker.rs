@@ -67,6 +67,9 @@ fn start_dockerd(engine: Engine, rules_off: bool) -> Result<Option<u32>> {
         return Ok(None);
     }
     remove_stale_docker_tables();
+    if engine == Engine::V29Nft {
+        enable_forwarding()?;
+    }
     // A flag that daemon.json also sets makes dockerd refuse to start: respect the file.
     let conf = fs::read_to_string("/etc/docker/daemon.json").unwrap_or_default();
     let mut cmd = Command::new("dockerd");
@@ -121,6 +124,42 @@ fn remove_stale_docker_tables() {
                 .status();
         }
     }
+}
+
+/// Docker 29's nftables backend does not turn IP forwarding on itself (it would have to
+/// secure the host's forwarding in tables not its own, moby#50646) and refuses to start
+/// networks without it. Where it is off, xtask does what Docker's iptables backend does:
+/// turns it on with the `FORWARD` chains' policy set to drop first.
+fn enable_forwarding() -> Result<()> {
+    for (sysctls, tool) in [
+        (&["/proc/sys/net/ipv4/ip_forward"][..], "iptables"),
+        (
+            &[
+                "/proc/sys/net/ipv6/conf/all/forwarding",
+                "/proc/sys/net/ipv6/conf/default/forwarding",
+            ][..],
+            "ip6tables",
+        ),
+    ] {
+        let off: Vec<&str> = sysctls
+            .iter()
+            .copied()
+            .filter(|p| fs::read_to_string(p).is_ok_and(|v| v.trim() == "0"))
+            .collect();
+        if off.is_empty() {
+            continue;
+        }
+        println!(
+            "xtask: Docker 29's nftables backend needs forwarding: {tool} -P FORWARD DROP, \
+             then {} set to 1",
+            off.join(", ")
+        );
+        crate::util::run(Command::new(tool).args(["-w", "-P", "FORWARD", "DROP"]))?;
+        for p in off {
+            fs::write(p, "1").with_context(|| format!("writing {p}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// For `cargo xtask run`: an engine runs afterwards (one this call starts has its iptables
@@ -381,6 +420,9 @@ pub fn restart_engine_with(engine: Engine, userland_proxy: bool, extra: &[&str])
         bail!("a Docker engine that xtask did not start answers on {SOCKET}");
     }
     remove_stale_docker_tables();
+    if engine == Engine::V29Nft {
+        enable_forwarding()?;
+    }
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)

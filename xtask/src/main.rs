@@ -265,6 +265,16 @@ fn run_agent(engine: Engine, args: &[String]) -> Result<()> {
     removed
 }
 
+/// This binary's path, for the test of the README's two commands (a rebuild while it runs
+/// leaves `/proc/self/exe` naming the old, deleted file).
+fn xtask_exe() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let text = exe.to_string_lossy();
+    Ok(text
+        .strip_suffix(" (deleted)")
+        .map_or_else(|| exe.clone(), PathBuf::from))
+}
+
 /// The options of `dataplane run` that `dataplane uninstall` takes too (where the state
 /// is), with their values.
 fn uninstall_args(args: &[String]) -> Vec<String> {
@@ -333,7 +343,7 @@ fn test(engine: Engine, no_lint: bool, only: &[String]) -> Result<()> {
             .env("DATAPLANE_TEST_IMAGE", &image.name)
             .env("DATAPLANE_TEST_SKIPPED", &skipped)
             .env("DATAPLANE_BIN_DIR", project_root().join("target/release"))
-            .env("DATAPLANE_XTASK", std::env::current_exe()?)
+            .env("DATAPLANE_XTASK", xtask_exe()?)
             .envs(packages));
         drop(image);
         drop(engine);
