@@ -156,12 +156,18 @@ fn is_input_base(c: &Value) -> bool {
     c["hook"] == "input" && c["type"].as_str().unwrap_or("filter") == "filter"
 }
 
+/// Docker 29's nftables backend's tables (`ip` and `ip6`).
+fn is_dockers_table(family: &str, table: &str) -> bool {
+    matches!(family, "ip" | "ip6") && table == "docker-bridges"
+}
+
 /// A forward base chain outside Docker's tables and the agent's own: the operator's.
 fn is_operator_forward_base(c: &Value, own_table: &str) -> bool {
     let table = c["table"].as_str().unwrap_or("");
+    let family = c["family"].as_str().unwrap_or("");
     c["hook"] == "forward"
-        && !is_own_table(c["family"].as_str().unwrap_or(""), table, own_table)
-        && !table.starts_with("docker")
+        && !is_own_table(family, table, own_table)
+        && !is_dockers_table(family, table)
 }
 
 /// The chains a rule jumps or goes to.
@@ -644,6 +650,15 @@ mod tests {
         assert!(fw.forward_rules.unwrap().contains("inet operator fwd"));
     }
 
+    fn walk(v: &Value, f: &mut impl FnMut(&str)) {
+        match v {
+            Value::String(s) => f(s),
+            Value::Array(a) => a.iter().for_each(|x| walk(x, f)),
+            Value::Object(o) => o.values().for_each(|x| walk(x, f)),
+            _ => {}
+        }
+    }
+
     /// Docker's own rulesets as each engine writes them (`nft -j list ruleset` with Docker
     /// alone: a network with ICC off, an internal network, a plain one; the fixtures'
     /// README says how they were taken): nothing in them is an operator's.
@@ -672,18 +687,17 @@ mod tests {
                     bridges.insert(s.to_string());
                 }
             };
-            fn walk(v: &Value, f: &mut impl FnMut(&str)) {
-                match v {
-                    Value::String(s) => f(s),
-                    Value::Array(a) => a.iter().for_each(|x| walk(x, f)),
-                    Value::Object(o) => o.values().for_each(|x| walk(x, f)),
-                    _ => {}
-                }
-            }
             walk(&v, &mut find);
             assert!(bridges.len() >= 4, "{engine}: {bridges:?}");
             let fw = from_nft_json(&v, &bridges, "dataplane");
             assert_eq!(fw, HostFirewall::default(), "{engine}");
+            // Where Docker writes its ICC-off drop into `FORWARD` itself, it is read as
+            // Docker's only for Docker's bridges (the control: the same rule for bridges
+            // not known as Docker's is an operator's).
+            if engine == "20.10" {
+                let fw = from_nft_json(&v, &BTreeSet::new(), "dataplane");
+                assert!(fw.external_rules.is_some(), "{engine}");
+            }
             // The same ruleset with one operator drop added is an operator's.
             let mut with = v.clone();
             with["nftables"].as_array_mut().unwrap().extend([
@@ -693,6 +707,14 @@ mod tests {
             ]);
             let fw = from_nft_json(&with, &bridges, "dataplane");
             assert!(fw.forward_rules.is_some(), "{engine}");
+            // A table of the operator's is the operator's whatever its name.
+            let named = with.to_string().replace("\"operator\"", "\"docker-guard\"");
+            let named: Value = serde_json::from_str(&named).unwrap();
+            let fw = from_nft_json(&named, &bridges, "dataplane");
+            assert!(
+                fw.forward_rules.unwrap().contains("docker-guard"),
+                "{engine}"
+            );
         }
     }
 

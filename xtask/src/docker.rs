@@ -64,14 +64,19 @@ fn start_dockerd(engine: Engine, rules_off: bool) -> Result<Option<u32>> {
         if let Some(w) = engine.version_prefix().filter(|w| !running.starts_with(w)) {
             bail!("Docker {running} already answers on {SOCKET}; stop it to test against {w}x");
         }
+        check_backend(engine)?;
         return Ok(None);
     }
-    remove_stale_docker_tables();
-    if engine == Engine::V29Nft {
-        enable_forwarding()?;
-    }
+    prepare_host(engine)?;
     // A flag that daemon.json also sets makes dockerd refuse to start: respect the file.
     let conf = fs::read_to_string("/etc/docker/daemon.json").unwrap_or_default();
+    if engine.version_prefix() == Some("29.") && conf.contains("firewall-backend") {
+        bail!(
+            "/etc/docker/daemon.json sets \"firewall-backend\"; --engine {} sets it on \
+             dockerd's command line: remove it from the file",
+            engine.tag()
+        );
+    }
     let mut cmd = Command::new("dockerd");
     if let Some(path) = engine.path_env()? {
         cmd.env("PATH", path);
@@ -102,7 +107,61 @@ fn start_dockerd(engine: Engine, rules_off: bool) -> Result<Option<u32>> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    check_backend(engine)?;
     Ok(Some(pid))
+}
+
+/// The firewall backend the engine on the default socket reports (`/info`), if it says.
+fn firewall_backend() -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--unix-socket", SOCKET])
+        .arg("http://docker/info")
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["FirewallBackend"]["Driver"].as_str().map(str::to_string)
+}
+
+/// A running 29 must have the backend asked for (`29` and `29-nft` report the same version).
+fn check_backend(engine: Engine) -> Result<()> {
+    let want = match engine {
+        Engine::V29 => "iptables",
+        Engine::V29Nft => "nftables",
+        _ => return Ok(()),
+    };
+    let got = firewall_backend().unwrap_or_default();
+    if got != want {
+        bail!(
+            "the Docker 29 on {SOCKET} runs the {got} firewall backend; --engine {} wants \
+             {want}: stop it first",
+            engine.tag()
+        );
+    }
+    Ok(())
+}
+
+/// Whether any dockerd runs (on any socket, starting or stopping).
+fn any_dockerd() -> bool {
+    fs::read_dir("/proc").is_ok_and(|d| {
+        d.filter_map(Result::ok).any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+                && fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "dockerd")
+        })
+    })
+}
+
+/// The host as an engine about to start needs it: another engine's leftover tables gone,
+/// and for 29's nftables backend, forwarding that its chains decide.
+fn prepare_host(engine: Engine) -> Result<()> {
+    if !any_dockerd() {
+        remove_stale_docker_tables();
+    }
+    if engine == Engine::V29Nft {
+        forwarding_for_nftables()?;
+    }
+    Ok(())
 }
 
 /// Docker 29's nftables backend leaves its tables when its daemon stops; an engine started
@@ -126,37 +185,75 @@ fn remove_stale_docker_tables() {
     }
 }
 
-/// Docker 29's nftables backend does not turn IP forwarding on itself (it would have to
-/// secure the host's forwarding in tables not its own, moby#50646) and refuses to start
-/// networks without it. Where it is off, xtask does what Docker's iptables backend does:
-/// turns it on with the `FORWARD` chains' policy set to drop first.
-fn enable_forwarding() -> Result<()> {
-    for (sysctls, tool) in [
-        (&["/proc/sys/net/ipv4/ip_forward"][..], "iptables"),
+/// xtask's own forwarding guard for Docker 29's nftables backend: forwarding that neither
+/// enters nor leaves a Docker bridge is dropped, as the `FORWARD` drop policy of Docker's
+/// iptables backend drops it; the rest is left to Docker's chains (and the operator's).
+const FORWARD_GUARD: &str = "table inet dataplane_xtask_forward {
+    chain forward {
+        type filter hook forward priority filter + 10; policy drop;
+        ct state established,related accept
+        iifname \"docker0\" accept
+        iifname \"br-*\" accept
+        oifname \"docker0\" accept
+        oifname \"br-*\" accept
+    }
+}
+";
+
+/// Docker 29's nftables backend neither turns IP forwarding on (it would have to secure
+/// the host's forwarding in tables not its own, moby#50646; it refuses networks without
+/// it) nor clears the `FORWARD` drop policy an iptables engine left, which drops what its
+/// own chains accept (it warns of it and leaves it to the host). xtask puts its own guard in
+/// place of that policy ([`FORWARD_GUARD`]), then sets the policy to accept and turns
+/// forwarding on where it is off. The guard stays: it drops no more than the policy did.
+fn forwarding_for_nftables() -> Result<()> {
+    let have = Command::new("nft")
+        .args(["list", "table", "inet", "dataplane_xtask_forward"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        println!(
+            "xtask: Docker 29's nftables backend: forwarding that is not a Docker bridge's is \
+             dropped by table inet dataplane_xtask_forward (in place of the iptables FORWARD \
+             drop policy)"
+        );
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .context("nft")?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(FORWARD_GUARD.as_bytes())?;
+        if !child.wait()?.success() {
+            bail!("nft refused xtask's forwarding guard");
+        }
+    }
+    for (tool, sysctls) in [
+        ("iptables", &["/proc/sys/net/ipv4/ip_forward"][..]),
         (
+            "ip6tables",
             &[
                 "/proc/sys/net/ipv6/conf/all/forwarding",
                 "/proc/sys/net/ipv6/conf/default/forwarding",
             ][..],
-            "ip6tables",
         ),
     ] {
-        let off: Vec<&str> = sysctls
-            .iter()
-            .copied()
-            .filter(|p| fs::read_to_string(p).is_ok_and(|v| v.trim() == "0"))
-            .collect();
-        if off.is_empty() {
-            continue;
+        let rules = crate::util::output(Command::new(tool).args(["-w", "-S", "FORWARD"]))
+            .unwrap_or_default();
+        if rules.lines().any(|l| l == "-P FORWARD DROP") {
+            println!("xtask: {tool} -P FORWARD ACCEPT (left DROP by an iptables engine)");
+            crate::util::run(Command::new(tool).args(["-w", "-P", "FORWARD", "ACCEPT"]))?;
         }
-        println!(
-            "xtask: Docker 29's nftables backend needs forwarding: {tool} -P FORWARD DROP, \
-             then {} set to 1",
-            off.join(", ")
-        );
-        crate::util::run(Command::new(tool).args(["-w", "-P", "FORWARD", "DROP"]))?;
-        for p in off {
-            fs::write(p, "1").with_context(|| format!("writing {p}"))?;
+        for p in sysctls {
+            if fs::read_to_string(p).is_ok_and(|v| v.trim() == "0") {
+                println!("xtask: {p} = 1 (Docker 29's nftables backend needs it)");
+                fs::write(p, "1").with_context(|| format!("writing {p}"))?;
+            }
         }
     }
     Ok(())
@@ -176,6 +273,12 @@ pub struct TestEngine {
 
 impl TestEngine {
     pub fn start(engine: Engine) -> Result<Self> {
+        // An engine `cargo xtask run` left running (perhaps with its rules off for the
+        // own-firewall mode) is xtask's: the tests start their own, which they may restart.
+        if owned_engine_pid().is_some() {
+            println!("xtask: stopping the dockerd an earlier xtask command left running");
+            stop_owned_engine();
+        }
         let started = start_dockerd(engine, false)?;
         let version = server_version().unwrap_or_default();
         if started.is_some() {
@@ -419,10 +522,7 @@ pub fn restart_engine_with(engine: Engine, userland_proxy: bool, extra: &[&str])
     if engine_up() {
         bail!("a Docker engine that xtask did not start answers on {SOCKET}");
     }
-    remove_stale_docker_tables();
-    if engine == Engine::V29Nft {
-        enable_forwarding()?;
-    }
+    prepare_host(engine)?;
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)

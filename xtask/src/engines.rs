@@ -24,6 +24,18 @@ const MOBY_SRC: &str = "moby-29.7.2-src.tar.xz";
 const MOBY_VERSION: &str = "29.7.2";
 const RUNC_SRC: &str = "runc-1.3.6-src.tar.xz";
 const RUNC_VERSION: &str = "1.3.6";
+const MOBY_COMMIT: &str = "6a43e3d5afdd";
+/// The tarballs and their sha256 (`../shared/engines/README.md`).
+const SOURCES: [(&str, &str); 2] = [
+    (
+        MOBY_SRC,
+        "d3cfc77b824df915c87e11e0933bb662156fd34605294cdcd9da917b1f57696e",
+    ),
+    (
+        RUNC_SRC,
+        "2b9278d26ef692926c3d4dd9f0d1ab86a24678d53f07d5ac9cf45d7bad1258ca",
+    ),
+];
 /// Debian sid's Go that the moby tag needs (>= 1.26.3).
 const GO_PACKAGES: &[&str] = &["golang-1.26-go", "golang-1.26-src"];
 
@@ -96,10 +108,14 @@ impl Engine {
         }
     }
 
-    /// Where its binaries live (29's two backends share one build).
+    /// Where its binaries live (29's two backends share one build, named by its version).
     fn root(self) -> PathBuf {
-        let dir = if self.built() { "29" } else { self.tag() };
-        project_root().join("target/engines").join(dir).join("root")
+        let engines = project_root().join("target/engines");
+        if self.built() {
+            engines.join("29").join(format!("root-{MOBY_VERSION}"))
+        } else {
+            engines.join(self.tag()).join("root")
+        }
     }
 
     /// Its own state directories, so engines never share containers or images.
@@ -164,7 +180,7 @@ impl Engine {
 }
 
 /// Where Docker 29's sources are: `DATAPLANE_ENGINE_SOURCES`, else `shared/engines` beside
-/// the project's folder.
+/// the project's folder. Each tarball is checked against the digest its README gives.
 fn sources_dir() -> Result<PathBuf> {
     let dir = std::env::var_os("DATAPLANE_ENGINE_SOURCES").map_or_else(
         || {
@@ -175,11 +191,12 @@ fn sources_dir() -> Result<PathBuf> {
         },
         PathBuf::from,
     );
-    for f in [MOBY_SRC, RUNC_SRC] {
+    for (f, _) in SOURCES {
         if !dir.join(f).is_file() {
             bail!(
-                "Docker 29 is built from {f}, not found in {} (set DATAPLANE_ENGINE_SOURCES to \
-                 the folder that holds {MOBY_SRC} and {RUNC_SRC})",
+                "Docker 29 is built from {f}, not found in {} (the tarballs are not in this \
+                 repository: set DATAPLANE_ENGINE_SOURCES to the folder that holds {MOBY_SRC} \
+                 and {RUNC_SRC})",
                 dir.display()
             );
         }
@@ -187,13 +204,28 @@ fn sources_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Builds Docker 29 into `root` (`usr/sbin/dockerd`, `docker-proxy`, `runc`), with sid's
-/// `containerd` and `docker-cli` beside it. Go's caches stay under `target/engines/29` so
-/// a rebuild takes seconds.
-fn build_29(root: &Path) -> Result<()> {
-    let sources = sources_dir()?;
-    let base = root.parent().expect("a root has a parent").to_path_buf();
-    for tool in ["pkg-config", "xz"] {
+/// Checks the tarballs' digests (once per build).
+fn check_sources(dir: &Path) -> Result<()> {
+    for (f, sha) in SOURCES {
+        let out = crate::util::output(Command::new("sha256sum").arg(dir.join(f)))?;
+        if out.split_whitespace().next() != Some(sha) {
+            bail!(
+                "{} is not the expected source (sha256 {sha})",
+                dir.join(f).display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks, before anything else runs, that `engine` can be had: fetched or built already,
+/// or its sources (29) and build tools present.
+pub fn preflight(engine: Engine) -> Result<()> {
+    if !engine.built() || engine.root().join("usr/sbin/dockerd").exists() {
+        return Ok(());
+    }
+    sources_dir()?;
+    for tool in ["pkg-config", "xz", "sha256sum"] {
         if !crate::util::run_status(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
             .unwrap_or(false)
         {
@@ -203,6 +235,37 @@ fn build_29(root: &Path) -> Result<()> {
     if !Path::new("/usr/include/seccomp.h").exists() {
         bail!("building runc needs libseccomp-dev: run `cargo xtask setup` as root");
     }
+    Ok(())
+}
+
+/// Unpacks `tarball` into `dir` unless a complete unpack is there: into `<dir>.partial`
+/// first, renamed when whole, so an interrupted unpack is never taken for one.
+fn unpack(tarball: &Path, dir: &Path) -> Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    let partial = dir.with_extension("partial");
+    let _ = fs::remove_dir_all(&partial);
+    fs::create_dir_all(&partial)?;
+    run(Command::new("tar")
+        .arg("-xJf")
+        .arg(tarball)
+        .arg("-C")
+        .arg(&partial))
+    .with_context(|| format!("unpacking {}", tarball.display()))?;
+    fs::rename(&partial, dir)?;
+    Ok(())
+}
+
+/// Builds Docker 29 into `root` (`usr/sbin/dockerd`, `docker-proxy`, `runc`), with sid's
+/// `containerd` and `docker-cli` beside it. The sources and Go's caches stay under
+/// `target/engines/29`, named by version, so a rebuild takes seconds and a new version
+/// builds anew.
+fn build_29(root: &Path) -> Result<()> {
+    preflight(Engine::V29)?;
+    let sources = sources_dir()?;
+    check_sources(&sources)?;
+    let base = root.parent().expect("a root has a parent").to_path_buf();
     println!(
         "xtask: building Docker {MOBY_VERSION} and runc {RUNC_VERSION} from {} (once: 3-10 \
          minutes on 2 cores; cached in {})",
@@ -214,10 +277,12 @@ fn build_29(root: &Path) -> Result<()> {
         "deb http://deb.debian.org/debian sid main\n",
         "Debian sid",
     )?;
-    let go_root = base.join("go");
-    if !go_root.join("usr/lib/go-1.26/bin/go").exists() {
-        apt.download_and_unpack(GO_PACKAGES, &go_root)
+    let go_root = base.join("go-1.26");
+    if !go_root.exists() {
+        let partial = base.join("go-1.26.partial");
+        apt.download_and_unpack(GO_PACKAGES, &partial)
             .context("fetching Go 1.26 from Debian sid")?;
+        fs::rename(&partial, &go_root)?;
     }
     let go = go_root.join("usr/lib/go-1.26/bin/go");
     let tmp = base.join("root.partial");
@@ -225,25 +290,21 @@ fn build_29(root: &Path) -> Result<()> {
         .context("fetching containerd and docker-cli from Debian sid")?;
     let bin = tmp.join("usr/sbin");
     fs::create_dir_all(&bin)?;
-    let src = base.join("src");
-    for (tarball, dir) in [(MOBY_SRC, "moby"), (RUNC_SRC, "runc")] {
-        let d = src.join(dir);
-        if !d.join("go.mod").exists() {
-            let _ = fs::remove_dir_all(&d);
-            fs::create_dir_all(&d)?;
-            run(Command::new("tar")
-                .arg("-xJf")
-                .arg(sources.join(tarball))
-                .arg("-C")
-                .arg(&d))
-            .with_context(|| format!("unpacking {tarball}"))?;
-        }
-    }
+    let moby = base.join(format!("src/moby-{MOBY_VERSION}"));
+    let runc = base.join(format!("src/runc-{RUNC_VERSION}"));
+    fs::create_dir_all(base.join("src"))?;
+    unpack(&sources.join(MOBY_SRC), &moby)?;
+    unpack(&sources.join(RUNC_SRC), &runc)?;
+    // Nothing of the caller's Go setup (GOOS, GOWORK, CC, CGO_* ...) reaches the build.
     let go_cmd = |dir: &Path, cgo: bool| {
         let mut c = Command::new(&go);
         c.current_dir(dir)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", &base)
             .env("GOTOOLCHAIN", "local")
-            .env("GOFLAGS", "-mod=vendor")
+            .env("GOWORK", "off")
+            .env("GOFLAGS", "-mod=vendor -buildvcs=false")
             .env("GOPROXY", "off")
             .env("CGO_ENABLED", if cgo { "1" } else { "0" })
             .env("GOCACHE", base.join("gocache"))
@@ -251,11 +312,11 @@ fn build_29(root: &Path) -> Result<()> {
             .env("GOROOT", go_root.join("usr/lib/go-1.26"));
         c
     };
-    let moby = src.join("moby");
     run(go_cmd(&moby, false)
         .args(["build", "-tags", "netgo osusergo static_build", "-ldflags"])
         .arg(format!(
-            "-s -w -X github.com/moby/moby/v2/dockerversion.Version={MOBY_VERSION}"
+            "-s -w -X github.com/moby/moby/v2/dockerversion.Version={MOBY_VERSION} \
+             -X github.com/moby/moby/v2/dockerversion.GitCommit={MOBY_COMMIT}"
         ))
         .arg("-o")
         .arg(bin.join("dockerd"))
@@ -266,7 +327,7 @@ fn build_29(root: &Path) -> Result<()> {
         .arg(bin.join("docker-proxy"))
         .arg("./cmd/docker-proxy"))
     .context("building docker-proxy")?;
-    run(go_cmd(&src.join("runc"), true)
+    run(go_cmd(&runc, true)
         .args([
             "build",
             "-trimpath",

@@ -67,7 +67,8 @@ pub fn refuse_beside_an_agent() -> Result<()> {
         bail!(
             "an agent runs on this host (pid {pid}: {cmd}); the tests run their own agents at \
              the cgroup2 root and cannot run beside it. Stop it first: Ctrl-C in `cargo xtask \
-             run`, or `systemctl stop dataplane` for the package's service."
+             run`, or `systemctl stop dataplane && dataplane uninstall` for the package's \
+             service (a stopped agent keeps its state)."
         );
     }
     let tables = default_tables();

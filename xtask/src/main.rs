@@ -116,6 +116,7 @@ fn main() -> Result<()> {
             no_build,
             args,
         } => {
+            engines::preflight(engine)?;
             if !no_build {
                 setup::setup()?;
                 build()?;
@@ -233,6 +234,12 @@ fn build() -> Result<()> {
 
 fn run_agent(engine: Engine, args: &[String]) -> Result<()> {
     util::require_root("cargo xtask run")?;
+    // Its agent's state goes when it stops: it must not be another agent's (the package's
+    // service, stopped with its state kept, would lose it).
+    leftovers::refuse_beside_an_agent().context(
+        "`cargo xtask run` removes what its agent leaves when it stops; to adopt this state \
+         instead, run the agent itself: target/release/dataplane run",
+    )?;
     let own_firewall = args.iter().any(|a| a == "--own-firewall");
     let started = docker::ensure_running(engine, own_firewall)?;
     if started {
@@ -244,6 +251,12 @@ fn run_agent(engine: Engine, args: &[String]) -> Result<()> {
     let agent = project_root().join("target/release/dataplane");
     let mut cmd = Command::new(&agent);
     cmd.arg("run").args(args);
+    // Runtime egress changes of its own, removed with the rest.
+    let mut extra = Vec::new();
+    if !args.iter().any(|a| a.starts_with("--state-dir")) {
+        extra = vec!["--state-dir".to_string(), XTASK_STATE.to_string()];
+        cmd.args(&extra);
+    }
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }
@@ -254,16 +267,34 @@ fn run_agent(engine: Engine, args: &[String]) -> Result<()> {
     // go, and the host is back on Docker's own path (the package's service keeps them
     // across restarts instead).
     println!("xtask: removing what the agent left (`dataplane uninstall`)");
+    let mut all = args.to_vec();
+    all.extend(extra);
     let removed = util::run(
         Command::new(&agent)
             .arg("uninstall")
-            .args(uninstall_args(args)),
+            .args(uninstall_args(&all)),
     );
+    if own_firewall {
+        if started {
+            // With its rules off and no agent, it would isolate and publish nothing.
+            println!("xtask: stopping the dockerd it started with its rules off");
+            docker::stop_owned_engine();
+        } else {
+            println!(
+                "xtask: Docker runs with its rules off and no agent: nothing isolates its \
+                 networks or publishes their ports until an agent runs or its rules are back \
+                 (`dataplane docker-config --undo`, then restart Docker)"
+            );
+        }
+    }
     if !status.success() && status.code() != Some(130) {
         bail!("the agent exited with {status}");
     }
     removed
 }
+
+/// Where `cargo xtask run`'s agent keeps runtime egress changes (not the service's).
+const XTASK_STATE: &str = "/run/dataplane-xtask/state";
 
 /// This binary's path, for the test of the README's two commands (a rebuild while it runs
 /// leaves `/proc/self/exe` naming the old, deleted file).
@@ -305,10 +336,13 @@ fn uninstall_args(args: &[String]) -> Vec<String> {
 
 fn test(engine: Engine, no_lint: bool, only: &[String]) -> Result<()> {
     let want = |layer: &str| only.is_empty() || only.iter().any(|o| o == layer);
-    if want("e2e") && util::is_root() {
-        // Before minutes of building: an agent of the host's own would change what the
-        // end-to-end tests see.
-        leftovers::refuse_beside_an_agent()?;
+    if want("e2e") {
+        // Before minutes of building: the engine's sources, and an agent of the host's own
+        // (which would change what the end-to-end tests see).
+        engines::preflight(engine)?;
+        if util::is_root() {
+            leftovers::refuse_beside_an_agent()?;
+        }
     }
     build()?;
     if !no_lint {

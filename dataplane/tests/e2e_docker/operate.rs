@@ -2,7 +2,7 @@
 //! config reload on `SIGHUP` taken whole or rejected, and `bridge-ctl top` in a terminal
 //! (tmux).
 
-use std::os::unix::process::CommandExt;
+use std::{os::unix::process::CommandExt, time::Instant};
 
 use super::*;
 
@@ -450,6 +450,39 @@ fn harness_beside(what: &str) -> String {
     text
 }
 
+/// A process group this test started, stopped on drop as a terminal's Ctrl-C would stop it
+/// (then killed), with the agent's default state removed after it: also when the test fails.
+struct Foreground(std::process::Child);
+
+impl Foreground {
+    /// Ctrl-C, then a bounded wait; `None` when it had to be killed.
+    fn interrupt(&mut self) -> Option<std::process::ExitStatus> {
+        let pgid = i32::try_from(self.0.id()).unwrap();
+        // SAFETY: signalling the process group this test started.
+        unsafe { libc::kill(-pgid, libc::SIGINT) };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        let _ = self.0.wait();
+        None
+    }
+}
+
+impl Drop for Foreground {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            self.interrupt();
+        }
+        let _ = Command::new(bin("dataplane")).arg("uninstall").output();
+    }
+}
+
 /// The README's two commands in either order: `cargo xtask run` (its agent with the
 /// defaults, Ctrl-C) leaves nothing that `cargo xtask test` would meet; the harness refuses,
 /// saying what to run, beside a running agent and beside a stopped one's pins and tables.
@@ -464,16 +497,20 @@ fn the_readmes_two_commands_in_either_order() {
     let p = port(26);
     let web = httpd("sequence", &format!("{p}:80"));
     let xtask = std::env::var("DATAPLANE_XTASK").expect("run by `cargo xtask test`");
+    let log = std::env::temp_dir().join(format!("dpe2e-xtask-run-{}.log", std::process::id()));
     // `cargo xtask run` as a user runs it (the binaries the harness built), in a process
     // group of its own so that Ctrl-C reaches it and the agent as a terminal's would.
-    let mut run = Command::new(&xtask)
-        .args(["run", "--no-build"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .unwrap();
+    let out = std::fs::File::create(&log).unwrap();
+    let mut run = Foreground(
+        Command::new(&xtask)
+            .args(["run", "--no-build"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
     let ready = || {
         Command::new(bin("bridge-ctl"))
             .arg("status")
@@ -492,15 +529,12 @@ fn the_readmes_two_commands_in_either_order() {
         "{running}"
     );
     // Ctrl-C: the agent stops, xtask removes what it left.
-    let pgid = i32::try_from(run.id()).unwrap();
-    // SAFETY: signalling the process group this test started.
-    unsafe { libc::kill(-pgid, libc::SIGINT) };
-    let status = run.wait().unwrap();
-    let mut err = String::new();
-    run.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let status = run.interrupt();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
     assert!(
-        status.success(),
-        "cargo xtask run after Ctrl-C: {status}: {err}"
+        status.is_some_and(|s| s.success()),
+        "cargo xtask run after Ctrl-C: {status:?}: {text}"
     );
     assert_eq!(
         default_state_left(),
@@ -513,29 +547,56 @@ fn the_readmes_two_commands_in_either_order() {
     );
     // A stopped agent that keeps its state (the package's service, or `dataplane run` by
     // hand, stopped): refused, with the command that removes it.
-    let mut agent = Command::new(bin("dataplane"))
-        .arg("run")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut agent = Foreground(
+        Command::new(bin("dataplane"))
+            .arg("run")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
     wait_until("the hand-run agent", Duration::from_mins(1), ready);
-    // SAFETY: signalling the agent this test started.
-    unsafe { libc::kill(i32::try_from(agent.id()).unwrap(), libc::SIGTERM) };
-    agent.wait().unwrap();
+    assert!(
+        agent.interrupt().is_some(),
+        "the hand-run agent did not stop"
+    );
     let left = default_state_left();
     let stopped = harness_beside("a stopped agent's state");
-    let _ = Command::new(bin("dataplane")).arg("uninstall").output();
+    // `cargo xtask run` would take that state and remove it: refused too.
+    let run_beside = harness_run_beside();
+    drop(agent);
     assert!(!left.is_empty(), "a stopped agent keeps its pins");
     assert!(
         stopped.contains("dataplane uninstall") && stopped.contains("/sys/fs/bpf/dataplane"),
         "{stopped}"
     );
+    assert!(run_beside.contains("dataplane run"), "{run_beside}");
     assert_eq!(
         default_state_left(),
         Vec::<String>::new(),
         "after uninstall"
     );
     drop(web);
+}
+
+/// `cargo xtask run` beside a stopped agent's state: its output (it must refuse).
+fn harness_run_beside() -> String {
+    let xtask = std::env::var("DATAPLANE_XTASK").expect("run by `cargo xtask test`");
+    let out = Command::new("timeout")
+        .args(["-s", "KILL", "60", &xtask, "run", "--no-build"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "xtask run took a stopped agent's state: {text}"
+    );
+    text
 }

@@ -297,6 +297,7 @@ pub enum Section {
 pub fn bench(quick: bool, engine: crate::engines::Engine, only: Option<Section>) -> Result<()> {
     crate::util::require_root("cargo xtask bench")?;
     crate::leftovers::refuse_beside_an_agent()?;
+    crate::engines::preflight(engine)?;
     crate::util::become_subreaper();
     let started = Instant::now();
     let owned = docker::owned_engine_pid();
