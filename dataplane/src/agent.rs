@@ -90,9 +90,10 @@ struct Agent {
     metrics_server: Option<MetricsServer>,
     /// `SIGHUP`, taken over from the start (its default action would end the process).
     sighup: Option<tokio::signal::unix::Signal>,
-    /// `SIGTERM`, likewise: one during the start stops the agent as any other (its default
-    /// action would end the process before it leaves anything for the next start).
-    sigterm: Option<tokio::signal::unix::Signal>,
+    /// `SIGTERM` and `SIGINT`, likewise: one during the start stops the agent as any other
+    /// (their default action would end the process before it leaves anything for the next
+    /// start; an inherited ignored `SIGINT` would not stop it at all).
+    sigterm: Option<StopSignals>,
     /// Containers created and not started yet, as inspected then (for their frontends at
     /// `network connect`, before Docker's start completes), arriving through `early_tx`.
     early: BTreeMap<String, bollard::models::ContainerInspectResponse>,
@@ -432,7 +433,7 @@ async fn start_or_stop(
     opts: &Options,
     (cgroup, host_cookie, features): (std::path::PathBuf, u64, Features),
     startup: &mut Startup,
-    sigterm: &mut tokio::signal::unix::Signal,
+    sigterm: &mut StopSignals,
 ) -> Result<Option<Started>, StartError> {
     tokio::select! {
         r = load_and_list(opts, cgroup, host_cookie, features, startup) => r.map(Some),
@@ -443,13 +444,39 @@ async fn start_or_stop(
     }
 }
 
-/// `SIGTERM` and `SIGHUP`, taken from the start on: a reload asked for during the start is
-/// served once ready, and a stop asked for while waiting for Docker or the kernel ends the
-/// start, one asked for later is served like any other (their default actions would end
-/// the process before it leaves anything for the next start).
-fn signals() -> Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal), StartError> {
-    let sig = |k| tokio::signal::unix::signal(k).map_err(|e| StartError::Environment(e.into()));
-    Ok((sig(SignalKind::terminate())?, sig(SignalKind::hangup())?))
+/// `SIGTERM` and `SIGINT` (Ctrl-C): either stops the agent. Handled from the start on, so
+/// no stop is lost between two turns of the loop.
+pub(crate) struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            term: tokio::signal::unix::signal(SignalKind::terminate())?,
+            int: tokio::signal::unix::signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next stop; which signal it was.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "terminated",
+            _ = self.int.recv() => "interrupted",
+        }
+    }
+}
+
+/// The stop signals and `SIGHUP`, taken from the start on: a reload asked for during the
+/// start is served once ready, and a stop asked for while waiting for Docker or the kernel
+/// ends the start, one asked for later is served like any other (their default actions
+/// would end the process before it leaves anything for the next start).
+fn signals() -> Result<(StopSignals, tokio::signal::unix::Signal), StartError> {
+    let hup = tokio::signal::unix::signal(SignalKind::hangup())
+        .map_err(|e| StartError::Environment(e.into()))?;
+    let stop = StopSignals::new().map_err(|e| StartError::Environment(e.into()))?;
+    Ok((stop, hup))
 }
 
 /// The resolver allow-list names are looked up with: the config's, or the host's.
@@ -714,7 +741,7 @@ impl Agent {
         let (mut nl_rx, mut fw_rx, mut api_rx, mut dns_rx) = inputs;
         let mut sigterm = match self.sigterm.take() {
             Some(s) => s,
-            None => tokio::signal::unix::signal(SignalKind::terminate())?,
+            None => StopSignals::new()?,
         };
         let mut sighup = match self.sighup.take() {
             Some(s) => s,
@@ -790,8 +817,7 @@ impl Agent {
                     }
                     _ = resync.tick() => self.full_resync().await,
                     _ = flows_gc.tick(), if self.packet.layer.is_some() => self.age_flows(),
-                    _ = tokio::signal::ctrl_c() => { info!("interrupted"); return Ok(()); }
-                    _ = sigterm.recv() => { info!("terminated"); return Ok(()); }
+                    why = sigterm.recv() => { info!("{why}"); return Ok(()); }
                     _ = sighup.recv() => self.reload().await,
                 }
             }
@@ -805,7 +831,6 @@ impl Agent {
                 .translation_off = Some("Docker's events were lost; resyncing".into());
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
-                _ = tokio::signal::ctrl_c() => return Ok(()),
                 _ = sigterm.recv() => return Ok(()),
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));

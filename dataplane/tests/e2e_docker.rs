@@ -1777,7 +1777,7 @@ impl OperatorDrop {
             Self::OwnTable(NftTable::create(
                 &format!("dpe2e_op_{}_{n}", std::process::id()),
                 &format!(
-                    "chain fwd {{ type filter hook forward priority 0; policy accept;\n {nft} drop\n }}"
+                    "chain forward_drops {{ type filter hook forward priority 0; policy accept;\n {nft} drop\n }}"
                 ),
             ))
         } else {
