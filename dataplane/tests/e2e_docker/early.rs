@@ -46,14 +46,13 @@ fn connect_to_start_us(c: &Container, since: &str) -> i64 {
     ]);
     let time_of = |typ: &str, action: &str| {
         text.lines()
-            .filter_map(|l| {
+            .find_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
                 let ours = f.get(3) == Some(&id.as_str()) || f.get(4) == Some(&id.as_str());
                 (f.first() == Some(&typ) && f.get(1) == Some(&action) && ours)
                     .then(|| f.get(2)?.parse::<i64>().ok())
                     .flatten()
             })
-            .next()
             .unwrap_or_else(|| panic!("no {typ} {action} event of {}: {text}", c.name))
     };
     (time_of("container", "start") - time_of("network", "connect")) / 1000
