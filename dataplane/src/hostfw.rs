@@ -44,6 +44,8 @@ pub struct Snapshot {
     watched: BTreeSet<ChainId>,
     /// The agent's own table (family inet), whose changes are not the host's.
     own_table: String,
+    /// `nft` was asked and gave no ruleset (a snapshot never taken is not that).
+    failed: bool,
 }
 
 /// Reads the live ruleset; `own_table` is the agent's table (family inet).
@@ -73,6 +75,7 @@ pub fn capture(own_table: &str) -> Snapshot {
         .map(|v| watched_chains(v, own_table))
         .unwrap_or_default();
     Snapshot {
+        failed: nft.is_none(),
         nft,
         legacy,
         watched,
@@ -90,11 +93,20 @@ impl Snapshot {
     /// `bridges`: Docker's bridge interfaces; `own_table`: the agent's table (family inet),
     /// which is not the operator's.
     pub fn evaluate(&self, bridges: &BTreeSet<String>, own_table: &str) -> HostFirewall {
-        let mut fw = self
-            .nft
-            .as_ref()
-            .map(|v| from_nft_json(v, bridges, own_table))
-            .unwrap_or_default();
+        // A ruleset that could not be read may hold anything: the agent stands back.
+        let unread = || Some("the ruleset could not be read (`nft -j list ruleset`)".to_string());
+        let mut fw = if self.failed {
+            HostFirewall {
+                stateful_input: unread(),
+                forward_rules: unread(),
+                external_rules: unread(),
+            }
+        } else {
+            self.nft
+                .as_ref()
+                .map(|v| from_nft_json(v, bridges, own_table))
+                .unwrap_or_default()
+        };
         for (tool, text) in &self.legacy {
             let l = from_iptables_save(text, bridges, tool);
             fw.stateful_input = fw.stateful_input.or(l.stateful_input);
@@ -148,6 +160,14 @@ pub fn watched_chains(v: &Value, own_table: &str) -> BTreeSet<ChainId> {
             todo.push((cid.0.clone(), cid.1.clone(), t.clone()));
         }
     }
+    // And the operator's chains its forward base chains reach.
+    let bases: BTreeSet<ChainId> = items
+        .iter()
+        .filter_map(|it| it.get("chain"))
+        .filter(|c| is_operator_forward_base(c, own_table))
+        .map(|c| chain_id(c, "name"))
+        .collect();
+    out.extend(reached_from(items, bases, |_| true));
     out
 }
 
@@ -168,6 +188,71 @@ fn is_operator_forward_base(c: &Value, own_table: &str) -> bool {
     c["hook"] == "forward"
         && !is_own_table(family, table, own_table)
         && !is_dockers_table(family, table)
+}
+
+/// Docker's own chains (iptables, every engine): what they hold is Docker's.
+const DOCKERS_CHAINS: &[&str] = &[
+    "DOCKER",
+    "DOCKER-USER",
+    "DOCKER-FORWARD",
+    "DOCKER-BRIDGE",
+    "DOCKER-CT",
+    "DOCKER-INTERNAL",
+    "DOCKER-INGRESS",
+    "DOCKER-ISOLATION-STAGE-1",
+    "DOCKER-ISOLATION-STAGE-2",
+];
+
+/// Every jump or goto target anywhere in a rule (verdict maps included).
+fn all_jump_targets(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o {
+                if (k == "jump" || k == "goto")
+                    && let Some(t) = x["target"].as_str()
+                {
+                    out.push(t.to_string());
+                }
+                all_jump_targets(x, out);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| all_jump_targets(x, out)),
+        _ => {}
+    }
+}
+
+/// `starts` and the chains of their tables they reach through rules that `follow` admits,
+/// but for Docker's own chains (`DOCKER-USER` is read on its own).
+fn reached_from(
+    items: &[Value],
+    starts: BTreeSet<ChainId>,
+    follow: impl Fn(&[Value]) -> bool,
+) -> BTreeSet<ChainId> {
+    let mut rules: BTreeMap<ChainId, Vec<&Value>> = BTreeMap::new();
+    for r in items.iter().filter_map(|it| it.get("rule")) {
+        rules.entry(chain_id(r, "chain")).or_default().push(r);
+    }
+    let mut seen = BTreeSet::new();
+    let mut todo: Vec<ChainId> = starts.into_iter().collect();
+    while let Some(cid) = todo.pop() {
+        if !seen.insert(cid.clone()) {
+            continue;
+        }
+        for r in rules.get(&cid).into_iter().flatten() {
+            let exprs = r["expr"].as_array().map_or(&[][..], Vec::as_slice);
+            if !follow(exprs) {
+                continue;
+            }
+            let mut targets = Vec::new();
+            all_jump_targets(&r["expr"], &mut targets);
+            for t in targets {
+                if !DOCKERS_CHAINS.contains(&t.as_str()) {
+                    todo.push((cid.0.clone(), cid.1.clone(), t));
+                }
+            }
+        }
+    }
+    seen
 }
 
 /// The chains a rule jumps or goes to.
@@ -321,15 +406,22 @@ fn forward_rules_nft(
         .filter(|c| is_operator_forward_base(c, own_table))
         .map(|c| chain_id(c, "name"))
         .collect();
+    // The operator's chains those reach (by jump, goto, verdict map); for container
+    // clients not through a rule tied to another interface than Docker's.
+    let reached = reached_from(items, bases, |exprs| {
+        bridges.is_none_or(|b| !tied_to_other_interface(exprs, b))
+    });
     for it in items {
         let Some(r) = it.get("rule") else { continue };
         let id = chain_id(r, "chain");
-        if !bases.contains(&id) {
+        if !reached.contains(&id) {
             continue;
         }
         let exprs = r["expr"].as_array().map_or(&[][..], Vec::as_slice);
         let text = r["expr"].to_string().to_ascii_lowercase();
-        let drops = text.contains("\"drop\"") || text.contains("\"reject\"");
+        // A queue hands packets to a program that may drop them (an inline IPS).
+        let drops =
+            text.contains("\"drop\"") || text.contains("\"reject\"") || text.contains("\"queue\"");
         if !drops
             || bridges.is_some_and(|b| tied_to_other_interface(exprs, b))
             || dockers_icc_drop(exprs, docker_bridges)
@@ -423,8 +515,9 @@ pub fn from_iptables_save(text: &str, bridges: &BTreeSet<String>, tool: &str) ->
     fw
 }
 
-/// The first rule of `DOCKER-USER`, then the first drop in `FORWARD` itself (Docker's jumps
-/// and accepts are not drops; an operator's drop is), that `exempt` does not exempt.
+/// The first rule of `DOCKER-USER`, then the first drop in `FORWARD` or in a chain of the
+/// operator's it reaches (Docker's jumps and accepts are not drops; an operator's drop or
+/// queue is), that `exempt` does not exempt (a jump it exempts is not followed).
 fn legacy_forward_rules(
     rules: &BTreeMap<&str, Vec<Vec<&str>>>,
     tool: &str,
@@ -436,13 +529,26 @@ fn legacy_forward_rules(
         }
         return Some(format!("{tool} DOCKER-USER: {}", r.join(" ")));
     }
-    for r in rules.get("FORWARD").into_iter().flatten() {
-        let target = r
-            .iter()
-            .position(|w| *w == "-j" || *w == "-g")
-            .and_then(|i| r.get(i + 1));
-        if matches!(target, Some(&"DROP" | &"REJECT")) && !exempt(r) {
-            return Some(format!("{tool} FORWARD: {}", r.join(" ")));
+    let mut seen = BTreeSet::new();
+    let mut todo = vec!["FORWARD"];
+    while let Some(chain) = todo.pop() {
+        if !seen.insert(chain) {
+            continue;
+        }
+        for r in rules.get(chain).into_iter().flatten() {
+            let target = r
+                .iter()
+                .position(|w| *w == "-j" || *w == "-g")
+                .and_then(|i| r.get(i + 1));
+            match target {
+                Some(&("DROP" | "REJECT" | "NFQUEUE" | "QUEUE")) if !exempt(r) => {
+                    return Some(format!("{tool} {chain}: {}", r.join(" ")));
+                }
+                Some(t) if rules.contains_key(t) && !DOCKERS_CHAINS.contains(t) && !exempt(r) => {
+                    todo.push(t);
+                }
+                _ => {}
+            }
         }
     }
     None
@@ -505,7 +611,16 @@ mod tests {
             legacy: Vec::new(),
             watched: w,
             own_table: "dataplane".into(),
+            failed: false,
         };
+        // A ruleset that could not be read: everything stands back, said.
+        let unread = Snapshot {
+            failed: true,
+            ..Snapshot::default()
+        }
+        .evaluate(&bridges(), "dataplane");
+        assert!(unread.forward_rules.unwrap().contains("could not be read"));
+        assert!(unread.stateful_input.is_some() && unread.external_rules.is_some());
         let mut docker_start = Changes::default();
         docker_start.chains.insert(c("nat", "DOCKER"));
         docker_start.chains.insert(c("filter", "DOCKER"));
@@ -715,6 +830,70 @@ mod tests {
                 fw.forward_rules.unwrap().contains("docker-guard"),
                 "{engine}"
             );
+        }
+    }
+
+    #[test]
+    fn drops_in_the_operators_chains_reached_from_forward_count() {
+        let base = |family: &str, table: &str, name: &str| {
+            let mut c = chain(family, table, name, Some("forward"), "accept");
+            c["chain"]["type"] = json!("filter");
+            c
+        };
+        let drop_in = |family: &str, table: &str, chain_name: &str| {
+            rule(
+                family,
+                table,
+                chain_name,
+                &json!([{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "203.0.113.7"}}, {"drop": null}]),
+            )
+        };
+        for how in ["jump", "goto"] {
+            let v = json!({"nftables": [
+                base("inet", "op", "forward"),
+                rule("inet", "op", "forward", &json!([{how: {"target": "blocklist"}}])),
+                chain("inet", "op", "blocklist", None, ""),
+                drop_in("inet", "op", "blocklist"),
+            ]});
+            let fw = from_nft_json(&v, &bridges(), "dataplane");
+            assert!(fw.forward_rules.unwrap().contains("blocklist"), "{how}");
+        }
+        // Through a verdict map; and a queue (an inline IPS may drop).
+        let v = json!({"nftables": [
+            base("inet", "op", "forward"),
+            rule("inet", "op", "forward", &json!([{"vmap": {"key": {"meta": {"key": "iifname"}}, "data": {"set": [["docker0", {"jump": {"target": "wan"}}]]}}}])),
+            chain("inet", "op", "wan", None, ""),
+            rule("inet", "op", "wan", &json!([{"queue": {"num": 0}}])),
+        ]});
+        assert!(
+            from_nft_json(&v, &bridges(), "dataplane")
+                .forward_rules
+                .unwrap()
+                .contains("wan")
+        );
+        // Reached only through a rule tied to another interface: external clients only.
+        let v = json!({"nftables": [
+            base("inet", "op", "forward"),
+            rule("inet", "op", "forward", &json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "eth0"}}, {"jump": {"target": "wan"}}])),
+            chain("inet", "op", "wan", None, ""),
+            drop_in("inet", "op", "wan"),
+        ]});
+        let fw = from_nft_json(&v, &bridges(), "dataplane");
+        assert_eq!(fw.forward_rules, None);
+        assert!(fw.external_rules.unwrap().contains("wan"));
+        assert!(watched_chains(&v, "dataplane").contains(&(
+            "inet".into(),
+            "op".into(),
+            "wan".into()
+        )));
+        // Legacy iptables: FORWARD jumping (or going) to a chain of the operator's.
+        for how in ["-j", "-g"] {
+            let text = format!(
+                "-P FORWARD DROP\n-A FORWARD -p tcp -m multiport --dports 80,443 {how} f2b-web\n\
+                 -A FORWARD -j DOCKER-USER\n-A f2b-web -s 203.0.113.7/32 -j REJECT\n"
+            );
+            let fw = from_iptables_save(&text, &bridges(), "iptables-legacy");
+            assert!(fw.forward_rules.unwrap().contains("f2b-web"), "{how}");
         }
     }
 
