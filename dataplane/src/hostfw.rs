@@ -486,12 +486,8 @@ pub fn from_iptables_save(text: &str, bridges: &BTreeSet<String>, tool: &str) ->
                 continue;
             }
             for r in rules.get(c).into_iter().flatten() {
-                let target = r
-                    .iter()
-                    .position(|w| *w == "-j" || *w == "-g")
-                    .and_then(|i| r.get(i + 1));
-                match target {
-                    Some(&"DROP" | &"REJECT") => {
+                match legacy_target(r) {
+                    Some("DROP" | "REJECT") => {
                         fw.stateful_input = Some(format!("{tool} {c}: {}", r.join(" ")));
                     }
                     Some(t) if rules.contains_key(t) => todo.push(t),
@@ -515,6 +511,14 @@ pub fn from_iptables_save(text: &str, bridges: &BTreeSet<String>, tool: &str) ->
     fw
 }
 
+/// A legacy rule's target (`-j` or `-g`).
+fn legacy_target<'a>(r: &[&'a str]) -> Option<&'a str> {
+    r.iter()
+        .position(|w| *w == "-j" || *w == "-g")
+        .and_then(|i| r.get(i + 1))
+        .copied()
+}
+
 /// The first rule of `DOCKER-USER`, then the first drop in `FORWARD` or in a chain of the
 /// operator's it reaches (Docker's jumps and accepts are not drops; an operator's drop or
 /// queue is), that `exempt` does not exempt (a jump it exempts is not followed).
@@ -536,15 +540,11 @@ fn legacy_forward_rules(
             continue;
         }
         for r in rules.get(chain).into_iter().flatten() {
-            let target = r
-                .iter()
-                .position(|w| *w == "-j" || *w == "-g")
-                .and_then(|i| r.get(i + 1));
-            match target {
-                Some(&("DROP" | "REJECT" | "NFQUEUE" | "QUEUE")) if !exempt(r) => {
+            match legacy_target(r) {
+                Some("DROP" | "REJECT" | "NFQUEUE" | "QUEUE") if !exempt(r) => {
                     return Some(format!("{tool} {chain}: {}", r.join(" ")));
                 }
-                Some(t) if rules.contains_key(t) && !DOCKERS_CHAINS.contains(t) && !exempt(r) => {
+                Some(t) if rules.contains_key(t) && !DOCKERS_CHAINS.contains(&t) && !exempt(r) => {
                     todo.push(t);
                 }
                 _ => {}

@@ -419,22 +419,14 @@ fn default_state_left() -> Vec<String> {
     left
 }
 
-/// `cargo xtask test` beside another agent (`DATAPLANE_XTASK`: the harness's own binary):
-/// its output and whether it refused.
-fn harness_beside(what: &str) -> String {
+/// `cargo xtask <args>` beside another agent (`DATAPLANE_XTASK`: the harness's own
+/// binary): its output, which must be a refusal. Bounded: a harness that did not refuse
+/// would run the whole layer (and this test).
+fn xtask_refuses(args: &[&str], what: &str) -> String {
     let xtask = std::env::var("DATAPLANE_XTASK").expect("run by `cargo xtask test`");
-    // Bounded: a harness that did not refuse would run the whole layer (and this test).
     let out = Command::new("timeout")
-        .args([
-            "-s",
-            "KILL",
-            "120",
-            &xtask,
-            "test",
-            "--only",
-            "e2e",
-            "--no-lint",
-        ])
+        .args(["-s", "KILL", "120", &xtask])
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -445,9 +437,13 @@ fn harness_beside(what: &str) -> String {
     );
     assert!(
         !out.status.success(),
-        "the harness ran beside {what}: {text}"
+        "xtask {args:?} ran beside {what}: {text}"
     );
     text
+}
+
+fn harness_beside(what: &str) -> String {
+    xtask_refuses(&["test", "--only", "e2e", "--no-lint"], what)
 }
 
 /// A process group this test started, stopped on drop as a terminal's Ctrl-C would stop it
@@ -583,20 +579,5 @@ fn the_readmes_two_commands_in_either_order() {
 
 /// `cargo xtask run` beside a stopped agent's state: its output (it must refuse).
 fn harness_run_beside() -> String {
-    let xtask = std::env::var("DATAPLANE_XTASK").expect("run by `cargo xtask test`");
-    let out = Command::new("timeout")
-        .args(["-s", "KILL", "60", &xtask, "run", "--no-build"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !out.status.success(),
-        "xtask run took a stopped agent's state: {text}"
-    );
-    text
+    xtask_refuses(&["run", "--no-build"], "a stopped agent's state")
 }
