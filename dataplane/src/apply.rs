@@ -13,10 +13,10 @@ use dataplane_common::{Backend, Config, FrontendKey, PeerNet, PeerNetKey, PortFa
 use crate::{
     addr::Service,
     bpf::Loaded,
+    model::Model as State,
     netfilter::notrack,
     plan::{Plan, Served, gone_backends},
     reconcile::{Applied, KvStore, reconcile},
-    state::State,
 };
 
 /// The kernel maps a plan is written to.
@@ -247,8 +247,8 @@ mod tests {
             let id = format!("c{i}");
             let key = FrontendKey::new(WILDCARD4, *port, PROTO_TCP);
             let ip = [172, 17, 0, u8::try_from(i + 2).unwrap()];
-            s.containers.insert(
-                id.clone(),
+            s.set_frontends(
+                &id,
                 vec![Frontend {
                     key,
                     backend: Backend {
@@ -264,16 +264,14 @@ mod tests {
                     container_name: id.clone(),
                 }],
             );
-            s.peers.insert(
-                id,
-                (
-                    Peer {
-                        sandbox: None,
-                        pid: None,
-                        endpoints: vec![("n".into(), vec![IpAddr::from(ip)])],
-                    },
-                    None,
-                ),
+            s.set_peer(
+                &id,
+                Peer {
+                    sandbox: None,
+                    pid: None,
+                    endpoints: vec![("n".into(), vec![IpAddr::from(ip)])],
+                },
+                None,
             );
         }
         s

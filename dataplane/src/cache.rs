@@ -143,9 +143,9 @@ impl Left {
 /// Writes the inspects of the running containers among `inspected` to `path` (mode 0600,
 /// replaced atomically), with what the firewall was found to do (`firewall`) at the
 /// ruleset's generation now.
-pub fn save(
+pub fn save<'a>(
     path: &Path,
-    inspected: &BTreeMap<String, ContainerInspectResponse>,
+    inspected: impl IntoIterator<Item = (&'a str, &'a ContainerInspectResponse)>,
     firewall: &HostFirewall,
 ) -> Result<usize> {
     let firewall = if crate::hostfw::legacy_filter_in_use() {
@@ -169,7 +169,7 @@ pub fn save(
             continue;
         };
         file.containers.insert(
-            id.clone(),
+            id.to_string(),
             Entry {
                 fingerprint: fp,
                 netns_ino: ino,
@@ -275,7 +275,12 @@ mod tests {
             inspect(me, "e9", ContainerStateStatusEnum::EXITED),
         );
         assert_eq!(
-            save(&path, &all, &HostFirewall::default()).unwrap(),
+            save(
+                &path,
+                all.iter().map(|(k, v)| (k.as_str(), v)),
+                &HostFirewall::default()
+            )
+            .unwrap(),
             1,
             "only running ones are kept"
         );
@@ -284,14 +289,24 @@ mod tests {
         assert!(!path.exists(), "read once");
 
         // A new endpoint (a restart), a pause, or the file gone: nothing.
-        save(&path, &all, &HostFirewall::default()).unwrap();
+        save(
+            &path,
+            all.iter().map(|(k, v)| (k.as_str(), v)),
+            &HostFirewall::default(),
+        )
+        .unwrap();
         let restarted = of_inspect(&inspect(me, "e2", ContainerStateStatusEnum::RUNNING));
         assert!(
             take(&path)
                 .containers(&[("c1".into(), restarted)])
                 .is_empty()
         );
-        save(&path, &all, &HostFirewall::default()).unwrap();
+        save(
+            &path,
+            all.iter().map(|(k, v)| (k.as_str(), v)),
+            &HostFirewall::default(),
+        )
+        .unwrap();
         let paused = of_inspect(&inspect(me, "e1", ContainerStateStatusEnum::PAUSED));
         assert!(take(&path).containers(&[("c1".into(), paused)]).is_empty());
         assert!(
@@ -301,7 +316,12 @@ mod tests {
         );
 
         // Writable by others: not trusted.
-        save(&path, &all, &HostFirewall::default()).unwrap();
+        save(
+            &path,
+            all.iter().map(|(k, v)| (k.as_str(), v)),
+            &HostFirewall::default(),
+        )
+        .unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))
             .unwrap();
         assert!(take(&path).containers(&[("c1".into(), fp)]).is_empty());

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use bollard::{
     API_DEFAULT_VERSION, ClientVersion, Docker,
     models::Network,
-    models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum},
+    models::{ContainerInspectResponse, EventMessage},
     query_parameters::{EventsOptions, ListContainersOptions},
 };
 
@@ -364,50 +364,6 @@ pub fn events(
     }))
 }
 
-/// What an event means for the frontends.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Effect {
-    /// Inspect this container again and replace its frontends.
-    Refresh(String),
-    /// The container is gone: drop its frontends without asking Docker.
-    Remove(String),
-    /// Networks were created or removed: list them again.
-    Networks,
-    /// Nothing to do.
-    Ignore,
-}
-
-/// Maps one Docker event to its effect. One inspect per changed container, never a full
-/// list: the agent must not slow Docker down.
-pub fn effect(ev: &EventMessage) -> Effect {
-    let action = ev.action.as_deref().unwrap_or("");
-    // Health checks and execs arrive as "exec_start: sh -c ..." and "health_status: ...".
-    let verb = action.split(':').next().unwrap_or("").trim();
-    let actor = ev.actor.as_ref();
-    match ev.typ {
-        Some(EventMessageTypeEnum::CONTAINER) => {
-            let Some(id) = actor.and_then(|a| a.id.clone()) else {
-                return Effect::Ignore;
-            };
-            match verb {
-                "start" | "restart" | "die" | "stop" | "kill" | "pause" | "unpause" | "rename"
-                | "oom" | "update" => Effect::Refresh(id),
-                "destroy" => Effect::Remove(id),
-                _ => Effect::Ignore,
-            }
-        }
-        Some(EventMessageTypeEnum::NETWORK) => match verb {
-            "connect" | "disconnect" => actor
-                .and_then(|a| a.attributes.as_ref())
-                .and_then(|attrs| attrs.get("container"))
-                .map_or(Effect::Ignore, |id| Effect::Refresh(id.clone())),
-            "create" | "destroy" | "update" => Effect::Networks,
-            _ => Effect::Ignore,
-        },
-        _ => Effect::Ignore,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -469,74 +425,7 @@ mod tests {
         assert_eq!(none.engine, "", "headers end at the blank line");
     }
 
-    use bollard::models::EventActor;
-
     use super::*;
-
-    fn ev(
-        typ: EventMessageTypeEnum,
-        action: &str,
-        id: &str,
-        attrs: &[(&str, &str)],
-    ) -> EventMessage {
-        EventMessage {
-            typ: Some(typ),
-            action: Some(action.into()),
-            actor: Some(EventActor {
-                id: Some(id.into()),
-                attributes: Some(
-                    attrs
-                        .iter()
-                        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
-                        .collect(),
-                ),
-            }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn container_lifecycle_events() {
-        use EventMessageTypeEnum::CONTAINER as C;
-        for a in [
-            "start", "die", "stop", "kill", "pause", "unpause", "rename", "restart",
-        ] {
-            assert_eq!(
-                effect(&ev(C, a, "abc", &[])),
-                Effect::Refresh("abc".into()),
-                "{a}"
-            );
-        }
-        assert_eq!(
-            effect(&ev(C, "destroy", "abc", &[])),
-            Effect::Remove("abc".into())
-        );
-        assert_eq!(
-            effect(&ev(C, "exec_start: sh -c true", "abc", &[])),
-            Effect::Ignore
-        );
-        assert_eq!(
-            effect(&ev(C, "health_status: healthy", "abc", &[])),
-            Effect::Ignore
-        );
-        assert_eq!(effect(&ev(C, "create", "abc", &[])), Effect::Ignore);
-    }
-
-    #[test]
-    fn network_events_name_the_container() {
-        use EventMessageTypeEnum::NETWORK as N;
-        let e = ev(
-            N,
-            "connect",
-            "netid",
-            &[("container", "abc"), ("name", "net-a")],
-        );
-        assert_eq!(effect(&e), Effect::Refresh("abc".into()));
-        let e = ev(N, "disconnect", "netid", &[("container", "abc")]);
-        assert_eq!(effect(&e), Effect::Refresh("abc".into()));
-        assert_eq!(effect(&ev(N, "create", "netid", &[])), Effect::Networks);
-        assert_eq!(effect(&ev(N, "connect", "netid", &[])), Effect::Ignore);
-    }
 
     #[test]
     fn endpoint_addresses_drop_the_prefix() {
@@ -566,13 +455,5 @@ mod tests {
         assert!(!nets[3].peers_direct, "internal");
         assert_eq!(nets[4].bridge, None);
         assert!(!nets[4].peers_direct);
-    }
-
-    #[test]
-    fn recorded_event_json_parses() {
-        // As dockerd 20.10 sends it on /events.
-        let raw = r#"{"status":"start","id":"c787","from":"dptest:latest","Type":"container","Action":"start","Actor":{"ID":"c787","Attributes":{"image":"dptest:latest","name":"t1"}},"scope":"local","time":1763900000,"timeNano":1763900000000000000}"#;
-        let e: EventMessage = serde_json::from_str(raw).unwrap();
-        assert_eq!(effect(&e), Effect::Refresh("c787".into()));
     }
 }

@@ -18,8 +18,8 @@ use crate::{
     addr::Service,
     api::FrontendRow,
     desired::{self, Conflict, Frontend},
+    model::{ContainerId, Model as State},
     netfilter::notrack,
-    state::State,
 };
 
 /// Facts of the host the plan depends on.
@@ -53,7 +53,7 @@ pub struct Plan {
 /// The desired state for `state` on a host with `env`.
 pub fn plan(state: &State, env: &Env) -> Plan {
     let mut conflicts = Vec::new();
-    let mut frontends = desired::merge(state.containers.values().flatten(), &mut conflicts);
+    let mut frontends = desired::merge(state.frontends(), &mut conflicts);
     let unpublished = strip_unpublished_families(&mut frontends, state);
     let mut flags = CFG_F_RESERVE_PORTS;
     let peers_on = state.firewall.forward_rules.is_none();
@@ -69,9 +69,9 @@ pub fn plan(state: &State, env: &Env) -> Plan {
     // to each other, and only while no operator rule could concern their traffic.
     // A container whose egress policy keeps it from other containers takes Docker's
     // path, where its policy applies.
-    for (id, (p, cookie)) in state.peers.iter().filter(|_| peers_on) {
+    for (id, p, cookie) in state.peers().filter(|_| peers_on) {
         let Some(cookie) = cookie else { continue };
-        if state.host_denied.contains(id) {
+        if state.host_denied.contains(id.as_str()) {
             continue;
         }
         for (net, addrs) in &p.endpoints {
@@ -79,7 +79,7 @@ pub fn plan(state: &State, env: &Env) -> Plan {
                 continue;
             }
             let key = PeerNetKey {
-                netns_cookie: *cookie,
+                netns_cookie: cookie,
                 net: net_id(net),
                 pad: 0,
             };
@@ -87,7 +87,11 @@ pub fn plan(state: &State, env: &Env) -> Plan {
             peer_addrs.extend(addrs.iter().copied());
         }
     }
-    let mut errors: Vec<String> = state.binding_errors.values().flatten().cloned().collect();
+    let mut errors: Vec<String> = state
+        .containers
+        .values()
+        .flat_map(|c| c.binding_errors.iter().cloned())
+        .collect();
     errors.extend(
         conflicts
             .iter()
@@ -242,6 +246,32 @@ impl Plan {
     }
 }
 
+/// The backends of paused containers that asked for `on-pause=reset` (their translated
+/// sockets are destroyed when they enter this set), and those containers.
+pub fn paused(state: &State) -> (BTreeSet<Service>, BTreeSet<ContainerId>) {
+    let mut backends = BTreeSet::new();
+    let mut ids = BTreeSet::new();
+    for (id, c) in &state.containers {
+        for f in c
+            .frontends
+            .iter()
+            .filter(|f| f.backend.flags & BACKEND_F_PAUSED != 0)
+        {
+            ids.insert(id.clone());
+            for a in [f.backend.addr4, f.backend.addr6] {
+                if !is_zero(&a) {
+                    backends.insert(Service::new(
+                        crate::addr::addr_to_ip(&a),
+                        f.key.proto,
+                        f.backend.port(),
+                    ));
+                }
+            }
+        }
+    }
+    (backends, ids)
+}
+
 /// Backends that left the maps (`before` -> `now`) together with their address: their
 /// translated sockets are to be destroyed. One that moved to another address of the same
 /// container (a frontend that followed Docker to another network) is not gone: its
@@ -285,12 +315,9 @@ mod tests {
 
     fn state() -> State {
         let mut s = State::default();
-        s.containers
-            .insert("a".into(), vec![frontend("a", 8080, [172, 17, 0, 2])]);
-        s.containers
-            .insert("b".into(), vec![frontend("b", 8080, [172, 17, 0, 3])]);
-        s.containers
-            .insert("c".into(), vec![frontend("c", 9090, [172, 17, 0, 4])]);
+        s.set_frontends("a", vec![frontend("a", 8080, [172, 17, 0, 2])]);
+        s.set_frontends("b", vec![frontend("b", 8080, [172, 17, 0, 3])]);
+        s.set_frontends("c", vec![frontend("c", 9090, [172, 17, 0, 4])]);
         s.networks.insert(
             "net1".into(),
             NetInfo {
@@ -303,20 +330,15 @@ mod tests {
                 fw: crate::docker::FwInfo::default(),
             },
         );
-        let peer = |ip: &str, cookie| {
-            (
-                Peer {
-                    sandbox: None,
-                    pid: Some(1),
-                    endpoints: vec![("net1".into(), vec![ip.parse().unwrap()])],
-                },
-                cookie,
-            )
+        let peer = |ip: &str| Peer {
+            sandbox: None,
+            pid: Some(1),
+            endpoints: vec![("net1".into(), vec![ip.parse().unwrap()])],
         };
-        s.peers.insert("a".into(), peer("172.17.0.2", Some(11)));
-        s.peers.insert("b".into(), peer("172.17.0.3", Some(12)));
+        s.set_peer("a", peer("172.17.0.2"), Some(11));
+        s.set_peer("b", peer("172.17.0.3"), Some(12));
         // Its cookie is not read yet: not a client the programs know.
-        s.peers.insert("c".into(), peer("172.17.0.4", None));
+        s.set_peer("c", peer("172.17.0.4"), None);
         s
     }
 
@@ -407,7 +429,7 @@ mod tests {
         let p = plan(&s, &Env::default());
         let before = p.served(p.wanted(), &s).owners;
         // Container c's frontend goes, but c still has its address: not gone.
-        s.containers.remove("c");
+        s.containers.get_mut("c").unwrap().frontends.clear();
         let p2 = plan(&s, &Env::default());
         let now = p2.served(p2.wanted(), &s).owners;
         assert!(gone_backends(&before, &now, &s).is_empty());

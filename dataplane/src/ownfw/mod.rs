@@ -110,12 +110,12 @@ pub struct Spec {
 }
 
 /// The published bindings of every container the agent knows.
-pub fn published<S: std::hash::BuildHasher>(
-    containers: &std::collections::HashMap<String, Vec<crate::desired::Frontend>, S>,
+pub fn published<'a>(
+    frontends: impl IntoIterator<Item = &'a crate::desired::Frontend>,
 ) -> BTreeSet<Published> {
     use dataplane_common::{WILDCARD4, WILDCARD6, is_zero};
     let mut out = BTreeSet::new();
-    for f in containers.values().flatten() {
+    for f in frontends {
         let k = &f.key;
         let b = &f.backend;
         let (host, v4) = if k.addr == WILDCARD4 {

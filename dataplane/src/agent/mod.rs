@@ -1,0 +1,283 @@
+//! The agent: its start, and its loop. The loop receives one [`Input`] at a time
+//! ([`inputs`]), updates the [`Model`] ([`handle`]), plans and applies what changed
+//! ([`sync`]: [`crate::plan`], then [`crate::apply`] and the tables' appliers), and reports
+//! ([`report`]: the status `bridge-ctl` reads, the metrics). A failed apply is retried with
+//! backoff.
+
+mod handle;
+mod inputs;
+mod lifecycle;
+mod report;
+pub mod start;
+mod sync;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ops::ControlFlow,
+    sync::{Arc, Mutex},
+    time::{Instant, SystemTime},
+};
+
+use bollard::Docker;
+use tokio::sync::mpsc;
+use tracing::info;
+
+pub(crate) use report::now_ms;
+pub use start::{Options, StartError};
+use {
+    inputs::{Deadlines, Inputs},
+    lifecycle::{
+        MetricsServer, destroyer, new_egress, own_side, resolver, signals, start_metrics,
+        start_or_stop,
+    },
+    start::{Started, Startup, preflight},
+};
+
+use crate::{
+    addr::Service,
+    api::{self, Shared},
+    apply::Backoff,
+    bpf::Loaded,
+    egress::{self, Egress},
+    hostfw,
+    input::{Input, LookupResult},
+    metrics,
+    model::{ContainerId, Model},
+    netfilter::{NetfilterTask, changes as nfwatch, notrack::Notrack},
+    netlink,
+    sockets::Destroyer,
+};
+
+/// The agent between two inputs: the model, and the handles its appliers and reports use.
+struct Agent {
+    loaded: Loaded,
+    docker: Docker,
+    nl: rtnetlink::Handle,
+    /// What the agent knows (one record per container).
+    model: Model,
+    shared: Shared,
+    netfilter: NetfilterTask,
+    sockets: Destroyer,
+    /// Backends the maps served after the last apply, with their containers.
+    owners: BTreeMap<Service, String>,
+    host_netns_cookie: u64,
+    /// When the frontends map was last written (sync latency is measured to here).
+    frontends_written: SystemTime,
+    /// Re-apply the nftables table even if unchanged (after a full resync: repairs drift).
+    force_notrack: bool,
+    /// The host's own ruleset as last read.
+    fw_snapshot: hostfw::Snapshot,
+    /// Ruleset changes noticed and not handled yet.
+    fw_changes: Arc<Mutex<nfwatch::Changes>>,
+    nft_table: String,
+    /// When to retry a failed apply, and how long the next wait is.
+    retry_at: Option<Instant>,
+    backoff: Backoff,
+    /// Egress policies and their table.
+    egress: Egress,
+    resolver: Option<egress::dns::Resolver>,
+    /// Where lookups and created containers' inspects, made in tasks of their own, report.
+    dns_tx: mpsc::Sender<(String, LookupResult)>,
+    early_tx: mpsc::Sender<(ContainerId, Box<bollard::models::ContainerInspectResponse>)>,
+    /// When to read the egress table back (it changed).
+    egress_check_at: Option<Instant>,
+    /// Backends of paused containers that asked for `on-pause=reset` (their sockets are
+    /// destroyed when they enter this set).
+    paused: BTreeSet<Service>,
+    /// The config in force, and where it is read again from on `SIGHUP`.
+    config: egress::policy::Config,
+    config_path: Option<std::path::PathBuf>,
+    /// What a metrics scrape reads, and the server when one listens.
+    scrape: metrics::Scrape,
+    metrics_server: Option<MetricsServer>,
+    cache_path: Option<std::path::PathBuf>,
+    /// The egress table is written after the maps, once (the first sync: a restart
+    /// translates again without waiting for it; the table in the kernel stays meanwhile).
+    defer_egress: bool,
+    /// Docker's data root (from `info`), where it keeps each container's configuration.
+    docker_root: Option<std::path::PathBuf>,
+    packet: PacketSide,
+    /// The own-firewall mode's table, when that mode is on.
+    own_fw: Option<OwnSide>,
+    docker_socket: String,
+}
+
+/// The own-firewall mode in the agent's loop.
+struct OwnSide {
+    fw: crate::ownfw::Firewall,
+    /// Docker's iptables leftovers removed at the start.
+    removed: usize,
+}
+
+/// The packet layer in the agent's loop.
+struct PacketSide {
+    /// The layer, when it is on.
+    layer: Option<crate::packet::Layer>,
+    /// Its flags (taken again with the config at a reload).
+    flags: crate::packet::Flags,
+    /// Its endpoints and links are to be synced (after an apply).
+    dirty: bool,
+    /// Flows in the flow map, as last counted.
+    flows: usize,
+}
+
+/// The file, beside the control socket, where a stopping agent leaves its inspects.
+pub const CACHE_FILE: &str = "containers.json";
+
+/// `SIGTERM` and `SIGINT` (Ctrl-C): either stops the agent. Handled from the start on, so
+/// no stop is lost between two turns of the loop.
+pub(crate) struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+/// Starts the agent and serves until `SIGTERM` or `SIGINT`.
+pub async fn run(opts: Options) -> Result<(), StartError> {
+    let mut startup = Startup::new();
+    let (mut sigterm, sighup) = signals()?;
+    // Before Docker is first asked anything: the events stream starts from here.
+    let events_since = report::unix_secs();
+    let checked = preflight(&opts)?;
+    let host_cookie = checked.1;
+    let Some(Started {
+        loaded,
+        docker,
+        inspected,
+        networks,
+        docker_version,
+        fw,
+        listed,
+        cached,
+        docker_settings,
+    }) = start_or_stop(&opts, checked, &mut startup, &mut sigterm).await?
+    else {
+        return Ok(());
+    };
+    let shared: Shared = Shared::default();
+    let (api_tx, api_rx) = mpsc::channel(8);
+    let _api = api::serve(&opts.api_socket, shared.clone(), api_tx)?;
+    let resolver = resolver(&opts.config)?;
+    let (dns_tx, dns_rx) = mpsc::channel(64);
+    let (nl, nl_rx) = netlink::connect_and_watch()?;
+    let (fw_tx, fw_rx) = mpsc::channel(1);
+    let fw_changes = Arc::default();
+    nfwatch::watch(fw_tx.clone(), Arc::clone(&fw_changes))?;
+    let sockets = destroyer(&loaded)?;
+    let (scrape, metrics_server) = start_metrics(&opts, &loaded, docker_version, &shared).await?;
+    let (early_tx, early_rx) = mpsc::channel(64);
+    let packet = PacketSide::new(&opts, &loaded)?;
+    let own_fw = own_side(&opts, &shared, docker_settings.as_ref()).await;
+    let egress = new_egress(&opts, docker_settings.as_ref().ok());
+
+    let mut agent = Agent {
+        loaded,
+        docker: docker.clone(),
+        nl,
+        model: Model {
+            networks,
+            on_pause_default: opts.config.pause.default,
+            ..Model::default()
+        },
+        shared,
+        netfilter: NetfilterTask::start(Notrack::new(&opts.nft_table)),
+        sockets,
+        owners: BTreeMap::new(),
+        host_netns_cookie: host_cookie,
+        frontends_written: SystemTime::now(),
+        force_notrack: true,
+        fw_snapshot: hostfw::Snapshot::default(),
+        fw_changes,
+        nft_table: opts.nft_table.clone(),
+        retry_at: None,
+        backoff: Backoff::new(),
+        egress,
+        resolver,
+        dns_tx,
+        early_tx,
+        egress_check_at: None,
+        paused: BTreeSet::new(),
+        config: opts.config.clone(),
+        config_path: opts.config_path.clone(),
+        scrape,
+        metrics_server,
+        cache_path: opts.cache_path.clone(),
+        defer_egress: true,
+        docker_root: None,
+        packet,
+        own_fw,
+        docker_socket: opts.docker_socket.clone(),
+    };
+    let fw_later = agent
+        .first_sync(fw, fw_tx, inspected, listed, startup)
+        .await?;
+    agent.after_ready(fw_later, cached).await;
+
+    let mut inputs = Inputs {
+        docker,
+        since: events_since,
+        resync_interval: opts.resync_interval,
+        // The start took inspects from the last agent's cache: a full resync at once.
+        resync_now: cached > 0,
+        addresses: nl_rx,
+        ruleset: fw_rx,
+        control: api_rx,
+        lookups: dns_rx,
+        created: early_rx,
+        stop: sigterm,
+        reload: sighup,
+    }
+    .open();
+    loop {
+        let input = inputs.next(agent.deadlines()).await;
+        if agent.handle(input).await.is_break() {
+            break;
+        }
+    }
+    agent.stop(opts.pin_dir.is_some()).await;
+    Ok(())
+}
+
+impl Agent {
+    /// Serves one input: the model takes it, and what it changes is planned, applied and
+    /// reported. `Break` when the agent is to stop.
+    async fn handle(&mut self, input: Input) -> ControlFlow<()> {
+        match input {
+            Input::Docker(batch) => self.on_events(&batch).await,
+            Input::EventsLost(why) => self.events_lost(&why),
+            Input::EventsBack => self.full_resync().await,
+            Input::Created(id, c) => self.on_created(&id, *c),
+            Input::Addresses => self.on_addresses().await,
+            Input::Ruleset => self.on_ruleset_change().await,
+            Input::Control(req, reply) => {
+                let answer = self.on_request(req).await;
+                let _ = reply.send(answer);
+            }
+            Input::Lookup(name, r) => {
+                if self.egress.resolved(&name, r) {
+                    self.apply_or_retry("allow-list name resolved");
+                }
+            }
+            Input::Timer(t) => self.on_timer(t).await,
+            Input::Reload => self.reload().await,
+            Input::Stop(why) => {
+                info!("{why}");
+                return ControlFlow::Break(());
+            }
+        }
+        if self.packet.dirty {
+            self.sync_packets().await;
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// When the loop's timers are due.
+    fn deadlines(&self) -> Deadlines {
+        Deadlines {
+            retry: self.retry_at,
+            lookups: self.egress.next_lookup(),
+            egress_ports: self.egress.ports_retry_at(),
+            egress_check: self.egress_check_at,
+            flows: self.packet.layer.is_some(),
+        }
+    }
+}

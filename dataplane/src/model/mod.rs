@@ -1,0 +1,345 @@
+//! What the agent knows: one record per container ([`Container`], keyed by
+//! [`ContainerId`]), Docker's networks, the host's addresses and what its ruleset means.
+//! Inputs update it; [`crate::plan::plan`] reads it. No I/O here.
+
+mod id;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    path::PathBuf,
+    time::SystemTime,
+};
+
+use bollard::models::ContainerInspectResponse;
+
+pub use id::ContainerId;
+
+use crate::{
+    desired::{self, DefaultRoutes, Frontend, Peer},
+    docker::NetInfo,
+    hostfw::HostFirewall,
+    netlink::HostAddr,
+};
+
+/// What the agent knows of one container. Removing the record forgets all of it.
+#[derive(Clone, Debug, Default)]
+pub struct Container {
+    /// Docker's last inspect of it (none until it is inspected after its `create`).
+    pub inspect: Option<ContainerInspectResponse>,
+    /// Its inspect as created, until its start completes: its frontends are written from it
+    /// at `network connect`, before Docker's start ends.
+    pub created: Option<ContainerInspectResponse>,
+    /// When those early frontends went into the map (until its start event reads it).
+    pub early_written: Option<SystemTime>,
+    /// Its published bindings, from the inspect (or early, from the created inspect).
+    pub frontends: Vec<Frontend>,
+    /// Bindings that could not be understood.
+    pub binding_errors: Vec<String>,
+    /// As a client: its endpoints and network namespace, while it runs.
+    pub peer: Option<Peer>,
+    /// Its network namespace cookie, once read.
+    pub cookie: Option<u64>,
+    /// Its namespace cookie is to be read (a new namespace).
+    pub cookie_pending: bool,
+    /// Docker's `pause` event time (ns) not handled yet.
+    pub paused_at_ns: Option<i64>,
+}
+
+#[derive(Debug, Default)]
+pub struct Model {
+    pub containers: BTreeMap<ContainerId, Container>,
+    /// Docker's networks by network ID.
+    pub networks: HashMap<String, NetInfo>,
+    /// The host's interface addresses.
+    pub host_addrs: Vec<HostAddr>,
+    /// What the host's ruleset means for the agent.
+    pub firewall: HostFirewall,
+    /// Containers whose egress policy denies them the host and other containers: never
+    /// translated as clients.
+    pub host_denied: BTreeSet<String>,
+    /// Addresses of containers with an egress policy: none of their packets is untracked.
+    pub policed: BTreeSet<std::net::IpAddr>,
+    /// What `dataplane.on-pause` means for a container without the label.
+    pub on_pause_default: desired::OnPause,
+}
+
+impl Model {
+    /// Forgets a container (destroyed, or gone): all of it.
+    pub fn forget(&mut self, id: &str) {
+        self.containers.remove(id);
+    }
+
+    /// Forgets every container not in `live` (those Docker runs), except those created and
+    /// not started yet.
+    pub fn retain(&mut self, live: &BTreeSet<String>) {
+        self.containers.retain(|id, c| {
+            live.contains(id.as_str()) || (c.inspect.is_none() && c.created.is_some())
+        });
+    }
+
+    /// Every container's frontends.
+    pub fn frontends(&self) -> impl Iterator<Item = &Frontend> {
+        self.containers.values().flat_map(|c| &c.frontends)
+    }
+
+    /// How many containers publish something.
+    pub fn publishing(&self) -> usize {
+        self.containers
+            .values()
+            .filter(|c| !c.frontends.is_empty())
+            .count()
+    }
+
+    /// Running containers as clients, with their namespace cookie once read.
+    pub fn peers(&self) -> impl Iterator<Item = (&ContainerId, &Peer, Option<u64>)> {
+        self.containers
+            .iter()
+            .filter_map(|(id, c)| Some((id, c.peer.as_ref()?, c.cookie)))
+    }
+
+    /// Docker's inspects of the containers (left for the next start).
+    pub fn inspects(&self) -> impl Iterator<Item = (&ContainerId, &ContainerInspectResponse)> {
+        self.containers
+            .iter()
+            .filter_map(|(id, c)| Some((id, c.inspect.as_ref()?)))
+    }
+
+    /// Replaces what is known of container `id` from its inspect (`None`: it is gone), its
+    /// frontends through the endpoint its default `routes` name. Returns the binding errors;
+    /// the container's cookie is marked to be read when its namespace is new.
+    pub fn ingest(
+        &mut self,
+        id: &str,
+        c: Option<ContainerInspectResponse>,
+        routes: Option<&DefaultRoutes>,
+    ) -> Vec<desired::BindingError> {
+        let Some(c) = c else {
+            self.forget(id);
+            return Vec::new();
+        };
+        let on_pause_default = self.on_pause_default;
+        let rec = self.containers.entry(ContainerId::from(id)).or_default();
+        match desired::peer_of(&c) {
+            Some(p) => {
+                let same = rec
+                    .peer
+                    .as_ref()
+                    .is_some_and(|old| old.sandbox == p.sandbox && old.pid == p.pid);
+                if !same {
+                    rec.cookie = None;
+                }
+                rec.cookie_pending = rec.cookie.is_none();
+                rec.peer = Some(p);
+            }
+            None => {
+                rec.peer = None;
+                rec.cookie = None;
+                rec.cookie_pending = false;
+            }
+        }
+        let mut errs = Vec::new();
+        let mut fs = desired::frontends_of(&c, routes, &mut errs);
+        let on_pause = desired::on_pause_of(&c, on_pause_default, &mut errs);
+        let paused = c.state.as_ref().and_then(|s| s.paused).unwrap_or(false);
+        desired::mark_pause(&mut fs, on_pause, paused);
+        rec.binding_errors = errs.iter().map(ToString::to_string).collect();
+        rec.frontends = fs;
+        rec.inspect = Some(c);
+        errs
+    }
+
+    /// Frontends of container `id` before Docker's start completes (see
+    /// [`desired::early_frontends`]: its inspect as created, `addrs` its addresses on
+    /// `net`, which Docker has just connected it to). Nothing replaces what an inspect said,
+    /// and a port another container publishes is left out (Docker refuses the second).
+    /// Whether any frontend was added; the inspect after the start replaces them.
+    pub fn early(&mut self, id: &str, net: &NetInfo, addrs: &[IpAddr]) -> bool {
+        let Some(rec) = self.containers.get(id) else {
+            return false;
+        };
+        let Some(c) = rec.created.as_ref().filter(|_| rec.inspect.is_none()) else {
+            return false;
+        };
+        if !rec.frontends.is_empty() {
+            return false;
+        }
+        let held: BTreeSet<(u16, u8)> = self
+            .frontends()
+            .map(|f| (f.key.port(), f.key.proto))
+            .collect();
+        let mut fs = desired::early_frontends(c, net, addrs);
+        fs.retain(|f| !held.contains(&(f.key.port(), f.key.proto)));
+        if fs.is_empty() {
+            return false;
+        }
+        let mut errs = Vec::new();
+        let on_pause = desired::on_pause_of(c, self.on_pause_default, &mut errs);
+        desired::mark_pause(&mut fs, on_pause, false);
+        if let Some(rec) = self.containers.get_mut(id) {
+            rec.frontends = fs;
+        }
+        true
+    }
+
+    /// Records container `id`'s inspect as created (for its early frontends).
+    pub fn created(&mut self, id: &str, c: ContainerInspectResponse) {
+        let rec = self.containers.entry(ContainerId::from(id)).or_default();
+        if rec.inspect.is_none() {
+            rec.created = Some(c);
+        }
+    }
+
+    /// Records the network namespace cookie read for container `id`.
+    pub fn set_cookie(&mut self, id: &str, cookie: u64) {
+        if let Some(c) = self.containers.get_mut(id).filter(|c| c.peer.is_some()) {
+            c.cookie = Some(cookie);
+        }
+    }
+
+    /// Containers whose namespace cookie is to be read (taken: asked for once).
+    pub fn take_pending_cookies(&mut self) -> Vec<ContainerId> {
+        self.containers
+            .iter_mut()
+            .filter_map(|(id, c)| std::mem::take(&mut c.cookie_pending).then(|| id.clone()))
+            .collect()
+    }
+
+    /// Where container `id`'s network namespace can be entered.
+    pub fn netns_path(&self, id: &str) -> Option<PathBuf> {
+        let p = self.containers.get(id)?.peer.as_ref()?;
+        p.sandbox.clone().map(PathBuf::from).or_else(|| {
+            p.pid
+                .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net")))
+        })
+    }
+
+    /// The namespaces of the containers the programs know as clients (their cookie is
+    /// read): where translated sockets of containers live.
+    pub fn client_namespaces(&self) -> Vec<PathBuf> {
+        self.peers()
+            .filter(|(_, _, cookie)| cookie.is_some())
+            .filter_map(|(id, _, _)| self.netns_path(id.as_str()))
+            .collect()
+    }
+
+    /// Whether container `id` still has address `ip` on one of its networks.
+    pub fn has_address(&self, id: &str, ip: &IpAddr) -> bool {
+        self.containers
+            .get(id)
+            .and_then(|c| c.peer.as_ref())
+            .is_some_and(|p| p.endpoints.iter().any(|(_, addrs)| addrs.contains(ip)))
+    }
+
+    /// Sets a container's frontends (tests of the layers above build models this way).
+    #[cfg(test)]
+    pub fn set_frontends(&mut self, id: &str, fs: Vec<Frontend>) {
+        self.containers.entry(id.into()).or_default().frontends = fs;
+    }
+
+    /// Sets a container's view as a client (tests).
+    #[cfg(test)]
+    pub fn set_peer(&mut self, id: &str, p: Peer, cookie: Option<u64>) {
+        let c = self.containers.entry(id.into()).or_default();
+        c.peer = Some(p);
+        c.cookie = cookie;
+    }
+
+    /// Docker's bridge interfaces, from its network list (never from interface names).
+    pub fn bridges(&self) -> BTreeSet<String> {
+        self.networks
+            .values()
+            .filter_map(|n| n.bridge.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn created(id: &str, port: &str) -> ContainerInspectResponse {
+        serde_json::from_value(serde_json::json!({
+            "Id": id,
+            "Name": format!("/{id}"),
+            "State": {"Status": "created"},
+            "HostConfig": {"NetworkMode": "default",
+                           "PortBindings": {"80/tcp": [{"HostIp": "", "HostPort": port}]}},
+            "Config": {"Labels": {"dataplane.on-pause": "reset"}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn early_frontends_never_take_a_port_or_replace_an_inspect() {
+        let net = NetInfo {
+            id: "n1".into(),
+            name: "bridge".into(),
+            bridge: Some("docker0".into()),
+            peers_direct: true,
+            nat4: true,
+            nat6: true,
+            fw: crate::docker::FwInfo::default(),
+        };
+        let ip: Vec<IpAddr> = vec!["172.17.0.2".parse().unwrap()];
+        let mut m = Model::default();
+        assert!(!m.early("a", &net, &ip), "no inspect as created: nothing");
+        m.created("a", created("a", "8080"));
+        assert!(m.early("a", &net, &ip));
+        assert_eq!(m.containers["a"].frontends.len(), 2);
+        assert!(
+            m.containers["a"]
+                .frontends
+                .iter()
+                .all(|f| f.backend.flags & dataplane_common::BACKEND_F_RESET_ON_PAUSE != 0),
+            "the on-pause label applies"
+        );
+        // Another container asking for the same port: Docker will refuse its start.
+        m.created("b", created("b", "8080"));
+        assert!(!m.early("b", &net, &ip));
+        assert!(m.containers["b"].frontends.is_empty());
+        // Known already (inspected): left as the inspect said.
+        let mut inspected = created("a", "9090");
+        inspected.state = None;
+        m.ingest("a", Some(inspected), None);
+        m.created("a", created("a", "7070"));
+        assert!(!m.early("a", &net, &ip));
+        assert!(m.containers["a"].inspect.is_some());
+        // A resync keeps a container being started, forgets one gone.
+        m.retain(&BTreeSet::new());
+        assert!(m.containers.contains_key("b") && !m.containers.contains_key("a"));
+        // Removing forgets all of it.
+        m.forget("b");
+        assert!(m.containers.is_empty());
+    }
+
+    #[test]
+    fn a_new_namespace_has_its_cookie_read_once() {
+        let running = |sandbox: &str| -> ContainerInspectResponse {
+            serde_json::from_value(serde_json::json!({
+                "Id": "a", "Name": "/a",
+                "State": {"Status": "running", "Running": true, "Pid": 42},
+                "HostConfig": {"NetworkMode": "default"},
+                "NetworkSettings": {"SandboxKey": sandbox, "Networks": {"bridge": {
+                    "NetworkID": "n1", "IPAddress": "172.17.0.2", "IPPrefixLen": 16}}}
+            }))
+            .unwrap()
+        };
+        let mut m = Model::default();
+        m.ingest("a", Some(running("/run/docker/netns/x")), None);
+        assert_eq!(m.take_pending_cookies(), vec![ContainerId::from("a")]);
+        assert!(m.take_pending_cookies().is_empty(), "asked for once");
+        m.set_cookie("a", 7);
+        m.ingest("a", Some(running("/run/docker/netns/x")), None);
+        assert!(
+            m.take_pending_cookies().is_empty(),
+            "same namespace: cookie kept"
+        );
+        assert_eq!(m.peers().next().map(|p| p.2), Some(Some(7)));
+        m.ingest("a", Some(running("/run/docker/netns/y")), None);
+        assert_eq!(m.take_pending_cookies().len(), 1, "a new namespace");
+        assert_eq!(m.peers().next().map(|p| p.2), Some(None));
+        m.ingest("a", None, None);
+        assert!(m.containers.is_empty(), "gone: all of it");
+    }
+}
