@@ -260,7 +260,7 @@ impl Features {
         }
         anyhow::bail!(
             "this kernel ({}) lacks what the agent needs: {}; nothing was changed, and \
-             Docker's own path keeps serving (the README's kernel table says which \
+             Docker's own path keeps serving (docs/engines-and-kernels.md says which \
              kernels work)",
             self.kernel,
             missing.join("; ")

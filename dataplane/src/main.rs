@@ -85,7 +85,7 @@ enum Cmd {
         state_dir: PathBuf,
         /// Translate external clients' packets to published ports on the host's interfaces
         /// (no DNAT, no conntrack), for the clients --packet-allow names. Their packets skip
-        /// the host's iptables/nftables rules: see the README's security model. Also
+        /// the host's iptables/nftables rules: see docs/security.md. Also
         /// `[packet_layer] enabled` in the config file.
         #[arg(long)]
         packet_layer: bool,

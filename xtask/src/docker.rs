@@ -512,7 +512,7 @@ pub fn restart_engine(engine: Engine, userland_proxy: bool) -> Result<()> {
 /// As [`restart_engine`], with `extra` options for dockerd (`--iptables=false`).
 pub fn restart_engine_with(engine: Engine, userland_proxy: bool, extra: &[&str]) -> Result<()> {
     // The engine's own configuration: the operator's /etc/docker/daemon.json (which may set
-    // the userland proxy, as the README suggests) is neither read nor touched.
+    // the userland proxy, as docs/install.md suggests) is neither read nor touched.
     let conf = std::path::Path::new(BENCH_CONFIG);
     if let Some(dir) = conf.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
