@@ -208,7 +208,7 @@ async fn start_metrics(
         .await
         .map_err(StartError::Environment)?;
     let mut st = shared.lock().expect("status lock");
-    st.kernel = Some(Arc::clone(&scrape.kernel));
+    st.kernel = Some(scrape.kernel.clone());
     let s = &mut st.status;
     s.version = env!("CARGO_PKG_VERSION").to_string();
     s.docker_version = docker_version;
@@ -246,11 +246,7 @@ fn unix_secs() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub(crate) use crate::status::now_ms;
 
 /// What ends the translated sockets of removed backends (where the kernel can).
 fn destroyer(loaded: &crate::bpf::Loaded) -> Result<Destroyer, StartError> {

@@ -25,3 +25,4 @@ pub mod reconcile;
 pub mod sockets;
 pub mod start;
 pub mod state;
+pub mod status;

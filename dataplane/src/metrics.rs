@@ -31,7 +31,7 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::api::Shared;
+use crate::status::{FrontendRow, Shared};
 
 type Labels = Vec<(String, String)>;
 
@@ -264,6 +264,16 @@ impl KernelMaps {
     }
 }
 
+impl crate::status::KernelCounters for KernelMaps {
+    fn stats(&self) -> Vec<u64> {
+        KernelMaps::stats(self)
+    }
+
+    fn frontend_counters(&self) -> BTreeMap<u32, u64> {
+        KernelMaps::frontend_counters(self)
+    }
+}
+
 /// Everything a scrape reads.
 #[derive(Clone)]
 pub struct Scrape {
@@ -444,7 +454,7 @@ fn kernel_counters(r: &mut Registry, kernel: &KernelMaps) {
     }
 }
 
-fn frontend_counters(r: &mut Registry, kernel: &KernelMaps, frontends: &[crate::api::FrontendRow]) {
+fn frontend_counters(r: &mut Registry, kernel: &KernelMaps, frontends: &[FrontendRow]) {
     let per_fe = kernel.frontend_counters();
     let translated: Family<Labels, Counter> = Family::default();
     for f in frontends {
