@@ -306,7 +306,10 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
             ..State::default()
         },
         shared,
-        netfilter: NetfilterTask::start(Notrack::new(&opts.nft_table)),
+        netfilter: NetfilterTask::start(
+            Notrack::new(&opts.nft_table),
+            Arc::new(|took, ok| metrics::get().netfilter_apply("notrack", took, ok)),
+        ),
         sockets,
         owners: BTreeMap::new(),
         host_netns_cookie: host_cookie,
