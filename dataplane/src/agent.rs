@@ -202,7 +202,7 @@ async fn start_metrics(
     let scrape = metrics::Scrape {
         shared: shared.clone(),
         kernel: Arc::new(metrics::KernelMaps::of(loaded).map_err(StartError::Kernel)?),
-        egress_table: crate::netfilter::changes::egress_table(&opts.nft_table),
+        egress_counters: Arc::default(),
     };
     let server = metrics_server(&opts.config, &scrape)
         .await
@@ -294,7 +294,8 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     let (early_tx, early_rx) = mpsc::channel(64);
     let packet = PacketSide::new(&opts, &loaded)?;
     let own_fw = own_side(&opts, &shared, docker_settings.as_ref()).await;
-    let egress = new_egress(&opts, docker_settings.as_ref().ok());
+    let egress = new_egress(&opts, docker_settings.as_ref().ok())
+        .with_counters(scrape.egress_counters_handle());
 
     let mut agent = Agent {
         loaded,
@@ -754,6 +755,7 @@ impl Agent {
         }
         let mut backoff = Duration::from_millis(100);
         let mut flows_gc = tokio::time::interval(FLOWS_GC_INTERVAL);
+        let mut egress_counters = tokio::time::interval(egress::COUNTERS_INTERVAL);
         loop {
             let mut events = Box::pin(docker::events(&self.docker, since));
             loop {
@@ -816,6 +818,7 @@ impl Agent {
                     }
                     _ = resync.tick() => self.full_resync().await,
                     _ = flows_gc.tick(), if self.packet.layer.is_some() => self.age_flows(),
+                    _ = egress_counters.tick(), if self.metrics_server.is_some() => self.egress.refresh_counters(),
                     why = sigterm.recv() => { info!("{why}"); return Ok(()); }
                     _ = sighup.recv() => self.reload().await,
                 }

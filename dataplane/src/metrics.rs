@@ -1,8 +1,10 @@
 //! Prometheus metrics, served over HTTP on the address the config file names (off by
 //! default). What the agent's loop observes (Docker events, sync latency, apply durations
-//! and errors) is recorded as it happens in [`Metrics`]; what the kernel counts (the
-//! programs' per-CPU counters, per-frontend connections, map occupancy) and the egress drop
-//! counters are read at scrape time, never copied on a timer.
+//! and errors) is recorded as it happens in [`Metrics`]; what the kernel counts in the
+//! programs' maps (per-CPU counters, per-frontend connections, map occupancy) is read at
+//! scrape time. The egress drop counters are the agent's latest reading of its nftables
+//! table ([`EgressCounters`], refreshed every [`crate::egress::COUNTERS_INTERVAL`] while
+//! metrics are served): a scrape runs no process.
 
 use std::{
     collections::BTreeMap,
@@ -31,7 +33,8 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::status::{FrontendRow, Shared};
+pub use crate::status::EgressCounters;
+use crate::status::{EgressCountersHandle, FrontendRow, Shared};
 
 type Labels = Vec<(String, String)>;
 
@@ -189,8 +192,9 @@ impl Metrics {
     }
 }
 
-/// Descriptors of the programs' maps, to read at scrape time.
-#[derive(Debug)]
+/// Descriptors of the programs' maps, to read at scrape time. The default has none (every
+/// read gives nothing).
+#[derive(Debug, Default)]
 pub struct KernelMaps {
     /// Name, descriptor, capacity, key size, and whether it is a hash map (entries can be
     /// counted).
@@ -279,36 +283,26 @@ impl crate::status::KernelCounters for KernelMaps {
 pub struct Scrape {
     pub shared: Shared,
     pub kernel: Arc<KernelMaps>,
-    /// The egress table, whose named counters are the drops per container.
-    pub egress_table: String,
+    /// The egress drop counters as the agent last read them back.
+    pub egress_counters: EgressCountersHandle,
 }
 
 impl Scrape {
+    /// Where the egress side puts each reading of its drop counters.
+    pub fn egress_counters_handle(&self) -> EgressCountersHandle {
+        Arc::clone(&self.egress_counters)
+    }
+
     /// The exposition: `OpenMetrics` text, or (for scrapers that did not ask for it) the
     /// Prometheus text format 0.0.4.
     pub async fn render(&self, openmetrics: bool) -> String {
-        let table = self.egress_table.clone();
-        let drops = tokio::task::spawn_blocking(move || {
-            // Drops of the policy (both tables) by key, spoofed frames as `s_<key>`.
-            let mut c = crate::egress::nft::read_back(&table)
-                .map(|(_, c)| c)
-                .unwrap_or_default();
-            for (name, n) in crate::egress::guard::read_back(&table)
-                .map(|(_, c)| c)
-                .unwrap_or_default()
-            {
-                if let Some(k) = name.strip_prefix("l_") {
-                    *c.entry(k.to_string()).or_default() += n;
-                } else {
-                    c.insert(name, n);
-                }
-            }
-            Some(c)
-        })
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+        // Drops of the policy (both tables) by key, spoofed frames by their counter's name.
+        let drops = self
+            .egress_counters
+            .lock()
+            .expect("egress counters lock")
+            .drops()
+            .clone();
         let kernel = Arc::clone(&self.kernel);
         let shared = self.shared.clone();
         let text = tokio::task::spawn_blocking(move || render(&kernel, &shared, &drops))
@@ -676,6 +670,45 @@ mod tests {
         assert!(text.contains("dataplane_fallbacks_total{reason=\"v6only\"} 2\n"));
         assert!(text.contains("# TYPE dataplane_event_to_map_seconds histogram\n"));
         assert!(!text.contains("# UNIT") && !text.contains("# EOF"));
+    }
+
+    #[tokio::test]
+    async fn a_scrape_reports_the_egress_counters_as_last_read() {
+        let shared = Shared::default();
+        shared
+            .lock()
+            .unwrap()
+            .egress_counters
+            .insert("abc".into(), "web".into());
+        let scrape = Scrape {
+            shared,
+            kernel: Arc::default(),
+            egress_counters: EgressCountersHandle::default(),
+        };
+        scrape.egress_counters_handle().lock().unwrap().update(
+            std::time::Instant::now(),
+            [
+                ("abc".into(), 5),
+                (crate::egress::guard::spoof_counter("abc"), 2),
+                ("gone".into(), 7),
+            ]
+            .into(),
+        );
+        let text = scrape.render(true).await;
+        assert!(
+            text.contains("dataplane_egress_dropped_packets_total{container=\"web\"} 5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dataplane_egress_spoofed_packets_total{container=\"web\"} 2\n"),
+            "{text}"
+        );
+        // Counters of keys no container has are not shown.
+        let egress_lines = text
+            .lines()
+            .filter(|l| l.starts_with("dataplane_egress_dropped_packets_total"))
+            .count();
+        assert_eq!(egress_lines, 1, "{text}");
     }
 
     #[test]
