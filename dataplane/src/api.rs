@@ -1,10 +1,8 @@
 //! The control socket `bridge-ctl` talks to: root-only, one request line, one JSON answer.
 
 use std::{
-    collections::BTreeMap,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
 };
 
 use anyhow::{Context, Result};
@@ -16,28 +14,7 @@ use tokio::{
 pub use dataplane_api::DEFAULT_SOCKET;
 use dataplane_api::{ErrorReply, MAX_REQUEST_BYTES, Request, TIMEOUT};
 
-/// One frontend as the agent keeps it: what `bridge-ctl frontends` shows, and the id of
-/// its counter (internal, never on the wire).
-#[derive(Clone, Debug)]
-pub struct FrontendRow {
-    pub view: dataplane_api::Frontend,
-    pub id: u32,
-}
-
-/// What the API answers from; written by the agent loop.
-#[derive(Clone, Debug, Default)]
-pub struct State {
-    pub status: dataplane_api::Status,
-    pub frontends: Vec<FrontendRow>,
-    /// Egress drop counters' keys (in the egress table) to their containers' names.
-    pub egress_counters: BTreeMap<String, String>,
-    /// Whether the last config reload was rejected (the running config stayed).
-    pub config_rejected: bool,
-    /// The programs' maps, read when asked (counters are never stale).
-    pub kernel: Option<Arc<crate::metrics::KernelMaps>>,
-}
-
-pub type Shared = Arc<Mutex<State>>;
+pub use crate::status::{FrontendRow, Shared, State};
 
 /// A request only the agent loop can answer (egress: it changes or reads the kernel's
 /// state), with where its answer (JSON text) goes.
@@ -133,7 +110,7 @@ fn answer(line: &str, shared: &Shared) -> String {
                     .zip(k.stats())
                     .map(|(n, v)| ((*n).to_string(), v))
                     .collect();
-                s.counters_unix_ms = crate::agent::now_ms();
+                s.counters_unix_ms = crate::status::now_ms();
             }
             serde_json::to_string(&s)
         }
@@ -175,6 +152,8 @@ pub fn error_reply(error: impl Into<String>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -209,5 +188,45 @@ mod tests {
         assert!(v[0].get("id").is_none());
         let e: ErrorReply = serde_json::from_str(&answer("bogus", &shared)).unwrap();
         assert!(e.error.contains("bogus"));
+    }
+
+    /// Counters a test sets: the programs' by `STAT_*` index, and per frontend id.
+    #[derive(Debug)]
+    struct Counters(Vec<u64>, std::collections::BTreeMap<u32, u64>);
+
+    impl crate::status::KernelCounters for Counters {
+        fn stats(&self) -> Vec<u64> {
+            self.0.clone()
+        }
+
+        fn frontend_counters(&self) -> std::collections::BTreeMap<u32, u64> {
+            self.1.clone()
+        }
+    }
+
+    #[test]
+    fn counters_are_the_kernels_at_the_time_of_asking() {
+        let shared: Shared = Arc::default();
+        let stats: Vec<u64> = (1..=dataplane_common::STAT_NAMES.len() as u64).collect();
+        {
+            let mut s = shared.lock().unwrap();
+            s.frontends.push(FrontendRow {
+                view: dataplane_api::Frontend {
+                    frontend: "0.0.0.0:8080/tcp".into(),
+                    connections: 3,
+                    ..Default::default()
+                },
+                id: 7,
+            });
+            s.kernel = Some(Arc::new(Counters(stats, [(7, 42)].into())));
+        }
+        let st: dataplane_api::Status = serde_json::from_str(&answer("status", &shared)).unwrap();
+        let first = dataplane_common::STAT_NAMES[0];
+        assert_eq!(st.counters.get(first), Some(&1), "{:?}", st.counters);
+        assert_eq!(st.counters.len(), dataplane_common::STAT_NAMES.len());
+        assert!(st.counters_unix_ms > 0);
+        let fs: Vec<dataplane_api::Frontend> =
+            serde_json::from_str(&answer("frontends", &shared)).unwrap();
+        assert_eq!(fs[0].connections, 42);
     }
 }

@@ -25,3 +25,4 @@ pub mod packet;
 pub mod plan;
 pub mod reconcile;
 pub mod sockets;
+pub mod status;

@@ -1,8 +1,10 @@
 //! Prometheus metrics, served over HTTP on the address the config file names (off by
 //! default). What the agent's loop observes (Docker events, sync latency, apply durations
-//! and errors) is recorded as it happens in [`Metrics`]; what the kernel counts (the
-//! programs' per-CPU counters, per-frontend connections, map occupancy) and the egress drop
-//! counters are read at scrape time, never copied on a timer.
+//! and errors) is recorded as it happens in [`Metrics`]; what the kernel counts in the
+//! programs' maps (per-CPU counters, per-frontend connections, map occupancy) is read at
+//! scrape time. The egress drop counters are the agent's latest reading of its nftables
+//! table ([`EgressCounters`], refreshed every [`crate::egress::COUNTERS_INTERVAL`] while
+//! metrics are served): a scrape runs no process.
 
 use std::{
     collections::BTreeMap,
@@ -28,10 +30,13 @@ use prometheus_client::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
 };
+use tracing::{info, warn};
 
-use crate::api::Shared;
+pub use crate::status::EgressCounters;
+use crate::status::{EgressCountersHandle, FrontendRow, Shared};
 
 type Labels = Vec<(String, String)>;
 
@@ -189,8 +194,9 @@ impl Metrics {
     }
 }
 
-/// Descriptors of the programs' maps, to read at scrape time.
-#[derive(Debug)]
+/// Descriptors of the programs' maps, to read at scrape time. The default has none (every
+/// read gives nothing).
+#[derive(Debug, Default)]
 pub struct KernelMaps {
     /// Name, descriptor, capacity, key size, and whether it is a hash map (entries can be
     /// counted).
@@ -264,41 +270,41 @@ impl KernelMaps {
     }
 }
 
+impl crate::status::KernelCounters for KernelMaps {
+    fn stats(&self) -> Vec<u64> {
+        KernelMaps::stats(self)
+    }
+
+    fn frontend_counters(&self) -> BTreeMap<u32, u64> {
+        KernelMaps::frontend_counters(self)
+    }
+}
+
 /// Everything a scrape reads.
 #[derive(Clone)]
 pub struct Scrape {
     pub shared: Shared,
     pub kernel: Arc<KernelMaps>,
-    /// The egress table, whose named counters are the drops per container.
-    pub egress_table: String,
+    /// The egress drop counters as the agent last read them back.
+    pub egress_counters: EgressCountersHandle,
 }
 
 impl Scrape {
+    /// Where the egress side puts each reading of its drop counters.
+    pub fn egress_counters_handle(&self) -> EgressCountersHandle {
+        Arc::clone(&self.egress_counters)
+    }
+
     /// The exposition: `OpenMetrics` text, or (for scrapers that did not ask for it) the
     /// Prometheus text format 0.0.4.
     pub async fn render(&self, openmetrics: bool) -> String {
-        let table = self.egress_table.clone();
-        let drops = tokio::task::spawn_blocking(move || {
-            // Drops of the policy (both tables) by key, spoofed frames as `s_<key>`.
-            let mut c = crate::egress::nft::read_back(&table)
-                .map(|(_, c)| c)
-                .unwrap_or_default();
-            for (name, n) in crate::egress::guard::read_back(&table)
-                .map(|(_, c)| c)
-                .unwrap_or_default()
-            {
-                if let Some(k) = name.strip_prefix("l_") {
-                    *c.entry(k.to_string()).or_default() += n;
-                } else {
-                    c.insert(name, n);
-                }
-            }
-            Some(c)
-        })
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+        // Drops of the policy (both tables) by key, spoofed frames by their counter's name.
+        let drops = self
+            .egress_counters
+            .lock()
+            .expect("egress counters lock")
+            .drops()
+            .clone();
         let kernel = Arc::clone(&self.kernel);
         let shared = self.shared.clone();
         let text = tokio::task::spawn_blocking(move || render(&kernel, &shared, &drops))
@@ -444,7 +450,7 @@ fn kernel_counters(r: &mut Registry, kernel: &KernelMaps) {
     }
 }
 
-fn frontend_counters(r: &mut Registry, kernel: &KernelMaps, frontends: &[crate::api::FrontendRow]) {
+fn frontend_counters(r: &mut Registry, kernel: &KernelMaps, frontends: &[FrontendRow]) {
     let per_fe = kernel.frontend_counters();
     let translated: Family<Labels, Counter> = Family::default();
     for f in frontends {
@@ -558,40 +564,213 @@ pub fn to_prometheus_text(om: &str) -> String {
 /// The longest request head read.
 const MAX_HEAD: usize = 8192;
 
-/// Serves `GET /metrics` on `addr` until the returned task is aborted.
+/// The most connections served at once. A further one is not accepted until one of them
+/// ends: it waits in the listen backlog, holding none of the agent's descriptors.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a client has to send its request head: a client that sends nothing holds a
+/// connection slot this long at most.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a client has to take the answer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The first pause after an accept that failed for want of descriptors or memory; each
+/// further failure in a row doubles it, up to [`ACCEPT_BACKOFF_MAX`].
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
+/// The longest pause of that backoff.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The pause after an accept that failed otherwise.
+const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// How the server bounds what its clients hold.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    /// Connections served at once.
+    connections: usize,
+    /// Time to send the request head.
+    head_timeout: Duration,
+}
+
+impl Limits {
+    /// The limits the agent serves with.
+    const SERVED: Self = Self {
+        connections: MAX_CONNECTIONS,
+        head_timeout: HEAD_TIMEOUT,
+    };
+}
+
+/// Serves `GET /metrics` on `addr` until the returned task is aborted: at most
+/// [`MAX_CONNECTIONS`] at once, each bounded in time; when descriptors or memory run out,
+/// accepting backs off instead of spinning.
 pub async fn serve(addr: SocketAddr, scrape: Scrape) -> Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("metrics: listening on {addr}"))?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let scrape = scrape.clone();
-            tokio::spawn(async move {
-                let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut stream));
-                let Ok(Some(head)) = head.await else {
-                    return;
-                };
-                let (status, ctype, body) = respond(&head, &scrape).await;
-                let reply = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\
-                     Connection: close\r\n\r\n",
-                    body.len()
-                );
-                let write = async {
-                    stream.write_all(reply.as_bytes()).await?;
-                    stream.write_all(body.as_bytes()).await?;
-                    stream.shutdown().await
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
-            });
-        }
+    Ok(serve_on(listener, scrape, Limits::SERVED))
+}
+
+/// Serves on `listener` within `limits`.
+fn serve_on(listener: TcpListener, scrape: Scrape, limits: Limits) -> tokio::task::JoinHandle<()> {
+    let slots = Arc::new(Semaphore::new(limits.connections));
+    tokio::spawn(accept_loop(listener, slots, move |stream, slot| {
+        let scrape = scrape.clone();
+        tokio::spawn(async move {
+            answer(stream, &scrape, limits.head_timeout).await;
+            drop(slot);
+        });
     }))
 }
 
-async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
+/// Answers the one request of `stream`.
+async fn answer(mut stream: TcpStream, scrape: &Scrape, head_timeout: Duration) {
+    let head = tokio::time::timeout(head_timeout, read_head(&mut stream));
+    let Ok(Some(head)) = head.await else {
+        return;
+    };
+    let (status, ctype, body) = respond(&head, scrape).await;
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        stream.write_all(reply.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, write).await;
+}
+
+/// Where the accept loop takes connections from, and how it pauses after a failed accept:
+/// the listener and tokio's clock when serving.
+trait Incoming {
+    type Conn;
+
+    fn accept(&mut self) -> impl Future<Output = std::io::Result<Self::Conn>> + Send;
+
+    fn pause(&mut self, d: Duration) -> impl Future<Output = ()> + Send;
+}
+
+impl Incoming for TcpListener {
+    type Conn = TcpStream;
+
+    async fn accept(&mut self) -> std::io::Result<TcpStream> {
+        TcpListener::accept(self).await.map(|(s, _)| s)
+    }
+
+    async fn pause(&mut self, d: Duration) {
+        tokio::time::sleep(d).await;
+    }
+}
+
+/// Accepts connections while a slot of `slots` is free, and hands each with its slot to
+/// `handle`; pauses after a failed accept as [`AcceptBackoff`] says. Runs until aborted.
+async fn accept_loop<I>(
+    mut incoming: I,
+    slots: Arc<Semaphore>,
+    mut handle: impl FnMut(I::Conn, OwnedSemaphorePermit) + Send,
+) where
+    I: Incoming + Send,
+{
+    let mut backoff = AcceptBackoff::default();
+    loop {
+        // A free slot first: a connection beyond the limit is left in the backlog.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        match incoming.accept().await {
+            Ok(conn) => {
+                if let Some(failed) = backoff.succeeded() {
+                    info!(failed, "metrics: accepting connections again");
+                }
+                handle(conn, slot);
+            }
+            Err(e) => {
+                drop(slot);
+                let kind = AcceptError::of(&e);
+                let (pause, log) = backoff.failed(kind);
+                if log {
+                    match kind {
+                        AcceptError::Exhausted => warn!(
+                            error = %e,
+                            longest_pause = ?ACCEPT_BACKOFF_MAX,
+                            "metrics: out of descriptors or memory: accepting again with backoff"
+                        ),
+                        AcceptError::Other => {
+                            warn!(error = %e, "metrics: accepting a connection failed; retrying");
+                        }
+                    }
+                }
+                incoming.pause(pause).await;
+            }
+        }
+    }
+}
+
+/// What a failed accept means for the loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AcceptError {
+    /// The process or the system ran out of descriptors or memory: accepting again at once
+    /// would fail again, so the loop backs off.
+    Exhausted,
+    /// Anything else: the loop accepts again after a short pause.
+    Other,
+}
+
+impl AcceptError {
+    fn of(e: &std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => Self::Exhausted,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// The pause after the `failures`-th accept in a row that found descriptors or memory
+/// exhausted: [`ACCEPT_BACKOFF_FIRST`], doubling each time, at most [`ACCEPT_BACKOFF_MAX`].
+fn backoff_after(failures: u32) -> Duration {
+    let factor = 1u32
+        .checked_shl(failures.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    ACCEPT_BACKOFF_FIRST
+        .saturating_mul(factor)
+        .min(ACCEPT_BACKOFF_MAX)
+}
+
+/// The accept loop's run of failures: how long to pause after each, and which to log (the
+/// first of a run, and the first of another kind within it).
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    /// While accepts fail: the kind of the latest failure, how many in a row were of that
+    /// kind, and how many failed since the last success.
+    run: Option<(AcceptError, u32, u32)>,
+}
+
+impl AcceptBackoff {
+    /// An accept failed with `kind`: how long to pause, and whether to log it.
+    fn failed(&mut self, kind: AcceptError) -> (Duration, bool) {
+        let (same, total, log) = match self.run {
+            Some((k, n, total)) if k == kind => (n + 1, total + 1, false),
+            Some((_, _, total)) => (1, total + 1, true),
+            None => (1, 1, true),
+        };
+        self.run = Some((kind, same, total));
+        let pause = match kind {
+            AcceptError::Exhausted => backoff_after(same),
+            AcceptError::Other => ACCEPT_RETRY_PAUSE,
+        };
+        (pause, log)
+    }
+
+    /// An accept succeeded: how many failed before it, if any did.
+    fn succeeded(&mut self) -> Option<u32> {
+        self.run.take().map(|(_, _, total)| total)
+    }
+}
+
+async fn read_head(stream: &mut TcpStream) -> Option<String> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -666,6 +845,215 @@ mod tests {
         assert!(text.contains("dataplane_fallbacks_total{reason=\"v6only\"} 2\n"));
         assert!(text.contains("# TYPE dataplane_event_to_map_seconds histogram\n"));
         assert!(!text.contains("# UNIT") && !text.contains("# EOF"));
+    }
+
+    #[tokio::test]
+    async fn a_scrape_reports_the_egress_counters_as_last_read() {
+        let shared = Shared::default();
+        shared
+            .lock()
+            .unwrap()
+            .egress_counters
+            .insert("abc".into(), "web".into());
+        let scrape = Scrape {
+            shared,
+            kernel: Arc::default(),
+            egress_counters: EgressCountersHandle::default(),
+        };
+        scrape.egress_counters_handle().lock().unwrap().update(
+            std::time::Instant::now(),
+            [
+                ("abc".into(), 5),
+                (crate::egress::guard::spoof_counter("abc"), 2),
+                ("gone".into(), 7),
+            ]
+            .into(),
+        );
+        let text = scrape.render(true).await;
+        assert!(
+            text.contains("dataplane_egress_dropped_packets_total{container=\"web\"} 5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dataplane_egress_spoofed_packets_total{container=\"web\"} 2\n"),
+            "{text}"
+        );
+        // Counters of keys no container has are not shown.
+        let egress_lines = text
+            .lines()
+            .filter(|l| l.starts_with("dataplane_egress_dropped_packets_total"))
+            .count();
+        assert_eq!(egress_lines, 1, "{text}");
+    }
+
+    fn idle_scrape() -> Scrape {
+        Scrape {
+            shared: Shared::default(),
+            kernel: Arc::default(),
+            egress_counters: EgressCountersHandle::default(),
+        }
+    }
+
+    /// Asks `addr` for `/` on a new connection.
+    async fn ask(addr: SocketAddr) -> TcpStream {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        c
+    }
+
+    async fn reply(c: &mut TcpStream) -> String {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out))
+            .await
+            .expect("an answer")
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_beyond_the_limit_waits_until_one_ends() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            connections: 2,
+            head_timeout: Duration::from_mins(1),
+        };
+        let server = serve_on(listener, idle_scrape(), limits);
+        let idle = TcpStream::connect(addr).await.unwrap();
+        let _idle = TcpStream::connect(addr).await.unwrap();
+        let mut third = ask(addr).await;
+        let mut byte = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_millis(300), third.read(&mut byte)).await;
+        assert!(early.is_err(), "served beyond the limit: {early:?}");
+        drop(idle);
+        let text = reply(&mut third).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.ends_with("metrics at /metrics\n"), "{text}");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_nothing_loses_its_slot() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            connections: 1,
+            head_timeout: Duration::from_millis(200),
+        };
+        let server = serve_on(listener, idle_scrape(), limits);
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        let mut next = ask(addr).await;
+        let text = reply(&mut next).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        // The silent one was closed unanswered.
+        assert_eq!(reply(&mut idle).await, "");
+        server.abort();
+    }
+
+    #[test]
+    fn the_backoff_doubles_from_10_ms_to_at_most_1_s() {
+        let pauses: Vec<u128> = (1..=9).map(|n| backoff_after(n).as_millis()).collect();
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        assert_eq!(backoff_after(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_run_of_failures_is_logged_once_per_kind_and_ends_at_a_success() {
+        use AcceptError::{Exhausted, Other};
+        let mut b = AcceptBackoff::default();
+        assert_eq!(b.succeeded(), None);
+        let ms = Duration::from_millis;
+        assert_eq!(b.failed(Exhausted), (ms(10), true));
+        assert_eq!(b.failed(Exhausted), (ms(20), false));
+        assert_eq!(b.failed(Exhausted), (ms(40), false));
+        assert_eq!(b.failed(Other), (ACCEPT_RETRY_PAUSE, true));
+        assert_eq!(b.failed(Other), (ACCEPT_RETRY_PAUSE, false));
+        // Exhausted again within the same run: logged, and its backoff starts over.
+        assert_eq!(b.failed(Exhausted), (ms(10), true));
+        assert_eq!(b.succeeded(), Some(6));
+        assert_eq!(b.succeeded(), None);
+        assert_eq!(b.failed(Exhausted), (ms(10), true));
+    }
+
+    #[test]
+    fn running_out_of_descriptors_or_memory_is_told_from_other_accept_errors() {
+        let err = std::io::Error::from_raw_os_error;
+        for e in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert_eq!(AcceptError::of(&err(e)), AcceptError::Exhausted, "{e}");
+        }
+        for e in [libc::ECONNABORTED, libc::EPROTO, libc::EPERM, libc::EINVAL] {
+            assert_eq!(AcceptError::of(&err(e)), AcceptError::Other, "{e}");
+        }
+        let custom = std::io::Error::other("no descriptor");
+        assert_eq!(AcceptError::of(&custom), AcceptError::Other);
+    }
+
+    /// Accept results in order, then nothing more (`done` says so); records the pauses.
+    struct Script {
+        results: std::collections::VecDeque<std::io::Result<u32>>,
+        pauses: Arc<std::sync::Mutex<Vec<Duration>>>,
+        done: Option<tokio::sync::oneshot::Sender<()>>,
+    }
+
+    impl Incoming for Script {
+        type Conn = u32;
+
+        async fn accept(&mut self) -> std::io::Result<u32> {
+            if let Some(r) = self.results.pop_front() {
+                return r;
+            }
+            if let Some(done) = self.done.take() {
+                let _ = done.send(());
+            }
+            std::future::pending().await
+        }
+
+        async fn pause(&mut self, d: Duration) {
+            self.pauses.lock().unwrap().push(d);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_accept_loop_pauses_after_failures_and_serves_what_it_accepts() {
+        let err = |e| Err(std::io::Error::from_raw_os_error(e));
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let pauses = Arc::default();
+        let script = Script {
+            results: [
+                err(libc::EMFILE),
+                err(libc::EMFILE),
+                err(libc::ENFILE),
+                Ok(1),
+                err(libc::EMFILE),
+                err(libc::ECONNABORTED),
+                Ok(2),
+                Ok(3),
+            ]
+            .into(),
+            pauses: Arc::clone(&pauses),
+            done: Some(done),
+        };
+        let served = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let slots = Arc::new(Semaphore::new(1));
+        let handle = {
+            let served = Arc::clone(&served);
+            move |conn, _slot| served.lock().unwrap().push(conn)
+        };
+        let task = tokio::spawn(accept_loop(script, Arc::clone(&slots), handle));
+        tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .unwrap()
+            .unwrap();
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        let ms = Duration::from_millis;
+        assert_eq!(
+            *pauses.lock().unwrap(),
+            [ms(10), ms(20), ms(40), ms(10), ACCEPT_RETRY_PAUSE]
+        );
+        assert_eq!(*served.lock().unwrap(), [1, 2, 3]);
+        // Every slot came back once the loop ended (the failed accepts' too).
+        assert_eq!(slots.available_permits(), 1);
     }
 
     #[test]

@@ -278,6 +278,7 @@ impl Agent {
             }
             Timer::Resync => self.full_resync().await,
             Timer::Flows => self.age_flows(),
+            Timer::EgressCounters => self.egress.refresh_counters(),
         }
     }
 

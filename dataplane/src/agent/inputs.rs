@@ -33,6 +33,8 @@ pub(super) struct Deadlines {
     pub egress_check: Option<std::time::Instant>,
     /// The packet layer is on: its flows are aged.
     pub flows: bool,
+    /// Metrics are served: the egress table's counters are read on a timer.
+    pub egress_counters: bool,
 }
 
 /// The sources, as the start made them.
@@ -60,6 +62,7 @@ pub(super) struct Open {
     backoff: Duration,
     resync: tokio::time::Interval,
     flows: tokio::time::Interval,
+    egress_counters: tokio::time::Interval,
 }
 
 impl Inputs {
@@ -78,6 +81,7 @@ impl Inputs {
             backoff: EVENTS_BACKOFF.0,
             resync,
             flows: tokio::time::interval(FLOWS_GC_INTERVAL),
+            egress_counters: tokio::time::interval(crate::egress::COUNTERS_INTERVAL),
         }
     }
 }
@@ -126,6 +130,7 @@ impl Open {
             () = until(d.retry) => Got::Input(Input::Timer(Timer::Retry)),
             _ = self.resync.tick() => Got::Input(Input::Timer(Timer::Resync)),
             _ = self.flows.tick(), if d.flows => Got::Input(Input::Timer(Timer::Flows)),
+            _ = self.egress_counters.tick(), if d.egress_counters => Got::Input(Input::Timer(Timer::EgressCounters)),
             _ = s.reload.recv() => Got::Input(Input::Reload),
         };
         match got {

@@ -74,13 +74,13 @@ pub(super) async fn start_metrics(
     let scrape = metrics::Scrape {
         shared: shared.clone(),
         kernel: Arc::new(metrics::KernelMaps::of(loaded).map_err(StartError::Kernel)?),
-        egress_table: crate::netfilter::changes::egress_table(&opts.nft_table),
+        egress_counters: Arc::default(),
     };
     let server = metrics_server(&opts.config, &scrape)
         .await
         .map_err(StartError::Environment)?;
     let mut st = shared.lock().expect("status lock");
-    st.kernel = Some(Arc::clone(&scrape.kernel));
+    st.kernel = Some(scrape.kernel.clone());
     let s = &mut st.status;
     s.version = env!("CARGO_PKG_VERSION").to_string();
     s.docker_version = docker_version;

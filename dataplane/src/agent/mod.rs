@@ -22,7 +22,6 @@ use bollard::Docker;
 use tokio::sync::mpsc;
 use tracing::info;
 
-pub(crate) use report::now_ms;
 pub use start::{Options, StartError};
 use {
     inputs::{Deadlines, Inputs},
@@ -167,7 +166,8 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
     let (early_tx, early_rx) = mpsc::channel(64);
     let packet = PacketSide::new(&opts, &loaded)?;
     let own_fw = own_side(&opts, &shared, docker_settings.as_ref()).await;
-    let egress = new_egress(&opts, docker_settings.as_ref().ok());
+    let egress = new_egress(&opts, docker_settings.as_ref().ok())
+        .with_counters(scrape.egress_counters_handle());
 
     let mut agent = Agent {
         loaded,
@@ -179,7 +179,10 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
             ..Model::default()
         },
         shared,
-        netfilter: NetfilterTask::start(Notrack::new(&opts.nft_table)),
+        netfilter: NetfilterTask::start(
+            Notrack::new(&opts.nft_table),
+            Arc::new(|took, ok| metrics::get().netfilter_apply("notrack", took, ok)),
+        ),
         sockets,
         owners: BTreeMap::new(),
         host_netns_cookie: host_cookie,
@@ -278,6 +281,7 @@ impl Agent {
             egress_ports: self.egress.ports_retry_at(),
             egress_check: self.egress_check_at,
             flows: self.packet.layer.is_some(),
+            egress_counters: self.metrics_server.is_some(),
         }
     }
 }

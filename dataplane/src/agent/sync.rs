@@ -87,7 +87,7 @@ impl Agent {
         let s = &mut state.status;
         s.last_sync_unix_ms = now_ms();
         s.syncs += 1;
-        s.containers = self.model.containers.len();
+        s.containers = self.model.publishing();
         s.frontends = out.served.frontends.len();
         s.errors.clone_from(&plan.errors);
         s.errors.extend(out.map_errors);

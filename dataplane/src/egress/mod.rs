@@ -8,6 +8,10 @@
 //! when it stops, in one transaction each. Runtime changes (`bridge-ctl egress set`) are
 //! kept in files under the state directory, so they outlive an agent restart, until the
 //! container is removed.
+//!
+//! The drop counters are read back with the table (when the agent checks it after a
+//! change, writes it whole, or shows it) and, while metrics are served, every
+//! [`COUNTERS_INTERVAL`]; each reading goes to an [`EgressCountersHandle`] the metrics read.
 
 pub mod dns;
 pub mod guard;
@@ -27,6 +31,8 @@ use bollard::models::ContainerInspectResponse;
 use tracing::{info, warn};
 
 use policy::{Allow, Config, Layer, Policy, Target};
+
+use crate::status::EgressCountersHandle;
 
 /// What the agent knows of one container, for its policy.
 #[derive(Clone, Debug, Default)]
@@ -87,6 +93,10 @@ const STARTING_GRACE: Duration = Duration::from_mins(2);
 /// waits for its next event (its start).
 const PORTS_LOOKUP: Duration = Duration::from_secs(2);
 
+/// How often the agent reads the drop counters back while metrics are served (a scrape
+/// reports the latest reading, so they are at most this old, or a table check's age).
+pub const COUNTERS_INTERVAL: Duration = Duration::from_secs(10);
+
 pub struct Egress {
     table: String,
     pub config: Config,
@@ -94,8 +104,7 @@ pub struct Egress {
     pub containers: BTreeMap<String, Container>,
     pub names: BTreeMap<String, Name>,
     applied: Option<nft::Spec>,
-    /// Drop counters of containers removed from the table since the process started are
-    /// gone with them; these are the ones read back at the last `show`.
+    /// Docker's bridge interfaces (set by the agent before each apply).
     pub bridges: BTreeSet<String>,
     /// Whether bridged traffic is known to pass the IP hooks (`br_netfilter`).
     bridge_netfilter: bool,
@@ -106,6 +115,10 @@ pub struct Egress {
     /// Veths that are no container's: on other bridges than Docker's, or Docker's own
     /// (its namespaces not named by a sandbox ID: Swarm's ingress, load balancers).
     outside_ports: BTreeSet<String>,
+    /// Where each reading of the drop counters goes.
+    counters: EgressCountersHandle,
+    /// The reading [`Egress::refresh_counters`] started, while it runs.
+    counters_read: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// The namespace in `dir` (Docker's) that no other container claims and whose veths hold
@@ -249,7 +262,72 @@ impl Egress {
             daemon_dns,
             netns_dir: exec_root.join("netns"),
             outside_ports: BTreeSet::new(),
+            counters: EgressCountersHandle::default(),
+            counters_read: None,
         }
+    }
+
+    /// Puts each reading of the drop counters into `counters` (the metrics').
+    #[must_use]
+    pub fn with_counters(mut self, counters: EgressCountersHandle) -> Self {
+        self.counters = counters;
+        self
+    }
+
+    /// Stores the drop counters of a reading of both tables that started at `at` (`None`:
+    /// the table was not there, or not readable).
+    fn store_counters(
+        &self,
+        at: Instant,
+        inet: Option<&BTreeMap<String, u64>>,
+        bridge: Option<&BTreeMap<String, u64>>,
+    ) {
+        self.counters
+            .lock()
+            .expect("egress counters lock")
+            .update(at, drop_counters(inet, bridge));
+    }
+
+    /// Reads the drop counters back, off the loop, unless a reading is still running or
+    /// started less than half a [`COUNTERS_INTERVAL`] ago, or there is nothing to read:
+    /// nothing written yet (the first write reads them), or no container in the table (then
+    /// there are no counters, and that is stored without reading).
+    pub fn refresh_counters(&mut self) {
+        if self
+            .counters_read
+            .as_ref()
+            .is_some_and(|t| !t.is_finished())
+        {
+            return;
+        }
+        let last = self
+            .counters
+            .lock()
+            .expect("egress counters lock")
+            .read_at();
+        if last.is_some_and(|t| t.elapsed() < COUNTERS_INTERVAL / 2) {
+            return;
+        }
+        let Some(applied) = &self.applied else {
+            return;
+        };
+        let at = Instant::now();
+        if applied.containers.is_empty() && applied.guard.senders.is_empty() {
+            self.store_counters(at, None, None);
+            return;
+        }
+        let (table, counters) = (self.table.clone(), self.counters.clone());
+        self.counters_read = Some(tokio::task::spawn_blocking(move || {
+            let (inet, bridge) = (nft::read_back(&table), guard::read_back(&table));
+            let drops = drop_counters(
+                inet.as_ref().map(|(_, c)| c),
+                bridge.as_ref().map(|(_, c)| c),
+            );
+            counters
+                .lock()
+                .expect("egress counters lock")
+                .update(at, drops);
+        }));
     }
 
     pub fn table(&self) -> &str {
@@ -855,14 +933,16 @@ impl Egress {
             }
         } else {
             {
-                let mut present = nft::read_back(&self.table)
-                    .map(|(chains, _)| chains)
-                    .unwrap_or_default();
-                present.extend(
-                    guard::read_back(&self.table)
-                        .map(|(chains, _)| chains)
-                        .unwrap_or_default(),
+                let at = Instant::now();
+                let (inet, bridge) = (nft::read_back(&self.table), guard::read_back(&self.table));
+                // A whole write keeps the counters: this reading stays true.
+                self.store_counters(
+                    at,
+                    inet.as_ref().map(|(_, c)| c),
+                    bridge.as_ref().map(|(_, c)| c),
                 );
+                let mut present = inet.map(|(chains, _)| chains).unwrap_or_default();
+                present.extend(bridge.map(|(chains, _)| chains).unwrap_or_default());
                 nft::full_batch(&self.table, &spec, &present)
             }
         };
@@ -921,9 +1001,15 @@ impl Egress {
             .keys()
             .map(|k| format!("p_{k}"))
             .collect();
+        let at = Instant::now();
         let (now, now_ports) = tokio::task::block_in_place(|| {
             (nft::read_back(&self.table), guard::read_back(&self.table))
         });
+        self.store_counters(
+            at,
+            now.as_ref().map(|(_, c)| c),
+            now_ports.as_ref().map(|(_, c)| c),
+        );
         let ports_ok = match now_ports {
             Some((chains, _)) => chains == ports,
             None => ports.is_empty() && !applied.guard.gated,
@@ -1030,9 +1116,15 @@ impl Egress {
 
     /// What `bridge-ctl egress show` shows, with the drop counters read from the kernel.
     pub fn views(&self, only: Option<&str>) -> Vec<dataplane_api::Egress> {
+        let at = Instant::now();
         let (counters, l2) = tokio::task::block_in_place(|| {
             (nft::read_back(&self.table), guard::read_back(&self.table))
         });
+        self.store_counters(
+            at,
+            counters.as_ref().map(|(_, c)| c),
+            l2.as_ref().map(|(_, c)| c),
+        );
         let counters = counters.map(|(_, c)| c).unwrap_or_default();
         let l2 = l2.map(|(_, c)| c).unwrap_or_default();
         let l2_of = |name: String| l2.get(&name).copied().unwrap_or(0);
@@ -1116,6 +1208,24 @@ impl Egress {
     }
 }
 
+/// The drop counters of one reading of the inet table's (`inet`, by key) and the bridge
+/// table's (`bridge`, by counter name): a container's drops of both under its key, its
+/// spoofed frames under [`guard::spoof_counter`].
+fn drop_counters(
+    inet: Option<&BTreeMap<String, u64>>,
+    bridge: Option<&BTreeMap<String, u64>>,
+) -> BTreeMap<String, u64> {
+    let mut c = inet.cloned().unwrap_or_default();
+    for (name, n) in bridge.into_iter().flatten() {
+        if let Some(k) = name.strip_prefix("l_") {
+            *c.entry(k.to_string()).or_default() += n;
+        } else {
+            c.insert(name.clone(), *n);
+        }
+    }
+    c
+}
+
 fn join(a: &BTreeSet<IpAddr>) -> String {
     a.iter()
         .map(ToString::to_string)
@@ -1147,6 +1257,50 @@ mod tests {
             Vec::new(),
             std::path::Path::new("/nonexistent"),
         )
+    }
+
+    #[test]
+    fn drops_of_both_tables_add_up_by_key_and_spoofed_frames_stay_apart() {
+        let inet: BTreeMap<String, u64> = [("k".into(), 3), ("m".into(), 1)].into();
+        let bridge: BTreeMap<String, u64> = [
+            (guard::l2_counter("k"), 2),
+            (guard::spoof_counter("k"), 5),
+            (guard::l2_counter("j"), 4),
+        ]
+        .into();
+        let c = drop_counters(Some(&inet), Some(&bridge));
+        assert_eq!(c.get("k"), Some(&5));
+        assert_eq!(c.get("m"), Some(&1));
+        assert_eq!(c.get("j"), Some(&4));
+        assert_eq!(c.get(&guard::spoof_counter("k")), Some(&5));
+        assert_eq!(c.len(), 4, "{c:?}");
+        assert_eq!(drop_counters(None, Some(&bridge)).get("k"), Some(&2));
+        assert!(drop_counters(None, None).is_empty());
+    }
+
+    #[test]
+    fn a_counters_refresh_stores_none_for_an_empty_table_and_waits_after_a_reading() {
+        let handle = crate::status::EgressCountersHandle::default();
+        let old = Instant::now().checked_sub(COUNTERS_INTERVAL).unwrap();
+        handle.lock().unwrap().update(old, [("k".into(), 9)].into());
+        let mut e = egress("").with_counters(handle.clone());
+        // Nothing written yet: the last reading stays.
+        e.refresh_counters();
+        assert_eq!(handle.lock().unwrap().read_at(), Some(old));
+        // Written with no container: no counters, stored without a reading of the kernel.
+        e.applied = Some(nft::Spec::default());
+        e.refresh_counters();
+        assert!(handle.lock().unwrap().drops().is_empty());
+        assert!(handle.lock().unwrap().read_at() > Some(old));
+        // A reading taken just now (a table check): the next refresh waits.
+        let now = Instant::now();
+        handle
+            .lock()
+            .unwrap()
+            .update(now, [("k".into(), 10)].into());
+        e.refresh_counters();
+        assert_eq!(handle.lock().unwrap().read_at(), Some(now));
+        assert_eq!(handle.lock().unwrap().drops().get("k"), Some(&10));
     }
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -53,6 +53,8 @@ pub enum Timer {
     Resync,
     /// The packet layer's idle flows are removed.
     Flows,
+    /// The egress table's drop counters are read (for the metrics).
+    EgressCounters,
 }
 
 /// A Docker event, as the agent understands it.

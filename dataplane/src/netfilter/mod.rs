@@ -8,6 +8,12 @@
 //! is written by child processes (`nft`, and `conntrack` to read the connections Docker's
 //! NAT carries: tens to hundreds of milliseconds on a busy host), in a blocking task. A
 //! failed write is retried with backoff until it succeeds or a newer request replaces it.
+//! Each transaction's outcome goes to the [`Report`] the task was started with.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{debug, info, warn};
@@ -29,14 +35,19 @@ struct Want {
     check: u64,
 }
 
+/// Where the writer reports each transaction it runs on the table: how long it took, and
+/// whether it succeeded (called from the writer's blocking task).
+pub type Report = Arc<dyn Fn(Duration, bool) + Send + Sync>;
+
 pub struct NetfilterTask {
     tx: watch::Sender<Want>,
     task: JoinHandle<Option<Notrack>>,
 }
 
 impl NetfilterTask {
-    /// Starts the task for `notrack`'s table.
-    pub fn start(mut notrack: Notrack) -> Self {
+    /// Starts the task for `notrack`'s table; the outcome of each transaction goes to
+    /// `report`.
+    pub fn start(mut notrack: Notrack, report: Report) -> Self {
         let (tx, mut rx) = watch::channel(Want::default());
         let task = tokio::spawn(async move {
             let (mut forced, mut checked) = (0, 0);
@@ -59,8 +70,9 @@ impl NetfilterTask {
                 let force = want.force != forced;
                 let check = want.check != checked;
                 checked = want.check;
+                let report = Arc::clone(&report);
                 let (n, ok) = match tokio::task::spawn_blocking(move || {
-                    let mut ok = write(&mut notrack, spec, force);
+                    let mut ok = write(&mut notrack, spec, force, &*report);
                     if ok && check {
                         ok = repair(&mut notrack);
                     }
@@ -148,9 +160,15 @@ fn repair(nt: &mut Notrack) -> bool {
     }
 }
 
-/// Applies `spec`, with the replies of connections Docker's NAT carries kept tracked.
-/// Whether it is in place (a failure is logged and retried with backoff).
-fn write(nt: &mut Notrack, mut spec: notrack::Spec, force: bool) -> bool {
+/// Applies `spec`, with the replies of connections Docker's NAT carries kept tracked, and
+/// reports the transaction (if one ran) to `report`. Whether it is in place (a failure is
+/// logged and retried with backoff).
+fn write(
+    nt: &mut Notrack,
+    mut spec: notrack::Spec,
+    force: bool,
+    report: &dyn Fn(Duration, bool),
+) -> bool {
     // New peers or backends (or a full resync): the connections Docker's NAT carries
     // between them must keep their NAT. Otherwise the known ones, while they apply.
     let grew = nt
@@ -176,10 +194,10 @@ fn write(nt: &mut Notrack, mut spec: notrack::Spec, force: bool) -> bool {
             .copied()
             .collect();
     }
-    let t = std::time::Instant::now();
+    let t = Instant::now();
     let r = nt.apply(&spec, force);
     if !matches!(r, Ok(false)) {
-        crate::metrics::get().netfilter_apply("notrack", t.elapsed(), r.is_ok());
+        report(t.elapsed(), r.is_ok());
     }
     match r {
         Ok(applied) => {
