@@ -747,9 +747,7 @@ pub fn spell_verdict(v: &mut serde_json::Value) {
 
 /// Applies `batch` as one transaction (`nft -j -f -`).
 pub fn run(batch: Batch<'_>) -> Result<()> {
-    let mut value = serde_json::to_value(batch.to_nftables())?;
-    spell_verdict(&mut value);
-    crate::netfilter::ruleset::run_json(&value)
+    Ok(crate::netfilter::nft::run(batch)?)
 }
 
 /// The container chains (`f_*`, `i_*`) table `t` has, and its drop counters by key; `None`
