@@ -26,6 +26,7 @@ use anyhow::{Context, Result};
 use bollard::models::ContainerInspectResponse;
 use tracing::{info, warn};
 
+use crate::netfilter::table::{Applied, Table};
 use policy::{Allow, Config, Layer, Policy, Target};
 
 /// What the agent knows of one container, for its policy.
@@ -93,7 +94,7 @@ pub struct Egress {
     state_dir: Option<PathBuf>,
     pub containers: BTreeMap<String, Container>,
     pub names: BTreeMap<String, Name>,
-    applied: Option<nft::Spec>,
+    written: Table<nft::Spec>,
     /// Drop counters of containers removed from the table since the process started are
     /// gone with them; these are the ones read back at the last `show`.
     pub bridges: BTreeSet<String>,
@@ -243,7 +244,7 @@ impl Egress {
             state_dir,
             containers: BTreeMap::new(),
             names: BTreeMap::new(),
-            applied: None,
+            written: Table::new(table),
             bridges: BTreeSet::new(),
             bridge_netfilter: false,
             daemon_dns,
@@ -848,36 +849,11 @@ impl Egress {
         if !self.bridge_netfilter && spec.containers.values().any(|c| !c.host) {
             self.bridge_netfilter = enable_bridge_netfilter();
         }
-        let batch = if let Some(old) = &self.applied {
-            match nft::delta_batch(&self.table, old, &spec) {
-                Some(b) => b,
-                None => return Ok(false),
-            }
-        } else {
-            {
-                let mut present = nft::read_back(&self.table)
-                    .map(|(chains, _)| chains)
-                    .unwrap_or_default();
-                present.extend(
-                    guard::read_back(&self.table)
-                        .map(|(chains, _)| chains)
-                        .unwrap_or_default(),
-                );
-                nft::full_batch(&self.table, &spec, &present)
-            }
-        };
-        let table = self.table.clone();
-        let r = tokio::task::block_in_place(|| nft::run(batch));
-        match r {
-            Ok(()) => {
+        match tokio::task::block_in_place(|| self.written.apply(&spec, false))? {
+            Applied::Unchanged => Ok(false),
+            Applied::Written => {
                 self.mark_enforced(&spec);
-                self.applied = Some(spec);
                 Ok(true)
-            }
-            Err(e) => {
-                // Written whole next time.
-                self.applied = None;
-                Err(e).with_context(|| format!("writing the egress table inet {table}"))
             }
         }
     }
@@ -898,46 +874,22 @@ impl Egress {
         }
     }
 
-    /// Whether the table lost a container's chains, or went, since it was written (then the
-    /// next apply writes it whole).
+    /// Whether the tables lost or gained a container's chains, or went, since they were
+    /// written: then they are written whole again (or, if that fails, at the next apply).
     pub fn drifted(&mut self) -> bool {
-        let Some(applied) = &self.applied else {
-            return false;
-        };
-        let want: BTreeSet<String> = applied
-            .containers
-            .iter()
-            .flat_map(|(k, c)| {
-                let mut v = vec![format!("f_{k}")];
-                if !c.host {
-                    v.push(format!("i_{k}"));
-                }
-                v
-            })
-            .collect();
-        let ports: BTreeSet<String> = applied
-            .guard
-            .senders
-            .keys()
-            .map(|k| format!("p_{k}"))
-            .collect();
-        let (now, now_ports) = tokio::task::block_in_place(|| {
-            (nft::read_back(&self.table), guard::read_back(&self.table))
-        });
-        let ports_ok = match now_ports {
-            Some((chains, _)) => chains == ports,
-            None => ports.is_empty() && !applied.guard.gated,
-        };
-        if ports_ok && now.is_some_and(|(chains, _)| chains == want) {
-            return false;
+        match tokio::task::block_in_place(|| self.written.repair()) {
+            Ok(drifted) => drifted,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "restoring the egress table failed");
+                self.written.forget();
+                true
+            }
         }
-        self.applied = None;
-        true
     }
 
     /// Forget what was applied: the next apply rewrites the table in place (repair).
     pub fn force(&mut self) {
-        self.applied = None;
+        self.written.forget();
     }
 
     /// Lets new veths through while no agent runs (a stop, not a crash).
@@ -945,14 +897,13 @@ impl Egress {
         if guard::read_back(&self.table).is_none() {
             return Ok(());
         }
-        self.applied = None;
-        nft::run(guard::open_gate(&self.table))
+        self.written.forget();
+        Ok(crate::netfilter::nft::run(guard::open_gate(&self.table))?)
     }
 
     /// Removes the table.
     pub fn remove(&mut self) -> Result<()> {
-        self.applied = None;
-        nft::run(nft::delete_batch(&self.table))
+        self.written.remove()
     }
 
     /// The container `key` names: an exact name or ID, else a unique ID prefix.
