@@ -477,7 +477,7 @@ mod tests {
     use super::*;
 
     fn json(b: Batch<'static>) -> String {
-        crate::netfilter::nft::encode(b).to_string()
+        crate::netfilter::nft::encode(b).json.to_string()
     }
 
     fn sender(host: bool) -> Sender {

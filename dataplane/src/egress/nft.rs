@@ -641,7 +641,7 @@ mod tests {
     }
 
     fn json(b: Batch<'static>) -> Vec<Value> {
-        let v = crate::netfilter::nft::encode(b);
+        let v = crate::netfilter::nft::encode(b).json;
         v["nftables"].as_array().unwrap().clone()
     }
 

@@ -113,12 +113,18 @@ impl Listing {
                     bytes: c.bytes,
                 }),
                 Err(_) => {
-                    // A verdict map: the schema has no `verdict` type, and `mark` stands in
-                    // for it where the agent writes one (see `nft::run`).
+                    // A map whose values the schema cannot read as nft prints them: a
+                    // verdict map (the schema has no `verdict` type, and `mark` stands in
+                    // for it where the agent writes one: see `nft::encode`), or values that
+                    // are a concatenation (printed `a . b`, read as `["a", "b"]`).
                     if let Some(ty) = o.pointer_mut("/map/map")
-                        && ty == "verdict"
+                        && let Some(text) = ty.as_str()
                     {
-                        *ty = "mark".into();
+                        *ty = if text == "verdict" {
+                            "mark".into()
+                        } else {
+                            text.split(" . ").collect::<Vec<_>>().into()
+                        };
                         if let Ok(NfObject::ListObject(l)) = serde_json::from_value(o) {
                             out.push(l);
                         }
@@ -289,6 +295,9 @@ mod tests {
           {"chain": {"family": "inet", "table": "t", "name": "c", "handle": 2}},
           {"map": {"family": "inet", "table": "t", "name": "m", "type": "ipv4_addr", "map": "verdict",
                    "elem": [["10.0.0.1", {"jump": {"target": "c"}}]]}},
+          {"map": {"family": "inet", "table": "t", "name": "d", "type": ["inet_proto", "inet_service"],
+                   "map": "ipv4_addr . inet_service",
+                   "elem": [[{"concat": ["tcp", 80]}, {"concat": ["10.0.0.2", 8080]}]]}},
           {"counter": {"family": "inet", "table": "t", "name": "big", "packets": 7, "bytes": 8589934592}},
           {"counter": {"family": "inet", "table": "t", "name": "small", "packets": 3, "bytes": 5}},
           {"rule": {"family": "inet", "table": "t", "chain": "c", "handle": 4,
@@ -303,7 +312,7 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(maps, vec![1]);
+        assert_eq!(maps, vec![1, 1]);
         assert_eq!(l.counters.len(), 2);
         assert_eq!(l.counters[0].bytes, 8_589_934_592);
         assert_eq!(l.counters[1].packets, 3);

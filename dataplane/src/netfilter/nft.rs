@@ -2,6 +2,7 @@
 //! the whole ruleset read back as a typed [`Listing`].
 
 use std::{
+    fmt::Write as _,
     io::Write as _,
     process::{Command, Stdio},
 };
@@ -36,11 +37,21 @@ pub enum NftError {
 }
 
 /// Applies `batch` as one transaction: all or nothing. nft's error output becomes the
-/// error.
+/// error. (Declarations nft's JSON cannot hold go first, in a transaction of their own
+/// that only adds what is missing: see [`encode`].)
 pub fn run(batch: Batch<'_>) -> Result<(), NftError> {
-    let json = serde_json::to_vec(&encode(batch)).map_err(NftError::Parse)?;
+    let encoded = encode(batch);
+    if !encoded.declarations.is_empty() {
+        nft_stdin(&["-f", "-"], encoded.declarations.as_bytes())?;
+    }
+    let json = serde_json::to_vec(&encoded.json).map_err(NftError::Parse)?;
+    nft_stdin(&["-j", "-f", "-"], &json)
+}
+
+/// Runs `nft args` with `input` on its standard input.
+fn nft_stdin(args: &[&str], input: &[u8]) -> Result<(), NftError> {
     let mut child = Command::new("nft")
-        .args(["-j", "-f", "-"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -50,7 +61,7 @@ pub fn run(batch: Batch<'_>) -> Result<(), NftError> {
         .stdin
         .take()
         .expect("piped stdin")
-        .write_all(&json)
+        .write_all(input)
         .map_err(NftError::Spawn)?;
     let out = child.wait_with_output().map_err(NftError::Spawn)?;
     if !out.status.success() {
@@ -61,16 +72,42 @@ pub fn run(batch: Batch<'_>) -> Result<(), NftError> {
     Ok(())
 }
 
+/// A batch as nft reads it.
+pub struct Encoded {
+    /// The declarations of maps whose values are a concatenation (`ipv4_addr .
+    /// inet_service`), as nft's text: nft's JSON reader (1.0.6) takes no such type.
+    pub declarations: String,
+    /// Everything else, as nft's JSON.
+    pub json: serde_json::Value,
+}
+
 /// `batch` as nft reads it. Where the `nftables` crate writes what nft does not take, it is
 /// spelt nft's way:
 /// - a map whose values are of type `mark` is a verdict map (the crate has no `verdict`
 ///   type; none of the agent's maps holds marks);
 /// - the `notrack` statement, which the crate writes as a bare string, is nft's object form
-///   (`{"notrack": null}`).
-pub fn encode(batch: Batch<'_>) -> serde_json::Value {
+///   (`{"notrack": null}`);
+/// - a map whose values are a concatenation is declared in nft's text.
+pub fn encode(batch: Batch<'_>) -> Encoded {
     let doc = batch.to_nftables();
     let mut objects = Vec::with_capacity(doc.objects.len());
+    let mut declarations = String::new();
     for o in doc.objects.iter() {
+        if let NfObject::CmdObject(NfCmd::Add(NfListObject::Map(m))) = o
+            && let SetTypeValue::Concatenated(values) = &m.map
+        {
+            let f = family_name(m.family);
+            let _ = writeln!(declarations, "add table {f} {}", m.table);
+            let _ = writeln!(
+                declarations,
+                "add map {f} {} {} {{ type {} : {}; }}",
+                m.table,
+                m.name,
+                type_text(&m.set_type),
+                type_text(&SetTypeValue::Concatenated(values.clone())),
+            );
+            continue;
+        }
         let mut v = serde_json::to_value(o).expect("the crate's objects encode");
         if let NfObject::CmdObject(cmd) = o {
             let (verb, obj) = match cmd {
@@ -102,7 +139,24 @@ pub fn encode(batch: Batch<'_>) -> serde_json::Value {
         }
         objects.push(v);
     }
-    serde_json::json!({ "nftables": objects })
+    Encoded {
+        declarations,
+        json: serde_json::json!({ "nftables": objects }),
+    }
+}
+
+/// A set type as nft's text names it (`ipv4_addr . inet_service`).
+fn type_text(t: &SetTypeValue<'_>) -> String {
+    let name = |t: &SetType| {
+        serde_json::to_value(t)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
+    };
+    match t {
+        SetTypeValue::Single(t) => name(t),
+        SetTypeValue::Concatenated(ts) => ts.iter().map(name).collect::<Vec<_>>().join(" . "),
+    }
 }
 
 fn is_verdict_map(values: &SetTypeValue<'_>) -> bool {
@@ -194,7 +248,7 @@ mod tests {
             expr: vec![Statement::Notrack, Statement::Accept(None)].into(),
             ..Rule::default()
         }));
-        let v = encode(b);
+        let v = encode(b).json;
         assert_eq!(v["nftables"][0]["add"]["map"]["map"], "verdict");
         assert_eq!(v["nftables"][1]["flush"]["map"]["map"], "verdict");
         assert_eq!(

@@ -239,7 +239,7 @@ mod tests {
 
     /// The batch as nft reads it.
     fn json(spec: &Spec) -> Vec<Value> {
-        let v = encode(batch(TABLE, spec, true));
+        let v = encode(batch(TABLE, spec, true)).json;
         v["nftables"].as_array().unwrap().clone()
     }
 
@@ -286,7 +286,7 @@ mod tests {
         let flags = natclients["add"]["set"]["flags"].to_string();
         assert!(flags.contains("timeout"), "{flags}");
         // Declared with a new table only (the kernel marks them dynamic).
-        let again = encode(batch(TABLE, &spec(false), false));
+        let again = encode(batch(TABLE, &spec(false), false)).json;
         let declared = |v: &Value| {
             v["nftables"]
                 .as_array()

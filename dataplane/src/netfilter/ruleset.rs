@@ -2,14 +2,8 @@
 //! `nftables` crate), one batch per update, applied as one transaction by `nft -j`; and what
 //! a read-back must find (its [`TableSpec`]). What goes in it is [`super::notrack::Spec`].
 
-use std::{
-    collections::BTreeSet,
-    io::Write as _,
-    net::IpAddr,
-    process::{Command, Stdio},
-};
+use std::{collections::BTreeSet, net::IpAddr};
 
-use anyhow::{Context, Result, bail};
 use nftables::{
     batch::Batch,
     expr::{Expression, SocketAttr},
@@ -573,26 +567,4 @@ pub(crate) fn rules_of(cmds: &[serde_json::Value], chain: &str) -> Vec<String> {
         .filter(|r| r["chain"] == chain)
         .map(|r| r["expr"].to_string())
         .collect()
-}
-
-/// Runs `nft args` with `input` on its standard input; its error output becomes the error.
-pub(crate) fn nft_stdin(args: &[&str], input: &[u8]) -> Result<()> {
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running nft")?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(input)
-        .context("writing to nft")?;
-    let out = child.wait_with_output().context("waiting for nft")?;
-    if !out.status.success() {
-        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
 }

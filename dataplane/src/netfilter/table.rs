@@ -187,6 +187,11 @@ impl<S: TableSpec> Table<S> {
         self.applied.as_ref()
     }
 
+    /// Whether `spec` is in place: an apply of it writes nothing.
+    pub fn holds(&self, spec: &S) -> bool {
+        self.in_place && self.applied.as_ref() == Some(spec)
+    }
+
     /// The next apply writes the tables whole, even with a spec that is in place.
     pub fn forget(&mut self) {
         self.in_place = false;
@@ -197,10 +202,10 @@ impl<S: TableSpec> Table<S> {
     /// written whole instead; tables that refuse that too are replaced whole where they
     /// may be ([`TableSpec::DISPOSABLE`]).
     pub fn apply(&mut self, spec: &S, force: bool) -> Result<Applied> {
-        let in_place = self.in_place && !force;
-        if in_place && self.applied.as_ref() == Some(spec) {
+        if !force && self.holds(spec) {
             return Ok(Applied::Unchanged);
         }
+        let in_place = self.in_place && !force;
         self.in_place = false;
         let delta = self.applied.as_ref().filter(|_| in_place);
         let r = match delta {
