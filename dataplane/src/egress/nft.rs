@@ -50,7 +50,7 @@ use crate::netfilter::{
     listing::Listing,
     nft::list_table,
     ruleset::{set_of, table},
-    table::{From, ObjectId, Shape, TableId, TableSpec},
+    table::{ObjectId, Shape, Start, TableId, TableSpec},
 };
 use rules::{base_rules, container_rules, jump, s};
 
@@ -525,10 +525,10 @@ impl TableSpec for Spec {
 
     /// What differs from the spec in place; else the whole table in place, the chains of
     /// containers no longer there (read back) removed.
-    fn batch(&self, name: &str, from: From<'_, Self>) -> Batch<'static> {
-        match from {
-            From::Applied(old) => delta_batch(name, old, self).unwrap_or_default(),
-            From::Found(found) => full_batch(name, self, &container_chains(found)),
+    fn batch(&self, name: &str, start: Start<'_, Self>) -> Batch<'static> {
+        match start {
+            Start::Applied(old) => delta_batch(name, old, self).unwrap_or_default(),
+            Start::Found(found) => full_batch(name, self, &container_chains(found)),
         }
     }
 

@@ -18,7 +18,7 @@ use nftables::{
 use super::{
     listing::Listing,
     notrack::Spec,
-    table::{From, Shape, TableId, TableSpec},
+    table::{Shape, Start, TableId, TableSpec},
 };
 
 /// Each item rendered, IPv4 ones first, IPv6 ones second.
@@ -532,10 +532,10 @@ impl TableSpec for Spec {
 
     /// Always the whole table (a flush and refill of each chain and set); its dynamic sets
     /// declared only with a new table.
-    fn batch(&self, name: &str, from: From<'_, Self>) -> Batch<'static> {
-        let new_table = match from {
-            From::Applied(_) => false,
-            From::Found(found) => !has_dynamic_sets(found),
+    fn batch(&self, name: &str, start: Start<'_, Self>) -> Batch<'static> {
+        let new_table = match start {
+            Start::Applied(_) => false,
+            Start::Found(found) => !has_dynamic_sets(found),
         };
         batch(name, self, new_table)
     }

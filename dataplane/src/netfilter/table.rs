@@ -123,7 +123,7 @@ impl Shape {
 }
 
 /// Where a batch starts from.
-pub enum From<'a, S> {
+pub enum Start<'a, S> {
     /// What was applied last, in place: the batch need change only what differs.
     Applied(&'a S),
     /// What the tables hold now, read back (empty where a table is missing): the batch
@@ -142,8 +142,8 @@ pub trait TableSpec: Clone + PartialEq {
     /// The tables written, for the name the agent gives them.
     fn tables(name: &str) -> Vec<TableId>;
 
-    /// The batch that makes tables `name` hold `self`, from `from`.
-    fn batch(&self, name: &str, from: From<'_, Self>) -> Batch<'static>;
+    /// The batch that makes tables `name` hold `self`, from `start`.
+    fn batch(&self, name: &str, start: Start<'_, Self>) -> Batch<'static>;
 
     /// What a read-back of tables `name` must find when `self` is in place.
     fn expected_shape(&self, name: &str) -> Shape;
@@ -209,7 +209,7 @@ impl<S: TableSpec> Table<S> {
         self.in_place = false;
         let delta = self.applied.as_ref().filter(|_| in_place);
         let r = match delta {
-            Some(old) => nft::run(spec.batch(&self.name, From::Applied(old))).map_err(Into::into),
+            Some(old) => nft::run(spec.batch(&self.name, Start::Applied(old))).map_err(Into::into),
             None => self.write_whole(spec),
         };
         let r = match r {
@@ -217,7 +217,7 @@ impl<S: TableSpec> Table<S> {
                 tracing::info!(error = %format!("{e:#}"), table = %self.name, role = S::ROLE, "replacing the table whole");
                 let mut b = self.delete_batch();
                 b.add_all(
-                    spec.batch(&self.name, From::Found(&Listing::default()))
+                    spec.batch(&self.name, Start::Found(&Listing::default()))
                         .to_nftables()
                         .objects
                         .into_owned(),
@@ -239,7 +239,7 @@ impl<S: TableSpec> Table<S> {
     /// Writes `spec` whole over what the tables hold now.
     fn write_whole(&self, spec: &S) -> Result<()> {
         let found = self.read_back()?;
-        nft::run(spec.batch(&self.name, From::Found(&found)))?;
+        nft::run(spec.batch(&self.name, Start::Found(&found)))?;
         Ok(())
     }
 

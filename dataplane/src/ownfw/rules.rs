@@ -18,7 +18,7 @@ use nftables::{
 use super::{Gateway, Spec};
 use crate::netfilter::{
     ruleset::{nf::field, set_of, table},
-    table::{From, Shape, TableId, TableSpec},
+    table::{Shape, Start, TableId, TableSpec},
 };
 
 use SetType::{InetProto, InetService, Ipv4Addr, Ipv6Addr};
@@ -517,7 +517,7 @@ impl TableSpec for Spec {
     }
 
     /// Always the whole table.
-    fn batch(&self, name: &str, _from: From<'_, Self>) -> Batch<'static> {
+    fn batch(&self, name: &str, _start: Start<'_, Self>) -> Batch<'static> {
         batch(name, self)
     }
 
