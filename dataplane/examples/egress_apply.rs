@@ -11,9 +11,12 @@ use std::{
 };
 
 use anyhow::Result;
-use dataplane::egress::{
-    nft::{self, Allowed, Chains, Spec},
-    policy::{Net, PROTO_TCP},
+use dataplane::{
+    egress::{
+        nft::{self, Allowed, Chains, Spec},
+        policy::{Net, PROTO_TCP},
+    },
+    netfilter::{nft::run as run_batch, table::Table},
 };
 
 const TABLE: &str = "dataplane_bench_egress";
@@ -59,7 +62,7 @@ fn run(n: usize, changes: usize) -> Result<String> {
         spec.containers.insert(format!("{i:016x}"), chains(i, 443));
     }
     let t = Instant::now();
-    nft::run(nft::full_batch(TABLE, &spec, &BTreeSet::new()))?;
+    run_batch(nft::full_batch(TABLE, &spec, &BTreeSet::new()))?;
     let full = ms(t);
     let (mut change, mut add, mut remove) = (Vec::new(), Vec::new(), Vec::new());
     for k in 0..changes {
@@ -70,7 +73,7 @@ fn run(n: usize, changes: usize) -> Result<String> {
             chains(k % n, 8000 + u16::try_from(k % 1000)?),
         );
         let t = Instant::now();
-        nft::run(nft::delta_batch(TABLE, &spec, &next).expect("a change"))?;
+        run_batch(nft::delta_batch(TABLE, &spec, &next).expect("a change"))?;
         change.push(ms(t));
         spec = next;
         // One container starts, then stops.
@@ -78,10 +81,10 @@ fn run(n: usize, changes: usize) -> Result<String> {
         next.containers
             .insert(format!("{:016x}", n + k), chains(n + k, 443));
         let t = Instant::now();
-        nft::run(nft::delta_batch(TABLE, &spec, &next).expect("a change"))?;
+        run_batch(nft::delta_batch(TABLE, &spec, &next).expect("a change"))?;
         add.push(ms(t));
         let t = Instant::now();
-        nft::run(nft::delta_batch(TABLE, &next, &spec).expect("a change"))?;
+        run_batch(nft::delta_batch(TABLE, &next, &spec).expect("a change"))?;
         remove.push(ms(t));
     }
     Ok(format!(
@@ -101,7 +104,7 @@ fn main() -> Result<()> {
     let n: usize = args.next().map_or(Ok(1000), |a| a.parse())?;
     let changes: usize = args.next().map_or(Ok(50), |a| a.parse())?;
     let r = run(n.max(1), changes.max(1));
-    let _ = nft::run(nft::delete_batch(TABLE));
+    let _ = Table::<Spec>::new(TABLE).remove();
     println!("{}", r?);
     Ok(())
 }

@@ -16,9 +16,19 @@ use std::{
     process::Command,
 };
 
-use serde_json::Value;
+use nftables::{
+    expr::{Expression, Meta, MetaKey, NamedExpression},
+    schema::Chain,
+    stmt::{Operator, Statement},
+    types::{NfChainPolicy, NfChainType, NfHook},
+};
+use serde::Deserialize;
 
-use crate::netfilter::changes::{ChainId, Changes, is_own_table};
+use crate::netfilter::{
+    changes::{ChainId, Changes, is_own_table},
+    listing::{ListedRule, Listing, family_name},
+    nft,
+};
 
 /// What was found; `None` fields mean nothing in the way.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -38,7 +48,7 @@ pub struct HostFirewall {
 /// `iptables-legacy`).
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    nft: Option<Value>,
+    nft: Option<Listing>,
     legacy: Vec<(&'static str, String)>,
     /// The chains whose rules the evaluation reads (see [`watched_chains`]).
     watched: BTreeSet<ChainId>,
@@ -50,12 +60,7 @@ pub struct Snapshot {
 
 /// Reads the live ruleset; `own_table` is the agent's table (family inet).
 pub fn capture(own_table: &str) -> Snapshot {
-    let nft = Command::new("nft")
-        .args(["-j", "list", "ruleset"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok());
+    let nft = nft::list_ruleset().ok();
     let mut legacy = Vec::new();
     if legacy_filter_in_use() {
         for tool in ["iptables-legacy", "ip6tables-legacy"] {
@@ -104,7 +109,7 @@ impl Snapshot {
         } else {
             self.nft
                 .as_ref()
-                .map(|v| from_nft_json(v, bridges, own_table))
+                .map(|v| from_listing(v, bridges, own_table))
                 .unwrap_or_default()
         };
         for (tool, text) in &self.legacy {
@@ -128,29 +133,27 @@ pub fn legacy_filter_in_use() -> bool {
 /// chain they reach by `jump` or `goto`, forward base chains outside Docker's and the
 /// agent's tables, and `DOCKER-USER`. Docker's per-container rules (`DOCKER` in nat and
 /// filter, raw `PREROUTING`) are in none of them.
-pub fn watched_chains(v: &Value, own_table: &str) -> BTreeSet<ChainId> {
-    let items = nft_items(v);
+pub fn watched_chains(v: &Listing, own_table: &str) -> BTreeSet<ChainId> {
     let mut jumps: BTreeMap<ChainId, Vec<String>> = BTreeMap::new();
     let mut out = BTreeSet::new();
     let mut todo = Vec::new();
-    for it in items {
-        if let Some(c) = it.get("chain") {
-            let cid = chain_id(c, "name");
-            if is_own_table(&cid.0, &cid.1, own_table) {
-                continue;
-            }
-            if is_input_base(c) {
-                todo.push(cid.clone());
-            }
-            if is_operator_forward_base(c, own_table) || cid.2 == "DOCKER-USER" {
-                out.insert(cid);
-            }
-        } else if let Some(r) = it.get("rule") {
-            jumps
-                .entry(chain_id(r, "chain"))
-                .or_default()
-                .extend(jump_targets(r).map(str::to_string));
+    for c in v.chains() {
+        let cid = chain_id(c);
+        if is_own_table(&cid.0, &cid.1, own_table) {
+            continue;
         }
+        if is_input_base(c) {
+            todo.push(cid.clone());
+        }
+        if is_operator_forward_base(c, own_table) || cid.2 == "DOCKER-USER" {
+            out.insert(cid);
+        }
+    }
+    for r in &v.rules {
+        jumps
+            .entry(rule_chain(r))
+            .or_default()
+            .extend(jump_targets(r));
     }
     while let Some(cid) = todo.pop() {
         if !out.insert(cid.clone()) {
@@ -161,19 +164,17 @@ pub fn watched_chains(v: &Value, own_table: &str) -> BTreeSet<ChainId> {
         }
     }
     // And the operator's chains its forward base chains reach.
-    let bases: BTreeSet<ChainId> = items
-        .iter()
-        .filter_map(|it| it.get("chain"))
-        .filter(|c| is_operator_forward_base(c, own_table))
-        .map(|c| chain_id(c, "name"))
-        .collect();
-    out.extend(reached_from(items, bases, |_| true));
+    out.extend(reached_from(
+        v,
+        operator_forward_bases(v, own_table),
+        |_| true,
+    ));
     out
 }
 
 /// An input base chain of filter type: where a stateful INPUT policy is looked for.
-fn is_input_base(c: &Value) -> bool {
-    c["hook"] == "input" && c["type"].as_str().unwrap_or("filter") == "filter"
+fn is_input_base(c: &Chain<'_>) -> bool {
+    c.hook == Some(NfHook::Input) && c._type.unwrap_or(NfChainType::Filter) == NfChainType::Filter
 }
 
 /// Docker 29's nftables backend's tables (`ip` and `ip6`).
@@ -182,12 +183,19 @@ fn is_dockers_table(family: &str, table: &str) -> bool {
 }
 
 /// A forward base chain outside Docker's tables and the agent's own: the operator's.
-fn is_operator_forward_base(c: &Value, own_table: &str) -> bool {
-    let table = c["table"].as_str().unwrap_or("");
-    let family = c["family"].as_str().unwrap_or("");
-    c["hook"] == "forward"
-        && !is_own_table(family, table, own_table)
-        && !is_dockers_table(family, table)
+fn is_operator_forward_base(c: &Chain<'_>, own_table: &str) -> bool {
+    let family = family_name(c.family);
+    c.hook == Some(NfHook::Forward)
+        && !is_own_table(family, &c.table, own_table)
+        && !is_dockers_table(family, &c.table)
+}
+
+/// The operator's forward base chains.
+fn operator_forward_bases(v: &Listing, own_table: &str) -> BTreeSet<ChainId> {
+    v.chains()
+        .filter(|c| is_operator_forward_base(c, own_table))
+        .map(chain_id)
+        .collect()
 }
 
 /// Docker's own chains (iptables, every engine): what they hold is Docker's.
@@ -204,33 +212,26 @@ const DOCKERS_CHAINS: &[&str] = &[
 ];
 
 /// Every jump or goto target anywhere in a rule (verdict maps included).
-fn all_jump_targets(v: &Value, out: &mut Vec<String>) {
-    match v {
-        Value::Object(o) => {
-            for (k, x) in o {
-                if (k == "jump" || k == "goto")
-                    && let Some(t) = x["target"].as_str()
-                {
-                    out.push(t.to_string());
-                }
-                all_jump_targets(x, out);
-            }
+fn all_jump_targets(r: &ListedRule) -> Vec<String> {
+    let mut out = Vec::new();
+    r.walk(&mut |s| {
+        if let Statement::Jump(t) | Statement::Goto(t) = s {
+            out.push(t.target.to_string());
         }
-        Value::Array(a) => a.iter().for_each(|x| all_jump_targets(x, out)),
-        _ => {}
-    }
+    });
+    out
 }
 
 /// `starts` and the chains of their tables they reach through rules that `follow` admits,
 /// but for Docker's own chains (`DOCKER-USER` is read on its own).
 fn reached_from(
-    items: &[Value],
+    v: &Listing,
     starts: BTreeSet<ChainId>,
-    follow: impl Fn(&[Value]) -> bool,
+    follow: impl Fn(&ListedRule) -> bool,
 ) -> BTreeSet<ChainId> {
-    let mut rules: BTreeMap<ChainId, Vec<&Value>> = BTreeMap::new();
-    for r in items.iter().filter_map(|it| it.get("rule")) {
-        rules.entry(chain_id(r, "chain")).or_default().push(r);
+    let mut rules: BTreeMap<ChainId, Vec<&ListedRule>> = BTreeMap::new();
+    for r in &v.rules {
+        rules.entry(rule_chain(r)).or_default().push(r);
     }
     let mut seen = BTreeSet::new();
     let mut todo: Vec<ChainId> = starts.into_iter().collect();
@@ -239,13 +240,10 @@ fn reached_from(
             continue;
         }
         for r in rules.get(&cid).into_iter().flatten() {
-            let exprs = r["expr"].as_array().map_or(&[][..], Vec::as_slice);
-            if !follow(exprs) {
+            if !follow(r) {
                 continue;
             }
-            let mut targets = Vec::new();
-            all_jump_targets(&r["expr"], &mut targets);
-            for t in targets {
+            for t in all_jump_targets(r) {
                 if !DOCKERS_CHAINS.contains(&t.as_str()) {
                     todo.push((cid.0.clone(), cid.1.clone(), t));
                 }
@@ -255,58 +253,129 @@ fn reached_from(
     seen
 }
 
-/// The chains a rule jumps or goes to.
-fn jump_targets(r: &Value) -> impl Iterator<Item = &str> {
-    r["expr"].as_array().into_iter().flatten().flat_map(|e| {
-        ["jump", "goto"]
-            .into_iter()
-            .filter_map(move |k| e[k]["target"].as_str())
+/// The chains a rule jumps or goes to (its own statements, not a verdict map's).
+fn jump_targets(r: &ListedRule) -> impl Iterator<Item = String> + '_ {
+    r.rule.expr.iter().filter_map(|s| match s {
+        Statement::Jump(t) | Statement::Goto(t) => Some(t.target.to_string()),
+        _ => None,
     })
 }
 
-/// The ruleset's objects (`{"nftables": [...]}`).
-fn nft_items(v: &Value) -> &[Value] {
-    v["nftables"].as_array().map_or(&[], Vec::as_slice)
-}
-
-/// (family, table, the chain named by `chain_key`) of a chain or rule object.
-fn chain_id(o: &Value, chain_key: &str) -> ChainId {
+/// (family, table, name) of a chain.
+fn chain_id(c: &Chain<'_>) -> ChainId {
     (
-        o["family"].as_str().unwrap_or("").to_string(),
-        o["table"].as_str().unwrap_or("").to_string(),
-        o[chain_key].as_str().unwrap_or("").to_string(),
+        family_name(c.family).to_string(),
+        c.table.to_string(),
+        c.name.to_string(),
     )
 }
 
-/// From `nft -j list ruleset` output.
-pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> HostFirewall {
-    let items = nft_items(v);
-    let mut rules: BTreeMap<ChainId, Vec<&Value>> = BTreeMap::new();
+/// (family, table, chain) of a rule.
+fn rule_chain(r: &ListedRule) -> ChainId {
+    (
+        family_name(r.rule.family).to_string(),
+        r.rule.table.to_string(),
+        r.rule.chain.to_string(),
+    )
+}
+
+/// A rule's handle as nft prints it (`null` where the listing has none).
+fn handle(r: &ListedRule) -> String {
+    r.rule
+        .handle
+        .map_or_else(|| "null".to_string(), |h| h.to_string())
+}
+
+/// An iptables-nft `xt` statement's target or match name.
+#[derive(Deserialize)]
+struct Xt {
+    name: String,
+}
+
+/// A statement the schema could not read, by its kind only.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Kind {
+    Drop(serde::de::IgnoredAny),
+    Reject(serde::de::IgnoredAny),
+    Queue(serde::de::IgnoredAny),
+}
+
+/// Whether a rule may drop a packet: a drop or a reject anywhere in it (a verdict map's
+/// verdicts, iptables-nft's `DROP` and `REJECT` targets included), and with `queue` a
+/// queue too (the program it hands packets to may drop them).
+fn may_drop(r: &ListedRule, queue: bool) -> bool {
+    let named = |n: &str| {
+        let n = n.to_ascii_lowercase();
+        n == "drop" || n == "reject" || (queue && n == "queue")
+    };
+    let mut found = false;
+    r.walk(&mut |s| {
+        found |= match s {
+            Statement::Drop(_) | Statement::Reject(_) => true,
+            Statement::Queue(_) => queue,
+            Statement::XT(Some(v)) => {
+                serde_json::from_value::<Xt>(v.clone()).is_ok_and(|x| named(&x.name))
+            }
+            _ => false,
+        };
+    });
+    found || r.unread.iter().any(|v| unread_drops(v, queue))
+}
+
+/// Whether a statement the schema could not read holds a drop, a reject (or a queue).
+fn unread_drops(v: &serde_json::Value, queue: bool) -> bool {
+    match serde_json::from_value::<Kind>(v.clone()) {
+        Ok(Kind::Drop(_) | Kind::Reject(_)) => true,
+        Ok(Kind::Queue(_)) => queue,
+        Err(_) => match v {
+            serde_json::Value::Array(a) => a.iter().any(|x| unread_drops(x, queue)),
+            serde_json::Value::Object(o) => o.values().any(|x| unread_drops(x, queue)),
+            _ => false,
+        },
+    }
+}
+
+/// The interface a statement matches exactly (`iifname "eth0"`, `oifname "docker0"`), with
+/// its key.
+fn interface_match<'a>(s: &'a Statement<'_>) -> Option<(MetaKey, &'a str)> {
+    let Statement::Match(m) = s else {
+        return None;
+    };
+    let (
+        Expression::Named(NamedExpression::Meta(Meta {
+            key: key @ (MetaKey::Iifname | MetaKey::Oifname),
+        })),
+        Operator::EQ,
+        Expression::String(name),
+    ) = (&m.left, m.op, &m.right)
+    else {
+        return None;
+    };
+    Some((*key, name))
+}
+
+/// From the ruleset nft lists (`nft -j list ruleset`).
+pub fn from_listing(v: &Listing, bridges: &BTreeSet<String>, own_table: &str) -> HostFirewall {
+    let mut rules: BTreeMap<ChainId, Vec<&ListedRule>> = BTreeMap::new();
+    for r in &v.rules {
+        rules.entry(rule_chain(r)).or_default().push(r);
+    }
     let mut input_bases = Vec::new();
-    for it in items {
-        if let Some(c) = it.get("chain") {
-            if is_own_table(
-                c["family"].as_str().unwrap_or(""),
-                c["table"].as_str().unwrap_or(""),
-                own_table,
-            ) {
-                continue;
-            }
-            if is_input_base(c) {
-                let cid = chain_id(c, "name");
-                if c["policy"] == "drop" {
-                    let (f, t, n) = &cid;
-                    return HostFirewall {
-                        stateful_input: Some(format!("{f} {t} {n}: policy drop")),
-                        forward_rules: forward_rules_nft(items, bridges, true, own_table),
-                        external_rules: forward_rules_nft(items, bridges, false, own_table),
-                    };
-                }
-                input_bases.push(cid);
-            }
-        } else if let Some(r) = it.get("rule") {
-            rules.entry(chain_id(r, "chain")).or_default().push(r);
+    for c in v.chains() {
+        let cid = chain_id(c);
+        if is_own_table(&cid.0, &cid.1, own_table) || !is_input_base(c) {
+            continue;
         }
+        if c.policy == Some(NfChainPolicy::Drop) {
+            let (f, t, n) = &cid;
+            return HostFirewall {
+                stateful_input: Some(format!("{f} {t} {n}: policy drop")),
+                forward_rules: forward_rules_nft(v, bridges, true, own_table),
+                external_rules: forward_rules_nft(v, bridges, false, own_table),
+            };
+        }
+        input_bases.push(cid);
     }
     let mut stateful = None;
     'bases: for base in input_bases {
@@ -318,66 +387,60 @@ pub fn from_nft_json(v: &Value, bridges: &BTreeSet<String>, own_table: &str) -> 
             }
             let cid = (base.0.clone(), base.1.clone(), name);
             for r in rules.get(&cid).into_iter().flatten() {
-                // Native verdicts, and iptables-nft's `xt` targets (`"name": "REJECT"`).
-                let text = r["expr"].to_string().to_ascii_lowercase();
-                if text.contains("\"drop\"") || text.contains("\"reject\"") {
+                // Native verdicts, and iptables-nft's `xt` targets (`REJECT`).
+                if may_drop(r, false) {
                     let (f, t, n) = &cid;
                     stateful = Some(format!(
                         "{f} {t} {n}: a drop or reject rule, handle {}",
-                        r["handle"]
+                        handle(r)
                     ));
                     break 'bases;
                 }
-                todo.extend(jump_targets(r).map(str::to_string));
+                todo.extend(jump_targets(r));
             }
         }
     }
     HostFirewall {
         stateful_input: stateful,
-        forward_rules: forward_rules_nft(items, bridges, true, own_table),
-        external_rules: forward_rules_nft(items, bridges, false, own_table),
+        forward_rules: forward_rules_nft(v, bridges, true, own_table),
+        external_rules: forward_rules_nft(v, bridges, false, own_table),
     }
 }
 
 /// Whether a rule only matches packets in or out of an interface that is not a Docker
 /// bridge (`iifname "eth0"`): such a rule never sees traffic between containers.
-fn tied_to_other_interface(exprs: &[Value], bridges: &BTreeSet<String>) -> bool {
-    exprs.iter().any(|e| {
-        let m = &e["match"];
-        let key = m["left"]["meta"]["key"].as_str().unwrap_or("");
-        let name = m["right"].as_str().unwrap_or("");
-        (key == "iifname" || key == "oifname")
-            && m["op"] == "=="
-            && !name.is_empty()
-            && !name.contains('*')
-            && !bridges.contains(name)
-    })
+fn tied_to_other_interface(r: &ListedRule, bridges: &BTreeSet<String>) -> bool {
+    r.rule
+        .expr
+        .iter()
+        .filter_map(interface_match)
+        .any(|(_, name)| !name.is_empty() && !name.contains('*') && !bridges.contains(name))
 }
 
 /// Docker's own rule for a network with inter-container communication off (`enable_icc`
 /// false, and Swarm's `docker_gwbridge`): `iifname B oifname B drop` for one of its
 /// bridges, in `FORWARD` itself (Docker 20.10 to 27). It only concerns traffic within that
 /// network, which the agent leaves to Docker there anyway.
-fn dockers_icc_drop(exprs: &[Value], bridges: &BTreeSet<String>) -> bool {
+fn dockers_icc_drop(r: &ListedRule, bridges: &BTreeSet<String>) -> bool {
+    if !r.unread.is_empty() {
+        return false;
+    }
     let mut names = BTreeSet::new();
-    let mut keys = BTreeSet::new();
+    let mut keys = Vec::new();
     let mut drop = false;
-    for e in exprs {
-        if e.get("counter").is_some() {
-            continue;
-        }
-        if e.get("drop").is_some() {
-            drop = true;
-            continue;
-        }
-        let m = &e["match"];
-        let key = m["left"]["meta"]["key"].as_str().unwrap_or("");
-        match (key, m["op"].as_str(), m["right"].as_str()) {
-            ("iifname" | "oifname", Some("=="), Some(name)) => {
-                keys.insert(key);
-                names.insert(name);
-            }
-            _ => return false,
+    for s in r.rule.expr.iter() {
+        match s {
+            Statement::Counter(_) => {}
+            Statement::Drop(_) => drop = true,
+            s => match interface_match(s) {
+                Some((key, name)) => {
+                    if !keys.contains(&key) {
+                        keys.push(key);
+                    }
+                    names.insert(name);
+                }
+                None => return false,
+            },
         }
     }
     drop && keys.len() == 2 && names.len() == 1 && names.iter().all(|n| bridges.contains(*n))
@@ -391,73 +454,59 @@ fn dockers_icc_drop(exprs: &[Value], bridges: &BTreeSet<String>) -> bool {
 /// containers never matches them); without, every rule does (external clients' traffic
 /// may).
 fn forward_rules_nft(
-    items: &[Value],
+    v: &Listing,
     docker_bridges: &BTreeSet<String>,
     between: bool,
     own_table: &str,
 ) -> Option<String> {
     let bridges = between.then_some(docker_bridges);
-    if let Some(w) = docker_user_nft(items, bridges) {
+    if let Some(w) = docker_user_nft(v, bridges) {
         return Some(w);
     }
-    let bases: BTreeSet<ChainId> = items
-        .iter()
-        .filter_map(|it| it.get("chain"))
-        .filter(|c| is_operator_forward_base(c, own_table))
-        .map(|c| chain_id(c, "name"))
-        .collect();
-    // The operator's chains those reach (by jump, goto, verdict map); for container
-    // clients not through a rule tied to another interface than Docker's.
-    let reached = reached_from(items, bases, |exprs| {
-        bridges.is_none_or(|b| !tied_to_other_interface(exprs, b))
+    // The operator's chains its forward base chains reach (by jump, goto, verdict map);
+    // for container clients not through a rule tied to another interface than Docker's.
+    let reached = reached_from(v, operator_forward_bases(v, own_table), |r| {
+        bridges.is_none_or(|b| !tied_to_other_interface(r, b))
     });
-    for it in items {
-        let Some(r) = it.get("rule") else { continue };
-        let id = chain_id(r, "chain");
+    for r in &v.rules {
+        let id = rule_chain(r);
         if !reached.contains(&id) {
             continue;
         }
-        let exprs = r["expr"].as_array().map_or(&[][..], Vec::as_slice);
-        let text = r["expr"].to_string().to_ascii_lowercase();
         // A queue hands packets to a program that may drop them (an inline IPS).
-        let drops =
-            text.contains("\"drop\"") || text.contains("\"reject\"") || text.contains("\"queue\"");
-        if !drops
-            || bridges.is_some_and(|b| tied_to_other_interface(exprs, b))
-            || dockers_icc_drop(exprs, docker_bridges)
+        if !may_drop(r, true)
+            || bridges.is_some_and(|b| tied_to_other_interface(r, b))
+            || dockers_icc_drop(r, docker_bridges)
         {
             continue;
         }
         let (f, t, c) = &id;
         return Some(format!(
             "{f} {t} {c}, rule handle {} (`nft -a list chain {f} {t} {c}`)",
-            r["handle"]
+            handle(r)
         ));
     }
     None
 }
 
 /// The first rule of a `DOCKER-USER` chain that may concern container traffic.
-fn docker_user_nft(items: &[Value], bridges: Option<&BTreeSet<String>>) -> Option<String> {
-    for it in items {
-        let Some(r) = it.get("rule") else { continue };
-        if r["chain"] != "DOCKER-USER" {
+fn docker_user_nft(v: &Listing, bridges: Option<&BTreeSet<String>>) -> Option<String> {
+    for r in &v.rules {
+        if r.rule.chain != "DOCKER-USER" {
             continue;
         }
-        let exprs = r["expr"].as_array().map_or(&[][..], Vec::as_slice);
-        let only_return = exprs
-            .iter()
-            .all(|e| e.get("counter").is_some() || e.get("return").is_some());
-        if only_return || bridges.is_some_and(|b| tied_to_other_interface(exprs, b)) {
+        let only_return = r.unread.is_empty()
+            && r.rule
+                .expr
+                .iter()
+                .all(|s| matches!(s, Statement::Counter(_) | Statement::Return(_)));
+        if only_return || bridges.is_some_and(|b| tied_to_other_interface(r, b)) {
             continue;
         }
+        let (f, t, _) = rule_chain(r);
         return Some(format!(
-            "{} {} DOCKER-USER, rule handle {} (`nft -a list chain {} {} DOCKER-USER`)",
-            r["family"].as_str().unwrap_or(""),
-            r["table"].as_str().unwrap_or(""),
-            r["handle"],
-            r["family"].as_str().unwrap_or(""),
-            r["table"].as_str().unwrap_or(""),
+            "{f} {t} DOCKER-USER, rule handle {} (`nft -a list chain {f} {t} DOCKER-USER`)",
+            handle(r),
         ));
     }
     None
@@ -556,9 +605,14 @@ fn legacy_forward_rules(
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
+
+    /// A ruleset as nft lists it, read.
+    fn read(v: &Value) -> Listing {
+        Listing::from_value(v.clone()).expect("a ruleset")
+    }
 
     fn bridges() -> BTreeSet<String> {
         ["docker0".to_string(), "br-0123456789ab".to_string()].into()
@@ -595,7 +649,7 @@ mod tests {
             chain("ip", "docker-bridges", "filter-FORWARD", Some("forward"), "accept"),
             chain("inet", "dataplane", "input", Some("input"), "accept"),
         ]});
-        let w = watched_chains(&v, "dataplane");
+        let w = watched_chains(&read(&v), "dataplane");
         let c = |t: &str, n: &str| ("ip".to_string(), t.to_string(), n.to_string());
         let want: BTreeSet<ChainId> = [
             c("filter", "INPUT"),
@@ -607,7 +661,7 @@ mod tests {
         .into();
         assert_eq!(w, want);
         let snap = Snapshot {
-            nft: Some(v),
+            nft: Some(read(&v)),
             legacy: Vec::new(),
             watched: w,
             own_table: "dataplane".into(),
@@ -652,7 +706,7 @@ mod tests {
             rule("inet", "dataplane_egress", "forward", &json!([{"drop": null}])),
         ]});
         assert_eq!(
-            from_nft_json(&v, &bridges(), "dataplane"),
+            from_listing(&read(&v), &bridges(), "dataplane"),
             HostFirewall::default()
         );
     }
@@ -661,7 +715,7 @@ mod tests {
     fn stateful_input_policies_are_found() {
         let policy = json!({"nftables": [chain("inet", "filter", "input", Some("input"), "drop")]});
         assert!(
-            from_nft_json(&policy, &bridges(), "dataplane")
+            from_listing(&read(&policy), &bridges(), "dataplane")
                 .stateful_input
                 .is_some()
         );
@@ -672,14 +726,14 @@ mod tests {
             chain("ip", "filter", "ufw-before-input", None, ""),
             rule("ip", "filter", "ufw-before-input", &json!([{"reject": null}])),
         ]});
-        let fw = from_nft_json(&jumped, &bridges(), "dataplane");
+        let fw = from_listing(&read(&jumped), &bridges(), "dataplane");
         assert!(fw.stateful_input.unwrap().contains("ufw-before-input"));
         let xt = json!({"nftables": [
             chain("ip", "filter", "INPUT", Some("input"), "accept"),
             rule("ip", "filter", "INPUT", &json!([{"xt": {"type": "target", "name": "REJECT"}}])),
         ]});
         assert!(
-            from_nft_json(&xt, &bridges(), "dataplane")
+            from_listing(&read(&xt), &bridges(), "dataplane")
                 .stateful_input
                 .is_some()
         );
@@ -691,7 +745,7 @@ mod tests {
             rule("ip", "filter", "DOCKER-USER",
                  &json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "eth0"}}, {"drop": null}])),
         ]});
-        let fw = from_nft_json(&v, &bridges(), "dataplane");
+        let fw = from_listing(&read(&v), &bridges(), "dataplane");
         assert_eq!(fw.forward_rules, None);
         // External clients' packets come in on eth0: the packet layer must step aside.
         assert!(fw.external_rules.unwrap().contains("DOCKER-USER"));
@@ -700,7 +754,7 @@ mod tests {
                  &json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "docker0"}}, {"drop": null}])),
         ]});
         assert!(
-            from_nft_json(&v, &bridges(), "dataplane")
+            from_listing(&read(&v), &bridges(), "dataplane")
                 .forward_rules
                 .is_some()
         );
@@ -708,7 +762,7 @@ mod tests {
             rule("ip", "filter", "DOCKER-USER", &json!([{"match": {"op": "==", "left": {"ct": {"key": "state"}}, "right": "new"}}, {"drop": null}])),
         ]});
         assert!(
-            from_nft_json(&v, &bridges(), "dataplane")
+            from_listing(&read(&v), &bridges(), "dataplane")
                 .forward_rules
                 .is_some()
         );
@@ -731,7 +785,7 @@ mod tests {
             rule("ip", "filter", "FORWARD", &json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "eth0"}}, {"drop": null}])),
         ]});
         assert_eq!(
-            from_nft_json(&docker, &bridges(), "dataplane").forward_rules,
+            from_listing(&read(&docker), &bridges(), "dataplane").forward_rules,
             None
         );
         // Docker's own drop for a network with inter-container communication off (and
@@ -750,18 +804,18 @@ mod tests {
             )
         };
         let hardened = json!({"nftables": [base("ip", "filter", "FORWARD"), icc("docker0")]});
-        let fw = from_nft_json(&hardened, &bridges(), "dataplane");
+        let fw = from_listing(&read(&hardened), &bridges(), "dataplane");
         assert_eq!((fw.forward_rules, fw.external_rules), (None, None));
         // The same shape for an interface that is not Docker's is an operator's.
         let other = json!({"nftables": [base("ip", "filter", "FORWARD"), icc("br-lan")]});
-        let fw = from_nft_json(&other, &bridges(), "dataplane");
+        let fw = from_listing(&read(&other), &bridges(), "dataplane");
         assert!(fw.external_rules.is_some());
         // An operator's own table (Docker 29 has no DOCKER-USER).
         let own = json!({"nftables": [
             base("inet", "operator", "fwd"),
             rule("inet", "operator", "fwd", &json!([{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "172.17.0.5"}}, {"drop": null}])),
         ]});
-        let fw = from_nft_json(&own, &bridges(), "dataplane");
+        let fw = from_listing(&read(&own), &bridges(), "dataplane");
         assert!(fw.forward_rules.unwrap().contains("inet operator fwd"));
     }
 
@@ -804,13 +858,13 @@ mod tests {
             };
             walk(&v, &mut find);
             assert!(bridges.len() >= 4, "{engine}: {bridges:?}");
-            let fw = from_nft_json(&v, &bridges, "dataplane");
+            let fw = from_listing(&read(&v), &bridges, "dataplane");
             assert_eq!(fw, HostFirewall::default(), "{engine}");
             // Where Docker writes its ICC-off drop into `FORWARD` itself, it is read as
             // Docker's only for Docker's bridges (the control: the same rule for bridges
             // not known as Docker's is an operator's).
             if engine == "20.10" {
-                let fw = from_nft_json(&v, &BTreeSet::new(), "dataplane");
+                let fw = from_listing(&read(&v), &BTreeSet::new(), "dataplane");
                 assert!(fw.external_rules.is_some(), "{engine}");
             }
             // The same ruleset with one operator drop added is an operator's.
@@ -820,12 +874,12 @@ mod tests {
                 json!({"chain": {"family": "inet", "table": "operator", "name": "fwd", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}}),
                 rule("inet", "operator", "fwd", &json!([{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "172.17.0.5"}}, {"drop": null}])),
             ]);
-            let fw = from_nft_json(&with, &bridges, "dataplane");
+            let fw = from_listing(&read(&with), &bridges, "dataplane");
             assert!(fw.forward_rules.is_some(), "{engine}");
             // A table of the operator's is the operator's whatever its name.
             let named = with.to_string().replace("\"operator\"", "\"docker-guard\"");
             let named: Value = serde_json::from_str(&named).unwrap();
-            let fw = from_nft_json(&named, &bridges, "dataplane");
+            let fw = from_listing(&read(&named), &bridges, "dataplane");
             assert!(
                 fw.forward_rules.unwrap().contains("docker-guard"),
                 "{engine}"
@@ -855,7 +909,7 @@ mod tests {
                 chain("inet", "op", "blocklist", None, ""),
                 drop_in("inet", "op", "blocklist"),
             ]});
-            let fw = from_nft_json(&v, &bridges(), "dataplane");
+            let fw = from_listing(&read(&v), &bridges(), "dataplane");
             assert!(fw.forward_rules.unwrap().contains("blocklist"), "{how}");
         }
         // Through a verdict map; and a queue (an inline IPS may drop).
@@ -866,7 +920,7 @@ mod tests {
             rule("inet", "op", "wan", &json!([{"queue": {"num": 0}}])),
         ]});
         assert!(
-            from_nft_json(&v, &bridges(), "dataplane")
+            from_listing(&read(&v), &bridges(), "dataplane")
                 .forward_rules
                 .unwrap()
                 .contains("wan")
@@ -878,10 +932,10 @@ mod tests {
             chain("inet", "op", "wan", None, ""),
             drop_in("inet", "op", "wan"),
         ]});
-        let fw = from_nft_json(&v, &bridges(), "dataplane");
+        let fw = from_listing(&read(&v), &bridges(), "dataplane");
         assert_eq!(fw.forward_rules, None);
         assert!(fw.external_rules.unwrap().contains("wan"));
-        assert!(watched_chains(&v, "dataplane").contains(&(
+        assert!(watched_chains(&read(&v), "dataplane").contains(&(
             "inet".into(),
             "op".into(),
             "wan".into()
@@ -895,6 +949,33 @@ mod tests {
             let fw = from_iptables_save(&text, &bridges(), "iptables-legacy");
             assert!(fw.forward_rules.unwrap().contains("f2b-web"), "{how}");
         }
+    }
+
+    #[test]
+    fn statements_the_schema_cannot_read_still_count() {
+        let base = json!({"chain": {"family": "inet", "table": "op", "name": "fwd",
+                                    "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}});
+        for expr in [
+            json!([{"last": {"used": 5}}, {"drop": null}]),
+            json!([{"reject": {"type": "icmpx", "expr": "no-such-code"}}]),
+            json!([{"no such statement": {"x": [{"queue": {"num": 0}}]}}]),
+        ] {
+            let v = json!({"nftables": [base, rule("inet", "op", "fwd", &expr)]});
+            let l = read(&v);
+            assert_eq!(l.rules.len(), 1, "{expr}");
+            assert!(
+                from_listing(&l, &bridges(), "dataplane")
+                    .forward_rules
+                    .is_some(),
+                "{expr}"
+            );
+        }
+        // Nothing that drops: nothing found.
+        let v = json!({"nftables": [base, rule("inet", "op", "fwd", &json!([{"last": {"used": 5}}, {"accept": null}]))]});
+        assert_eq!(
+            from_listing(&read(&v), &bridges(), "dataplane").forward_rules,
+            None
+        );
     }
 
     #[test]

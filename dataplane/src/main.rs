@@ -391,7 +391,9 @@ fn uninstall(
         }
     }
     let egress_table = dataplane::netfilter::changes::egress_table(nft_table);
-    match dataplane::egress::nft::run(dataplane::egress::nft::delete_batch(&egress_table)) {
+    match dataplane::netfilter::table::Table::<dataplane::egress::nft::Spec>::new(&egress_table)
+        .remove()
+    {
         Ok(()) => {
             println!("removed nftables tables inet and bridge {egress_table} (egress policies)");
         }

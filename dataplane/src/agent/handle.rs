@@ -468,6 +468,18 @@ impl Agent {
         // The own-firewall table: the operator's chain may have changed.
         let own_changed = self.own_fw.is_some()
             && changes.touches_table("inet", &format!("{}_fw", self.nft_table));
+        // Read back, and restored if it drifted from what was written.
+        if own_changed && let Some(o) = self.own_fw.as_mut() {
+            match tokio::task::block_in_place(|| o.fw.repair()) {
+                Ok(true) => {
+                    warn!(table = %o.fw.table(), "the own-firewall table had been changed by hand: restored");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "restoring the own-firewall table failed; it is written whole at the next apply");
+                }
+            }
+        }
         // Docker's own per-container rules change nothing the evaluation reads; a write to
         // the own-firewall table (the agent's, mostly) only if the operator's chain changed.
         if !self.fw_snapshot.concerned_by(&changes) {

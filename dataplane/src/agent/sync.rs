@@ -120,7 +120,7 @@ impl Agent {
         );
         spec.routed =
             crate::ownfw::routed_ports(self.model.inspects().map(|(_, c)| c), &self.model.networks);
-        let r = own.fw.apply(spec);
+        let r = own.fw.apply(&spec);
         let (networks, published) = own.fw.counts();
         let mut st = self.shared.lock().expect("status lock");
         let prev = st.status.own_firewall.take().unwrap_or_default();

@@ -35,7 +35,11 @@ use nftables::{
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
 
-use super::nft::{anon_set, counter_in, jump, rule_in, s, vmap_in};
+use super::nft::{
+    counter_in, rule_in,
+    rules::{anon_set, jump, s},
+    vmap_in,
+};
 use crate::netfilter::ruleset::nf::field;
 
 /// Before the bridge's own filter chains (-200) and anything an operator hooks there.
@@ -66,7 +70,7 @@ pub struct Guard {
     pub known: BTreeSet<String>,
 }
 
-fn port_chain(k: &str) -> String {
+pub(super) fn port_chain(k: &str) -> String {
     format!("p_{k}")
 }
 pub fn spoof_counter(k: &str) -> String {
@@ -451,31 +455,20 @@ pub fn write(
     }
 }
 
-/// Adds the deletion of the bridge table `t` to `b`.
-pub fn delete(b: &mut Batch<'static>, t: &str) {
-    b.add(NfListObject::Table(table(t)));
-    b.delete(NfListObject::Table(table(t)));
-}
-
-/// The port chains the bridge table `t` has and its counters (`s_*`, `l_*`) by name;
-/// `None` when it does not exist.
+/// The port chains the bridge table `t` has and its counters (`s_*`, `l_*`, `gate`) by
+/// name; `None` when it cannot be read (it does not exist).
 pub fn read_back(t: &str) -> Option<(BTreeSet<String>, BTreeMap<String, u64>)> {
-    let v = super::nft::list_json("bridge", t)?;
-    let mut chains = BTreeSet::new();
-    let mut counters = BTreeMap::new();
-    for o in v["nftables"].as_array().into_iter().flatten() {
-        if let Some(name) = o["chain"]["name"].as_str()
-            && name.starts_with("p_")
-        {
-            chains.insert(name.to_string());
-        }
-        if let Some(name) = o["counter"]["name"].as_str() {
-            counters.insert(
-                name.to_string(),
-                o["counter"]["packets"].as_u64().unwrap_or(0),
-            );
-        }
-    }
+    let found = crate::netfilter::nft::list_table(NfFamily::Bridge, t).ok()?;
+    let chains = found
+        .chains()
+        .filter(|c| c.name.starts_with("p_"))
+        .map(|c| c.name.to_string())
+        .collect();
+    let counters = found
+        .counters
+        .iter()
+        .map(|c| (c.name.clone(), c.packets))
+        .collect();
     Some((chains, counters))
 }
 
@@ -484,9 +477,7 @@ mod tests {
     use super::*;
 
     fn json(b: Batch<'static>) -> String {
-        let mut v = serde_json::to_value(b.to_nftables()).unwrap();
-        super::super::nft::spell_verdict(&mut v);
-        v.to_string()
+        crate::netfilter::nft::encode(b).json.to_string()
     }
 
     fn sender(host: bool) -> Sender {

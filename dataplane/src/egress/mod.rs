@@ -30,6 +30,7 @@ use anyhow::{Context, Result};
 use bollard::models::ContainerInspectResponse;
 use tracing::{info, warn};
 
+use crate::netfilter::table::{Applied, Table};
 use policy::{Allow, Config, Layer, Policy, Target};
 
 use crate::status::EgressCountersHandle;
@@ -103,7 +104,8 @@ pub struct Egress {
     state_dir: Option<PathBuf>,
     pub containers: BTreeMap<String, Container>,
     pub names: BTreeMap<String, Name>,
-    applied: Option<nft::Spec>,
+    /// The table as written.
+    written: Table<nft::Spec>,
     /// Docker's bridge interfaces (set by the agent before each apply).
     pub bridges: BTreeSet<String>,
     /// Whether bridged traffic is known to pass the IP hooks (`br_netfilter`).
@@ -256,7 +258,7 @@ impl Egress {
             state_dir,
             containers: BTreeMap::new(),
             names: BTreeMap::new(),
-            applied: None,
+            written: Table::new(table),
             bridges: BTreeSet::new(),
             bridge_netfilter: false,
             daemon_dns,
@@ -308,7 +310,7 @@ impl Egress {
         if last.is_some_and(|t| t.elapsed() < COUNTERS_INTERVAL / 2) {
             return;
         }
-        let Some(applied) = &self.applied else {
+        let Some(applied) = self.written.applied() else {
             return;
         };
         let at = Instant::now();
@@ -926,38 +928,11 @@ impl Egress {
         if !self.bridge_netfilter && spec.containers.values().any(|c| !c.host) {
             self.bridge_netfilter = enable_bridge_netfilter();
         }
-        let batch = if let Some(old) = &self.applied {
-            match nft::delta_batch(&self.table, old, &spec) {
-                Some(b) => b,
-                None => return Ok(false),
-            }
-        } else {
-            {
-                let at = Instant::now();
-                let (inet, bridge) = (nft::read_back(&self.table), guard::read_back(&self.table));
-                // A whole write keeps the counters: this reading stays true.
-                self.store_counters(
-                    at,
-                    inet.as_ref().map(|(_, c)| c),
-                    bridge.as_ref().map(|(_, c)| c),
-                );
-                let mut present = inet.map(|(chains, _)| chains).unwrap_or_default();
-                present.extend(bridge.map(|(chains, _)| chains).unwrap_or_default());
-                nft::full_batch(&self.table, &spec, &present)
-            }
-        };
-        let table = self.table.clone();
-        let r = tokio::task::block_in_place(|| nft::run(batch));
-        match r {
-            Ok(()) => {
+        match tokio::task::block_in_place(|| self.written.apply(&spec, false))? {
+            Applied::Unchanged => Ok(false),
+            Applied::Written => {
                 self.mark_enforced(&spec);
-                self.applied = Some(spec);
                 Ok(true)
-            }
-            Err(e) => {
-                // Written whole next time.
-                self.applied = None;
-                Err(e).with_context(|| format!("writing the egress table inet {table}"))
             }
         }
     }
@@ -978,52 +953,25 @@ impl Egress {
         }
     }
 
-    /// Whether the table lost a container's chains, or went, since it was written (then the
-    /// next apply writes it whole).
+    /// Whether the tables lost or gained a container's chains, or went, since they were
+    /// written: then they are written whole again (or, if that fails, at the next apply).
     pub fn drifted(&mut self) -> bool {
-        let Some(applied) = &self.applied else {
-            return false;
-        };
-        let want: BTreeSet<String> = applied
-            .containers
-            .iter()
-            .flat_map(|(k, c)| {
-                let mut v = vec![format!("f_{k}")];
-                if !c.host {
-                    v.push(format!("i_{k}"));
-                }
-                v
-            })
-            .collect();
-        let ports: BTreeSet<String> = applied
-            .guard
-            .senders
-            .keys()
-            .map(|k| format!("p_{k}"))
-            .collect();
-        let at = Instant::now();
-        let (now, now_ports) = tokio::task::block_in_place(|| {
-            (nft::read_back(&self.table), guard::read_back(&self.table))
-        });
-        self.store_counters(
-            at,
-            now.as_ref().map(|(_, c)| c),
-            now_ports.as_ref().map(|(_, c)| c),
-        );
-        let ports_ok = match now_ports {
-            Some((chains, _)) => chains == ports,
-            None => ports.is_empty() && !applied.guard.gated,
-        };
-        if ports_ok && now.is_some_and(|(chains, _)| chains == want) {
-            return false;
+        let r = tokio::task::block_in_place(|| self.written.repair());
+        // The check follows a change: the drop counters are read with it.
+        self.refresh_counters();
+        match r {
+            Ok(drifted) => drifted,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "restoring the egress table failed");
+                self.written.forget();
+                true
+            }
         }
-        self.applied = None;
-        true
     }
 
     /// Forget what was applied: the next apply rewrites the table in place (repair).
     pub fn force(&mut self) {
-        self.applied = None;
+        self.written.forget();
     }
 
     /// Lets new veths through while no agent runs (a stop, not a crash).
@@ -1031,14 +979,13 @@ impl Egress {
         if guard::read_back(&self.table).is_none() {
             return Ok(());
         }
-        self.applied = None;
-        nft::run(guard::open_gate(&self.table))
+        self.written.forget();
+        Ok(crate::netfilter::nft::run(guard::open_gate(&self.table))?)
     }
 
     /// Removes the table.
     pub fn remove(&mut self) -> Result<()> {
-        self.applied = None;
-        nft::run(nft::delete_batch(&self.table))
+        self.written.remove()
     }
 
     /// The container `key` names: an exact name or ID, else a unique ID prefix.

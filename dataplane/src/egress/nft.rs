@@ -1,5 +1,6 @@
 //! The egress table, `inet <table>_egress`: what [`Spec`] says, as nftables objects (the
-//! `nftables` crate), applied as one transaction per change.
+//! `nftables` crate; the chains' rules in [`rules`]), applied as one transaction per change
+//! through the agent's table contract ([`TableSpec`]: whole, or only what changed).
 //!
 //! ```text
 //! table inet dataplane_egress {
@@ -31,23 +32,27 @@ use std::{
     net::IpAddr,
 };
 
-use anyhow::Result;
 use nftables::{
     batch::Batch,
-    expr::{CT, Expression, Meta, MetaKey, NamedExpression, Prefix, SetItem, Verdict},
+    expr::Expression,
     schema::{
         Chain, Counter, Element, FlushObject, Map, NfCmd, NfListObject, Rule, Set, SetType,
         SetTypeValue,
     },
-    stmt::{self, JumpTarget, Match, Operator, Statement, VerdictMap},
+    stmt::Statement,
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
 
-use super::policy::{Net, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP};
-use crate::netfilter::ruleset::{
-    nf::{field, in_set, is, l4proto},
-    set_of, table,
+pub(super) mod rules;
+
+use super::policy::Net;
+use crate::netfilter::{
+    listing::Listing,
+    nft::list_table,
+    ruleset::{set_of, table},
+    table::{ObjectId, Shape, Start, TableId, TableSpec},
 };
+use rules::{base_rules, container_rules, jump, s};
 
 /// Before Docker's filter chains (priority 0) and after its DNAT (-100): the destination
 /// is the one the packet will really go to.
@@ -110,8 +115,8 @@ fn set(t: &str, name: &str, ty: SetType) -> Set<'static> {
     set_of(t, name, vec![ty])
 }
 
-/// A verdict map (written with type `mark`, spelled `verdict` by [`spell_verdict`]: the
-/// crate has no verdict type).
+/// A verdict map (written with type `mark`, spelt `verdict` by
+/// [`crate::netfilter::nft::encode`]: the crate has no verdict type).
 fn vmap(t: &str, name: &str, ty: SetType) -> Map<'static> {
     vmap_in(NfFamily::INet, t, name, ty)
 }
@@ -193,223 +198,6 @@ fn elements(t: &str, name: &str, elem: Vec<Expression<'static>>) -> NfListObject
         name: name.to_string().into(),
         elem: elem.into(),
     })
-}
-
-#[allow(
-    clippy::needless_pass_by_value,
-    reason = "called with references and strings alike"
-)]
-pub(super) fn s(v: impl ToString) -> Expression<'static> {
-    Expression::String(v.to_string().into())
-}
-
-fn meta(key: MetaKey) -> Expression<'static> {
-    Expression::Named(NamedExpression::Meta(Meta { key }))
-}
-
-fn net_expr(n: &Net) -> Expression<'static> {
-    let full = if n.is_v4() { 32 } else { 128 };
-    if n.len == full {
-        s(n.addr)
-    } else {
-        Expression::Named(NamedExpression::Prefix(Prefix {
-            addr: Box::new(s(n.addr)),
-            len: u32::from(n.len),
-        }))
-    }
-}
-
-pub(super) fn anon_set(items: Vec<Expression<'static>>) -> Expression<'static> {
-    Expression::Named(NamedExpression::Set(
-        items.into_iter().map(SetItem::Element).collect(),
-    ))
-}
-
-pub(super) fn jump(target: String) -> Expression<'static> {
-    Expression::Verdict(Verdict::Jump(JumpTarget {
-        target: target.into(),
-    }))
-}
-
-fn ct_state(states: &[&str]) -> Statement<'static> {
-    Statement::Match(Match {
-        left: Expression::Named(NamedExpression::CT(CT {
-            key: "state".into(),
-            family: None,
-            dir: None,
-        })),
-        right: Expression::List(states.iter().map(|st| s(st)).collect()),
-        op: Operator::IN,
-    })
-}
-
-fn accept() -> Statement<'static> {
-    Statement::Accept(None)
-}
-
-fn count_and_drop(k: &str) -> [Statement<'static>; 2] {
-    [
-        Statement::Counter(stmt::Counter::Named(counter_name(k).into())),
-        Statement::Drop(None),
-    ]
-}
-
-/// The base chains' rules.
-fn base_rules(spec: &Spec) -> (Vec<Vec<Statement<'static>>>, Vec<Vec<Statement<'static>>>) {
-    let established = || vec![ct_state(&["established", "related"]), accept()];
-    // Untracked: the agent's translated flows, never a policed container's (their packets
-    // are never untracked), and only after the dispatch, so a policed container's packet
-    // is judged whatever its state.
-    let untracked = || vec![ct_state(&["untracked"]), accept()];
-    let dispatch = |m4: &str, m6: &str| {
-        [("ip", m4), ("ip6", m6)].map(|(ip, m)| {
-            vec![Statement::VerdictMap(VerdictMap {
-                key: field(ip, "saddr"),
-                data: s(format!("@{m}")),
-            })]
-        })
-    };
-    // A container the agent has not admitted, on a bridge it knows or one named the way
-    // Docker names them (created while the agent was down).
-    let unadmitted = |out_of_host: bool| {
-        let mut rules = Vec::new();
-        let bridge_matches = [
-            in_set(meta(MetaKey::Iifname), "bridges"),
-            is(meta(MetaKey::Iifname), s("br-*")),
-            is(meta(MetaKey::Iifname), s("docker0")),
-        ];
-        for m in bridge_matches {
-            for (ip, n) in [("ip", "4"), ("ip6", "6")] {
-                let mut r = vec![m.clone()];
-                if out_of_host {
-                    r.push(Statement::Match(Match {
-                        left: meta(MetaKey::Oifname),
-                        right: s("@bridges"),
-                        op: Operator::NEQ,
-                    }));
-                }
-                r.push(Statement::Match(Match {
-                    left: field(ip, "saddr"),
-                    right: s(format!("@admitted{n}")),
-                    op: Operator::NEQ,
-                }));
-                r.push(Statement::Drop(None));
-                rules.push(r);
-            }
-        }
-        rules
-    };
-    let mut fwd = vec![established()];
-    fwd.extend(dispatch("fwd4", "fwd6"));
-    fwd.push(untracked());
-    // IPv6 neighbour discovery to the host is how a container finds its gateway at all.
-    let neighbour_discovery = vec![
-        is(
-            field("icmpv6", "type"),
-            anon_set(vec![
-                s("nd-router-solicit"),
-                s("nd-neighbor-solicit"),
-                s("nd-neighbor-advert"),
-            ]),
-        ),
-        accept(),
-    ];
-    let mut inp = vec![established(), neighbour_discovery];
-    inp.extend(dispatch("in4", "in6"));
-    inp.push(untracked());
-    if spec.closed_host {
-        fwd.extend(unadmitted(false));
-        inp.extend(unadmitted(false));
-    } else if spec.closed_internet {
-        fwd.extend(unadmitted(true));
-    }
-    (fwd, inp)
-}
-
-/// What the container may always do first: DNS to its resolvers, its allow-list.
-fn allow_rules(c: &Chains) -> Vec<Vec<Statement<'static>>> {
-    let mut rules = Vec::new();
-    for v4 in [true, false] {
-        let ip = if v4 { "ip" } else { "ip6" };
-        let dns: Vec<_> = c
-            .dns
-            .iter()
-            .filter(|a| a.is_ipv4() == v4)
-            .map(|a| s(a))
-            .collect();
-        if !dns.is_empty() {
-            rules.push(vec![
-                is(field(ip, "daddr"), anon_set(dns)),
-                is(l4proto(), anon_set(vec![s("tcp"), s("udp")])),
-                is(field("th", "dport"), Expression::Number(53)),
-                accept(),
-            ]);
-        }
-        for a in &c.allow {
-            let nets: Vec<_> = a
-                .nets
-                .iter()
-                .filter(|n| n.is_v4() == v4)
-                .map(net_expr)
-                .collect();
-            if nets.is_empty() {
-                continue;
-            }
-            let mut r = vec![is(field(ip, "daddr"), anon_set(nets))];
-            match (a.proto, a.port) {
-                (Some(PROTO_ICMP | PROTO_ICMPV6), _) => {
-                    r.push(is(l4proto(), s(if v4 { "icmp" } else { "ipv6-icmp" })));
-                }
-                (Some(p), _) => {
-                    r.push(is(l4proto(), s(if p == PROTO_UDP { "udp" } else { "tcp" })));
-                }
-                (None, Some(_)) => r.push(is(l4proto(), anon_set(vec![s("tcp"), s("udp")]))),
-                (None, None) => {}
-            }
-            if let Some(port) = a.port {
-                r.push(is(
-                    field("th", "dport"),
-                    Expression::Number(u32::from(port)),
-                ));
-            }
-            r.push(accept());
-            rules.push(r);
-        }
-    }
-    rules
-}
-
-/// The rules of the container's forward chain and (host off only) input chain.
-fn container_rules(
-    k: &str,
-    c: &Chains,
-) -> (
-    Vec<Vec<Statement<'static>>>,
-    Option<Vec<Vec<Statement<'static>>>>,
-) {
-    let first = allow_rules(c);
-    let mut fwd = first.clone();
-    let [count, drop] = count_and_drop(k);
-    match (c.internet, c.host) {
-        (false, false) => fwd.push(vec![count, drop]),
-        (true, false) => fwd.push(vec![in_set(meta(MetaKey::Oifname), "bridges"), count, drop]),
-        (false, true) => fwd.push(vec![
-            Statement::Match(Match {
-                left: meta(MetaKey::Oifname),
-                right: s("@bridges"),
-                op: Operator::NEQ,
-            }),
-            count,
-            drop,
-        ]),
-        (true, true) => {}
-    }
-    let inp = (!c.host).then(|| {
-        let mut r = first;
-        r.push(count_and_drop(k).to_vec());
-        r
-    });
-    (fwd, inp)
 }
 
 /// Whether two versions of a container's chains have the same rules.
@@ -607,6 +395,8 @@ pub fn full_batch(t: &str, spec: &Spec, present: &BTreeSet<String>) -> Batch<'st
         }
     }
     for k in gone_counters {
+        // Declared first: a chain left without its counter (made by hand) is no error.
+        b.add(NfListObject::Counter(counter(t, &counter_name(&k))));
         b.delete(NfListObject::Counter(counter(t, &counter_name(&k))));
     }
     super::guard::write(&mut b, t, None, &spec.guard, present);
@@ -720,74 +510,86 @@ pub fn delta_batch(t: &str, old: &Spec, new: &Spec) -> Option<Batch<'static>> {
     Some(b)
 }
 
-/// The batch that deletes table `t`.
-pub fn delete_batch(t: &str) -> Batch<'static> {
-    let mut b = Batch::new();
-    b.add(NfListObject::Table(table(t)));
-    b.delete(NfListObject::Table(table(t)));
-    super::guard::delete(&mut b, t);
-    b
-}
+impl TableSpec for Spec {
+    const ROLE: &'static str = "egress";
+    // Its drop counters outlive every write.
+    const DISPOSABLE: bool = false;
 
-/// Rewrites the verdict maps' value type (`mark` stands in for it) to `verdict`.
-pub fn spell_verdict(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::Object(o) => {
-            if let Some(m) = o.get_mut("map").and_then(|m| m.as_object_mut())
-                && m.get("map").and_then(|x| x.as_str()) == Some("mark")
-            {
-                m.insert("map".into(), "verdict".into());
-            }
-            o.values_mut().for_each(spell_verdict);
+    /// The `inet` table and the `bridge` one of the same name ([`super::guard`]).
+    fn tables(name: &str) -> Vec<TableId> {
+        vec![
+            TableId::new(NfFamily::INet, name),
+            TableId::new(NfFamily::Bridge, name),
+        ]
+    }
+
+    /// What differs from the spec in place; else the whole table in place, the chains of
+    /// containers no longer there (read back) removed.
+    fn batch(&self, name: &str, start: Start<'_, Self>) -> Batch<'static> {
+        match start {
+            Start::Applied(old) => delta_batch(name, old, self).unwrap_or_default(),
+            Start::Found(found) => full_batch(name, self, &container_chains(found)),
         }
-        serde_json::Value::Array(a) => a.iter_mut().for_each(spell_verdict),
-        _ => {}
+    }
+
+    /// The tables and their chains: a container's chains gone or left over show.
+    fn expected_shape(&self, name: &str) -> Shape {
+        let inet = TableId::new(NfFamily::INet, name);
+        let bridge = TableId::new(NfFamily::Bridge, name);
+        let mut chains: BTreeMap<ObjectId, Option<usize>> = BTreeMap::new();
+        let mut add = |t: &TableId, chain: String| {
+            chains.insert((t.clone(), chain), None);
+        };
+        add(&inet, "forward".into());
+        add(&inet, "input".into());
+        add(&bridge, "prerouting".into());
+        for (k, c) in &self.containers {
+            add(&inet, fwd_chain(k));
+            if !c.host {
+                add(&inet, in_chain(k));
+            }
+        }
+        for k in self.guard.senders.keys() {
+            add(&bridge, super::guard::port_chain(k));
+        }
+        Shape {
+            tables: [inet, bridge].into(),
+            chains,
+            sets: BTreeMap::new(),
+            owned_prefixes: ["f_", "i_", "p_"].map(String::from).into(),
+        }
     }
 }
 
-/// Applies `batch` as one transaction (`nft -j -f -`).
-pub fn run(batch: Batch<'_>) -> Result<()> {
-    let mut value = serde_json::to_value(batch.to_nftables())?;
-    spell_verdict(&mut value);
-    crate::netfilter::ruleset::run_json(&value)
+/// The chains written per container (`f_*`, `i_*` in the `inet` table, `p_*` in the
+/// `bridge` one) that `found` has.
+fn container_chains(found: &Listing) -> BTreeSet<String> {
+    found
+        .chains()
+        .filter(|c| match c.family {
+            NfFamily::INet => c.name.starts_with("f_") || c.name.starts_with("i_"),
+            NfFamily::Bridge => c.name.starts_with("p_"),
+            _ => false,
+        })
+        .map(|c| c.name.to_string())
+        .collect()
 }
 
 /// The container chains (`f_*`, `i_*`) table `t` has, and its drop counters by key; `None`
-/// when the table does not exist. Read as plain JSON: the crate's schema has no verdict
-/// maps.
+/// when the table cannot be read.
 pub fn read_back(t: &str) -> Option<(BTreeSet<String>, BTreeMap<String, u64>)> {
-    list_json("inet", t).map(|v| chains_and_counters(&v))
+    list_table(NfFamily::INet, t)
+        .ok()
+        .map(|l| chains_and_counters(&l))
 }
 
-/// `nft -j list table <family> <t>`; `None` when the table does not exist.
-pub(super) fn list_json(family: &str, t: &str) -> Option<serde_json::Value> {
-    let out = std::process::Command::new("nft")
-        .args(["-j", "list", "table", family, t])
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-fn chains_and_counters(v: &serde_json::Value) -> (BTreeSet<String>, BTreeMap<String, u64>) {
-    let mut chains = BTreeSet::new();
-    let mut counters = BTreeMap::new();
-    for o in v["nftables"].as_array().into_iter().flatten() {
-        if let Some(name) = o["chain"]["name"].as_str()
-            && (name.starts_with("f_") || name.starts_with("i_"))
-        {
-            chains.insert(name.to_string());
-        }
-        if let Some(k) = o["counter"]["name"]
-            .as_str()
-            .and_then(|n| n.strip_prefix("d_"))
-        {
-            counters.insert(k.to_string(), o["counter"]["packets"].as_u64().unwrap_or(0));
-        }
-    }
+fn chains_and_counters(found: &Listing) -> (BTreeSet<String>, BTreeMap<String, u64>) {
+    let chains = container_chains(found);
+    let counters = found
+        .counters
+        .iter()
+        .filter_map(|c| Some((c.name.strip_prefix("d_")?.to_string(), c.packets)))
+        .collect();
     (chains, counters)
 }
 
@@ -839,8 +641,7 @@ mod tests {
     }
 
     fn json(b: Batch<'static>) -> Vec<Value> {
-        let mut v = serde_json::to_value(b.to_nftables()).unwrap();
-        spell_verdict(&mut v);
+        let v = crate::netfilter::nft::encode(b).json;
         v["nftables"].as_array().unwrap().clone()
     }
 
@@ -1006,6 +807,35 @@ mod tests {
     }
 
     #[test]
+    fn a_containers_chain_gone_or_left_over_is_drift() {
+        let sp = spec();
+        let want = sp.expected_shape("t");
+        // The tables as nft lists them after a full write: their tables and chains.
+        let listed = |skip: &str, extra: &str| {
+            let mut objects = Vec::new();
+            for c in json(full_batch("t", &sp, &BTreeSet::new())) {
+                for kind in ["table", "chain"] {
+                    if let Some(o) = c["add"].get(kind)
+                        && o["name"] != skip
+                    {
+                        objects.push(serde_json::json!({ kind: o }));
+                    }
+                }
+            }
+            if !extra.is_empty() {
+                objects.push(serde_json::json!({ "chain": {
+                    "family": "inet", "table": "t", "name": extra } }));
+            }
+            Listing::from_value(serde_json::json!({ "nftables": objects })).unwrap()
+        };
+        assert_eq!(want.found(&listed("", "")), want);
+        assert_ne!(want.found(&listed("i_bbbb", "")), want);
+        assert_ne!(want.found(&listed("", "f_cccc")), want);
+        // A chain of someone else's is not the agent's.
+        assert_eq!(want.found(&listed("", "operator")), want);
+    }
+
+    #[test]
     fn chains_and_counters_are_read_back() {
         let text = r#"{"nftables": [
           {"table": {"family": "inet", "name": "t", "handle": 1}},
@@ -1015,7 +845,7 @@ mod tests {
           {"map": {"family": "inet", "table": "t", "name": "fwd4", "type": "ipv4_addr", "map": "verdict"}},
           {"counter": {"family": "inet", "table": "t", "name": "d_aaaa", "handle": 5, "packets": 7, "bytes": 420}}
         ]}"#;
-        let r: Value = serde_json::from_str(text).unwrap();
+        let r = Listing::parse(text.as_bytes()).unwrap();
         let (chains, counters) = chains_and_counters(&r);
         assert_eq!(chains.len(), 2);
         assert_eq!(counters["aaaa"], 7);

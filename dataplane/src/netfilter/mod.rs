@@ -1,6 +1,8 @@
-//! Everything the agent does with netfilter: its own nftables table ([`notrack`], typed
-//! batches through the `nftables` crate), the removal of an earlier version's iptables
-//! chain ([`legacy`]), and change notifications ([`changes`]).
+//! Everything the agent does with netfilter: what its own nftables tables have in common
+//! ([`table`]: written from a spec, read back, repaired; [`nft`]: running `nft`;
+//! [`listing`]: a ruleset read with the `nftables` crate's schema), its notrack table
+//! ([`notrack`]), the removal of an earlier version's iptables chain ([`legacy`]), and
+//! change notifications ([`changes`]).
 //!
 //! The notrack table's writer: one background task that applies the latest requested
 //! [`notrack::Spec`] (a `watch` channel: requests coalesce, the newest wins), off the event
@@ -20,8 +22,11 @@ use tracing::{debug, info, warn};
 
 pub mod changes;
 pub mod legacy;
+pub mod listing;
+pub mod nft;
 pub mod notrack;
 pub mod ruleset;
+pub mod table;
 
 use crate::apply::Backoff;
 use notrack::Notrack;

@@ -32,9 +32,7 @@ use std::{
 use anyhow::Result;
 use dataplane_common::{Backend, FrontendKey, is_zero};
 
-use super::ruleset::{
-    batch, delete_batch, expected_shape, has_dynamic_sets, read_back, run, shape_of,
-};
+use super::table::{Applied, Table};
 
 use crate::{
     addr::{Service, addr_to_ip},
@@ -163,74 +161,33 @@ impl Spec {
 }
 
 /// The table as it is applied, so an unchanged spec costs nothing.
-pub struct Notrack {
-    table: String,
-    applied: Option<Spec>,
-    /// Whether the table's dynamic sets exist (read back once, then known).
-    dynamic_sets: Option<bool>,
-}
+pub struct Notrack(Table<Spec>);
 
 impl Notrack {
     pub fn new(table: &str) -> Self {
-        Self {
-            table: table.to_string(),
-            applied: None,
-            dynamic_sets: None,
-        }
+        Self(Table::new(table))
     }
 
     /// What was applied last.
     pub fn applied(&self) -> Option<&Spec> {
-        self.applied.as_ref()
+        self.0.applied()
     }
 
-    /// Applies `spec` when it differs from what was applied last (or `force`).
+    /// Applies `spec` when it differs from what was applied last (or `force`). Whether it
+    /// was written.
     pub fn apply(&mut self, spec: &Spec, force: bool) -> Result<bool> {
-        if !force && self.applied.as_ref() == Some(spec) {
-            return Ok(false);
-        }
-        let table = self.table.clone();
-        let exists = *self
-            .dynamic_sets
-            .get_or_insert_with(|| read_back(&table).is_some_and(|r| has_dynamic_sets(&r)));
-        if let Err(e) = run(batch(&self.table, spec, !exists)) {
-            // An earlier version's table (other sets or types), or one deleted by hand:
-            // replaced whole.
-            tracing::info!(error = %format!("{e:#}"), table = %self.table, "replacing the table whole");
-            let mut b = delete_batch(&self.table);
-            b.add_all(
-                batch(&self.table, spec, true)
-                    .to_nftables()
-                    .objects
-                    .into_owned(),
-            );
-            run(b)?;
-        }
-        self.dynamic_sets = Some(true);
-        self.applied = Some(spec.clone());
-        Ok(true)
+        Ok(self.0.apply(spec, force)? == Applied::Written)
     }
 
     /// Reads the table back and re-applies what was applied last if it drifted (a rule,
     /// an element or the table deleted by hand). Whether it had drifted.
     pub fn repair(&mut self) -> Result<bool> {
-        let Some(spec) = self.applied.clone() else {
-            return Ok(false);
-        };
-        let now = read_back(&self.table);
-        if now.as_ref().map(shape_of) == Some(expected_shape(&spec)) {
-            return Ok(false);
-        }
-        self.dynamic_sets = Some(now.is_some_and(|r| has_dynamic_sets(&r)));
-        self.apply(&spec, true)?;
-        Ok(true)
+        self.0.repair()
     }
 
     /// Removes the table (when the agent stops and its programs detach).
     pub fn remove(&mut self) -> Result<()> {
-        self.applied = None;
-        self.dynamic_sets = None;
-        run(delete_batch(&self.table))
+        self.0.remove()
     }
 }
 
@@ -240,8 +197,12 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::netfilter::ruleset::{FILLED, NAT_CLIENT_TIMEOUT_S};
-    use nftables::schema::Nftables;
+    use crate::netfilter::{
+        listing::Listing,
+        nft::encode,
+        ruleset::{FILLED, NAT_CLIENT_TIMEOUT_S, batch},
+        table::{TableId, TableSpec},
+    };
 
     fn ha(ip: &str, ifname: &str) -> HostAddr {
         HostAddr {
@@ -278,7 +239,7 @@ mod tests {
 
     /// The batch as nft reads it.
     fn json(spec: &Spec) -> Vec<Value> {
-        let v = serde_json::to_value(batch(TABLE, spec, true).to_nftables()).unwrap();
+        let v = encode(batch(TABLE, spec, true)).json;
         v["nftables"].as_array().unwrap().clone()
     }
 
@@ -325,7 +286,7 @@ mod tests {
         let flags = natclients["add"]["set"]["flags"].to_string();
         assert!(flags.contains("timeout"), "{flags}");
         // Declared with a new table only (the kernel marks them dynamic).
-        let again = serde_json::to_value(batch(TABLE, &spec(false), false).to_nftables()).unwrap();
+        let again = encode(batch(TABLE, &spec(false), false)).json;
         let declared = |v: &Value| {
             v["nftables"]
                 .as_array()
@@ -423,11 +384,12 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert!(out[0].contains("@backends4") && out[0].contains("notrack"));
         assert!(out[0].contains("@ports"));
-        let shape = expected_shape(&spec(false));
+        let shape = spec(false).expected_shape(TABLE);
+        let t = TableId::new(nftables::types::NfFamily::INet, TABLE);
         for chain in ["prerouting", "pre4", "from_backend6", "to_host6", "output"] {
             assert_eq!(
-                shape[&format!("chain {chain}")],
-                rules_of(&cmds, chain).len(),
+                shape.chains[&(t.clone(), chain.to_string())],
+                Some(rules_of(&cmds, chain).len()),
                 "{chain}"
             );
         }
@@ -496,9 +458,14 @@ mod tests {
     #[test]
     fn drift_shows_in_the_shape_read_back() {
         let spec = spec(false);
-        let want = expected_shape(&spec);
+        let want = spec.expected_shape(TABLE);
         // The table as nft lists it, from what was applied: same shape.
-        let mut listed = Vec::new();
+        let mut listed = vec![serde_json::json!({ "table": { "family": "inet", "name": TABLE } })];
+        for c in json(&spec) {
+            if let Some(ch) = c["add"].get("chain") {
+                listed.push(serde_json::json!({ "chain": ch }));
+            }
+        }
         for c in json(&spec) {
             if let Some(r) = c["add"].get("rule") {
                 listed.push(serde_json::json!({ "rule": r }));
@@ -516,8 +483,7 @@ mod tests {
             }
         }
         let read = |v: &Vec<Value>| {
-            let r: Nftables = serde_json::from_value(serde_json::json!({ "nftables": v })).unwrap();
-            shape_of(&r)
+            want.found(&Listing::from_value(serde_json::json!({ "nftables": v })).unwrap())
         };
         assert_eq!(read(&listed), want);
         // A rule deleted by hand.

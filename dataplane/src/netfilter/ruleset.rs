@@ -1,27 +1,25 @@
 //! How the notrack table is written: its sets and rules as typed nftables objects (the
-//! `nftables` crate), one batch per update, applied as one transaction by `nft -j`; and how
-//! it is read back to see drift. What goes in it is [`super::notrack::Spec`].
+//! `nftables` crate), one batch per update, applied as one transaction by `nft -j`; and what
+//! a read-back must find (its [`TableSpec`]). What goes in it is [`super::notrack::Spec`].
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    io::Write as _,
-    net::IpAddr,
-    process::{Command, Stdio},
-};
+use std::{collections::BTreeSet, net::IpAddr};
 
-use anyhow::{Context, Result, bail};
 use nftables::{
     batch::Batch,
     expr::{Expression, SocketAttr},
     schema::{
-        Chain, Element, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag,
-        SetType, SetTypeValue, Table,
+        Chain, Element, FlushObject, NfCmd, NfListObject, Rule, Set, SetFlag, SetType,
+        SetTypeValue, Table,
     },
     stmt::Statement,
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
 
-use super::notrack::Spec;
+use super::{
+    listing::Listing,
+    notrack::Spec,
+    table::{Shape, Start, TableId, TableSpec},
+};
 
 /// Each item rendered, IPv4 ones first, IPv6 ones second.
 pub(crate) fn split<T, U>(
@@ -46,7 +44,8 @@ pub(crate) const NAT_CLIENT_TIMEOUT_S: u32 = 600;
 /// Room for such connections (when full, new ones are not recorded).
 pub(crate) const NAT_CLIENTS_MAX: u32 = 65_536;
 
-/// The sets the agent fills (flushed and refilled at each update).
+/// The sets the agent fills (flushed and refilled at each update), as the tests name them.
+#[cfg(test)]
 pub(crate) const FILLED: [&str; 10] = [
     "ports",
     "published",
@@ -514,49 +513,50 @@ pub fn batch(t: &str, spec: &Spec, new_table: bool) -> Batch<'static> {
     b
 }
 
-/// The batch that deletes table `t` (created first if missing, so it never fails for
-/// that).
-pub fn delete_batch(t: &str) -> Batch<'static> {
-    let mut b = Batch::new();
-    b.add(NfListObject::Table(table(t)));
-    b.delete(NfListObject::Table(table(t)));
-    b
+/// Whether `found` has the dynamic sets (the table was made by this layout).
+fn has_dynamic_sets(found: &Listing) -> bool {
+    found
+        .objects
+        .iter()
+        .any(|o| matches!(o, NfListObject::Set(s) if s.name == "natclients4"))
 }
 
-/// Rules per chain and elements per set the agent fills, as the kernel has them in table
-/// `t` (`nft -j list table`): compared with what was applied, a rule or element deleted by
-/// hand shows.
-pub(crate) fn shape_of(ruleset: &Nftables<'_>) -> BTreeMap<String, usize> {
-    let mut shape = BTreeMap::new();
-    for o in ruleset.objects.iter() {
-        match o {
-            NfObject::ListObject(NfListObject::Rule(r)) => {
-                *shape.entry(format!("chain {}", r.chain)).or_insert(0) += 1;
-            }
-            NfObject::ListObject(NfListObject::Set(s)) if FILLED.contains(&s.name.as_ref()) => {
-                shape.insert(
-                    format!("set {}", s.name),
-                    s.elem.as_ref().map_or(0, |e| e.len()),
-                );
-            }
-            _ => {}
-        }
-    }
-    shape
-}
+impl TableSpec for Spec {
+    const ROLE: &'static str = "notrack";
+    // What it holds besides the spec (connections the packet path recorded) is relearnt.
+    const DISPOSABLE: bool = true;
 
-/// What [`shape_of`] reads back when `spec` is in place.
-pub(crate) fn expected_shape(spec: &Spec) -> BTreeMap<String, usize> {
-    let mut shape = BTreeMap::new();
-    for c in chains(spec) {
-        if !c.rules.is_empty() {
-            shape.insert(format!("chain {}", c.name), c.rules.len());
+    fn tables(name: &str) -> Vec<TableId> {
+        vec![TableId::new(NfFamily::INet, name)]
+    }
+
+    /// Always the whole table (a flush and refill of each chain and set); its dynamic sets
+    /// declared only with a new table.
+    fn batch(&self, name: &str, start: Start<'_, Self>) -> Batch<'static> {
+        let new_table = match start {
+            Start::Applied(_) => false,
+            Start::Found(found) => !has_dynamic_sets(found),
+        };
+        batch(name, self, new_table)
+    }
+
+    /// Rules per chain and elements per set the agent fills: compared with what was
+    /// applied, a rule or element deleted by hand shows.
+    fn expected_shape(&self, name: &str) -> Shape {
+        let t = TableId::new(NfFamily::INet, name);
+        Shape {
+            tables: [t.clone()].into(),
+            chains: chains(self)
+                .into_iter()
+                .map(|c| ((t.clone(), c.name), Some(c.rules.len())))
+                .collect(),
+            sets: sets(self)
+                .into_iter()
+                .map(|(set, _, items)| ((t.clone(), set.to_string()), items.len()))
+                .collect(),
+            owned_prefixes: BTreeSet::new(),
         }
     }
-    for (name, _, items) in sets(spec) {
-        shape.insert(format!("set {name}"), items.len());
-    }
-    shape
 }
 
 /// The rules a batch (as nft's JSON commands) adds to `chain`, each as its JSON text.
@@ -567,68 +567,4 @@ pub(crate) fn rules_of(cmds: &[serde_json::Value], chain: &str) -> Vec<String> {
         .filter(|r| r["chain"] == chain)
         .map(|r| r["expr"].to_string())
         .collect()
-}
-
-/// Applies `batch` as one transaction (`nft -j -f -`, the typed batch as JSON): all or
-/// nothing. nft's error output becomes the error.
-pub(crate) fn run(batch: Batch<'_>) -> Result<()> {
-    let mut value = serde_json::to_value(batch.to_nftables()).context("encoding the batch")?;
-    spell_notrack(&mut value);
-    run_json(&value)
-}
-
-/// Applies a batch already encoded as nft's JSON, as one transaction.
-pub(crate) fn run_json(value: &serde_json::Value) -> Result<()> {
-    let json = serde_json::to_vec(value).context("encoding the batch")?;
-    nft_stdin(&["-j", "-f", "-"], &json)
-        .map_err(|e| anyhow::anyhow!("nft refused the batch (nothing was changed): {e}"))
-}
-
-/// Runs `nft args` with `input` on its standard input; its error output becomes the error.
-pub(crate) fn nft_stdin(args: &[&str], input: &[u8]) -> Result<()> {
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running nft")?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(input)
-        .context("writing to nft")?;
-    let out = child.wait_with_output().context("waiting for nft")?;
-    if !out.status.success() {
-        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
-/// The `nftables` crate writes the `notrack` statement as a bare string; nft reads only
-/// the object form (`{"notrack": null}`).
-pub(crate) fn spell_notrack(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::String(s) if s == "notrack" => {
-            *v = serde_json::json!({ "notrack": null });
-        }
-        serde_json::Value::Array(a) => a.iter_mut().for_each(spell_notrack),
-        serde_json::Value::Object(o) => o.values_mut().for_each(spell_notrack),
-        _ => {}
-    }
-}
-
-/// Table `t` as the kernel has it (`nft -j list table`), if it exists.
-pub(crate) fn read_back(t: &str) -> Option<Nftables<'static>> {
-    let args = ["list", "table", "inet", t];
-    nftables::helper::get_current_ruleset_with_args(nftables::helper::DEFAULT_NFT, &args).ok()
-}
-
-/// Whether `ruleset` has the dynamic sets (the table was made by this layout).
-pub(crate) fn has_dynamic_sets(ruleset: &Nftables<'_>) -> bool {
-    ruleset
-        .objects
-        .iter()
-        .any(|o| matches!(o, NfObject::ListObject(NfListObject::Set(s)) if s.name == "natclients4"))
 }

@@ -1,6 +1,7 @@
 //! The own-firewall mode (`dataplane run --own-firewall`): Docker runs with `"iptables":
-//! false` and the agent gives what Docker's rules gave, from two tables of its own, written
-//! as one `nft -f` transaction whenever what they hold changes:
+//! false` and the agent gives what Docker's rules gave, from a table of its own, written as
+//! one transaction whenever what it holds changes ([`rules`]: its typed objects), read back
+//! and restored when it drifts:
 //!
 //! ```text
 //! table inet <t>_fw {
@@ -36,17 +37,23 @@
 pub mod daemon_json;
 pub mod docker_conf;
 pub mod leftovers;
+mod rules;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
     net::IpAddr,
-    process::{Command, Stdio},
 };
 
 use anyhow::{Result, bail};
+use nftables::types::NfFamily;
 
-use crate::docker::NetInfo;
+use crate::{
+    docker::NetInfo,
+    netfilter::{
+        nft,
+        table::{Applied, Table},
+    },
+};
 
 /// How a network's gateway publishes (Docker 27+'s gateway modes, per family).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -252,287 +259,13 @@ impl Spec {
     }
 }
 
-/// An interface name nft may be given quoted as it is.
+/// An interface name of the length and characters the kernel and Docker give bridges (any
+/// other network is left out of the table).
 fn safe_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() < 16
         && n.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-@:".contains(&b))
-}
-
-fn elements(v: &[String]) -> String {
-    if v.is_empty() {
-        String::new()
-    } else {
-        format!(" elements = {{ {} }};", v.join(", "))
-    }
-}
-
-/// The sets' and maps' declarations (name, type), as `nft` takes them.
-const SETS: &[(&str, &str)] = &[
-    ("bridges", "type ifname;"),
-    ("others", "type ifname;"),
-    ("internal", "type ifname;"),
-    ("no_icc", "type ifname;"),
-    ("isolated4", "type ifname;"),
-    ("isolated6", "type ifname;"),
-    ("routed4", "type ifname;"),
-    ("routed6", "type ifname;"),
-    ("unprotected4", "type ifname;"),
-    ("unprotected6", "type ifname;"),
-    ("same", "type ifname . ifname;"),
-    ("pub4", "type ipv4_addr . inet_proto . inet_service;"),
-    ("pub6", "type ipv6_addr . inet_proto . inet_service;"),
-];
-const MAPS: &[(&str, &str)] = &[
-    (
-        "dnat4_any",
-        "type inet_proto . inet_service : ipv4_addr . inet_service;",
-    ),
-    (
-        "dnat4_at",
-        "type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service;",
-    ),
-    (
-        "dnat6_any",
-        "type inet_proto . inet_service : ipv6_addr . inet_service;",
-    ),
-    (
-        "dnat6_at",
-        "type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service;",
-    ),
-];
-/// The chains the agent writes (all but `operator`), with their hooks.
-const CHAINS: &[(&str, &str)] = &[
-    (
-        "forward",
-        "type filter hook forward priority filter; policy accept;",
-    ),
-    ("from_bridge", ""),
-    ("to_bridge", ""),
-    (
-        "prerouting",
-        "type nat hook prerouting priority dstnat; policy accept;",
-    ),
-    (
-        "output",
-        "type nat hook output priority -100; policy accept;",
-    ),
-    ("publish", ""),
-    (
-        "postrouting",
-        "type nat hook postrouting priority srcnat; policy accept;",
-    ),
-];
-
-fn v6_addr(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(a) => a.to_string(),
-        IpAddr::V6(a) => a.to_string(),
-    }
-}
-
-/// The elements of every set and map, by name.
-fn contents(spec: &Spec) -> BTreeMap<&'static str, Vec<String>> {
-    let mut m: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
-    let q = |s: &str| format!("\"{s}\"");
-    for (br, n) in &spec.nets {
-        m.entry("bridges").or_default().push(q(br));
-        m.entry("same")
-            .or_default()
-            .push(format!("{} . {}", q(br), q(br)));
-        let mut add = |set: &'static str, on: bool| {
-            if on {
-                m.entry(set).or_default().push(q(br));
-            }
-        };
-        add("internal", n.internal);
-        add("no_icc", !n.icc);
-        add("isolated4", n.gw4 == Gateway::Isolated);
-        add("isolated6", n.gw6 == Gateway::Isolated);
-        add("routed4", n.gw4 == Gateway::Routed);
-        add("routed6", n.gw6 == Gateway::Routed);
-        add("unprotected4", n.gw4 == Gateway::NatUnprotected);
-        add("unprotected6", n.gw6 == Gateway::NatUnprotected);
-    }
-    m.insert("others", spec.others.iter().map(|o| q(o)).collect());
-    for (ip, proto, port) in &spec.routed {
-        let set = if ip.is_ipv4() { "pub4" } else { "pub6" };
-        m.entry(set)
-            .or_default()
-            .push(format!("{} . {proto} . {port}", v6_addr(*ip)));
-    }
-    let mut seen: BTreeSet<(&str, String)> = m
-        .iter()
-        .filter(|(k, _)| k.starts_with("pub"))
-        .flat_map(|(k, v)| v.iter().map(|e| (*k, e.clone())))
-        .map(|(k, e)| (if k == "pub4" { "4" } else { "6" }, e))
-        .collect();
-    for p in &spec.published {
-        let v4 = p.to.is_ipv4();
-        let f = if v4 { "4" } else { "6" };
-        let to = format!("{} . {}", v6_addr(p.to), p.to_port);
-        let pub_el = format!("{} . {} . {}", v6_addr(p.to), p.proto, p.to_port);
-        if seen.insert((f, pub_el.clone())) {
-            m.entry(if v4 { "pub4" } else { "pub6" })
-                .or_default()
-                .push(pub_el);
-        }
-        // One translation per key: the first binding wins (Docker allows no second).
-        let (map, key) = match p.host {
-            None => (
-                if v4 { "dnat4_any" } else { "dnat6_any" },
-                format!("{} . {}", p.proto, p.port),
-            ),
-            Some(h) if h.is_ipv4() == v4 => (
-                if v4 { "dnat4_at" } else { "dnat6_at" },
-                format!("{} . {} . {}", v6_addr(h), p.proto, p.port),
-            ),
-            Some(_) => continue,
-        };
-        if seen.insert((map, key.clone())) {
-            m.entry(map).or_default().push(format!("{key} : {to}"));
-        }
-    }
-    m
-}
-
-/// The fixed rules of the chains the agent writes.
-fn chain_rules(spec: &Spec) -> Vec<(&'static str, Vec<String>)> {
-    let mut post = vec!["ct status dnat iifname . oifname @same masquerade".to_string()];
-    for (br, n) in &spec.nets {
-        if !n.masquerade || n.internal {
-            continue;
-        }
-        for (addr, len) in &n.subnets {
-            let (fam, gw) = if addr.is_ipv4() {
-                ("ip", n.gw4)
-            } else {
-                ("ip6", n.gw6)
-            };
-            if matches!(gw, Gateway::Nat | Gateway::NatUnprotected) {
-                post.push(format!(
-                    "{fam} saddr {}/{len} oifname != \"{br}\" masquerade",
-                    v6_addr(*addr)
-                ));
-            }
-        }
-    }
-    let r = |v: &[&str]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
-    vec![
-        (
-            "forward",
-            r(&[
-                "jump operator",
-                "iifname \"br-*\" iifname != @bridges iifname != @others drop",
-                "oifname \"br-*\" oifname != @bridges oifname != @others drop",
-                "iifname . oifname @same iifname @no_icc drop",
-                "iifname . oifname @same accept",
-                "iifname @bridges jump from_bridge",
-                "oifname @bridges jump to_bridge",
-            ]),
-        ),
-        (
-            "from_bridge",
-            r(&[
-                "iifname @internal drop",
-                "oifname @bridges drop",
-                "meta nfproto ipv4 iifname @isolated4 drop",
-                "meta nfproto ipv6 iifname @isolated6 drop",
-            ]),
-        ),
-        (
-            "to_bridge",
-            r(&[
-                "oifname @internal drop",
-                "meta nfproto ipv4 oifname @isolated4 drop",
-                "meta nfproto ipv6 oifname @isolated6 drop",
-                "ct state established,related accept",
-                "ct status dnat ip daddr . meta l4proto . th dport @pub4 accept",
-                "ct status dnat ip6 daddr . meta l4proto . th dport @pub6 accept",
-                "meta nfproto ipv4 oifname @unprotected4 accept",
-                "meta nfproto ipv6 oifname @unprotected6 accept",
-                "oifname @routed4 ip daddr . meta l4proto . th dport @pub4 accept",
-                "oifname @routed6 ip6 daddr . meta l4proto . th dport @pub6 accept",
-                "oifname @routed4 meta l4proto icmp accept",
-                "oifname @routed6 meta l4proto ipv6-icmp accept",
-                "drop",
-            ]),
-        ),
-        ("prerouting", r(&["fib daddr type local jump publish"])),
-        (
-            "output",
-            r(&[
-                "meta nfproto ipv4 ip daddr != 127.0.0.0/8 fib daddr type local jump publish",
-                "meta nfproto ipv6 ip6 daddr != ::1 fib daddr type local jump publish",
-            ]),
-        ),
-        (
-            "publish",
-            r(&[
-                "meta nfproto ipv4 dnat ip to ip daddr . meta l4proto . th dport map @dnat4_at",
-                "meta nfproto ipv4 dnat ip to meta l4proto . th dport map @dnat4_any",
-                "meta nfproto ipv6 dnat ip6 to ip6 daddr . meta l4proto . th dport map @dnat6_at",
-                "meta nfproto ipv6 dnat ip6 to meta l4proto . th dport map @dnat6_any",
-            ]),
-        ),
-        ("postrouting", post),
-    ]
-}
-
-/// The whole `nft -f` script: declares what is missing (the operator's chain only if
-/// missing), empties what the agent writes, and fills it again; one transaction.
-pub fn script(table: &str, spec: &Spec) -> String {
-    let t = format!("{table}_fw");
-    let mut s = String::new();
-    let _ = writeln!(s, "table inet {t} {{");
-    for (name, ty) in SETS {
-        let _ = writeln!(s, "  set {name} {{ {ty} }}");
-    }
-    for (name, ty) in MAPS {
-        let _ = writeln!(s, "  map {name} {{ {ty} }}");
-    }
-    let _ = writeln!(s, "  chain operator {{ }}");
-    for (name, hook) in CHAINS {
-        let _ = writeln!(s, "  chain {name} {{ {hook} }}");
-    }
-    let _ = writeln!(s, "}}");
-    for (name, _) in SETS {
-        let _ = writeln!(s, "flush set inet {t} {name}");
-    }
-    for (name, _) in MAPS {
-        let _ = writeln!(s, "flush map inet {t} {name}");
-    }
-    for (name, _) in CHAINS {
-        let _ = writeln!(s, "flush chain inet {t} {name}");
-    }
-    let c = contents(spec);
-    let _ = writeln!(s, "table inet {t} {{");
-    for (name, ty) in SETS.iter().chain(MAPS) {
-        let kind = if MAPS.iter().any(|(m, _)| m == name) {
-            "map"
-        } else {
-            "set"
-        };
-        if let Some(v) = c.get(name).filter(|v| !v.is_empty()) {
-            let _ = writeln!(s, "  {kind} {name} {{ {ty}{} }}", elements(v));
-        }
-    }
-    for (name, rules) in chain_rules(spec) {
-        let _ = writeln!(s, "  chain {name} {{");
-        for r in rules {
-            let _ = writeln!(s, "    {r}");
-        }
-        let _ = writeln!(s, "  }}");
-    }
-    let _ = writeln!(s, "}}");
-    s
-}
-
-/// Runs an `nft -f` script as one transaction.
-pub fn run_script(script: &str) -> Result<()> {
-    crate::netfilter::ruleset::nft_stdin(&["-f", "-"], script.as_bytes())
-        .map_err(|e| anyhow::anyhow!("nft refused the own-firewall tables: {e:#}"))
 }
 
 /// Has bridged traffic meet the `forward` chain (as Docker does where a network turns
@@ -548,28 +281,26 @@ pub fn bridged_traffic_filtered() -> Result<(), String> {
     Ok(())
 }
 
-/// The agent's tables in this mode, written when what they hold changes.
+/// The agent's table in this mode, written when what it holds changes.
 pub struct Firewall {
-    table: String,
-    last: Option<Spec>,
+    table: Table<Spec>,
 }
 
 impl Firewall {
-    /// `table`: the agent's table name; its tables are `inet` and `bridge` `<table>_fw`.
+    /// `table`: the agent's table name; its table is `inet <table>_fw`.
     pub fn new(table: &str) -> Self {
         Self {
-            table: table.to_string(),
-            last: None,
+            table: Table::new(&fw_table(table)),
         }
     }
 
     pub fn table(&self) -> String {
-        format!("{}_fw", self.table)
+        self.table.name().to_string()
     }
 
     /// Writes `spec` unless it is what was written last. True when written.
-    pub fn apply(&mut self, spec: Spec) -> Result<bool> {
-        if self.last.as_ref() == Some(&spec) {
+    pub fn apply(&mut self, spec: &Spec) -> Result<bool> {
+        if self.table.holds(spec) {
             return Ok(false);
         }
         if spec.nets.values().any(|n| !n.icc)
@@ -579,68 +310,46 @@ impl Firewall {
                 "a network turns inter-container communication off, and bridged traffic cannot be filtered: {e}"
             );
         }
-        run_script(&script(&self.table, &spec))?;
-        self.last = Some(spec);
-        Ok(true)
+        Ok(self.table.apply(spec, false)? == Applied::Written)
     }
 
     /// The next apply writes even if nothing changed (repairs changes made by hand).
     pub fn force(&mut self) {
-        self.last = None;
+        self.table.forget();
+    }
+
+    /// Reads the table back and writes it whole again if it drifted from what was written
+    /// (a rule, an element, a chain or the table deleted by hand; the operator's chain may
+    /// hold anything). Whether it had drifted.
+    pub fn repair(&mut self) -> Result<bool> {
+        self.table.repair()
     }
 
     /// The networks and bindings in force, for `status`.
     pub fn counts(&self) -> (usize, usize) {
-        self.last
-            .as_ref()
+        self.table
+            .applied()
             .map_or((0, 0), |s| (s.nets.len(), s.published.len()))
     }
 }
 
-/// Removes the agent's table (`uninstall`, or an unpinned agent stopping); the operator's
-/// chain goes with them.
-pub fn remove(table: &str) -> Result<()> {
-    let t = format!("{table}_fw");
-    let exists = |fam: &str| {
-        Command::new("nft")
-            .args(["list", "table", fam, &t])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    let mut script = String::new();
-    if exists("inet") {
-        let _ = writeln!(script, "delete table inet {t}");
-    }
-    if script.is_empty() {
-        return Ok(());
-    }
-    run_script(&script)
+/// The own-firewall table's name beside the agent's table `table`.
+fn fw_table(table: &str) -> String {
+    format!("{table}_fw")
 }
 
-/// How many rules the operator's chain holds (`None`: the table is not there).
+/// Removes the agent's table (`uninstall`, or an unpinned agent stopping); the operator's
+/// chain goes with it.
+pub fn remove(table: &str) -> Result<()> {
+    Table::<Spec>::new(&fw_table(table)).remove()
+}
+
+/// How many rules the operator's chain holds (`None`: the table is not there, or cannot
+/// be read).
 pub fn operator_rules(table: &str) -> Option<usize> {
-    let out = Command::new("nft")
-        .args([
-            "-j",
-            "list",
-            "chain",
-            "inet",
-            &format!("{table}_fw"),
-            "operator",
-        ])
-        .output()
+    nft::list_chain(NfFamily::INet, &fw_table(table), rules::OPERATOR)
         .ok()
-        .filter(|o| o.status.success())?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(
-        v.get("nftables")?
-            .as_array()?
-            .iter()
-            .filter(|i| i.get("rule").is_some())
-            .count(),
-    )
+        .map(|l| l.rules.len())
 }
 
 #[cfg(test)]
@@ -676,6 +385,29 @@ mod tests {
         assert_eq!(Gateway::of(Some("something-new")), Gateway::Isolated);
     }
 
+    /// The batch as nft reads it.
+    fn json(spec: &Spec) -> Vec<serde_json::Value> {
+        let v = crate::netfilter::nft::encode(rules::batch("dp_fw", spec)).json;
+        v["nftables"].as_array().unwrap().clone()
+    }
+
+    /// The rules the batch writes to `chain`, each as its JSON text.
+    fn rules_of(cmds: &[serde_json::Value], chain: &str) -> Vec<String> {
+        crate::netfilter::ruleset::rules_of(cmds, chain)
+    }
+
+    fn elements_of(cmds: &[serde_json::Value], set: &str) -> serde_json::Value {
+        cmds.iter()
+            .find(|c| c["add"]["element"]["name"] == set)
+            .map_or(serde_json::Value::Null, |c| {
+                c["add"]["element"]["elem"].clone()
+            })
+    }
+
+    fn addr(a: &str) -> serde_json::Value {
+        serde_json::json!(a)
+    }
+
     #[test]
     fn masquerade_per_network_and_ports_as_elements() {
         let mut spec = Spec::default();
@@ -694,18 +426,59 @@ mod tests {
                 to_port: port,
             });
         }
-        let s = script("dp", &spec);
-        // One masquerade rule: for the network that asks for it (not internal).
-        assert_eq!(s.matches("masquerade").count(), 2, "{s}");
-        assert!(s.contains("ip saddr 172.30.0.0/16 oifname != \"br-aaaaaaaaaaaa\" masquerade"));
+        let cmds = json(&spec);
+        // One masquerade rule for the network that asks for it (not internal), and the
+        // hairpin one.
+        let post = rules_of(&cmds, "postrouting");
+        assert_eq!(post.len(), 2, "{post:?}");
+        assert!(post.iter().all(|r| r.contains("masquerade")));
+        assert!(
+            post[1].contains(r#"{"prefix":{"addr":"172.30.0.0","len":16}}"#)
+                && post[1].contains(r#""op":"!=""#)
+                && post[1].contains(r#""right":"br-aaaaaaaaaaaa""#),
+            "{}",
+            post[1]
+        );
         // Ports are elements, not rules.
-        assert!(s.contains("6 . 8042 : 172.30.0.2 . 8042"));
-        assert_eq!(s.matches("dnat ip to").count(), 2);
-        assert!(s.contains("set internal { type ifname; elements = { \"br-cccccccccccc\" }; }"));
-        assert!(s.contains("set no_icc { type ifname; elements = { \"br-cccccccccccc\" }; }"));
-        // The operator's chain is declared, never flushed.
-        assert!(s.contains("chain operator { }"));
-        assert!(!s.contains("flush chain inet dp_fw operator"));
+        let any = elements_of(&cmds, "dnat4_any");
+        assert_eq!(any.as_array().unwrap().len(), 100);
+        assert!(any.as_array().unwrap().contains(&serde_json::json!([
+            {"concat": [6, 8042]},
+            {"concat": ["172.30.0.2", 8042]}
+        ])));
+        let publish = rules_of(&cmds, "publish");
+        assert_eq!(
+            publish
+                .iter()
+                .filter(|r| r.contains(r#""dnat":{"addr""#) && r.contains(r#""family":"ip"}"#))
+                .count(),
+            2,
+            "{publish:?}"
+        );
+        assert_eq!(
+            elements_of(&cmds, "internal"),
+            serde_json::json!(["br-cccccccccccc"])
+        );
+        assert_eq!(
+            elements_of(&cmds, "no_icc"),
+            serde_json::json!(["br-cccccccccccc"])
+        );
+        // The operator's chain is declared, never flushed; the agent's are.
+        assert!(cmds.iter().any(|c| c["add"]["chain"]["name"] == "operator"));
+        assert!(
+            !cmds
+                .iter()
+                .any(|c| c["flush"]["chain"]["name"] == "operator")
+        );
+        assert!(
+            cmds.iter()
+                .any(|c| c["flush"]["chain"]["name"] == "forward")
+        );
+        assert_eq!(
+            rules_of(&cmds, "forward")[0],
+            r#"[{"jump":{"target":"operator"}}]"#
+        );
+        assert!(rules_of(&cmds, "operator").is_empty());
     }
 
     #[test]
@@ -721,13 +494,16 @@ mod tests {
         spec.published.insert(p(Some("10.0.0.1"), "172.30.0.2"));
         spec.published.insert(p(Some("10.0.0.1"), "172.30.0.3"));
         spec.published.insert(p(Some("fd00::1"), "172.30.0.4"));
-        let c = contents(&spec);
+        let cmds = json(&spec);
         assert_eq!(
-            c["dnat4_at"],
-            vec!["10.0.0.1 . 17 . 53 : 172.30.0.2 . 5353"]
+            elements_of(&cmds, "dnat4_at"),
+            serde_json::json!([[
+                {"concat": ["10.0.0.1", 17, 53]},
+                {"concat": ["172.30.0.2", 5353]}
+            ]])
         );
-        assert!(!c.contains_key("dnat6_at"));
-        assert_eq!(c["pub4"].len(), 3);
+        assert!(elements_of(&cmds, "dnat6_at").is_null());
+        assert_eq!(elements_of(&cmds, "pub4").as_array().unwrap().len(), 3);
     }
 
     #[test]
@@ -741,10 +517,70 @@ mod tests {
             to: "172.30.0.2".parse().unwrap(),
             to_port: 80,
         });
-        let c = contents(&spec);
+        let cmds = json(&spec);
         // One element for both: no duplicate in the set.
-        assert_eq!(c["pub4"], vec!["172.30.0.2 . 6 . 80"]);
-        assert_eq!(c["dnat4_any"].len(), 1);
+        assert_eq!(
+            elements_of(&cmds, "pub4"),
+            serde_json::json!([{"concat": [addr("172.30.0.2"), 6, 80]}])
+        );
+        assert_eq!(elements_of(&cmds, "dnat4_any").as_array().unwrap().len(), 1);
+    }
+
+    fn cmds_elements(cmds: &[serde_json::Value], set: &str) -> Option<serde_json::Value> {
+        let e = elements_of(cmds, set);
+        (!e.is_null()).then_some(e)
+    }
+
+    #[test]
+    fn a_rule_or_element_gone_is_drift_and_the_operators_rules_are_not() {
+        use crate::netfilter::{listing::Listing, table::TableSpec};
+        let mut spec = Spec::default();
+        spec.nets.insert("br-aaaaaaaaaaaa".into(), net(true));
+        let want = spec.expected_shape("dp_fw");
+        // The table as nft lists it after the batch.
+        let listed = |drop_rule: Option<&str>, operator_rules: usize| {
+            let mut objects = Vec::new();
+            for c in json(&spec) {
+                let add = &c["add"];
+                for kind in ["table", "chain", "rule"] {
+                    if let Some(o) = add.get(kind)
+                        && !(kind == "rule" && Some(o["chain"].as_str().unwrap()) == drop_rule)
+                    {
+                        objects.push(serde_json::json!({ kind: o }));
+                    }
+                }
+                for kind in ["set", "map"] {
+                    if let Some(o) = add.get(kind) {
+                        let mut o = o.clone();
+                        if let Some(e) = cmds_elements(&json(&spec), o["name"].as_str().unwrap()) {
+                            o["elem"] = e;
+                        }
+                        objects.push(serde_json::json!({ kind: o }));
+                    }
+                }
+            }
+            // Its maps, declared in nft's text, listed as nft prints them.
+            for (name, key, value) in rules::MAPS {
+                let mut o = serde_json::json!({
+                    "family": "inet", "table": "dp_fw", "name": name,
+                    "type": key, "map": value.iter()
+                        .map(|t| serde_json::to_value(t).unwrap().as_str().unwrap().to_string())
+                        .collect::<Vec<_>>().join(" . ") });
+                if let Some(e) = cmds_elements(&json(&spec), name) {
+                    o["elem"] = e;
+                }
+                objects.push(serde_json::json!({ "map": o }));
+            }
+            for _ in 0..operator_rules {
+                objects.push(serde_json::json!({ "rule": {
+                    "family": "inet", "table": "dp_fw", "chain": "operator",
+                    "expr": [{"drop": null}] } }));
+            }
+            Listing::from_value(serde_json::json!({ "nftables": objects })).unwrap()
+        };
+        assert_eq!(want.found(&listed(None, 0)), want);
+        assert_eq!(want.found(&listed(None, 3)), want);
+        assert_ne!(want.found(&listed(Some("postrouting"), 0)), want);
     }
 
     #[test]
