@@ -1235,7 +1235,7 @@ mod tests {
         e.refresh_counters();
         assert_eq!(handle.lock().unwrap().read_at(), Some(old));
         // Written with no container: no counters, stored without a reading of the kernel.
-        e.applied = Some(nft::Spec::default());
+        e.written.assume_applied(nft::Spec::default());
         e.refresh_counters();
         assert!(handle.lock().unwrap().drops().is_empty());
         assert!(handle.lock().unwrap().read_at() > Some(old));

@@ -192,6 +192,13 @@ impl<S: TableSpec> Table<S> {
         self.in_place && self.applied.as_ref() == Some(spec)
     }
 
+    /// Takes `spec` as written, without writing it (tests of what reads the table).
+    #[cfg(test)]
+    pub fn assume_applied(&mut self, spec: S) {
+        self.applied = Some(spec);
+        self.in_place = true;
+    }
+
     /// The next apply writes the tables whole, even with a spec that is in place.
     pub fn forget(&mut self) {
         self.in_place = false;
