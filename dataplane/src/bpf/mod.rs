@@ -247,29 +247,17 @@ pub struct Loaded {
     _own_links: Vec<std::os::fd::OwnedFd>,
 }
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 /// Fails clearly unless `dir`'s parent is on a bpffs.
 pub fn check_bpffs(dir: &Path) -> Result<()> {
+    use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
     let parent = dir.parent().unwrap_or(dir);
-    let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes())
-        .context("pin directory path")?;
-    // SAFETY: a valid C string and a zeroed statfs buffer of the right type.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| {
-            format!(
-                "pin directory {}: its parent is not on a bpffs",
-                dir.display()
-            )
-        });
-    }
-    #[allow(
-        clippy::useless_conversion,
-        reason = "f_type's width differs between targets"
-    )]
-    if i64::from(st.f_type) != BPF_FS_MAGIC {
+    let st = statfs(parent).with_context(|| {
+        format!(
+            "pin directory {}: its parent is not on a bpffs",
+            dir.display()
+        )
+    })?;
+    if st.filesystem_type() != BPF_FS_MAGIC {
         bail!(
             "{} is not on a bpffs: mount one with `mount -t bpf bpf /sys/fs/bpf` \
              (`cargo xtask setup` does)",
