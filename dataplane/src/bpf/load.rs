@@ -24,12 +24,12 @@ use dataplane_common::{
 };
 
 use super::{
-    MAPS, OBJECT, SOCKOPT_HOOK, attached_hooks, hooks,
+    object::{MAPS, OBJECT, SOCKOPT_HOOK, attached_hooks, hooks, sock_programs},
     pins::{
         adopt, check_bpffs, marker_path, migrate_maps, pin_marker, remove_markers,
         remove_stale_map_pins, remove_unused_link_pins, secure_pin_dir,
     },
-    pkt, sock_programs, sys,
+    pkt, sys,
 };
 use crate::features::Features;
 

@@ -1,18 +1,16 @@
-//! The maps: a handle on each for the agent, the per-frontend and global counters, and a
-//! hash map as a [`KvStore`].
+//! The maps: a handle on each for the agent, and the per-frontend and global counters.
 
 use std::{collections::BTreeMap, os::fd::AsFd};
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use dataplane_common::{
     Addr, Backend, Config, FrontendKey, LocalAddr, MAP_CONFIG, MAP_FE_STATS, MAP_FRONTENDS,
     MAP_LOCAL_ADDRS, MAP_PEER_NETS, MAP_PORTS, MAP_SOCK_REV, MAP_STATS, PeerNet, PeerNetKey,
     PortFamilies, PortKey, STATS_LEN,
 };
 
-use super::Loaded;
-use crate::reconcile::KvStore;
+use super::{Loaded, kv::BpfHash};
 
 /// The map behind an [`aya::maps::Map`] of the kinds the programs use.
 fn map_data(m: &aya::maps::Map) -> Option<&MapData> {
@@ -157,24 +155,5 @@ impl Loaded {
         (0..STATS_LEN)
             .map(|i| Ok(arr.get(&i, 0)?.iter().sum()))
             .collect()
-    }
-}
-
-/// A BPF hash map as a [`KvStore`].
-pub struct BpfHash<'a, K, V>(pub(super) HashMap<&'a mut MapData, K, V>);
-
-impl<K: aya::Pod + Ord + Clone, V: aya::Pod> KvStore<K, V> for BpfHash<'_, K, V> {
-    type Error = MapError;
-
-    fn entries(&self) -> Result<BTreeMap<K, V>, MapError> {
-        self.0.iter().collect()
-    }
-
-    fn put(&mut self, key: &K, value: &V) -> Result<(), MapError> {
-        self.0.insert(key, value, 0)
-    }
-
-    fn remove(&mut self, key: &K) -> Result<(), MapError> {
-        self.0.remove(key)
     }
 }

@@ -12,7 +12,10 @@ use aya::{
     maps::{MapData, PerCpuHashMap, PerCpuValues},
 };
 
-use super::{MAPS, attached_hooks, build_id, hooks, sys};
+use super::{
+    object::{MAPS, attached_hooks, build_id, hooks},
+    sys,
+};
 use crate::features::{Feature, Features};
 
 /// Where the agent pins its maps and links by default.
