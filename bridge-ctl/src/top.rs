@@ -184,7 +184,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
-    #[allow(
+    #[expect(
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,
         clippy::cast_precision_loss,
@@ -194,7 +194,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-#[allow(clippy::cast_precision_loss, reason = "rates for display")]
+#[expect(clippy::cast_precision_loss, reason = "rates for display")]
 fn rate(now: u64, before: Option<u64>, secs: f64) -> String {
     match before {
         Some(b) if secs > 0.0 => format!("{:.1}", now.saturating_sub(b) as f64 / secs),
@@ -232,7 +232,7 @@ fn header(s: &Status, interval: Duration) -> String {
         v.sort_unstable();
         v
     };
-    #[allow(clippy::cast_precision_loss, reason = "latencies for display")]
+    #[expect(clippy::cast_precision_loss, reason = "latencies for display")]
     let ms = |us: u64| us as f64 / 1e3;
     if !s.early_lead_us.is_empty() {
         let n = s.early_lead_us.len();

@@ -73,7 +73,7 @@ pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
     if sorted.is_empty() {
         return None;
     }
-    #[allow(
+    #[expect(
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,
         clippy::cast_precision_loss,
@@ -88,7 +88,7 @@ mod tests {
     use super::*;
 
     #[test]
-    #[allow(clippy::float_cmp, reason = "values parsed from exact decimal text")]
+    #[expect(clippy::float_cmp, reason = "values parsed from exact decimal text")]
     fn iperf_tcp_and_udp_reports() {
         let tcp = br#"{"intervals":[{"sum":{"bits_per_second":2.5e9}}],"end":{"sum":{"bits_per_second":3e9},"sum_received":{"bits_per_second":12345.5}}}"#;
         let r = IperfReport::parse(tcp).unwrap();

@@ -19,7 +19,7 @@ use dataplane_common::{
     pkt::{Flow, FlowKey, MAP_FLOWS, MAP_PKT_ALLOW, MAP_PKT_EP, PktEndpoint},
 };
 
-use super::{BpfHash, OBJECT};
+use super::{kv::BpfHash, object::OBJECT};
 use crate::reconcile::KvStore;
 
 /// The forward program (TC ingress of a host uplink) and the reply program (TC ingress of a

@@ -1,5 +1,5 @@
 //! Helpers for the privileged tests: guards that clean up on drop, also when a test fails.
-#![allow(dead_code, reason = "each test file uses a different subset")]
+#![expect(dead_code, reason = "each test file uses a different subset")]
 
 use std::{
     fs,

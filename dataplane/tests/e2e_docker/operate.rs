@@ -63,7 +63,7 @@ fn promtool_accepts(body: &str) {
 
 #[test]
 #[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
-#[allow(
+#[expect(
     clippy::too_many_lines,
     reason = "one scrape's every family, checked in turn"
 )]

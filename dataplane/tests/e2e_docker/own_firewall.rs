@@ -133,7 +133,10 @@ fn own_firewall_agent_exit() -> Option<(Option<i32>, String)> {
 
 #[test]
 #[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
-#[allow(clippy::too_many_lines)] // one engine restart for the whole mode: every check here
+#[expect(
+    clippy::too_many_lines,
+    reason = "one engine restart for the whole mode: every check here"
+)]
 fn own_firewall_mode_publishes_masquerades_and_isolates() {
     let Some((pidfile, log)) = restartable_engine(
         "own_firewall_mode_publishes_masquerades_and_isolates",

@@ -218,7 +218,7 @@ fn nft_tables() -> Vec<String> {
 
 #[test]
 #[ignore = "needs root and a Docker engine: run by `cargo xtask test`"]
-#[allow(clippy::too_many_lines, reason = "one operator's story, step by step")]
+#[expect(clippy::too_many_lines, reason = "one operator's story, step by step")]
 fn the_package_installs_upgrades_without_a_failed_connection_and_removes_cleanly() {
     let test = "the_package_installs_upgrades_without_a_failed_connection_and_removes_cleanly";
     let (Ok(deb), Ok(previous)) = (

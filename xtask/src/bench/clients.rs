@@ -127,13 +127,13 @@ pub(super) fn churn(path: Path, host: &str, port: u16, n: usize, conc: usize) ->
             report.errors
         );
     }
-    #[allow(clippy::cast_precision_loss, reason = "counts")]
+    #[expect(clippy::cast_precision_loss, reason = "counts")]
     let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / n as f64;
     Ok(Churn {
         conn_per_s: report.conn_per_s,
-        #[allow(clippy::cast_precision_loss, reason = "microseconds")]
+        #[expect(clippy::cast_precision_loss, reason = "microseconds")]
         p50_us: report.p50_us as f64,
-        #[allow(clippy::cast_precision_loss, reason = "microseconds")]
+        #[expect(clippy::cast_precision_loss, reason = "microseconds")]
         p99_us: report.p99_us as f64,
         conntrack_per_conn: per(ct0, ct1),
         time_wait_per_conn: per(tw0, tw1),

@@ -68,7 +68,7 @@ fn uptime_to_unix_us(text: &str) -> Option<i64> {
     let read = |t: &str| t.split_whitespace().next()?.parse::<f64>().ok();
     let then = read(text)?;
     let now = read(&std::fs::read_to_string("/proc/uptime").ok()?)?;
-    #[allow(clippy::cast_possible_truncation, reason = "microseconds")]
+    #[expect(clippy::cast_possible_truncation, reason = "microseconds")]
     Some(now_us() - ((now - then) * 1e6) as i64)
 }
 
@@ -189,7 +189,7 @@ fn run_to_enforced(image: &str, quick: bool, agent: &Agent, extra: &mut String) 
                 agent.log_text()
             );
         };
-        #[allow(clippy::cast_precision_loss, reason = "milliseconds")]
+        #[expect(clippy::cast_precision_loss, reason = "milliseconds")]
         {
             run_to.push((e - t0) as f64 / 1000.0);
             lead.push((s - e) as f64 / 1000.0);
@@ -225,7 +225,7 @@ fn first_connects(image: &str, n: usize) -> Result<Vec<f64>> {
         ) else {
             bail!("the container's clock: {text}");
         };
-        #[allow(clippy::cast_precision_loss, reason = "milliseconds")]
+        #[expect(clippy::cast_precision_loss, reason = "milliseconds")]
         out.push((a - b) as f64 / 1000.0);
     }
     out.sort_by(f64::total_cmp);

@@ -332,7 +332,7 @@ fn per_connection(env: &Env) -> Result<String> {
     let mut md = format!(
         "\n#### What each external connection leaves ({n} connections, c=16)\n\n| path | conntrack entries per connection | flow-map entries per connection |\n|---|---|---|\n"
     );
-    #[allow(clippy::cast_precision_loss, reason = "counts")]
+    #[expect(clippy::cast_precision_loss, reason = "counts")]
     let per = |x: u64| x as f64 / n as f64;
     forget_client();
     let ct0 = conntrack_count();

@@ -351,12 +351,12 @@ pub(super) fn extras(
         sh(&["docker", "rm", "-f", &name])?;
     }
     let status = Agent::status().unwrap_or_default();
-    #[allow(clippy::cast_precision_loss, reason = "microseconds")]
+    #[expect(clippy::cast_precision_loss, reason = "microseconds")]
     let lat: Vec<f64> = status.start_sync_us[synced_before.min(status.start_sync_us.len())..]
         .iter()
         .map(|us| *us as f64)
         .collect();
-    #[allow(clippy::cast_precision_loss, reason = "microseconds")]
+    #[expect(clippy::cast_precision_loss, reason = "microseconds")]
     let mut leads: Vec<f64> = status.early_lead_us[early_before.min(status.early_lead_us.len())..]
         .iter()
         .map(|us| *us as f64)
@@ -442,7 +442,7 @@ fn ready_before_process(image: &str, starts: u16, extra: &mut String) -> Result<
         .frontends_written_us
         .into_iter()
         .collect();
-    #[allow(clippy::cast_precision_loss, reason = "microseconds")]
+    #[expect(clippy::cast_precision_loss, reason = "microseconds")]
     let mut rel: Vec<f64> = started
         .iter()
         .filter_map(|(id, at)| {
@@ -519,7 +519,7 @@ pub(super) fn stateful_input_cost(image: &str, quick: bool, extra: &mut String) 
         let cip = ip_of(name)?;
         let agent = Agent::start()?;
         let n = if quick { 300 } else { 1000 };
-        #[allow(clippy::cast_precision_loss, reason = "small counts")]
+        #[expect(clippy::cast_precision_loss, reason = "small counts")]
         let per_conn = |n: usize| -> Result<f64> {
             let before = tracked_to_port_80(&cip);
             http_requests(P_STATEFUL, n)?;

@@ -199,7 +199,7 @@ impl Env {
         let ticks = cpu_ticks(&docker_proxy_pids()).saturating_sub(ticks0);
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-        #[allow(clippy::cast_precision_loss, reason = "ticks and Hz are small")]
+        #[expect(clippy::cast_precision_loss, reason = "ticks and Hz are small")]
         let pct = ticks as f64 / hz as f64 / t.elapsed().as_secs_f64() * 100.0;
         self.proxy_cpu
             .entry((path, metric.to_string()))

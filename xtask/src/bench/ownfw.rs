@@ -74,7 +74,7 @@ fn cpu_s(pid: u32) -> f64 {
         .iter()
         .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
         .sum();
-    #[allow(clippy::cast_precision_loss, reason = "clock ticks")]
+    #[expect(clippy::cast_precision_loss, reason = "clock ticks")]
     let s = ticks as f64 / 100.0;
     s
 }
@@ -173,7 +173,7 @@ fn contention(image: &str, secs: u64, ports: u16, agent_pid: u32) -> Contention 
     // The status keeps the latest 1024 of each: what was added during the run.
     let new_since = |b: usize, a: usize| a.saturating_sub(b.min(a));
     let n = new_since(before.start_sync_us.len(), after.start_sync_us.len());
-    #[allow(clippy::cast_precision_loss, reason = "microseconds")]
+    #[expect(clippy::cast_precision_loss, reason = "microseconds")]
     c.sync_ms.extend(
         after.start_sync_us[after.start_sync_us.len() - n..]
             .iter()

@@ -28,7 +28,7 @@ pub(super) fn mean_ci(v: &[f64]) -> (f64, f64) {
     if v.is_empty() {
         return (f64::NAN, f64::NAN);
     }
-    #[allow(clippy::cast_precision_loss, reason = "a few rounds")]
+    #[expect(clippy::cast_precision_loss, reason = "a few rounds")]
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
     if v.len() < 2 {

@@ -98,7 +98,7 @@ pub(super) fn pause_reset(image: &str, quick: bool, extra: &mut String) -> Resul
                 }
             }
             sh(&["docker", "unpause", name])?;
-            #[allow(clippy::cast_precision_loss, reason = "milliseconds")]
+            #[expect(clippy::cast_precision_loss, reason = "milliseconds")]
             lines.push(format!(
                 "{:.1} ms ({destroyed} destroyed, {ended} of {n} clients saw their connection end; \
                  `docker pause` itself {:.0} ms)",

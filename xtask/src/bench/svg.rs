@@ -8,7 +8,7 @@ pub(super) fn svg(rows: &[(String, [f64; 3])]) -> String {
     let names = ["docker-proxy", "iptables NAT", "dataplane"];
     let (left, bar, gap, width) = (330.0, 9.0, 10.0, 420.0);
     let row_h = bar * 3.0 + gap;
-    #[allow(clippy::cast_precision_loss, reason = "a few rows")]
+    #[expect(clippy::cast_precision_loss, reason = "a few rows")]
     let height = 40.0 + row_h * rows.len() as f64 + 30.0;
     let scale = width / 1.2;
     let mut s = format!(
@@ -16,7 +16,7 @@ pub(super) fn svg(rows: &[(String, [f64; 3])]) -> String {
         left + width + 60.0
     );
     for (i, n) in names.iter().enumerate() {
-        #[allow(clippy::cast_precision_loss, reason = "three legend entries")]
+        #[expect(clippy::cast_precision_loss, reason = "three legend entries")]
         let x = left + i as f64 * 130.0;
         let _ = writeln!(
             s,
@@ -26,7 +26,7 @@ pub(super) fn svg(rows: &[(String, [f64; 3])]) -> String {
         );
     }
     for (r, (label, ratios)) in rows.iter().enumerate() {
-        #[allow(clippy::cast_precision_loss, reason = "a few rows")]
+        #[expect(clippy::cast_precision_loss, reason = "a few rows")]
         let y = 30.0 + row_h * r as f64;
         let _ = writeln!(
             s,
@@ -39,7 +39,7 @@ pub(super) fn svg(rows: &[(String, [f64; 3])]) -> String {
             if v.is_nan() {
                 continue;
             }
-            #[allow(clippy::cast_precision_loss, reason = "three bars")]
+            #[expect(clippy::cast_precision_loss, reason = "three bars")]
             let by = y + bar * i as f64;
             let w = (v.min(1.2) * scale).max(1.0);
             let _ = writeln!(

@@ -108,7 +108,7 @@ fn main() {
     let secs = started.elapsed().as_secs_f64();
     lat.sort_unstable();
     let pct = |p: f64| testkit::percentile(&lat, p).unwrap_or(0);
-    #[allow(clippy::cast_precision_loss, reason = "a rate")]
+    #[expect(clippy::cast_precision_loss, reason = "a rate")]
     let rate = lat.len() as f64 / secs;
     let report = testkit::ChurnReport {
         ok: u64::try_from(lat.len()).unwrap_or(u64::MAX),
