@@ -38,25 +38,44 @@ impl Agent {
         }
     }
 
-    /// Plans from the state, applies the plan, publishes the status.
-    pub(super) fn apply(&mut self) -> Result<()> {
-        let env = plan::Env {
+    /// The host's facts the plan reads.
+    fn env(&self) -> plan::Env {
+        plan::Env {
             host_netns_cookie: self.host_netns_cookie,
             bindv6only: std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only")
                 .is_ok_and(|s| s.trim() == "1"),
-        };
+            host_dns: crate::egress::dns::host_resolvers(),
+            other_bridges: if self.own_fw.is_some() {
+                crate::ownfw::other_br_interfaces()
+            } else {
+                BTreeSet::new()
+            },
+        }
+    }
+
+    /// Plans from the model ([`plan::whole`]), applies the plan, reports.
+    pub(super) fn apply(&mut self) -> Result<()> {
+        // What the egress plan reads of the kernel: the veths of new policed containers.
+        self.egress.bridges = self.model.bridges();
+        tokio::task::block_in_place(|| self.egress.find_ports());
+        let whole = plan::whole(
+            &self.model,
+            &self.egress,
+            &self.env(),
+            self.own_fw.is_some(),
+        );
         // The egress table first (a policy never waits for the maps, except at the first
-        // sync: see `defer_egress`), then the plan, which leaves containers denied the host
-        // to Docker's path.
+        // sync: see `defer_egress`), then the own-firewall table, then the maps, which
+        // leave containers denied the host to Docker's path.
         let egress = if std::mem::take(&mut self.defer_egress) {
             Ok(())
         } else {
-            self.apply_egress()
+            self.write_egress(&whole.egress, whole.egress_errors)
         };
-        let egress = egress.and(self.apply_own_firewall());
+        let egress = egress.and(self.write_own_firewall(whole.own_firewall.as_ref()));
         self.model.host_denied = self.egress.host_denied();
         self.model.policed = self.egress.policed_addrs();
-        let plan = plan::plan(&self.model, &env);
+        let plan = whole.maps;
         for c in &plan.conflicts {
             warn!(frontend = %c.frontend, kept = %c.kept, dropped = %c.dropped, "frontend conflict");
         }
@@ -104,23 +123,17 @@ impl Agent {
         drop(state);
         self.owners = out.served.owners;
         self.packet.dirty = self.packet.layer.is_some();
-        self.reset_paused();
+        self.reset_paused(whole.paused, whole.paused_ids);
         self.publish_counters();
         egress
     }
 
     /// The own-firewall mode's table, written when what it holds changed.
-    pub(super) fn apply_own_firewall(&mut self) -> Result<()> {
-        let Some(own) = self.own_fw.as_mut() else {
+    fn write_own_firewall(&mut self, spec: Option<&crate::ownfw::Spec>) -> Result<()> {
+        let (Some(own), Some(spec)) = (self.own_fw.as_mut(), spec) else {
             return Ok(());
         };
-        let mut spec = crate::ownfw::Spec::new(
-            self.model.networks.values(),
-            crate::ownfw::published(self.model.frontends()),
-        );
-        spec.routed =
-            crate::ownfw::routed_ports(self.model.inspects().map(|(_, c)| c), &self.model.networks);
-        let r = own.fw.apply(&spec);
+        let r = own.fw.apply(spec);
         let (networks, published) = own.fw.counts();
         let mut st = self.shared.lock().expect("status lock");
         let prev = st.status.own_firewall.take().unwrap_or_default();
@@ -144,11 +157,24 @@ impl Agent {
         r.map(|_| ())
     }
 
-    /// Writes the egress table if it changed, and starts lookups of new host names.
+    /// Plans and writes the egress table alone (a container Docker is starting is policed
+    /// before its frontends are written), and starts lookups of new host names.
     pub(super) fn apply_egress(&mut self) -> Result<()> {
         self.egress.bridges = self.model.bridges();
+        tokio::task::block_in_place(|| self.egress.find_ports());
+        let (spec, errors) = self.egress.spec(&crate::egress::dns::host_resolvers());
+        self.write_egress(&spec, errors)
+    }
+
+    /// Writes the planned egress table if it changed, and starts lookups of new host names.
+    fn write_egress(
+        &mut self,
+        spec: &crate::egress::nft::Spec,
+        errors: Vec<(String, String)>,
+    ) -> Result<()> {
+        self.egress.said(errors);
         let t = Instant::now();
-        let r = self.egress.apply();
+        let r = self.egress.write(spec);
         if !matches!(r, Ok(false)) {
             metrics::get().netfilter_apply("egress", t.elapsed(), r.is_ok());
         }
@@ -180,8 +206,11 @@ impl Agent {
 
     /// Destroys the translated sockets of containers just paused that asked for it
     /// (`on-pause=reset`): the maps already refuse new connections to them.
-    pub(super) fn reset_paused(&mut self) {
-        let (now, paused_ids) = crate::plan::paused(&self.model);
+    pub(super) fn reset_paused(
+        &mut self,
+        now: BTreeSet<Service>,
+        paused_ids: BTreeSet<crate::model::ContainerId>,
+    ) {
         let fresh: Vec<Service> = now.difference(&self.paused).copied().collect();
         self.paused = now;
         // Pause events of containers that publish nothing are not waited for.

@@ -24,15 +24,12 @@ pub mod policy;
 mod ports;
 mod write;
 
-
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
-
 
 use crate::netfilter::table::{Applied, Table};
 use policy::{Allow, Config, Layer, Policy, Target};
@@ -156,13 +153,16 @@ impl Egress {
     pub fn table(&self) -> &str {
         &self.table
     }
-
 }
-
 
 #[cfg(test)]
 mod tests {
     use super::{containers::unenforceable, ports::docker_named, write::drop_counters, *};
+
+    /// The planned table, with the host's resolvers.
+    fn planned(e: &Egress) -> nft::Spec {
+        e.spec(&dns::host_resolvers()).0
+    }
 
     fn egress(config: &str) -> Egress {
         Egress::new(
@@ -244,12 +244,12 @@ mod tests {
         e.created("bbbb2222", "db", labels(&[]), true);
         // Known, not connected yet: its chains are ready, reached by no address yet, and
         // the bridges are gated until it is.
-        let spec = e.spec();
+        let spec = planned(&e);
         assert!(spec.containers["aaaa1111"].addrs.is_empty());
         assert!(spec.guard.gated);
         e.connected("aaaa1111", "net1", vec![ip("172.18.0.2")]);
         e.connected("bbbb2222", "net1", vec![ip("172.18.0.3")]);
-        let spec = e.spec();
+        let spec = planned(&e);
         // Only the policed one gets chains; the unpoliced one is admitted.
         assert_eq!(spec.containers.len(), 1);
         assert!(
@@ -271,12 +271,12 @@ mod tests {
         assert!(e.due_names().is_empty(), "in flight");
         let at = Instant::now() + Duration::from_secs(8);
         assert!(e.resolved("remote.test", Ok(([ip("198.51.100.2")].into(), at))));
-        let c = e.spec().containers["aaaa1111"].clone();
+        let c = planned(&e).containers["aaaa1111"].clone();
         assert_eq!(c.allow.len(), 2);
         // A changed record changes the policy; a failed lookup keeps the last one.
         assert!(e.resolved("remote.test", Ok(([ip("198.51.100.3")].into(), at))));
         assert!(!e.resolved("remote.test", Err("timed out".into())));
-        let c = e.spec().containers["aaaa1111"].clone();
+        let c = planned(&e).containers["aaaa1111"].clone();
         assert!(
             c.allow
                 .iter()
@@ -285,10 +285,10 @@ mod tests {
         assert!(e.views(None)[0].resolved["remote.test"].contains("stale"));
         // Stopped: gone from the table.
         e.retain(&BTreeSet::new());
-        assert_eq!(e.spec().containers.len(), 1, "still starting: kept");
+        assert_eq!(planned(&e).containers.len(), 1, "still starting: kept");
         e.containers.get_mut("aaaa1111").unwrap().starting_since = None;
         e.retain(&BTreeSet::new());
-        let spec = e.spec();
+        let spec = planned(&e);
         assert!(
             spec.containers["aaaa1111"].addrs.is_empty(),
             "no address leads to it"
@@ -298,7 +298,7 @@ mod tests {
             "its labels stay known for its next start"
         );
         e.destroyed("aaaa1111");
-        assert!(e.spec().containers.is_empty(), "removed: its chains go");
+        assert!(planned(&e).containers.is_empty(), "removed: its chains go");
     }
 
     #[test]
@@ -319,7 +319,7 @@ mod tests {
         let mut e = egress("");
         e.created("aaaa", "a", labels(&[]), false);
         assert!(
-            !e.gating() && !e.spec().guard.gated,
+            !e.gating() && !planned(&e).guard.gated,
             "nothing policed: nothing held"
         );
         e.created(
@@ -356,7 +356,7 @@ mod tests {
         e.connected("aaaa", "n", vec![ip("172.17.0.2")]);
         e.connected("bbbb", "n", vec![ip("172.17.0.3")]);
         assert_eq!(e.host_denied(), ["aaaa".to_string()].into());
-        let spec = e.spec();
+        let spec = planned(&e);
         assert!(spec.closed_internet);
         assert_eq!(spec.admitted.len(), 2);
         assert_eq!(spec.containers.len(), 1, "b is open by its label");
@@ -372,7 +372,7 @@ mod tests {
             true,
         );
         e.connected("aaaa", "n", vec![ip("172.17.0.2")]);
-        let c = e.spec().containers["aaaa"].clone();
+        let c = planned(&e).containers["aaaa"].clone();
         assert!(!c.internet && !c.host && c.allow.is_empty());
         assert!(
             e.views(None)[0]

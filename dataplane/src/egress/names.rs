@@ -1,10 +1,6 @@
 //! Allow-list host names: which are wanted, when each is looked up again, what they resolved to.
 
-use std::{
-    collections::BTreeSet,
-    net::IpAddr,
-    time::Instant,
-};
+use std::{collections::BTreeSet, net::IpAddr, time::Instant};
 
 use anyhow::Result;
 use tracing::{info, warn};

@@ -1,24 +1,22 @@
 //! What the table should hold, from the containers' policies and Docker's state.
 
-use std::{
-    collections::BTreeSet,
-    net::IpAddr,
-};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use tracing::warn;
 
 use super::*;
 
 impl Egress {
-    /// The table as the policies and Docker's state make it now.
-    pub fn spec(&mut self) -> nft::Spec {
+    /// The table as the policies and Docker's state make it now (`host_dns`: the host's
+    /// resolvers, [`dns::host_resolvers`]), and the policies that cannot be read and were
+    /// not said yet (container id, error), for [`Egress::said`].
+    pub fn spec(&self, host_dns: &BTreeSet<IpAddr>) -> (nft::Spec, Vec<(String, String)>) {
         let mut spec = nft::Spec {
             bridges: self.bridges.clone(),
             closed_internet: self.config.egress.internet == Some(false),
             closed_host: self.config.egress.host == Some(false),
             ..nft::Spec::default()
         };
-        let host_dns = dns::host_resolvers();
         let mut errors = Vec::new();
         let mut admit = spec.closed_internet || spec.closed_host;
         spec.guard.gated = self.gating();
@@ -56,7 +54,7 @@ impl Egress {
             // A policy that cannot be read allows nothing, DNS included.
             let mut dns = BTreeSet::new();
             if p.error.is_none() {
-                dns = dns::docker_resolvers(&c.dns, &self.daemon_dns, &host_dns);
+                dns = dns::docker_resolvers(&c.dns, &self.daemon_dns, host_dns);
             }
             if !c.ports.is_empty() && !addrs.is_empty() {
                 let k = nft::key_of(id);
@@ -94,15 +92,21 @@ impl Egress {
                 },
             );
         }
-        for (id, e) in errors {
-            let c = self.containers.get_mut(&id).expect("listed above");
-            warn!(container = %c.name, id = %nft::key_of(&id), error = %e, "egress policy cannot be read: the container gets no egress at all (fail closed)");
-            c.logged_error = Some(e);
-        }
         if !admit {
             spec.admitted.clear();
         }
-        spec
+        (spec, errors)
+    }
+
+    /// Says each policy that cannot be read, once per error.
+    pub fn said(&mut self, errors: Vec<(String, String)>) {
+        for (id, e) in errors {
+            let Some(c) = self.containers.get_mut(&id) else {
+                continue;
+            };
+            warn!(container = %c.name, id = %nft::key_of(&id), error = %e, "egress policy cannot be read: the container gets no egress at all (fail closed)");
+            c.logged_error = Some(e);
+        }
     }
 
     /// Containers that may not reach the host or other containers: the socket layer must

@@ -1,9 +1,6 @@
 //! Writing the table (through [`crate::netfilter::table::Table`]), reading it back, and its drop counters.
 
-use std::{
-    collections::BTreeMap,
-    time::Instant,
-};
+use std::{collections::BTreeMap, time::Instant};
 
 use anyhow::Result;
 use tracing::{info, warn};
@@ -62,18 +59,16 @@ pub(super) fn drop_counters(
 }
 
 impl Egress {
-    /// Writes the table as [`Egress::spec`] says: only what changed, or the whole table in
-    /// place the first time (and after a failure). Whether anything was written.
-    pub fn apply(&mut self) -> Result<bool> {
-        tokio::task::block_in_place(|| self.find_ports());
-        let spec = self.spec();
+    /// Writes the table as planned ([`Egress::spec`]): only what changed, or the whole
+    /// table in place the first time (and after a failure). Whether anything was written.
+    pub fn write(&mut self, spec: &nft::Spec) -> Result<bool> {
         if !self.bridge_netfilter && spec.containers.values().any(|c| !c.host) {
             self.bridge_netfilter = enable_bridge_netfilter();
         }
-        match tokio::task::block_in_place(|| self.written.apply(&spec, false))? {
+        match tokio::task::block_in_place(|| self.written.apply(spec, false))? {
             Applied::Unchanged => Ok(false),
             Applied::Written => {
-                self.mark_enforced(&spec);
+                self.mark_enforced(spec);
                 Ok(true)
             }
         }

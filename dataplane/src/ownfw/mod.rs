@@ -225,10 +225,12 @@ pub fn other_br_interfaces() -> BTreeSet<String> {
 }
 
 impl Spec {
-    /// From Docker's networks and the published bindings.
+    /// From Docker's networks, the published bindings and the host's other `br-*`
+    /// interfaces ([`other_br_interfaces`]).
     pub fn new<'a>(
         networks: impl IntoIterator<Item = &'a NetInfo>,
         published: BTreeSet<Published>,
+        others: BTreeSet<String>,
     ) -> Self {
         let nets = networks
             .into_iter()
@@ -252,7 +254,7 @@ impl Spec {
             .collect();
         Self {
             nets,
-            others: other_br_interfaces(),
+            others,
             published,
             routed: BTreeSet::new(),
         }

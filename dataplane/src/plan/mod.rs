@@ -1,6 +1,8 @@
 //! What the kernel and netfilter should hold, from what the agent knows: one pure function
-//! ([`plan`]) and what follows once the maps say what they could hold ([`Plan::served`]).
-//! [`crate::apply`] writes it.
+//! ([`whole`]: the maps ([`plan`]), the egress and own-firewall tables, the pause resets)
+//! and what follows once the maps say what they could hold ([`Plan::served`]: the notrack
+//! table, the sockets to destroy, the packet layer's endpoints). [`crate::apply`] and the
+//! tables' appliers write it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -18,16 +20,61 @@ use crate::{
     addr::Service,
     api::FrontendRow,
     desired::{self, Conflict, Frontend},
+    egress,
     model::{ContainerId, Model as State},
     netfilter::notrack,
+    ownfw,
 };
 
 /// Facts of the host the plan depends on.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Env {
     pub host_netns_cookie: u64,
     /// `net.ipv6.bindv6only` is 1.
     pub bindv6only: bool,
+    /// The host's resolvers (egress: containers that Docker gives them may ask them).
+    pub host_dns: BTreeSet<IpAddr>,
+    /// The host's `br-*` interfaces that are not Docker's (own-firewall mode).
+    pub other_bridges: BTreeSet<String>,
+}
+
+/// Everything the kernel and netfilter should hold.
+#[derive(Clone, Debug, Default)]
+pub struct Whole {
+    /// The maps (and, once written, the notrack table and sockets: [`Plan::served`]).
+    pub maps: Plan,
+    /// The egress table, and the policies that cannot be read (to be said once).
+    pub egress: egress::nft::Spec,
+    pub egress_errors: Vec<(String, String)>,
+    /// The own-firewall table, in that mode.
+    pub own_firewall: Option<ownfw::Spec>,
+    /// Backends of paused containers whose connections are reset, and those containers.
+    pub paused: BTreeSet<Service>,
+    pub paused_ids: BTreeSet<ContainerId>,
+}
+
+/// Everything the kernel and netfilter should hold for `model` and its containers'
+/// egress policies on a host with `env`; the own-firewall table when `own_firewall`.
+pub fn whole(model: &State, policies: &egress::Egress, env: &Env, own_firewall: bool) -> Whole {
+    let (egress, egress_errors) = policies.spec(&env.host_dns);
+    let own_firewall = own_firewall.then(|| {
+        let mut spec = ownfw::Spec::new(
+            model.networks.values(),
+            ownfw::published(model.frontends()),
+            env.other_bridges.clone(),
+        );
+        spec.routed = ownfw::routed_ports(model.inspects().map(|(_, c)| c), &model.networks);
+        spec
+    });
+    let (paused, paused_ids) = paused(model);
+    Whole {
+        maps: plan(model, env),
+        egress,
+        egress_errors,
+        own_firewall,
+        paused,
+        paused_ids,
+    }
 }
 
 /// The desired state, before the maps are written.
@@ -350,6 +397,7 @@ mod tests {
             &Env {
                 host_netns_cookie: 7,
                 bindv6only: true,
+                ..Env::default()
             },
         );
         assert_eq!(p.config.host_netns_cookie, 7);
@@ -438,5 +486,55 @@ mod tests {
         let gone = gone_backends(&before, &now, &s);
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].addr, "172.17.0.4".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn the_whole_plan_holds_every_table_and_the_pause_resets() {
+        let mut s = state();
+        // `a` paused, asking for its connections to be reset.
+        for f in &mut s.containers.get_mut("a").unwrap().frontends {
+            f.backend.flags |= BACKEND_F_PAUSED | BACKEND_F_RESET_ON_PAUSE;
+        }
+        let mut policies = egress::Egress::new(
+            "t",
+            egress::policy::Config::parse("").unwrap(),
+            None,
+            Vec::new(),
+            std::path::Path::new("/nonexistent"),
+        );
+        policies.created(
+            "d",
+            "/d",
+            [("dataplane.egress.internet".to_string(), "false".to_string())].into(),
+            true,
+        );
+        policies.connected("d", "net1", vec!["172.17.0.9".parse().unwrap()]);
+        let env = Env {
+            other_bridges: ["br-other".to_string()].into(),
+            ..Env::default()
+        };
+        let w = whole(&s, &policies, &env, false);
+        assert_eq!(w.maps.frontends.len(), 2, "the maps' plan is `plan`'s");
+        assert!(w.own_firewall.is_none(), "not in that mode");
+        assert_eq!(
+            w.egress.containers.len(),
+            1,
+            "the policed container's chains"
+        );
+        assert!(w.egress.admitted.contains(&"172.17.0.9".parse().unwrap()));
+        assert_eq!(
+            w.paused_ids
+                .iter()
+                .map(ContainerId::as_str)
+                .collect::<Vec<_>>(),
+            ["a"]
+        );
+        assert_eq!(w.paused.len(), 1);
+        let w = whole(&s, &policies, &env, true);
+        let fw = w.own_firewall.expect("in that mode");
+        assert_eq!(fw.others, env.other_bridges);
+        assert!(fw.nets.contains_key("docker0"));
+        // Planning twice gives the same (nothing in it reads the host).
+        assert_eq!(whole(&s, &policies, &env, true).own_firewall, Some(fw));
     }
 }
