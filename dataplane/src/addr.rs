@@ -5,9 +5,10 @@
 use std::{
     fmt,
     net::{IpAddr, Ipv6Addr},
+    str::FromStr,
 };
 
-use dataplane_common::{Addr, v4_mapped};
+use dataplane_common::{Addr, PROTO_TCP, PROTO_UDP, v4_mapped};
 
 /// A map address (IPv4 as v4-mapped) as an `IpAddr`.
 pub fn addr_to_ip(a: &Addr) -> IpAddr {
@@ -42,11 +43,66 @@ impl Service {
 
 impl fmt::Display for Service {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let proto = crate::desired::proto_name(self.proto);
+        let proto = proto_name(self.proto);
         match self.addr {
             IpAddr::V4(a) => write!(f, "{a}:{}/{proto}", self.port),
             IpAddr::V6(a) => write!(f, "[{a}]:{}/{proto}", self.port),
         }
+    }
+}
+
+/// A client prefix the packet layer may translate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl FromStr for Prefix {
+    type Err = String;
+
+    /// `address/length`, or an address alone (a single host).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s.split_once('/').map_or((s, None), |(a, l)| (a, Some(l)));
+        let addr: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("not an address or address/length: {s:?}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            None => max,
+            Some(l) => l
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| format!("prefix length of {s:?} is not 0 to {max}"))?,
+        };
+        Ok(Self { addr, len })
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl Prefix {
+    /// The allow-list trie's key: the address as the programs hold it (IPv4 v4-mapped, so
+    /// 96 is added to its length).
+    pub fn key(&self) -> (Addr, u32) {
+        let extra = if self.addr.is_ipv4() { 96 } else { 0 };
+        (ip_to_addr(self.addr), u32::from(self.len) + extra)
+    }
+}
+
+/// The name of an IP protocol number the agent publishes.
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        _ => "?",
     }
 }
 

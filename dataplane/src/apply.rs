@@ -3,9 +3,9 @@
 //! the config and client namespaces, then ports reserved before their frontends answer,
 //! frontends, ports released after theirs are gone; then the notrack rules and the sockets of
 //! backends that went, both following what the maps serve. A failed step fails the apply;
-//! the agent retries it with [`Backoff`] (every step is idempotent).
+//! the agent retries it with [`crate::retry::Backoff`] (every step is idempotent).
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::{Context, Result};
 use dataplane_common::{Backend, Config, FrontendKey, PeerNet, PeerNetKey, PortFamilies, PortKey};
@@ -136,36 +136,9 @@ impl Maps for Loaded {
     }
 }
 
-/// How long to wait before retrying a failed apply: doubling from 100 ms to 5 s, back to the
-/// start after a success (as controllers requeue on error).
-#[derive(Clone, Copy, Debug)]
-pub struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(5);
-
-    pub const fn new() -> Self {
-        Self { next: Self::FIRST }
-    }
-
-    /// The wait before the next try, after a failure.
-    pub fn failed(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        d
-    }
-
-    pub fn succeeded(&mut self) {
-        self.next = Self::FIRST;
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new()
+impl Netfilter for crate::netfilter::NetfilterTask {
+    fn schedule(&self, spec: notrack::Spec, force: bool) {
+        crate::netfilter::NetfilterTask::schedule(self, spec, force);
     }
 }
 

@@ -115,15 +115,7 @@ fn proto_of(name: &str) -> Option<u8> {
     }
 }
 
-pub fn proto_name(proto: u8) -> &'static str {
-    match proto {
-        PROTO_TCP => "tcp",
-        PROTO_UDP => "udp",
-        _ => "?",
-    }
-}
-
-pub use crate::addr::{addr_to_ip, ip_to_addr};
+pub use crate::addr::{addr_to_ip, ip_to_addr, proto_name};
 
 /// A stable id for a binding (FNV-1a over its key), used to label counters.
 pub fn frontend_id(key: &FrontendKey) -> u32 {

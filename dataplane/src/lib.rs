@@ -24,5 +24,6 @@ pub mod ownfw;
 pub mod packet;
 pub mod plan;
 pub mod reconcile;
+pub mod retry;
 pub mod sockets;
 pub mod status;

@@ -11,11 +11,9 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt,
     net::IpAddr,
     os::fd::AsFd,
     path::{Path, PathBuf},
-    str::FromStr,
     time::{Duration, Instant},
 };
 
@@ -39,54 +37,10 @@ use crate::{
     reconcile::reconcile,
 };
 
+pub use crate::addr::Prefix;
+
 /// Flows the flow map holds by default (about 100 bytes each, preallocated).
 pub const DEFAULT_FLOWS: u32 = 65_536;
-
-/// A client prefix the packet layer may translate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Prefix {
-    pub addr: IpAddr,
-    pub len: u8,
-}
-
-impl FromStr for Prefix {
-    type Err = String;
-
-    /// `address/length`, or an address alone (a single host).
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, l) = s.split_once('/').map_or((s, None), |(a, l)| (a, Some(l)));
-        let addr: IpAddr = a
-            .trim()
-            .parse()
-            .map_err(|_| format!("not an address or address/length: {s:?}"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = match l {
-            None => max,
-            Some(l) => l
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|n| *n <= max)
-                .ok_or_else(|| format!("prefix length of {s:?} is not 0 to {max}"))?,
-        };
-        Ok(Self { addr, len })
-    }
-}
-
-impl fmt::Display for Prefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-impl Prefix {
-    /// The allow-list trie's key: the address as the programs hold it (IPv4 v4-mapped, so
-    /// 96 is added to its length).
-    pub fn key(&self) -> (Addr, u32) {
-        let extra = if self.addr.is_ipv4() { 96 } else { 0 };
-        (ip_to_addr(self.addr), u32::from(self.len) + extra)
-    }
-}
 
 /// What the packet layer is asked to do (the config file's `[packet_layer]` and the flags).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -35,7 +35,6 @@ use {
 use crate::{
     addr::Service,
     api::{self, Shared},
-    apply::Backoff,
     bpf::Loaded,
     egress::{self, Egress},
     hostfw,
@@ -44,6 +43,7 @@ use crate::{
     model::{ContainerId, Model},
     netfilter::{NetfilterTask, changes as nfwatch, notrack::Notrack},
     netlink,
+    retry::Backoff,
     sockets::Destroyer,
 };
 

@@ -35,11 +35,7 @@ use nftables::{
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
 
-use super::nft::{
-    counter_in, rule_in,
-    rules::{anon_set, jump, s},
-    vmap_in,
-};
+use super::nft::objects::{anon_set, counter_in, jump, rule_in, s, vmap_in};
 use crate::netfilter::ruleset::nf::field;
 
 /// Before the bridge's own filter chains (-200) and anything an operator hooks there.

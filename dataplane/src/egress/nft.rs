@@ -35,14 +35,12 @@ use std::{
 use nftables::{
     batch::Batch,
     expr::Expression,
-    schema::{
-        Chain, Counter, Element, FlushObject, Map, NfCmd, NfListObject, Rule, Set, SetType,
-        SetTypeValue,
-    },
+    schema::{Chain, Counter, Element, FlushObject, Map, NfCmd, NfListObject, Set, SetType},
     stmt::Statement,
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
 
+pub(super) mod objects;
 pub(super) mod rules;
 
 use super::policy::Net;
@@ -52,7 +50,8 @@ use crate::netfilter::{
     ruleset::{set_of, table},
     table::{ObjectId, Shape, Start, TableId, TableSpec},
 };
-use rules::{base_rules, container_rules, jump, s};
+use objects::{counter_in, jump, rule_in, s, vmap_in};
+use rules::{base_rules, container_rules};
 
 /// Before Docker's filter chains (priority 0) and after its DNAT (-100): the destination
 /// is the one the packet will really go to.
@@ -121,25 +120,6 @@ fn vmap(t: &str, name: &str, ty: SetType) -> Map<'static> {
     vmap_in(NfFamily::INet, t, name, ty)
 }
 
-/// [`vmap`] in a table of `family`.
-pub(super) fn vmap_in(family: NfFamily, t: &str, name: &str, ty: SetType) -> Map<'static> {
-    Map {
-        family,
-        table: t.to_string().into(),
-        name: name.to_string().into(),
-        handle: None,
-        set_type: SetTypeValue::Single(ty),
-        map: SetTypeValue::Single(SetType::Mark),
-        policy: None,
-        flags: None,
-        elem: None,
-        timeout: None,
-        gc_interval: None,
-        size: None,
-        comment: None,
-    }
-}
-
 fn chain(t: &str, name: &str, hook: Option<NfHook>) -> Chain<'static> {
     Chain {
         family: NfFamily::INet,
@@ -157,38 +137,8 @@ fn counter(t: &str, name: &str) -> Counter<'static> {
     counter_in(NfFamily::INet, t, name)
 }
 
-/// A named counter in a table of `family`.
-pub(super) fn counter_in(family: NfFamily, t: &str, name: &str) -> Counter<'static> {
-    Counter {
-        family,
-        table: t.to_string().into(),
-        name: name.to_string().into(),
-        handle: None,
-        packets: None,
-        bytes: None,
-    }
-}
-
 fn rule(t: &str, chain: &str, expr: Vec<Statement<'static>>) -> NfListObject<'static> {
     rule_in(NfFamily::INet, t, chain, expr)
-}
-
-/// A rule in a table of `family`.
-pub(super) fn rule_in(
-    family: NfFamily,
-    t: &str,
-    chain: &str,
-    expr: Vec<Statement<'static>>,
-) -> NfListObject<'static> {
-    NfListObject::Rule(Rule {
-        family,
-        table: t.to_string().into(),
-        chain: chain.to_string().into(),
-        expr: expr.into(),
-        handle: None,
-        index: None,
-        comment: None,
-    })
 }
 
 fn elements(t: &str, name: &str, elem: Vec<Expression<'static>>) -> NfListObject<'static> {

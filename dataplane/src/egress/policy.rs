@@ -446,7 +446,7 @@ impl Config {
             resolver_addr(r).map_err(|e| at(r, format!("[egress] resolver: {e}")))?;
         }
         for a in &c.packet_layer.allow {
-            a.parse::<crate::packet::Prefix>()
+            a.parse::<crate::addr::Prefix>()
                 .map_err(|e| at(a, format!("[packet_layer] allow: {e}")))?;
         }
         if c.packet_layer.flows == Some(0) {

@@ -28,7 +28,7 @@ pub mod notrack;
 pub mod ruleset;
 pub mod table;
 
-use crate::apply::Backoff;
+use crate::retry::Backoff;
 use notrack::Notrack;
 
 #[derive(Clone, Debug, Default)]
@@ -139,8 +139,9 @@ impl NetfilterTask {
     }
 }
 
-impl crate::apply::Netfilter for NetfilterTask {
-    fn schedule(&self, spec: notrack::Spec, force: bool) {
+impl NetfilterTask {
+    /// Asks for `spec` to be written (re-applied even if unchanged when `force`).
+    pub fn schedule(&self, spec: notrack::Spec, force: bool) {
         self.tx.send_modify(|w| {
             w.spec = Some(spec);
             if force {

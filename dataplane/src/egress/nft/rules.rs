@@ -1,23 +1,18 @@
 //! The egress table's rules: what its base chains and each container's chains hold.
 
 use nftables::{
-    expr::{CT, Expression, Meta, MetaKey, NamedExpression, Prefix, SetItem, Verdict},
-    stmt::{self, JumpTarget, Match, Operator, Statement, VerdictMap},
+    expr::{CT, Expression, Meta, MetaKey, NamedExpression, Prefix},
+    stmt::{self, Match, Operator, Statement, VerdictMap},
 };
 
-use super::{Chains, Spec, counter_name};
+use super::{
+    Chains, Spec, counter_name,
+    objects::{anon_set, s},
+};
 use crate::{
     egress::policy::{Net, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP},
     netfilter::ruleset::nf::{field, in_set, is, l4proto},
 };
-
-#[expect(
-    clippy::needless_pass_by_value,
-    reason = "called with references and strings alike"
-)]
-pub(in crate::egress) fn s(v: impl ToString) -> Expression<'static> {
-    Expression::String(v.to_string().into())
-}
 
 fn meta(key: MetaKey) -> Expression<'static> {
     Expression::Named(NamedExpression::Meta(Meta { key }))
@@ -33,18 +28,6 @@ fn net_expr(n: &Net) -> Expression<'static> {
             len: u32::from(n.len),
         }))
     }
-}
-
-pub(in crate::egress) fn anon_set(items: Vec<Expression<'static>>) -> Expression<'static> {
-    Expression::Named(NamedExpression::Set(
-        items.into_iter().map(SetItem::Element).collect(),
-    ))
-}
-
-pub(in crate::egress) fn jump(target: String) -> Expression<'static> {
-    Expression::Verdict(Verdict::Jump(JumpTarget {
-        target: target.into(),
-    }))
 }
 
 fn ct_state(states: &[&str]) -> Statement<'static> {
