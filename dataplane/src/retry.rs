@@ -34,3 +34,19 @@ impl Default for Backoff {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Backoff;
+
+    #[test]
+    fn backoff_doubles_to_a_ceiling_and_resets() {
+        let mut b = Backoff::new();
+        let waits: Vec<u128> = (0..8).map(|_| b.failed().as_millis()).collect();
+        assert_eq!(waits, vec![100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        b.succeeded();
+        assert_eq!(b.failed(), Duration::from_millis(100));
+    }
+}
