@@ -6,6 +6,7 @@ pub mod api;
 pub mod apply;
 pub mod bpf;
 pub mod cache;
+pub mod config;
 pub mod desired;
 pub mod docker;
 pub mod egress;

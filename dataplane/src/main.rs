@@ -78,7 +78,7 @@ enum Cmd {
         max_frontends: u32,
         /// Config file (egress defaults and profiles, the on-pause default); a missing file
         /// means the defaults.
-        #[arg(long, default_value = dataplane::egress::policy::DEFAULT_CONFIG)]
+        #[arg(long, default_value = dataplane::config::DEFAULT_CONFIG)]
         config: PathBuf,
         /// Where runtime egress changes are kept across agent restarts.
         #[arg(long, default_value = "/var/lib/dataplane")]
@@ -130,7 +130,7 @@ enum Cmd {
         #[arg(long, default_value = api::DEFAULT_SOCKET)]
         socket: PathBuf,
         /// Accepted so `uninstall` takes the flags `run` took; not read.
-        #[arg(long, default_value = dataplane::egress::policy::DEFAULT_CONFIG)]
+        #[arg(long, default_value = dataplane::config::DEFAULT_CONFIG)]
         config: PathBuf,
         /// Runtime egress changes kept here are removed.
         #[arg(long, default_value = "/var/lib/dataplane")]
@@ -139,7 +139,7 @@ enum Cmd {
     /// Checks a config file as `run` and `SIGHUP` would, and says what is wrong (line and
     /// reason). Exits 0 when it is valid, 2 when not.
     CheckConfig {
-        #[arg(default_value = dataplane::egress::policy::DEFAULT_CONFIG)]
+        #[arg(default_value = dataplane::config::DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Probes the running kernel for every feature the agent uses (as `run` does at its
@@ -315,9 +315,8 @@ fn run_agent(opts: agent::Options) -> ExitCode {
 fn run_config(
     path: &Path,
     packet: &dataplane::packet::Flags,
-) -> Result<dataplane::egress::policy::Config, String> {
-    let config =
-        dataplane::egress::policy::Config::load(path).map_err(|e| format!("config: {e}"))?;
+) -> Result<dataplane::config::Config, String> {
+    let config = dataplane::config::Config::load(path).map_err(|e| format!("config: {e}"))?;
     dataplane::packet::settings(&config.packet_layer, packet)?;
     Ok(config)
 }
@@ -341,7 +340,7 @@ fn features() -> ExitCode {
 }
 
 fn check_config(config: &Path) -> ExitCode {
-    match dataplane::egress::policy::Config::load(config) {
+    match dataplane::config::Config::load(config) {
         Ok(_) => {
             println!("{}: valid", config.display());
             ExitCode::SUCCESS

@@ -65,7 +65,7 @@ pub struct Flags {
 /// The settings the config file's `[packet_layer]` and the flags make; `None`: the layer is
 /// off. On, it must allow some client: nothing is translated for everyone by default.
 pub fn settings(
-    config: &crate::egress::policy::PacketConfig,
+    config: &crate::config::PacketConfig,
     flags: &Flags,
 ) -> Result<Option<Settings>, String> {
     if !(config.enabled || flags.on) {
@@ -604,7 +604,7 @@ mod tests {
 
     #[test]
     fn on_it_must_allow_someone_and_flags_add_to_the_file() {
-        let mut c = crate::egress::policy::PacketConfig::default();
+        let mut c = crate::config::PacketConfig::default();
         assert_eq!(settings(&c, &Flags::default()), Ok(None));
         c.enabled = true;
         assert!(

@@ -101,7 +101,7 @@ pub(super) async fn start_metrics(
 
 /// Starts serving metrics on the config's address, if it names one.
 pub(super) async fn metrics_server(
-    config: &egress::policy::Config,
+    config: &crate::config::Config,
     scrape: &metrics::Scrape,
 ) -> anyhow::Result<Option<MetricsServer>> {
     let Some(addr) = config.metrics.addr().map_err(|e| anyhow::anyhow!(e))? else {
@@ -235,13 +235,13 @@ pub(super) fn signals() -> Result<(StopSignals, tokio::signal::unix::Signal), St
 
 /// The resolver allow-list names are looked up with: the config's, or the host's.
 pub(super) fn resolver(
-    config: &egress::policy::Config,
+    config: &crate::config::Config,
 ) -> Result<Option<egress::dns::Resolver>, StartError> {
     let server = config
         .egress
         .resolver
         .as_deref()
-        .map(egress::policy::resolver_addr)
+        .map(crate::config::resolver_addr)
         .transpose()
         .map_err(|e| StartError::Other(anyhow::anyhow!("[egress] resolver: {e}")))?;
     Ok(match egress::dns::Resolver::new(server) {
@@ -404,7 +404,7 @@ impl Agent {
     }
 
     pub(super) async fn try_reload(&mut self, path: &std::path::Path) -> Result<(), String> {
-        let new = egress::policy::Config::load(path)?;
+        let new = crate::config::Config::load(path)?;
         if new == self.config {
             return Ok(());
         }
@@ -444,7 +444,7 @@ impl Agent {
 
     /// The packet layer's part of a reload: its allow-list and uplinks change now; turning
     /// it on or off, or another flow map size, at the next start (said so).
-    pub(super) fn reload_packet(&mut self, new: &egress::policy::Config) -> Result<(), String> {
+    pub(super) fn reload_packet(&mut self, new: &crate::config::Config) -> Result<(), String> {
         let settings = crate::packet::settings(&new.packet_layer, &self.packet.flags)?;
         match (&mut self.packet.layer, settings) {
             (Some(layer), Some(s)) => {

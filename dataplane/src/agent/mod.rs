@@ -84,7 +84,7 @@ struct Agent {
     /// destroyed when they enter this set).
     paused: BTreeSet<Service>,
     /// The config in force, and where it is read again from on `SIGHUP`.
-    config: egress::policy::Config,
+    config: crate::config::Config,
     config_path: Option<std::path::PathBuf>,
     /// What a metrics scrape reads, and the server when one listens.
     scrape: metrics::Scrape,

@@ -40,7 +40,7 @@ pub struct Options {
     /// Room for published bindings in the maps this start creates.
     pub max_frontends: u32,
     /// The config file's content (egress defaults and profiles).
-    pub config: crate::egress::policy::Config,
+    pub config: crate::config::Config,
     /// Where it was read from (read again on `SIGHUP`); `None`: not reloadable.
     pub config_path: Option<PathBuf>,
     /// Where runtime egress changes are kept (`None`: nowhere, they last as long as the

@@ -32,7 +32,9 @@ use std::{
 };
 
 use crate::netfilter::table::{Applied, Table};
-use policy::{Allow, Config, Layer, Policy, Target};
+use policy::{Allow, Layer, Policy, Target};
+
+use crate::config::Config;
 
 use crate::status::EgressCountersHandle;
 

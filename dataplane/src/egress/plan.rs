@@ -141,6 +141,6 @@ impl Egress {
     }
 
     pub fn policy(&self, c: &Container) -> Policy {
-        policy::policy_of(&self.config, &c.labels, c.runtime.as_ref())
+        policy::policy_of(&self.config.egress, &c.labels, c.runtime.as_ref())
     }
 }

@@ -1,5 +1,5 @@
 //! What a container may initiate: its egress [`Policy`], from the host's defaults and
-//! named profiles ([`Config`], `/etc/dataplane/dataplane.toml`), its labels
+//! named profiles ([`EgressConfig`], the `[egress]` section of the config file), its labels
 //! (`dataplane.egress.*`) and runtime changes (`bridge-ctl egress set`), in that order of
 //! precedence. Pure: parsing and merging only.
 
@@ -346,157 +346,11 @@ pub struct EgressConfig {
     pub profiles: BTreeMap<String, Layer>,
 }
 
-/// The `[pause]` section of the config file.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PauseConfig {
-    /// What `dataplane.on-pause` means for a container without the label (`keep`).
-    #[serde(default)]
-    pub default: crate::desired::OnPause,
-}
-
-/// The config file (`/etc/dataplane/dataplane.toml`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    #[serde(default)]
-    pub egress: EgressConfig,
-    #[serde(default)]
-    pub pause: PauseConfig,
-    #[serde(default)]
-    pub metrics: MetricsConfig,
-    #[serde(default)]
-    pub packet_layer: PacketConfig,
-    #[serde(default)]
-    pub own_firewall: OwnFirewallConfig,
-}
-
-/// `[own_firewall]`: the agent writes the rules Docker's `iptables` would (off by default).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OwnFirewallConfig {
-    /// As `dataplane run --own-firewall` (applies at the agent's start).
-    #[serde(default)]
-    pub enabled: bool,
-}
-
-/// `[packet_layer]`: external clients translated on the host's interfaces (off by default).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PacketConfig {
-    /// As `dataplane run --packet-layer`.
-    #[serde(default)]
-    pub enabled: bool,
-    /// Client prefixes translated (`192.0.2.0/24`, `2001:db8::/32`, an address alone);
-    /// every other client keeps Docker's DNAT.
-    #[serde(default)]
-    pub allow: Vec<String>,
-    /// The uplinks by name (default: every interface with an address that is not Docker's).
-    pub interfaces: Option<Vec<String>>,
-    /// Room in the flow map (applies at the agent's start).
-    pub flows: Option<u32>,
-}
-
-/// `[metrics]`: where Prometheus metrics are served (nowhere by default).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// `address:port` to serve `GET /metrics` on, e.g. `127.0.0.1:9477`.
-    pub listen: Option<String>,
-}
-
-impl MetricsConfig {
-    /// The address to listen on, if any.
-    pub fn addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
-        self.listen
-            .as_deref()
-            .map(|l| {
-                l.parse::<std::net::SocketAddr>().map_err(|_| {
-                    format!("[metrics] listen: not an address:port (like 127.0.0.1:9477): {l:?}")
-                })
-            })
-            .transpose()
-    }
-}
-
-/// Where the agent reads its config by default.
-pub const DEFAULT_CONFIG: &str = "/etc/dataplane/dataplane.toml";
-
-impl Config {
-    /// Parses and validates the file's text: every allow entry and the resolver must
-    /// parse. An error names the line and the reason.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let c: Self = toml::from_str(text).map_err(|e| e.to_string())?;
-        // Values that parse as TOML but mean nothing: named with the line they are on.
-        let at = |value: &str, e: String| match line_of(text, value) {
-            Some(n) => format!("line {n}: {e}"),
-            None => e,
-        };
-        for a in &c.egress.allow {
-            a.parse::<Allow>()
-                .map_err(|e| at(a, format!("[egress] allow: {e}")))?;
-        }
-        for (name, p) in &c.egress.profiles {
-            for a in p.allow.iter().flatten() {
-                a.parse::<Allow>()
-                    .map_err(|e| at(a, format!("[egress.profiles.{name}] allow: {e}")))?;
-            }
-        }
-        if let Some(r) = &c.egress.resolver {
-            resolver_addr(r).map_err(|e| at(r, format!("[egress] resolver: {e}")))?;
-        }
-        for a in &c.packet_layer.allow {
-            a.parse::<crate::addr::Prefix>()
-                .map_err(|e| at(a, format!("[packet_layer] allow: {e}")))?;
-        }
-        if c.packet_layer.flows == Some(0) {
-            return Err("[packet_layer] flows: must be at least 1".to_string());
-        }
-        if let Err(e) = c.metrics.addr() {
-            return Err(at(c.metrics.listen.as_deref().unwrap_or_default(), e));
-        }
-        Ok(c)
-    }
-
-    /// Reads `path`; a missing file is the defaults.
-    pub fn load(path: &std::path::Path) -> Result<Self, String> {
-        match std::fs::read_to_string(path) {
-            Ok(t) => Self::parse(&t).map_err(|e| format!("{}: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(format!("{}: {e}", path.display())),
-        }
-    }
-
-    /// Whether a container the agent has not seen yet must send nothing out (the host
-    /// default turns the internet off).
-    pub fn default_closed(&self) -> bool {
-        self.egress.internet == Some(false) || self.egress.host == Some(false)
-    }
-}
-
-/// The first line (1-based) where `value` appears as a quoted string.
-fn line_of(text: &str, value: &str) -> Option<usize> {
-    let quoted = [format!("\"{value}\""), format!("'{value}'")];
-    text.lines()
-        .position(|l| quoted.iter().any(|q| l.contains(q.as_str())))
-        .map(|i| i + 1)
-}
-
-/// `IP` or `IP:port` / `[IPv6]:port` (port 53 by default).
-pub fn resolver_addr(s: &str) -> Result<std::net::SocketAddr, String> {
-    if let Ok(a) = s.parse::<std::net::SocketAddr>() {
-        return Ok(a);
-    }
-    s.parse::<IpAddr>()
-        .map(|ip| std::net::SocketAddr::new(ip, 53))
-        .map_err(|_| format!("not an address or address:port: {s:?}"))
-}
-
 /// The container's policy: the host defaults, its profile, its labels, then a runtime
 /// change. A malformed label, an unknown profile or an unknown `dataplane.egress.*` label
 /// gives the fail-closed policy, saying why.
 pub fn policy_of(
-    config: &Config,
+    config: &EgressConfig,
     labels: &BTreeMap<String, String>,
     runtime: Option<&Layer>,
 ) -> Policy {
@@ -516,7 +370,7 @@ fn bool_label(labels: &BTreeMap<String, String>, key: &str) -> Result<Option<boo
 }
 
 fn merge(
-    config: &Config,
+    d: &EgressConfig,
     labels: &BTreeMap<String, String>,
     runtime: Option<&Layer>,
 ) -> Result<Policy, String> {
@@ -530,7 +384,6 @@ fn merge(
             ));
         }
     }
-    let d = &config.egress;
     let mut p = Policy {
         internet: d.internet.unwrap_or(true),
         host: d.host.unwrap_or(true),
@@ -580,6 +433,7 @@ fn merge(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, resolver_addr};
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
         kv.iter()
@@ -671,12 +525,12 @@ mod tests {
         .unwrap();
         assert!(config.default_closed());
         // No labels: the host default.
-        let p = policy_of(&config, &labels(&[]), None);
+        let p = policy_of(&config.egress, &labels(&[]), None);
         assert!(!p.internet && p.host && p.error.is_none());
         assert_eq!(p.allow, vec![a("10.9.0.0/16:3128/tcp")]);
         // A profile, then a label over it; allow-lists add up.
         let p = policy_of(
-            &config,
+            &config.egress,
             &labels(&[
                 (LABEL_PROFILE, "ci"),
                 (LABEL_HOST, "true"),
@@ -686,7 +540,7 @@ mod tests {
         );
         assert!(!p.internet && p.host);
         assert_eq!(p.allow.len(), 3);
-        let p = policy_of(&config, &labels(&[(LABEL_PROFILE, "open")]), None);
+        let p = policy_of(&config.egress, &labels(&[(LABEL_PROFILE, "open")]), None);
         assert!(!p.restricts());
         // A runtime change wins, and its allow-list replaces the labels'.
         let rt = Layer {
@@ -695,7 +549,7 @@ mod tests {
             allow: Some(vec!["192.0.2.9:80".into()]),
         };
         let p = policy_of(
-            &config,
+            &config.egress,
             &labels(&[(LABEL_ALLOW, "container:db")]),
             Some(&rt),
         );
@@ -703,7 +557,7 @@ mod tests {
         assert_eq!(p.allow, vec![a("10.9.0.0/16:3128/tcp"), a("192.0.2.9:80")]);
         // No config: everything open.
         assert_eq!(
-            policy_of(&Config::default(), &labels(&[]), None),
+            policy_of(&Config::default().egress, &labels(&[]), None),
             Policy::OPEN
         );
     }
@@ -717,12 +571,16 @@ mod tests {
             ((LABEL_PROFILE, "ci"), "no such profile"),
             (("dataplane.egress.interent", "false"), "unknown label"),
         ] {
-            let p = policy_of(&c, &labels(&[kv]), None);
+            let p = policy_of(&c.egress, &labels(&[kv]), None);
             assert!(!p.internet && !p.host && p.allow.is_empty(), "{kv:?}");
             assert!(p.error.as_deref().unwrap().contains(want), "{p:?}");
         }
         // Labels of other tools are none of the agent's business.
-        let p = policy_of(&c, &labels(&[("dataplane.other", "x"), ("x", "y")]), None);
+        let p = policy_of(
+            &c.egress,
+            &labels(&[("dataplane.other", "x"), ("x", "y")]),
+            None,
+        );
         assert_eq!(p, Policy::OPEN);
     }
 

@@ -497,7 +497,7 @@ mod tests {
         }
         let mut policies = egress::Egress::new(
             "t",
-            egress::policy::Config::parse("").unwrap(),
+            crate::config::Config::parse("").unwrap(),
             None,
             Vec::new(),
             std::path::Path::new("/nonexistent"),
