@@ -14,7 +14,7 @@ use crate::egress::policy::{Allow, EgressConfig};
 pub struct PauseConfig {
     /// What `dataplane.on-pause` means for a container without the label (`keep`).
     #[serde(default)]
-    pub default: crate::desired::OnPause,
+    pub default: crate::model::desired::OnPause,
 }
 
 /// The config file (`/etc/dataplane/dataplane.toml`).

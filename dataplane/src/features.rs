@@ -354,7 +354,7 @@ fn probe_one(f: Feature) -> Found {
             },
         },
         Feature::SetRetval => found(helper(HELPER_SET_RETVAL)),
-        Feature::SockDestroy => found(crate::sockets::destroy_supported()),
+        Feature::SockDestroy => found(crate::apply::sockets::destroy_supported()),
     }
 }
 

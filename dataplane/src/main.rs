@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
-use dataplane::{agent, api};
+use dataplane::{agent, report::api};
 use tracing_subscriber::EnvFilter;
 
 const EXIT_CODES: &str = "\

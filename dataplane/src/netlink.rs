@@ -14,7 +14,7 @@ use rtnetlink::{
 };
 use tokio::sync::mpsc;
 
-use crate::desired::ip_to_addr;
+use crate::model::desired::ip_to_addr;
 
 /// An address configured on a host interface.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result};
 use nix::sched::{CloneFlags, setns};
 
-use crate::desired::DefaultRoutes;
+use crate::model::desired::DefaultRoutes;
 
 /// The cookie of the network namespace at each path (`/var/run/docker/netns/<id>`, or
 /// `/proc/<pid>/ns/net`), in order. One short-lived thread enters them one after another,

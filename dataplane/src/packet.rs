@@ -27,14 +27,14 @@ use dataplane_common::{Addr, pkt::PktEndpoint};
 use tracing::{debug, info, warn};
 
 use crate::{
+    apply::reconcile::reconcile,
     bpf::{
         Loaded,
         pkt::{FORWARD, LINK_PREFIX, REPLY, Timeouts},
         sys,
     },
-    desired::ip_to_addr,
+    model::desired::ip_to_addr,
     netlink::HostAddr,
-    reconcile::reconcile,
 };
 
 pub use crate::addr::Prefix;

@@ -8,11 +8,11 @@ use std::{io::Write, net::IpAddr, process::Command};
 
 use common::{Cgroup, NetNs, PY_CLIENT, Veth, serve};
 use dataplane::{
+    apply::reconcile::KvStore,
     bpf::{self, Loaded, sys},
-    desired::{addr_to_ip, ip_to_addr, ports_of},
     features::{Feature, Features},
+    model::desired::{addr_to_ip, ip_to_addr, ports_of},
     netfilter::notrack::{Notrack, Spec},
-    reconcile::KvStore,
 };
 use dataplane_common::{
     BACKEND_F_PAUSED, Backend, CFG_F_PEERS, CFG_F_RESERVE_PORTS, Config, FRONTENDS_MAX,

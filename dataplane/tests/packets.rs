@@ -10,8 +10,8 @@ use std::{net::IpAddr, process::Command};
 use common::{NetNs, PY_CLIENT, Veth, cmd, serve, sh};
 
 use dataplane::{
+    apply::reconcile::KvStore,
     bpf::pkt::{FORWARD, PacketPrograms, REPLY, Timeouts, monotonic_ns},
-    reconcile::KvStore,
 };
 use dataplane_common::{
     Addr, Backend, FrontendKey, LOCAL_HOST, LocalAddr, PROTO_TCP, PROTO_UDP, WILDCARD4, WILDCARD6,

@@ -14,11 +14,12 @@ use tracing::{debug, info, warn};
 use super::Agent;
 use crate::{
     agent::start::{Inspected, inspect_all},
-    api, docker, hostfw,
+    docker, hostfw,
     input::{DockerEvent, Timer},
-    metrics,
     model::ContainerId,
     netns,
+    report::api,
+    report::metrics,
 };
 
 /// A container Docker connected to a network (`network connect`): the network, the

@@ -11,9 +11,10 @@ use tracing::warn;
 
 use super::StopSignals;
 use crate::{
-    api, docker,
+    docker,
     input::{self, Input, LookupResult, Timer},
     model::ContainerId,
+    report::api,
 };
 
 /// How often the packet layer's idle flows are removed.

@@ -13,15 +13,15 @@ use tokio::signal::unix::SignalKind;
 use super::{Agent, OwnSide, PacketSide, StopSignals, report::now_ms};
 use crate::{
     agent::start::{Options, StartError, Started, Startup, load_and_list},
-    api::Shared,
+    apply::sockets::Destroyer,
     bpf::Loaded,
     docker,
     egress::{self, Egress},
     features::{Feature, Features},
-    metrics,
     model::Model,
-    notify,
-    sockets::Destroyer,
+    report::api::Shared,
+    report::metrics,
+    report::notify,
 };
 
 impl PacketSide {
@@ -40,11 +40,11 @@ impl PacketSide {
     }
 }
 
-/// Leaves the inspects and the firewall's evaluation for the next start ([`crate::cache`]).
+/// Leaves the inspects and the firewall's evaluation for the next start ([`crate::agent::cache`]).
 pub(super) fn leave_cache(path: Option<&std::path::Path>, model: &Model) {
     let Some(path) = path else { return };
     let inspects = model.inspects().map(|(id, c)| (id.as_str(), c));
-    match crate::cache::save(path, inspects, &model.firewall) {
+    match crate::agent::cache::save(path, inspects, &model.firewall) {
         Ok(n) => debug!(containers = n, path = %path.display(), "inspects left for the next start"),
         Err(e) => {
             warn!(error = %format!("{e:#}"), "could not leave the inspects for the next start");

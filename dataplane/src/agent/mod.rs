@@ -4,6 +4,7 @@
 //! ([`report`]: the status `bridge-ctl` reads, the metrics). A failed apply is retried with
 //! backoff.
 
+pub mod cache;
 mod handle;
 mod inputs;
 mod lifecycle;
@@ -34,17 +35,17 @@ use {
 
 use crate::{
     addr::Service,
-    api::{self, Shared},
+    apply::sockets::Destroyer,
     bpf::Loaded,
     egress::{self, Egress},
     hostfw,
     input::{Input, LookupResult},
-    metrics,
     model::{ContainerId, Model},
     netfilter::{NetfilterTask, changes as nfwatch, notrack::Notrack},
     netlink,
+    report::api::{self, Shared},
+    report::metrics,
     retry::Backoff,
-    sockets::Destroyer,
 };
 
 /// The agent between two inputs: the model, and the handles its appliers and reports use.
@@ -215,7 +216,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         .await?;
     agent.after_ready(fw_later, cached).await;
 
-    let mut inputs = Inputs {
+    let inputs = Inputs {
         docker,
         since: events_since,
         resync_interval: opts.resync_interval,
@@ -228,16 +229,22 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         created: early_rx,
         stop: sigterm,
         reload: sighup,
-    }
-    .open();
+    };
+    serve(agent, inputs, opts.pin_dir.is_some()).await;
+    Ok(())
+}
+
+/// The loop: one input at a time, until a stop; then the agent stops (`pinned`: what it
+/// installed stays for the next agent).
+async fn serve(mut agent: Agent, inputs: Inputs, pinned: bool) {
+    let mut inputs = inputs.open();
     loop {
         let input = inputs.next(agent.deadlines()).await;
         if agent.handle(input).await.is_break() {
             break;
         }
     }
-    agent.stop(opts.pin_dir.is_some()).await;
-    Ok(())
+    agent.stop(pinned).await;
 }
 
 impl Agent {

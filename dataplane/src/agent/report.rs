@@ -10,7 +10,9 @@ use dataplane_common::STAT_NAMES;
 use tracing::{debug, info, warn};
 
 use super::Agent;
-use crate::{agent::start::Startup, input::DockerEvent, metrics, model::ContainerId, notify};
+use crate::{
+    agent::start::Startup, input::DockerEvent, model::ContainerId, report::metrics, report::notify,
+};
 
 /// Keeps the last [`dataplane_api::SYNC_LATENCIES_KEPT`] values of a status series.
 pub(super) fn push_bounded<T>(v: &mut Vec<T>, x: T) {
@@ -31,7 +33,7 @@ pub(super) fn unix_secs() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
 }
 
-pub(crate) use crate::status::now_ms;
+pub(crate) use crate::report::status::now_ms;
 
 impl Agent {
     pub(super) fn ready(&self, startup: Startup) {

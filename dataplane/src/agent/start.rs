@@ -24,7 +24,7 @@ use crate::{
 pub struct Options {
     pub docker_socket: String,
     /// Where a stopping agent leaves what it knew of the containers for the next start
-    /// ([`crate::cache`]); `None`: nowhere.
+    /// ([`crate::agent::cache`]); `None`: nowhere.
     pub cache_path: Option<PathBuf>,
     pub api_socket: PathBuf,
     pub cgroup: Option<PathBuf>,
@@ -234,7 +234,7 @@ fn check_mode(
 
 /// Connects to Docker, lists containers and networks, and inspects the running containers
 /// the last agent's cache (`left`) does not vouch for.
-async fn docker_state(socket: &str, left: &mut crate::cache::Left) -> Result<DockerState> {
+async fn docker_state(socket: &str, left: &mut crate::agent::cache::Left) -> Result<DockerState> {
     let t = Instant::now();
     let (docker, version) = docker::connect(socket).await?;
     let settings = crate::ownfw::docker_conf::of_daemon(socket);
@@ -248,7 +248,7 @@ async fn docker_state(socket: &str, left: &mut crate::cache::Left) -> Result<Doc
     let running: Vec<(String, String)> = listed
         .iter()
         .filter(|c| docker::is_running(c))
-        .filter_map(|c| Some((c.id.clone()?, crate::cache::of_summary(c))))
+        .filter_map(|c| Some((c.id.clone()?, crate::agent::cache::of_summary(c))))
         .collect();
     // What the last agent knew and still holds is not asked again.
     let cached = left.containers(&running);
@@ -313,7 +313,7 @@ pub async fn load_and_list(
     let mut left = opts
         .cache_path
         .as_deref()
-        .map(crate::cache::take)
+        .map(crate::agent::cache::take)
         .unwrap_or_default();
     let fw_known = left.firewall();
     // Loading and Docker's first answer are independent: overlap them.

@@ -15,7 +15,7 @@ use super::{
     lifecycle::rules_off_warning,
     report::{now_ms, push_bounded},
 };
-use crate::{addr::Service, apply, metrics, netlink, plan, reconcile::reconcile};
+use crate::{addr::Service, apply, apply::reconcile::reconcile, netlink, plan, report::metrics};
 
 impl Agent {
     /// [`Agent::apply`]; on failure, logged and retried after a backoff. Whether it applied.

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use aya::maps::{HashMap, MapData, MapError};
 
-use crate::reconcile::KvStore;
+use crate::apply::reconcile::KvStore;
 
 /// A BPF hash map as a [`KvStore`].
 pub struct BpfHash<'a, K, V>(pub(super) HashMap<&'a mut MapData, K, V>);

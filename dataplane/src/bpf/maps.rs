@@ -43,7 +43,7 @@ impl Loaded {
     }
 
     /// A descriptor of the socket-storage map where the programs record each translated
-    /// socket's backend (for `sock_diag`, see [`crate::sockets`]).
+    /// socket's backend (for `sock_diag`, see [`crate::apply::sockets`]).
     pub fn translations_fd(&self) -> Result<std::os::fd::OwnedFd> {
         match self.maps.get(MAP_SOCK_REV) {
             Some(aya::maps::Map::SkStorage(m)) => Ok(m

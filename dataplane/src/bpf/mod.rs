@@ -9,7 +9,7 @@
 //! reads what the agent needs of the host: the cgroup v2 mount, the network namespace's
 //! cookie.
 //!
-//! [`KvStore`]: crate::reconcile::KvStore
+//! [`KvStore`]: crate::apply::reconcile::KvStore
 
 mod host;
 mod kv;

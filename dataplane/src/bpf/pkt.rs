@@ -20,7 +20,7 @@ use dataplane_common::{
 };
 
 use super::{kv::BpfHash, object::OBJECT};
-use crate::reconcile::KvStore;
+use crate::apply::reconcile::KvStore;
 
 /// The forward program (TC ingress of a host uplink) and the reply program (TC ingress of a
 /// container's host-side veth).
@@ -162,12 +162,12 @@ impl PacketPrograms {
     }
 
     /// Writes the published ports of the frontends as they are now (as the agent keeps
-    /// them: [`crate::desired::ports_of`]).
+    /// them: [`crate::model::desired::ports_of`]).
     pub fn sync_ports(&mut self) -> Result<()> {
         let keys: Vec<FrontendKey> = self.frontends()?.entries()?.into_keys().collect();
         let mut ports: BpfHash<'_, PortKey, PortFamilies> =
             BpfHash(HashMap::try_from(self.map_mut(MAP_PORTS)?)?);
-        for (k, v) in crate::desired::ports_of(keys.iter()) {
+        for (k, v) in crate::model::desired::ports_of(keys.iter()) {
             ports.put(&k, &v)?;
         }
         Ok(())

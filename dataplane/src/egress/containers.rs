@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use bollard::models::ContainerInspectResponse;
 use tracing::warn;
 
-use super::*;
+use super::{Egress, Layer, STARTING_GRACE};
 
 /// Why a container on network mode `mode` (or networks of `drivers`) cannot be policed
 /// here; `container:X` is kept as it is (X's policy applies).
@@ -145,7 +145,7 @@ impl Egress {
             self.created(id, &name, labels.clone(), false);
         }
         let status = c.state.as_ref().and_then(|s| s.status);
-        let live = crate::desired::peer_of(c);
+        let live = crate::model::desired::peer_of(c);
         let entry = self.containers.get_mut(id).expect("just inserted");
         entry.labels = labels;
         entry.name = name.trim_start_matches('/').to_string();

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Result;
 
-use super::*;
+use super::{Allow, Egress, Layer, Name, Target, guard, nft};
 
 fn join(a: &BTreeSet<IpAddr>) -> String {
     a.iter()

@@ -36,7 +36,7 @@ use policy::{Allow, Layer, Policy, Target};
 
 use crate::config::Config;
 
-use crate::status::EgressCountersHandle;
+use crate::report::status::EgressCountersHandle;
 
 /// What the agent knows of one container, for its policy.
 #[derive(Clone, Debug, Default)]
@@ -197,7 +197,7 @@ mod tests {
 
     #[test]
     fn a_counters_refresh_stores_none_for_an_empty_table_and_waits_after_a_reading() {
-        let handle = crate::status::EgressCountersHandle::default();
+        let handle = crate::report::status::EgressCountersHandle::default();
         let old = Instant::now().checked_sub(COUNTERS_INTERVAL).unwrap();
         handle.lock().unwrap().update(old, [("k".into(), 9)].into());
         let mut e = egress("").with_counters(handle.clone());

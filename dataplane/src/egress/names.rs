@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, net::IpAddr, time::Instant};
 use anyhow::Result;
 use tracing::{info, warn};
 
-use super::*;
+use super::{Allow, Container, Egress, Name, Target, dns, policy};
 
 impl Egress {
     /// Host names the policies name.

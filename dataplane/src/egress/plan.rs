@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use tracing::warn;
 
-use super::*;
+use super::{Container, Egress, Policy, dns, guard, nft, policy};
 
 impl Egress {
     /// The table as the policies and Docker's state make it now (`host_dns`: the host's

@@ -623,7 +623,7 @@ mod tests {
         );
         assert_eq!(Config::parse("").unwrap(), Config::default());
         let c = Config::parse("[pause]\ndefault = \"reset\"\n").unwrap();
-        assert_eq!(c.pause.default, crate::desired::OnPause::Reset);
+        assert_eq!(c.pause.default, crate::model::desired::OnPause::Reset);
         let e = Config::parse("[pause]\ndefault = \"sometimes\"\n").unwrap_err();
         assert!(e.contains("sometimes") || e.contains("variant"), "{e}");
         let missing = Config::load(std::path::Path::new("/nonexistent/dataplane.toml"));

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context, Result};
 use tracing::warn;
 
-use super::*;
+use super::{Egress, PORTS_LOOKUP};
 
 /// The namespace in `dir` (Docker's) that no other container claims and whose veths hold
 /// `addrs`, with its ports.

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, time::Instant};
 use anyhow::Result;
 use tracing::{info, warn};
 
-use super::*;
+use super::{Applied, COUNTERS_INTERVAL, Egress, EgressCountersHandle, guard, nft};
 
 /// Makes traffic between containers on one bridge pass the IP netfilter hooks
 /// (`br_netfilter`, as Docker itself does for `icc=false` and `userland-proxy=false`):

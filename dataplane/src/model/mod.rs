@@ -2,6 +2,7 @@
 //! [`ContainerId`]), Docker's networks, the host's addresses and what its ruleset means.
 //! Inputs update it; [`crate::plan::plan`] reads it. No I/O here.
 
+pub mod desired;
 mod id;
 
 use std::{
@@ -16,9 +17,9 @@ use bollard::models::ContainerInspectResponse;
 pub use id::ContainerId;
 
 use crate::{
-    desired::{self, DefaultRoutes, Frontend, Peer},
     docker::NetInfo,
     hostfw::HostFirewall,
+    model::desired::{DefaultRoutes, Frontend, Peer},
     netlink::HostAddr,
 };
 
@@ -120,23 +121,20 @@ impl Model {
         };
         let on_pause_default = self.on_pause_default;
         let rec = self.containers.entry(ContainerId::from(id)).or_default();
-        match desired::peer_of(&c) {
-            Some(p) => {
-                let same = rec
-                    .peer
-                    .as_ref()
-                    .is_some_and(|old| old.sandbox == p.sandbox && old.pid == p.pid);
-                if !same {
-                    rec.cookie = None;
-                }
-                rec.cookie_pending = rec.cookie.is_none();
-                rec.peer = Some(p);
-            }
-            None => {
-                rec.peer = None;
+        if let Some(p) = desired::peer_of(&c) {
+            let same = rec
+                .peer
+                .as_ref()
+                .is_some_and(|old| old.sandbox == p.sandbox && old.pid == p.pid);
+            if !same {
                 rec.cookie = None;
-                rec.cookie_pending = false;
             }
+            rec.cookie_pending = rec.cookie.is_none();
+            rec.peer = Some(p);
+        } else {
+            rec.peer = None;
+            rec.cookie = None;
+            rec.cookie_pending = false;
         }
         let mut errs = Vec::new();
         let mut fs = desired::frontends_of(&c, routes, &mut errs);

@@ -118,7 +118,7 @@ pub struct Spec {
 
 /// The published bindings of every container the agent knows.
 pub fn published<'a>(
-    frontends: impl IntoIterator<Item = &'a crate::desired::Frontend>,
+    frontends: impl IntoIterator<Item = &'a crate::model::desired::Frontend>,
 ) -> BTreeSet<Published> {
     use dataplane_common::{WILDCARD4, WILDCARD6, is_zero};
     let mut out = BTreeSet::new();

@@ -18,12 +18,12 @@ use dataplane_common::{
 
 use crate::{
     addr::Service,
-    api::FrontendRow,
-    desired::{self, Conflict, Frontend},
     egress,
+    model::desired::{self, Conflict, Frontend},
     model::{ContainerId, Model as State},
     netfilter::notrack,
     ownfw,
+    report::api::FrontendRow,
 };
 
 /// Facts of the host the plan depends on.
@@ -340,7 +340,7 @@ mod tests {
     use dataplane_common::{PROTO_TCP, WILDCARD4, v4_mapped};
 
     use super::*;
-    use crate::{desired::Peer, docker::NetInfo};
+    use crate::{docker::NetInfo, model::desired::Peer};
 
     fn frontend(id: &str, port: u16, ip: [u8; 4]) -> Frontend {
         let key = FrontendKey::new(WILDCARD4, port, PROTO_TCP);

@@ -5,6 +5,9 @@
 //! backends that went, both following what the maps serve. A failed step fails the apply;
 //! the agent retries it with [`crate::retry::Backoff`] (every step is idempotent).
 
+pub mod reconcile;
+pub mod sockets;
+
 use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::{Context, Result};
@@ -12,11 +15,11 @@ use dataplane_common::{Backend, Config, FrontendKey, PeerNet, PeerNetKey, PortFa
 
 use crate::{
     addr::Service,
+    apply::reconcile::{Applied, KvStore, reconcile},
     bpf::Loaded,
     model::Model as State,
     netfilter::notrack,
     plan::{Plan, Served, gone_backends},
-    reconcile::{Applied, KvStore, reconcile},
 };
 
 /// The kernel maps a plan is written to.
@@ -150,9 +153,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        desired::{self, Frontend, Peer},
+        apply::reconcile::FakeStore,
+        model::desired::{self, Frontend, Peer},
         plan::{Env, plan},
-        reconcile::FakeStore,
     };
 
     /// Maps in memory, with a journal of every write across them.

@@ -14,7 +14,7 @@ use tokio::{
 pub use dataplane_api::DEFAULT_SOCKET;
 use dataplane_api::{ErrorReply, MAX_REQUEST_BYTES, Request, TIMEOUT};
 
-pub use crate::status::{FrontendRow, Shared, State};
+pub use crate::report::status::{FrontendRow, Shared, State};
 
 /// A request only the agent loop can answer (egress: it changes or reads the kernel's
 /// state), with where its answer (JSON text) goes.
@@ -110,7 +110,7 @@ fn answer(line: &str, shared: &Shared) -> String {
                     .zip(k.stats())
                     .map(|(n, v)| ((*n).to_string(), v))
                     .collect();
-                s.counters_unix_ms = crate::status::now_ms();
+                s.counters_unix_ms = crate::report::status::now_ms();
             }
             serde_json::to_string(&s)
         }
@@ -194,7 +194,7 @@ mod tests {
     #[derive(Debug)]
     struct Counters(Vec<u64>, std::collections::BTreeMap<u32, u64>);
 
-    impl crate::status::KernelCounters for Counters {
+    impl crate::report::status::KernelCounters for Counters {
         fn stats(&self) -> Vec<u64> {
             self.0.clone()
         }

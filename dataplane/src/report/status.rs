@@ -1,5 +1,5 @@
 //! What the agent publishes for its readers: the status the agent loop writes, which the
-//! control socket ([`crate::api`]) and the metrics endpoint ([`crate::metrics`]) both answer
+//! control socket ([`crate::report::api`]) and the metrics endpoint ([`crate::report::metrics`]) both answer
 //! from, and the egress drop counters as the agent last read them back. Both readers import
 //! this module; neither imports the other, and this module imports neither.
 
