@@ -81,14 +81,45 @@ impl MetricsConfig {
     }
 }
 
+/// Why a config file was refused. The agent's start exits with its own code for these, and
+/// a reload keeps the running config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read (other than missing: that is the defaults).
+    #[error("{path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// Not TOML, or a section or key the agent does not know.
+    #[error("{0}")]
+    Syntax(String),
+    /// A value that parses but means nothing (with its line where it can be found).
+    #[error("{0}")]
+    Invalid(String),
+    /// One of the above, in the named file.
+    #[error("{}: {source}", path.display())]
+    In {
+        path: std::path::PathBuf,
+        source: Box<ConfigError>,
+    },
+}
+
 /// Where the agent reads its config by default.
 pub const DEFAULT_CONFIG: &str = "/etc/dataplane/dataplane.toml";
 
 impl Config {
     /// Parses and validates the file's text: every allow entry and the resolver must
     /// parse. An error names the line and the reason.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let c: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let c: Self = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        c.validate(text).map_err(ConfigError::Invalid)?;
+        Ok(c)
+    }
+
+    /// What [`Config::parse`] checks beyond the syntax.
+    fn validate(&self, text: &str) -> Result<(), String> {
+        let c = self;
         // Values that parse as TOML but mean nothing: named with the line they are on.
         let at = |value: &str, e: String| match line_of(text, value) {
             Some(n) => format!("line {n}: {e}"),
@@ -117,15 +148,21 @@ impl Config {
         if let Err(e) = c.metrics.addr() {
             return Err(at(c.metrics.listen.as_deref().unwrap_or_default(), e));
         }
-        Ok(c)
+        Ok(())
     }
 
     /// Reads `path`; a missing file is the defaults.
-    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
         match std::fs::read_to_string(path) {
-            Ok(t) => Self::parse(&t).map_err(|e| format!("{}: {e}", path.display())),
+            Ok(t) => Self::parse(&t).map_err(|e| ConfigError::In {
+                path: path.to_path_buf(),
+                source: Box::new(e),
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
         }
     }
 

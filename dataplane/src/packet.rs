@@ -145,7 +145,7 @@ enum Attachment {
     /// A TCX link pinned at this path, carrying this agent's program.
     Own(PathBuf),
     /// A TCX link that detaches when dropped (no pin directory).
-    Fd(#[allow(dead_code)] FdLink),
+    Fd(FdLink),
     /// A `clsact` filter: with a pin directory it stays in the kernel (found again by its
     /// name), without it detaches when dropped.
     Filter(String, Option<SchedClassifierLink>),

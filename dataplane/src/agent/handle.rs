@@ -538,15 +538,15 @@ impl Agent {
             Request::EgressShow(None) => json(serde_json::to_string(&self.egress.views(None))),
             Request::EgressShow(Some(k)) => match self.egress.find(&k) {
                 Ok(id) => json(serde_json::to_string(&self.egress.views(Some(&id)))),
-                Err(e) => api::error_reply(e),
+                Err(e) => api::error_reply(e.to_string()),
             },
             Request::EgressSet(change) => {
                 let id = match self.egress.find(&change.container) {
                     Ok(id) => id,
-                    Err(e) => return api::error_reply(e),
+                    Err(e) => return api::error_reply(e.to_string()),
                 };
                 if let Err(e) = self.egress.change(&id, &change) {
-                    return api::error_reply(e);
+                    return api::error_reply(e.to_string());
                 }
                 info!(container = %change.container, "egress policy changed at runtime");
                 // Names new to the agent are looked up first (briefly), so the answer

@@ -404,7 +404,7 @@ impl Agent {
     }
 
     pub(super) async fn try_reload(&mut self, path: &std::path::Path) -> Result<(), String> {
-        let new = crate::config::Config::load(path)?;
+        let new = crate::config::Config::load(path).map_err(|e| e.to_string())?;
         if new == self.config {
             return Ok(());
         }

@@ -18,9 +18,23 @@ fn join(a: &BTreeSet<IpAddr>) -> String {
         .join(" ")
 }
 
+/// Why a `bridge-ctl egress` request was refused (nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no running container {0:?} known to the agent")]
+    NoSuchContainer(String),
+    #[error("{0:?} names more than one container")]
+    Ambiguous(String),
+    #[error("allow: {0}")]
+    BadAllow(String),
+    /// The change could not be kept for the next agent.
+    #[error("{0:#}")]
+    Store(anyhow::Error),
+}
+
 impl Egress {
     /// The container `key` names: an exact name or ID, else a unique ID prefix.
-    pub fn find(&self, key: &str) -> Result<String, String> {
+    pub fn find(&self, key: &str) -> Result<String, ControlError> {
         let key = key.trim_start_matches('/');
         if let Some((id, _)) = self
             .containers
@@ -36,18 +50,22 @@ impl Egress {
             .collect();
         match hits.as_slice() {
             [one] => Ok((*one).clone()),
-            [] => Err(format!("no running container {key:?} known to the agent")),
-            _ => Err(format!("{key:?} names more than one container")),
+            [] => Err(ControlError::NoSuchContainer(key.to_string())),
+            _ => Err(ControlError::Ambiguous(key.to_string())),
         }
     }
 
     /// Applies a runtime change to container `id`: validated first (a bad entry changes
     /// nothing), stored, then enforced.
-    pub fn change(&mut self, id: &str, ch: &dataplane_api::EgressChange) -> Result<(), String> {
+    pub fn change(
+        &mut self,
+        id: &str,
+        ch: &dataplane_api::EgressChange,
+    ) -> Result<(), ControlError> {
         let c = self
             .containers
             .get(id)
-            .ok_or_else(|| format!("no container {id}"))?;
+            .ok_or_else(|| ControlError::NoSuchContainer(id.to_string()))?;
         let mut layer = if ch.reset {
             Layer::default()
         } else {
@@ -65,14 +83,14 @@ impl Egress {
                 if e.trim().is_empty() {
                     continue;
                 }
-                let parsed: Allow = e.parse().map_err(|err| format!("allow: {err}"))?;
+                let parsed: Allow = e.parse().map_err(ControlError::BadAllow)?;
                 list.push(parsed.to_string());
             }
             layer.allow = Some(list);
         }
         let layer = (layer != Layer::default()).then_some(layer);
         self.store_runtime(id, layer.as_ref())
-            .map_err(|e| format!("{e:#}"))?;
+            .map_err(ControlError::Store)?;
         self.containers.get_mut(id).expect("checked").runtime = layer;
         Ok(())
     }

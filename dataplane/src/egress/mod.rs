@@ -389,7 +389,12 @@ mod tests {
             allow: Some(vec!["nope nope".into()]),
             ..Default::default()
         };
-        assert!(e.change("aaaa", &bad).unwrap_err().contains("nope"));
+        assert!(
+            e.change("aaaa", &bad)
+                .unwrap_err()
+                .to_string()
+                .contains("nope")
+        );
         assert!(e.containers["aaaa"].runtime.is_none());
         // A runtime allow-list replaces the malformed label's.
         let good = dataplane_api::EgressChange {

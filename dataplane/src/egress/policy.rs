@@ -604,18 +604,27 @@ mod tests {
 
     #[test]
     fn config_errors_name_the_line() {
-        let e =
-            Config::parse("[egress]\ninternet = false\nallow = [\"10.0.0.0/40\"]\n").unwrap_err();
+        let e = Config::parse("[egress]\ninternet = false\nallow = [\"10.0.0.0/40\"]\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("10.0.0.0/40") && e.starts_with("line 3:"), "{e}");
-        let e = Config::parse("[metrics]\nlisten = \"localhost\"\n").unwrap_err();
+        let e = Config::parse("[metrics]\nlisten = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("line 2: [metrics] listen"), "{e}");
         let c = Config::parse("[metrics]\nlisten = \"[::1]:9477\"\n").unwrap();
         assert_eq!(c.metrics.addr().unwrap().unwrap().port(), 9477);
-        let e = Config::parse("[egress]\ninternet = \"no\"\n").unwrap_err();
+        let e = Config::parse("[egress]\ninternet = \"no\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2"), "{e}");
-        let e = Config::parse("[egress]\nintrenet = false\n").unwrap_err();
+        let e = Config::parse("[egress]\nintrenet = false\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("intrenet"), "{e}");
-        let e = Config::parse("[egress]\nresolver = \"dns.example\"\n").unwrap_err();
+        let e = Config::parse("[egress]\nresolver = \"dns.example\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("resolver"), "{e}");
         assert_eq!(
             resolver_addr("192.0.2.53").unwrap().to_string(),
@@ -624,7 +633,9 @@ mod tests {
         assert_eq!(Config::parse("").unwrap(), Config::default());
         let c = Config::parse("[pause]\ndefault = \"reset\"\n").unwrap();
         assert_eq!(c.pause.default, crate::model::desired::OnPause::Reset);
-        let e = Config::parse("[pause]\ndefault = \"sometimes\"\n").unwrap_err();
+        let e = Config::parse("[pause]\ndefault = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sometimes") || e.contains("variant"), "{e}");
         let missing = Config::load(std::path::Path::new("/nonexistent/dataplane.toml"));
         assert_eq!(missing.unwrap(), Config::default());
