@@ -81,6 +81,9 @@ enum Cmd {
         /// times alone. The report then holds that section only.
         #[arg(long, value_enum)]
         only: Option<bench::Section>,
+        /// Interleaved rounds of the paired comparisons (more rounds, narrower ranges).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// Every test layer: lint, unit, netns integration, end-to-end with Docker.
     Test {
@@ -144,10 +147,11 @@ fn main() -> Result<()> {
             quick,
             engine,
             only,
+            rounds,
         } => {
             setup::setup()?;
             build()?;
-            bench::bench(quick, engine, only)
+            bench::bench(quick, engine, only, rounds.max(1))
         }
         Cmd::Test {
             engine,

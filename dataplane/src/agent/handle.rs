@@ -1,6 +1,7 @@
-//! How each input changes the model: Docker's events (egress first, then early frontends,
-//! then inspects), the ruleset, `bridge-ctl`'s requests, timers; each change is then
-//! planned and applied ([`super::sync`]).
+//! What each input does: Docker's events (egress first, then early frontends, then
+//! inspects), the ruleset, `bridge-ctl`'s requests, timers update the model, reading what
+//! they need of Docker and the kernel; each change is then planned and applied
+//! ([`super::sync`]).
 
 use std::{
     collections::BTreeSet,
@@ -47,7 +48,7 @@ impl Agent {
                     refresh.remove(id.as_str());
                     self.forget(id);
                 }
-                DockerEvent::Networks => networks = true,
+                DockerEvent::Networks { .. } => networks = true,
                 _ => {}
             }
             if let Some(id) = ev.refreshes() {
@@ -122,7 +123,7 @@ impl Agent {
                 .model
                 .containers
                 .get(id)
-                .is_some_and(|c| c.created.is_some() || c.inspect.is_some());
+                .is_some_and(|c| c.created.is_some() || !c.frontends.is_empty());
             if !known
                 && let Some(c) = self
                     .docker_root
@@ -245,12 +246,21 @@ impl Agent {
     /// Docker's events were lost: nothing is translated until a full resync has caught up
     /// (the inputs reopen the stream after a backoff, then the resync runs).
     pub(super) fn events_lost(&mut self, why: &str) {
+        debug!(why, "translating nothing until Docker's events are back");
+        self.events_open = false;
         self.loaded.withdraw();
         self.shared
             .lock()
             .expect("status lock")
             .status
-            .translation_off = Some(format!("{why}; resyncing"));
+            .translation_off = Some("Docker's events were lost; resyncing".into());
+    }
+
+    /// Docker's events stream is open again: a full resync catches up, then the agent
+    /// vouches again.
+    pub(super) async fn events_back(&mut self) {
+        self.events_open = true;
+        self.full_resync().await;
     }
 
     /// The host's addresses changed.
@@ -275,6 +285,23 @@ impl Agent {
                 if self.egress.drifted() {
                     warn!(table = %self.egress.table(), "the egress table had been changed by hand: restoring it");
                     self.apply_or_retry("egress table drift");
+                }
+            }
+            Timer::OwnFirewallCheck => {
+                self.own_check_at = None;
+                let Some(o) = self.own_fw.as_mut() else {
+                    return;
+                };
+                match tokio::task::block_in_place(|| o.fw.repair()) {
+                    Ok(true) => {
+                        warn!(table = %o.fw.table(), "the own-firewall table had been changed by hand: restored");
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        o.fw.force();
+                        warn!(error = %format!("{e:#}"), "restoring the own-firewall table failed; writing it whole");
+                        self.apply_or_retry("own-firewall table drift");
+                    }
                 }
             }
             Timer::Resync => self.full_resync().await,
@@ -319,7 +346,9 @@ impl Agent {
             warn!(error = %format!("{e:#}"), "full resync failed");
             return;
         }
-        if !self.loaded.vouching() {
+        // Not while Docker's events are lost (a resync timer between the loss and the
+        // stream's return): what Docker did meanwhile would go unseen.
+        if !self.loaded.vouching() && self.events_open {
             match self.loaded.vouch() {
                 Ok(()) => {
                     info!("resynced with Docker: translating again");
@@ -469,17 +498,9 @@ impl Agent {
         // The own-firewall table: the operator's chain may have changed.
         let own_changed = self.own_fw.is_some()
             && changes.touches_table("inet", &format!("{}_fw", self.nft_table));
-        // Read back, and restored if it drifted from what was written.
-        if own_changed && let Some(o) = self.own_fw.as_mut() {
-            match tokio::task::block_in_place(|| o.fw.repair()) {
-                Ok(true) => {
-                    warn!(table = %o.fw.table(), "the own-firewall table had been changed by hand: restored");
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    warn!(error = %format!("{e:#}"), "restoring the own-firewall table failed; it is written whole at the next apply");
-                }
-            }
+        // Read back within a second (at most once a second), restored if it drifted.
+        if own_changed && self.own_check_at.is_none() {
+            self.own_check_at = Some(Instant::now() + Duration::from_secs(1));
         }
         // Docker's own per-container rules change nothing the evaluation reads; a write to
         // the own-firewall table (the agent's, mostly) only if the operator's chain changed.
@@ -517,7 +538,6 @@ impl Agent {
 
     /// Every container's labels (created, stopped: not running), so its policy is ready at
     /// its next `network connect`; runtime changes of containers that no longer exist go.
-    /// Every container's egress policy ready (from its labels), whenever it starts.
     pub(super) fn learn(&mut self, list: Vec<docker::Named>) {
         let ids = list.iter().map(|(id, _, _)| id.clone()).collect();
         for (id, name, labels) in list {

@@ -20,8 +20,10 @@ use crate::{
 /// How often the packet layer's idle flows are removed.
 const FLOWS_GC_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The first wait before Docker's events are asked for again, doubling up to the last.
-const EVENTS_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+/// The first wait before Docker's events are asked for again; it doubles up to
+/// [`EVENTS_BACKOFF_MAX`].
+const EVENTS_BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const EVENTS_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 type Events = Pin<Box<dyn Stream<Item = Result<EventMessage, bollard::errors::Error>> + Send>>;
 
@@ -32,6 +34,7 @@ pub(super) struct Deadlines {
     pub lookups: Option<std::time::Instant>,
     pub egress_ports: Option<std::time::Instant>,
     pub egress_check: Option<std::time::Instant>,
+    pub own_check: Option<std::time::Instant>,
     /// The packet layer is on: its flows are aged.
     pub flows: bool,
     /// Metrics are served: the egress table's counters are read on a timer.
@@ -79,7 +82,7 @@ impl Inputs {
             src: self,
             events,
             reopen_at: None,
-            backoff: EVENTS_BACKOFF.0,
+            backoff: EVENTS_BACKOFF_FIRST,
             resync,
             flows: tokio::time::interval(FLOWS_GC_INTERVAL),
             egress_counters: tokio::time::interval(crate::egress::COUNTERS_INTERVAL),
@@ -124,6 +127,7 @@ impl Open {
             () = until(d.lookups) => Got::Input(Input::Timer(Timer::Lookups)),
             () = until(d.egress_ports) => Got::Input(Input::Timer(Timer::EgressPorts)),
             () = until(d.egress_check) => Got::Input(Input::Timer(Timer::EgressCheck)),
+            () = until(d.own_check) => Got::Input(Input::Timer(Timer::OwnFirewallCheck)),
             ev = events => Got::Event(ev),
             () = reopen => Got::Reopen,
             Some(()) = s.addresses.recv() => Got::Input(Input::Addresses),
@@ -157,7 +161,7 @@ impl Open {
                     }
                 }
                 self.src.since = input::latest_time(self.src.since, &raw);
-                self.backoff = EVENTS_BACKOFF.0;
+                self.backoff = EVENTS_BACKOFF_FIRST;
                 return Input::Docker(raw.iter().map(input::docker_event).collect());
             }
             Some(Err(e)) => format!("Docker events stream failed: {e}"),
@@ -167,7 +171,7 @@ impl Open {
         // Reopened after a backoff (dockerd restarting?); the loop resyncs then.
         self.events = None;
         self.reopen_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(EVENTS_BACKOFF.1);
+        self.backoff = (self.backoff * 2).min(EVENTS_BACKOFF_MAX);
         Input::EventsLost(why)
     }
 }

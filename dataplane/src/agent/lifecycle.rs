@@ -254,7 +254,6 @@ pub(super) fn resolver(
 }
 
 impl Agent {
-    /// Says so: in the status, the log, and to systemd.
     /// The first sync: the firewall as the start found it, local addresses, the containers,
     /// the maps; then the agent vouches. Returns where to ask for the ruleset to be read
     /// when the start took the last agent's evaluation of it.

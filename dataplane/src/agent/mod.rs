@@ -81,6 +81,10 @@ struct Agent {
     early_tx: mpsc::Sender<(ContainerId, Box<bollard::models::ContainerInspectResponse>)>,
     /// When to read the egress table back (it changed).
     egress_check_at: Option<Instant>,
+    /// When to read the own-firewall table back (it changed).
+    own_check_at: Option<Instant>,
+    /// Docker's events stream is open (the maps are vouched for only then).
+    events_open: bool,
     /// Backends of paused containers that asked for `on-pause=reset` (their sockets are
     /// destroyed when they enter this set).
     paused: BTreeSet<Service>,
@@ -199,6 +203,8 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         dns_tx,
         early_tx,
         egress_check_at: None,
+        own_check_at: None,
+        events_open: true,
         paused: BTreeSet::new(),
         config: opts.config.clone(),
         config_path: opts.config_path.clone(),
@@ -254,7 +260,7 @@ impl Agent {
         match input {
             Input::Docker(batch) => self.on_events(&batch).await,
             Input::EventsLost(why) => self.events_lost(&why),
-            Input::EventsBack => self.full_resync().await,
+            Input::EventsBack => self.events_back().await,
             Input::Created(id, c) => self.on_created(&id, *c),
             Input::Addresses => self.on_addresses().await,
             Input::Ruleset => self.on_ruleset_change().await,
@@ -287,6 +293,7 @@ impl Agent {
             lookups: self.egress.next_lookup(),
             egress_ports: self.egress.ports_retry_at(),
             egress_check: self.egress_check_at,
+            own_check: self.own_check_at,
             flows: self.packet.layer.is_some(),
             egress_counters: self.metrics_server.is_some(),
         }

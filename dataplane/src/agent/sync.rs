@@ -50,14 +50,19 @@ impl Agent {
             } else {
                 BTreeSet::new()
             },
+            // Taken from the egress policies by the plan.
+            ..plan::Env::default()
         }
     }
 
     /// Plans from the model ([`plan::whole`]), applies the plan, reports.
     pub(super) fn apply(&mut self) -> Result<()> {
-        // What the egress plan reads of the kernel: the veths of new policed containers.
+        // What the egress plan reads of the kernel: the veths of new policed containers
+        // (not at the first sync, whose egress table is written after ready).
         self.egress.bridges = self.model.bridges();
-        tokio::task::block_in_place(|| self.egress.find_ports());
+        if !self.defer_egress {
+            tokio::task::block_in_place(|| self.egress.find_ports());
+        }
         let whole = plan::whole(
             &self.model,
             &self.egress,
@@ -73,8 +78,6 @@ impl Agent {
             self.write_egress(&whole.egress, whole.egress_errors)
         };
         let egress = egress.and(self.write_own_firewall(whole.own_firewall.as_ref()));
-        self.model.host_denied = self.egress.host_denied();
-        self.model.policed = self.egress.policed_addrs();
         let plan = whole.maps;
         for c in &plan.conflicts {
             warn!(frontend = %c.frontend, kept = %c.kept, dropped = %c.dropped, "frontend conflict");

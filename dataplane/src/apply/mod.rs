@@ -17,7 +17,7 @@ use crate::{
     addr::Service,
     apply::reconcile::{Applied, KvStore, reconcile},
     bpf::Loaded,
-    model::Model as State,
+    model::Model,
     netfilter::notrack,
     plan::{Plan, Served, gone_backends},
 };
@@ -60,7 +60,7 @@ pub struct Outcome {
 /// `force_netfilter` re-applies the table even if unchanged (repairs drift).
 pub fn apply(
     plan: &Plan,
-    state: &State,
+    model: &Model,
     prev_owners: &BTreeMap<Service, String>,
     maps: &mut impl Maps,
     netfilter: &impl Netfilter,
@@ -99,11 +99,11 @@ pub fn apply(
     if let Err(e) = maps.write_ports(&Plan::ports(&want)) {
         map_errors.push(format!("published-ports map: {e:#}"));
     }
-    let served = plan.served(want, state);
+    let served = plan.served(want, model);
     netfilter.schedule(served.notrack.clone(), force_netfilter);
-    let gone = gone_backends(prev_owners, &served.owners, state);
+    let gone = gone_backends(prev_owners, &served.owners, model);
     if !gone.is_empty() {
-        sockets.destroy(gone.clone(), state.client_namespaces());
+        sockets.destroy(gone.clone(), model.client_namespaces());
     }
     Ok(Outcome {
         served,
@@ -217,8 +217,8 @@ mod tests {
         }
     }
 
-    fn state_with(ports: &[u16]) -> State {
-        let mut s = State::default();
+    fn state_with(ports: &[u16]) -> Model {
+        let mut s = Model::default();
         for (i, port) in ports.iter().enumerate() {
             let id = format!("c{i}");
             let key = FrontendKey::new(WILDCARD4, *port, PROTO_TCP);
@@ -254,7 +254,7 @@ mod tests {
     }
 
     fn run(
-        s: &State,
+        s: &Model,
         maps: &mut FakeMaps,
         prev: &BTreeMap<Service, String>,
     ) -> (Result<Outcome>, FakeNetfilter, FakeSockets) {

@@ -1,6 +1,8 @@
-//! What the agent's loop receives: one typed [`Input`] per thing that happened, each made
-//! from raw data by a pure function here ([`docker_event`] for Docker's events). Nothing
-//! outside this module reads a raw Docker event.
+//! What the agent's loop receives: one typed [`Input`] per thing that happened. Docker's
+//! events are mapped by a pure function here ([`docker_event`]), and nothing outside this
+//! module reads a raw one; netlink and nftables notifications are parsed where they arrive
+//! (`netlink`, `netfilter::changes`) and reach the loop as [`Input::Addresses`] and
+//! [`Input::Ruleset`].
 
 use std::{collections::BTreeMap, net::IpAddr, time::Instant};
 
@@ -49,6 +51,8 @@ pub enum Timer {
     EgressPorts,
     /// The egress table is read back (it changed).
     EgressCheck,
+    /// The own-firewall table is read back (it changed).
+    OwnFirewallCheck,
     /// Everything is read from Docker again (repairs any drift).
     Resync,
     /// The packet layer's idle flows are removed.
@@ -73,8 +77,9 @@ pub enum DockerEvent {
     Paused { id: ContainerId, at_ns: Option<i64> },
     /// `container die`: not running any more (a restart policy may start it again).
     Died { id: ContainerId },
-    /// Another change its inspect tells: restart, stop, kill, unpause, rename, oom, update.
-    Changed { id: ContainerId },
+    /// Another change its inspect tells: restart, stop, kill, unpause, rename, oom, update
+    /// (Docker's verb).
+    Changed { id: ContainerId, action: String },
     /// `container destroy`: gone, without asking Docker.
     Destroyed { id: ContainerId },
     /// `network connect`: Docker connected the container to the network (before its start
@@ -88,8 +93,8 @@ pub enum DockerEvent {
         network: String,
         container: ContainerId,
     },
-    /// Networks were created, removed or updated: list them again.
-    Networks,
+    /// Networks were created, removed or updated (Docker's verb): list them again.
+    Networks { action: String },
     /// Anything else (exec, health checks, attach...): counted, nothing to do.
     Other { typ: String, action: String },
 }
@@ -101,28 +106,29 @@ impl DockerEvent {
             Self::Started { id, .. }
             | Self::Paused { id, .. }
             | Self::Died { id }
-            | Self::Changed { id } => Some(id),
+            | Self::Changed { id, .. } => Some(id),
             Self::Connected { container, .. } | Self::Disconnected { container, .. } => {
                 Some(container)
             }
-            Self::Created { .. } | Self::Destroyed { .. } | Self::Networks | Self::Other { .. } => {
-                None
-            }
+            Self::Created { .. }
+            | Self::Destroyed { .. }
+            | Self::Networks { .. }
+            | Self::Other { .. } => None,
         }
     }
 
-    /// The event's type and verb, for the metrics.
+    /// The event's type and Docker's verb, for the metrics.
     pub fn kind(&self) -> (&str, &str) {
         match self {
             Self::Created { .. } => ("container", "create"),
             Self::Started { .. } => ("container", "start"),
             Self::Paused { .. } => ("container", "pause"),
             Self::Died { .. } => ("container", "die"),
-            Self::Changed { .. } => ("container", "change"),
+            Self::Changed { action, .. } => ("container", action),
             Self::Destroyed { .. } => ("container", "destroy"),
             Self::Connected { .. } => ("network", "connect"),
             Self::Disconnected { .. } => ("network", "disconnect"),
-            Self::Networks => ("network", "change"),
+            Self::Networks { action } => ("network", action),
             Self::Other { typ, action } => (typ, action),
         }
     }
@@ -181,7 +187,10 @@ pub fn docker_event(ev: &EventMessage) -> DockerEvent {
                 },
                 "die" => DockerEvent::Died { id },
                 "restart" | "stop" | "kill" | "unpause" | "rename" | "oom" | "update" => {
-                    DockerEvent::Changed { id }
+                    DockerEvent::Changed {
+                        id,
+                        action: verb.to_string(),
+                    }
                 }
                 "destroy" => DockerEvent::Destroyed { id },
                 _ => other(),
@@ -198,7 +207,9 @@ pub fn docker_event(ev: &EventMessage) -> DockerEvent {
                     network,
                     container: c.into(),
                 },
-                ("create" | "destroy" | "remove" | "update", _, _) => DockerEvent::Networks,
+                ("create" | "destroy" | "remove" | "update", _, _) => DockerEvent::Networks {
+                    action: verb.to_string(),
+                },
                 _ => other(),
             }
         }
@@ -250,8 +261,16 @@ mod tests {
             "restart", "stop", "kill", "unpause", "rename", "oom", "update",
         ] {
             let e = docker_event(&ev(C, a, "abc", &[]));
-            assert_eq!(e, DockerEvent::Changed { id: id.clone() }, "{a}");
+            assert_eq!(
+                e,
+                DockerEvent::Changed {
+                    id: id.clone(),
+                    action: a.to_string()
+                },
+                "{a}"
+            );
             assert_eq!(e.refreshes(), Some(&id));
+            assert_eq!(e.kind(), ("container", a), "the metrics keep Docker's verb");
         }
         let start = docker_event(&ev(C, "start", "abc", &[]));
         assert_eq!(
@@ -330,7 +349,14 @@ mod tests {
         let e = docker_event(&ev(N, "disconnect", "netid", &[("container", "abc")]));
         assert_eq!(e.refreshes(), Some(&ContainerId::from("abc")));
         for a in ["create", "destroy", "remove", "update"] {
-            assert_eq!(docker_event(&ev(N, a, "netid", &[])), DockerEvent::Networks);
+            let e = docker_event(&ev(N, a, "netid", &[]));
+            assert_eq!(
+                e,
+                DockerEvent::Networks {
+                    action: a.to_string()
+                }
+            );
+            assert_eq!(e.kind(), ("network", a));
         }
         // A connect that names no container: nothing to do.
         assert!(matches!(

@@ -23,7 +23,9 @@ use crate::{
     netlink::HostAddr,
 };
 
-/// What the agent knows of one container. Removing the record forgets all of it.
+/// What the agent knows of one container. Removing the record forgets all the model holds
+/// of it; its egress policy, kept by [`crate::egress`] under the same ID, is removed with it
+/// (the agent's `forget`).
 #[derive(Clone, Debug, Default)]
 pub struct Container {
     /// Docker's last inspect of it (none until it is inspected after its `create`).
@@ -56,11 +58,6 @@ pub struct Model {
     pub host_addrs: Vec<HostAddr>,
     /// What the host's ruleset means for the agent.
     pub firewall: HostFirewall,
-    /// Containers whose egress policy denies them the host and other containers: never
-    /// translated as clients.
-    pub host_denied: BTreeSet<String>,
-    /// Addresses of containers with an egress policy: none of their packets is untracked.
-    pub policed: BTreeSet<std::net::IpAddr>,
     /// What `dataplane.on-pause` means for a container without the label.
     pub on_pause_default: desired::OnPause,
 }
@@ -75,7 +72,16 @@ impl Model {
     /// not started yet.
     pub fn retain(&mut self, live: &BTreeSet<String>) {
         self.containers.retain(|id, c| {
-            live.contains(id.as_str()) || (c.inspect.is_none() && c.created.is_some())
+            if live.contains(id.as_str()) {
+                return true;
+            }
+            // Being started, maybe: its inspect as created stays for its `network connect`,
+            // the frontends written early go (its start event writes them again).
+            c.inspect = None;
+            c.frontends.clear();
+            c.peer = None;
+            c.early_written = None;
+            c.created.is_some()
         });
     }
 
@@ -156,7 +162,7 @@ impl Model {
         let Some(rec) = self.containers.get(id) else {
             return false;
         };
-        let Some(c) = rec.created.as_ref().filter(|_| rec.inspect.is_none()) else {
+        let Some(c) = rec.created.as_ref() else {
             return false;
         };
         if !rec.frontends.is_empty() {
@@ -180,12 +186,13 @@ impl Model {
         true
     }
 
-    /// Records container `id`'s inspect as created (for its early frontends).
+    /// Records container `id`'s inspect as created (for its early frontends), also when
+    /// an earlier run of it was inspected (a restart).
     pub fn created(&mut self, id: &str, c: ContainerInspectResponse) {
-        let rec = self.containers.entry(ContainerId::from(id)).or_default();
-        if rec.inspect.is_none() {
-            rec.created = Some(c);
-        }
+        self.containers
+            .entry(ContainerId::from(id))
+            .or_default()
+            .created = Some(c);
     }
 
     /// Records the network namespace cookie read for container `id`.
@@ -296,16 +303,24 @@ mod tests {
         m.created("b", created("b", "8080"));
         assert!(!m.early("b", &net, &ip));
         assert!(m.containers["b"].frontends.is_empty());
-        // Known already (inspected): left as the inspect said.
-        let mut inspected = created("a", "9090");
-        inspected.state = None;
-        m.ingest("a", Some(inspected), None);
+        // Frontends known already: left as they are.
         m.created("a", created("a", "7070"));
         assert!(!m.early("a", &net, &ip));
-        assert!(m.containers["a"].inspect.is_some());
-        // A resync keeps a container being started, forgets one gone.
+        assert_eq!(m.containers["a"].frontends[0].key.port(), 8080);
+        // Stopped (its inspect says so), then started again: its frontends are written
+        // early again from what it was created with.
+        let mut stopped = created("a", "8080");
+        stopped.state = None;
+        m.ingest("a", Some(stopped), None);
+        assert!(m.containers["a"].frontends.is_empty());
+        m.created("a", created("a", "8080"));
+        assert!(m.early("a", &net, &ip));
+        // A resync keeps a container being started (without early frontends: its start
+        // writes them), forgets one gone.
+        m.containers.get_mut("a").unwrap().created = None;
         m.retain(&BTreeSet::new());
         assert!(m.containers.contains_key("b") && !m.containers.contains_key("a"));
+        assert!(m.containers["b"].frontends.is_empty());
         // Removing forgets all of it.
         m.forget("b");
         assert!(m.containers.is_empty());

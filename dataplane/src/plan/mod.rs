@@ -20,7 +20,7 @@ use crate::{
     addr::Service,
     egress,
     model::desired::{self, Conflict, Frontend},
-    model::{ContainerId, Model as State},
+    model::{ContainerId, Model},
     netfilter::notrack,
     ownfw,
     report::api::FrontendRow,
@@ -36,6 +36,11 @@ pub struct Env {
     pub host_dns: BTreeSet<IpAddr>,
     /// The host's `br-*` interfaces that are not Docker's (own-firewall mode).
     pub other_bridges: BTreeSet<String>,
+    /// What the egress policies say for the maps ([`whole`] takes them from the policies):
+    /// containers kept from the host and other containers (never translated as clients),
+    /// and the addresses of policed containers (none of their packets untracked).
+    pub host_denied: BTreeSet<String>,
+    pub policed: BTreeSet<IpAddr>,
 }
 
 /// Everything the kernel and netfilter should hold.
@@ -55,8 +60,13 @@ pub struct Whole {
 
 /// Everything the kernel and netfilter should hold for `model` and its containers'
 /// egress policies on a host with `env`; the own-firewall table when `own_firewall`.
-pub fn whole(model: &State, policies: &egress::Egress, env: &Env, own_firewall: bool) -> Whole {
+pub fn whole(model: &Model, policies: &egress::Egress, env: &Env, own_firewall: bool) -> Whole {
     let (egress, egress_errors) = policies.spec(&env.host_dns);
+    let env = Env {
+        host_denied: policies.host_denied(),
+        policed: policies.policed_addrs(),
+        ..env.clone()
+    };
     let own_firewall = own_firewall.then(|| {
         let mut spec = ownfw::Spec::new(
             model.networks.values(),
@@ -68,7 +78,7 @@ pub fn whole(model: &State, policies: &egress::Egress, env: &Env, own_firewall: 
     });
     let (paused, paused_ids) = paused(model);
     Whole {
-        maps: plan(model, env),
+        maps: plan(model, &env),
         egress,
         egress_errors,
         own_firewall,
@@ -77,7 +87,7 @@ pub fn whole(model: &State, policies: &egress::Egress, env: &Env, own_firewall: 
     }
 }
 
-/// The desired state, before the maps are written.
+/// The desired model, before the maps are written.
 #[derive(Clone, Debug, Default)]
 pub struct Plan {
     pub config: Config,
@@ -95,15 +105,17 @@ pub struct Plan {
     pub container_clients_off: Option<String>,
     /// Why host clients' connections stay tracked, when they do.
     pub host_clients_tracked: Option<String>,
+    /// Addresses of policed containers (from [`Env::policed`]).
+    pub policed: BTreeSet<IpAddr>,
 }
 
 /// The desired state for `state` on a host with `env`.
-pub fn plan(state: &State, env: &Env) -> Plan {
+pub fn plan(model: &Model, env: &Env) -> Plan {
     let mut conflicts = Vec::new();
-    let mut frontends = desired::merge(state.frontends(), &mut conflicts);
-    let unpublished = strip_unpublished_families(&mut frontends, state);
+    let mut frontends = desired::merge(model.frontends(), &mut conflicts);
+    let unpublished = strip_unpublished_families(&mut frontends, model);
     let mut flags = CFG_F_RESERVE_PORTS;
-    let peers_on = state.firewall.forward_rules.is_none();
+    let peers_on = model.firewall.forward_rules.is_none();
     if peers_on {
         flags |= CFG_F_PEERS;
     }
@@ -116,13 +128,13 @@ pub fn plan(state: &State, env: &Env) -> Plan {
     // to each other, and only while no operator rule could concern their traffic.
     // A container whose egress policy keeps it from other containers takes Docker's
     // path, where its policy applies.
-    for (id, p, cookie) in state.peers().filter(|_| peers_on) {
+    for (id, p, cookie) in model.peers().filter(|_| peers_on) {
         let Some(cookie) = cookie else { continue };
-        if state.host_denied.contains(id.as_str()) {
+        if env.host_denied.contains(id.as_str()) {
             continue;
         }
         for (net, addrs) in &p.endpoints {
-            if !state.networks.get(net).is_some_and(|n| n.peers_direct) {
+            if !model.networks.get(net).is_some_and(|n| n.peers_direct) {
                 continue;
             }
             let key = PeerNetKey {
@@ -134,7 +146,7 @@ pub fn plan(state: &State, env: &Env) -> Plan {
             peer_addrs.extend(addrs.iter().copied());
         }
     }
-    let mut errors: Vec<String> = state
+    let mut errors: Vec<String> = model
         .containers
         .values()
         .flat_map(|c| c.binding_errors.iter().cloned())
@@ -155,16 +167,17 @@ pub fn plan(state: &State, env: &Env) -> Plan {
         frontends,
         conflicts,
         errors,
-        container_clients_off: state
+        container_clients_off: model
             .firewall
             .forward_rules
             .as_ref()
             .map(|w| format!("operator forwarding rules ({w})")),
-        host_clients_tracked: state
+        host_clients_tracked: model
             .firewall
             .stateful_input
             .as_ref()
             .map(|w| format!("stateful INPUT policy ({w})")),
+        policed: env.policed.clone(),
     }
 }
 
@@ -173,11 +186,11 @@ pub fn plan(state: &State, env: &Env) -> Plan {
 /// said in the returned messages (Docker publishes no host port there).
 fn strip_unpublished_families(
     frontends: &mut BTreeMap<FrontendKey, Frontend>,
-    state: &State,
+    model: &Model,
 ) -> Vec<String> {
     let mut off4 = BTreeSet::new();
     let mut off6 = BTreeSet::new();
-    for n in state.networks.values() {
+    for n in model.networks.values() {
         if !n.nat4 {
             off4.insert(net_id(&n.id));
         }
@@ -238,20 +251,18 @@ impl Plan {
     }
 
     /// All that follows from the maps serving `frontends` (a subset of [`Plan::wanted`]).
-    pub fn served(&self, frontends: BTreeMap<FrontendKey, Backend>, state: &State) -> Served {
+    pub fn served(&self, frontends: BTreeMap<FrontendKey, Backend>, model: &Model) -> Served {
         let mut notrack = notrack::Spec::new(
             frontends.iter(),
-            &state.host_addrs,
+            &model.host_addrs,
             self.peer_addrs.iter().copied(),
             self.host_clients_tracked.is_some(),
         );
         // A policed container's packets stay tracked, both ways: its egress policy judges
-        // every connection it opens by conntrack state, and an untracked packet of its own
+        // every connection it opens by conntrack model, and an untracked packet of its own
         // (from its published port, say) would not be judged at all.
-        notrack
-            .backends
-            .retain(|b| !state.policed.contains(&b.addr));
-        notrack.peers.retain(|a| !state.policed.contains(a));
+        notrack.backends.retain(|b| !self.policed.contains(&b.addr));
+        notrack.peers.retain(|a| !self.policed.contains(a));
         let mut rows = Vec::new();
         let mut owners = BTreeMap::new();
         for f in self
@@ -295,10 +306,10 @@ impl Plan {
 
 /// The backends of paused containers that asked for `on-pause=reset` (their translated
 /// sockets are destroyed when they enter this set), and those containers.
-pub fn paused(state: &State) -> (BTreeSet<Service>, BTreeSet<ContainerId>) {
+pub fn paused(model: &Model) -> (BTreeSet<Service>, BTreeSet<ContainerId>) {
     let mut backends = BTreeSet::new();
     let mut ids = BTreeSet::new();
-    for (id, c) in &state.containers {
+    for (id, c) in &model.containers {
         for f in c
             .frontends
             .iter()
@@ -326,11 +337,11 @@ pub fn paused(state: &State) -> (BTreeSet<Service>, BTreeSet<ContainerId>) {
 pub fn gone_backends(
     before: &BTreeMap<Service, String>,
     now: &BTreeMap<Service, String>,
-    state: &State,
+    model: &Model,
 ) -> Vec<Service> {
     before
         .iter()
-        .filter(|(b, id)| !now.contains_key(*b) && !state.has_address(id, &b.addr))
+        .filter(|(b, id)| !now.contains_key(*b) && !model.has_address(id, &b.addr))
         .map(|(b, _)| *b)
         .collect()
 }
@@ -360,8 +371,8 @@ mod tests {
         }
     }
 
-    fn state() -> State {
-        let mut s = State::default();
+    fn state() -> Model {
+        let mut s = Model::default();
         s.set_frontends("a", vec![frontend("a", 8080, [172, 17, 0, 2])]);
         s.set_frontends("b", vec![frontend("b", 8080, [172, 17, 0, 3])]);
         s.set_frontends("c", vec![frontend("c", 9090, [172, 17, 0, 4])]);
@@ -418,9 +429,12 @@ mod tests {
         assert_eq!(p.peer_addrs.len(), 2);
         assert!(p.container_clients_off.is_none() && p.host_clients_tracked.is_none());
         // A container its egress policy keeps from other containers is no client.
-        let mut s = state();
-        s.host_denied.insert("a".into());
-        let p = plan(&s, &Env::default());
+        let s = state();
+        let env = Env {
+            host_denied: ["a".to_string()].into(),
+            ..Env::default()
+        };
+        let p = plan(&s, &env);
         let cookies: BTreeSet<u64> = p.peer_nets.keys().map(|k| k.netns_cookie).collect();
         assert_eq!(cookies, [12].into());
         assert_eq!(p.peer_addrs.len(), 1);
@@ -536,5 +550,24 @@ mod tests {
         assert!(fw.nets.contains_key("docker0"));
         // Planning twice gives the same (nothing in it reads the host).
         assert_eq!(whole(&s, &policies, &env, true).own_firewall, Some(fw));
+        // A policy that keeps `b` from the host and other containers: `b` is no client of
+        // the maps' plan, and its address stays tracked, from this very plan on.
+        let b_ip: IpAddr = "172.17.0.3".parse().unwrap();
+        policies.created(
+            "b",
+            "/b",
+            [("dataplane.egress.host".to_string(), "false".to_string())].into(),
+            true,
+        );
+        policies.connected("b", "net1", vec![b_ip]);
+        let w = whole(&s, &policies, &env, false);
+        let cookies: BTreeSet<u64> = w.maps.peer_nets.keys().map(|k| k.netns_cookie).collect();
+        assert_eq!(
+            cookies,
+            [11].into(),
+            "b (cookie 12) is left to Docker's path"
+        );
+        let served = w.maps.served(w.maps.wanted(), &s);
+        assert!(!served.notrack.peers.contains(&b_ip));
     }
 }

@@ -294,7 +294,12 @@ pub enum Section {
     Publish,
 }
 
-pub fn bench(quick: bool, engine: crate::engines::Engine, only: Option<Section>) -> Result<()> {
+pub fn bench(
+    quick: bool,
+    engine: crate::engines::Engine,
+    only: Option<Section>,
+    rounds: usize,
+) -> Result<()> {
     crate::util::require_root("cargo xtask bench")?;
     crate::leftovers::refuse_beside_an_agent()?;
     crate::engines::preflight(engine)?;
@@ -312,7 +317,6 @@ pub fn bench(quick: bool, engine: crate::engines::Engine, only: Option<Section>)
     let image = TestImage::build()?;
     let _containers = Containers;
     run_containers(&image.name)?;
-    let rounds = 3;
     let mut env = Env {
         quick,
         secs: if quick { 2 } else { 5 },
