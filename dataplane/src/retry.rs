@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-/// How long to wait before retrying a failed apply: doubling from 100 ms to 5 s, back to the
+/// How long to wait before trying again (a failed apply, a lost events stream): doubling from
+/// 100 ms to 5 s, back to the
 /// start after a success (as controllers requeue on error).
 #[derive(Clone, Copy, Debug)]
 pub struct Backoff {

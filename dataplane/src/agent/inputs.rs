@@ -11,6 +11,7 @@ use tracing::warn;
 
 use super::StopSignals;
 use crate::{
+    retry::Backoff,
     docker,
     input::{self, Input, LookupResult, Timer},
     model::ContainerId,
@@ -20,10 +21,6 @@ use crate::{
 /// How often the packet layer's idle flows are removed.
 const FLOWS_GC_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The first wait before Docker's events are asked for again; it doubles up to
-/// [`EVENTS_BACKOFF_MAX`].
-const EVENTS_BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const EVENTS_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 type Events = Pin<Box<dyn Stream<Item = Result<EventMessage, bollard::errors::Error>> + Send>>;
 
@@ -63,7 +60,7 @@ pub(super) struct Open {
     events: Option<Events>,
     /// When to open the events stream again (it failed), and the wait after that.
     reopen_at: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
     resync: tokio::time::Interval,
     flows: tokio::time::Interval,
     egress_counters: tokio::time::Interval,
@@ -82,7 +79,7 @@ impl Inputs {
             src: self,
             events,
             reopen_at: None,
-            backoff: EVENTS_BACKOFF_FIRST,
+            backoff: Backoff::new(),
             resync,
             flows: tokio::time::interval(FLOWS_GC_INTERVAL),
             egress_counters: tokio::time::interval(crate::egress::COUNTERS_INTERVAL),
@@ -161,7 +158,7 @@ impl Open {
                     }
                 }
                 self.src.since = input::latest_time(self.src.since, &raw);
-                self.backoff = EVENTS_BACKOFF_FIRST;
+                self.backoff.succeeded();
                 return Input::Docker(raw.iter().map(input::docker_event).collect());
             }
             Some(Err(e)) => format!("Docker events stream failed: {e}"),
@@ -170,8 +167,7 @@ impl Open {
         warn!("{why}");
         // Reopened after a backoff (dockerd restarting?); the loop resyncs then.
         self.events = None;
-        self.reopen_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(EVENTS_BACKOFF_MAX);
+        self.reopen_at = Some(Instant::now() + self.backoff.failed());
         Input::EventsLost(why)
     }
 }

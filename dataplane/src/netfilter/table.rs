@@ -149,6 +149,29 @@ pub trait TableSpec: Clone + PartialEq {
     fn expected_shape(&self, name: &str) -> Shape;
 }
 
+/// Where a table's batches go and its listings come from: `nft` ([`System`]), or a fake
+/// in tests.
+pub trait Nft {
+    /// Applies `batch` as one transaction.
+    fn run(&self, batch: Batch<'static>) -> Result<(), NftError>;
+    /// Lists one table ([`NftError::NoTable`] when it is missing).
+    fn list_table(&self, family: NfFamily, name: &str) -> Result<Listing, NftError>;
+}
+
+/// The host's nftables, through the `nft` binary.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct System;
+
+impl Nft for System {
+    fn run(&self, batch: Batch<'static>) -> Result<(), NftError> {
+        nft::run(batch)
+    }
+
+    fn list_table(&self, family: NfFamily, name: &str) -> Result<Listing, NftError> {
+        nft::list_table(family, name)
+    }
+}
+
 /// Whether an apply wrote anything.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Applied {
@@ -160,20 +183,29 @@ pub enum Applied {
 /// A spec's tables as the agent keeps them: what was applied last, and whether the
 /// kernel holds it.
 #[derive(Debug)]
-pub struct Table<S> {
+pub struct Table<S, N = System> {
     name: String,
     applied: Option<S>,
     /// The kernel holds `applied` as it was written (after a failed write, the next one
     /// writes the tables whole).
     in_place: bool,
+    nft: N,
 }
 
 impl<S: TableSpec> Table<S> {
     pub fn new(name: &str) -> Self {
+        Self::with(name, System)
+    }
+}
+
+impl<S: TableSpec, N: Nft> Table<S, N> {
+    /// Tables `name` written through `nft`.
+    pub fn with(name: &str, nft: N) -> Self {
         Self {
             name: name.to_string(),
             applied: None,
             in_place: false,
+            nft,
         }
     }
 
@@ -216,7 +248,10 @@ impl<S: TableSpec> Table<S> {
         self.in_place = false;
         let delta = self.applied.as_ref().filter(|_| in_place);
         let r = match delta {
-            Some(old) => nft::run(spec.batch(&self.name, Start::Applied(old))).map_err(Into::into),
+            Some(old) => self
+                .nft
+                .run(spec.batch(&self.name, Start::Applied(old)))
+                .map_err(Into::into),
             None => self.write_whole(spec),
         };
         let r = match r {
@@ -229,7 +264,7 @@ impl<S: TableSpec> Table<S> {
                         .objects
                         .into_owned(),
                 );
-                nft::run(b).map_err(Into::into)
+                self.nft.run(b).map_err(Into::into)
             }
             Err(e) if delta.is_some() => {
                 tracing::info!(error = %format!("{e:#}"), table = %self.name, role = S::ROLE, "a change was refused: writing the table whole");
@@ -246,7 +281,7 @@ impl<S: TableSpec> Table<S> {
     /// Writes `spec` whole over what the tables hold now.
     fn write_whole(&self, spec: &S) -> Result<()> {
         let found = self.read_back()?;
-        nft::run(spec.batch(&self.name, Start::Found(&found)))?;
+        self.nft.run(spec.batch(&self.name, Start::Found(&found)))?;
         Ok(())
     }
 
@@ -254,7 +289,7 @@ impl<S: TableSpec> Table<S> {
     pub fn read_back(&self) -> Result<Listing, NftError> {
         let mut all = Listing::default();
         for t in S::tables(&self.name) {
-            match nft::list_table(t.family, &t.name) {
+            match self.nft.list_table(t.family, &t.name) {
                 Ok(l) => all.extend(l),
                 Err(NftError::NoTable { .. }) => {}
                 Err(e) => return Err(e),
@@ -300,7 +335,213 @@ impl<S: TableSpec> Table<S> {
     pub fn remove(&mut self) -> Result<()> {
         self.applied = None;
         self.in_place = false;
-        nft::run(self.delete_batch())
+        self.nft
+            .run(self.delete_batch())
             .with_context(|| format!("removing the {} table {}", S::ROLE, self.name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::RefCell, rc::Rc};
+
+    use nftables::schema::{Set, SetType, SetTypeValue};
+
+    use super::*;
+
+    /// A table holding one set of `elems` elements, written whole or as a change.
+    #[derive(Clone, Debug, PartialEq)]
+    struct Spec {
+        elems: usize,
+    }
+
+    const T: &str = "t";
+
+    fn set(elems: usize, name: &str) -> NfListObject<'static> {
+        NfListObject::Set(Box::new(Set {
+            family: NfFamily::INet,
+            table: T.into(),
+            name: name.to_string().into(),
+            handle: None,
+            set_type: SetTypeValue::Single(SetType::Ipv4Addr),
+            policy: None,
+            flags: None,
+            elem: Some(
+                (0..elems)
+                    .map(|i| nftables::expr::Expression::String(format!("10.0.0.{i}").into()))
+                    .collect(),
+            ),
+            timeout: None,
+            gc_interval: None,
+            size: None,
+            comment: None,
+        }))
+    }
+
+    fn table() -> NfListObject<'static> {
+        NfListObject::Table(nftables::schema::Table {
+            family: NfFamily::INet,
+            name: T.into(),
+            handle: None,
+        })
+    }
+
+    impl TableSpec for Spec {
+        const ROLE: &'static str = "test";
+        const DISPOSABLE: bool = false;
+
+        fn tables(name: &str) -> Vec<TableId> {
+            vec![TableId::new(NfFamily::INet, name)]
+        }
+
+        fn batch(&self, _: &str, start: Start<'_, Self>) -> Batch<'static> {
+            let mut b = Batch::new();
+            // The set's name says how it was written, for the tests to read.
+            let how = match start {
+                Start::Applied(_) => "changed",
+                Start::Found(_) => "whole",
+            };
+            b.add(table());
+            b.add(set(self.elems, how));
+            b
+        }
+
+        fn expected_shape(&self, name: &str) -> Shape {
+            let t = TableId::new(NfFamily::INet, name);
+            Shape {
+                tables: [t.clone()].into(),
+                sets: [((t, "s".to_string()), self.elems)].into(),
+                ..Shape::default()
+            }
+        }
+    }
+
+    /// What the fake kernel holds, what it was asked, and the refusals to come.
+    #[derive(Default)]
+    struct Kernel {
+        listing: Option<Listing>,
+        runs: Vec<String>,
+        lists: usize,
+        refuse: usize,
+    }
+
+    #[derive(Clone, Default)]
+    struct Fake(Rc<RefCell<Kernel>>);
+
+    impl Nft for Fake {
+        fn run(&self, batch: Batch<'static>) -> Result<(), NftError> {
+            let mut k = self.0.borrow_mut();
+            let json = nft::encode(batch).json.to_string();
+            let how = ["changed", "whole"]
+                .into_iter()
+                .find(|h| json.contains(&format!("\"name\":\"{h}\"")));
+            let how = match (json.contains("\"delete\""), how) {
+                (true, Some(h)) => format!("delete+{h}"),
+                (true, None) => "delete".to_string(),
+                (false, Some(h)) => h.to_string(),
+                (false, None) => "other".to_string(),
+            };
+            k.runs.push(how);
+            if k.refuse > 0 {
+                k.refuse -= 1;
+                return Err(NftError::Refused("refused by the test".into()));
+            }
+            Ok(())
+        }
+
+        fn list_table(&self, family: NfFamily, name: &str) -> Result<Listing, NftError> {
+            let mut k = self.0.borrow_mut();
+            k.lists += 1;
+            k.listing.clone().ok_or(NftError::NoTable {
+                family: family_name(family),
+                name: name.to_string(),
+            })
+        }
+    }
+
+    /// A listing of the table with set `s` holding `elems` elements.
+    fn holding(elems: usize) -> Listing {
+        Listing {
+            objects: vec![table(), set(elems, "s")],
+            ..Listing::default()
+        }
+    }
+
+    fn runs(f: &Fake) -> Vec<String> {
+        std::mem::take(&mut f.0.borrow_mut().runs)
+    }
+
+    #[test]
+    fn written_whole_first_then_only_changes_and_nothing_when_unchanged() {
+        let f = Fake::default();
+        let mut t = Table::with(T, f.clone());
+        assert_eq!(t.apply(&Spec { elems: 2 }, false).unwrap(), Applied::Written);
+        assert_eq!(runs(&f), ["whole"]);
+        assert_eq!(f.0.borrow().lists, 1, "read back before a whole write");
+        assert_eq!(t.apply(&Spec { elems: 2 }, false).unwrap(), Applied::Unchanged);
+        assert!(runs(&f).is_empty(), "the spec in place costs no nft run");
+        assert_eq!(t.apply(&Spec { elems: 3 }, false).unwrap(), Applied::Written);
+        assert_eq!(runs(&f), ["changed"]);
+        // Forced: written whole even though unchanged.
+        t.apply(&Spec { elems: 3 }, true).unwrap();
+        assert_eq!(runs(&f), ["whole"]);
+    }
+
+    #[test]
+    fn a_refused_change_is_written_whole_and_a_refused_write_is_tried_whole_next_time() {
+        let f = Fake::default();
+        let mut t = Table::with(T, f.clone());
+        t.apply(&Spec { elems: 1 }, false).unwrap();
+        runs(&f);
+        f.0.borrow_mut().refuse = 1;
+        assert_eq!(t.apply(&Spec { elems: 2 }, false).unwrap(), Applied::Written);
+        assert_eq!(runs(&f), ["changed", "whole"]);
+        // Both refused: an error, and the next apply (even of the same spec) writes whole.
+        f.0.borrow_mut().refuse = 2;
+        assert!(t.apply(&Spec { elems: 3 }, false).is_err());
+        assert_eq!(runs(&f), ["changed", "whole"]);
+        assert!(!t.holds(&Spec { elems: 3 }));
+        assert_eq!(t.apply(&Spec { elems: 3 }, false).unwrap(), Applied::Written);
+        assert_eq!(runs(&f), ["whole"]);
+    }
+
+    #[test]
+    fn a_table_that_drifted_is_restored_and_one_in_place_is_left_alone() {
+        let f = Fake::default();
+        let mut t = Table::with(T, f.clone());
+        assert!(!t.repair().unwrap(), "nothing applied: nothing to repair");
+        t.apply(&Spec { elems: 2 }, false).unwrap();
+        runs(&f);
+        f.0.borrow_mut().listing = Some(holding(2));
+        assert!(!t.repair().unwrap());
+        assert!(runs(&f).is_empty());
+        // An element deleted by hand.
+        f.0.borrow_mut().listing = Some(holding(1));
+        assert!(t.repair().unwrap());
+        assert_eq!(runs(&f), ["whole"]);
+        // The table deleted by hand.
+        f.0.borrow_mut().listing = None;
+        assert!(t.repair().unwrap());
+        assert_eq!(runs(&f), ["whole"]);
+        // Unreadable (here: refused on the write back): an error, written whole next time.
+        f.0.borrow_mut().listing = Some(holding(0));
+        f.0.borrow_mut().refuse = 1;
+        assert!(t.repair().is_err());
+        runs(&f);
+        assert_eq!(t.apply(&Spec { elems: 2 }, false).unwrap(), Applied::Written);
+        assert_eq!(runs(&f), ["whole"]);
+    }
+
+    #[test]
+    fn removing_deletes_the_tables_and_the_next_apply_writes_whole() {
+        let f = Fake::default();
+        let mut t = Table::with(T, f.clone());
+        t.apply(&Spec { elems: 2 }, false).unwrap();
+        runs(&f);
+        t.remove().unwrap();
+        assert_eq!(runs(&f), ["delete"]);
+        assert!(t.applied().is_none());
+        t.apply(&Spec { elems: 2 }, false).unwrap();
+        assert_eq!(runs(&f), ["whole"]);
     }
 }
