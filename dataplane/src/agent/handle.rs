@@ -15,7 +15,9 @@ use tracing::{debug, info, warn};
 use super::Agent;
 use crate::{
     agent::start::{Inspected, inspect_all},
-    docker, hostfw,
+    docker,
+    egress::records::Policies,
+    hostfw,
     input::{DockerEvent, Timer},
     model::ContainerId,
     netns,
@@ -83,10 +85,11 @@ impl Agent {
         }
     }
 
-    /// Forgets a container Docker removed: all the model holds of it, and its policy.
+    /// Forgets a container Docker removed: its record, and its stored runtime change.
     fn forget(&mut self, id: &ContainerId) {
+        self.egress
+            .destroyed(&mut self.model.containers, id.as_str());
         self.model.forget(id.as_str());
-        self.egress.destroyed(id.as_str());
     }
 
     /// Containers created: inspected now, in the background (their bindings, for their
@@ -167,7 +170,10 @@ impl Agent {
         id: &ContainerId,
         c: bollard::models::ContainerInspectResponse,
     ) {
-        if self.egress.knows(id.as_str()) {
+        if self
+            .egress
+            .knows(Policies(&self.model.containers), id.as_str())
+        {
             self.model.created(id.as_str(), c);
         }
     }
@@ -181,7 +187,13 @@ impl Agent {
         for ev in batch {
             match ev {
                 DockerEvent::Created { id, name, labels } => {
-                    self.egress.created(id.as_str(), name, labels.clone(), true);
+                    self.egress.created(
+                        &mut self.model.containers,
+                        id.as_str(),
+                        name,
+                        labels.clone(),
+                        true,
+                    );
                     // Its names are looked up while Docker starts it.
                     self.lookup_due();
                 }
@@ -191,7 +203,11 @@ impl Agent {
                         .containers
                         .get(container)
                         .is_some_and(|c| c.created.is_some());
-                    if self.egress.knows(container.as_str()) || early {
+                    if self
+                        .egress
+                        .knows(Policies(&self.model.containers), container.as_str())
+                        || early
+                    {
                         connects.push((network.clone(), container.clone()));
                     }
                 }
@@ -223,8 +239,12 @@ impl Agent {
         }
         let mut policed = false;
         for (net, id, addrs) in &connected {
-            if self.egress.knows(id.as_str()) {
-                self.egress.connected(id.as_str(), net, addrs.clone());
+            if self
+                .egress
+                .knows(Policies(&self.model.containers), id.as_str())
+            {
+                self.egress
+                    .connected(&mut self.model.containers, id.as_str(), net, addrs.clone());
                 policed = true;
             }
         }
@@ -316,13 +336,8 @@ impl Agent {
                 .await?
                 .into_iter()
                 .collect();
+            self.egress.retain(&mut self.model.containers, &live);
             self.model.retain(&live);
-            // Of those created and not started, only those Docker has not removed.
-            let egress = &self.egress;
-            self.model
-                .containers
-                .retain(|id, c| c.inspect.is_some() || egress.knows(id.as_str()));
-            self.egress.retain(&live);
             if !self.loaded.vouching() {
                 // Events were lost: the egress table is written whole again.
                 self.egress.force();
@@ -381,7 +396,8 @@ impl Agent {
                 .and_then(|s| s.pid)
                 .filter(|p| *p > 0)
                 .and_then(netns::default_routes);
-            self.egress.inspected(&id, c.as_ref());
+            self.egress
+                .inspected(&mut self.model.containers, &id, c.as_ref());
             // Networks of a driver other than `bridge` (macvlan, ipvlan): not policed here.
             let unbridged: Vec<String> = c
                 .as_ref()
@@ -396,7 +412,8 @@ impl Agent {
                         .then(|| format!("{name} (not a bridge network)"))
                 })
                 .collect();
-            self.egress.set_drivers(&id, &unbridged);
+            self.egress
+                .set_drivers(&mut self.model.containers, &id, &unbridged);
             for e in &self.model.ingest(&id, c, routes.as_ref()) {
                 warn!(error = %e, "binding skipped");
             }
@@ -541,9 +558,14 @@ impl Agent {
     pub(super) fn learn(&mut self, list: Vec<docker::Named>) {
         let ids = list.iter().map(|(id, _, _)| id.clone()).collect();
         for (id, name, labels) in list {
-            if !self.egress.knows(&id) {
-                self.egress
-                    .created(&id, &name, labels.into_iter().collect(), false);
+            if !self.egress.knows(Policies(&self.model.containers), &id) {
+                self.egress.created(
+                    &mut self.model.containers,
+                    &id,
+                    &name,
+                    labels.into_iter().collect(),
+                    false,
+                );
             }
         }
         self.egress.sweep_runtime(&ids);
@@ -555,17 +577,28 @@ impl Agent {
         let json =
             |r: serde_json::Result<String>| r.unwrap_or_else(|e| api::error_reply(e.to_string()));
         match req {
-            Request::EgressShow(None) => json(serde_json::to_string(&self.egress.views(None))),
-            Request::EgressShow(Some(k)) => match self.egress.find(&k) {
-                Ok(id) => json(serde_json::to_string(&self.egress.views(Some(&id)))),
-                Err(e) => api::error_reply(e.to_string()),
-            },
+            Request::EgressShow(None) => json(serde_json::to_string(
+                &self.egress.views(Policies(&self.model.containers), None),
+            )),
+            Request::EgressShow(Some(k)) => {
+                match self.egress.find(Policies(&self.model.containers), &k) {
+                    Ok(id) => json(serde_json::to_string(
+                        &self
+                            .egress
+                            .views(Policies(&self.model.containers), Some(&id)),
+                    )),
+                    Err(e) => api::error_reply(e.to_string()),
+                }
+            }
             Request::EgressSet(change) => {
-                let id = match self.egress.find(&change.container) {
+                let id = match self
+                    .egress
+                    .find(Policies(&self.model.containers), &change.container)
+                {
                     Ok(id) => id,
                     Err(e) => return api::error_reply(e.to_string()),
                 };
-                if let Err(e) = self.egress.change(&id, &change) {
+                if let Err(e) = self.egress.change(&mut self.model.containers, &id, &change) {
                     return api::error_reply(e.to_string());
                 }
                 info!(container = %change.container, "egress policy changed at runtime");
@@ -576,7 +609,12 @@ impl Agent {
                     self.retry_at = Some(Instant::now() + self.backoff.failed());
                     return api::error_reply(format!("{e:#}"));
                 }
-                match self.egress.views(Some(&id)).into_iter().next() {
+                match self
+                    .egress
+                    .views(Policies(&self.model.containers), Some(&id))
+                    .into_iter()
+                    .next()
+                {
                     Some(v) => json(serde_json::to_string(&v)),
                     None => api::error_reply("the container went away"),
                 }
@@ -588,7 +626,7 @@ impl Agent {
     /// Starts the lookups that are due, each in a task of its own; results come back
     /// through `dns_tx`.
     pub(super) fn lookup_due(&mut self) {
-        let due = self.egress.due_names();
+        let due = self.egress.due_names(Policies(&self.model.containers));
         for name in due {
             let tx = self.dns_tx.clone();
             let resolver = self.resolver.clone();
@@ -605,7 +643,7 @@ impl Agent {
     /// Looks up the names that are due now, waiting at most `limit`; what does not answer
     /// in time is looked up in the background.
     pub(super) async fn resolve_now(&mut self, limit: Duration) {
-        let due = self.egress.due_names();
+        let due = self.egress.due_names(Policies(&self.model.containers));
         if due.is_empty() {
             return;
         }

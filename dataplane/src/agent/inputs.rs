@@ -11,16 +11,15 @@ use tracing::warn;
 
 use super::StopSignals;
 use crate::{
-    retry::Backoff,
     docker,
     input::{self, Input, LookupResult, Timer},
     model::ContainerId,
     report::api,
+    retry::Backoff,
 };
 
 /// How often the packet layer's idle flows are removed.
 const FLOWS_GC_INTERVAL: Duration = Duration::from_secs(10);
-
 
 type Events = Pin<Box<dyn Stream<Item = Result<EventMessage, bollard::errors::Error>> + Send>>;
 

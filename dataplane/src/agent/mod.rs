@@ -37,6 +37,7 @@ use crate::{
     addr::Service,
     apply::sockets::Destroyer,
     bpf::Loaded,
+    egress::records::Policies,
     egress::{self, Egress},
     hostfw,
     input::{Input, LookupResult},
@@ -291,7 +292,7 @@ impl Agent {
         Deadlines {
             retry: self.retry_at,
             lookups: self.egress.next_lookup(),
-            egress_ports: self.egress.ports_retry_at(),
+            egress_ports: self.egress.ports_retry_at(Policies(&self.model.containers)),
             egress_check: self.egress_check_at,
             own_check: self.own_check_at,
             flows: self.packet.layer.is_some(),

@@ -15,7 +15,10 @@ use super::{
     lifecycle::rules_off_warning,
     report::{now_ms, push_bounded},
 };
-use crate::{addr::Service, apply, apply::reconcile::reconcile, netlink, plan, report::metrics};
+use crate::{
+    addr::Service, apply, apply::reconcile::reconcile, egress::records::Policies, netlink, plan,
+    report::metrics,
+};
 
 impl Agent {
     /// [`Agent::apply`]; on failure, logged and retried after a backoff. Whether it applied.
@@ -61,7 +64,7 @@ impl Agent {
         // (not at the first sync, whose egress table is written after ready).
         self.egress.bridges = self.model.bridges();
         if !self.defer_egress {
-            tokio::task::block_in_place(|| self.egress.find_ports());
+            tokio::task::block_in_place(|| self.egress.find_ports(&mut self.model.containers));
         }
         let whole = plan::whole(
             &self.model,
@@ -122,7 +125,7 @@ impl Agent {
         s.container_clients_off = plan.container_clients_off;
         s.host_clients_tracked = plan.host_clients_tracked;
         state.frontends = out.served.rows;
-        state.egress_counters = self.egress.counter_names();
+        state.egress_counters = self.egress.counter_names(Policies(&self.model.containers));
         drop(state);
         self.owners = out.served.owners;
         self.packet.dirty = self.packet.layer.is_some();
@@ -164,8 +167,11 @@ impl Agent {
     /// before its frontends are written), and starts lookups of new host names.
     pub(super) fn apply_egress(&mut self) -> Result<()> {
         self.egress.bridges = self.model.bridges();
-        tokio::task::block_in_place(|| self.egress.find_ports());
-        let (spec, errors) = self.egress.spec(&crate::egress::dns::host_resolvers());
+        tokio::task::block_in_place(|| self.egress.find_ports(&mut self.model.containers));
+        let (spec, errors) = self.egress.spec(
+            Policies(&self.model.containers),
+            &crate::egress::dns::host_resolvers(),
+        );
         self.write_egress(&spec, errors)
     }
 
@@ -175,9 +181,9 @@ impl Agent {
         spec: &crate::egress::nft::Spec,
         errors: Vec<(String, String)>,
     ) -> Result<()> {
-        self.egress.said(errors);
+        self.egress.said(&mut self.model.containers, errors);
         let t = Instant::now();
-        let r = self.egress.write(spec);
+        let r = self.egress.write(&mut self.model.containers, spec);
         if !matches!(r, Ok(false)) {
             metrics::get().netfilter_apply("egress", t.elapsed(), r.is_ok());
         }

@@ -11,7 +11,10 @@ use anyhow::{Context, Result};
 use bollard::models::ContainerInspectResponse;
 use tracing::warn;
 
-use super::{Egress, Layer, STARTING_GRACE};
+use super::{
+    Egress, Layer, STARTING_GRACE,
+    records::{Policies, PoliciesMut, Records},
+};
 
 /// Why a container on network mode `mode` (or networks of `drivers`) cannot be policed
 /// here; `container:X` is kept as it is (X's policy applies).
@@ -92,13 +95,15 @@ impl Egress {
     /// (`starting`: Docker may start it any moment).
     pub fn created(
         &mut self,
+        cs: &mut Records,
         id: &str,
         name: &str,
         labels: BTreeMap<String, String>,
         starting: bool,
     ) {
+        let mut containers = PoliciesMut(cs);
         let runtime = self.load_runtime(id);
-        let c = self.containers.entry(id.to_string()).or_default();
+        let c = containers.entry(id);
         if starting {
             c.pending_since = Some(Instant::now());
         }
@@ -110,13 +115,14 @@ impl Egress {
     }
 
     /// Whether the agent knows the container's labels already.
-    pub fn knows(&self, id: &str) -> bool {
-        self.containers.contains_key(id)
+    pub fn knows(&self, containers: Policies<'_>, id: &str) -> bool {
+        containers.contains_key(id)
     }
 
     /// Docker connected the container to network `net` with `addrs` (while starting).
-    pub fn connected(&mut self, id: &str, net: &str, addrs: Vec<IpAddr>) {
-        if let Some(c) = self.containers.get_mut(id) {
+    pub fn connected(&mut self, cs: &mut Records, id: &str, net: &str, addrs: Vec<IpAddr>) {
+        let mut containers = PoliciesMut(cs);
+        if let Some(c) = containers.get_mut(id) {
             c.addrs.insert(net.to_string(), addrs);
             // A new endpoint: a new veth, found again.
             c.ports_for.clear();
@@ -127,10 +133,11 @@ impl Egress {
     }
 
     /// What the container's inspect says (`None`: it no longer exists).
-    pub fn inspected(&mut self, id: &str, c: Option<&ContainerInspectResponse>) {
+    pub fn inspected(&mut self, cs: &mut Records, id: &str, c: Option<&ContainerInspectResponse>) {
         use bollard::models::ContainerStateStatusEnum as S;
+        let mut containers = PoliciesMut(cs);
         let Some(c) = c else {
-            self.containers.remove(id);
+            containers.remove(id);
             return;
         };
         let labels: BTreeMap<String, String> = c
@@ -141,12 +148,12 @@ impl Egress {
             .into_iter()
             .collect();
         let name = c.name.clone().unwrap_or_default();
-        if !self.knows(id) {
-            self.created(id, &name, labels.clone(), false);
+        if !self.knows(containers.read(), id) {
+            self.created(containers.0, id, &name, labels.clone(), false);
         }
         let status = c.state.as_ref().and_then(|s| s.status);
         let live = crate::model::desired::peer_of(c);
-        let entry = self.containers.get_mut(id).expect("just inserted");
+        let entry = containers.get_mut(id).expect("just inserted");
         entry.labels = labels;
         entry.name = name.trim_start_matches('/').to_string();
         match (live, status) {
@@ -203,8 +210,9 @@ impl Egress {
     }
 
     /// The container's networks that cannot be policed here (not of the `bridge` driver).
-    pub fn set_drivers(&mut self, id: &str, drivers: &[String]) {
-        if let Some(c) = self.containers.get_mut(id)
+    pub fn set_drivers(&mut self, cs: &mut Records, id: &str, drivers: &[String]) {
+        let mut containers = PoliciesMut(cs);
+        if let Some(c) = containers.get_mut(id)
             && c.network_mode.is_none()
         {
             c.network_mode = unenforceable("", drivers);
@@ -212,8 +220,8 @@ impl Egress {
     }
 
     /// The container was removed: its runtime change goes too.
-    pub fn destroyed(&mut self, id: &str) {
-        self.containers.remove(id);
+    pub fn destroyed(&mut self, cs: &mut Records, id: &str) {
+        PoliciesMut(cs).remove(id);
         if let Err(e) = self.store_runtime(id, None) {
             warn!(error = %format!("{e:#}"), "removing a runtime egress change");
         }
@@ -221,8 +229,9 @@ impl Egress {
 
     /// Containers not in `live` (running or paused) and not starting have no addresses any
     /// more; their labels stay known for their next start (until Docker removes them).
-    pub fn retain(&mut self, live: &BTreeSet<String>) {
-        for (id, c) in &mut self.containers {
+    pub fn retain(&mut self, cs: &mut Records, live: &BTreeSet<String>) {
+        let mut containers = PoliciesMut(cs);
+        for (id, c) in containers.iter_mut() {
             let starting = c
                 .starting_since
                 .is_some_and(|t| t.elapsed() < STARTING_GRACE);

@@ -9,7 +9,10 @@ use std::{
 
 use anyhow::Result;
 
-use super::{Allow, Egress, Layer, Name, Target, guard, nft};
+use super::{
+    Allow, Egress, Layer, Name, Target, guard, nft,
+    records::{Policies, PoliciesMut, Records},
+};
 
 fn join(a: &BTreeSet<IpAddr>) -> String {
     a.iter()
@@ -34,22 +37,20 @@ pub enum ControlError {
 
 impl Egress {
     /// The container `key` names: an exact name or ID, else a unique ID prefix.
-    pub fn find(&self, key: &str) -> Result<String, ControlError> {
+    pub fn find(&self, containers: Policies<'_>, key: &str) -> Result<String, ControlError> {
         let key = key.trim_start_matches('/');
-        if let Some((id, _)) = self
-            .containers
+        if let Some((id, _)) = containers
             .iter()
             .find(|(id, c)| c.name == key || *id == key)
         {
-            return Ok(id.clone());
+            return Ok(id.to_string());
         }
-        let hits: Vec<&String> = self
-            .containers
+        let hits: Vec<&str> = containers
             .keys()
             .filter(|id| !key.is_empty() && id.starts_with(key))
             .collect();
         match hits.as_slice() {
-            [one] => Ok((*one).clone()),
+            [one] => Ok((*one).to_string()),
             [] => Err(ControlError::NoSuchContainer(key.to_string())),
             _ => Err(ControlError::Ambiguous(key.to_string())),
         }
@@ -59,11 +60,12 @@ impl Egress {
     /// nothing), stored, then enforced.
     pub fn change(
         &mut self,
+        cs: &mut Records,
         id: &str,
         ch: &dataplane_api::EgressChange,
     ) -> Result<(), ControlError> {
-        let c = self
-            .containers
+        let mut containers = PoliciesMut(cs);
+        let c = containers
             .get(id)
             .ok_or_else(|| ControlError::NoSuchContainer(id.to_string()))?;
         let mut layer = if ch.reset {
@@ -91,13 +93,13 @@ impl Egress {
         let layer = (layer != Layer::default()).then_some(layer);
         self.store_runtime(id, layer.as_ref())
             .map_err(ControlError::Store)?;
-        self.containers.get_mut(id).expect("checked").runtime = layer;
+        containers.get_mut(id).expect("checked").runtime = layer;
         Ok(())
     }
 
     /// Each known container's drop-counter key (in the table) and name, for the metrics.
-    pub fn counter_names(&self) -> BTreeMap<String, String> {
-        self.containers
+    pub fn counter_names(&self, containers: Policies<'_>) -> BTreeMap<String, String> {
+        containers
             .iter()
             .map(|(id, c)| {
                 let name = if c.name.is_empty() {
@@ -111,7 +113,11 @@ impl Egress {
     }
 
     /// What `bridge-ctl egress show` shows, with the drop counters read from the kernel.
-    pub fn views(&self, only: Option<&str>) -> Vec<dataplane_api::Egress> {
+    pub fn views(
+        &self,
+        containers: Policies<'_>,
+        only: Option<&str>,
+    ) -> Vec<dataplane_api::Egress> {
         let at = Instant::now();
         let (counters, l2) = tokio::task::block_in_place(|| {
             (nft::read_back(&self.table), guard::read_back(&self.table))
@@ -125,7 +131,7 @@ impl Egress {
         let l2 = l2.map(|(_, c)| c).unwrap_or_default();
         let l2_of = |name: String| l2.get(&name).copied().unwrap_or(0);
         let mut out = Vec::new();
-        for (id, c) in &self.containers {
+        for (id, c) in containers.iter() {
             if only.is_some_and(|o| o != id) {
                 continue;
             }
@@ -151,7 +157,7 @@ impl Egress {
                         },
                     ),
                     Target::Container(n) => {
-                        let addrs = self.by_name(n);
+                        let addrs = Self::by_name(containers.read(), n);
                         (
                             format!("container:{n}"),
                             if addrs.is_empty() {
@@ -190,7 +196,7 @@ impl Egress {
                     .network_mode
                     .as_deref()
                     .and_then(|m| m.strip_prefix("container:"))
-                    .map(|x| match self.containers.get(x) {
+                    .map(|x| match containers.get(x) {
                         Some(o) if !o.name.is_empty() => o.name.clone(),
                         _ => x.to_string(),
                     }),

@@ -22,6 +22,7 @@ pub mod nft;
 mod plan;
 pub mod policy;
 mod ports;
+pub mod records;
 mod write;
 
 use std::{
@@ -38,46 +39,7 @@ use crate::config::Config;
 
 use crate::report::status::EgressCountersHandle;
 
-/// What the agent knows of one container, for its policy.
-#[derive(Clone, Debug, Default)]
-pub struct Container {
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub runtime: Option<Layer>,
-    /// Its addresses per Docker network.
-    pub addrs: BTreeMap<String, Vec<IpAddr>>,
-    /// Resolvers Docker gives it (`--dns`, from its inspect; else the daemon's and the
-    /// host's: see [`dns::docker_resolvers`]).
-    pub dns: BTreeSet<IpAddr>,
-    /// Its network namespace (`NetworkSettings.SandboxKey`, or found at `network connect`).
-    pub netns: Option<PathBuf>,
-    /// The bridge ports behind its veths, and the addresses they were found for.
-    pub ports: Vec<crate::endpoint::Port>,
-    pub ports_for: BTreeSet<IpAddr>,
-    /// Why its ports could not be found (its frames are not guarded then), and since when
-    /// they are looked for (at `network connect` Docker may not have moved its veth into
-    /// its namespace yet).
-    pub ports_error: Option<String>,
-    pub ports_missing_since: Option<Instant>,
-    /// What `--network` says when it cannot be policed here (`host`, a driver other than
-    /// `bridge`), or `container:X`.
-    pub network_mode: Option<String>,
-    /// When Docker connected it to a network and it was not running yet.
-    pub starting_since: Option<Instant>,
-    /// The last error logged for its labels (logged once).
-    pub logged_error: Option<String>,
-    /// When its policy was first in the kernel for its current addresses.
-    pub enforced_at: Option<std::time::SystemTime>,
-    /// Since when Docker may be starting it (its `create`, or its stop: a restart policy
-    /// starts it again) with no `network connect` seen yet.
-    pub pending_since: Option<Instant>,
-}
-
-impl Container {
-    fn addresses(&self) -> BTreeSet<IpAddr> {
-        self.addrs.values().flatten().copied().collect()
-    }
-}
+pub use crate::model::EgressRecord as Container;
 
 /// A resolved host name.
 #[derive(Clone, Debug)]
@@ -101,11 +63,13 @@ const PORTS_LOOKUP: Duration = Duration::from_secs(2);
 /// reports the latest reading, so they are at most this old, or a table check's age).
 pub const COUNTERS_INTERVAL: Duration = Duration::from_secs(10);
 
+/// The egress side of the agent: the config, the table as written, the allow-list names'
+/// lookups. What it knows of each container is in the model's records
+/// ([`crate::model::EgressRecord`]), which its methods are given.
 pub struct Egress {
     table: String,
     pub config: Config,
     state_dir: Option<PathBuf>,
-    pub containers: BTreeMap<String, Container>,
     pub names: BTreeMap<String, Name>,
     /// The table as written.
     written: Table<nft::Spec>,
@@ -139,7 +103,6 @@ impl Egress {
             table: table.to_string(),
             config,
             state_dir,
-            containers: BTreeMap::new(),
             names: BTreeMap::new(),
             written: Table::new(table),
             bridges: BTreeSet::new(),
@@ -159,11 +122,17 @@ impl Egress {
 
 #[cfg(test)]
 mod tests {
-    use super::{containers::unenforceable, ports::docker_named, write::drop_counters, *};
+    use super::{
+        containers::unenforceable,
+        ports::docker_named,
+        records::{Policies, Records},
+        write::drop_counters,
+        *,
+    };
 
     /// The planned table, with the host's resolvers.
-    fn planned(e: &Egress) -> nft::Spec {
-        e.spec(&dns::host_resolvers()).0
+    fn planned(e: &Egress, cs: &Records) -> nft::Spec {
+        e.spec(Policies(cs), &dns::host_resolvers()).0
     }
 
     fn egress(config: &str) -> Egress {
@@ -233,8 +202,10 @@ mod tests {
     #[test]
     fn a_policed_container_is_in_the_table_from_its_network_connect() {
         let mut e = egress("");
+        let mut cs = Records::new();
         e.bridges = ["docker0".to_string()].into();
         e.created(
+            &mut cs,
             "aaaa1111",
             "/web",
             labels(&[
@@ -243,15 +214,15 @@ mod tests {
             ]),
             true,
         );
-        e.created("bbbb2222", "db", labels(&[]), true);
+        e.created(&mut cs, "bbbb2222", "db", labels(&[]), true);
         // Known, not connected yet: its chains are ready, reached by no address yet, and
         // the bridges are gated until it is.
-        let spec = planned(&e);
+        let spec = planned(&e, &cs);
         assert!(spec.containers["aaaa1111"].addrs.is_empty());
         assert!(spec.guard.gated);
-        e.connected("aaaa1111", "net1", vec![ip("172.18.0.2")]);
-        e.connected("bbbb2222", "net1", vec![ip("172.18.0.3")]);
-        let spec = planned(&e);
+        e.connected(&mut cs, "aaaa1111", "net1", vec![ip("172.18.0.2")]);
+        e.connected(&mut cs, "bbbb2222", "net1", vec![ip("172.18.0.3")]);
+        let spec = planned(&e, &cs);
         // Only the policed one gets chains; the unpoliced one is admitted.
         assert_eq!(spec.containers.len(), 1);
         assert!(
@@ -269,38 +240,46 @@ mod tests {
                 .nets
                 .contains(&policy::Net::host(ip("172.18.0.3")))
         );
-        assert_eq!(e.due_names(), vec!["remote.test".to_string()]);
-        assert!(e.due_names().is_empty(), "in flight");
+        assert_eq!(e.due_names(Policies(&cs)), vec!["remote.test".to_string()]);
+        assert!(e.due_names(Policies(&cs)).is_empty(), "in flight");
         let at = Instant::now() + Duration::from_secs(8);
         assert!(e.resolved("remote.test", Ok(([ip("198.51.100.2")].into(), at))));
-        let c = planned(&e).containers["aaaa1111"].clone();
+        let c = planned(&e, &cs).containers["aaaa1111"].clone();
         assert_eq!(c.allow.len(), 2);
         // A changed record changes the policy; a failed lookup keeps the last one.
         assert!(e.resolved("remote.test", Ok(([ip("198.51.100.3")].into(), at))));
         assert!(!e.resolved("remote.test", Err("timed out".into())));
-        let c = planned(&e).containers["aaaa1111"].clone();
+        let c = planned(&e, &cs).containers["aaaa1111"].clone();
         assert!(
             c.allow
                 .iter()
                 .any(|a| a.nets.contains(&policy::Net::host(ip("198.51.100.3"))))
         );
-        assert!(e.views(None)[0].resolved["remote.test"].contains("stale"));
+        assert!(e.views(Policies(&cs), None)[0].resolved["remote.test"].contains("stale"));
         // Stopped: gone from the table.
-        e.retain(&BTreeSet::new());
-        assert_eq!(planned(&e).containers.len(), 1, "still starting: kept");
-        e.containers.get_mut("aaaa1111").unwrap().starting_since = None;
-        e.retain(&BTreeSet::new());
-        let spec = planned(&e);
+        e.retain(&mut cs, &BTreeSet::new());
+        assert_eq!(planned(&e, &cs).containers.len(), 1, "still starting: kept");
+        cs.get_mut("aaaa1111")
+            .unwrap()
+            .egress
+            .as_mut()
+            .unwrap()
+            .starting_since = None;
+        e.retain(&mut cs, &BTreeSet::new());
+        let spec = planned(&e, &cs);
         assert!(
             spec.containers["aaaa1111"].addrs.is_empty(),
             "no address leads to it"
         );
         assert!(
-            e.knows("aaaa1111"),
+            e.knows(Policies(&cs), "aaaa1111"),
             "its labels stay known for its next start"
         );
-        e.destroyed("aaaa1111");
-        assert!(planned(&e).containers.is_empty(), "removed: its chains go");
+        e.destroyed(&mut cs, "aaaa1111");
+        assert!(
+            planned(&e, &cs).containers.is_empty(),
+            "removed: its chains go"
+        );
     }
 
     #[test]
@@ -319,46 +298,51 @@ mod tests {
     #[test]
     fn gated_while_any_policed_container_exists_and_not_otherwise() {
         let mut e = egress("");
-        e.created("aaaa", "a", labels(&[]), false);
+        let mut cs = Records::new();
+        e.created(&mut cs, "aaaa", "a", labels(&[]), false);
         assert!(
-            !e.gating() && !planned(&e).guard.gated,
+            !e.gating(Policies(&cs)) && !planned(&e, &cs).guard.gated,
             "nothing policed: nothing held"
         );
         e.created(
+            &mut cs,
             "bbbb",
             "b",
             labels(&[("dataplane.egress.host", "false")]),
             false,
         );
         assert!(
-            e.gating(),
+            e.gating(Policies(&cs)),
             "a stopped policed container holds new veths back"
         );
-        e.destroyed("bbbb");
-        assert!(!e.gating());
+        e.destroyed(&mut cs, "bbbb");
+        assert!(!e.gating(Policies(&cs)));
         let closed = egress("[egress]\ninternet = false\n");
-        assert!(closed.gating());
+        assert!(closed.gating(Policies(&Records::new())));
     }
 
     #[test]
     fn host_off_keeps_it_from_the_socket_layer_and_a_closed_default_admits() {
         let mut e = egress("[egress]\ninternet = false\n");
+        let mut cs = Records::new();
         e.created(
+            &mut cs,
             "aaaa",
             "a",
             labels(&[("dataplane.egress.host", "false")]),
             true,
         );
         e.created(
+            &mut cs,
             "bbbb",
             "b",
             labels(&[("dataplane.egress.internet", "true")]),
             true,
         );
-        e.connected("aaaa", "n", vec![ip("172.17.0.2")]);
-        e.connected("bbbb", "n", vec![ip("172.17.0.3")]);
-        assert_eq!(e.host_denied(), ["aaaa".to_string()].into());
-        let spec = planned(&e);
+        e.connected(&mut cs, "aaaa", "n", vec![ip("172.17.0.2")]);
+        e.connected(&mut cs, "bbbb", "n", vec![ip("172.17.0.3")]);
+        assert_eq!(e.host_denied(Policies(&cs)), ["aaaa".to_string()].into());
+        let spec = planned(&e, &cs);
         assert!(spec.closed_internet);
         assert_eq!(spec.admitted.len(), 2);
         assert_eq!(spec.containers.len(), 1, "b is open by its label");
@@ -367,17 +351,19 @@ mod tests {
     #[test]
     fn a_malformed_label_fails_closed_and_a_bad_change_changes_nothing() {
         let mut e = egress("");
+        let mut cs = Records::new();
         e.created(
+            &mut cs,
             "aaaa",
             "a",
             labels(&[("dataplane.egress.allow", "10.0.0.0/99")]),
             true,
         );
-        e.connected("aaaa", "n", vec![ip("172.17.0.2")]);
-        let c = planned(&e).containers["aaaa"].clone();
+        e.connected(&mut cs, "aaaa", "n", vec![ip("172.17.0.2")]);
+        let c = planned(&e, &cs).containers["aaaa"].clone();
         assert!(!c.internet && !c.host && c.allow.is_empty());
         assert!(
-            e.views(None)[0]
+            e.views(Policies(&cs), None)[0]
                 .error
                 .as_deref()
                 .unwrap()
@@ -390,12 +376,12 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            e.change("aaaa", &bad)
+            e.change(&mut cs, "aaaa", &bad)
                 .unwrap_err()
                 .to_string()
                 .contains("nope")
         );
-        assert!(e.containers["aaaa"].runtime.is_none());
+        assert!(cs["aaaa"].egress.as_ref().unwrap().runtime.is_none());
         // A runtime allow-list replaces the malformed label's.
         let good = dataplane_api::EgressChange {
             container: "a".into(),
@@ -404,12 +390,12 @@ mod tests {
             allow: Some(vec!["10.0.0.0/8,192.0.2.1:53/udp".into()]),
             ..Default::default()
         };
-        e.change("aaaa", &good).unwrap();
-        let v = &e.views(None)[0];
+        e.change(&mut cs, "aaaa", &good).unwrap();
+        let v = &e.views(Policies(&cs), None)[0];
         assert!(v.error.is_none() && v.runtime_change && v.host && !v.internet);
         assert_eq!(v.allow.len(), 2);
-        assert_eq!(e.find("a").unwrap(), "aaaa");
-        assert_eq!(e.find("aa").unwrap(), "aaaa");
-        assert!(e.find("zz").is_err());
+        assert_eq!(e.find(Policies(&cs), "a").unwrap(), "aaaa");
+        assert_eq!(e.find(Policies(&cs), "aa").unwrap(), "aaaa");
+        assert!(e.find(Policies(&cs), "zz").is_err());
     }
 }

@@ -5,13 +5,13 @@ use std::{collections::BTreeSet, net::IpAddr, time::Instant};
 use anyhow::Result;
 use tracing::{info, warn};
 
-use super::{Allow, Container, Egress, Name, Target, dns, policy};
+use super::{Allow, Container, Egress, Name, Target, dns, policy, records::Policies};
 
 impl Egress {
     /// Host names the policies name.
-    pub(super) fn wanted_names(&self) -> BTreeSet<String> {
+    pub(super) fn wanted_names(&self, containers: Policies<'_>) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
-        for c in self.containers.values() {
+        for c in containers.values() {
             for a in self.policy(c).allow {
                 if let Target::Name(n) = a.target {
                     out.insert(n);
@@ -23,8 +23,8 @@ impl Egress {
 
     /// Names to look up now (new ones, or due); marked in flight. Names no policy uses any
     /// more are forgotten.
-    pub fn due_names(&mut self) -> Vec<String> {
-        let wanted = self.wanted_names();
+    pub fn due_names(&mut self, containers: Policies<'_>) -> Vec<String> {
+        let wanted = self.wanted_names(containers.read());
         self.names.retain(|n, _| wanted.contains(n));
         let now = Instant::now();
         let mut due = Vec::new();
@@ -90,15 +90,19 @@ impl Egress {
     }
 
     /// Addresses of containers by name (for `container:NAME`).
-    pub(super) fn by_name(&self, name: &str) -> BTreeSet<IpAddr> {
-        self.containers
+    pub(super) fn by_name(containers: Policies<'_>, name: &str) -> BTreeSet<IpAddr> {
+        containers
             .values()
             .filter(|c| c.name == name)
             .flat_map(Container::addresses)
             .collect()
     }
 
-    pub(super) fn resolve_allow(&self, a: &Allow) -> BTreeSet<policy::Net> {
+    pub(super) fn resolve_allow(
+        &self,
+        containers: Policies<'_>,
+        a: &Allow,
+    ) -> BTreeSet<policy::Net> {
         match &a.target {
             Target::Net(n) => [*n].into(),
             Target::Name(n) => self
@@ -106,7 +110,10 @@ impl Egress {
                 .get(n)
                 .map(|e| e.addrs.iter().map(|a| policy::Net::host(*a)).collect())
                 .unwrap_or_default(),
-            Target::Container(n) => self.by_name(n).into_iter().map(policy::Net::host).collect(),
+            Target::Container(n) => Self::by_name(containers.read(), n)
+                .into_iter()
+                .map(policy::Net::host)
+                .collect(),
         }
     }
 }

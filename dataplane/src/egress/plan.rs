@@ -4,13 +4,20 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use tracing::warn;
 
-use super::{Container, Egress, Policy, dns, guard, nft, policy};
+use super::{
+    Container, Egress, Policy, dns, guard, nft, policy,
+    records::{Policies, PoliciesMut, Records},
+};
 
 impl Egress {
     /// The table as the policies and Docker's state make it now (`host_dns`: the host's
     /// resolvers, [`dns::host_resolvers`]), and the policies that cannot be read and were
     /// not said yet (container id, error), for [`Egress::said`].
-    pub fn spec(&self, host_dns: &BTreeSet<IpAddr>) -> (nft::Spec, Vec<(String, String)>) {
+    pub fn spec(
+        &self,
+        containers: Policies<'_>,
+        host_dns: &BTreeSet<IpAddr>,
+    ) -> (nft::Spec, Vec<(String, String)>) {
         let mut spec = nft::Spec {
             bridges: self.bridges.clone(),
             closed_internet: self.config.egress.internet == Some(false),
@@ -19,9 +26,9 @@ impl Egress {
         };
         let mut errors = Vec::new();
         let mut admit = spec.closed_internet || spec.closed_host;
-        spec.guard.gated = self.gating();
+        spec.guard.gated = self.gating(containers.read());
         spec.guard.known.clone_from(&self.outside_ports);
-        for (id, c) in &self.containers {
+        for (id, c) in containers.iter() {
             let addrs = c.addresses();
             spec.admitted.extend(addrs.iter().copied());
             if !addrs.is_empty() {
@@ -33,7 +40,7 @@ impl Egress {
             if let Some(e) = &p.error
                 && c.logged_error.as_ref() != Some(e)
             {
-                errors.push((id.clone(), e.clone()));
+                errors.push((id.to_string(), e.clone()));
             }
             if !p.restricts() {
                 continue;
@@ -45,7 +52,7 @@ impl Egress {
                 .allow
                 .iter()
                 .map(|a| nft::Allowed {
-                    nets: self.resolve_allow(a),
+                    nets: self.resolve_allow(containers.read(), a),
                     port: a.port,
                     proto: a.proto,
                 })
@@ -99,9 +106,10 @@ impl Egress {
     }
 
     /// Says each policy that cannot be read, once per error.
-    pub fn said(&mut self, errors: Vec<(String, String)>) {
+    pub fn said(&mut self, cs: &mut Records, errors: Vec<(String, String)>) {
+        let mut containers = PoliciesMut(cs);
         for (id, e) in errors {
-            let Some(c) = self.containers.get_mut(&id) else {
+            let Some(c) = containers.get_mut(&id) else {
                 continue;
             };
             warn!(container = %c.name, id = %nft::key_of(&id), error = %e, "egress policy cannot be read: the container gets no egress at all (fail closed)");
@@ -111,17 +119,17 @@ impl Egress {
 
     /// Containers that may not reach the host or other containers: the socket layer must
     /// not connect them straight to a backend (Docker's path, where their policy applies).
-    pub fn host_denied(&self) -> BTreeSet<String> {
-        self.containers
+    pub fn host_denied(&self, containers: Policies<'_>) -> BTreeSet<String> {
+        containers
             .iter()
             .filter(|(_, c)| !self.policy(c).host)
-            .map(|(id, _)| id.clone())
+            .map(|(id, _)| id.to_string())
             .collect()
     }
 
     /// Addresses of the containers whose policy restricts anything.
-    pub fn policed_addrs(&self) -> BTreeSet<IpAddr> {
-        self.containers
+    pub fn policed_addrs(&self, containers: Policies<'_>) -> BTreeSet<IpAddr> {
+        containers
             .values()
             .filter(|c| self.policy(c).restricts())
             .flat_map(Container::addresses)
@@ -131,11 +139,10 @@ impl Egress {
     /// Whether new veths wait until the agent has seen them: while a policed container
     /// exists (Docker may start it, restart it or connect it to a network at any time,
     /// however long after its `create`), or the host default closes.
-    pub fn gating(&self) -> bool {
+    pub fn gating(&self, containers: Policies<'_>) -> bool {
         self.config.egress.internet == Some(false)
             || self.config.egress.host == Some(false)
-            || self
-                .containers
+            || containers
                 .values()
                 .any(|c| c.network_mode.is_none() && self.policy(c).restricts())
     }

@@ -10,7 +10,10 @@ use std::{
 use anyhow::{Context, Result};
 use tracing::warn;
 
-use super::{Egress, PORTS_LOOKUP};
+use super::{
+    Egress, PORTS_LOOKUP,
+    records::{Policies, PoliciesMut, Records},
+};
 
 /// The namespace in `dir` (Docker's) that no other container claims and whose veths hold
 /// `addrs`, with its ports.
@@ -89,9 +92,10 @@ impl Egress {
     /// they were last found: in its namespace (from its inspect), or, at `network connect`
     /// before its inspect answers, in the one of Docker's namespaces that holds its
     /// addresses.
-    pub fn find_ports(&mut self) {
-        let gating = self.gating();
-        if !gating && !self.containers.values().any(|c| self.policy(c).restricts()) {
+    pub fn find_ports(&mut self, cs: &mut Records) {
+        let mut containers = PoliciesMut(cs);
+        let gating = self.gating(containers.read());
+        if !gating && !containers.values().any(|c| self.policy(c).restricts()) {
             return;
         }
         let host = match crate::endpoint::host_links() {
@@ -106,8 +110,7 @@ impl Egress {
         }
         let names: BTreeSet<&str> = host.values().map(|l| l.name.as_str()).collect();
         // Found again: new addresses, or a veth that went (a restart that kept them).
-        let want: Vec<String> = self
-            .containers
+        let want: Vec<String> = containers
             .iter()
             .filter(|(_, c)| {
                 let a = c.addresses();
@@ -118,18 +121,17 @@ impl Egress {
                             .any(|p| !names.contains(p.host_ifname.as_str())))
                     && (gating || self.policy(c).restricts())
             })
-            .map(|(id, _)| id.clone())
+            .map(|(id, _)| id.to_string())
             .collect();
         if want.is_empty() {
             return;
         }
-        let claimed: BTreeSet<PathBuf> = self
-            .containers
+        let claimed: BTreeSet<PathBuf> = containers
             .values()
             .filter_map(|c| c.netns.clone())
             .collect();
         for id in want {
-            let c = self.containers.get_mut(&id).expect("listed above");
+            let c = containers.get_mut(&id).expect("listed above");
             let addrs = c.addresses();
             let found = match &c.netns {
                 Some(ns) => crate::endpoint::ports(ns, &host).map(|p| (ns.clone(), p)),
@@ -163,7 +165,7 @@ impl Egress {
                 c.ports_error = error;
             }
         }
-        self.early_ports(&host);
+        self.early_ports(containers.0, &host);
     }
 
     /// An unpoliced container Docker has connected but not started: its veth pair is still
@@ -172,9 +174,9 @@ impl Egress {
     /// such pair is on a Docker bridge, that pair is its own: its veth is let through at
     /// once instead of at its start. A policed container's never is (its frames wait for
     /// its port's chain).
-    pub(super) fn early_ports(&mut self, host: &crate::endpoint::HostLinks) {
-        let waiting: Vec<String> = self
-            .containers
+    pub(super) fn early_ports(&mut self, cs: &mut Records, host: &crate::endpoint::HostLinks) {
+        let mut containers = PoliciesMut(cs);
+        let waiting: Vec<String> = containers
             .iter()
             .filter(|(_, c)| {
                 c.ports.is_empty()
@@ -182,13 +184,12 @@ impl Egress {
                     && !c.addresses().is_empty()
                     && !self.policy(c).restricts()
             })
-            .map(|(id, _)| id.clone())
+            .map(|(id, _)| id.to_string())
             .collect();
         let [id] = waiting.as_slice() else {
             return;
         };
-        let attributed: BTreeSet<&str> = self
-            .containers
+        let attributed: BTreeSet<&str> = containers
             .values()
             .flat_map(|c| c.ports.iter().map(|p| p.host_ifname.as_str()))
             .collect();
@@ -208,7 +209,7 @@ impl Egress {
             .collect();
         if let [name] = pairs.as_slice() {
             let name = (*name).to_string();
-            let c = self.containers.get_mut(id).expect("listed above");
+            let c = containers.get_mut(id).expect("listed above");
             c.ports = vec![crate::endpoint::Port {
                 host_ifname: name,
                 mac: [0; 6],
@@ -220,8 +221,8 @@ impl Egress {
     /// When to look again for the veths of a container Docker is still setting up: every
     /// few milliseconds for [`PORTS_LOOKUP`] after the first try (its frames wait meanwhile
     /// while the gate holds).
-    pub fn ports_retry_at(&self) -> Option<Instant> {
-        self.containers
+    pub fn ports_retry_at(&self, containers: Policies<'_>) -> Option<Instant> {
+        containers
             .values()
             .filter(|c| !c.addresses().is_empty())
             .filter_map(|c| c.ports_missing_since)

@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, time::Instant};
 use anyhow::Result;
 use tracing::{info, warn};
 
-use super::{Applied, COUNTERS_INTERVAL, Egress, EgressCountersHandle, guard, nft};
+use super::{
+    Applied, COUNTERS_INTERVAL, Egress, EgressCountersHandle, guard, nft,
+    records::{PoliciesMut, Records},
+};
 
 /// Makes traffic between containers on one bridge pass the IP netfilter hooks
 /// (`br_netfilter`, as Docker itself does for `icc=false` and `userland-proxy=false`):
@@ -61,23 +64,24 @@ pub(super) fn drop_counters(
 impl Egress {
     /// Writes the table as planned ([`Egress::spec`]): only what changed, or the whole
     /// table in place the first time (and after a failure). Whether anything was written.
-    pub fn write(&mut self, spec: &nft::Spec) -> Result<bool> {
+    pub fn write(&mut self, cs: &mut Records, spec: &nft::Spec) -> Result<bool> {
         if !self.bridge_netfilter && spec.containers.values().any(|c| !c.host) {
             self.bridge_netfilter = enable_bridge_netfilter();
         }
         match tokio::task::block_in_place(|| self.written.apply(spec, false))? {
             Applied::Unchanged => Ok(false),
             Applied::Written => {
-                self.mark_enforced(spec);
+                Self::mark_enforced(cs, spec);
                 Ok(true)
             }
         }
     }
 
     /// Notes when each container's policy came into force for its current addresses.
-    pub(super) fn mark_enforced(&mut self, spec: &nft::Spec) {
+    pub(super) fn mark_enforced(cs: &mut Records, spec: &nft::Spec) {
+        let mut containers = PoliciesMut(cs);
         let now = std::time::SystemTime::now();
-        for (id, c) in &mut self.containers {
+        for (id, c) in containers.iter_mut() {
             if spec
                 .containers
                 .get(&nft::key_of(id))

@@ -3,6 +3,7 @@
 //! Inputs update it; [`crate::plan::plan`] reads it. No I/O here.
 
 pub mod desired;
+mod egress;
 mod id;
 
 use std::{
@@ -14,6 +15,7 @@ use std::{
 
 use bollard::models::ContainerInspectResponse;
 
+pub use egress::EgressRecord;
 pub use id::ContainerId;
 
 use crate::{
@@ -23,9 +25,7 @@ use crate::{
     netlink::HostAddr,
 };
 
-/// What the agent knows of one container. Removing the record forgets all the model holds
-/// of it; its egress policy, kept by [`crate::egress`] under the same ID, is removed with it
-/// (the agent's `forget`).
+/// What the agent knows of one container. Removing the record forgets all of it.
 #[derive(Clone, Debug, Default)]
 pub struct Container {
     /// Docker's last inspect of it (none until it is inspected after its `create`).
@@ -47,6 +47,8 @@ pub struct Container {
     pub cookie_pending: bool,
     /// Docker's `pause` event time (ns) not handled yet.
     pub paused_at_ns: Option<i64>,
+    /// What its egress policy needs (from its `create` on, until Docker removes it).
+    pub egress: Option<EgressRecord>,
 }
 
 #[derive(Debug, Default)]
@@ -68,20 +70,23 @@ impl Model {
         self.containers.remove(id);
     }
 
-    /// Forgets every container not in `live` (those Docker runs), except those created and
-    /// not started yet.
+    /// Forgets what runs of containers not in `live` (those Docker runs): their inspect,
+    /// frontends (also those written early: a start event writes them again) and view as
+    /// clients. A container whose egress policy is known, or one created and not started,
+    /// keeps its record for its next start.
     pub fn retain(&mut self, live: &BTreeSet<String>) {
         self.containers.retain(|id, c| {
             if live.contains(id.as_str()) {
                 return true;
             }
-            // Being started, maybe: its inspect as created stays for its `network connect`,
-            // the frontends written early go (its start event writes them again).
             c.inspect = None;
             c.frontends.clear();
+            c.binding_errors.clear();
             c.peer = None;
+            c.cookie = None;
+            c.cookie_pending = false;
             c.early_written = None;
-            c.created.is_some()
+            c.created.is_some() || c.egress.is_some()
         });
     }
 
@@ -354,5 +359,25 @@ mod tests {
         assert_eq!(m.peers().next().map(|p| p.2), Some(None));
         m.ingest("a", None, None);
         assert!(m.containers.is_empty(), "gone: all of it");
+    }
+
+    #[test]
+    fn a_record_holds_the_policy_too_and_goes_whole() {
+        let mut m = Model::default();
+        let rec = m.containers.entry("a".into()).or_default();
+        rec.egress = Some(EgressRecord {
+            name: "web".into(),
+            ..EgressRecord::default()
+        });
+        rec.frontends = Vec::new();
+        // Not running at a resync: its policy stays for its next start.
+        m.retain(&BTreeSet::new());
+        assert_eq!(
+            m.containers["a"].egress.as_ref().map(|e| e.name.as_str()),
+            Some("web")
+        );
+        // Removed by Docker: nothing of it stays.
+        m.forget("a");
+        assert!(m.containers.is_empty());
     }
 }

@@ -475,12 +475,21 @@ mod tests {
     fn written_whole_first_then_only_changes_and_nothing_when_unchanged() {
         let f = Fake::default();
         let mut t = Table::with(T, f.clone());
-        assert_eq!(t.apply(&Spec { elems: 2 }, false).unwrap(), Applied::Written);
+        assert_eq!(
+            t.apply(&Spec { elems: 2 }, false).unwrap(),
+            Applied::Written
+        );
         assert_eq!(runs(&f), ["whole"]);
         assert_eq!(f.0.borrow().lists, 1, "read back before a whole write");
-        assert_eq!(t.apply(&Spec { elems: 2 }, false).unwrap(), Applied::Unchanged);
+        assert_eq!(
+            t.apply(&Spec { elems: 2 }, false).unwrap(),
+            Applied::Unchanged
+        );
         assert!(runs(&f).is_empty(), "the spec in place costs no nft run");
-        assert_eq!(t.apply(&Spec { elems: 3 }, false).unwrap(), Applied::Written);
+        assert_eq!(
+            t.apply(&Spec { elems: 3 }, false).unwrap(),
+            Applied::Written
+        );
         assert_eq!(runs(&f), ["changed"]);
         // Forced: written whole even though unchanged.
         t.apply(&Spec { elems: 3 }, true).unwrap();
@@ -494,14 +503,20 @@ mod tests {
         t.apply(&Spec { elems: 1 }, false).unwrap();
         runs(&f);
         f.0.borrow_mut().refuse = 1;
-        assert_eq!(t.apply(&Spec { elems: 2 }, false).unwrap(), Applied::Written);
+        assert_eq!(
+            t.apply(&Spec { elems: 2 }, false).unwrap(),
+            Applied::Written
+        );
         assert_eq!(runs(&f), ["changed", "whole"]);
         // Both refused: an error, and the next apply (even of the same spec) writes whole.
         f.0.borrow_mut().refuse = 2;
         assert!(t.apply(&Spec { elems: 3 }, false).is_err());
         assert_eq!(runs(&f), ["changed", "whole"]);
         assert!(!t.holds(&Spec { elems: 3 }));
-        assert_eq!(t.apply(&Spec { elems: 3 }, false).unwrap(), Applied::Written);
+        assert_eq!(
+            t.apply(&Spec { elems: 3 }, false).unwrap(),
+            Applied::Written
+        );
         assert_eq!(runs(&f), ["whole"]);
     }
 
@@ -528,7 +543,10 @@ mod tests {
         f.0.borrow_mut().refuse = 1;
         assert!(t.repair().is_err());
         runs(&f);
-        assert_eq!(t.apply(&Spec { elems: 2 }, false).unwrap(), Applied::Written);
+        assert_eq!(
+            t.apply(&Spec { elems: 2 }, false).unwrap(),
+            Applied::Written
+        );
         assert_eq!(runs(&f), ["whole"]);
     }
 

@@ -61,10 +61,11 @@ pub struct Whole {
 /// Everything the kernel and netfilter should hold for `model` and its containers'
 /// egress policies on a host with `env`; the own-firewall table when `own_firewall`.
 pub fn whole(model: &Model, policies: &egress::Egress, env: &Env, own_firewall: bool) -> Whole {
-    let (egress, egress_errors) = policies.spec(&env.host_dns);
+    let records = egress::records::Policies(&model.containers);
+    let (egress, egress_errors) = policies.spec(records, &env.host_dns);
     let env = Env {
-        host_denied: policies.host_denied(),
-        policed: policies.policed_addrs(),
+        host_denied: policies.host_denied(records),
+        policed: policies.policed_addrs(records),
         ..env.clone()
     };
     let own_firewall = own_firewall.then(|| {
@@ -517,12 +518,18 @@ mod tests {
             std::path::Path::new("/nonexistent"),
         );
         policies.created(
+            &mut s.containers,
             "d",
             "/d",
             [("dataplane.egress.internet".to_string(), "false".to_string())].into(),
             true,
         );
-        policies.connected("d", "net1", vec!["172.17.0.9".parse().unwrap()]);
+        policies.connected(
+            &mut s.containers,
+            "d",
+            "net1",
+            vec!["172.17.0.9".parse().unwrap()],
+        );
         let env = Env {
             other_bridges: ["br-other".to_string()].into(),
             ..Env::default()
@@ -554,12 +561,13 @@ mod tests {
         // the maps' plan, and its address stays tracked, from this very plan on.
         let b_ip: IpAddr = "172.17.0.3".parse().unwrap();
         policies.created(
+            &mut s.containers,
             "b",
             "/b",
             [("dataplane.egress.host".to_string(), "false".to_string())].into(),
             true,
         );
-        policies.connected("b", "net1", vec![b_ip]);
+        policies.connected(&mut s.containers, "b", "net1", vec![b_ip]);
         let w = whole(&s, &policies, &env, false);
         let cookies: BTreeSet<u64> = w.maps.peer_nets.keys().map(|k| k.netns_cookie).collect();
         assert_eq!(

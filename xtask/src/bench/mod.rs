@@ -394,7 +394,7 @@ pub fn bench(
     }
     drop(image);
     let _ = fs::remove_dir_all("/run/dataplane-bench");
-    write_report(&env, &extra, started.elapsed(), quick)?;
+    write_report(&env, &extra, started.elapsed(), quick, rounds)?;
     if owned.is_none() {
         docker::stop_owned_engine();
     }

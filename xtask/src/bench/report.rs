@@ -71,7 +71,13 @@ pub(super) fn table(env: &Env, md: &mut String) -> Vec<(String, [f64; 3])> {
     chart
 }
 
-pub(super) fn write_report(env: &Env, extra: &str, took: Duration, quick: bool) -> Result<()> {
+pub(super) fn write_report(
+    env: &Env,
+    extra: &str,
+    took: Duration,
+    quick: bool,
+    rounds: usize,
+) -> Result<()> {
     let dir = project_root().join("bench/results");
     fs::create_dir_all(&dir)?;
     let kernel = sh(&["uname", "-r"]).unwrap_or_default();
@@ -91,7 +97,7 @@ pub(super) fn write_report(env: &Env, extra: &str, took: Duration, quick: bool) 
         docker_v.trim(),
         iperf_v.lines().next().unwrap_or("").trim(),
         env!("CARGO_PKG_VERSION"),
-        3,
+        rounds,
         took.as_secs_f64()
     );
     let chart = table(env, &mut md);
