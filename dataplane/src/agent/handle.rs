@@ -332,10 +332,24 @@ impl Agent {
 
     pub(super) async fn full_resync(&mut self) {
         let r = async {
-            let live: BTreeSet<String> = docker::running_ids(&self.docker)
-                .await?
-                .into_iter()
+            let all = docker::list_all(&self.docker).await?;
+            let live: BTreeSet<String> = all
+                .iter()
+                .filter(|c| docker::is_running(c))
+                .filter_map(|c| c.id.clone())
                 .collect();
+            // Removed while Docker's events were not seen: forgotten whole.
+            let exists: BTreeSet<&str> = all.iter().filter_map(|c| c.id.as_deref()).collect();
+            let gone: Vec<ContainerId> = self
+                .model
+                .containers
+                .keys()
+                .filter(|id| !exists.contains(id.as_str()))
+                .cloned()
+                .collect();
+            for id in &gone {
+                self.forget(id);
+            }
             self.egress.retain(&mut self.model.containers, &live);
             self.model.retain(&live);
             if !self.loaded.vouching() {

@@ -361,6 +361,21 @@ mod tests {
         assert!(m.containers.is_empty(), "gone: all of it");
     }
 
+    /// A frontend as `early` writes them (port 8080 of a container on `n1`).
+    fn early_frontend() -> Frontend {
+        let net = NetInfo {
+            id: "n1".into(),
+            name: "bridge".into(),
+            bridge: Some("docker0".into()),
+            peers_direct: true,
+            nat4: true,
+            nat6: true,
+            fw: crate::docker::FwInfo::default(),
+        };
+        let c = created("a", "8080");
+        desired::early_frontends(&c, &net, &["172.17.0.2".parse().unwrap()]).remove(0)
+    }
+
     #[test]
     fn a_record_holds_the_policy_too_and_goes_whole() {
         let mut m = Model::default();
@@ -369,13 +384,26 @@ mod tests {
             name: "web".into(),
             ..EgressRecord::default()
         });
-        rec.frontends = Vec::new();
-        // Not running at a resync: its policy stays for its next start.
-        m.retain(&BTreeSet::new());
-        assert_eq!(
-            m.containers["a"].egress.as_ref().map(|e| e.name.as_str()),
-            Some("web")
+        m.set_peer(
+            "a",
+            Peer {
+                sandbox: None,
+                pid: Some(1),
+                endpoints: vec![("n1".into(), vec!["172.17.0.2".parse().unwrap()])],
+            },
+            Some(7),
         );
+        m.set_frontends("a", vec![early_frontend()]);
+        m.containers.get_mut("a").unwrap().binding_errors = vec!["x".into()];
+        // Not running at a resync: what its run held goes, its policy stays for its next
+        // start.
+        m.retain(&BTreeSet::new());
+        let a = &m.containers["a"];
+        assert!(a.frontends.is_empty() && a.peer.is_none() && a.cookie.is_none());
+        assert!(a.binding_errors.is_empty() && a.inspect.is_none());
+        assert_eq!(a.egress.as_ref().map(|e| e.name.as_str()), Some("web"));
+        assert_eq!(m.publishing(), 0);
+        assert!(m.client_namespaces().is_empty());
         // Removed by Docker: nothing of it stays.
         m.forget("a");
         assert!(m.containers.is_empty());
