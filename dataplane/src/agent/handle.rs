@@ -12,7 +12,7 @@ use std::{
 use anyhow::Result;
 use tracing::{debug, info, warn};
 
-use super::Agent;
+use super::parts::Agent;
 use crate::{
     agent::start::{Inspected, inspect_all},
     docker,

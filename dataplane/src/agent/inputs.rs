@@ -9,7 +9,6 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::{sync::mpsc, time::Instant};
 use tracing::warn;
 
-use super::StopSignals;
 use crate::{
     docker,
     input::{self, Input, LookupResult, Timer},
@@ -17,6 +16,7 @@ use crate::{
     report::api,
     retry::Backoff,
 };
+use tokio::signal::unix::SignalKind;
 
 /// How often the packet layer's idle flows are removed.
 const FLOWS_GC_INTERVAL: Duration = Duration::from_secs(10);
@@ -168,5 +168,29 @@ impl Open {
         self.events = None;
         self.reopen_at = Some(Instant::now() + self.backoff.failed());
         Input::EventsLost(why)
+    }
+}
+
+/// `SIGTERM` and `SIGINT` (Ctrl-C): either stops the agent. Handled from the start on, so
+/// no stop is lost between two turns of the loop.
+pub(super) struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub(super) fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            term: tokio::signal::unix::signal(SignalKind::terminate())?,
+            int: tokio::signal::unix::signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next stop; which signal it was.
+    pub(super) async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "terminated",
+            _ = self.int.recv() => "interrupted",
+        }
     }
 }

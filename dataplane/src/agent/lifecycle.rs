@@ -10,7 +10,11 @@ use std::sync::Arc;
 
 use tokio::signal::unix::SignalKind;
 
-use super::{Agent, OwnSide, PacketSide, StopSignals, report::now_ms};
+use super::{
+    inputs::StopSignals,
+    parts::{Agent, MetricsServer, OwnSide, PacketSide},
+    report::now_ms,
+};
 use crate::{
     agent::start::{Options, StartError, Started, Startup, load_and_list},
     apply::sockets::Destroyer,
@@ -49,18 +53,6 @@ pub(super) fn leave_cache(path: Option<&std::path::Path>, model: &Model) {
         Err(e) => {
             warn!(error = %format!("{e:#}"), "could not leave the inspects for the next start");
         }
-    }
-}
-
-/// The metrics endpoint: its address, and the task serving it (stopped when dropped).
-pub(super) struct MetricsServer {
-    addr: std::net::SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -107,7 +99,7 @@ pub(super) async fn metrics_server(
     let Some(addr) = config.metrics.addr().map_err(|e| anyhow::anyhow!(e))? else {
         return Ok(None);
     };
-    let task = metrics::serve(addr, scrape.clone()).await?;
+    let task = metrics::server::serve(addr, scrape.clone()).await?;
     info!(url = %format!("http://{addr}/metrics"), "serving metrics");
     Ok(Some(MetricsServer { addr, task }))
 }
@@ -201,23 +193,6 @@ pub(super) async fn start_or_stop(
         _ = sigterm.recv() => {
             info!("terminated during the start");
             Ok(None)
-        }
-    }
-}
-
-impl StopSignals {
-    pub(super) fn new() -> std::io::Result<Self> {
-        Ok(Self {
-            term: tokio::signal::unix::signal(SignalKind::terminate())?,
-            int: tokio::signal::unix::signal(SignalKind::interrupt())?,
-        })
-    }
-
-    /// The next stop; which signal it was.
-    pub(super) async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "terminated",
-            _ = self.int.recv() => "interrupted",
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod cache;
 mod handle;
 mod inputs;
 mod lifecycle;
+mod parts;
 mod report;
 pub mod start;
 mod sync;
@@ -15,33 +16,26 @@ mod sync;
 use std::{
     collections::{BTreeMap, BTreeSet},
     ops::ControlFlow,
-    sync::{Arc, Mutex},
-    time::{Instant, SystemTime},
+    sync::Arc,
+    time::SystemTime,
 };
 
-use bollard::Docker;
 use tokio::sync::mpsc;
 use tracing::info;
 
 pub use start::{Options, StartError};
 use {
     inputs::{Deadlines, Inputs},
-    lifecycle::{
-        MetricsServer, destroyer, new_egress, own_side, resolver, signals, start_metrics,
-        start_or_stop,
-    },
+    lifecycle::{destroyer, new_egress, own_side, resolver, signals, start_metrics, start_or_stop},
+    parts::{Agent, PacketSide},
     start::{Started, Startup, preflight},
 };
 
 use crate::{
-    addr::Service,
-    apply::sockets::Destroyer,
-    bpf::Loaded,
     egress::records::Policies,
-    egress::{self, Egress},
     hostfw,
-    input::{Input, LookupResult},
-    model::{ContainerId, Model},
+    input::Input,
+    model::Model,
     netfilter::{NetfilterTask, changes as nfwatch, notrack::Notrack},
     netlink,
     report::api::{self, Shared},
@@ -49,92 +43,8 @@ use crate::{
     retry::Backoff,
 };
 
-/// The agent between two inputs: the model, and the handles its appliers and reports use.
-struct Agent {
-    loaded: Loaded,
-    docker: Docker,
-    nl: rtnetlink::Handle,
-    /// What the agent knows (one record per container).
-    model: Model,
-    shared: Shared,
-    netfilter: NetfilterTask,
-    sockets: Destroyer,
-    /// Backends the maps served after the last apply, with their containers.
-    owners: BTreeMap<Service, String>,
-    host_netns_cookie: u64,
-    /// When the frontends map was last written (sync latency is measured to here).
-    frontends_written: SystemTime,
-    /// Re-apply the nftables table even if unchanged (after a full resync: repairs drift).
-    force_notrack: bool,
-    /// The host's own ruleset as last read.
-    fw_snapshot: hostfw::Snapshot,
-    /// Ruleset changes noticed and not handled yet.
-    fw_changes: Arc<Mutex<nfwatch::Changes>>,
-    nft_table: String,
-    /// When to retry a failed apply, and how long the next wait is.
-    retry_at: Option<Instant>,
-    backoff: Backoff,
-    /// Egress policies and their table.
-    egress: Egress,
-    resolver: Option<egress::dns::Resolver>,
-    /// Where lookups and created containers' inspects, made in tasks of their own, report.
-    dns_tx: mpsc::Sender<(String, LookupResult)>,
-    early_tx: mpsc::Sender<(ContainerId, Box<bollard::models::ContainerInspectResponse>)>,
-    /// When to read the egress table back (it changed).
-    egress_check_at: Option<Instant>,
-    /// When to read the own-firewall table back (it changed).
-    own_check_at: Option<Instant>,
-    /// Docker's events stream is open (the maps are vouched for only then).
-    events_open: bool,
-    /// Backends of paused containers that asked for `on-pause=reset` (their sockets are
-    /// destroyed when they enter this set).
-    paused: BTreeSet<Service>,
-    /// The config in force, and where it is read again from on `SIGHUP`.
-    config: crate::config::Config,
-    config_path: Option<std::path::PathBuf>,
-    /// What a metrics scrape reads, and the server when one listens.
-    scrape: metrics::Scrape,
-    metrics_server: Option<MetricsServer>,
-    cache_path: Option<std::path::PathBuf>,
-    /// The egress table is written after the maps, once (the first sync: a restart
-    /// translates again without waiting for it; the table in the kernel stays meanwhile).
-    defer_egress: bool,
-    /// Docker's data root (from `info`), where it keeps each container's configuration.
-    docker_root: Option<std::path::PathBuf>,
-    packet: PacketSide,
-    /// The own-firewall mode's table, when that mode is on.
-    own_fw: Option<OwnSide>,
-    docker_socket: String,
-}
-
-/// The own-firewall mode in the agent's loop.
-struct OwnSide {
-    fw: crate::ownfw::Firewall,
-    /// Docker's iptables leftovers removed at the start.
-    removed: usize,
-}
-
-/// The packet layer in the agent's loop.
-struct PacketSide {
-    /// The layer, when it is on.
-    layer: Option<crate::packet::Layer>,
-    /// Its flags (taken again with the config at a reload).
-    flags: crate::packet::Flags,
-    /// Its endpoints and links are to be synced (after an apply).
-    dirty: bool,
-    /// Flows in the flow map, as last counted.
-    flows: usize,
-}
-
 /// The file, beside the control socket, where a stopping agent leaves its inspects.
 pub const CACHE_FILE: &str = "containers.json";
-
-/// `SIGTERM` and `SIGINT` (Ctrl-C): either stops the agent. Handled from the start on, so
-/// no stop is lost between two turns of the loop.
-pub(crate) struct StopSignals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
 
 /// Starts the agent and serves until `SIGTERM` or `SIGINT`.
 pub async fn run(opts: Options) -> Result<(), StartError> {

@@ -9,7 +9,7 @@ use std::{
 use dataplane_common::STAT_NAMES;
 use tracing::{debug, info, warn};
 
-use super::Agent;
+use super::parts::Agent;
 use crate::{
     agent::start::Startup, input::DockerEvent, model::ContainerId, report::metrics, report::notify,
 };

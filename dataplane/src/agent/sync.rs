@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use tracing::{debug, info, warn};
 
 use super::{
-    Agent,
     lifecycle::rules_off_warning,
+    parts::Agent,
     report::{now_ms, push_bounded},
 };
 use crate::{

@@ -42,8 +42,10 @@ use nftables::{
 
 pub(super) mod objects;
 pub(super) mod rules;
+mod spec;
 
-use super::policy::Net;
+pub use spec::{Allowed, Chains, Spec, counter_name, key_of};
+
 use crate::netfilter::{
     listing::Listing,
     nft::list_table,
@@ -57,57 +59,11 @@ use rules::{base_rules, container_rules};
 /// is the one the packet will really go to.
 pub const PRIORITY: i32 = -10;
 
-/// One resolved allow-list entry.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Allowed {
-    pub nets: BTreeSet<Net>,
-    pub port: Option<u16>,
-    pub proto: Option<u8>,
-}
-
-/// One policed container, as its chains enforce it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Chains {
-    /// Its addresses: the keys it is found by.
-    pub addrs: BTreeSet<IpAddr>,
-    pub internet: bool,
-    pub host: bool,
-    /// Its resolvers (DNS to them stays allowed).
-    pub dns: BTreeSet<IpAddr>,
-    pub allow: Vec<Allowed>,
-}
-
-/// The whole table.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Spec {
-    /// Docker's bridge interfaces.
-    pub bridges: BTreeSet<String>,
-    /// The host default closes the internet (host): a container the agent has not admitted
-    /// sends nothing out of the host (nothing at all).
-    pub closed_internet: bool,
-    pub closed_host: bool,
-    /// Addresses of every container the agent has seen (with a closed default, or while
-    /// any container is policed).
-    pub admitted: BTreeSet<IpAddr>,
-    /// Policed containers by key (a prefix of the container ID).
-    pub containers: BTreeMap<String, Chains>,
-    /// Their bridge ports and what may pass them (the `bridge` table of the same name).
-    pub guard: super::guard::Guard,
-}
-
-/// The key a container's chains are named by.
-pub fn key_of(id: &str) -> String {
-    id.chars().take(16).collect()
-}
-
 fn fwd_chain(k: &str) -> String {
     format!("f_{k}")
 }
 fn in_chain(k: &str) -> String {
     format!("i_{k}")
-}
-pub fn counter_name(k: &str) -> String {
-    format!("d_{k}")
 }
 
 fn set(t: &str, name: &str, ty: SetType) -> Set<'static> {
@@ -548,6 +504,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
+    use crate::egress::policy::Net;
     use crate::{egress::policy::PROTO_TCP, netfilter::ruleset::rules_of};
 
     fn net(s: &str) -> Net {

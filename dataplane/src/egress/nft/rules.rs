@@ -6,8 +6,8 @@ use nftables::{
 };
 
 use super::{
-    Chains, Spec, counter_name,
     objects::{anon_set, s},
+    spec::{Chains, Spec, counter_name},
 };
 use crate::{
     egress::policy::{Net, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP},

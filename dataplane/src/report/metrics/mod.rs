@@ -31,9 +31,7 @@ use prometheus_client::{
 pub use crate::report::status::EgressCounters;
 use crate::report::status::{EgressCountersHandle, FrontendRow, Shared};
 
-mod server;
-
-pub use server::{MAX_CONNECTIONS, serve};
+pub mod server;
 
 type Labels = Vec<(String, String)>;
 
