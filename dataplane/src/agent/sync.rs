@@ -3,7 +3,7 @@
 //! a failed apply is retried with backoff.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -264,18 +264,7 @@ impl Agent {
         let Some(layer) = self.packet.layer.as_mut() else {
             return;
         };
-        let mut want = BTreeMap::new();
-        for (svc, id) in &self.owners {
-            if let Some(netns) = self.model.netns_path(id) {
-                want.insert(
-                    svc.addr,
-                    crate::packet::Wanted {
-                        container: id.clone(),
-                        netns,
-                    },
-                );
-            }
-        }
+        let want = plan::packet_endpoints(&self.owners, &self.model);
         layer.stand_back(self.model.firewall.external_rules.clone());
         if let Err(e) = layer.sync_allow(&mut self.loaded) {
             warn!(error = %format!("{e:#}"), "writing the packet layer's allow-list failed");

@@ -331,6 +331,27 @@ pub fn paused(model: &Model) -> (BTreeSet<Service>, BTreeSet<ContainerId>) {
     (backends, ids)
 }
 
+/// Where the packet layer delivers each backend the maps serve (`owners`, from
+/// [`Plan::served`]): the container's network namespace, for the containers that have one.
+pub fn packet_endpoints(
+    owners: &BTreeMap<Service, String>,
+    model: &Model,
+) -> BTreeMap<IpAddr, crate::packet::Wanted> {
+    owners
+        .iter()
+        .filter_map(|(svc, id)| {
+            let netns = model.netns_path(id)?;
+            Some((
+                svc.addr,
+                crate::packet::Wanted {
+                    container: id.clone(),
+                    netns,
+                },
+            ))
+        })
+        .collect()
+}
+
 /// Backends that left the maps (`before` -> `now`) together with their address: their
 /// translated sockets are to be destroyed. One that moved to another address of the same
 /// container (a frontend that followed Docker to another network) is not gone: its
@@ -577,5 +598,38 @@ mod tests {
         );
         let served = w.maps.served(w.maps.wanted(), &s);
         assert!(!served.notrack.peers.contains(&b_ip));
+    }
+
+    #[test]
+    fn the_packet_layer_delivers_served_backends_into_their_containers_namespaces() {
+        let mut s = state();
+        s.containers
+            .get_mut("b")
+            .unwrap()
+            .peer
+            .as_mut()
+            .unwrap()
+            .pid = Some(42);
+        let owners: BTreeMap<Service, String> = [
+            (
+                Service::new("172.17.0.2".parse().unwrap(), PROTO_TCP, 80),
+                "a".to_string(),
+            ),
+            (
+                Service::new("172.17.0.3".parse().unwrap(), PROTO_TCP, 80),
+                "b".to_string(),
+            ),
+            // Gone from the model meanwhile: nowhere to deliver it.
+            (
+                Service::new("172.17.0.9".parse().unwrap(), PROTO_TCP, 80),
+                "z".to_string(),
+            ),
+        ]
+        .into();
+        let want = packet_endpoints(&owners, &s);
+        assert_eq!(want.len(), 2);
+        let b = &want[&"172.17.0.3".parse::<IpAddr>().unwrap()];
+        assert_eq!(b.container, "b");
+        assert_eq!(b.netns, std::path::PathBuf::from("/proc/42/ns/net"));
     }
 }
