@@ -265,19 +265,19 @@ impl Agent {
             return;
         };
         let want = plan::packet_endpoints(&self.owners, &self.model);
-        layer.stand_back(self.model.firewall.external_rules.clone());
-        if let Err(e) = layer.sync_allow(&mut self.loaded) {
-            warn!(error = %format!("{e:#}"), "writing the packet layer's allow-list failed");
-        }
-        if let Err(e) = layer.sync_endpoints(&mut self.loaded, &want).await {
-            warn!(error = %format!("{e:#}"), "writing the packet layer's endpoints failed");
-        }
         let uplinks = crate::packet::uplinks(
             &self.model.host_addrs,
             &self.model.bridges(),
             layer.settings.interfaces.as_deref(),
         );
-        layer.sync_links(&mut self.loaded, &uplinks);
+        let mut kernel = apply::packets::Kernel {
+            layer,
+            loaded: &mut self.loaded,
+        };
+        let stand_back = self.model.firewall.external_rules.clone();
+        for e in apply::packets::apply(&mut kernel, stand_back, &want, &uplinks).await {
+            warn!(error = %e, "the packet layer could not be written");
+        }
         let mut status = layer.status(self.packet.flows);
         let mut shared = self.shared.lock().expect("status lock");
         let before = shared.status.packet_layer.as_ref();

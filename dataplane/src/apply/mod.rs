@@ -5,6 +5,7 @@
 //! backends that went, both following what the maps serve. A failed step fails the apply;
 //! the agent retries it with [`crate::retry::Backoff`] (every step is idempotent).
 
+pub mod packets;
 pub mod reconcile;
 pub mod sockets;
 
