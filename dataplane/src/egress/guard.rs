@@ -100,7 +100,7 @@ fn chain(t: &str, name: &str, hook: bool) -> Chain<'static> {
 fn known_set(t: &str) -> nftables::schema::Set<'static> {
     nftables::schema::Set {
         family: NfFamily::Bridge,
-        ..crate::netfilter::ruleset::set_of(t, "known", vec![nftables::schema::SetType::Ifname])
+        ..crate::netfilter::ruleset::set_of(t, "known", &[nftables::schema::SetType::Ifname])
     }
 }
 

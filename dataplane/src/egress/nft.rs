@@ -67,7 +67,7 @@ fn in_chain(k: &str) -> String {
 }
 
 fn set(t: &str, name: &str, ty: SetType) -> Set<'static> {
-    set_of(t, name, vec![ty])
+    set_of(t, name, &[ty])
 }
 
 /// A verdict map (written with type `mark`, spelt `verdict` by

@@ -8,7 +8,7 @@ use nftables::{
     batch::Batch,
     expr::{Expression, SocketAttr},
     schema::{
-        Chain, Element, FlushObject, NfCmd, NfListObject, Rule, Set, SetFlag, SetType,
+        Chain, Element, FlushObject, Map, NfCmd, NfListObject, Rule, Set, SetFlag, SetType,
         SetTypeValue, Table,
     },
     stmt::Statement,
@@ -412,17 +412,48 @@ pub(crate) fn table(t: &str) -> Table<'static> {
     }
 }
 
-pub(crate) fn set_of(t: &str, name: &str, types: Vec<SetType>) -> Set<'static> {
+/// A set's or map's type: one type, or their concatenation.
+pub(crate) fn type_of(types: &[SetType]) -> SetTypeValue<'static> {
+    if let [one] = types {
+        SetTypeValue::Single(*one)
+    } else {
+        SetTypeValue::Concatenated(types.to_vec().into())
+    }
+}
+
+/// An empty map `name` of table `t` in `family`, from `key` to `value` (a verdict map is
+/// written with `value` `[SetType::Mark]`: see [`super::nft::encode`]).
+pub(crate) fn map_of(
+    family: NfFamily,
+    t: &str,
+    name: &str,
+    key: &[SetType],
+    value: &[SetType],
+) -> Map<'static> {
+    Map {
+        family,
+        table: t.to_string().into(),
+        name: name.to_string().into(),
+        handle: None,
+        set_type: type_of(key),
+        map: type_of(value),
+        policy: None,
+        flags: None,
+        elem: None,
+        timeout: None,
+        gc_interval: None,
+        size: None,
+        comment: None,
+    }
+}
+
+pub(crate) fn set_of(t: &str, name: &str, types: &[SetType]) -> Set<'static> {
     Set {
         family: NfFamily::INet,
         table: t.to_string().into(),
         name: name.to_string().into(),
         handle: None,
-        set_type: if types.len() == 1 {
-            SetTypeValue::Single(types[0])
-        } else {
-            SetTypeValue::Concatenated(types.into())
-        },
+        set_type: type_of(types),
         policy: None,
         flags: None,
         elem: None,
@@ -456,7 +487,7 @@ pub fn batch(t: &str, spec: &Spec, new_table: bool) -> Batch<'static> {
     b.add(NfListObject::Table(table(t)));
     let sets = sets(spec);
     for (name, types, _) in &sets {
-        b.add(NfListObject::Set(Box::new(set_of(t, name, types.clone()))));
+        b.add(NfListObject::Set(Box::new(set_of(t, name, types))));
     }
     // Once they exist the kernel has marked them dynamic, which nft's JSON cannot say, so
     // declaring them again would not match: declared with a new table only.
@@ -469,7 +500,7 @@ pub fn batch(t: &str, spec: &Spec, new_table: bool) -> Batch<'static> {
         let mut s = set_of(
             t,
             &format!("natclients{n}"),
-            vec![addr, SetType::InetProto, SetType::InetService],
+            &[addr, SetType::InetProto, SetType::InetService],
         );
         // Dynamic too, implied by the `update` statements that use it.
         s.flags = Some([SetFlag::Timeout].into_iter().collect());
@@ -486,7 +517,7 @@ pub fn batch(t: &str, spec: &Spec, new_table: bool) -> Batch<'static> {
     }
     for (name, types, items) in sets {
         b.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(set_of(
-            t, name, types,
+            t, name, &types,
         )))));
         if !items.is_empty() {
             b.add(NfListObject::Element(Element {

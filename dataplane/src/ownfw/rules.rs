@@ -10,14 +10,14 @@ use std::{
 use nftables::{
     batch::Batch,
     expr::{CT, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Prefix},
-    schema::{Chain, Element, FlushObject, Map, NfCmd, NfListObject, Rule, SetType, SetTypeValue},
+    schema::{Chain, Element, FlushObject, Map, NfCmd, NfListObject, Rule, SetType},
     stmt::{JumpTarget, Match, NAT, NATFamily, Operator, Statement},
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
 
 use super::{Gateway, Spec};
 use crate::netfilter::{
-    ruleset::{nf::field, set_of, table},
+    ruleset::{self, nf::field, set_of, table},
     table::{Shape, Start, TableId, TableSpec},
 };
 
@@ -88,30 +88,8 @@ const CHAINS: &[(&str, Option<Hook>)] = &[
     ),
 ];
 
-fn types(t: &[SetType]) -> SetTypeValue<'static> {
-    if let [one] = t {
-        SetTypeValue::Single(*one)
-    } else {
-        SetTypeValue::Concatenated(t.to_vec().into())
-    }
-}
-
 fn map_of(t: &str, name: &str, key: &[SetType], value: &[SetType]) -> Map<'static> {
-    Map {
-        family: NfFamily::INet,
-        table: t.to_string().into(),
-        name: name.to_string().into(),
-        handle: None,
-        set_type: types(key),
-        map: types(value),
-        policy: None,
-        flags: None,
-        elem: None,
-        timeout: None,
-        gc_interval: None,
-        size: None,
-        comment: None,
-    }
+    ruleset::map_of(NfFamily::INet, t, name, key, value)
 }
 
 fn chain_of(t: &str, name: &str, hook: Option<Hook>) -> Chain<'static> {
@@ -459,7 +437,7 @@ pub(super) fn batch(t: &str, spec: &Spec) -> Batch<'static> {
     let mut b = Batch::new();
     b.add(NfListObject::Table(table(t)));
     for (name, ty) in SETS {
-        b.add(NfListObject::Set(Box::new(set_of(t, name, ty.to_vec()))));
+        b.add(NfListObject::Set(Box::new(set_of(t, name, ty))));
     }
     for (name, key, value) in MAPS {
         b.add(NfListObject::Map(Box::new(map_of(t, name, key, value))));
@@ -470,9 +448,7 @@ pub(super) fn batch(t: &str, spec: &Spec) -> Batch<'static> {
     }
     for (name, ty) in SETS {
         b.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(set_of(
-            t,
-            name,
-            ty.to_vec(),
+            t, name, ty,
         )))));
     }
     for (name, key, value) in MAPS {

@@ -1,8 +1,9 @@
 //! Builders of the `nftables` crate's objects both egress tables use.
 
+use crate::netfilter::ruleset::map_of;
 use nftables::{
     expr::{Expression, NamedExpression, SetItem, Verdict},
-    schema::{Counter, Map, NfListObject, Rule, SetType, SetTypeValue},
+    schema::{Counter, Map, NfListObject, Rule, SetType},
     stmt::{JumpTarget, Statement},
     types::NfFamily,
 };
@@ -34,21 +35,7 @@ pub(in crate::egress) fn vmap_in(
     name: &str,
     ty: SetType,
 ) -> Map<'static> {
-    Map {
-        family,
-        table: t.to_string().into(),
-        name: name.to_string().into(),
-        handle: None,
-        set_type: SetTypeValue::Single(ty),
-        map: SetTypeValue::Single(SetType::Mark),
-        policy: None,
-        flags: None,
-        elem: None,
-        timeout: None,
-        gc_interval: None,
-        size: None,
-        comment: None,
-    }
+    map_of(family, t, name, &[ty], &[SetType::Mark])
 }
 
 /// A named counter in a table of `family`.
